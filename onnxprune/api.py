@@ -1,0 +1,99 @@
+"""The pipeline: load -> match -> score -> plan -> rewrite -> verify. ``prune_model`` is the library entry."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+
+from . import plan as planning
+from .block import AttentionBlock, MatchResult
+from .errors import MatchError, PlanError
+from .io import to_graph
+from .match import match_graph
+from .probe import probe, synth_inputs
+from .rewrite import Rewriter, check_model, export
+from .score import weight_importance
+from .verify import masked_model, max_abs_diff, run
+
+
+@dataclass
+class PruneResult:
+    model: onnx.ModelProto
+    blocks: tuple[AttentionBlock, ...]
+    kept: dict[int, tuple[int, ...]]
+    min_heads_applied: dict[int, bool]
+    importance: dict[int, np.ndarray]
+    params_before: int
+    params_after: int
+    max_error: float | None = None
+    misses: tuple = field(default_factory=tuple)
+
+
+def count_params(model: onnx.ModelProto) -> int:
+    total = sum(int(np.prod(t.dims)) for t in model.graph.initializer)
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            for a in node.attribute:
+                if a.name == "value":
+                    total += int(np.prod(a.t.dims))
+    return total
+
+
+def inspect_model(model: onnx.ModelProto) -> MatchResult:
+    graph = to_graph(model)
+    shapes, values = probe(model)
+    return match_graph(graph, shapes, values)
+
+
+def prune_model(model: onnx.ModelProto, ratio=None, *, kept: dict[int, list[int]] | None = None,
+                heads_to_prune: dict[int, list[int]] | None = None, min_heads: int = 1,
+                importance: dict[int, np.ndarray] | None = None, verify: bool = True,
+                feeds: dict | None = None) -> PruneResult:
+    """Prune ``model``. Give ``ratio`` (with optional per-block ``importance``), or explicit ``kept`` heads,
+    or ``heads_to_prune`` (the heads to remove, Hugging Face style). Blocks not named keep every head."""
+    if sum(x is not None for x in (ratio, kept, heads_to_prune)) != 1:
+        raise PlanError("give exactly one of ratio, kept, heads_to_prune")
+    if ratio is not None:
+        try:
+            planning.exact_ratio(ratio)
+        except ValueError as exc:
+            raise PlanError(str(exc)) from None
+    graph = to_graph(model)
+    feeds = feeds if feeds is not None else synth_inputs(model)
+    shapes, values = probe(model, feeds)
+    result = match_graph(graph, shapes, values)
+    if not result.blocks:
+        detail = "; ".join(f"{m.node}: {m.reason}" for m in result.misses[:3])
+        raise MatchError(f"0 attention blocks found ({detail})")
+    blocks = result.blocks
+    scores, plans, applied = {}, {}, {}
+    for b in blocks:
+        if ratio is not None:
+            scores[b.index] = np.asarray(importance[b.index]) if importance and b.index in importance \
+                else weight_importance(b, graph)
+            try:
+                bp = planning.plan_block(scores[b.index], ratio, b.kv_groups, min_heads)
+            except ValueError as exc:
+                raise PlanError(f"block {b.index} ({b.name}): {exc}") from None
+            plans[b.index], applied[b.index] = bp.kept_heads, bp.min_heads_applied
+        elif kept is not None:
+            plans[b.index] = tuple(sorted(set(kept.get(b.index, range(b.num_heads)))))
+            applied[b.index] = False
+        else:
+            drop = set(heads_to_prune.get(b.index, ()))
+            plans[b.index] = tuple(h for h in range(b.num_heads) if h not in drop)
+            applied[b.index] = False
+    rewriter = Rewriter(graph, shapes, values)
+    for b in blocks:
+        rewriter.plan(b, plans[b.index])       # every check first ...
+    rewriter.commit()                           # ... then every edit
+    pruned = check_model(export(graph, model)) if any(
+        plans[b.index] != tuple(range(b.num_heads)) for b in blocks) else model
+    out = PruneResult(pruned, blocks, plans, applied, scores, count_params(model), count_params(pruned),
+                      misses=result.misses)
+    if verify:
+        reference = run(masked_model(model, list(blocks), plans), feeds)
+        out.max_error = max_abs_diff(reference, run(pruned, feeds))
+    return out

@@ -1,0 +1,80 @@
+"""The description of one matched attention block: what the rewriter must change, and nothing more."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Projection:
+    """A weight (or bias) that holds heads along ``head_axis``; ``role`` is q, k, v or o."""
+
+    role: str
+    weight: str
+    bias: str | None
+    head_axis: int
+
+
+@dataclass(frozen=True)
+class HeadTensor:
+    """A tensor with head content: ``owner`` gives, over ``axes``, the unit owning each index (-1: none)."""
+
+    name: str
+    axes: tuple[int, ...]
+    owner: np.ndarray = field(compare=False, repr=False)
+    constant: bool = False
+    cut: bool = False          # shared with other blocks: select the kept heads with a Gather before use
+    copies: tuple[int, ...] = ()   # axes whose entries are broadcast copies (repeat_kv): only counts matter
+
+
+@dataclass(frozen=True)
+class Site:
+    """A node whose attribute or shape-like input encodes a head count: reshape, expand, split, slice,
+    gather, concat or attr."""
+
+    kind: str
+    node: str
+
+
+@dataclass(frozen=True)
+class AttentionBlock:
+    index: int
+    name: str
+    family: str
+    core: str                               # the Softmax or Attention node
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    kv_groups: tuple[tuple[int, ...], ...]  # query heads served by each KV head
+    units: tuple[frozenset, ...]            # owner values index this table
+    projections: tuple[Projection, ...]
+    tensors: tuple[HeadTensor, ...]
+    sites: tuple[Site, ...]
+    nodes: tuple[str, ...]
+
+    def projection(self, role: str) -> Projection | None:
+        return next((p for p in self.projections if p.role == role), None)
+
+    def tensor(self, name: str) -> HeadTensor:
+        return next(t for t in self.tensors if t.name == name)
+
+    @property
+    def o_proj(self) -> Projection:
+        return self.projection("o")
+
+
+@dataclass(frozen=True)
+class Miss:
+    """A node that looked like attention but was not matched, and why."""
+
+    node: str
+    op: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class MatchResult:
+    blocks: tuple[AttentionBlock, ...]
+    misses: tuple[Miss, ...]

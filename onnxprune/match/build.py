@@ -1,0 +1,143 @@
+"""Turn a finished head flow into an ``AttentionBlock``, or explain why not."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..block import AttentionBlock, HeadTensor, Projection, Site
+from . import shape_expr
+from .headflow import SHAPE_READERS, Flow, FlowFail, is_const
+
+
+def _ancestors(flow: Flow, t) -> list:
+    seen, stack, out = set(), [t.inputs[0]] if t.inputs else [], []
+    while stack:
+        node = stack.pop()
+        if id(node) in seen or id(node) not in flow.nodes:
+            continue
+        seen.add(id(node))
+        out.append(node)
+        for inp in node.inputs:
+            if inp is not None and inp.name in flow.maps and inp.inputs and not is_const(inp):
+                stack.append(inp.inputs[0])
+    return out
+
+
+def _is_projection(flow: Flow, node) -> bool:
+    return node.op in ("MatMul", "Gemm") and any(
+        i is not None and is_const(i) and i.name in flow.maps for i in node.inputs)
+
+
+def _cut_shared(flow: Flow) -> set[str]:
+    """Tensors reached upward that other nodes also read: keep them whole, select heads before use."""
+    cuts = set()
+    for name, t in list(flow.tensors.items()):
+        if flow.direction.get(name) != "up" or is_const(t) or name not in flow.maps:
+            continue
+        external = [c for c in t.outputs if id(c) not in flow.nodes and c.op not in SHAPE_READERS]
+        if not external:
+            continue
+        above = _ancestors(flow, t)
+        if any(_is_projection(flow, n) for n in above) or not t.inputs:
+            raise FlowFail(external[0], f"tensor {name!r} carries the head axis and is also read by "
+                                        f"{external[0].op} node {external[0].name!r} outside the block")
+        for node in above:
+            flow.nodes.pop(id(node), None)
+            for tensor in list(node.inputs) + list(node.outputs):
+                if tensor is not None and tensor.name != name and tensor.name in flow.maps:
+                    if all(id(c) not in flow.nodes for c in tensor.outputs):
+                        flow.maps.pop(tensor.name)
+        flow.sites = [(k, n) for k, n in flow.sites if id(n) in flow.nodes]
+        cuts.add(name)
+    return cuts
+
+
+def _check_shape_sites(flow: Flow):
+    for kind, node in flow.sites:
+        if kind not in ("reshape", "expand"):
+            continue
+        out = node.outputs[0]
+        hm = flow.maps.get(out.name)
+        if hm is None:
+            continue
+        vec = node.inputs[1]
+        out_rank = len(flow.shape(out))
+        length = flow.shape(vec)[0]
+        for ax in hm.axes:
+            j = ax - (out_rank - length) if kind == "expand" else ax
+            if j < 0:
+                raise FlowFail(node, f"Expand adds the head axis {ax}")
+            src = shape_expr.locate(vec, j, flow.shapes)
+            ok = isinstance(src, shape_expr.Const)
+            if isinstance(src, shape_expr.Dim):
+                ok = src.tensor in flow.maps and src.axis in flow.maps[src.tensor].axes
+            if isinstance(src, shape_expr.Arith):
+                ok = not isinstance(src.other, shape_expr.Unknown) and src.op in ("Mul", "Div", "Add", "Sub")
+            if not ok:
+                raise FlowFail(node, f"{node.op} shape element {j} of {vec.name!r} is {shape_expr.describe(src)}")
+
+
+def build_block(flow: Flow, family: str, core, index: int, num_heads: int) -> AttentionBlock:
+    flow.run()
+    cuts = _cut_shared(flow)
+    if len(flow.contractions) != 1:
+        raise FlowFail(core, f"expected one output projection after the attention, found "
+                             f"{len(flow.contractions)}")
+    _check_shape_sites(flow)
+    units = tuple(flow.units)
+    head0 = flow.unit({0})
+    o_node, o_name = flow.contractions[0]
+    o_map = flow.maps[o_name]
+    head_dim = int(np.count_nonzero(o_map.owner == head0))
+    projections = [Projection("o", o_name, None, o_map.axes[0])]
+    for name, uses in flow.const_uses.items():
+        if name not in flow.maps:
+            continue
+        for node, i in uses:
+            if id(node) not in flow.nodes:
+                continue
+            for role in sorted(flow.roles.get(name, set()) & {"q", "k", "v"}):
+                if node.op in ("MatMul", "Gemm") and i == 1:
+                    projections.append(Projection(role, name, None, flow.maps[name].axes[0]))
+    for name, uses in flow.const_uses.items():       # biases: 1-D constants added to a projection output
+        if name not in flow.maps or len(flow.shape(flow.tensors[name])) != 1:
+            continue
+        for node, _ in uses:
+            if node.op == "Add" and id(node) in flow.nodes:
+                for role in flow.roles.get(name, set()) & {"q", "k", "v"}:
+                    projections = [Projection(p.role, p.weight, name if p.role == role else p.bias, p.head_axis)
+                                   for p in projections]
+    if not any(p.role == "q" for p in projections):
+        raise FlowFail(core, "no query projection weight found above the attention")
+    kv_units = {int(u) for name, hm in flow.maps.items()
+                if flow.roles.get(name, set()) & {"k", "v"} and is_const(flow.tensors[name])
+                for u in np.unique(hm.owner) if u >= 0 and units[u] & set(range(num_heads))}
+    # a packed QKV weight also holds query units: keep the KV ones only (the largest sets per head)
+    kv_units = {u for u in kv_units if not any(units[u] < units[w] for w in kv_units)}
+    groups = sorted({tuple(sorted(units[u])) for u in kv_units}) or [(h,) for h in range(num_heads)]
+    covered = sorted(h for g in groups for h in g)
+    if covered != list(range(num_heads)):
+        groups = [(h,) for h in range(num_heads)] if len(covered) == num_heads else groups
+        if sorted(h for g in groups for h in g) != list(range(num_heads)):
+            raise FlowFail(core, f"KV heads serve overlapping or missing query heads: {groups}")
+    tensors = tuple(HeadTensor(name, hm.axes, hm.owner, is_const(flow.tensors[name]), name in cuts,
+                               tuple(a for a in flow.copy_axes.get(name, ()) if a in hm.axes))
+                    for name, hm in flow.maps.items())
+    nodes = tuple(n.name for n in flow.node_order if id(n) in flow.nodes)
+    name = _block_name(o_name, core, index)
+    return AttentionBlock(
+        index=index, name=name, family=family, core=core.name, num_heads=num_heads,
+        num_kv_heads=len(groups), head_dim=head_dim, kv_groups=tuple(groups), units=units,
+        projections=tuple(projections), tensors=tensors,
+        sites=tuple(Site(k, n.name) for k, n in flow.sites if k != "concat"), nodes=nodes)
+
+
+def _block_name(o_weight: str, core, index: int) -> str:
+    name = o_weight
+    for suffix in (".weight", ".bias"):
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+    if "." in name and not name.startswith(("onnx::", "val_")):
+        return name
+    path = core.name.rsplit("/", 1)[0].strip("/")
+    return path or f"block{index}"

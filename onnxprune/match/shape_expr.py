@@ -1,0 +1,196 @@
+"""Where does element j of a shape vector come from, and how to rebuild the vector with new values.
+
+Exporters write a Reshape target as a constant (``[0, 0, 12, 64]``), as a Concat of constants and runtime
+pieces (``Concat(Unsqueeze(Gather(Shape(x), 0)), [-1], [64])``), or as arithmetic on runtime sizes
+(``Mul(Gather(Shape(x), 0), 12)``, the B*H of Bloom-style layouts). ``locate`` walks that expression to the
+constant (or runtime size) behind one element; ``rebuild`` writes a new vector that differs only in the
+chosen elements, without touching any tensor that other nodes still read: constants are copied, and the
+nodes on the way are duplicated.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from .headflow import const_value
+
+_fresh = itertools.count()
+
+
+@dataclass(frozen=True)
+class Const:
+    value: int
+
+
+@dataclass(frozen=True)
+class Dim:
+    tensor: str      # Shape(tensor)[axis]
+    axis: int
+
+
+@dataclass(frozen=True)
+class Arith:
+    op: str
+    const: int       # the constant operand
+    other: object    # Const | Dim | Arith | Unknown of the other operand
+
+
+@dataclass(frozen=True)
+class Unknown:
+    why: str
+
+
+def _len(shapes, t) -> int | None:
+    shape = shapes.get(t.name)
+    if shape is None:
+        return None
+    return 1 if len(shape) == 0 else shape[0]
+
+
+def locate(t, j: int | None, shapes) -> object:
+    """Source of element ``j`` of 1-D tensor ``t`` (``j=None`` for a scalar)."""
+    val = const_value(t)
+    if val is not None:
+        flat = np.atleast_1d(val).reshape(-1)
+        return Const(int(flat[0 if j is None else j]))
+    if not t.inputs:
+        return Unknown(f"graph input {t.name}")
+    node = t.inputs[0]
+    op = node.op
+    if op == "Concat":
+        off = 0
+        for piece in node.inputs:
+            n = _len(shapes, piece)
+            if n is None:
+                return Unknown(f"unknown length of {piece.name}")
+            if j < off + n:
+                return locate(piece, j - off, shapes)
+            off += n
+        return Unknown("index past the end of a Concat")
+    if op in ("Unsqueeze", "Squeeze", "Cast", "Identity", "Reshape", "Flatten"):
+        src = node.inputs[0]
+        n = _len(shapes, src)
+        return locate(src, None if (shapes.get(src.name) == () or n == 1) else j, shapes)
+    if op == "Shape":
+        start = node.attrs.get("start", 0)
+        rank = len(shapes.get(node.inputs[0].name, ()))
+        start = start + rank if start < 0 else start
+        return Dim(node.inputs[0].name, start + (j or 0))
+    if op == "Slice" and j is not None:
+        starts, axes = const_value(node.inputs[1]), None
+        steps = const_value(node.inputs[4]) if len(node.inputs) > 4 else None
+        n = _len(shapes, node.inputs[0])
+        if starts is None or n is None or (steps is not None and int(np.atleast_1d(steps)[0]) != 1):
+            return Unknown(f"Slice node {node.name}")
+        start = int(np.atleast_1d(starts)[0])
+        start = max(0, start + n if start < 0 else min(start, n))
+        return locate(node.inputs[0], start + j, shapes)
+    if op == "Gather" and node.inputs[0].inputs and node.inputs[0].inputs[0].op == "Shape":
+        idx = const_value(node.inputs[1])
+        if idx is None:
+            return Unknown(f"runtime index in {node.name}")
+        idx = np.atleast_1d(idx).reshape(-1)[0 if j is None else j]
+        return locate(node.inputs[0], int(idx), shapes)
+    if op in ("Mul", "Div", "Add", "Sub"):
+        a, b = node.inputs
+        ca, cb = const_value(a), const_value(b)
+        if ca is not None and cb is not None:
+            return Unknown(f"constant arithmetic in {node.name}")
+        if cb is not None:
+            return Arith(op, int(np.atleast_1d(cb).reshape(-1)[0]), locate(a, None if _len(shapes, a) == 1 else j,
+                                                                        shapes))
+        if ca is not None and op in ("Mul", "Add"):
+            return Arith(op, int(np.atleast_1d(ca).reshape(-1)[0]), locate(b, None if _len(shapes, b) == 1 else j,
+                                                                        shapes))
+        return Unknown(f"{op} of two runtime sizes in {node.name}")
+    return Unknown(f"{op} node {node.name}")
+
+
+def describe(src) -> str:
+    if isinstance(src, Dim):
+        return f"computed at runtime from the shape of {src.tensor}"
+    if isinstance(src, Unknown):
+        return f"computed at runtime ({src.why})"
+    if isinstance(src, Arith):
+        return f"{src.op} by {src.const} of a value " + describe(src.other)
+    return f"constant {src.value}"
+
+
+def _copy_node(graph: gs.Graph, node, inputs) -> gs.Variable:
+    out = gs.Variable(f"{node.outputs[0].name}__onnxprune{next(_fresh)}", dtype=node.outputs[0].dtype)
+    new = gs.Node(node.op, name=f"{node.name}__onnxprune{next(_fresh)}", attrs=dict(node.attrs),
+                  inputs=list(inputs), outputs=[out], domain=node.domain)
+    graph.nodes.append(new)
+    return out
+
+
+def rebuild(graph: gs.Graph, t, changes: dict, shapes) -> object:
+    """A tensor equal to ``t`` except ``changes`` ({index or None: new value}); ``t`` itself is untouched."""
+    val = const_value(t)
+    if val is not None:
+        arr = np.array(val, copy=True)
+        flat = arr.reshape(-1)
+        for j, v in changes.items():
+            flat[0 if j is None else j] = v
+        return gs.Constant(f"{t.name}__onnxprune{next(_fresh)}", arr.reshape(np.shape(val)))
+    node = t.inputs[0]
+    op = node.op
+    if op == "Concat":
+        inputs, off = list(node.inputs), 0
+        for k, piece in enumerate(node.inputs):
+            n = _len(shapes, piece)
+            local = {j - off: v for j, v in changes.items() if off <= j < off + n}
+            if local:
+                inputs[k] = rebuild(graph, piece, local, shapes)
+            off += n
+        return _copy_node(graph, node, inputs)
+    if op in ("Unsqueeze", "Squeeze", "Cast", "Identity", "Reshape", "Flatten"):
+        src = node.inputs[0]
+        scalar = shapes.get(src.name) == () or _len(shapes, src) == 1
+        local = {None if scalar else j: v for j, v in changes.items()}
+        return _copy_node(graph, node, [rebuild(graph, src, local, shapes)] + list(node.inputs[1:]))
+    if op == "Gather":
+        idx = np.atleast_1d(const_value(node.inputs[1])).reshape(-1)
+        local = {int(idx[0 if j is None else j]): v for j, v in changes.items()}
+        return _copy_node(graph, node, [rebuild(graph, node.inputs[0], local, shapes)] + list(node.inputs[1:]))
+    if op in ("Mul", "Div", "Add", "Sub"):
+        # every change here is a full new value of the scalar result; solve for the constant operand
+        a, b = node.inputs
+        const_side = 1 if const_value(b) is not None else 0
+        c_t = node.inputs[const_side]
+        c = int(np.atleast_1d(const_value(c_t)).reshape(-1)[0])
+        ((_, new),) = changes.items()
+        old = _scalar_value(t)
+        # the runtime operand x: old = x (op) c
+        x = {"Mul": old // c if c else 0, "Div": old * c, "Add": old - c, "Sub": old + c}[op]
+        if op == "Mul":
+            new_c, rem = divmod(new, x) if x else (0, 1)
+        elif op == "Div":
+            new_c, rem = divmod(x, new) if new else (0, 1)
+        else:
+            new_c, rem = (new - x if op == "Add" else x - new), 0
+        if rem:
+            raise ValueError(f"cannot write {new} as {op} of a runtime size in {node.name}")
+        inputs = list(node.inputs)
+        inputs[const_side] = rebuild(graph, c_t, {None: new_c}, shapes)
+        return _copy_node(graph, node, inputs)
+    raise ValueError(f"cannot rebuild the shape computed by {op} node {node.name}")
+
+
+_VALUES: dict = {}
+
+
+def set_values(values: dict):
+    """Probe values of small integer tensors, used to solve arithmetic on runtime sizes."""
+    _VALUES.clear()
+    _VALUES.update(values)
+
+
+def _scalar_value(t) -> int:
+    if t.name not in _VALUES:
+        raise ValueError(f"value of {t.name} unknown")
+    return int(np.atleast_1d(_VALUES[t.name]).reshape(-1)[0])

@@ -1,0 +1,126 @@
+"""Which heads to keep: exact keep counts, top-k selection, per-block plans.
+
+Keep counts are computed in exact rational arithmetic. ``ratio`` is read the way a person writes it
+(``0.8`` means 8/10, not the binary float just below it), so ``floor(10 * (1 - 0.8))`` is 2, where
+``int(10 * (1 - 0.8))`` in floating point gives 1.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
+from fractions import Fraction
+from typing import Sequence
+
+import numpy as np
+
+from .errors import PlanError
+
+
+def exact_ratio(ratio: float | str | Fraction | Decimal) -> Fraction:
+    """``ratio`` as an exact fraction in [0, 1], read from its shortest decimal form."""
+    if isinstance(ratio, bool):
+        raise ValueError(f"ratio must be a number in [0, 1], got {ratio!r}")
+    try:
+        if isinstance(ratio, Fraction):
+            frac = ratio
+        elif isinstance(ratio, float):
+            if not math.isfinite(ratio):
+                raise ValueError
+            frac = Fraction(Decimal(repr(ratio)))
+        else:
+            frac = Fraction(Decimal(str(ratio).strip()))
+    except (ValueError, InvalidOperation, TypeError):
+        raise ValueError(f"ratio must be a number in [0, 1], got {ratio!r}") from None
+    if not 0 <= frac <= 1:
+        raise ValueError(f"ratio must lie in [0, 1], got {ratio}")
+    return frac
+
+
+def keep_count(num_heads: int, ratio, min_heads: int = 1) -> int:
+    """``max(min_heads, floor(num_heads * (1 - ratio)))``, capped at ``num_heads``; exact."""
+    frac = exact_ratio(ratio)
+    if num_heads < 1:
+        raise ValueError(f"a block needs at least one head, got {num_heads}")
+    if min_heads < 0:
+        raise ValueError(f"min_heads must be >= 0, got {min_heads}")
+    keep = math.floor(num_heads * (1 - frac))
+    return min(num_heads, max(keep, min_heads))
+
+
+def _check_importance(importance) -> np.ndarray:
+    scores = np.asarray(importance, dtype=np.float64)
+    if scores.ndim != 1 or scores.size == 0:
+        raise ValueError(f"importance must be a non-empty 1-D sequence, got shape {scores.shape}")
+    if not np.all(np.isfinite(scores)):
+        bad = int(np.flatnonzero(~np.isfinite(scores))[0])
+        raise ValueError(f"importance must be finite; head {bad} has {scores[bad]}")
+    return scores
+
+
+def top_heads(scores: Sequence[float], k: int) -> list[int]:
+    """The ``k`` highest scores, ties to the lower index, returned in ascending index order."""
+    scores = np.asarray(scores, dtype=np.float64)
+    order = sorted(range(len(scores)), key=lambda h: (-scores[h], h))
+    return sorted(order[:k])
+
+
+def select_heads(importance, ratio, min_heads: int = 1) -> list[int]:
+    """Indices of the heads to keep, in ascending order.
+
+    >>> select_heads([0.8, 0.3, 0.9, 0.2], 0.5)
+    [0, 2]
+    """
+    scores = _check_importance(importance)
+    return top_heads(scores, keep_count(len(scores), ratio, min_heads))
+
+
+def prune_attention_heads(attn, importance, ratio, min_heads: int = 1) -> tuple[np.ndarray, list[int]]:
+    """Keep the most important heads of a per-head tensor ``attn`` of shape (H, S, S).
+
+    Returns ``(attn[kept], kept)``.
+    """
+    arr = np.asarray(attn)
+    if arr.ndim != 3:
+        raise ValueError(f"attn must be 3-D (heads, seq, seq), got {arr.ndim}-D shape {arr.shape}")
+    scores = _check_importance(importance)
+    if len(scores) != arr.shape[0]:
+        raise ValueError(f"importance has {len(scores)} entries but attn has {arr.shape[0]} heads")
+    kept = select_heads(scores, ratio, min_heads)
+    return arr[kept], kept
+
+
+@dataclass(frozen=True)
+class BlockPlan:
+    """The heads one block keeps, in the original numbering."""
+
+    kept_heads: tuple[int, ...]
+    min_heads_applied: bool = False   # True when min_heads overrode the ratio
+
+
+def plan_block(importance, ratio, groups: Sequence[Sequence[int]], min_heads: int = 1) -> BlockPlan:
+    """Plan one block. ``groups`` lists the query heads of each KV head (one group per head for MHA).
+
+    With several KV groups (GQA), the same number of query heads is kept in every group and all KV heads
+    stay, so that the repeat of K/V stays valid ("uniform" GQA pruning).
+    """
+    scores = _check_importance(importance)
+    num_heads = len(scores)
+    if sorted(h for g in groups for h in g) != list(range(num_heads)):
+        raise PlanError(f"KV groups {groups} do not partition {num_heads} heads")
+    sizes = {len(g) for g in groups}
+    if len(groups) == num_heads or len(groups) == 1:
+        want = math.floor(num_heads * (1 - exact_ratio(ratio)))
+        keep = keep_count(num_heads, ratio, min_heads)
+        return BlockPlan(tuple(top_heads(scores, keep)), keep > want)
+    if len(sizes) != 1:
+        raise PlanError(f"KV groups of unequal size {sorted(sizes)}")
+    per_group = sizes.pop()
+    want = math.floor(per_group * (1 - exact_ratio(ratio)))
+    keep = min(per_group, max(want, -(-min_heads // len(groups))))
+    kept: list[int] = []
+    for g in groups:
+        g = list(g)
+        kept += [g[i] for i in top_heads(scores[g], keep)]
+    return BlockPlan(tuple(sorted(kept)), keep > want)

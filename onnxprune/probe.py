@@ -1,0 +1,115 @@
+"""Concrete shapes of every tensor, from one ONNX Runtime run on synthetic inputs.
+
+The matcher needs real sizes (to split a Reshape into axis groups, to align broadcasts), and exporters
+compute many shapes at run time (``Shape -> Gather -> Concat -> Reshape``). One run with every
+intermediate tensor exposed as a graph output answers all of that exactly.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from .errors import InputError
+
+BATCH = 2
+SEQ = 5
+
+
+def _dim_value(dim, name: str) -> int:
+    if dim.HasField("dim_value") and dim.dim_value > 0:
+        return dim.dim_value
+    param = dim.dim_param.lower()
+    if "batch" in param:
+        return BATCH
+    return SEQ
+
+
+def synth_inputs(model: onnx.ModelProto, seed: int = 0) -> dict[str, np.ndarray]:
+    """Plausible inputs for every graph input: token ids, all-ones masks, positions, random floats.
+
+    Symbolic dimensions get ``BATCH`` when named like a batch and ``SEQ`` otherwise.
+    """
+    rng = np.random.default_rng(seed)
+    inits = {i.name for i in model.graph.initializer}
+    feeds = {}
+    for inp in model.graph.input:
+        if inp.name in inits:
+            continue
+        tt = inp.type.tensor_type
+        if not tt.HasField("elem_type"):
+            raise InputError(f"graph input {inp.name!r} is not a tensor")
+        shape = [_dim_value(d, inp.name) for d in tt.shape.dim]
+        dtype = helper.tensor_dtype_to_np_dtype(tt.elem_type)
+        name = inp.name.lower()
+        if tt.elem_type == TensorProto.BOOL:
+            value = np.ones(shape, dtype=bool)
+        elif np.issubdtype(dtype, np.integer):
+            if "mask" in name:
+                value = np.ones(shape, dtype=dtype)
+                if value.ndim == 2 and shape[0] > 1 and shape[1] > 2:
+                    value[-1, -2:] = 0        # one padded row: masks are really exercised
+            elif "position" in name:
+                value = np.broadcast_to(np.arange(shape[-1], dtype=dtype), shape).copy() if shape else \
+                    np.zeros(shape, dtype)
+            elif "type" in name:
+                value = np.zeros(shape, dtype=dtype)
+            else:
+                value = rng.integers(1, 16, size=shape).astype(dtype)
+        else:
+            value = rng.standard_normal(shape).astype(dtype)
+        feeds[inp.name] = value
+    return feeds
+
+
+def session(model: onnx.ModelProto | bytes | str, optimize: bool = False, providers=None):
+    """An ORT CPU session with graph optimizations off (so ORT's fusions cannot hide a bug)."""
+    import onnxruntime as ort
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
+                                     else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    opts.log_severity_level = 3
+    src = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
+    return ort.InferenceSession(src, opts, providers=providers or ["CPUExecutionProvider"])
+
+
+def probe(model: onnx.ModelProto, feeds: dict[str, np.ndarray] | None = None):
+    """Shape of every tensor in the main graph from one run, and the values of the small integer ones.
+
+    Returns ``(shapes, values)``: ``shapes`` covers initializers too; ``values`` holds the integer tensors
+    of at most 64 elements (shape vectors and the like), which the shape tracer reads.
+    """
+    feeds = feeds if feeds is not None else synth_inputs(model)
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    g = probe.graph
+    del g.value_info[:]
+    try:
+        inferred = onnx.shape_inference.infer_shapes(probe).graph
+        types = {v.name: v.type.tensor_type.elem_type for v in
+                 list(inferred.value_info) + list(inferred.output) + list(inferred.input)}
+    except Exception:   # shape inference is only a source of element types here
+        types = {}
+    have = {o.name for o in g.output}
+    for node in g.node:
+        for out in node.output:
+            if out and out not in have and types.get(out):
+                g.output.append(helper.make_tensor_value_info(out, types[out], None))
+                have.add(out)
+    try:
+        sess = session(probe)
+        names = [o.name for o in sess.get_outputs()]
+        values = sess.run(names, feeds)
+    except Exception as exc:
+        msg = re.sub(r"\s+", " ", str(exc))[:300]
+        raise InputError(f"onnxruntime could not run the model on synthetic inputs: {msg}") from None
+    shapes = {n: tuple(v.shape) for n, v in zip(names, values)}
+    small = {n: v for n, v in zip(names, values)
+             if isinstance(v, np.ndarray) and v.dtype.kind in "iu" and v.size <= 64}
+    shapes.update({k: tuple(v.shape) for k, v in feeds.items()})
+    for init in model.graph.initializer:
+        shapes[init.name] = tuple(init.dims)
+    return shapes, small

@@ -1,0 +1,311 @@
+"""Apply a plan (kept heads per block) to the graph: check everything first, then commit all edits at once.
+
+Nothing that other nodes still read is changed in place: a constant that is shared is copied, a shape
+expression is rebuilt beside the original, and a per-head tensor shared between blocks (T5's position
+bias) is narrowed by a Gather in front of each block. Every initializer not sliced keeps its bytes.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from .block import AttentionBlock
+from .errors import PlanError, RewriteError
+from .match import shape_expr
+from .match.headflow import _norm_axis, const_value
+
+_fresh = itertools.count()
+
+
+@dataclass
+class _Layout:
+    """Per tensor: the kept indices along each head axis, and the new shape."""
+
+    keep: dict[int, np.ndarray]
+    new_shape: tuple
+
+
+def _kept_units(block: AttentionBlock, kept_heads) -> set[int]:
+    kept = set(kept_heads)
+    return {u for u, heads in enumerate(block.units) if heads & kept}
+
+
+def _layouts(block: AttentionBlock, kept_heads, shapes) -> dict[str, _Layout]:
+    units = _kept_units(block, kept_heads)
+    out = {}
+    for t in block.tensors:
+        mask = (t.owner == -1) | np.isin(t.owner, list(units))
+        keep, ok = {}, True
+        for pos, ax in enumerate(t.axes):
+            if ax in t.copies:
+                # entries along a broadcast axis are copies: keep as many as each row needs
+                counts = np.unique(mask.sum(axis=pos))
+                ok &= len(counts) == 1
+                keep[ax] = np.arange(int(counts[0]))
+                continue
+            other = tuple(i for i in range(mask.ndim) if i != pos)
+            keep[ax] = np.flatnonzero(mask.any(axis=other) if other else mask)
+        proj = mask
+        for pos in sorted((t.axes.index(a) for a in t.copies), reverse=True):
+            proj = proj.any(axis=pos)
+        plain = [ax for ax in t.axes if ax not in t.copies]
+        grid = np.zeros(proj.shape, dtype=bool)
+        if plain:
+            grid[np.ix_(*[keep[ax] for ax in plain])] = True
+        if not ok or (plain and not np.array_equal(grid, proj)):
+            raise PlanError(f"block {block.index} ({block.name}): the kept heads {list(kept_heads)} cannot be "
+                            f"cut out of {t.name!r} as a rectangle; in grouped-query attention keep the same "
+                            "number of query heads in every KV group")
+        shape = list(shapes[t.name])
+        for ax, idx in keep.items():
+            shape[ax] = len(idx)
+        out[t.name] = _Layout(keep, tuple(shape))
+    return out
+
+
+def _take(arr: np.ndarray, keep: dict[int, np.ndarray]) -> np.ndarray:
+    for ax, idx in keep.items():
+        arr = np.take(arr, idx, axis=ax)
+    return np.ascontiguousarray(arr)
+
+
+def _reroute(old, new, node_names):
+    """Make the named consumers of ``old`` read ``new`` instead."""
+    for consumer in list(old.outputs):
+        if consumer.name in node_names:
+            for i, inp in enumerate(consumer.inputs):
+                if inp is old:
+                    consumer.inputs[i] = new
+
+
+def _new_positions(keep: np.ndarray, size: int) -> np.ndarray:
+    """old index -> new index after keeping ``keep`` (-1 where dropped)."""
+    pos = np.full(size, -1, dtype=np.int64)
+    pos[keep] = np.arange(len(keep))
+    return pos
+
+
+class Rewriter:
+    def __init__(self, graph: gs.Graph, shapes: dict, values: dict):
+        self.graph = graph
+        self.shapes = shapes
+        self.values = values
+        self.nodes = {n.name: n for n in graph.nodes}
+        self.tensors = graph.tensors()
+        self.edits: list[Callable[[], None]] = []
+        self.changed_initializers: set[str] = set()
+
+    # ------------------------------------------------------------------ planning (no mutation)
+    def plan(self, block: AttentionBlock, kept_heads):
+        kept_heads = tuple(sorted(kept_heads))
+        if not kept_heads:
+            raise PlanError(f"block {block.index} ({block.name}): no head left")
+        if any(h < 0 or h >= block.num_heads for h in kept_heads):
+            raise PlanError(f"block {block.index} ({block.name}) has {block.num_heads} heads; "
+                            f"cannot keep {list(kept_heads)}")
+        if kept_heads == tuple(range(block.num_heads)):
+            return
+        layouts = _layouts(block, kept_heads, self.shapes)
+        block_nodes = {self.nodes[n].name for n in block.nodes}
+        for t in block.tensors:
+            lay = layouts[t.name]
+            tensor = self.tensors[t.name]
+            if t.constant:
+                self._plan_constant(tensor, lay, block_nodes)
+            elif t.cut:
+                self._plan_cut(tensor, lay, block_nodes)
+        for site in block.sites:
+            node = self.nodes[site.node]
+            getattr(self, f"_plan_{site.kind}")(node, block, layouts, kept_heads)
+
+    def _plan_constant(self, tensor, lay: _Layout, block_nodes):
+        value = const_value(tensor)
+        new = _take(value, lay.keep)
+        consumers = list(tensor.outputs)
+        shared = any(c.name not in block_nodes for c in consumers) or tensor in self.graph.outputs
+        if isinstance(tensor, gs.Constant) and not shared:
+            self.changed_initializers.add(tensor.name)
+            self.edits.append(lambda t=tensor, v=new: setattr(t, "values", v))
+            return
+        replacement = gs.Constant(f"{tensor.name}__pruned{next(_fresh)}", new)
+
+        self.edits.append(lambda t=tensor, r=replacement: _reroute(t, r, block_nodes))
+
+    def _plan_cut(self, tensor, lay: _Layout, block_nodes):
+        def narrow(t=tensor, keep=dict(lay.keep)):
+            cur = t
+            for ax, idx in keep.items():
+                out = gs.Variable(f"{t.name}__heads{next(_fresh)}", dtype=t.dtype)
+                self.graph.nodes.append(gs.Node("Gather", name=f"{t.name}__gather{next(_fresh)}",
+                                                attrs={"axis": int(ax)},
+                                                inputs=[cur, gs.Constant(f"{t.name}__idx{next(_fresh)}",
+                                                                         idx.astype(np.int64))],
+                                                outputs=[out]))
+                cur = out
+            _reroute(t, cur, block_nodes)
+        self.edits.append(narrow)
+
+    def _plan_reshape(self, node, block, layouts, kept_heads, expand=False):
+        out = node.outputs[0]
+        if out.name not in layouts:
+            return
+        vec = node.inputs[1]
+        new_shape, old_shape = layouts[out.name].new_shape, self.shapes[out.name]
+        length = self.shapes[vec.name][0]
+        changes = {}
+        for ax in layouts[out.name].keep:
+            if new_shape[ax] == old_shape[ax]:
+                continue
+            j = ax - (len(old_shape) - length) if expand else ax
+            src = shape_expr.locate(vec, j, self.shapes)
+            if isinstance(src, shape_expr.Const):
+                if src.value in (-1, 0) or (expand and src.value == 1):
+                    continue
+                changes[j] = new_shape[ax]
+            elif isinstance(src, shape_expr.Arith):
+                changes[j] = new_shape[ax]
+            elif isinstance(src, shape_expr.Dim):
+                src_lay = layouts.get(src.tensor)
+                if src_lay is None or src_lay.new_shape[src.axis] != new_shape[ax]:
+                    raise RewriteError(f"{node.op} {node.name!r}: element {j} follows {src.tensor} axis "
+                                       f"{src.axis}, which does not shrink with the heads")
+            else:
+                raise RewriteError(f"{node.op} {node.name!r}: element {j} is {shape_expr.describe(src)}")
+        if changes:
+            try:
+                # rebuild now (adds new nodes only), swap in at commit
+                new_vec = shape_expr.rebuild(self.graph, vec, changes, self.shapes)
+            except ValueError as exc:
+                raise RewriteError(f"{node.op} {node.name!r}: {exc}") from None
+            self.edits.append(lambda n=node, v=new_vec: n.inputs.__setitem__(1, v))
+
+    def _plan_expand(self, node, block, layouts, kept_heads):
+        self._plan_reshape(node, block, layouts, kept_heads, expand=True)
+
+    def _plan_split(self, node, block, layouts, kept_heads):
+        x = node.inputs[0]
+        lay = layouts.get(x.name)
+        rank = len(self.shapes[x.name])
+        axis = _norm_axis(node.attrs.get("axis", 0), rank)
+        if lay is None or axis not in lay.keep:
+            return
+        sizes = [self.shapes[o.name][axis] for o in node.outputs]
+        kept = set(lay.keep[axis].tolist())
+        bounds = np.cumsum([0] + sizes)
+        new_sizes = np.array([sum(1 for i in range(bounds[k], bounds[k + 1]) if i in kept)
+                              for k in range(len(sizes))], dtype=np.int64)
+        if (new_sizes == 0).any():
+            raise RewriteError(f"Split {node.name!r}: a part would be empty")
+
+        def apply(n=node, s=new_sizes):
+            n.attrs.pop("num_outputs", None)
+            if "split" in n.attrs:
+                n.attrs["split"] = [int(v) for v in s]
+            elif len(n.inputs) > 1:
+                n.inputs[1] = gs.Constant(f"{n.name}__split{next(_fresh)}", s)
+            else:
+                n.inputs.append(gs.Constant(f"{n.name}__split{next(_fresh)}", s))
+        self.edits.append(apply)
+
+    def _plan_slice(self, node, block, layouts, kept_heads):
+        x = node.inputs[0]
+        lay = layouts.get(x.name)
+        if lay is None:
+            return
+        in_shape = self.shapes[x.name]
+        starts, ends = const_value(node.inputs[1]), const_value(node.inputs[2])
+        if starts is None or ends is None:     # runtime bounds: only allowed off the head axes (matcher)
+            return
+        axes = const_value(node.inputs[3]) if len(node.inputs) > 3 and node.inputs[3].name else \
+            np.arange(len(starts))
+        steps = const_value(node.inputs[4]) if len(node.inputs) > 4 and node.inputs[4].name else \
+            np.ones(len(starts), dtype=np.int64)
+        new_starts, new_ends, touched = np.array(starts).copy(), np.array(ends).copy(), False
+        for k, (s, e, a, st) in enumerate(zip(starts, ends, axes, steps)):
+            a = _norm_axis(int(a), len(in_shape))
+            if a not in lay.keep:
+                continue
+            old = np.arange(in_shape[a])[slice(int(s), int(e), int(st))]
+            newpos = _new_positions(lay.keep[a], in_shape[a])[old]
+            newpos = newpos[newpos >= 0]
+            if len(newpos) == 0 or int(st) != 1 or not np.array_equal(newpos, np.arange(newpos[0], newpos[-1] + 1)):
+                raise RewriteError(f"Slice {node.name!r}: the kept part is not one contiguous range")
+            new_starts[k], new_ends[k], touched = newpos[0], newpos[-1] + 1, True
+        if touched:
+            cs = gs.Constant(f"{node.name}__starts{next(_fresh)}", new_starts.astype(np.asarray(starts).dtype))
+            ce = gs.Constant(f"{node.name}__ends{next(_fresh)}", new_ends.astype(np.asarray(ends).dtype))
+
+            def apply(n=node, cs=cs, ce=ce):
+                n.inputs[1] = cs
+                n.inputs[2] = ce
+            self.edits.append(apply)
+
+    def _plan_gather(self, node, block, layouts, kept_heads):
+        data, idx = node.inputs[:2]
+        lay = layouts.get(data.name)
+        axis = _norm_axis(node.attrs.get("axis", 0), len(self.shapes[data.name]))
+        if lay is None or axis not in lay.keep:
+            return
+        old = const_value(idx)
+        if old is None:
+            raise RewriteError(f"Gather {node.name!r}: runtime indices along the head axis")
+        size = self.shapes[data.name][axis]
+        new = _new_positions(lay.keep[axis], size)[np.asarray(old) % size]
+        if (new < 0).any():
+            raise RewriteError(f"Gather {node.name!r} reads a pruned head")
+        c = gs.Constant(f"{node.name}__indices{next(_fresh)}", np.asarray(new, dtype=np.asarray(old).dtype))
+        self.edits.append(lambda n=node, c=c: n.inputs.__setitem__(1, c))
+
+    def _plan_attr(self, node, block, layouts, kept_heads):
+        if node.op == "Attention":
+            q_units = len(kept_heads)
+            kv = len({u for u in _kept_units(block, kept_heads) if len(block.units[u]) > 1}) or q_units
+            if block.num_kv_heads == block.num_heads:
+                kv = q_units
+            new = {"q_num_heads": q_units, "kv_num_heads": kv}
+        else:   # RotaryEmbedding with num_heads over a 3-D input
+            x = node.inputs[0]
+            old_f = self.shapes[x.name][-1]
+            new_f = layouts[x.name].new_shape[-1] if x.name in layouts else old_f
+            new = {"num_heads": node.attrs["num_heads"] * new_f // old_f}
+        self.edits.append(lambda n=node, new=new: n.attrs.update(new))
+
+    # ------------------------------------------------------------------ commit
+    def commit(self):
+        for edit in self.edits:
+            edit()
+        self.edits.clear()
+
+
+def export(graph: gs.Graph, original: onnx.ModelProto) -> onnx.ModelProto:
+    """gs graph -> ModelProto with the original's model-level fields, fresh shape information, checked."""
+    graph.cleanup(remove_unused_graph_inputs=False).toposort()
+    model = gs.export_onnx(graph, do_type_check=False)
+    model.ir_version = original.ir_version
+    model.producer_name, model.producer_version = original.producer_name, original.producer_version
+    model.domain, model.model_version, model.doc_string = original.domain, original.model_version, \
+        original.doc_string
+    del model.opset_import[:]
+    model.opset_import.extend(original.opset_import)
+    del model.metadata_props[:]
+    model.metadata_props.extend(original.metadata_props)
+    if not model.functions and original.functions:
+        model.functions.extend(original.functions)
+    del model.graph.value_info[:]
+    return model
+
+
+def check_model(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Strict shape inference and the full checker; returns the model with inferred value_info."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True, data_prop=True)
+        onnx.checker.check_model(inferred, full_check=True)
+    except Exception as exc:
+        raise RewriteError(f"the pruned model fails the ONNX checks: {str(exc).splitlines()[0][:300]}") from None
+    return inferred

@@ -1,0 +1,59 @@
+"""Pruning must equal masking: the original model with the dropped heads' output-projection rows zeroed
+gives the same outputs as the pruned model (ONNX Runtime CPU, graph optimizations off)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from .block import AttentionBlock
+from .probe import session
+
+
+def _find_constant(model: onnx.ModelProto, name: str):
+    for init in model.graph.initializer:
+        if init.name == name:
+            return init, None
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.output[0] == name:
+            return node.attribute[0].t, node
+    raise KeyError(name)
+
+
+def masked_model(model: onnx.ModelProto, blocks: list[AttentionBlock], kept: dict[int, tuple]) -> onnx.ModelProto:
+    """A copy of ``model`` with the rows of W_o that belong to dropped heads set to zero."""
+    masked = onnx.ModelProto()
+    masked.CopyFrom(model)
+    for block in blocks:
+        keep = set(kept.get(block.index, range(block.num_heads)))
+        dropped = {u for u, heads in enumerate(block.units) if len(heads) == 1 and not heads & keep}
+        if not dropped:
+            continue
+        o = block.o_proj
+        proto, _ = _find_constant(masked, o.weight)
+        arr = numpy_helper.to_array(proto).copy()
+        owner = block.tensor(o.weight).owner
+        idx = np.flatnonzero(np.isin(owner, list(dropped)))
+        index = [slice(None)] * arr.ndim
+        index[o.head_axis] = idx
+        arr[tuple(index)] = 0
+        proto.CopyFrom(numpy_helper.from_array(arr, proto.name))
+    return masked
+
+
+def run(model: onnx.ModelProto, feeds: dict) -> dict[str, np.ndarray]:
+    sess = session(model)
+    names = [o.name for o in sess.get_outputs()]
+    return dict(zip(names, sess.run(names, feeds)))
+
+
+def max_abs_diff(reference: dict, candidate: dict) -> float:
+    worst = 0.0
+    for name, ref in reference.items():
+        got = candidate[name]
+        if ref.shape != got.shape:
+            return float("inf")
+        if ref.size:
+            worst = max(worst, float(np.max(np.abs(ref.astype(np.float64) - got.astype(np.float64)))))
+    return worst

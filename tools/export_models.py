@@ -1,0 +1,272 @@
+"""Regenerate the small real exports in ``models/``.
+
+Every model is a Hugging Face transformers class with a tiny config and random weights (biases too, so
+that a bias that is sliced wrongly shows up as a numerical error), exported by ``torch.onnx.export``:
+
+* ``ts``   TorchScript exporter (``dynamo=False``), opset 17;
+* ``d18``  dynamo exporter, opset 18 (scaled-dot-product attention decomposed into MatMul/Softmax);
+* ``d23``  dynamo exporter, opset 23 (SDPA becomes the ONNX ``Attention`` op).
+
+Needs the ``tools`` extra (torch, transformers, onnxscript); the library and the tests do not.
+
+    python tools/export_models.py                 # all models
+    python tools/export_models.py --only bert     # names that contain "bert"
+    python tools/export_models.py --list
+
+``models/MANIFEST.json`` records, for each file, the versions used and the command that made it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+MODELS = Path(__file__).resolve().parent.parent / "models"
+SEED = 0
+
+
+@dataclass(frozen=True)
+class Spec:
+    name: str                 # file stem in models/
+    family: str               # family name used in the README table
+    build: Callable[[], object]   # returns the torch module (random weights)
+    inputs: Callable[[], dict]    # example inputs, by graph input name
+    exporter: str             # ts | d18 | d23
+    attn: str = "eager"       # eager | sdpa
+    outputs: tuple[str, ...] = ("last_hidden_state",)
+    dynamic: dict = field(default_factory=dict)   # input name -> {axis: name}
+
+
+def _text_inputs(vocab: int = 64, seq: int = 7, batch: int = 2, type_ids: bool = False):
+    import torch
+
+    def make():
+        g = torch.Generator().manual_seed(SEED)
+        feeds = {
+            "input_ids": torch.randint(1, vocab, (batch, seq), generator=g),
+            "attention_mask": torch.ones(batch, seq, dtype=torch.int64),
+        }
+        feeds["attention_mask"][1, -2:] = 0   # one padded row, so masks are really used
+        if type_ids:
+            feeds["token_type_ids"] = torch.zeros(batch, seq, dtype=torch.int64)
+        return feeds
+    return make
+
+
+def _pixel_inputs(size: int, channels: int = 3, batch: int = 2):
+    import torch
+
+    def make():
+        g = torch.Generator().manual_seed(SEED)
+        return {"pixel_values": torch.randn(batch, channels, size, size, generator=g)}
+    return make
+
+
+TEXT_DYN = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"},
+            "token_type_ids": {0: "batch", 1: "sequence"}}
+PIXEL_DYN = {"pixel_values": {0: "batch"}}
+
+
+def _randomize(model):
+    """Give every parameter a random value, biases included, so that no slice can hide behind a zero."""
+    import torch
+    g = torch.Generator().manual_seed(SEED)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dtype.is_floating_point:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    return model.eval()
+
+
+def _hf(cls_name: str, config_name: str, attn: str, **config):
+    def build():
+        import transformers
+        cfg = getattr(transformers, config_name)(**config)
+        cfg._attn_implementation = attn
+        model = getattr(transformers, cls_name)(cfg)
+        model.set_attn_implementation(attn)
+        return _randomize(model)
+    return build
+
+
+def _specs() -> list[Spec]:
+    small = dict(hidden_size=32, num_attention_heads=4, intermediate_size=64, num_hidden_layers=2)
+    bert_cfg = dict(vocab_size=64, max_position_embeddings=64, type_vocab_size=2, **small)
+    specs: list[Spec] = []
+
+    def add(name, family, cls, cfgcls, inputs, dyn, exporters=("ts", "d18"), attns=("eager",), **cfg):
+        for ex in exporters:
+            for attn in attns:
+                suffix = f"{ex}" + ("" if attn == "eager" else f"-{attn}")
+                specs.append(Spec(f"{name}-{suffix}", family, _hf(cls, cfgcls, attn, **cfg), inputs, ex, attn,
+                                  dynamic=dyn))
+
+    add("bert", "BERT", "BertModel", "BertConfig", _text_inputs(type_ids=True), TEXT_DYN,
+        exporters=("ts", "d18"), attns=("eager", "sdpa"), **bert_cfg)
+    specs.append(Spec("bert-d23-sdpa", "BERT", _hf("BertModel", "BertConfig", "sdpa", **bert_cfg),
+                      _text_inputs(type_ids=True), "d23", "sdpa", dynamic=TEXT_DYN))
+    add("roberta", "RoBERTa", "RobertaModel", "RobertaConfig", _text_inputs(), TEXT_DYN,
+        vocab_size=64, max_position_embeddings=64, pad_token_id=1, type_vocab_size=1, **small)
+    # MiniLM is the BERT architecture at 384 wide and 12 heads of 32; this keeps 6 heads of 8.
+    add("minilm", "MiniLM", "BertModel", "BertConfig", _text_inputs(type_ids=True), TEXT_DYN,
+        exporters=("ts",), attns=("sdpa",), vocab_size=64, max_position_embeddings=64, hidden_size=48,
+        num_attention_heads=6, intermediate_size=96, num_hidden_layers=2)
+    add("distilbert", "DistilBERT", "DistilBertModel", "DistilBertConfig", _text_inputs(), TEXT_DYN,
+        vocab_size=64, max_position_embeddings=64, dim=32, n_heads=4, hidden_dim=64, n_layers=2)
+    vit_cfg = dict(image_size=16, patch_size=8, num_channels=3, **small)
+    add("vit", "ViT", "ViTModel", "ViTConfig", _pixel_inputs(16), PIXEL_DYN, **vit_cfg)
+    add("clip-vision", "CLIP vision", "CLIPVisionModel", "CLIPVisionConfig", _pixel_inputs(16), PIXEL_DYN,
+        image_size=16, patch_size=8, hidden_size=32, num_attention_heads=4, intermediate_size=64,
+        num_hidden_layers=2)
+    add("swin", "Swin", "SwinModel", "SwinConfig", _pixel_inputs(32), PIXEL_DYN,
+        image_size=32, patch_size=4, embed_dim=16, depths=[2, 1], num_heads=[2, 4], window_size=4)
+    dec = dict(vocab_size=64, use_cache=False)
+    add("gpt2", "GPT-2", "GPT2Model", "GPT2Config", _text_inputs(), TEXT_DYN,
+        n_embd=32, n_head=4, n_layer=2, n_positions=64, **dec)
+    add("gpt-neox", "GPT-NeoX", "GPTNeoXModel", "GPTNeoXConfig", _text_inputs(), TEXT_DYN,
+        max_position_embeddings=64, rotary_pct=0.5, **small, **dec)
+    gqa = dict(hidden_size=64, num_attention_heads=8, num_key_value_heads=2, intermediate_size=64,
+               num_hidden_layers=2, max_position_embeddings=64, **dec)
+    add("phi3", "Phi-3", "Phi3Model", "Phi3Config", _text_inputs(), TEXT_DYN, pad_token_id=0, **gqa)
+    add("bloom", "Bloom", "BloomModel", "BloomConfig", _text_inputs(), TEXT_DYN,
+        hidden_size=32, n_head=4, n_layer=2, **dec)
+    add("falcon", "Falcon", "FalconModel", "FalconConfig", _text_inputs(), TEXT_DYN,
+        hidden_size=32, num_attention_heads=4, num_hidden_layers=2, multi_query=True,
+        new_decoder_architecture=False, parallel_attn=True, bias=True, alibi=False, **dec)
+    add("t5-encoder", "T5 encoder", "T5EncoderModel", "T5Config", _text_inputs(), TEXT_DYN,
+        vocab_size=64, d_model=32, d_kv=8, num_heads=4, d_ff=64, num_layers=2,
+        relative_attention_num_buckets=8, relative_attention_max_distance=16)
+    add("llama", "Llama", "LlamaModel", "LlamaConfig", _text_inputs(), TEXT_DYN,
+        exporters=("ts", "d18"), attns=("eager", "sdpa"), **gqa)
+    specs.append(Spec("llama-d23-sdpa", "Llama", _hf("LlamaModel", "LlamaConfig", "sdpa", **gqa),
+                      _text_inputs(), "d23", "sdpa", dynamic=TEXT_DYN))
+    add("qwen2", "Qwen2", "Qwen2Model", "Qwen2Config", _text_inputs(), TEXT_DYN, **gqa)
+    add("mistral", "Mistral", "MistralModel", "MistralConfig", _text_inputs(), TEXT_DYN,
+        sliding_window=None, head_dim=8, **gqa)
+    return specs + _seq2seq_specs()
+
+
+def _seq2seq_specs() -> list[Spec]:
+    import torch
+    specs = []
+
+    def bart_inputs():
+        feeds = _text_inputs()()
+        feeds["decoder_input_ids"] = torch.tensor([[2, 5, 7], [2, 9, 4]])
+        return feeds
+
+    bart_dyn = dict(TEXT_DYN, decoder_input_ids={0: "batch", 1: "decoder_sequence"})
+    for ex in ("ts", "d18"):
+        specs.append(Spec(f"bart-{ex}", "BART", _hf(
+            "BartModel", "BartConfig", "eager", vocab_size=64, d_model=32, encoder_layers=2, decoder_layers=2,
+            encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64,
+            max_position_embeddings=64, use_cache=False), bart_inputs, ex,
+            outputs=("last_hidden_state", "encoder_last_hidden_state"), dynamic=bart_dyn))
+
+    def whisper_inputs():
+        g = torch.Generator().manual_seed(SEED)
+        return {"input_features": torch.randn(2, 8, 32, generator=g),
+                "decoder_input_ids": torch.tensor([[1, 5, 7], [1, 9, 4]])}
+
+    whisper_dyn = {"input_features": {0: "batch"}, "decoder_input_ids": {0: "batch", 1: "decoder_sequence"}}
+    for ex in ("ts", "d18"):
+        specs.append(Spec(f"whisper-{ex}", "Whisper", _hf(
+            "WhisperModel", "WhisperConfig", "eager", vocab_size=64, num_mel_bins=8, d_model=32,
+            encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
+            encoder_ffn_dim=64, decoder_ffn_dim=64, max_source_positions=16, max_target_positions=16,
+            pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1, use_cache=False), whisper_inputs, ex,
+            outputs=("last_hidden_state", "encoder_last_hidden_state"), dynamic=whisper_dyn))
+    return specs
+
+
+class _Wrap:
+    """Calls a transformers model with named inputs and returns chosen outputs as a tuple."""
+
+    def __new__(cls, model, names, outputs):
+        import torch
+
+        class W(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.model = model
+
+            def forward(self, *args):
+                out = self.model(**dict(zip(names, args)), return_dict=True)
+                return tuple(getattr(out, o) for o in outputs)
+        return W().eval()
+
+
+def export(spec: Spec, out_dir: Path) -> Path:
+    import torch
+    torch.manual_seed(SEED)
+    model = spec.build()
+    feeds = spec.inputs()
+    names = list(feeds)
+    wrapped = _Wrap(model, names, spec.outputs)
+    path = out_dir / f"{spec.name}.onnx"
+    dyn = {k: v for k, v in spec.dynamic.items() if k in feeds}
+    kwargs = dict(input_names=names, output_names=list(spec.outputs), dynamic_axes=dyn)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        if spec.exporter == "ts":
+            torch.onnx.export(wrapped, tuple(feeds.values()), str(path), dynamo=False, opset_version=17,
+                              do_constant_folding=True, **kwargs)
+        else:
+            opset = 18 if spec.exporter == "d18" else 23
+            dim = torch.export.Dim.DYNAMIC
+            shapes = tuple({ax: dim for ax in dyn.get(n, {})} or None for n in names)
+            prog = torch.onnx.export(wrapped, tuple(feeds.values()), dynamo=True, opset_version=opset,
+                                     optimize=True, verbose=False, dynamic_shapes=(shapes,),
+                                     input_names=names, output_names=list(spec.outputs))
+            prog.save(str(path), external_data=False)
+    return path
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", action="append", default=[], help="export names containing this (repeatable)")
+    ap.add_argument("--list", action="store_true", help="list the model names and exit")
+    ap.add_argument("--out", type=Path, default=MODELS)
+    args = ap.parse_args(argv)
+    specs = [s for s in _specs() if not args.only or any(o in s.name for o in args.only)]
+    if args.list:
+        for s in specs:
+            print(f"{s.name:24} {s.family:12} {s.exporter} {s.attn}")
+        return 0
+    import onnx
+    import torch
+    import transformers
+    args.out.mkdir(parents=True, exist_ok=True)
+    manifest_path = args.out / "MANIFEST.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {"models": {}}
+    manifest["versions"] = {"python": platform.python_version(), "torch": torch.__version__,
+                            "transformers": transformers.__version__, "onnx": onnx.__version__}
+    failed = []
+    for spec in specs:
+        try:
+            path = export(spec, args.out)
+        except Exception as exc:   # keep going: report every failure at the end
+            failed.append(spec.name)
+            print(f"FAIL {spec.name}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}", file=sys.stderr)
+            continue
+        onnx.checker.check_model(onnx.load(str(path)), full_check=True)
+        manifest["models"][path.name] = {
+            "family": spec.family, "exporter": spec.exporter, "attention": spec.attn,
+            "opset": {"ts": 17, "d18": 18, "d23": 23}[spec.exporter],
+            "command": f"python tools/export_models.py --only {spec.name}",
+            "torch": torch.__version__, "transformers": transformers.__version__,
+        }
+        print(f"ok   {path.name:28} {path.stat().st_size / 1024:7.1f} KiB")
+    manifest["models"] = dict(sorted(manifest["models"].items()))
+    manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
