@@ -9,7 +9,7 @@ import onnx
 
 from . import plan as planning
 from .block import AttentionBlock, MatchResult
-from .errors import MatchError, PlanError
+from .errors import MatchError, PlanError, VerifyError
 from .io import to_graph
 from .match import match_graph
 from .probe import probe, synth_inputs
@@ -95,5 +95,10 @@ def prune_model(model: onnx.ModelProto, ratio=None, *, kept: dict[int, list[int]
                       misses=result.misses)
     if verify:
         reference = run(masked_model(model, list(blocks), plans), feeds)
-        out.max_error = max_abs_diff(reference, run(pruned, feeds))
+        try:
+            candidate = run(pruned, feeds)
+        except Exception as exc:   # onnxruntime raises its own types; report one line, write nothing
+            raise VerifyError(f"the pruned model does not run on onnxruntime: {str(exc).splitlines()[0][:240]}") \
+                from None
+        out.max_error = max_abs_diff(reference, candidate)
     return out

@@ -63,6 +63,16 @@ def _check_shape_sites(flow: Flow):
         vec = node.inputs[1]
         out_rank = len(flow.shape(out))
         length = flow.shape(vec)[0]
+        for j in range(length):      # elements off the head axes must not follow a size that shrinks
+            ax = j + (out_rank - length) if kind == "expand" else j
+            if ax in hm.axes:
+                continue
+            src = shape_expr.locate(vec, j, flow.shapes)
+            while isinstance(src, shape_expr.Arith):
+                src = src.other
+            if isinstance(src, shape_expr.Dim) and src.tensor in flow.maps and src.axis in flow.maps[src.tensor].axes:
+                raise FlowFail(node, f"{node.op} shape element {j} of {vec.name!r} is derived from the head-carrying "
+                                     f"size of {src.tensor!r} (axis {src.axis}) but is not a head axis itself")
         for ax in hm.axes:
             j = ax - (out_rank - length) if kind == "expand" else ax
             if j < 0:

@@ -1,0 +1,140 @@
+"""Command line: ``onnxprune MODEL --ratio R`` and ``onnxprune inspect MODEL``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .errors import InputError, OnnxPruneError, PlanError, VerifyError
+
+PRUNE_HELP = """\
+Remove attention heads from a transformer exported to ONNX, and prove the result exact.
+
+Every attention block is found (see `onnxprune inspect MODEL`), each keeps floor(H * (1 - ratio))
+heads (at least --min-heads), chosen by importance, and the model is rewritten: Q/K/V/O weights and
+biases, packed QKV, Split sizes, Reshape/Expand shapes, per-head bias tables, attributes. The pruned
+model is then run against the original with the dropped heads masked out (their output-projection rows
+zeroed) on ONNX Runtime CPU; nothing is written unless the outputs match.
+
+examples:
+  onnxprune models/bert-ts.onnx --ratio 0.5
+  onnxprune model.onnx --ratio 0.25 -o small.onnx --report small.json
+  onnxprune model.onnx --heads-to-prune heads.json      # {"0": [1, 3], "5": [0]}: heads to remove
+  onnxprune model.onnx --ratio 0.5 --dry-run            # show the plan, write nothing
+  onnxprune inspect model.onnx                          # blocks found, and why others were not
+
+exit codes: 0 ok, 2 bad input, 3 no attention matched, 4 plan impossible, 5 rewrite failed, 6 verification
+failed.
+"""
+
+
+def _ratio(text: str):
+    from .plan import exact_ratio
+    try:
+        exact_ratio(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _prune_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="onnxprune", description=PRUNE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
+                usage="onnxprune MODEL (--ratio R | --heads-to-prune FILE) [options]\n"
+                      "       onnxprune inspect MODEL [--json]")
+    p.add_argument("model", type=Path, help="the .onnx file to prune")
+    how = p.add_mutually_exclusive_group(required=True)
+    how.add_argument("--ratio", type=_ratio, help="fraction of heads to remove in every block, in [0, 1]")
+    how.add_argument("--heads-to-prune", type=Path, metavar="FILE",
+                     help='JSON {"<block index>": [head, ...]} of heads to remove, blocks numbered as inspect lists')
+    p.add_argument("-o", "--output", type=Path, help="output path (default: <stem>.pruned.onnx beside MODEL)")
+    p.add_argument("--report", type=Path, metavar="REPORT.json", help="write the per-block report as JSON")
+    p.add_argument("--min-heads", type=int, default=1, metavar="N", help="keep at least N heads per block (1)")
+    p.add_argument("--dry-run", action="store_true", help="match, plan and verify, but write no file")
+    p.add_argument("--force", action="store_true", help="allow the output to overwrite the input")
+    p.add_argument("--no-verify", action="store_true", help="skip the pruning-equals-masking check")
+    p.add_argument("--atol", type=float, default=None,
+                   help="verification tolerance (default 1e-4; 1e-2 for fp16 models)")
+    return p
+
+
+def _inspect_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="onnxprune inspect", description="List the attention blocks of MODEL, and for every "
+                "Softmax or Attention node that was not matched, the node and the reason.")
+    p.add_argument("model", type=Path)
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    return p
+
+
+def _fp16(model) -> bool:
+    return any(i.data_type == 10 for i in model.graph.initializer)
+
+
+def run_inspect(argv) -> int:
+    from .api import inspect_model
+    from .io import load_model
+    from .report import format_inspect, inspect_json
+    args = _inspect_parser().parse_args(argv)
+    result = inspect_model(load_model(args.model))
+    print(json.dumps(inspect_json(result), indent=2) if args.json else format_inspect(result))
+    return 0 if result.blocks else 3
+
+
+def run_prune(argv) -> int:
+    args = _prune_parser().parse_args(argv)
+    from .api import prune_model
+    from .io import check_output_path, load_model, save_model_atomic
+    from .report import build_report, format_table, write_json_atomic
+    from .score import load_heads_to_prune
+    if args.min_heads < 0:
+        raise InputError("--min-heads must be >= 0")
+    out = args.output or args.model.with_name(f"{args.model.stem}.pruned.onnx")
+    if not args.dry_run:
+        check_output_path(args.model, out, args.force)
+    if args.report:
+        check_output_path(args.model, args.report, False)
+    model = load_model(args.model)
+    if args.heads_to_prune:
+        from .api import inspect_model
+        blocks = inspect_model(model).blocks
+        result = prune_model(model, heads_to_prune=load_heads_to_prune(args.heads_to_prune, blocks),
+                             verify=not args.no_verify)
+    else:
+        result = prune_model(model, args.ratio, min_heads=args.min_heads, verify=not args.no_verify)
+    atol = args.atol if args.atol is not None else (1e-2 if _fp16(model) else 1e-4)
+    if result.max_error is not None and not result.max_error <= atol:
+        raise VerifyError(f"pruned model differs from the masked original by {result.max_error:.3g} "
+                          f"(> atol {atol}); nothing written")
+    report = build_report(result, str(args.model), None if args.dry_run else str(out), args.ratio)
+    print(format_table(report))
+    if not args.dry_run:
+        save_model_atomic(result.model, out)
+        print(f"wrote {out}")
+    if args.report:
+        write_json_atomic(report, args.report)
+        print(f"wrote {args.report}")
+    return 0
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv and argv[0] == "inspect":
+            return run_inspect(argv[1:])
+        return run_prune(argv)
+    except OnnxPruneError as exc:
+        print(f"onnxprune: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("onnxprune: interrupted; nothing written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

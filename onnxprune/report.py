@@ -1,0 +1,75 @@
+"""The per-block report: a terminal table and a JSON document with a stable layout (see README)."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from .api import PruneResult
+from .block import MatchResult
+
+
+def build_report(result: PruneResult, model: str, output: str | None, ratio) -> dict:
+    blocks = []
+    for b in result.blocks:
+        kept = list(result.kept[b.index])
+        kept_kv = [i for i, group in enumerate(b.kv_groups) if set(group) & set(kept)]
+        blocks.append({
+            "name": b.name, "family": b.family, "num_heads": b.num_heads, "num_kv_heads": b.num_kv_heads,
+            "head_dim": b.head_dim, "kept_heads": kept, "kept_kv_heads": kept_kv,
+            "o_proj": {"initializer": b.o_proj.weight, "head_axis": b.o_proj.head_axis},
+            "min_heads_applied": bool(result.min_heads_applied.get(b.index, False)),
+        })
+    return {"model": str(model), "output": str(output) if output else None,
+            "ratio": None if ratio is None else float(ratio),
+            "params_before": result.params_before, "params_after": result.params_after,
+            "max_error": result.max_error, "blocks": blocks}
+
+
+def format_table(report: dict) -> str:
+    rows = [("#", "block", "family", "H", "kept", "kept heads")]
+    for i, b in enumerate(report["blocks"]):
+        note = " (min-heads)" if b.get("min_heads_applied") else ""
+        rows.append((str(i), b["name"][-48:], b["family"], str(b["num_heads"]), str(len(b["kept_heads"])) + note,
+                     ",".join(map(str, b["kept_heads"]))))
+    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
+    before, after = report["params_before"], report["params_after"]
+    lines.append(f"parameters: {before:,} -> {after:,} ({100 * (before - after) / max(before, 1):.1f}% fewer)")
+    if report.get("max_error") is not None:
+        lines.append(f"pruned == masked original: max abs error {report['max_error']:.2e}")
+    return "\n".join(lines)
+
+
+def format_inspect(result: MatchResult) -> str:
+    lines = [f"{len(result.blocks)} attention blocks"]
+    for b in result.blocks:
+        gqa = f", {b.num_kv_heads} KV heads" if b.num_kv_heads != b.num_heads else ""
+        roles = ", ".join(f"{p.role}={p.weight}" for p in b.projections)
+        lines.append(f"  [{b.index}] {b.name}: {b.num_heads} heads of {b.head_dim}{gqa} ({b.family}; {roles})")
+    if result.misses:
+        lines.append(f"{len(result.misses)} not matched")
+        for m in result.misses:
+            lines.append(f"  node {m.node or '-'}: {m.reason}")
+    return "\n".join(lines)
+
+
+def inspect_json(result: MatchResult) -> dict:
+    return {"blocks": [{"index": b.index, "name": b.name, "family": b.family, "num_heads": b.num_heads,
+                        "num_kv_heads": b.num_kv_heads, "head_dim": b.head_dim,
+                        "kv_groups": [list(g) for g in b.kv_groups],
+                        "projections": [{"role": p.role, "weight": p.weight, "bias": p.bias,
+                                         "head_axis": p.head_axis} for p in b.projections],
+                        "nodes": len(b.nodes)} for b in result.blocks],
+            "misses": [{"node": m.node, "op": m.op, "reason": m.reason} for m in result.misses]}
+
+
+def write_json_atomic(data: dict, path: Path):
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent if str(path.parent) else ".")
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)

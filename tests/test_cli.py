@@ -1,0 +1,121 @@
+"""The command line as a user runs it: a subprocess, one-line errors, no stray files."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+MODELS = Path(__file__).resolve().parent.parent / "models"
+BERT = MODELS / "bert-ts.onnx"
+
+
+def cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "onnxprune.cli", *map(str, args)], capture_output=True,
+                          text=True, cwd=cwd)
+
+
+@pytest.fixture
+def work(tmp_path):
+    shutil.copy(BERT, tmp_path / "bert.onnx")
+    return tmp_path
+
+
+def test_prune_writes_model_and_report(work):
+    r = cli(work / "bert.onnx", "--ratio", "0.5", "--report", work / "r.json")
+    assert r.returncode == 0, r.stderr
+    out = work / "bert.pruned.onnx"
+    model = onnx.load(str(out))
+    onnx.checker.check_model(model, full_check=True)
+    report = json.loads((work / "r.json").read_text())
+    assert set(report) >= {"model", "output", "ratio", "params_before", "params_after", "blocks"}
+    assert report["params_after"] < report["params_before"] and report["ratio"] == 0.5
+    for b in report["blocks"]:
+        assert b["num_heads"] == 4 and len(b["kept_heads"]) == 2 and b["kept_heads"] == sorted(b["kept_heads"])
+        assert set(b) >= {"name", "family", "num_kv_heads", "head_dim", "kept_kv_heads", "o_proj"}
+        assert b["o_proj"]["initializer"] in {i.name for i in onnx.load(str(BERT)).graph.initializer}
+    assert "max abs error" in r.stdout
+
+
+def test_heads_to_prune_file(work):
+    (work / "h.json").write_text(json.dumps({"0": [0, 3], "1": [1]}))
+    r = cli(work / "bert.onnx", "--heads-to-prune", work / "h.json", "-o", work / "o.onnx", "--report",
+            work / "r.json")
+    assert r.returncode == 0, r.stderr
+    blocks = json.loads((work / "r.json").read_text())["blocks"]
+    assert blocks[0]["kept_heads"] == [1, 2] and blocks[1]["kept_heads"] == [0, 2, 3]
+
+
+def test_dry_run_writes_nothing(work):
+    r = cli(work / "bert.onnx", "--ratio", "0.5", "--dry-run")
+    assert r.returncode == 0 and sorted(p.name for p in work.iterdir()) == ["bert.onnx"]
+
+
+def test_inspect(work):
+    r = cli("inspect", work / "bert.onnx")
+    assert r.returncode == 0 and "2 attention blocks" in r.stdout
+    data = json.loads(cli("inspect", work / "bert.onnx", "--json").stdout)
+    assert len(data["blocks"]) == 2 and data["blocks"][0]["num_heads"] == 4
+
+
+def test_inspect_explains_a_miss():
+    r = cli("inspect", MODELS / "bloom-ts.onnx")
+    assert r.returncode == 3
+    assert "Reshape_6" in r.stdout and "head-carrying" in r.stdout
+
+
+def _no_attention(path):
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])
+    g = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g", [x], [y])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+
+
+@pytest.mark.parametrize("case", ["missing", "truncated", "not_onnx", "ratio_nan", "ratio_range", "ratio_word",
+                                  "no_attention", "overwrite", "bad_dir", "empty", "bad_heads"])
+def test_bad_input_is_one_line_and_writes_nothing(work, case):
+    model = work / "bert.onnx"
+    args = [model, "--ratio", "0.5"]
+    if case == "missing":
+        args[0] = work / "nope.onnx"
+    elif case == "truncated":
+        (work / "t.onnx").write_bytes(BERT.read_bytes()[: 5000])
+        args[0] = work / "t.onnx"
+    elif case == "not_onnx":
+        (work / "n.onnx").write_text("hello, I am not a model\n" * 20)
+        args[0] = work / "n.onnx"
+    elif case == "empty":
+        (work / "e.onnx").write_bytes(b"")
+        args[0] = work / "e.onnx"
+    elif case == "ratio_nan":
+        args[2] = "nan"
+    elif case == "ratio_range":
+        args[2] = "1.5"
+    elif case == "ratio_word":
+        args[2] = "half"
+    elif case == "no_attention":
+        _no_attention(work / "relu.onnx")
+        args[0] = work / "relu.onnx"
+    elif case == "overwrite":
+        args += ["-o", model]
+    elif case == "bad_dir":
+        args += ["-o", work / "bert.onnx" / "out.onnx"]
+    elif case == "bad_heads":
+        (work / "h.json").write_text('{"0": [7]}')
+        args = [model, "--heads-to-prune", work / "h.json"]
+    before = {p.name: p.read_bytes() for p in work.iterdir()}
+    r = cli(*args)
+    assert r.returncode != 0
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("onnxprune: error:"), r.stderr
+    assert "Traceback" not in r.stderr
+    assert {p.name: p.read_bytes() for p in work.iterdir()} == before
+
+
+def test_help_teaches():
+    r = cli("--help")
+    assert r.returncode == 0 and "examples:" in r.stdout and "inspect" in r.stdout
