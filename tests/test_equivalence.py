@@ -20,8 +20,7 @@ MANIFEST = json.loads((MODELS / "MANIFEST.json").read_text())["models"]
 # Exports that onnxprune does not prune yet; the test asserts that they still fail with a clear error,
 # so that the list is kept true.
 KNOWN_GAPS = {
-    "falcon-ts.onnx", "falcon-d18.onnx", "gpt2-ts.onnx", "llama-ts.onnx", "llama-ts-sdpa.onnx",
-    "mistral-ts.onnx", "qwen2-ts.onnx", "phi3-ts.onnx", "llama-d23-sdpa.onnx", "bloom-ts.onnx",
+    "falcon-ts.onnx", "falcon-d18.onnx", "gpt2-ts.onnx", "llama-d23-sdpa.onnx", "bloom-ts.onnx",
 }
 SUPPORTED = sorted(set(MANIFEST) - KNOWN_GAPS)
 ATOL = 1e-4

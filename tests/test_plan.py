@@ -35,7 +35,8 @@ def test_naive_float_would_be_wrong():
 def test_ties_go_to_lower_index_and_result_is_ascending():
     assert select_heads([1, 1, 1, 1], 0.5) == [0, 1]
     assert select_heads([0.2, 0.9, 0.9, 0.1], 0.5) == [1, 2]
-    assert select_heads([0.1, 0.5, 0.9], 0.34) == [1, 2]
+    assert select_heads([0.1, 0.5, 0.9], 0.34) == [2]          # floor(3 * 0.66) = 1
+    assert select_heads([0.1, 0.5, 0.9], 0.33) == [1, 2]       # floor(3 * 0.67) = 2
 
 
 def test_min_heads():

@@ -75,6 +75,12 @@ def locate(t, j: int | None, shapes) -> object:
         src = node.inputs[0]
         n = _len(shapes, src)
         return locate(src, None if (shapes.get(src.name) == () or n == 1) else j, shapes)
+    if op == "Where" and j is not None:
+        # TorchScript's expand: Where(Equal(s, -1), 1, s) only replaces the -1 entries of s
+        src = locate(node.inputs[2], j, shapes)
+        if isinstance(src, Const) and src.value == -1:
+            return Unknown(f"Where node {node.name}")
+        return src     # a runtime size is never -1, so Where passes it through
     if op == "Shape":
         start = node.attrs.get("start", 0)
         rank = len(shapes.get(node.inputs[0].name, ()))
@@ -153,6 +159,8 @@ def rebuild(graph: gs.Graph, t, changes: dict, shapes) -> object:
         scalar = shapes.get(src.name) == () or _len(shapes, src) == 1
         local = {None if scalar else j: v for j, v in changes.items()}
         return _copy_node(graph, node, [rebuild(graph, src, local, shapes)] + list(node.inputs[1:]))
+    if op == "Where":
+        return _copy_node(graph, node, list(node.inputs[:2]) + [rebuild(graph, node.inputs[2], changes, shapes)])
     if op == "Gather":
         idx = np.atleast_1d(const_value(node.inputs[1])).reshape(-1)
         local = {int(idx[0 if j is None else j]): v for j, v in changes.items()}
