@@ -58,6 +58,14 @@ def check_output_path(src: Path, out: Path, force: bool):
         raise InputError(f"{parent}: output directory is not writable")
 
 
+def publish(tmp: str | Path, out: Path):
+    """Rename ``tmp`` onto ``out`` with the permissions a plain open() would give (mkstemp makes 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    os.replace(tmp, out)
+
+
 def save_model_atomic(model: onnx.ModelProto, out: Path):
     """Write to a temporary file beside ``out`` and rename it into place: never half a model."""
     out = Path(out)
@@ -69,7 +77,7 @@ def save_model_atomic(model: onnx.ModelProto, out: Path):
             onnx.save(model, tmp, save_as_external_data=True, all_tensors_to_one_file=True, location=data)
         else:
             onnx.save(model, tmp)
-        os.replace(tmp, out)
+        publish(tmp, out)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

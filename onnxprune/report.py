@@ -9,6 +9,7 @@ from pathlib import Path
 
 from .api import PruneResult
 from .block import MatchResult
+from .io import publish
 
 
 def build_report(result: PruneResult, model: str, output: str | None, ratio) -> dict:
@@ -72,4 +73,4 @@ def write_json_atomic(data: dict, path: Path):
     with os.fdopen(fd, "w") as f:
         json.dump(data, f, indent=2)
         f.write("\n")
-    os.replace(tmp, path)
+    publish(tmp, path)

@@ -1,6 +1,7 @@
 """The command line as a user runs it: a subprocess, one-line errors, no stray files."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -29,6 +30,9 @@ def test_prune_writes_model_and_report(work):
     r = cli(work / "bert.onnx", "--ratio", "0.5", "--report", work / "r.json")
     assert r.returncode == 0, r.stderr
     out = work / "bert.pruned.onnx"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask     # like any file the user writes, not 0600
     model = onnx.load(str(out))
     onnx.checker.check_model(model, full_check=True)
     report = json.loads((work / "r.json").read_text())
