@@ -644,8 +644,8 @@ class Flow:
             ra_role, rb_role = ("q", "k") if core and "s" in role else (role, role)
             a_axes = {ax: ra - 2 for ax in hm.axes if ax == ry - 2}
             b_axes = {ax: rb - 1 for ax in hm.axes if ax == ry - 1}
-            self._matmul_side(node, a, hm, sy, a_axes, ra_role, skip_last=2, keep_last=ry - 2)
-            self._matmul_side(node, b, hm, sy, b_axes, rb_role, skip_last=2, keep_last=ry - 1)
+            self._matmul_side(node, a, hm, sy, a_axes, ra_role)
+            self._matmul_side(node, b, hm, sy, b_axes, rb_role)
             return
         hm = self.maps[trigger.name]
         if trigger is a:
@@ -661,11 +661,11 @@ class Flow:
             self.assign(y, HeadMap(tuple(out_axes), hm.owner), "down", node,
                         "o" if core and "s" in role else role)
             if core:
-                self._matmul_side(node, b, self.maps[y.name], sy, {}, "v" if "s" in role else role, 2, None)
+                self._matmul_side(node, b, self.maps[y.name], sy, {}, "v" if "s" in role else role)
         else:
             raise FlowFail(node, "MatMul whose right operand carries the head axis downstream")
 
-    def _matmul_side(self, node, t, hm: HeadMap, sy, fixed: dict[int, int], role, skip_last, keep_last):
+    def _matmul_side(self, node, t, hm: HeadMap, sy, fixed: dict[int, int], role):
         """Map ``hm`` (on MatMul output) into operand ``t``: batch axes broadcast, ``fixed`` maps M/N axes."""
         st = self.shape(t)
         rt, ry = len(st), len(sy)
