@@ -14,7 +14,7 @@ from .io import to_graph
 from .match import match_graph
 from .probe import probe, synth_inputs
 from .rewrite import Rewriter, check_model, export
-from .score import weight_importance
+from .score import check_heads_to_prune, weight_importance
 from .verify import masked_model, max_abs_diff, run
 
 
@@ -68,6 +68,8 @@ def prune_model(model: onnx.ModelProto, ratio=None, *, kept: dict[int, list[int]
         detail = "; ".join(f"{m.node}: {m.reason}" for m in result.misses[:3])
         raise MatchError(f"0 attention blocks found ({detail})")
     blocks = result.blocks
+    if heads_to_prune is not None:
+        check_heads_to_prune(heads_to_prune, blocks)
     scores, plans, applied = {}, {}, {}
     for b in blocks:
         if ratio is not None:

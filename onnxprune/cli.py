@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from .errors import InputError, OnnxPruneError, PlanError, VerifyError
+from .errors import InputError, OnnxPruneError, VerifyError
 
 PRUNE_HELP = """\
 Remove attention heads from a transformer exported to ONNX, and prove the result exact.
@@ -101,9 +101,7 @@ def run_prune(argv) -> int:
         check_output_path(args.model, args.report, False)
     model = load_model(args.model)
     if args.heads_to_prune:
-        from .api import inspect_model
-        blocks = inspect_model(model).blocks
-        result = prune_model(model, heads_to_prune=load_heads_to_prune(args.heads_to_prune, blocks),
+        result = prune_model(model, heads_to_prune=load_heads_to_prune(args.heads_to_prune),
                              verify=not args.no_verify)
     else:
         result = prune_model(model, args.ratio, min_heads=args.min_heads, verify=not args.no_verify)

@@ -36,8 +36,9 @@ def weight_importance(block: AttentionBlock, graph: gs.Graph) -> np.ndarray:
     return score
 
 
-def load_heads_to_prune(path: str | Path, blocks) -> dict[int, list[int]]:
-    """``{"<block index>": [head, ...]}`` (heads to remove), blocks counted as ``inspect`` lists them."""
+def load_heads_to_prune(path: str | Path) -> dict[int, list[int]]:
+    """``{"<block index>": [head, ...]}`` (heads to remove), blocks counted as ``inspect`` lists them.
+    Block and head ranges are checked against the matched blocks by ``check_heads_to_prune``."""
     try:
         data = json.loads(Path(path).read_text())
     except FileNotFoundError:
@@ -52,12 +53,16 @@ def load_heads_to_prune(path: str | Path, blocks) -> dict[int, list[int]]:
             b = int(key)
         except ValueError:
             raise InputError(f"{path}: block key {key!r} is not an integer") from None
-        if not 0 <= b < len(blocks):
-            raise InputError(f"{path}: block {b} does not exist (the model has {len(blocks)} blocks)")
         if not isinstance(heads, list) or not all(isinstance(h, int) and not isinstance(h, bool) for h in heads):
             raise InputError(f"{path}: block {b}: expected a list of head indices")
-        bad = [h for h in heads if not 0 <= h < blocks[b].num_heads]
-        if bad:
-            raise InputError(f"{path}: block {b} has {blocks[b].num_heads} heads; no head {bad[0]}")
         out[b] = sorted(set(heads))
     return out
+
+
+def check_heads_to_prune(heads_to_prune: dict[int, list[int]], blocks):
+    for b, heads in heads_to_prune.items():
+        if not 0 <= b < len(blocks):
+            raise InputError(f"heads to prune: block {b} does not exist (the model has {len(blocks)} blocks)")
+        bad = [h for h in heads if not 0 <= h < blocks[b].num_heads]
+        if bad:
+            raise InputError(f"heads to prune: block {b} has {blocks[b].num_heads} heads; no head {bad[0]}")
