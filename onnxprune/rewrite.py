@@ -262,6 +262,25 @@ class Rewriter:
         c = gs.Constant(f"{node.name}__indices{next(_fresh)}", np.asarray(new, dtype=np.asarray(old).dtype))
         self.edits.append(lambda n=node, c=c: n.inputs.__setitem__(1, c))
 
+    def _plan_gathernd(self, node, block, layouts, kept_heads):
+        data, idx = node.inputs[:2]
+        lay = layouts.get(data.name)
+        if lay is None:
+            return
+        old = const_value(idx)
+        if old is None:
+            raise RewriteError(f"GatherND {node.name!r}: runtime indices along the head axis")
+        new = np.array(old, dtype=np.int64)
+        for ax, keep in lay.keep.items():
+            if ax >= new.shape[-1]:
+                raise RewriteError(f"GatherND {node.name!r} does not index the head axis {ax}")
+            size = self.shapes[data.name][ax]
+            new[..., ax] = _new_positions(keep, size)[new[..., ax] % size]
+        if (new < 0).any():
+            raise RewriteError(f"GatherND {node.name!r} reads a pruned head")
+        c = gs.Constant(f"{node.name}__indices{next(_fresh)}", new.astype(np.asarray(old).dtype))
+        self.edits.append(lambda n=node, c=c: n.inputs.__setitem__(1, c))
+
     def _plan_attr(self, node, block, layouts, kept_heads):
         if node.op == "Attention":
             q_units = len(kept_heads)

@@ -19,11 +19,21 @@ MODELS = Path(__file__).resolve().parent.parent / "models"
 MANIFEST = json.loads((MODELS / "MANIFEST.json").read_text())["models"]
 # Exports that onnxprune does not prune yet; the test asserts that they still fail with a clear error,
 # so that the list is kept true.
-KNOWN_GAPS = {
-    "falcon-ts.onnx", "falcon-d18.onnx", "gpt2-ts.onnx", "llama-d23-sdpa.onnx", "bloom-ts.onnx",
-}
+KNOWN_GAPS = {"gpt2-ts.onnx", "llama-d23-sdpa.onnx", "bloom-ts.onnx"}
 SUPPORTED = sorted(set(MANIFEST) - KNOWN_GAPS)
 ATOL = 1e-4
+
+# (H, H_kv) of every attention block in graph order, from the configs in tools/export_models.py.
+_MHA2 = [(4, 4)] * 2
+_GQA2 = [(8, 2)] * 2
+EXPECTED_BLOCKS = {
+    "BERT": _MHA2, "RoBERTa": _MHA2, "DistilBERT": _MHA2, "ViT": _MHA2, "CLIP vision": _MHA2, "GPT-2": _MHA2,
+    "GPT-NeoX": _MHA2, "Bloom": _MHA2, "T5 encoder": _MHA2, "MiniLM": [(6, 6)] * 2,
+    "Swin": [(2, 2), (2, 2), (4, 4)],                 # depths [2, 1], heads [2, 4]
+    "Falcon": [(4, 1)] * 2,                          # multi-query: one KV head
+    "Phi-3": _GQA2, "Llama": _GQA2, "Qwen2": _GQA2, "Mistral": _GQA2,
+    "BART": [(4, 4)] * 6, "Whisper": [(4, 4)] * 6,   # 2 encoder self, 2 x (decoder self + cross)
+}
 
 
 def _load(name):
@@ -50,8 +60,14 @@ def _random_keep(block, rng):
 def test_every_family_has_a_supported_export():
     families = {v["family"] for v in MANIFEST.values()}
     supported = {MANIFEST[n]["family"] for n in SUPPORTED}
-    # Falcon is the family still missing entirely; see KNOWN_GAPS.
-    assert families - supported == {"Falcon"}
+    assert families - supported == set()
+
+
+@pytest.mark.parametrize("name", SUPPORTED)
+def test_matcher_finds_every_block(name):
+    result = inspect_model(_load(name))
+    assert [(b.num_heads, b.num_kv_heads) for b in result.blocks] == EXPECTED_BLOCKS[MANIFEST[name]["family"]]
+    assert not result.misses, result.misses
 
 
 @pytest.mark.parametrize("name", SUPPORTED)

@@ -89,6 +89,7 @@ def _check_shape_sites(flow: Flow):
 
 def build_block(flow: Flow, family: str, core, index: int, num_heads: int) -> AttentionBlock:
     flow.run()
+    flow.adopt_readers()
     cuts = _cut_shared(flow)
     if len(flow.contractions) != 1:
         raise FlowFail(core, f"expected one output projection after the attention, found "
@@ -121,7 +122,7 @@ def build_block(flow: Flow, family: str, core, index: int, num_heads: int) -> At
         raise FlowFail(core, "no query projection weight found above the attention")
     kv_units = {int(u) for name, hm in flow.maps.items()
                 if flow.roles.get(name, set()) & {"k", "v"} and is_const(flow.tensors[name])
-                for u in np.unique(hm.owner) if u >= 0 and units[u] & set(range(num_heads))}
+                for u in np.unique(hm.owner) if u >= 0 and units[u] & set(range(num_heads))} | flow.broadcast_kv
     # a packed QKV weight also holds query units: keep the KV ones only (the largest sets per head)
     kv_units = {u for u in kv_units if not any(units[u] < units[w] for w in kv_units)}
     groups = sorted({tuple(sorted(units[u])) for u in kv_units}) or [(h,) for h in range(num_heads)]

@@ -54,6 +54,10 @@ ELEMENTWISE = {
 }
 NORMS = {"LayerNormalization", "SimplifiedLayerNormalization", "RMSNormalization"}
 SHAPE_READERS = {"Shape", "Size"}
+# ops that move the head axis without mixing heads, and ops that pick positions out of it; used to follow a
+# reader of a block tensor that sits outside the flow (Falcon's K/V columns of the fused QKV view)
+MOVERS = {"Transpose", "Identity", "Cast"}
+SELECTORS = {"Gather", "GatherND", "Slice"}
 
 
 def const_value(t) -> np.ndarray | None:
@@ -138,6 +142,7 @@ class Flow:
         self.contractions: list[tuple[object, str]] = []   # (node, weight tensor name)
         self.const_uses: dict[str, list] = {}          # const name -> [(node, input index)]
         self.copy_axes: dict[str, tuple[int, ...]] = {}   # Expand outputs: axes broadcast from size 1
+        self.broadcast_kv: set[int] = set()            # units of K/V heads broadcast to several query heads
 
     # ------------------------------------------------------------------ basics
     def unit(self, heads) -> int:
@@ -289,6 +294,81 @@ class Flow:
                     if consumer.op in SHAPE_READERS:
                         continue
                     self._visit(consumer, "down", t)
+
+    def adopt_readers(self):
+        """Take in outside readers of block tensors that only pick positions owned by no head.
+
+        Falcon's multi-query attention reshapes the fused QKV output to [B, S, H + 2, D]; the query heads are
+        one slice of it and the single K and V heads are Gathers of the last two positions. Those Gathers
+        read a block tensor but carry no head of the block: they stay valid once their indices follow the
+        new positions, so they become sites of the block rather than a reason to give up.
+        """
+        for name in list(self.maps):
+            t = self.tensors[name]
+            if self.direction.get(name) != "up" or is_const(t):
+                continue
+            for reader in list(t.outputs):
+                if id(reader) in self.nodes or reader.op in SHAPE_READERS:
+                    continue
+                chain = self._headless_reader(reader, t, self.maps[name])
+                if chain is None:
+                    continue
+                for node, site, out, hm in chain:
+                    self._add_node(node)
+                    if site and (site, node) not in self.sites:
+                        self.sites.append((site, node))
+                    if out is not None:
+                        self.maps[out.name], self.tensors[out.name] = hm, out
+                        self.direction.setdefault(out.name, "down")
+
+    def _headless_reader(self, node, x, hm: HeadMap, depth: int = 0):
+        """[(node, site kind, output, output map)] when everything ``node`` computes from ``x`` (which
+        carries ``hm``) holds no head of the block; else None."""
+        if depth > 4 or len(node.outputs) != 1 or node.inputs[0] is not x:
+            return None
+        y = node.outputs[0]
+        if node.op in MOVERS:
+            if node.op == "Transpose":
+                perm = list(node.attrs.get("perm", list(range(len(self.shape(x))))[::-1]))
+                out = HeadMap(tuple(perm.index(a) for a in hm.axes), hm.owner)
+            else:
+                out = hm
+            if any(o is y for o in self.graph.outputs) or not y.outputs:
+                return None
+            chain = [(node, None, y, out)]
+            for reader in y.outputs:
+                if reader.op in SHAPE_READERS:
+                    continue
+                sub = self._headless_reader(reader, y, out, depth + 1)
+                if sub is None:
+                    return None
+                chain += sub
+            return chain
+        if node.op not in SELECTORS or len(hm.axes) != 1:
+            return None
+        ax, rank = hm.axes[0], len(self.shape(x))
+        if node.op == "Gather":
+            idx = const_value(node.inputs[1])
+            if idx is None or _norm_axis(node.attrs.get("axis", 0), rank) != ax:
+                return None
+            picked = np.asarray(idx).reshape(-1)
+        elif node.op == "GatherND":
+            idx = const_value(node.inputs[1])
+            if idx is None or node.attrs.get("batch_dims", 0) != 0 or np.asarray(idx).shape[-1] <= ax:
+                return None
+            picked = np.asarray(idx)[..., ax].reshape(-1)
+        else:
+            try:
+                pos = self.slice_positions(node, {ax})
+            except FlowFail:
+                return None
+            if ax not in pos:
+                return None
+            picked = pos[ax]
+        size = self.shape(x)[ax]
+        if ((picked < -size) | (picked >= size)).any() or (hm.owner[picked % size] != -1).any():
+            return None
+        return [(node, node.op.lower(), None, None)]
 
     def _visit(self, node, direction, trigger):
         self._add_node(node)
@@ -679,6 +759,8 @@ class Flow:
             it = ax - (ry - rt)
             if it < 0 or st[it] != sy[ax]:
                 cur = self.merge_axis(cur, ax)
+                if role in ("k", "v"):       # one K/V head broadcast to several query heads (multi-query)
+                    self.broadcast_kv.update(int(u) for u in np.unique(cur.owner) if u >= 0)
         if not cur.axes:
             return
         axes = tuple(fixed[ax] if ax in fixed else ax - (ry - rt) for ax in cur.axes)
