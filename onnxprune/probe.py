@@ -19,19 +19,20 @@ BATCH = 2
 SEQ = 5
 
 
-def _dim_value(dim, name: str) -> int:
+def _dim_value(dim, batch: int, seq: int) -> int:
     if dim.HasField("dim_value") and dim.dim_value > 0:
         return dim.dim_value
     param = dim.dim_param.lower()
     if "batch" in param:
-        return BATCH
-    return SEQ
+        return batch
+    return seq
 
 
-def synth_inputs(model: onnx.ModelProto, seed: int = 0) -> dict[str, np.ndarray]:
+def synth_inputs(model: onnx.ModelProto, seed: int = 0, batch: int = BATCH, seq: int = SEQ
+                 ) -> dict[str, np.ndarray]:
     """Plausible inputs for every graph input: token ids, all-ones masks, positions, random floats.
 
-    Symbolic dimensions get ``BATCH`` when named like a batch and ``SEQ`` otherwise.
+    Symbolic dimensions get ``batch`` when named like a batch and ``seq`` otherwise.
     """
     rng = np.random.default_rng(seed)
     inits = {i.name for i in model.graph.initializer}
@@ -42,7 +43,7 @@ def synth_inputs(model: onnx.ModelProto, seed: int = 0) -> dict[str, np.ndarray]
         tt = inp.type.tensor_type
         if not tt.HasField("elem_type"):
             raise InputError(f"graph input {inp.name!r} is not a tensor")
-        shape = [_dim_value(d, inp.name) for d in tt.shape.dim]
+        shape = [_dim_value(d, batch, seq) for d in tt.shape.dim]
         dtype = helper.tensor_dtype_to_np_dtype(tt.elem_type)
         name = inp.name.lower()
         if tt.elem_type == TensorProto.BOOL:

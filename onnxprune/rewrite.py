@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Callable
 
 import numpy as np
@@ -84,6 +85,16 @@ def _reroute(old, new, node_names):
                     consumer.inputs[i] = new
 
 
+def _period(keep: np.ndarray, size: int) -> int | None:
+    """The shortest period P < size with which the kept positions repeat along the axis, else None."""
+    mask = np.zeros(size, dtype=bool)
+    mask[keep] = True
+    for p in range(1, size):
+        if size % p == 0 and mask[:p].any() and np.array_equal(np.tile(mask[:p], size // p), mask):
+            return p
+    return None
+
+
 def _new_positions(keep: np.ndarray, size: int) -> np.ndarray:
     """old index -> new index after keeping ``keep`` (-1 where dropped)."""
     pos = np.full(size, -1, dtype=np.int64)
@@ -138,18 +149,50 @@ class Rewriter:
         self.edits.append(lambda t=tensor, r=replacement: _reroute(t, r, block_nodes))
 
     def _plan_cut(self, tensor, lay: _Layout, block_nodes):
-        def narrow(t=tensor, keep=dict(lay.keep)):
-            cur = t
-            for ax, idx in keep.items():
-                out = gs.Variable(f"{t.name}__heads{next(_fresh)}", dtype=t.dtype)
-                self.graph.nodes.append(gs.Node("Gather", name=f"{t.name}__gather{next(_fresh)}",
-                                                attrs={"axis": int(ax)},
-                                                inputs=[cur, gs.Constant(f"{t.name}__idx{next(_fresh)}",
-                                                                         idx.astype(np.int64))],
-                                                outputs=[out]))
-                cur = out
-            _reroute(t, cur, block_nodes)
-        self.edits.append(narrow)
+        size = self.shapes[tensor.name]
+        plan = [(ax, idx, _period(idx, size[ax])) for ax, idx in lay.keep.items()]
+        self.edits.append(lambda t=tensor, plan=plan: _reroute(t, self._narrow(t, plan), block_nodes))
+
+    def _narrow(self, t, plan):
+        """Gather the kept heads of ``t`` along each head axis.
+
+        An axis whose kept positions repeat with a period P shorter than the axis (the ``B*H`` axis of
+        Bloom's ALiBi tensor) is viewed as [N/P, P] and gathered along P, so that the result is right for
+        any batch size, not only the probed one.
+        """
+        def add(op, inputs, attrs=None):
+            dtype = np.int64 if op in ("Shape", "Concat") else t.dtype
+            out = gs.Variable(f"{t.name}__{op.lower()}{next(_fresh)}", dtype=dtype)
+            self.graph.nodes.append(gs.Node(op, name=f"{t.name}__{op.lower()}{next(_fresh)}", attrs=attrs or {},
+                                            inputs=inputs, outputs=[out]))
+            return out
+
+        def const(values):
+            return gs.Constant(f"{t.name}__c{next(_fresh)}", np.asarray(values, dtype=np.int64))
+
+        cur, rank = t, len(self.shapes[t.name])
+        for ax, idx, period in plan:
+            if period is None:
+                cur = add("Gather", [cur, const(idx)], {"axis": int(ax)})
+                continue
+            parts = [const([-1, period])]
+            if ax:
+                parts.insert(0, add("Shape", [cur], {"start": 0, "end": int(ax)}))
+            if ax + 1 < rank:
+                parts.append(add("Shape", [cur], {"start": int(ax) + 1}))
+            split = add("Reshape", [cur, add("Concat", parts, {"axis": 0})])
+            picked = add("Gather", [split, const(idx[idx < period])], {"axis": int(ax) + 1})
+            back = ([parts[0]] if ax else []) + [const([-1])] + ([parts[-1]] if ax + 1 < rank else [])
+            cur = add("Reshape", [picked, add("Concat", back, {"axis": 0})])
+        return cur
+
+    def _dim_change(self, layouts, dim) -> tuple[int, int] | None:
+        """(old, new) size of a runtime size Shape(t)[axis] that shrinks with the heads, else None."""
+        lay = layouts.get(dim.tensor)
+        if lay is None:
+            return None
+        old, new = self.shapes[dim.tensor][dim.axis], lay.new_shape[dim.axis]
+        return None if old == new else (old, new)
 
     def _plan_reshape(self, node, block, layouts, kept_heads, expand=False):
         out = node.outputs[0]
@@ -158,29 +201,40 @@ class Rewriter:
         vec = node.inputs[1]
         new_shape, old_shape = layouts[out.name].new_shape, self.shapes[out.name]
         length = self.shapes[vec.name][0]
+        offset = len(old_shape) - length if expand else 0
         changes = {}
-        for ax in layouts[out.name].keep:
-            if new_shape[ax] == old_shape[ax]:
-                continue
-            j = ax - (len(old_shape) - length) if expand else ax
+        for j in range(length):
+            ax = j + offset
             src = shape_expr.locate(vec, j, self.shapes)
+            base, ops = shape_expr.leaf(src)
+            moved = self._dim_change(layouts, base) if isinstance(base, shape_expr.Dim) else None
+            if new_shape[ax] == old_shape[ax]:
+                if moved is None:
+                    continue
+                if "Div" not in ops:        # matched only when a Div can absorb the change
+                    raise RewriteError(f"{node.op} {node.name!r}: element {j} follows a size that shrinks "
+                                       "with the heads but must not change")
+                changes[j] = shape_expr.Keep(Fraction(moved[1], moved[0]))
+                continue
             if isinstance(src, shape_expr.Const):
                 if src.value in (-1, 0) or (expand and src.value == 1):
                     continue
                 changes[j] = new_shape[ax]
+            elif moved is not None:
+                if shape_expr.evaluate(src, moved[1]) != new_shape[ax]:
+                    raise RewriteError(f"{node.op} {node.name!r}: element {j} follows {base.tensor} axis "
+                                       f"{base.axis}, which does not shrink to {new_shape[ax]}")
             elif isinstance(src, shape_expr.Arith):
                 changes[j] = new_shape[ax]
             elif isinstance(src, shape_expr.Dim):
-                src_lay = layouts.get(src.tensor)
-                if src_lay is None or src_lay.new_shape[src.axis] != new_shape[ax]:
-                    raise RewriteError(f"{node.op} {node.name!r}: element {j} follows {src.tensor} axis "
-                                       f"{src.axis}, which does not shrink with the heads")
+                raise RewriteError(f"{node.op} {node.name!r}: element {j} follows {src.tensor} axis "
+                                   f"{src.axis}, which does not shrink with the heads")
             else:
                 raise RewriteError(f"{node.op} {node.name!r}: element {j} is {shape_expr.describe(src)}")
         if changes:
             try:
                 # rebuild now (adds new nodes only), swap in at commit
-                new_vec = shape_expr.rebuild(self.graph, vec, changes, self.shapes)
+                new_vec = shape_expr.rebuild(self.graph, vec, changes, self.shapes, self.values)
             except ValueError as exc:
                 raise RewriteError(f"{node.op} {node.name!r}: {exc}") from None
             self.edits.append(lambda n=node, v=new_vec: n.inputs.__setitem__(1, v))

@@ -7,9 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
 BERT = MODELS / "bert-ts.onnx"
@@ -66,10 +67,20 @@ def test_inspect(work):
     assert len(data["blocks"]) == 2 and data["blocks"][0]["num_heads"] == 4
 
 
-def test_inspect_explains_a_miss():
-    r = cli("inspect", MODELS / "bloom-ts.onnx")
+def test_inspect_explains_a_miss(tmp_path):
+    """A Softmax over 3-D scores (heads folded into the batch) is named with the reason it is not matched."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 5, 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 5, 5])
+    w = numpy_helper.from_array(np.ones((8, 8), np.float32), "w")
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["q"]),
+             helper.make_node("Transpose", ["x"], ["kt"], perm=[0, 2, 1]),
+             helper.make_node("MatMul", ["q", "kt"], ["s"]),
+             helper.make_node("Softmax", ["s"], ["y"], axis=-1, name="scores_softmax")]
+    g = helper.make_graph(nodes, "g", [x], [y], [w])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "m.onnx"))
+    r = cli("inspect", tmp_path / "m.onnx")
     assert r.returncode == 3
-    assert "Reshape_6" in r.stdout and "head-carrying" in r.stdout
+    assert "scores_softmax" in r.stdout and "3-D" in r.stdout
 
 
 def _no_attention(path):

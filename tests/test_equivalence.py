@@ -19,7 +19,7 @@ MODELS = Path(__file__).resolve().parent.parent / "models"
 MANIFEST = json.loads((MODELS / "MANIFEST.json").read_text())["models"]
 # Exports that onnxprune does not prune yet; the test asserts that they still fail with a clear error,
 # so that the list is kept true.
-KNOWN_GAPS = {"gpt2-ts.onnx", "llama-d23-sdpa.onnx", "bloom-ts.onnx"}
+KNOWN_GAPS = {"llama-d23-sdpa.onnx"}
 SUPPORTED = sorted(set(MANIFEST) - KNOWN_GAPS)
 ATOL = 1e-4
 
@@ -80,6 +80,17 @@ def test_pruning_equals_masking(name, ratio):
     assert result.params_after < result.params_before
     for b in result.blocks:
         assert len(result.kept[b.index]) < b.num_heads or b.num_heads == 1
+
+
+@pytest.mark.parametrize("name", SUPPORTED)
+def test_pruned_model_holds_at_other_sizes(name):
+    """Shapes the rewrite solved on the probe's batch and length must hold at any other batch and length."""
+    model = _load(name)
+    result = prune_model(model, 0.5)
+    for batch, seq in [(1, 3), (3, 9)]:
+        feeds = synth_inputs(model, seed=1, batch=batch, seq=seq)
+        reference = run(masked_model(model, list(result.blocks), result.kept), feeds)
+        assert max_abs_diff(reference, run(result.model, feeds)) <= ATOL, (batch, seq)
 
 
 @pytest.mark.parametrize("name", SUPPORTED)

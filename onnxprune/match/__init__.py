@@ -6,7 +6,7 @@ from __future__ import annotations
 import onnx_graphsurgeon as gs
 
 from ..block import MatchResult, Miss
-from . import onnx_attention, shape_expr, torch_export
+from . import onnx_attention, torch_export
 from .build import build_block
 from .headflow import Flow, FlowFail
 
@@ -15,7 +15,6 @@ FAMILIES = (torch_export, onnx_attention)
 
 def match_graph(graph: gs.Graph, shapes: dict, values: dict) -> MatchResult:
     """Every attention block in ``graph`` in graph order, and an explained miss for every core that failed."""
-    shape_expr.set_values(values)
     found, misses, claimed = [], [], {}
     order = {id(n): i for i, n in enumerate(graph.nodes)}
     anchors = sorted(((order[id(n)], fam, n) for fam in FAMILIES for n in fam.cores(graph)), key=lambda x: x[0])

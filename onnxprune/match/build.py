@@ -67,10 +67,9 @@ def _check_shape_sites(flow: Flow):
             ax = j + (out_rank - length) if kind == "expand" else j
             if ax in hm.axes:
                 continue
-            src = shape_expr.locate(vec, j, flow.shapes)
-            while isinstance(src, shape_expr.Arith):
-                src = src.other
-            if isinstance(src, shape_expr.Dim) and src.tensor in flow.maps and src.axis in flow.maps[src.tensor].axes:
+            src, ops = shape_expr.leaf(shape_expr.locate(vec, j, flow.shapes))
+            if isinstance(src, shape_expr.Dim) and src.tensor in flow.maps and \
+                    src.axis in flow.maps[src.tensor].axes and "Div" not in ops:
                 raise FlowFail(node, f"{node.op} shape element {j} of {vec.name!r} is derived from the head-carrying "
                                      f"size of {src.tensor!r} (axis {src.axis}) but is not a head axis itself")
         for ax in hm.axes:
@@ -82,7 +81,7 @@ def _check_shape_sites(flow: Flow):
             if isinstance(src, shape_expr.Dim):
                 ok = src.tensor in flow.maps and src.axis in flow.maps[src.tensor].axes
             if isinstance(src, shape_expr.Arith):
-                ok = not isinstance(src.other, shape_expr.Unknown) and src.op in ("Mul", "Div", "Add", "Sub")
+                ok = not isinstance(shape_expr.leaf(src)[0], shape_expr.Unknown)
             if not ok:
                 raise FlowFail(node, f"{node.op} shape element {j} of {vec.name!r} is {shape_expr.describe(src)}")
 

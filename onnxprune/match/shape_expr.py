@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
+from fractions import Fraction
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -42,6 +43,22 @@ class Arith:
 @dataclass(frozen=True)
 class Unknown:
     why: str
+
+
+@dataclass(frozen=True)
+class Keep:
+    """A change that keeps an element's value while the runtime size it is computed from is multiplied by
+    ``factor``: Bloom's ``(B*H) / H`` stays B when B*H becomes B*H' and the divisor becomes H'."""
+    factor: Fraction
+
+
+def leaf(src):
+    """The Const, Dim or Unknown under a chain of arithmetic, and the operations on the way."""
+    ops = []
+    while isinstance(src, Arith):
+        ops.append(src.op)
+        src = src.other
+    return src, ops
 
 
 def _len(shapes, t) -> int | None:
@@ -86,7 +103,7 @@ def locate(t, j: int | None, shapes) -> object:
         rank = len(shapes.get(node.inputs[0].name, ()))
         start = start + rank if start < 0 else start
         return Dim(node.inputs[0].name, start + (j or 0))
-    if op == "Slice" and j is not None:
+    if op == "Slice":
         starts, axes = const_value(node.inputs[1]), None
         steps = const_value(node.inputs[4]) if len(node.inputs) > 4 else None
         n = _len(shapes, node.inputs[0])
@@ -94,7 +111,7 @@ def locate(t, j: int | None, shapes) -> object:
             return Unknown(f"Slice node {node.name}")
         start = int(np.atleast_1d(starts)[0])
         start = max(0, start + n if start < 0 else min(start, n))
-        return locate(node.inputs[0], start + j, shapes)
+        return locate(node.inputs[0], start + (j or 0), shapes)
     if op == "Gather" and node.inputs[0].inputs and node.inputs[0].inputs[0].op == "Shape":
         idx = const_value(node.inputs[1])
         if idx is None:
@@ -116,6 +133,22 @@ def locate(t, j: int | None, shapes) -> object:
     return Unknown(f"{op} node {node.name}")
 
 
+def evaluate(src, size: int) -> int | None:
+    """The element's value when the runtime size under ``src`` is ``size``; None where a step is inexact."""
+    if isinstance(src, Const):
+        return src.value
+    if isinstance(src, Dim):
+        return size
+    if not isinstance(src, Arith):
+        return None
+    x = evaluate(src.other, size)
+    if x is None:
+        return None
+    if src.op == "Div":
+        return x // src.const if src.const and x % src.const == 0 else None
+    return {"Mul": x * src.const, "Add": x + src.const, "Sub": x - src.const}[src.op]
+
+
 def describe(src) -> str:
     if isinstance(src, Dim):
         return f"computed at runtime from the shape of {src.tensor}"
@@ -134,13 +167,16 @@ def _copy_node(graph: gs.Graph, node, inputs) -> gs.Variable:
     return out
 
 
-def rebuild(graph: gs.Graph, t, changes: dict, shapes) -> object:
-    """A tensor equal to ``t`` except ``changes`` ({index or None: new value}); ``t`` itself is untouched."""
+def rebuild(graph: gs.Graph, t, changes: dict, shapes, values: dict) -> object:
+    """A tensor equal to ``t`` except ``changes`` ({index or None: new value or Keep}); ``t`` itself is
+    untouched. ``values`` holds the probed values of small integer tensors, to solve arithmetic."""
     val = const_value(t)
     if val is not None:
         arr = np.array(val, copy=True)
         flat = arr.reshape(-1)
         for j, v in changes.items():
+            if isinstance(v, Keep):
+                raise ValueError(f"{t.name} is a constant, not computed from a runtime size")
             flat[0 if j is None else j] = v
         return gs.Constant(f"{t.name}__onnxprune{next(_fresh)}", arr.reshape(np.shape(val)))
     node = t.inputs[0]
@@ -151,28 +187,42 @@ def rebuild(graph: gs.Graph, t, changes: dict, shapes) -> object:
             n = _len(shapes, piece)
             local = {j - off: v for j, v in changes.items() if off <= j < off + n}
             if local:
-                inputs[k] = rebuild(graph, piece, local, shapes)
+                inputs[k] = rebuild(graph, piece, local, shapes, values)
             off += n
         return _copy_node(graph, node, inputs)
     if op in ("Unsqueeze", "Squeeze", "Cast", "Identity", "Reshape", "Flatten"):
         src = node.inputs[0]
         scalar = shapes.get(src.name) == () or _len(shapes, src) == 1
         local = {None if scalar else j: v for j, v in changes.items()}
-        return _copy_node(graph, node, [rebuild(graph, src, local, shapes)] + list(node.inputs[1:]))
+        return _copy_node(graph, node, [rebuild(graph, src, local, shapes, values)] + list(node.inputs[1:]))
     if op == "Where":
-        return _copy_node(graph, node, list(node.inputs[:2]) + [rebuild(graph, node.inputs[2], changes, shapes)])
+        return _copy_node(graph, node, list(node.inputs[:2]) + [rebuild(graph, node.inputs[2], changes, shapes,
+                                                                         values)])
     if op == "Gather":
         idx = np.atleast_1d(const_value(node.inputs[1])).reshape(-1)
         local = {int(idx[0 if j is None else j]): v for j, v in changes.items()}
-        return _copy_node(graph, node, [rebuild(graph, node.inputs[0], local, shapes)] + list(node.inputs[1:]))
+        return _copy_node(graph, node, [rebuild(graph, node.inputs[0], local, shapes, values)]
+                          + list(node.inputs[1:]))
     if op in ("Mul", "Div", "Add", "Sub"):
         # every change here is a full new value of the scalar result; solve for the constant operand
         a, b = node.inputs
         const_side = 1 if const_value(b) is not None else 0
-        c_t = node.inputs[const_side]
+        c_t, x_t = node.inputs[const_side], node.inputs[1 - const_side]
         c = int(np.atleast_1d(const_value(c_t)).reshape(-1)[0])
-        ((_, new),) = changes.items()
-        old = _scalar_value(t)
+        ((j, new),) = changes.items()
+        inputs = list(node.inputs)
+        if isinstance(new, Keep):
+            x_j = None if _len(shapes, x_t) == 1 else j
+            if isinstance(locate(x_t, x_j, shapes), Arith):      # the runtime size sits deeper
+                inputs[1 - const_side] = rebuild(graph, x_t, {x_j: new}, shapes, values)
+                return _copy_node(graph, node, inputs)
+            scaled = {"Div": c * new.factor, "Mul": c / new.factor}.get(op)
+            if scaled is None or scaled.denominator != 1:
+                raise ValueError(f"cannot keep the value of {op} node {node.name} when its input is scaled by "
+                                 f"{new.factor}")
+            inputs[const_side] = rebuild(graph, c_t, {None: int(scaled)}, shapes, values)
+            return _copy_node(graph, node, inputs)
+        old = _scalar_value(t, values)
         # the runtime operand x: old = x (op) c
         x = {"Mul": old // c if c else 0, "Div": old * c, "Add": old - c, "Sub": old + c}[op]
         if op == "Mul":
@@ -183,22 +233,12 @@ def rebuild(graph: gs.Graph, t, changes: dict, shapes) -> object:
             new_c, rem = (new - x if op == "Add" else x - new), 0
         if rem:
             raise ValueError(f"cannot write {new} as {op} of a runtime size in {node.name}")
-        inputs = list(node.inputs)
-        inputs[const_side] = rebuild(graph, c_t, {None: new_c}, shapes)
+        inputs[const_side] = rebuild(graph, c_t, {None: new_c}, shapes, values)
         return _copy_node(graph, node, inputs)
     raise ValueError(f"cannot rebuild the shape computed by {op} node {node.name}")
 
 
-_VALUES: dict = {}
-
-
-def set_values(values: dict):
-    """Probe values of small integer tensors, used to solve arithmetic on runtime sizes."""
-    _VALUES.clear()
-    _VALUES.update(values)
-
-
-def _scalar_value(t) -> int:
-    if t.name not in _VALUES:
+def _scalar_value(t, values: dict) -> int:
+    if t.name not in values:
         raise ValueError(f"value of {t.name} unknown")
-    return int(np.atleast_1d(_VALUES[t.name]).reshape(-1)[0])
+    return int(np.atleast_1d(values[t.name]).reshape(-1)[0])
