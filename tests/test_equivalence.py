@@ -17,10 +17,7 @@ from pathlib import Path
 MODELS = Path(__file__).resolve().parent.parent / "models"
 
 MANIFEST = json.loads((MODELS / "MANIFEST.json").read_text())["models"]
-# Exports that onnxprune does not prune yet; the test asserts that they still fail with a clear error,
-# so that the list is kept true.
-KNOWN_GAPS = {"llama-d23-sdpa.onnx"}
-SUPPORTED = sorted(set(MANIFEST) - KNOWN_GAPS)
+SUPPORTED = sorted(MANIFEST)
 ATOL = 1e-4
 
 # (H, H_kv) of every attention block in graph order, from the configs in tools/export_models.py.
@@ -141,10 +138,3 @@ def test_untouched_initializers_keep_their_bytes(name):
     for n in untouched:
         assert numpy_helper.to_array(after[n]).tobytes() == numpy_helper.to_array(before[n]).tobytes(), n
         assert after[n].data_type == before[n].data_type
-
-
-@pytest.mark.parametrize("name", sorted(KNOWN_GAPS))
-def test_known_gaps_fail_cleanly(name):
-    from onnxprune import OnnxPruneError
-    with pytest.raises(OnnxPruneError):
-        prune_model(_load(name), 0.5)
