@@ -32,13 +32,20 @@ class PruneResult:
 
 
 def count_params(model: onnx.ModelProto) -> int:
-    total = sum(int(np.prod(t.dims)) for t in model.graph.initializer)
+    """Floating-point elements in initializers and Constant nodes; integer shape and index constants are not
+    parameters."""
+    def size(t: onnx.TensorProto) -> int:
+        return int(np.prod(t.dims)) if t.data_type in _FLOAT_TYPES else 0
+
+    total = sum(size(t) for t in model.graph.initializer)
     for node in model.graph.node:
         if node.op_type == "Constant":
-            for a in node.attribute:
-                if a.name == "value":
-                    total += int(np.prod(a.t.dims))
+            total += sum(size(a.t) for a in node.attribute if a.name == "value")
     return total
+
+
+_FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16,
+                onnx.TensorProto.DOUBLE}
 
 
 def inspect_model(model: onnx.ModelProto) -> MatchResult:
