@@ -30,6 +30,7 @@ class _Layout:
 
     keep: dict[int, np.ndarray]
     new_shape: tuple
+    fixed: frozenset = frozenset()   # head axes whose size is the same at any batch size (no B*H merge)
 
 
 def _kept_units(block: AttentionBlock, kept_heads) -> set[int]:
@@ -66,8 +67,17 @@ def _layouts(block: AttentionBlock, kept_heads, shapes) -> dict[str, _Layout]:
         shape = list(shapes[t.name])
         for ax, idx in keep.items():
             shape[ax] = len(idx)
-        out[t.name] = _Layout(keep, tuple(shape))
+        fixed = frozenset(t.axes) if len(t.axes) == 1 and _one_run_per_unit(t.owner) else frozenset()
+        out[t.name] = _Layout(keep, tuple(shape), fixed)
     return out
+
+
+def _one_run_per_unit(owner: np.ndarray) -> bool:
+    """Every unit's entries sit in one contiguous run: [0,0,1,1,2,2] yes; B*H's [0,1,0,1] no."""
+    starts = np.flatnonzero(np.diff(owner, prepend=owner[0] - 1))
+    units = owner[starts]
+    units = units[units != -1]
+    return len(units) == len(np.unique(units))
 
 
 def _take(arr: np.ndarray, keep: dict[int, np.ndarray]) -> np.ndarray:
@@ -217,8 +227,12 @@ class Rewriter:
                 changes[j] = shape_expr.Keep(Fraction(moved[1], moved[0]))
                 continue
             if isinstance(src, shape_expr.Const):
-                if src.value in (-1, 0) or (expand and src.value == 1):
+                if src.value == 0 or (expand and src.value == 1):
                     continue
+                if src.value == -1 and (expand or ax not in layouts[out.name].fixed):
+                    continue
+                # an inferred -1 head count becomes explicit: ONNX Runtime's attention fusion reads the head
+                # count from this constant, and blocks may now differ in it
                 changes[j] = new_shape[ax]
             elif moved is not None:
                 if shape_expr.evaluate(src, moved[1]) != new_shape[ax]:
