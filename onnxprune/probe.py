@@ -97,8 +97,10 @@ def probe(model: onnx.ModelProto, feeds: dict[str, np.ndarray] | None = None):
     have = {o.name for o in g.output}
     for node in g.node:
         for out in node.output:
-            if out and out not in have and types.get(out):
-                g.output.append(helper.make_tensor_value_info(out, types[out], None))
+            if out and out not in have:
+                # without a type (after contrib ops, which onnx cannot infer) ORT fills in its own
+                g.output.append(helper.make_tensor_value_info(out, types[out], None) if types.get(out)
+                                else onnx.ValueInfoProto(name=out))
                 have.add(out)
     try:
         sess = session(probe)

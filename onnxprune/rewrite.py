@@ -350,7 +350,12 @@ class Rewriter:
         self.edits.append(lambda n=node, c=c: n.inputs.__setitem__(1, c))
 
     def _plan_attr(self, node, block, layouts, kept_heads):
-        if node.op == "Attention":
+        if node.domain == "com.microsoft" and node.op in ("Attention", "MultiHeadAttention"):
+            old = node.attrs["num_heads"]
+            new = {"num_heads": len(kept_heads)}
+            if node.attrs.get("qkv_hidden_sizes"):
+                new["qkv_hidden_sizes"] = [s // old * len(kept_heads) for s in node.attrs["qkv_hidden_sizes"]]
+        elif node.op == "Attention":
             q_units = len(kept_heads)
             kv = len({u for u in _kept_units(block, kept_heads) if len(block.units[u]) > 1}) or q_units
             if block.num_kv_heads == block.num_heads:
@@ -385,7 +390,20 @@ def export(graph: gs.Graph, original: onnx.ModelProto) -> onnx.ModelProto:
     if not model.functions and original.functions:
         model.functions.extend(original.functions)
     del model.graph.value_info[:]
+    _keep_output_ranks(model, original)
     return model
+
+
+def _keep_output_ranks(model: onnx.ModelProto, original: onnx.ModelProto):
+    """A graph output that lost its shape gets the one the original's output or value_info had: after
+    contrib ops, onnx's inference cannot rebuild it, and the full checker wants one."""
+    known = {v.name: v for v in list(original.graph.value_info) + list(original.graph.output)
+             if v.type.tensor_type.HasField("shape")}
+    for out in model.graph.output:
+        tt = out.type.tensor_type
+        if tt.HasField("shape") or out.name not in known:
+            continue
+        tt.shape.CopyFrom(known[out.name].type.tensor_type.shape)   # graph outputs never carry heads
 
 
 def check_model(model: onnx.ModelProto) -> onnx.ModelProto:

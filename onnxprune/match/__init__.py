@@ -6,11 +6,11 @@ from __future__ import annotations
 import onnx_graphsurgeon as gs
 
 from ..block import MatchResult, Miss
-from . import onnx_attention, torch_export
+from . import onnx_attention, ort_fused, torch_export
 from .build import build_block
 from .headflow import Flow, FlowFail
 
-FAMILIES = (torch_export, onnx_attention)
+FAMILIES = (torch_export, onnx_attention, ort_fused)
 
 
 def match_graph(graph: gs.Graph, shapes: dict, values: dict) -> MatchResult:
@@ -36,5 +36,5 @@ def match_graph(graph: gs.Graph, shapes: dict, values: dict) -> MatchResult:
             claimed[n] = block.index
         found.append(block)
     if not anchors:
-        misses.append(Miss("", "", "no Softmax or Attention node: the graph has no attention"))
+        misses.append(Miss("", "", "no Softmax or attention op: the graph has no attention"))
     return MatchResult(tuple(found), tuple(misses))

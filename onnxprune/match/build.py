@@ -107,7 +107,7 @@ def build_block(flow: Flow, family: str, core, index: int, num_heads: int) -> At
             if id(node) not in flow.nodes:
                 continue
             for role in sorted(flow.roles.get(name, set()) & {"q", "k", "v"}):
-                if node.op in ("MatMul", "Gemm") and i == 1:
+                if (node.op in ("MatMul", "Gemm") and i == 1) or (id(node), i) in flow.weight_inputs:
                     projections.append(Projection(role, name, None, flow.maps[name].axes[0]))
     for name, uses in flow.const_uses.items():       # biases: 1-D constants added to a projection output
         if name not in flow.maps or len(flow.shape(flow.tensors[name])) != 1:

@@ -143,6 +143,7 @@ class Flow:
         self.const_uses: dict[str, list] = {}          # const name -> [(node, input index)]
         self.copy_axes: dict[str, tuple[int, ...]] = {}   # Expand outputs: axes broadcast from size 1
         self.broadcast_kv: set[int] = set()            # units of K/V heads broadcast to several query heads
+        self.weight_inputs: set[tuple[int, int]] = set()   # (id(node), input index) of fused-op weights
 
     # ------------------------------------------------------------------ basics
     def unit(self, heads) -> int:
@@ -219,6 +220,13 @@ class Flow:
         return HeadMap(hm.axes[:pos] + hm.axes[pos + 1:], merged.reshape(owner.shape[:-1]))
 
     # ------------------------------------------------------------------ starting points
+    def begin(self, node):
+        """Make ``node`` the first node of the block, with its constant inputs recorded."""
+        self._add_node(node)
+        for i, inp in enumerate(node.inputs):
+            if inp is not None and inp.name and is_const(inp):
+                self.const_uses.setdefault(inp.name, []).append((node, i))
+
     def start_softmax(self, node):
         """Softmax over the last axis of scores_BHST: axis 1 carries the H heads."""
         x, y = node.inputs[0], node.outputs[0]

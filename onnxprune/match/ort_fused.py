@@ -1,0 +1,113 @@
+"""ONNX Runtime's fused attention ops (``com.microsoft``), as its transformer optimizer writes them.
+
+* ``Attention``: X [B, S, hidden] times one packed weight [hidden, Fq + Fk + Fv] (Q, K and V sections side
+  by side, each H runs of D columns) plus a packed bias; ``num_heads`` and, when the sections differ,
+  ``qkv_hidden_sizes`` are rewritten.
+* ``MultiHeadAttention``: Q/K/V already projected, [B, S, H*D] each (K/V may also come as [B, H, L, D], or
+  Q as a packed [B, S, H, 3, D]); an optional packed bias [Fq + Fk + Fv]; ``num_heads`` is rewritten.
+
+Both take an optional attention bias [B or 1, H, S, T], which carries heads too. The output [B, S, H*Dv]
+flows on to the output projection like any other block.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .headflow import Flow, FlowFail, HeadMap, is_const
+
+FAMILY = "ort-fused"
+OPS = ("Attention", "MultiHeadAttention")
+
+
+def cores(graph):
+    return [n for n in graph.nodes if n.domain == "com.microsoft" and n.op in OPS]
+
+
+def start(flow: Flow, node) -> int:
+    num_heads = node.attrs.get("num_heads")
+    if not num_heads or num_heads < 1:
+        raise FlowFail(node, f"{node.op} without a positive num_heads attribute")
+    if _given(node, 4 if node.op == "Attention" else 6) or _given(node, 7) and node.op != "Attention":
+        raise FlowFail(node, f"{node.op} with past key/value inputs (KV cache) is not supported yet")
+    if any(o.name and o.outputs for o in node.outputs[1:]):
+        raise FlowFail(node, f"{node.op} present key/value outputs are used (KV cache); not supported yet")
+    units = np.array([flow.unit({h}) for h in range(num_heads)])
+    flow.begin(node)
+    sizes = _attention(flow, node, units) if node.op == "Attention" else _mha(flow, node, units)
+    bias = node.inputs[2] if node.op == "Attention" else (node.inputs[3] if len(node.inputs) > 3 else None)
+    if bias is not None and bias.name:
+        if flow.shape(bias) != (sum(sizes),):
+            raise FlowFail(node, f"{node.op} bias {bias.name!r} has shape {list(flow.shape(bias))}, "
+                                 f"expected [{sum(sizes)}]")
+        flow.assign(bias, HeadMap((0,), _packed(units, sizes)), "up", node, {"q", "k", "v"})
+    attn_bias = node.inputs[5] if len(node.inputs) > 5 else None
+    if attn_bias is not None and attn_bias.name:
+        shape = flow.shape(attn_bias)
+        if len(shape) != 4:
+            raise FlowFail(node, f"{node.op} attention bias is {len(shape)}-D; expected [B, H, S, T]")
+        flow._side_input(node, attn_bias, HeadMap((1,), units), (shape[0], num_heads) + tuple(shape[2:]), "s")
+    y = node.outputs[0]
+    flow.assign(y, HeadMap((2,), np.repeat(units, sizes[2] // num_heads)), "down", node, "o")
+    flow.sites.append(("attr", node))
+    return num_heads
+
+
+def _given(node, i) -> bool:
+    return len(node.inputs) > i and node.inputs[i] is not None and bool(node.inputs[i].name)
+
+
+def _packed(units, sizes) -> np.ndarray:
+    h = len(units)
+    return np.concatenate([np.repeat(units, s // h) for s in sizes])
+
+
+def _attention(flow: Flow, node, units) -> list[int]:
+    h = len(units)
+    w = node.inputs[1]
+    if not is_const(w):
+        raise FlowFail(node, "Attention weight is computed at run time")
+    shape = flow.shape(w)
+    if len(shape) != 2:
+        raise FlowFail(node, f"Attention weight {w.name!r} is {len(shape)}-D; expected [hidden, 3 * hidden]")
+    sizes = list(node.attrs.get("qkv_hidden_sizes") or [shape[1] // 3] * 3)
+    if len(sizes) != 3 or sum(sizes) != shape[1] or any(s % h for s in sizes):
+        raise FlowFail(node, f"Attention weight {w.name!r} of shape {list(shape)} does not split into Q/K/V "
+                             f"sections of {h} heads each")
+    flow.assign(w, HeadMap((1,), _packed(units, sizes)), "up", node, {"q", "k", "v"})
+    flow.weight_inputs.add((id(node), 1))
+    return sizes
+
+
+def _mha(flow: Flow, node, units) -> list[int]:
+    h = len(units)
+    q = node.inputs[0]
+    qs = flow.shape(q)
+    if len(qs) == 5:            # packed [B, S, H, 3, D]
+        if qs[2] != h or qs[3] != 3:
+            raise FlowFail(node, f"packed QKV {list(qs)} is not [B, S, {h}, 3, D]")
+        flow.assign(q, HeadMap((2,), units), "up", node, {"q", "k", "v"})
+        return [h * qs[4]] * 3
+    if len(qs) != 3 or qs[2] % h:
+        raise FlowFail(node, f"MultiHeadAttention query {list(qs)} is not [B, S, {h} * D]")
+    flow.assign(q, HeadMap((2,), np.repeat(units, qs[2] // h)), "up", node, "q")
+    sizes = [qs[2]]
+    k, v = node.inputs[1], node.inputs[2] if len(node.inputs) > 2 else None
+    ks = flow.shape(k)
+    if len(ks) == 5:            # packed KV [B, L, H, 2, D]
+        flow.assign(k, HeadMap((2,), units), "up", node, {"k", "v"})
+        return sizes + [h * ks[4]] * 2
+    for t, role in ((k, "k"), (v, "v")):
+        if t is None or not t.name:
+            raise FlowFail(node, "MultiHeadAttention without separate key and value")
+        s = flow.shape(t)
+        if len(s) == 3 and s[2] % h == 0:
+            flow.assign(t, HeadMap((2,), np.repeat(units, s[2] // h)), "up", node, role)
+            sizes.append(s[2])
+        elif len(s) == 4 and s[1] == h:
+            flow.assign(t, HeadMap((1,), units), "up", node, role)
+            sizes.append(h * s[3])
+        else:
+            raise FlowFail(node, f"MultiHeadAttention {role} {list(s)} is neither [B, L, {h} * D] nor "
+                                 f"[B, {h}, L, D]")
+    return sizes

@@ -1,0 +1,67 @@
+"""ONNX Runtime's fused attention (com.microsoft Attention / MultiHeadAttention): dtypes kept, attributes
+rewritten, malformed graphs rejected with one clean error."""
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper, numpy_helper
+
+from onnxprune import OnnxPruneError, prune_model
+
+MODELS = Path(__file__).resolve().parent.parent / "models"
+
+
+def _load(name):
+    return onnx.load(str(MODELS / name))
+
+
+def _fused_nodes(model):
+    return [n for n in model.graph.node if n.domain == "com.microsoft" and
+            n.op_type in ("Attention", "MultiHeadAttention")]
+
+
+@pytest.mark.parametrize("name", ["bert-ort-attention.onnx", "bert-ort-mha.onnx", "clip-vision-ort-attention.onnx"])
+def test_num_heads_follow_the_plan(name):
+    result = prune_model(_load(name), kept={0: (0, 2, 3), 1: (1,)})
+    heads = [helper.get_attribute_value(next(a for a in n.attribute if a.name == "num_heads"))
+             for n in _fused_nodes(result.model)]
+    assert heads == [3, 1]
+    assert result.max_error <= 1e-4
+
+
+def test_fp16_weights_stay_fp16():
+    model = _load("bert-ort-attention-fp16.onnx")
+    result = prune_model(model, 0.5)
+    before = {i.name: i.data_type for i in model.graph.initializer}
+    after = {i.name: i for i in result.model.graph.initializer}
+    sliced = {t.name for b in result.blocks for t in b.tensors if t.constant}
+    assert sliced and all(after[n].data_type == before[n] == onnx.TensorProto.FLOAT16 for n in sliced if n in after)
+    qkv = numpy_helper.to_array(after["Attention_0_qkv_weight"])
+    assert qkv.dtype == np.float16 and qkv.shape == (32, 48)
+
+
+def _edit_attention(model, edit):
+    node = _fused_nodes(model)[0]
+    edit(model, node)
+    return model
+
+
+def _drop_num_heads(model, node):
+    keep = [a for a in node.attribute if a.name != "num_heads"]
+    del node.attribute[:]
+    node.attribute.extend(keep)
+
+
+def _cut_weight(model, node):
+    init = next(i for i in model.graph.initializer if i.name == node.input[1])
+    init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init)[:, :90], init.name))
+
+
+@pytest.mark.parametrize("edit", [_drop_num_heads, _cut_weight])
+def test_malformed_attention_is_rejected_cleanly(edit):
+    model = _edit_attention(_load("bert-ort-attention.onnx"), edit)
+    with pytest.raises(OnnxPruneError) as info:
+        prune_model(model, 0.5)
+    assert "\n" not in str(info.value)
