@@ -13,7 +13,7 @@ from .errors import MatchError, PlanError, VerifyError
 from .io import to_graph
 from .match import match_graph
 from .probe import probe, synth_inputs
-from .rewrite import Rewriter, check_model, export
+from .rewrite import Rewriter, _take, check_model, export
 from .score import check_heads_to_prune, weight_importance
 from .verify import masked_model, max_abs_diff, run
 
@@ -98,16 +98,30 @@ def prune_model(model: onnx.ModelProto, ratio=None, *, kept: dict[int, list[int]
     for b in blocks:
         rewriter.plan(b, plans[b.index])       # every check first ...
     rewriter.commit()                           # ... then every edit
-    pruned = check_model(export(graph, model)) if any(
+    pruned = check_model(export(graph, model), model) if any(
         plans[b.index] != tuple(range(b.num_heads)) for b in blocks) else model
     out = PruneResult(pruned, blocks, plans, applied, scores, count_params(model), count_params(pruned),
                       misses=result.misses)
     if verify:
-        reference = run(masked_model(model, list(blocks), plans), feeds)
-        try:
-            candidate = run(pruned, feeds)
-        except Exception as exc:   # onnxruntime raises its own types; report one line, write nothing
-            raise VerifyError(f"the pruned model does not run on onnxruntime: {str(exc).splitlines()[0][:240]}") \
-                from None
-        out.max_error = max_abs_diff(reference, candidate)
+        masked = masked_model(model, list(blocks), plans)
+        runs = [feeds]
+        if rewriter.io_keep:       # a KV cache: also a decode step on a non-empty past
+            runs.append(synth_inputs(model, seed=1, batch=1, seq=1, past=3))
+        out.max_error = max(_compare(masked, pruned, f, rewriter.io_keep) for f in runs)
     return out
+
+
+def _compare(masked: onnx.ModelProto, pruned: onnx.ModelProto, feeds: dict, io_keep: dict) -> float:
+    """Largest difference between the masked original and the pruned model. Inputs and outputs whose head
+    dimension shrank (a KV cache) are compared on the kept heads: the pruned model gets those heads of the
+    inputs, and its outputs are set against those heads of the reference's."""
+    def keep(arrays):
+        return {k: _take(v, io_keep[k]) if k in io_keep else v for k, v in arrays.items()}
+
+    reference = keep(run(masked, feeds))
+    try:
+        candidate = run(pruned, keep(feeds))
+    except Exception as exc:   # onnxruntime raises its own types; report one line, write nothing
+        raise VerifyError(f"the pruned model does not run on onnxruntime: {str(exc).splitlines()[0][:240]}") \
+            from None
+    return max_abs_diff(reference, candidate)

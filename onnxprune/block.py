@@ -27,6 +27,7 @@ class HeadTensor:
     constant: bool = False
     cut: bool = False          # shared with other blocks: select the kept heads with a Gather before use
     copies: tuple[int, ...] = ()   # axes whose entries are broadcast copies (repeat_kv): only counts matter
+    io: bool = False           # a graph input or output (a KV cache): its declared shape changes
 
 
 @dataclass(frozen=True)

@@ -17,25 +17,60 @@ from .errors import InputError
 
 BATCH = 2
 SEQ = 5
+PAST = 0          # the prompt step: ORT's GroupQueryAttention takes a past only at batch 1
 
 
-def _dim_value(dim, batch: int, seq: int) -> int:
+def _dim_value(dim, batch: int, seq: int, past: int, hints: dict[str, int]) -> int:
     if dim.HasField("dim_value") and dim.dim_value > 0:
         return dim.dim_value
     param = dim.dim_param.lower()
+    if param in hints:
+        return hints[param]
     if "batch" in param:
         return batch
+    if "total" in param:
+        return past + seq
+    if "past" in param:
+        return past
     return seq
 
 
-def synth_inputs(model: onnx.ModelProto, seed: int = 0, batch: int = BATCH, seq: int = SEQ
-                 ) -> dict[str, np.ndarray]:
+def _cache_hints(model: onnx.ModelProto) -> dict[str, int]:
+    """Symbolic sizes that only the graph can tell: the head size of a KV cache ("kv_cache_dim"), read off
+    the GroupQueryAttention node that takes the cache and the packed QKV weight in front of it."""
+    hints = {}
+    inits = {i.name: i for i in model.graph.initializer}
+    producers = {o: n for n in model.graph.node for o in n.output}
+    inputs = {i.name: i for i in model.graph.input}
+    for node in model.graph.node:
+        if node.op_type != "GroupQueryAttention" or len(node.input) < 5:
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        heads = attrs.get("num_heads", 0) + 2 * attrs.get("kv_num_heads", 0)
+        mm = producers.get(node.input[0])
+        weight = inits.get(mm.input[1]) if mm is not None and mm.op_type == "MatMul" else None
+        if weight is None or not heads or (node.input[1] if len(node.input) > 1 else ""):
+            continue
+        for name in node.input[3:5]:
+            if name in inputs:
+                last = inputs[name].type.tensor_type.shape.dim[-1]
+                if last.dim_param:
+                    hints[last.dim_param.lower()] = int(weight.dims[-1]) // heads
+    return hints
+
+
+def synth_inputs(model: onnx.ModelProto, seed: int = 0, batch: int = BATCH, seq: int = SEQ,
+                 past: int = PAST) -> dict[str, np.ndarray]:
     """Plausible inputs for every graph input: token ids, all-ones masks, positions, random floats.
 
-    Symbolic dimensions get ``batch`` when named like a batch and ``seq`` otherwise.
+    Symbolic dimensions get ``batch`` when named like a batch, ``past`` (a KV cache's past length) when
+    named like a past length, ``past + seq`` when named like a total length, and ``seq`` otherwise; a KV
+    cache's symbolic head size is read from the graph.
     """
     rng = np.random.default_rng(seed)
     inits = {i.name for i in model.graph.initializer}
+    past = past if any("past" in i.name.lower() for i in model.graph.input) else 0
+    hints = _cache_hints(model)
     feeds = {}
     for inp in model.graph.input:
         if inp.name in inits:
@@ -43,7 +78,7 @@ def synth_inputs(model: onnx.ModelProto, seed: int = 0, batch: int = BATCH, seq:
         tt = inp.type.tensor_type
         if not tt.HasField("elem_type"):
             raise InputError(f"graph input {inp.name!r} is not a tensor")
-        shape = [_dim_value(d, batch, seq) for d in tt.shape.dim]
+        shape = [_dim_value(d, batch, seq, past, hints) for d in tt.shape.dim]
         dtype = helper.tensor_dtype_to_np_dtype(tt.elem_type)
         name = inp.name.lower()
         if tt.elem_type == TensorProto.BOOL:

@@ -32,7 +32,7 @@ def _cut_shared(flow: Flow) -> set[str]:
     """Tensors reached upward that other nodes also read: keep them whole, select heads before use."""
     cuts = set()
     for name, t in list(flow.tensors.items()):
-        if flow.direction.get(name) != "up" or is_const(t) or name not in flow.maps:
+        if flow.direction.get(name) != "up" or is_const(t) or name not in flow.maps or name in flow.io:
             continue
         external = [c for c in t.outputs if id(c) not in flow.nodes and c.op not in SHAPE_READERS]
         if not external:
@@ -131,7 +131,7 @@ def build_block(flow: Flow, family: str, core, index: int, num_heads: int) -> At
         if sorted(h for g in groups for h in g) != list(range(num_heads)):
             raise FlowFail(core, f"KV heads serve overlapping or missing query heads: {groups}")
     tensors = tuple(HeadTensor(name, hm.axes, hm.owner, is_const(flow.tensors[name]), name in cuts,
-                               tuple(a for a in flow.copy_axes.get(name, ()) if a in hm.axes))
+                               tuple(a for a in flow.copy_axes.get(name, ()) if a in hm.axes), name in flow.io)
                     for name, hm in flow.maps.items())
     nodes = tuple(n.name for n in flow.node_order if id(n) in flow.nodes)
     name = _block_name(o_name, core, index)

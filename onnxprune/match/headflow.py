@@ -144,6 +144,7 @@ class Flow:
         self.copy_axes: dict[str, tuple[int, ...]] = {}   # Expand outputs: axes broadcast from size 1
         self.broadcast_kv: set[int] = set()            # units of K/V heads broadcast to several query heads
         self.weight_inputs: set[tuple[int, int]] = set()   # (id(node), input index) of fused-op weights
+        self.io: set[str] = set()                      # graph inputs/outputs allowed to carry heads (KV cache)
 
     # ------------------------------------------------------------------ basics
     def unit(self, heads) -> int:
@@ -291,11 +292,13 @@ class Flow:
                 if is_const(t):
                     continue
                 if not t.inputs:
+                    if t.name in self.io:
+                        continue
                     raise FlowFail(None, f"graph input {t.name!r} carries the head axis "
                                          "(a KV cache input?); not supported yet")
                 self._visit(t.inputs[0], "up", t)
             else:
-                if any(o is t for o in self.graph.outputs):
+                if any(o is t for o in self.graph.outputs) and t.name not in self.io:
                     raise FlowFail(None, f"graph output {t.name!r} carries the head axis "
                                          "(a KV cache or attention-probabilities output?); not supported yet")
                 for consumer in list(t.outputs):

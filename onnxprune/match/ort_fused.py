@@ -3,6 +3,10 @@
 * ``Attention``: X [B, S, hidden] times one packed weight [hidden, Fq + Fk + Fv] (Q, K and V sections side
   by side, each H runs of D columns) plus a packed bias; ``num_heads`` and, when the sections differ,
   ``qkv_hidden_sizes`` are rewritten.
+* ``GroupQueryAttention`` (ORT GenAI's model builder): a packed QKV [B, S, (H + 2 Hkv) * D] or separate
+  Q/K/V, a KV cache in and out ([B, Hkv, T, D] graph inputs ``past_key_values.*`` and outputs
+  ``present.*``, whose head dimension changes), RoPE caches (no heads); ``num_heads`` and ``kv_num_heads``
+  are rewritten.
 * ``MultiHeadAttention``: Q/K/V already projected, [B, S, H*D] each (K/V may also come as [B, H, L, D], or
   Q as a packed [B, S, H, 3, D]); an optional packed bias [Fq + Fk + Fv]; ``num_heads`` is rewritten.
 
@@ -17,7 +21,7 @@ import numpy as np
 from .headflow import Flow, FlowFail, HeadMap, is_const
 
 FAMILY = "ort-fused"
-OPS = ("Attention", "MultiHeadAttention")
+OPS = ("Attention", "MultiHeadAttention", "GroupQueryAttention")
 
 
 def cores(graph):
@@ -28,6 +32,8 @@ def start(flow: Flow, node) -> int:
     num_heads = node.attrs.get("num_heads")
     if not num_heads or num_heads < 1:
         raise FlowFail(node, f"{node.op} without a positive num_heads attribute")
+    if node.op == "GroupQueryAttention":
+        return _gqa(flow, node, num_heads)
     if _given(node, 4 if node.op == "Attention" else 6) or _given(node, 7) and node.op != "Attention":
         raise FlowFail(node, f"{node.op} with past key/value inputs (KV cache) is not supported yet")
     if any(o.name and o.outputs for o in node.outputs[1:]):
@@ -111,3 +117,50 @@ def _mha(flow: Flow, node, units) -> list[int]:
             raise FlowFail(node, f"MultiHeadAttention {role} {list(s)} is neither [B, L, {h} * D] nor "
                                  f"[B, {h}, L, D]")
     return sizes
+
+
+def _gqa(flow: Flow, node, num_heads: int) -> int:
+    num_kv = node.attrs.get("kv_num_heads")
+    if not num_kv or num_kv < 1 or num_heads % num_kv:
+        raise FlowFail(node, f"GroupQueryAttention: {num_heads} query heads do not split into "
+                             f"kv_num_heads={num_kv} groups")
+    group = num_heads // num_kv
+    q_units = np.array([flow.unit({h}) for h in range(num_heads)])
+    kv_units = np.array([flow.unit(range(g * group, (g + 1) * group)) for g in range(num_kv)])
+    flow.begin(node)
+    q = node.inputs[0]
+    width = flow.shape(q)[-1]
+    if not _given(node, 1):                     # packed QKV
+        if width % (num_heads + 2 * num_kv):
+            raise FlowFail(node, f"packed QKV width {width} is not (num_heads + 2 * kv_num_heads) * head_size")
+        d = width // (num_heads + 2 * num_kv)
+        owner = np.concatenate([np.repeat(q_units, d), np.repeat(kv_units, d), np.repeat(kv_units, d)])
+        flow.assign(q, HeadMap((2,), owner), "up", node, {"q", "k", "v"})
+    else:
+        if width % num_heads:
+            raise FlowFail(node, f"query width {width} is not num_heads * head_size")
+        d = width // num_heads
+        flow.assign(q, HeadMap((2,), np.repeat(q_units, d)), "up", node, "q")
+        for i, role in ((1, "k"), (2, "v")):
+            t = node.inputs[i]
+            if flow.shape(t)[-1] != num_kv * d:
+                raise FlowFail(node, f"{role} width {flow.shape(t)[-1]} is not kv_num_heads * head_size")
+            flow.assign(t, HeadMap((2,), np.repeat(kv_units, d)), "up", node, role)
+    caches = [(node.inputs[i], "up", role) for i, role in ((3, "k"), (4, "v")) if _given(node, i)]
+    caches += [(o, "down", role) for o, role in zip(node.outputs[1:3], "kv") if o is not None and o.name]
+    for t, direction, role in caches:
+        shape = flow.shape(t)
+        if len(shape) != 4 or shape[1] != num_kv:
+            raise FlowFail(node, f"KV cache {t.name!r} {list(shape)} is not [B, {num_kv}, T, head_size]")
+        if not t.inputs if direction == "up" else any(o is t for o in flow.graph.outputs):
+            flow.io.add(t.name)
+        flow.assign(t, HeadMap((1,), kv_units), direction, node, role)
+    if _given(node, 10):                        # attention_bias [B or 1, H, S, T]
+        shape = flow.shape(node.inputs[10])
+        flow._side_input(node, node.inputs[10], HeadMap((1,), q_units), (shape[0], num_heads) + tuple(shape[2:]),
+                         "s")
+    if _given(node, 11):                        # head_sink [H]
+        flow.assign(node.inputs[11], HeadMap((0,), q_units), "up", node, "s")
+    flow.assign(node.outputs[0], HeadMap((2,), np.repeat(q_units, d)), "down", node, "o")
+    flow.sites.append(("attr", node))
+    return num_heads
