@@ -9,13 +9,13 @@ import onnx
 
 from . import plan as planning
 from .block import AttentionBlock, MatchResult
-from .errors import MatchError, PlanError, VerifyError
+from .errors import MatchError, PlanError
 from .io import to_graph
 from .match import match_graph
 from .probe import probe, synth_inputs
-from .rewrite import Rewriter, _take, check_model, export
+from .rewrite import Rewriter, check_model, dead_nodes, export
 from .score import check_heads_to_prune, weight_importance
-from .verify import masked_model, max_abs_diff, run
+from .verify import compare, masked_model
 
 
 @dataclass
@@ -29,6 +29,9 @@ class PruneResult:
     params_after: int
     max_error: float | None = None
     misses: tuple = field(default_factory=tuple)
+    gqa: str = "uniform"          # how grouped-query blocks were planned: uniform or group
+    io_keep: dict = field(default_factory=dict)   # graph inputs/outputs that lost heads: {name: {axis: kept}}
+    kv_cache: bool = False        # the model takes and returns a KV cache (its head dimension changed)
 
 
 def count_params(model: onnx.ModelProto) -> int:
@@ -57,9 +60,12 @@ def inspect_model(model: onnx.ModelProto) -> MatchResult:
 def prune_model(model: onnx.ModelProto, ratio=None, *, kept: dict[int, list[int]] | None = None,
                 heads_to_prune: dict[int, list[int]] | None = None, min_heads: int = 1,
                 importance: dict[int, np.ndarray] | None = None, verify: bool = True,
-                feeds: dict | None = None) -> PruneResult:
+                feeds: dict | None = None, gqa: str | None = None) -> PruneResult:
     """Prune ``model``. Give ``ratio`` (with optional per-block ``importance``), or explicit ``kept`` heads,
-    or ``heads_to_prune`` (the heads to remove, Hugging Face style). Blocks not named keep every head."""
+    or ``heads_to_prune`` (the heads to remove, Hugging Face style). Blocks not named keep every head.
+
+    ``gqa`` ("group" or "uniform") says how a ratio is applied to grouped-query blocks; by default
+    "group" when the model has a KV cache (whole KV heads go, so the cache shrinks), else "uniform"."""
     if sum(x is not None for x in (ratio, kept, heads_to_prune)) != 1:
         raise PlanError("give exactly one of ratio, kept, heads_to_prune")
     if ratio is not None:
@@ -75,6 +81,8 @@ def prune_model(model: onnx.ModelProto, ratio=None, *, kept: dict[int, list[int]
         detail = "; ".join(f"{m.node}: {m.reason}" for m in result.misses[:3])
         raise MatchError(f"0 attention blocks found ({detail})")
     blocks = result.blocks
+    kv_cache = any(t.io for b in blocks for t in b.tensors)
+    gqa = gqa or ("group" if kv_cache else "uniform")
     if heads_to_prune is not None:
         check_heads_to_prune(heads_to_prune, blocks)
     scores, plans, applied = {}, {}, {}
@@ -83,7 +91,7 @@ def prune_model(model: onnx.ModelProto, ratio=None, *, kept: dict[int, list[int]
             scores[b.index] = np.asarray(importance[b.index]) if importance and b.index in importance \
                 else weight_importance(b, graph)
             try:
-                bp = planning.plan_block(scores[b.index], ratio, b.kv_groups, min_heads)
+                bp = planning.plan_block(scores[b.index], ratio, b.kv_groups, min_heads, gqa)
             except ValueError as exc:
                 raise PlanError(f"block {b.index} ({b.name}): {exc}") from None
             plans[b.index], applied[b.index] = bp.kept_heads, bp.min_heads_applied
@@ -94,34 +102,21 @@ def prune_model(model: onnx.ModelProto, ratio=None, *, kept: dict[int, list[int]
             drop = set(heads_to_prune.get(b.index, ()))
             plans[b.index] = tuple(h for h in range(b.num_heads) if h not in drop)
             applied[b.index] = False
+    dead = dead_nodes(graph)
     rewriter = Rewriter(graph, shapes, values)
     for b in blocks:
         rewriter.plan(b, plans[b.index])       # every check first ...
     rewriter.commit()                           # ... then every edit
-    pruned = check_model(export(graph, model), model) if any(
+    pruned = check_model(export(graph, model, dead), model) if any(
         plans[b.index] != tuple(range(b.num_heads)) for b in blocks) else model
     out = PruneResult(pruned, blocks, plans, applied, scores, count_params(model), count_params(pruned),
-                      misses=result.misses)
+                      misses=result.misses, gqa=gqa, kv_cache=kv_cache,
+                      io_keep=rewriter.io_keep)
     if verify:
         masked = masked_model(model, list(blocks), plans)
         runs = [feeds]
         if rewriter.io_keep:       # a KV cache: also a decode step on a non-empty past
             runs.append(synth_inputs(model, seed=1, batch=1, seq=1, past=3))
-        out.max_error = max(_compare(masked, pruned, f, rewriter.io_keep) for f in runs)
+        out.max_error = max(compare(masked, pruned, f, rewriter.io_keep) for f in runs)
     return out
 
-
-def _compare(masked: onnx.ModelProto, pruned: onnx.ModelProto, feeds: dict, io_keep: dict) -> float:
-    """Largest difference between the masked original and the pruned model. Inputs and outputs whose head
-    dimension shrank (a KV cache) are compared on the kept heads: the pruned model gets those heads of the
-    inputs, and its outputs are set against those heads of the reference's."""
-    def keep(arrays):
-        return {k: _take(v, io_keep[k]) if k in io_keep else v for k, v in arrays.items()}
-
-    reference = keep(run(masked, feeds))
-    try:
-        candidate = run(pruned, keep(feeds))
-    except Exception as exc:   # onnxruntime raises its own types; report one line, write nothing
-        raise VerifyError(f"the pruned model does not run on onnxruntime: {str(exc).splitlines()[0][:240]}") \
-            from None
-    return max_abs_diff(reference, candidate)

@@ -23,6 +23,8 @@ examples:
   onnxprune model.onnx --ratio 0.25 -o small.onnx --report small.json
   onnxprune model.onnx --heads-to-prune heads.json      # {"0": [1, 3], "5": [0]}: heads to remove
   onnxprune model.onnx --ratio 0.5 --dry-run            # show the plan, write nothing
+  onnxprune genai/model.onnx --ratio 0.5 -o small/      # a GenAI folder: KV groups go, the KV cache and
+                                                        # genai_config.json shrink, tokenizer copied
   onnxprune inspect model.onnx                          # blocks found, and why others were not
 
 exit codes: 0 ok, 2 bad input, 3 no attention matched, 4 plan impossible, 5 rewrite failed, 6 verification
@@ -59,6 +61,9 @@ def _prune_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="match, plan and verify, but write no file")
     p.add_argument("--force", action="store_true", help="allow the output to overwrite the input")
     p.add_argument("--no-verify", action="store_true", help="skip the pruning-equals-masking check")
+    p.add_argument("--gqa", choices=("group", "uniform"), default=None,
+                   help="grouped-query attention: remove whole KV groups (group; the default when the model "
+                        "has a KV cache, which then shrinks) or the same query heads from every group (uniform)")
     p.add_argument("--atol", type=float, default=None,
                    help="verification tolerance (default 1e-4; 1e-2 for fp16 models)")
     return p
@@ -89,12 +94,15 @@ def run_inspect(argv) -> int:
 def run_prune(argv) -> int:
     args = _prune_parser().parse_args(argv)
     from .api import prune_model
-    from .io import check_output_path, load_model, save_model_atomic
+    from .config import configs_beside, plan_folder, write_folder
+    from .io import check_output_path, load_model, save_model_atomic, uses_external_data
     from .report import build_report, format_table, write_json_atomic
     from .score import load_heads_to_prune
     if args.min_heads < 0:
         raise InputError("--min-heads must be >= 0")
     out = args.output or args.model.with_name(f"{args.model.stem}.pruned.onnx")
+    if out.is_dir() or str(args.output or "").endswith(("/", "\\")):
+        out = out / args.model.name          # a folder: the pruned model folder (configs, tokenizer...)
     if not args.dry_run:
         check_output_path(args.model, out, args.force)
     if args.report:
@@ -102,9 +110,11 @@ def run_prune(argv) -> int:
     model = load_model(args.model)
     if args.heads_to_prune:
         result = prune_model(model, heads_to_prune=load_heads_to_prune(args.heads_to_prune),
-                             verify=not args.no_verify)
+                             verify=not args.no_verify, gqa=args.gqa)
     else:
-        result = prune_model(model, args.ratio, min_heads=args.min_heads, verify=not args.no_verify)
+        result = prune_model(model, args.ratio, min_heads=args.min_heads, verify=not args.no_verify,
+                             gqa=args.gqa)
+    folder = [] if args.dry_run else plan_folder(args.model, out, result)
     atol = args.atol if args.atol is not None else (1e-2 if _fp16(model) else 1e-4)
     if result.max_error is not None and not result.max_error <= atol:
         raise VerifyError(f"pruned model differs from the masked original by {result.max_error:.3g} "
@@ -112,8 +122,12 @@ def run_prune(argv) -> int:
     report = build_report(result, str(args.model), None if args.dry_run else str(out), args.ratio)
     print(format_table(report))
     if not args.dry_run:
-        save_model_atomic(result.model, out)
-        print(f"wrote {out}")
+        save_model_atomic(result.model, out, external=uses_external_data(args.model))
+        write_folder(folder)
+        print(f"wrote {out}" + (f" and {len(folder)} more files in {out.parent}" if folder else ""))
+        if not folder and configs_beside(args.model) and out.parent.resolve() == args.model.parent.resolve():
+            print(f"note: {', '.join(p.name for p in configs_beside(args.model))} still describe the original; "
+                  "write to another folder (-o DIR/) for a runnable pruned folder")
     if args.report:
         write_json_atomic(report, args.report)
         print(f"wrote {args.report}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -69,18 +70,29 @@ def publish(tmp: str | Path, out: Path):
     os.replace(tmp, out)
 
 
-def save_model_atomic(model: onnx.ModelProto, out: Path):
-    """Write to a temporary file beside ``out`` and rename it into place: never half a model."""
+def uses_external_data(path: str | os.PathLike) -> bool:
+    """Whether the model at ``path`` keeps its weights in an external data file."""
+    from onnx.external_data_helper import uses_external_data as external
+    model = onnx.load(str(path), load_external_data=False)
+    return any(external(t) for t in model.graph.initializer)
+
+
+def save_model_atomic(model: onnx.ModelProto, out: Path, external: bool = False):
+    """Write ``out`` (and ``out.name + ".data"`` when ``external`` or above 2 GB) through temporary files
+    beside it, renamed into place: never half a model, and a fresh data file, never appended to an old one
+    (onnx.save appends to an existing data file)."""
     out = Path(out)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
+    external = external or model.ByteSize() > TWO_GB
+    tmpdir = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        if model.ByteSize() > TWO_GB:
+        tmp = tmpdir / out.name
+        if external:
             data = out.name + ".data"
-            onnx.save(model, tmp, save_as_external_data=True, all_tensors_to_one_file=True, location=data)
+            onnx.save(model, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True, location=data,
+                      size_threshold=1024)
+            publish(tmpdir / data, out.parent / data)
         else:
-            onnx.save(model, tmp)
+            onnx.save(model, str(tmp))
         publish(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)

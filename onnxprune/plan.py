@@ -99,12 +99,25 @@ class BlockPlan:
     min_heads_applied: bool = False   # True when min_heads overrode the ratio
 
 
-def plan_block(importance, ratio, groups: Sequence[Sequence[int]], min_heads: int = 1) -> BlockPlan:
+GQA_MODES = ("uniform", "group")
+
+
+def plan_block(importance, ratio, groups: Sequence[Sequence[int]], min_heads: int = 1,
+               gqa: str = "uniform") -> BlockPlan:
     """Plan one block. ``groups`` lists the query heads of each KV head (one group per head for MHA).
 
-    With several KV groups (GQA), the same number of query heads is kept in every group and all KV heads
-    stay, so that the repeat of K/V stays valid ("uniform" GQA pruning).
+    With several KV groups (GQA):
+
+    * ``uniform`` keeps the same number of query heads in every group and all KV heads, so that the
+      repeat of K/V stays valid;
+    * ``group`` keeps ``floor(Hkv * (1 - ratio))`` whole groups, a KV head with all its query heads, ranked
+      by the summed importance of their query heads. That is what makes a KV cache smaller.
+
+    Multi-head (one head per group) and multi-query (one group) attention lose query heads one by one in
+    both modes.
     """
+    if gqa not in GQA_MODES:
+        raise PlanError(f"unknown GQA mode {gqa!r}; use one of {', '.join(GQA_MODES)}")
     scores = _check_importance(importance)
     num_heads = len(scores)
     if sorted(h for g in groups for h in g) != list(range(num_heads)):
@@ -117,6 +130,12 @@ def plan_block(importance, ratio, groups: Sequence[Sequence[int]], min_heads: in
     if len(sizes) != 1:
         raise PlanError(f"KV groups of unequal size {sorted(sizes)}")
     per_group = sizes.pop()
+    if gqa == "group":
+        want = math.floor(len(groups) * (1 - exact_ratio(ratio)))
+        keep = min(len(groups), max(want, -(-min_heads // per_group), 1))
+        group_scores = np.array([sum(scores[h] for h in g) for g in groups])
+        kept_groups = top_heads(group_scores, keep)
+        return BlockPlan(tuple(sorted(h for i in kept_groups for h in groups[i])), keep > want)
     want = math.floor(per_group * (1 - exact_ratio(ratio)))
     keep = min(per_group, max(want, -(-min_heads // len(groups))))
     kept: list[int] = []

@@ -26,7 +26,7 @@ def build_report(result: PruneResult, model: str, output: str | None, ratio) -> 
     return {"model": str(model), "output": str(output) if output else None,
             "ratio": None if ratio is None else float(ratio),
             "params_before": result.params_before, "params_after": result.params_after,
-            "max_error": result.max_error, "blocks": blocks}
+            "max_error": result.max_error, "gqa": result.gqa, "kv_cache": result.kv_cache, "blocks": blocks}
 
 
 def format_table(report: dict) -> str:
@@ -39,6 +39,9 @@ def format_table(report: dict) -> str:
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
     before, after = report["params_before"], report["params_after"]
     lines.append(f"parameters: {before:,} -> {after:,} ({100 * (before - after) / max(before, 1):.1f}% fewer)")
+    if any(b["num_kv_heads"] not in (1, b["num_heads"]) for b in report["blocks"]):
+        how = "whole KV groups removed" if report.get("gqa") == "group" else "same query heads per KV group"
+        lines.append(f"grouped-query attention: --gqa {report.get('gqa')} ({how})")
     if report.get("max_error") is not None:
         lines.append(f"pruned == masked original: max abs error {report['max_error']:.2e}")
     return "\n".join(lines)

@@ -395,9 +395,27 @@ class Rewriter:
         self.edits.clear()
 
 
-def export(graph: gs.Graph, original: onnx.ModelProto) -> onnx.ModelProto:
-    """gs graph -> ModelProto with the original's model-level fields, fresh shape information, checked."""
-    graph.cleanup(remove_unused_graph_inputs=False).toposort()
+def dead_nodes(graph: gs.Graph) -> list:
+    """Nodes that no graph output depends on. Call before editing: they are the original's, and stay."""
+    live, stack = set(), [t for t in graph.outputs]
+    while stack:
+        t = stack.pop()
+        for node in t.inputs:
+            if id(node) not in live:
+                live.add(id(node))
+                stack.extend(i for i in node.inputs if i is not None)
+    return [n for n in graph.nodes if id(n) not in live]
+
+
+def export(graph: gs.Graph, original: onnx.ModelProto, keep: list | tuple = ()) -> onnx.ModelProto:
+    """gs graph -> ModelProto with the original's model-level fields, fresh shape information, checked.
+
+    The nodes that the edits left unused are removed; ``keep`` (the original's own dead nodes) stay.
+    """
+    graph.cleanup(remove_unused_graph_inputs=False)
+    present = {id(n) for n in graph.nodes}
+    graph.nodes.extend(n for n in keep if id(n) not in present)
+    graph.toposort()
     model = gs.export_onnx(graph, do_type_check=False)
     model.ir_version = original.ir_version
     model.producer_name, model.producer_version = original.producer_name, original.producer_version

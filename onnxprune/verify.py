@@ -8,6 +8,7 @@ import onnx
 from onnx import numpy_helper
 
 from .block import AttentionBlock
+from .errors import VerifyError
 from .probe import session
 
 
@@ -57,3 +58,25 @@ def max_abs_diff(reference: dict, candidate: dict) -> float:
         if ref.size:
             worst = max(worst, float(np.max(np.abs(ref.astype(np.float64) - got.astype(np.float64)))))
     return worst
+
+
+def compare(masked: onnx.ModelProto, pruned: onnx.ModelProto, feeds: dict, io_keep: dict) -> float:
+    """Largest difference between the masked original and the pruned model. Inputs and outputs whose head
+    dimension shrank (a KV cache) are compared on the kept heads: the pruned model gets those heads of the
+    inputs, and its outputs are set against those heads of the reference's."""
+    def keep(arrays):
+        return {k: _take(v, io_keep[k]) if k in io_keep else v for k, v in arrays.items()}
+
+    reference = keep(run(masked, feeds))
+    try:
+        candidate = run(pruned, keep(feeds))
+    except Exception as exc:   # onnxruntime raises its own types; report one line, write nothing
+        raise VerifyError(f"the pruned model does not run on onnxruntime: {str(exc).splitlines()[0][:240]}") \
+            from None
+    return max_abs_diff(reference, candidate)
+
+
+def _take(arr: np.ndarray, keep: dict) -> np.ndarray:
+    for ax, idx in keep.items():
+        arr = np.take(arr, idx, axis=ax)
+    return arr

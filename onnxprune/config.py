@@ -1,0 +1,106 @@
+"""The runtime's config files beside a model: ORT GenAI's ``genai_config.json`` and a Hugging Face
+``config.json``. They hold one head count for every layer, so a pruned model folder needs them updated,
+and a plan whose layers differ in head count cannot be expressed in them.
+
+A pruned folder is written when the output goes to another directory than the input: the model, its
+external data, the updated configs, and a copy of every other file there (tokenizer and the like).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+from .errors import InputError, PlanError
+from .io import publish
+
+GENAI = "genai_config.json"
+HF = "config.json"
+
+
+def configs_beside(model_path: Path) -> list[Path]:
+    return [p for p in (model_path.parent / GENAI, model_path.parent / HF) if p.is_file()]
+
+
+def head_counts(result) -> tuple[int, int, int]:
+    """(query heads, KV heads, head size) kept in every block, or a PlanError when blocks differ."""
+    counts = set()
+    for b in result.blocks:
+        kept = set(result.kept[b.index])
+        kv = sum(1 for g in b.kv_groups if kept & set(g))
+        counts.add((len(kept), kv, b.head_dim))
+    if len(counts) != 1:
+        per = ", ".join(f"{b.index}: {len(result.kept[b.index])}" for b in result.blocks)
+        raise PlanError(f"the config files hold one head count for all layers, but this plan keeps different "
+                        f"counts per block ({per}); prune every block alike (--ratio) or write the model "
+                        f"where no config file is copied (-o beside the input)")
+    return counts.pop()
+
+
+def _original_counts(result) -> tuple[int, int]:
+    b = result.blocks[0]
+    return b.num_heads, b.num_kv_heads
+
+
+def update_genai(cfg: dict, result, filename: str) -> dict:
+    decoder = cfg.get("model", {}).get("decoder")
+    if not isinstance(decoder, dict):
+        raise InputError(f"{GENAI}: no model.decoder section")
+    heads, kv, head_size = head_counts(result)
+    before = _original_counts(result)
+    found = (decoder.get("num_attention_heads"), decoder.get("num_key_value_heads"))
+    if found != before:
+        raise InputError(f"{GENAI} says {found[0]} query and {found[1]} KV heads, but the model has "
+                         f"{before[0]} and {before[1]}: it does not describe this model")
+    decoder.update(num_attention_heads=heads, num_key_value_heads=kv, head_size=head_size, filename=filename)
+    return cfg
+
+
+def update_hf(cfg: dict, result) -> dict:
+    heads, kv, head_size = head_counts(result)
+    before = _original_counts(result)
+    if cfg.get("num_attention_heads") not in (None, before[0]):
+        raise InputError(f"{HF} says {cfg['num_attention_heads']} attention heads, but the model has "
+                         f"{before[0]}: it does not describe this model")
+    if "num_attention_heads" in cfg:
+        cfg["num_attention_heads"] = heads
+    if "num_key_value_heads" in cfg:
+        cfg["num_key_value_heads"] = kv
+    cfg["head_dim"] = head_size     # no longer hidden_size / num_attention_heads
+    return cfg
+
+
+def plan_folder(model_path: Path, out: Path, result) -> list[tuple[Path, bytes | Path]]:
+    """What a pruned folder at ``out.parent`` gets besides the model: (destination, new bytes or a file to
+    copy). Empty when the output stays in the input's folder. Raises, before anything is written, when a
+    config file does not describe the model or cannot express the plan."""
+    if out.parent.resolve() == model_path.parent.resolve():
+        return []
+    skip = {model_path.name, model_path.name + ".data", out.name, out.name + ".data"}
+    files = []
+    for src in sorted(model_path.parent.iterdir()):
+        if not src.is_file() or src.name in skip or src.suffix == ".onnx" or src.name.startswith("."):
+            continue
+        dst = out.parent / src.name
+        if src.name == GENAI:
+            files.append((dst, json.dumps(update_genai(json.loads(src.read_text()), result, out.name),
+                                          indent=4).encode()))
+        elif src.name == HF:
+            files.append((dst, json.dumps(update_hf(json.loads(src.read_text()), result), indent=2).encode()))
+        else:
+            files.append((dst, src))
+    return files
+
+
+def write_folder(files: list[tuple[Path, bytes | Path]]):
+    for dst, content in files:
+        fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", dir=dst.parent)
+        with open(fd, "wb") as f:
+            if isinstance(content, bytes):
+                f.write(content)
+            else:
+                with open(content, "rb") as g:
+                    shutil.copyfileobj(g, f)
+        publish(tmp, dst)

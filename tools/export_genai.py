@@ -1,0 +1,80 @@
+"""Make ``models/llama-genai/``: a tiny Llama built by ONNX Runtime GenAI's model builder.
+
+The builder writes the deployment graph that ``onnxruntime_genai`` runs: a packed QKV MatMul feeding
+``com.microsoft.GroupQueryAttention`` with RoPE inside, a KV cache as graph inputs ``past_key_values.*``
+and outputs ``present.*``, weights in external data, and ``genai_config.json``. Needs the ``tools`` extra
+and ``onnxruntime-genai``:
+
+    python tools/export_genai.py
+
+The config is tiny and random: 8 query heads and 2 KV heads of size 16 (the CPU GroupQueryAttention
+kernel wants head sizes that are multiples of 16), 2 layers. The vocabulary (96) differs from every
+other width on purpose: the builder takes a Linear whose width is the vocabulary for the LM head.
+A word-level tokenizer ``t0 ... t95`` is written beside it, so that the folder is complete offline.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+MODELS = Path(__file__).resolve().parent.parent / "models"
+OUT = MODELS / "llama-genai"
+
+
+def build_hf(folder: Path):
+    import torch
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=128, num_attention_heads=8, num_key_value_heads=2,
+                                   intermediate_size=64, num_hidden_layers=2, max_position_embeddings=128,
+                                   bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
+    model = transformers.LlamaForCausalLM(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape) * 0.2)
+    model.save_pretrained(folder)
+    model.generation_config.save_pretrained(folder)
+    vocab = {f"t{i}": i for i in range(96)}
+    vocab["<unk>"] = 3
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="t1", eos_token="t2", unk_token="<unk>",
+                                         pad_token="t0").save_pretrained(folder)
+
+
+def main() -> int:
+    import onnxruntime_genai
+    with tempfile.TemporaryDirectory() as tmp:
+        hf, out = Path(tmp) / "hf", Path(tmp) / "out"
+        build_hf(hf)
+        subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(out),
+                        "-p", "fp32", "-e", "cpu", "-c", str(Path(tmp) / "cache")], check=True,
+                       stdout=subprocess.DEVNULL)
+        if OUT.exists():
+            shutil.rmtree(OUT)
+        shutil.copytree(out, OUT)
+    manifest_path = MODELS / "MANIFEST.json"
+    manifest = json.loads(manifest_path.read_text())
+    import onnx
+    opset = next(o.version for o in onnx.load(str(OUT / "model.onnx"), load_external_data=False).opset_import
+                 if o.domain in ("", "ai.onnx"))
+    manifest["models"]["llama-genai/model.onnx"] = {
+        "family": "Llama", "exporter": "genai-builder", "attention": "GroupQueryAttention", "opset": opset,
+        "command": "python tools/export_genai.py", "onnxruntime-genai": onnxruntime_genai.__version__,
+        "kv_cache": True,
+    }
+    manifest["models"] = dict(sorted(manifest["models"].items()))
+    manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
+    print(f"ok   {OUT.relative_to(MODELS.parent)}: {', '.join(sorted(p.name for p in OUT.iterdir()))}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
