@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -10,7 +12,7 @@ import onnx
 from . import plan as planning
 from .block import AttentionBlock, MatchResult
 from .errors import MatchError, PlanError
-from .io import to_graph
+from .io import load_tensors, to_graph
 from .match import match_graph
 from .probe import probe, synth_inputs
 from .rewrite import Rewriter, check_model, dead_nodes, export
@@ -60,12 +62,17 @@ def inspect_model(model: onnx.ModelProto) -> MatchResult:
 def prune_model(model: onnx.ModelProto, ratio=None, *, kept: dict[int, list[int]] | None = None,
                 heads_to_prune: dict[int, list[int]] | None = None, min_heads: int = 1,
                 importance: dict[int, np.ndarray] | None = None, verify: bool = True,
-                feeds: dict | None = None, gqa: str | None = None) -> PruneResult:
+                feeds: dict | None = None, gqa: str | None = None,
+                external_dir: str | os.PathLike | None = None) -> PruneResult:
     """Prune ``model``. Give ``ratio`` (with optional per-block ``importance``), or explicit ``kept`` heads,
     or ``heads_to_prune`` (the heads to remove, Hugging Face style). Blocks not named keep every head.
 
     ``gqa`` ("group" or "uniform") says how a ratio is applied to grouped-query blocks; by default
-    "group" when the model has a KV cache (whole KV heads go, so the cache shrinks), else "uniform"."""
+    "group" when the model has a KV cache (whole KV heads go, so the cache shrinks), else "uniform".
+
+    ``external_dir``: give it when ``model`` was loaded with ``load_external_data=False``, as the folder of
+    its data files. Only the attention weights are then read into memory; every other tensor stays a
+    reference to the original data file (``io.save_model_atomic`` copies those bytes by streaming)."""
     if sum(x is not None for x in (ratio, kept, heads_to_prune)) != 1:
         raise PlanError("give exactly one of ratio, kept, heads_to_prune")
     if ratio is not None:
@@ -75,12 +82,14 @@ def prune_model(model: onnx.ModelProto, ratio=None, *, kept: dict[int, list[int]
             raise PlanError(str(exc)) from None
     graph = to_graph(model)
     feeds = feeds if feeds is not None else synth_inputs(model)
-    shapes, values = probe(model, feeds)
+    shapes, values = probe(model, feeds, external_dir)
     result = match_graph(graph, shapes, values)
     if not result.blocks:
         detail = "; ".join(f"{m.node}: {m.reason}" for m in result.misses[:3])
         raise MatchError(f"0 attention blocks found ({detail})")
     blocks = result.blocks
+    if external_dir is not None:
+        load_tensors(model, graph, {t.name for b in blocks for t in b.tensors if t.constant}, external_dir)
     kv_cache = any(t.io for b in blocks for t in b.tensors)
     gqa = gqa or ("group" if kv_cache else "uniform")
     if heads_to_prune is not None:
@@ -107,8 +116,9 @@ def prune_model(model: onnx.ModelProto, ratio=None, *, kept: dict[int, list[int]
     for b in blocks:
         rewriter.plan(b, plans[b.index])       # every check first ...
     rewriter.commit()                           # ... then every edit
-    pruned = check_model(export(graph, model, dead), model) if any(
-        plans[b.index] != tuple(range(b.num_heads)) for b in blocks) else model
+    with contextlib.chdir(external_dir or "."):    # the checker finds external data files from there
+        pruned = check_model(export(graph, model, dead), model) if any(
+            plans[b.index] != tuple(range(b.num_heads)) for b in blocks) else model
     out = PruneResult(pruned, blocks, plans, applied, scores, count_params(model), count_params(pruned),
                       misses=result.misses, gqa=gqa, kv_cache=kv_cache,
                       io_keep=rewriter.io_keep)
@@ -117,6 +127,6 @@ def prune_model(model: onnx.ModelProto, ratio=None, *, kept: dict[int, list[int]
         runs = [feeds]
         if rewriter.io_keep:       # a KV cache: also a decode step on a non-empty past
             runs.append(synth_inputs(model, seed=1, batch=1, seq=1, past=3))
-        out.max_error = max(compare(masked, pruned, f, rewriter.io_keep) for f in runs)
+        out.max_error = max(compare(masked, pruned, f, rewriter.io_keep, external_dir) for f in runs)
     return out
 

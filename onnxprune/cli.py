@@ -107,13 +107,15 @@ def run_prune(argv) -> int:
         check_output_path(args.model, out, args.force)
     if args.report:
         check_output_path(args.model, args.report, False)
-    model = load_model(args.model)
+    external = uses_external_data(args.model)     # then weights stay on disk; only attention is read
+    model = load_model(args.model, external_data=not external)
+    where = args.model.parent if external else None
     if args.heads_to_prune:
         result = prune_model(model, heads_to_prune=load_heads_to_prune(args.heads_to_prune),
-                             verify=not args.no_verify, gqa=args.gqa)
+                             verify=not args.no_verify, gqa=args.gqa, external_dir=where)
     else:
         result = prune_model(model, args.ratio, min_heads=args.min_heads, verify=not args.no_verify,
-                             gqa=args.gqa)
+                             gqa=args.gqa, external_dir=where)
     folder = [] if args.dry_run else plan_folder(args.model, out, result)
     atol = args.atol if args.atol is not None else (1e-2 if _fp16(model) else 1e-4)
     if result.max_error is not None and not result.max_error <= atol:
@@ -122,7 +124,7 @@ def run_prune(argv) -> int:
     report = build_report(result, str(args.model), None if args.dry_run else str(out), args.ratio)
     print(format_table(report))
     if not args.dry_run:
-        save_model_atomic(result.model, out, external=uses_external_data(args.model))
+        save_model_atomic(result.model, out, external=external, external_dir=where)
         write_folder(folder)
         print(f"wrote {out}" + (f" and {len(folder)} more files in {out.parent}" if folder else ""))
         if not folder and configs_beside(args.model) and out.parent.resolve() == args.model.parent.resolve():

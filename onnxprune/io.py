@@ -16,7 +16,9 @@ from .errors import InputError
 TWO_GB = 2**31 - 1
 
 
-def load_model(path: str | os.PathLike) -> onnx.ModelProto:
+def load_model(path: str | os.PathLike, external_data: bool = True) -> onnx.ModelProto:
+    """Load and check ``path``. With ``external_data=False`` the weights stay in their data files (see
+    ``prune_model(external_dir=...)``); the check still finds them, as it works on the path."""
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: no such file")
@@ -25,20 +27,33 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     if path.stat().st_size == 0:
         raise InputError(f"{path}: file is empty")
     try:
-        model = onnx.load(str(path), load_external_data=True)
+        model = onnx.load(str(path), load_external_data=external_data)
     except (DecodeError, RuntimeError, ValueError, OSError) as exc:
         raise InputError(f"{path}: not a readable ONNX model ({type(exc).__name__}: "
                          f"{str(exc).splitlines()[0][:120] if str(exc) else 'truncated or corrupt'})") from None
     if not model.graph.node:
         raise InputError(f"{path}: not an ONNX model (no graph nodes; truncated or not ONNX?)")
     try:
-        onnx.checker.check_model(model)
+        onnx.checker.check_model(str(path))
     except onnx.checker.ValidationError as exc:
         # ops that onnx does not know (ONNX Runtime's contrib ops in the default domain, as the GenAI
         # builder writes them) are for ONNX Runtime to judge: the probe runs the model on it
         if not str(exc).startswith("No Op registered for"):
             raise InputError(f"{path}: invalid ONNX model: {str(exc).splitlines()[0][:160]}") from None
     return model
+
+
+def load_tensors(model: onnx.ModelProto, graph: gs.Graph, names: set[str], base_dir: str | os.PathLike):
+    """Read the external data of the named initializers into the model and its graph, and only those."""
+    from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data as external
+    tensors = graph.tensors()
+    for init in model.graph.initializer:
+        if init.name in names and external(init):
+            load_external_data_for_tensor(init, str(base_dir))
+            init.data_location = onnx.TensorProto.DEFAULT
+            del init.external_data[:]
+            if init.name in tensors:
+                tensors[init.name].data_location = None     # graphsurgeon would export it as external
 
 
 def to_graph(model: onnx.ModelProto) -> gs.Graph:
@@ -73,20 +88,36 @@ def publish(tmp: str | Path, out: Path):
 def uses_external_data(path: str | os.PathLike) -> bool:
     """Whether the model at ``path`` keeps its weights in an external data file."""
     from onnx.external_data_helper import uses_external_data as external
-    model = onnx.load(str(path), load_external_data=False)
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:      # not readable: load_model says why
+        return False
     return any(external(t) for t in model.graph.initializer)
 
 
-def save_model_atomic(model: onnx.ModelProto, out: Path, external: bool = False):
+def save_model_atomic(model: onnx.ModelProto, out: Path, external: bool = False,
+                      external_dir: str | os.PathLike | None = None):
     """Write ``out`` (and ``out.name + ".data"`` when ``external`` or above 2 GB) through temporary files
     beside it, renamed into place: never half a model, and a fresh data file, never appended to an old one
-    (onnx.save appends to an existing data file)."""
+    (onnx.save appends to an existing data file).
+
+    Tensors that still refer to the input's data file (a model loaded without its external data, from
+    ``external_dir``) are copied from there in chunks, so that no weight is ever held twice in memory.
+    Tensors stored in that way are updated in ``model`` to point at the new file.
+    """
+    from onnx.external_data_helper import uses_external_data as is_external
     out = Path(out)
-    external = external or model.ByteSize() > TWO_GB
+    lazy = external_dir is not None and any(is_external(t) for t in model.graph.initializer)
+    external = external or lazy or model.ByteSize() > TWO_GB
     tmpdir = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         tmp = tmpdir / out.name
-        if external:
+        if lazy:
+            data = out.name + ".data"
+            _stream_external(model, tmpdir / data, data, Path(external_dir))
+            onnx.save(model, str(tmp))
+            publish(tmpdir / data, out.parent / data)
+        elif external:
             data = out.name + ".data"
             onnx.save(model, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True, location=data,
                       size_threshold=1024)
@@ -96,3 +127,78 @@ def save_model_atomic(model: onnx.ModelProto, out: Path, external: bool = False)
         publish(tmp, out)
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+_CHUNK = 64 << 20
+_ALIGN = 64 << 10          # large tensors start on a 64 KiB boundary, as onnx aligns them (mmap-friendly)
+
+
+def _stream_external(model: onnx.ModelProto, path: Path, location: str, src_dir: Path):
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data as is_external
+    tensors = list(model.graph.initializer)
+    total = sum(ExternalDataInfo(t).length if is_external(t) else len(t.raw_data) for t in tensors)
+    progress = Progress(total, f"writing {path.name}")
+    with open(path, "wb") as f:
+        for t in tensors:
+            if is_external(t):
+                info = ExternalDataInfo(t)
+                length = info.length if info.length else (src_dir / info.location).stat().st_size - info.offset
+                offset = _pad(f, length)
+                with open(src_dir / info.location, "rb") as src:
+                    src.seek(info.offset)
+                    left = length
+                    while left:
+                        chunk = src.read(min(_CHUNK, left))
+                        if not chunk:
+                            raise InputError(f"{src_dir / info.location}: shorter than tensor {t.name!r} needs")
+                        f.write(chunk)
+                        left -= len(chunk)
+                        progress.advance(len(chunk))
+            elif t.HasField("raw_data") and len(t.raw_data) >= 1024:
+                length = len(t.raw_data)
+                offset = _pad(f, length)
+                f.write(t.raw_data)
+                t.ClearField("raw_data")
+                progress.advance(length)
+            else:
+                continue
+            del t.external_data[:]
+            for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
+                entry = t.external_data.add()
+                entry.key, entry.value = key, value
+            t.data_location = onnx.TensorProto.EXTERNAL
+    progress.done()
+
+
+def _pad(f, length: int) -> int:
+    pos = f.tell()
+    if length >= (1 << 20) and pos % _ALIGN:
+        f.write(b"\0" * (_ALIGN - pos % _ALIGN))
+    return f.tell()
+
+
+class Progress:
+    """A one-line progress bar on stderr, shown only on a terminal and only for long work."""
+
+    def __init__(self, total: int, label: str, min_total: int = 256 << 20):
+        import sys
+        self.total, self.label, self.done_bytes = total, label, 0
+        self.stream = sys.stderr
+        self.on = total >= min_total and self.stream.isatty()
+        self.last = -1
+
+    def advance(self, n: int):
+        self.done_bytes += n
+        if not self.on:
+            return
+        pct = int(100 * self.done_bytes / max(self.total, 1))
+        if pct != self.last:
+            self.last = pct
+            bar = "#" * (pct // 4)
+            self.stream.write(f"\r{self.label} [{bar:<25}] {pct:3d}% of {self.total / 2**30:.2f} GB")
+            self.stream.flush()
+
+    def done(self):
+        if self.on:
+            self.stream.write("\n")
+            self.stream.flush()

@@ -7,6 +7,7 @@ intermediate tensor exposed as a graph output answers all of that exactly.
 
 from __future__ import annotations
 
+import os
 import re
 
 import numpy as np
@@ -101,10 +102,16 @@ def synth_inputs(model: onnx.ModelProto, seed: int = 0, batch: int = BATCH, seq:
     return feeds
 
 
-def session(model: onnx.ModelProto | bytes | str, optimize: bool = False, providers=None):
-    """An ORT CPU session with graph optimizations off (so ORT's fusions cannot hide a bug)."""
+def session(model: onnx.ModelProto | bytes | str, optimize: bool = False, providers=None,
+            external_dir: str | os.PathLike | None = None):
+    """An ORT CPU session with graph optimizations off (so ORT's fusions cannot hide a bug).
+
+    ``external_dir``: the folder of the external data files that ``model`` (loaded without them) refers to.
+    """
     import onnxruntime as ort
     opts = ort.SessionOptions()
+    if external_dir is not None:
+        opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(external_dir))
     opts.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
                                      else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
     opts.log_severity_level = 3
@@ -112,7 +119,8 @@ def session(model: onnx.ModelProto | bytes | str, optimize: bool = False, provid
     return ort.InferenceSession(src, opts, providers=providers or ["CPUExecutionProvider"])
 
 
-def probe(model: onnx.ModelProto, feeds: dict[str, np.ndarray] | None = None):
+def probe(model: onnx.ModelProto, feeds: dict[str, np.ndarray] | None = None,
+          external_dir: str | os.PathLike | None = None):
     """Shape of every tensor in the main graph from one run, and the values of the small integer ones.
 
     Returns ``(shapes, values)``: ``shapes`` covers initializers too; ``values`` holds the integer tensors
@@ -138,7 +146,7 @@ def probe(model: onnx.ModelProto, feeds: dict[str, np.ndarray] | None = None):
                                 else onnx.ValueInfoProto(name=out))
                 have.add(out)
     try:
-        sess = session(probe)
+        sess = session(probe, external_dir=external_dir)
         names = [o.name for o in sess.get_outputs()]
         values = sess.run(names, feeds)
     except Exception as exc:

@@ -43,8 +43,8 @@ def masked_model(model: onnx.ModelProto, blocks: list[AttentionBlock], kept: dic
     return masked
 
 
-def run(model: onnx.ModelProto, feeds: dict) -> dict[str, np.ndarray]:
-    sess = session(model)
+def run(model: onnx.ModelProto, feeds: dict, external_dir=None) -> dict[str, np.ndarray]:
+    sess = session(model, external_dir=external_dir)
     names = [o.name for o in sess.get_outputs()]
     return dict(zip(names, sess.run(names, feeds)))
 
@@ -60,16 +60,17 @@ def max_abs_diff(reference: dict, candidate: dict) -> float:
     return worst
 
 
-def compare(masked: onnx.ModelProto, pruned: onnx.ModelProto, feeds: dict, io_keep: dict) -> float:
+def compare(masked: onnx.ModelProto, pruned: onnx.ModelProto, feeds: dict, io_keep: dict,
+            external_dir=None) -> float:
     """Largest difference between the masked original and the pruned model. Inputs and outputs whose head
     dimension shrank (a KV cache) are compared on the kept heads: the pruned model gets those heads of the
     inputs, and its outputs are set against those heads of the reference's."""
     def keep(arrays):
         return {k: _take(v, io_keep[k]) if k in io_keep else v for k, v in arrays.items()}
 
-    reference = keep(run(masked, feeds))
+    reference = keep(run(masked, feeds, external_dir))
     try:
-        candidate = run(pruned, keep(feeds))
+        candidate = run(pruned, keep(feeds), external_dir)
     except Exception as exc:   # onnxruntime raises its own types; report one line, write nothing
         raise VerifyError(f"the pruned model does not run on onnxruntime: {str(exc).splitlines()[0][:240]}") \
             from None
