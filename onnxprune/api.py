@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 from dataclasses import dataclass, field
 
@@ -12,7 +13,7 @@ import onnx
 from . import plan as planning
 from .block import AttentionBlock, MatchResult
 from .errors import MatchError, PlanError
-from .io import load_tensors, to_graph
+from .io import attach_external, to_graph
 from .match import match_graph
 from .probe import probe, synth_inputs
 from .rewrite import Rewriter, check_model, dead_nodes, export
@@ -59,6 +60,20 @@ def inspect_model(model: onnx.ModelProto) -> MatchResult:
     return match_graph(graph, shapes, values)
 
 
+UNSUPPORTED_OPS = {
+    "MatMulNBits": "its weights are int4/int8 blocks (ORT GenAI builder -p int4); prune the fp32 or fp16 "
+                   "model, then quantize it (onnxruntime.quantization.matmul_nbits_quantizer)",
+}
+
+
+def _refuse_unsupported(model: onnx.ModelProto):
+    """Say it at once, before any work, when the model holds an op that pruning cannot rewrite yet."""
+    for node in model.graph.node:
+        why = UNSUPPORTED_OPS.get(node.op_type)
+        if why:
+            raise MatchError(f"{node.op_type} node {node.name or node.output[0]!r} is not supported yet: {why}")
+
+
 def prune_model(model: onnx.ModelProto, ratio=None, *, kept: dict[int, list[int]] | None = None,
                 heads_to_prune: dict[int, list[int]] | None = None, min_heads: int = 1,
                 importance: dict[int, np.ndarray] | None = None, verify: bool = True,
@@ -80,6 +95,7 @@ def prune_model(model: onnx.ModelProto, ratio=None, *, kept: dict[int, list[int]
             planning.exact_ratio(ratio)
         except ValueError as exc:
             raise PlanError(str(exc)) from None
+    _refuse_unsupported(model)
     graph = to_graph(model)
     feeds = feeds if feeds is not None else synth_inputs(model)
     shapes, values = probe(model, feeds, external_dir)
@@ -89,7 +105,7 @@ def prune_model(model: onnx.ModelProto, ratio=None, *, kept: dict[int, list[int]
         raise MatchError(f"0 attention blocks found ({detail})")
     blocks = result.blocks
     if external_dir is not None:
-        load_tensors(model, graph, {t.name for b in blocks for t in b.tensors if t.constant}, external_dir)
+        attach_external(graph, external_dir)
     kv_cache = any(t.io for b in blocks for t in b.tensors)
     gqa = gqa or ("group" if kv_cache else "uniform")
     if heads_to_prune is not None:
@@ -122,11 +138,13 @@ def prune_model(model: onnx.ModelProto, ratio=None, *, kept: dict[int, list[int]
     out = PruneResult(pruned, blocks, plans, applied, scores, count_params(model), count_params(pruned),
                       misses=result.misses, gqa=gqa, kv_cache=kv_cache,
                       io_keep=rewriter.io_keep)
+    del graph, rewriter, dead         # the sliced weights now live in ``pruned`` only: free the graph's copies
+    gc.collect()
     if verify:
-        masked = masked_model(model, list(blocks), plans)
+        masked = masked_model(model, list(blocks), plans, external_dir)
         runs = [feeds]
-        if rewriter.io_keep:       # a KV cache: also a decode step on a non-empty past
+        if out.io_keep:            # a KV cache: also a decode step on a non-empty past
             runs.append(synth_inputs(model, seed=1, batch=1, seq=1, past=3))
-        out.max_error = max(compare(masked, pruned, f, rewriter.io_keep, external_dir) for f in runs)
+        out.max_error = max(compare(masked, pruned, f, out.io_keep, external_dir) for f in runs)
     return out
 

@@ -7,6 +7,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 from google.protobuf.message import DecodeError
@@ -43,17 +44,24 @@ def load_model(path: str | os.PathLike, external_data: bool = True) -> onnx.Mode
     return model
 
 
-def load_tensors(model: onnx.ModelProto, graph: gs.Graph, names: set[str], base_dir: str | os.PathLike):
-    """Read the external data of the named initializers into the model and its graph, and only those."""
-    from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data as external
-    tensors = graph.tensors()
-    for init in model.graph.initializer:
-        if init.name in names and external(init):
-            load_external_data_for_tensor(init, str(base_dir))
-            init.data_location = onnx.TensorProto.DEFAULT
-            del init.external_data[:]
-            if init.name in tensors:
-                tensors[init.name].data_location = None     # graphsurgeon would export it as external
+def attach_external(graph: gs.Graph, base_dir: str | os.PathLike):
+    """Let the graph's constants whose data sits in external files be read from ``base_dir``, on demand and
+    without being kept (``headflow.const_value``): only the attention weights are ever read, one at a time,
+    and the others are written out by streaming their bytes (``save_model_atomic``)."""
+    from onnx.external_data_helper import uses_external_data as external
+    for t in graph.tensors().values():
+        lazy = getattr(t, "_values", None)
+        if isinstance(t, gs.Constant) and hasattr(lazy, "tensor") and external(lazy.tensor):
+            lazy.base_dir = str(base_dir)
+
+
+def read_external(tensor: onnx.TensorProto, base_dir: str) -> np.ndarray:
+    from onnx.external_data_helper import ExternalDataInfo
+    info = ExternalDataInfo(tensor)
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
+    count = int(np.prod(tensor.dims)) if tensor.dims else 1
+    arr = np.fromfile(Path(base_dir) / info.location, dtype=dtype, count=count, offset=info.offset)
+    return arr.reshape(tuple(tensor.dims))
 
 
 def to_graph(model: onnx.ModelProto) -> gs.Graph:

@@ -112,11 +112,87 @@ def session(model: onnx.ModelProto | bytes | str, optimize: bool = False, provid
     opts = ort.SessionOptions()
     if external_dir is not None:
         opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(external_dir))
+    opts.add_session_config_entry("session.disable_prepacking", "1")    # no second copy of every weight
     opts.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
                                      else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
     opts.log_severity_level = 3
-    src = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
-    return ort.InferenceSession(src, opts, providers=providers or ["CPUExecutionProvider"])
+    if isinstance(model, onnx.ModelProto):
+        model, arrays = _hand_over_weights(model)
+        if arrays:     # ORT reads them in place: no serialized copy, no parsed copy
+            opts.add_external_initializers(list(arrays), [ort.OrtValue.ortvalue_from_numpy(a)
+                                                          for a in arrays.values()])
+        sess = ort.InferenceSession(model.SerializeToString(), opts,
+                                    providers=providers or ["CPUExecutionProvider"])
+        sess._onnxprune_keep = arrays      # the session borrows them
+        return sess
+    return ort.InferenceSession(model, opts, providers=providers or ["CPUExecutionProvider"])
+
+
+def _hand_over_weights(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """Split the large in-memory initializers off ``model``: (the rest, {name: array})."""
+    big = [i for i in model.graph.initializer if len(i.raw_data) >= STAND_IN_BYTES]
+    if not big:
+        return model, {}
+    from onnx import numpy_helper
+    rest = onnx.ModelProto()
+    for field in ("ir_version", "producer_name", "producer_version", "domain", "model_version"):
+        setattr(rest, field, getattr(model, field))
+    rest.opset_import.extend(model.opset_import)
+    rest.functions.extend(model.functions)
+    g, src = rest.graph, model.graph
+    g.name = src.name
+    for part in ("node", "input", "output", "value_info", "sparse_initializer"):
+        getattr(g, part).extend(getattr(src, part))
+    names = {i.name for i in big}
+    g.initializer.extend(i for i in src.initializer if i.name not in names)
+    for i in big:      # declared as external: the session gets the values from add_external_initializers
+        t = g.initializer.add(name=i.name, data_type=i.data_type, dims=i.dims,
+                              data_location=onnx.TensorProto.EXTERNAL)
+        for key, value in (("location", "onnxprune-in-memory"), ("offset", "0"), ("length", str(len(i.raw_data)))):
+            entry = t.external_data.add()
+            entry.key, entry.value = key, value
+    return rest, {i.name: numpy_helper.to_array(i) for i in big}
+
+
+STAND_IN_BYTES = 1 << 20
+
+
+def _light_copy(model: onnx.ModelProto) -> tuple[onnx.ModelProto, set[str]]:
+    """A copy of ``model`` for probing, without its large weights.
+
+    Shapes do not depend on weight values, so every floating-point initializer of 1 MiB or more is replaced
+    by an ``Expand`` of one small value to its shape: the probe then neither copies nor reads the weights
+    (a model above 2 GB is probed in the memory of its activations), and ONNX Runtime frees each stand-in
+    after its last use. Integer tensors (shapes, indices) stay real. Returns the copy and the stand-ins.
+    """
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data as external
+    probe = onnx.ModelProto()
+    for field in ("ir_version", "producer_name", "producer_version", "domain", "model_version"):
+        setattr(probe, field, getattr(model, field))
+    probe.opset_import.extend(model.opset_import)
+    probe.functions.extend(model.functions)
+    g, src = probe.graph, model.graph
+    g.name = src.name
+    g.input.extend(src.input)
+    g.output.extend(src.output)
+    g.sparse_initializer.extend(src.sparse_initializer)
+    stand_ins, nodes = set(), []
+    inputs = {i.name for i in src.input}
+    floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE}
+    for init in src.initializer:
+        size = ExternalDataInfo(init).length if external(init) else len(init.raw_data)
+        if init.data_type in floats and size >= STAND_IN_BYTES and init.name not in inputs:
+            value = helper.make_tensor(f"{init.name}__value", init.data_type, [], [0.02])
+            shape = helper.make_tensor(f"{init.name}__shape", onnx.TensorProto.INT64, [len(init.dims)], list(init.dims))
+            g.initializer.extend([value, shape])
+            nodes.append(helper.make_node("Expand", [value.name, shape.name], [init.name],
+                                          name=f"{init.name}__stand_in"))
+            stand_ins.add(init.name)
+        else:
+            g.initializer.append(init)
+    g.node.extend(nodes)
+    g.node.extend(src.node)
+    return probe, stand_ins
 
 
 def probe(model: onnx.ModelProto, feeds: dict[str, np.ndarray] | None = None,
@@ -127,17 +203,15 @@ def probe(model: onnx.ModelProto, feeds: dict[str, np.ndarray] | None = None,
     of at most 64 elements (shape vectors and the like), which the shape tracer reads.
     """
     feeds = feeds if feeds is not None else synth_inputs(model)
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
+    probe, stand_ins = _light_copy(model)
     g = probe.graph
-    del g.value_info[:]
     try:
         inferred = onnx.shape_inference.infer_shapes(probe).graph
         types = {v.name: v.type.tensor_type.elem_type for v in
                  list(inferred.value_info) + list(inferred.output) + list(inferred.input)}
     except Exception:   # shape inference is only a source of element types here
         types = {}
-    have = {o.name for o in g.output}
+    have = {o.name for o in g.output} | stand_ins
     for node in g.node:
         for out in node.output:
             if out and out not in have:

@@ -18,6 +18,7 @@ import onnx_graphsurgeon as gs
 
 from .block import AttentionBlock
 from .errors import PlanError, RewriteError
+from . import probe as probe_module
 from .match import shape_expr
 from .match.headflow import _norm_axis, const_value
 
@@ -111,6 +112,11 @@ def _period(keep: np.ndarray, size: int) -> int | None:
     return None
 
 
+def _set_values(const: gs.Constant, values: np.ndarray):
+    const.values = values
+    const.data_location = None      # now in memory, even if the original sat in an external file
+
+
 def _declare_shape(tensor, new_shape):
     """A graph input/output keeps its symbolic sizes; only the fixed sizes that changed are rewritten."""
     if tensor.shape is None:
@@ -170,7 +176,7 @@ class Rewriter:
         shared = any(c.name not in block_nodes for c in consumers) or tensor in self.graph.outputs
         if isinstance(tensor, gs.Constant) and not shared:
             self.changed_initializers.add(tensor.name)
-            self.edits.append(lambda t=tensor, v=new: setattr(t, "values", v))
+            self.edits.append(lambda t=tensor, v=new: _set_values(t, v))
             return
         replacement = gs.Constant(f"{tensor.name}__pruned{next(_fresh)}", new)
 
@@ -444,14 +450,50 @@ def _keep_output_ranks(model: onnx.ModelProto, original: onnx.ModelProto):
         tt.shape.CopyFrom(known[out.name].type.tensor_type.shape)   # graph outputs never carry heads
 
 
+def _weightless(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with every floating-point initializer of 1 MiB or more turned into a graph input of the same
+    type and shape. The checks read types and shapes, not weight values: checking this copy costs the
+    memory of the graph, not of the weights (and works for models above 2 GB)."""
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data as external
+    light = onnx.ModelProto()
+    _copy_without_initializers(model, light)
+    inputs = {i.name for i in model.graph.input}
+    for init in model.graph.initializer:
+        size = ExternalDataInfo(init).length if external(init) else len(init.raw_data)
+        if init.data_type in _FLOATS and size >= probe_module.STAND_IN_BYTES and init.name not in inputs:
+            light.graph.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+        else:
+            light.graph.initializer.append(init)
+    return light
+
+
+_FLOATS = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE}
+
+
+def _copy_without_initializers(model: onnx.ModelProto, light: onnx.ModelProto):
+    for field in ("ir_version", "producer_name", "producer_version", "domain", "model_version", "doc_string"):
+        setattr(light, field, getattr(model, field))
+    light.opset_import.extend(model.opset_import)
+    light.functions.extend(model.functions)
+    light.metadata_props.extend(model.metadata_props)
+    g, src = light.graph, model.graph
+    g.name, g.doc_string = src.name, src.doc_string
+    g.node.extend(src.node)
+    g.input.extend(src.input)
+    g.output.extend(src.output)
+    g.value_info.extend(src.value_info)
+    g.sparse_initializer.extend(src.sparse_initializer)
+
+
 def _strict_check(model: onnx.ModelProto) -> onnx.ModelProto:
-    inferred = onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True, data_prop=True)
+    inferred = onnx.shape_inference.infer_shapes(_weightless(model), check_type=True, strict_mode=True,
+                                                 data_prop=True)
     onnx.checker.check_model(inferred, full_check=True)
-    return inferred
+    return model
 
 
 def _plain_check(model: onnx.ModelProto) -> onnx.ModelProto:
-    onnx.checker.check_model(model)
+    onnx.checker.check_model(_weightless(model))
     return model
 
 
@@ -460,7 +502,7 @@ def _first_line(exc: Exception) -> str:
 
 
 def check_model(model: onnx.ModelProto, original: onnx.ModelProto | None = None) -> onnx.ModelProto:
-    """Strict shape inference and the full checker; returns the model with inferred value_info.
+    """Strict shape inference and the full checker (on a copy without the large weights); returns ``model``.
 
     No check can ask more of the output than of the input: when the original fails the strict checks
     (ONNX Runtime's contrib ops that the GenAI builder puts in the default domain, unknown to onnx), the

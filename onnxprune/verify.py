@@ -6,9 +6,11 @@ from __future__ import annotations
 import numpy as np
 import onnx
 from onnx import numpy_helper
+from onnx.external_data_helper import uses_external_data
 
 from .block import AttentionBlock
 from .errors import VerifyError
+from .io import read_external
 from .probe import session
 
 
@@ -22,8 +24,10 @@ def _find_constant(model: onnx.ModelProto, name: str):
     raise KeyError(name)
 
 
-def masked_model(model: onnx.ModelProto, blocks: list[AttentionBlock], kept: dict[int, tuple]) -> onnx.ModelProto:
-    """A copy of ``model`` with the rows of W_o that belong to dropped heads set to zero."""
+def masked_model(model: onnx.ModelProto, blocks: list[AttentionBlock], kept: dict[int, tuple],
+                 external_dir=None) -> onnx.ModelProto:
+    """A copy of ``model`` with the rows of W_o that belong to dropped heads set to zero. The masked
+    weights are stored in the copy; other external data stays where it is (``external_dir``)."""
     masked = onnx.ModelProto()
     masked.CopyFrom(model)
     for block in blocks:
@@ -33,7 +37,12 @@ def masked_model(model: onnx.ModelProto, blocks: list[AttentionBlock], kept: dic
             continue
         o = block.o_proj
         proto, _ = _find_constant(masked, o.weight)
-        arr = numpy_helper.to_array(proto).copy()
+        if uses_external_data(proto):
+            arr = read_external(proto, external_dir)
+            proto.data_location = onnx.TensorProto.DEFAULT
+            del proto.external_data[:]
+        else:
+            arr = numpy_helper.to_array(proto).copy()
         owner = block.tensor(o.weight).owner
         idx = np.flatnonzero(np.isin(owner, list(dropped)))
         index = [slice(None)] * arr.ndim

@@ -61,8 +61,13 @@ SELECTORS = {"Gather", "GatherND", "Slice"}
 
 
 def const_value(t) -> np.ndarray | None:
-    """The value of a constant tensor: an initializer or the output of a Constant node."""
+    """The value of a constant tensor: an initializer or the output of a Constant node. Data in an external
+    file (``io.attach_external``) is read from disk each time, never kept."""
     if isinstance(t, gs.Constant):
+        lazy = getattr(t, "_values", None)
+        if getattr(lazy, "base_dir", None):
+            from ..io import read_external
+            return read_external(lazy.tensor, lazy.base_dir)
         return np.asarray(t.values)
     if len(t.inputs) == 1 and t.inputs[0].op == "Constant":
         attrs = t.inputs[0].attrs
