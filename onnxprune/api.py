@@ -139,12 +139,40 @@ def prune_model(model: onnx.ModelProto, ratio=None, *, kept: dict[int, list[int]
                       misses=result.misses, gqa=gqa, kv_cache=kv_cache,
                       io_keep=rewriter.io_keep)
     del graph, rewriter, dead         # the sliced weights now live in ``pruned`` only: free the graph's copies
-    gc.collect()
+    release_memory()
     if verify:
         masked = masked_model(model, list(blocks), plans, external_dir)
-        runs = [feeds]
-        if out.io_keep:            # a KV cache: also a decode step on a non-empty past
-            runs.append(synth_inputs(model, seed=1, batch=1, seq=1, past=3))
-        out.max_error = max(compare(masked, pruned, f, out.io_keep, external_dir) for f in runs)
+        out.max_error = max(compare(masked, pruned, f, out.io_keep, external_dir)
+                            for f in _verification_feeds(model, feeds, out.io_keep))
     return out
+
+
+def release_memory():
+    """Collect, and hand freed heap back to the system (glibc keeps it otherwise), before ONNX Runtime loads
+    a large model's weights for verification."""
+    gc.collect()
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _verification_feeds(model: onnx.ModelProto, feeds: dict | None, io_keep: dict) -> list[dict]:
+    runs = [feeds if feeds is not None else synth_inputs(model)]
+    if io_keep:            # a KV cache: also a decode step on a non-empty past
+        runs.append(synth_inputs(model, seed=1, batch=1, seq=1, past=3))
+    return runs
+
+
+def verify_saved(model: onnx.ModelProto, result: PruneResult, path: str | os.PathLike,
+                 external_dir: str | os.PathLike | None = None, feeds: dict | None = None) -> float:
+    """Pruning equals masking, checked on the pruned model as written at ``path`` (with its data file beside
+    it) rather than in memory: for a large model, neither model's weights are then held by Python while
+    ONNX Runtime runs the other."""
+    release_memory()
+    pruned = onnx.load(str(path), load_external_data=False)
+    masked = masked_model(model, list(result.blocks), result.kept, external_dir)
+    return max(compare(masked, pruned, f, result.io_keep, external_dir, pruned_dir=os.path.dirname(path))
+               for f in _verification_feeds(model, feeds, result.io_keep))
 

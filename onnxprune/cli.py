@@ -93,9 +93,9 @@ def run_inspect(argv) -> int:
 
 def run_prune(argv) -> int:
     args = _prune_parser().parse_args(argv)
-    from .api import prune_model
+    from .api import prune_model, verify_saved
     from .config import configs_beside, plan_folder, write_folder
-    from .io import check_output_path, load_model, save_model_atomic, uses_external_data
+    from .io import check_output_path, load_model, stage_model, uses_external_data
     from .report import build_report, format_table, write_json_atomic
     from .score import load_heads_to_prune
     if args.min_heads < 0:
@@ -110,26 +110,34 @@ def run_prune(argv) -> int:
     external = uses_external_data(args.model)     # then weights stay on disk; only attention is read
     model = load_model(args.model, external_data=not external)
     where = args.model.parent if external else None
+    # a large model is verified as written (in a temporary folder), not from memory
+    verify_saved_copy = external and not args.dry_run and not args.no_verify
+    options = dict(verify=not args.no_verify and not verify_saved_copy, gqa=args.gqa, external_dir=where)
     if args.heads_to_prune:
-        result = prune_model(model, heads_to_prune=load_heads_to_prune(args.heads_to_prune),
-                             verify=not args.no_verify, gqa=args.gqa, external_dir=where)
+        result = prune_model(model, heads_to_prune=load_heads_to_prune(args.heads_to_prune), **options)
     else:
-        result = prune_model(model, args.ratio, min_heads=args.min_heads, verify=not args.no_verify,
-                             gqa=args.gqa, external_dir=where)
+        result = prune_model(model, args.ratio, min_heads=args.min_heads, **options)
     folder = [] if args.dry_run else plan_folder(args.model, out, result)
     atol = args.atol if args.atol is not None else (1e-2 if _fp16(model) else 1e-4)
-    if result.max_error is not None and not result.max_error <= atol:
-        raise VerifyError(f"pruned model differs from the masked original by {result.max_error:.3g} "
-                          f"(> atol {atol}); nothing written")
-    report = build_report(result, str(args.model), None if args.dry_run else str(out), args.ratio)
-    print(format_table(report))
-    if not args.dry_run:
-        save_model_atomic(result.model, out, external=external, external_dir=where)
-        write_folder(folder)
-        print(f"wrote {out}" + (f" and {len(folder)} more files in {out.parent}" if folder else ""))
-        if not folder and configs_beside(args.model) and out.parent.resolve() == args.model.parent.resolve():
-            print(f"note: {', '.join(p.name for p in configs_beside(args.model))} still describe the original; "
-                  "write to another folder (-o DIR/) for a runnable pruned folder")
+    staged = None if args.dry_run else stage_model(result.model, out, external=external, external_dir=where)
+    try:
+        if verify_saved_copy:
+            result.max_error = verify_saved(model, result, staged.path, where)
+        if result.max_error is not None and not result.max_error <= atol:
+            raise VerifyError(f"pruned model differs from the masked original by {result.max_error:.3g} "
+                              f"(> atol {atol}); nothing written")
+        report = build_report(result, str(args.model), None if args.dry_run else str(out), args.ratio)
+        print(format_table(report))
+        if staged is not None:
+            staged.publish()
+            write_folder(folder)
+            print(f"wrote {out}" + (f" and {len(folder)} more files in {out.parent}" if folder else ""))
+            if not folder and configs_beside(args.model) and out.parent.resolve() == args.model.parent.resolve():
+                print(f"note: {', '.join(p.name for p in configs_beside(args.model))} still describe the "
+                      "original; write to another folder (-o DIR/) for a runnable pruned folder")
+    finally:
+        if staged is not None:
+            staged.discard()
     if args.report:
         write_json_atomic(report, args.report)
         print(f"wrote {args.report}")

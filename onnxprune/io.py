@@ -103,11 +103,35 @@ def uses_external_data(path: str | os.PathLike) -> bool:
     return any(external(t) for t in model.graph.initializer)
 
 
-def save_model_atomic(model: onnx.ModelProto, out: Path, external: bool = False,
-                      external_dir: str | os.PathLike | None = None):
-    """Write ``out`` (and ``out.name + ".data"`` when ``external`` or above 2 GB) through temporary files
-    beside it, renamed into place: never half a model, and a fresh data file, never appended to an old one
-    (onnx.save appends to an existing data file).
+class Staged:
+    """A model written to a temporary folder beside its destination, not yet in place: ``publish()`` renames
+    it (data file first, then the model), ``discard()`` removes it. Use as a context manager: leaving the
+    block without publishing discards."""
+
+    def __init__(self, tmpdir: Path, out: Path, data: str | None):
+        self.dir, self.out, self.data = tmpdir, out, data
+        self.path = tmpdir / out.name
+
+    def publish(self):
+        if self.data:
+            publish(self.dir / self.data, self.out.parent / self.data)
+        publish(self.path, self.out)
+        self.discard()
+
+    def discard(self):
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.discard()
+
+
+def stage_model(model: onnx.ModelProto, out: Path, external: bool = False,
+                external_dir: str | os.PathLike | None = None) -> Staged:
+    """Write ``out`` (and ``out.name + ".data"`` when ``external`` or above 2 GB) into a temporary folder
+    beside it. The data file is always fresh (onnx.save would append to an existing one).
 
     Tensors that still refer to the input's data file (a model loaded without its external data, from
     ``external_dir``) are copied from there in chunks, so that no weight is ever held twice in memory.
@@ -118,23 +142,26 @@ def save_model_atomic(model: onnx.ModelProto, out: Path, external: bool = False,
     lazy = external_dir is not None and any(is_external(t) for t in model.graph.initializer)
     external = external or lazy or model.ByteSize() > TWO_GB
     tmpdir = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    staged = Staged(tmpdir, out, out.name + ".data" if external else None)
     try:
-        tmp = tmpdir / out.name
         if lazy:
-            data = out.name + ".data"
-            _stream_external(model, tmpdir / data, data, Path(external_dir))
-            onnx.save(model, str(tmp))
-            publish(tmpdir / data, out.parent / data)
+            _stream_external(model, tmpdir / staged.data, staged.data, Path(external_dir))
+            onnx.save(model, str(staged.path))
         elif external:
-            data = out.name + ".data"
-            onnx.save(model, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True, location=data,
-                      size_threshold=1024)
-            publish(tmpdir / data, out.parent / data)
+            onnx.save(model, str(staged.path), save_as_external_data=True, all_tensors_to_one_file=True,
+                      location=staged.data, size_threshold=1024)
         else:
-            onnx.save(model, str(tmp))
-        publish(tmp, out)
-    finally:
-        shutil.rmtree(tmpdir, ignore_errors=True)
+            onnx.save(model, str(staged.path))
+    except BaseException:
+        staged.discard()
+        raise
+    return staged
+
+
+def save_model_atomic(model: onnx.ModelProto, out: Path, external: bool = False,
+                      external_dir: str | os.PathLike | None = None):
+    """``stage_model`` and publish: never half a model in place, and a fresh data file."""
+    stage_model(model, out, external, external_dir).publish()
 
 
 _CHUNK = 64 << 20

@@ -70,16 +70,17 @@ def max_abs_diff(reference: dict, candidate: dict) -> float:
 
 
 def compare(masked: onnx.ModelProto, pruned: onnx.ModelProto, feeds: dict, io_keep: dict,
-            external_dir=None) -> float:
+            external_dir=None, pruned_dir=None) -> float:
     """Largest difference between the masked original and the pruned model. Inputs and outputs whose head
     dimension shrank (a KV cache) are compared on the kept heads: the pruned model gets those heads of the
-    inputs, and its outputs are set against those heads of the reference's."""
+    inputs, and its outputs are set against those heads of the reference's. ``external_dir`` and
+    ``pruned_dir``: where the two models' external data files are."""
     def keep(arrays):
         return {k: _take(v, io_keep[k]) if k in io_keep else v for k, v in arrays.items()}
 
     reference = keep(run(masked, feeds, external_dir))
     try:
-        candidate = run(pruned, keep(feeds), external_dir)
+        candidate = run(pruned, keep(feeds), pruned_dir or external_dir)
     except Exception as exc:   # onnxruntime raises its own types; report one line, write nothing
         raise VerifyError(f"the pruned model does not run on onnxruntime: {str(exc).splitlines()[0][:240]}") \
             from None
