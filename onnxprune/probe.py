@@ -38,7 +38,7 @@ def _dim_value(dim, batch: int, seq: int, past: int, hints: dict[str, int]) -> i
 
 def _cache_hints(model: onnx.ModelProto) -> dict[str, int]:
     """Symbolic sizes that only the graph can tell: the head size of a KV cache ("kv_cache_dim"), read off
-    the GroupQueryAttention node that takes the cache and the packed QKV weight in front of it."""
+    the GroupQueryAttention node that takes the cache and the (packed or query) weight in front of it."""
     hints = {}
     inits = {i.name: i for i in model.graph.initializer}
     producers = {o: n for n in model.graph.node for o in n.output}
@@ -47,10 +47,12 @@ def _cache_hints(model: onnx.ModelProto) -> dict[str, int]:
         if node.op_type != "GroupQueryAttention" or len(node.input) < 5:
             continue
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        heads = attrs.get("num_heads", 0) + 2 * attrs.get("kv_num_heads", 0)
+        packed = not (len(node.input) > 1 and node.input[1])
+        # the query width is (H + 2 Hkv) * D when Q/K/V come packed, else H * D
+        heads = attrs.get("num_heads", 0) + (2 * attrs.get("kv_num_heads", 0) if packed else 0)
         mm = producers.get(node.input[0])
         weight = inits.get(mm.input[1]) if mm is not None and mm.op_type == "MatMul" else None
-        if weight is None or not heads or (node.input[1] if len(node.input) > 1 else ""):
+        if weight is None or not heads:
             continue
         for name in node.input[3:5]:
             if name in inputs:

@@ -65,3 +65,19 @@ def test_malformed_attention_is_rejected_cleanly(edit):
     with pytest.raises(OnnxPruneError) as info:
         prune_model(model, 0.5)
     assert "\n" not in str(info.value)
+
+
+def test_int4_matmulnbits_is_refused_before_any_work():
+    """MatMulNBits (ORT GenAI builder -p int4) cannot be sliced exactly yet: say so at once, plainly."""
+    from onnx import TensorProto
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 32])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16])
+    b = numpy_helper.from_array(np.zeros((16, 1, 16), np.uint8), "b")
+    scales = numpy_helper.from_array(np.ones(16, np.float32), "scales")
+    node = helper.make_node("MatMulNBits", ["x", "b", "scales"], ["y"], domain="com.microsoft", name="qkv_int4",
+                            K=32, N=16, bits=4, block_size=32)
+    model = helper.make_model(helper.make_graph([node], "g", [x], [y], [b, scales]),
+                              opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    with pytest.raises(OnnxPruneError) as info:
+        prune_model(model, 0.5)
+    assert "MatMulNBits" in str(info.value) and "qkv_int4" in str(info.value) and "quantize" in str(info.value)

@@ -17,7 +17,9 @@ from onnxprune.verify import masked_model
 
 og = pytest.importorskip("onnxruntime_genai")
 
-SRC = Path(__file__).resolve().parent.parent / "models" / "llama-genai"
+MODELS = Path(__file__).resolve().parent.parent / "models"
+SRC = MODELS / "llama-genai"                      # packed QKV
+FOLDERS = ["llama-genai", "llama-genai-separate"]  # packed, and separate Q/K/V projections
 PROMPT = [1, 5, 7, 9, 11]
 
 
@@ -36,19 +38,21 @@ def generate(folder: Path, steps: int = 12) -> list[int]:
     return [int(t) for t in gen.get_sequence(0)]
 
 
-def masked_folder(tmp_path: Path, blocks, kept) -> Path:
+def masked_folder(tmp_path: Path, src: Path, blocks, kept) -> Path:
     """The original folder with the dropped heads' output-projection rows zeroed."""
     folder = tmp_path / "masked"
-    shutil.copytree(SRC, folder)
-    model = onnx.load(str(SRC / "model.onnx"))
+    shutil.copytree(src, folder)
+    model = onnx.load(str(src / "model.onnx"))
     (folder / "model.onnx").unlink()
     (folder / "model.onnx.data").unlink()
     save_model_atomic(masked_model(model, list(blocks), kept), folder / "model.onnx", external=True)
     return folder
 
 
+@pytest.mark.parametrize("folder", FOLDERS)
 @pytest.mark.parametrize("gqa, heads, kv_heads", [("group", 4, 1), ("uniform", 4, 2)])
-def test_pruned_folder_generates_what_the_masked_original_generates(tmp_path, gqa, heads, kv_heads):
+def test_pruned_folder_generates_what_the_masked_original_generates(tmp_path, folder, gqa, heads, kv_heads):
+    SRC = MODELS / folder
     out = tmp_path / "pruned"
     out.mkdir()
     r = cli(SRC / "model.onnx", "--ratio", "0.5", "--gqa", gqa, "-o", f"{out}/", "--report", tmp_path / "r.json")
@@ -63,7 +67,7 @@ def test_pruned_folder_generates_what_the_masked_original_generates(tmp_path, gq
     assert report["gqa"] == gqa and report["kv_cache"] is True
     kept = {i: tuple(b["kept_heads"]) for i, b in enumerate(report["blocks"])}
     blocks = prune_model(onnx.load(str(SRC / "model.onnx")), kept=kept, verify=False).blocks
-    expected = generate(masked_folder(tmp_path, blocks, kept))
+    expected = generate(masked_folder(tmp_path, SRC, blocks, kept))
     got = generate(out)
     assert got == expected
     assert len(got) == len(PROMPT) + 12
@@ -88,5 +92,6 @@ def test_a_plan_the_config_cannot_hold_is_refused(tmp_path):
     assert list(out.iterdir()) == []
 
 
-def test_the_original_folder_generates():
-    assert len(generate(SRC)) == len(PROMPT) + 12
+@pytest.mark.parametrize("folder", FOLDERS)
+def test_the_original_folder_generates(folder):
+    assert len(generate(MODELS / folder)) == len(PROMPT) + 12

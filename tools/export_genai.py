@@ -1,4 +1,5 @@
-"""Make ``models/llama-genai/``: a tiny Llama built by ONNX Runtime GenAI's model builder.
+"""Make ``models/llama-genai/`` and ``models/llama-genai-separate/``: a tiny Llama built by ONNX Runtime
+GenAI's model builder, with a packed QKV projection and (``disable_qkv_fusion=true``) with separate ones.
 
 The builder writes the deployment graph that ``onnxruntime_genai`` runs: a packed QKV MatMul feeding
 ``com.microsoft.GroupQueryAttention`` with RoPE inside, a KV cache as graph inputs ``past_key_values.*``
@@ -23,7 +24,7 @@ import tempfile
 from pathlib import Path
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
-OUT = MODELS / "llama-genai"
+VARIANTS = {"llama-genai": [], "llama-genai-separate": ["--extra_options", "disable_qkv_fusion=true"]}
 
 
 def build_hf(folder: Path):
@@ -50,29 +51,31 @@ def build_hf(folder: Path):
 
 
 def main() -> int:
+    import onnx
     import onnxruntime_genai
-    with tempfile.TemporaryDirectory() as tmp:
-        hf, out = Path(tmp) / "hf", Path(tmp) / "out"
-        build_hf(hf)
-        subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(out),
-                        "-p", "fp32", "-e", "cpu", "-c", str(Path(tmp) / "cache")], check=True,
-                       stdout=subprocess.DEVNULL)
-        if OUT.exists():
-            shutil.rmtree(OUT)
-        shutil.copytree(out, OUT)
     manifest_path = MODELS / "MANIFEST.json"
     manifest = json.loads(manifest_path.read_text())
-    import onnx
-    opset = next(o.version for o in onnx.load(str(OUT / "model.onnx"), load_external_data=False).opset_import
-                 if o.domain in ("", "ai.onnx"))
-    manifest["models"]["llama-genai/model.onnx"] = {
-        "family": "Llama", "exporter": "genai-builder", "attention": "GroupQueryAttention", "opset": opset,
-        "command": "python tools/export_genai.py", "onnxruntime-genai": onnxruntime_genai.__version__,
-        "kv_cache": True,
-    }
+    with tempfile.TemporaryDirectory() as tmp:
+        hf = Path(tmp) / "hf"
+        build_hf(hf)
+        for name, extra in VARIANTS.items():
+            out, dest = Path(tmp) / name, MODELS / name
+            subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(out),
+                            "-p", "fp32", "-e", "cpu", "-c", str(Path(tmp) / "cache"), *extra], check=True,
+                           stdout=subprocess.DEVNULL)
+            if dest.exists():
+                shutil.rmtree(dest)
+            shutil.copytree(out, dest)
+            opset = next(o.version for o in onnx.load(str(dest / "model.onnx"), load_external_data=False).opset_import
+                         if o.domain in ("", "ai.onnx"))
+            manifest["models"][f"{name}/model.onnx"] = {
+                "family": "Llama", "exporter": "genai-builder", "attention": "GroupQueryAttention", "opset": opset,
+                "command": "python tools/export_genai.py", "builder_options": " ".join(extra),
+                "onnxruntime-genai": onnxruntime_genai.__version__, "kv_cache": True,
+            }
+            print(f"ok   models/{name}: {', '.join(sorted(p.name for p in dest.iterdir()))}")
     manifest["models"] = dict(sorted(manifest["models"].items()))
     manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
-    print(f"ok   {OUT.relative_to(MODELS.parent)}: {', '.join(sorted(p.name for p in OUT.iterdir()))}")
     return 0
 
 
