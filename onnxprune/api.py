@@ -54,9 +54,10 @@ _FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorPro
                 onnx.TensorProto.DOUBLE}
 
 
-def inspect_model(model: onnx.ModelProto) -> MatchResult:
+def inspect_model(model: onnx.ModelProto, external_dir: str | os.PathLike | None = None) -> MatchResult:
+    """The attention blocks of ``model`` and the explained misses (``external_dir`` as in prune_model)."""
     graph = to_graph(model)
-    shapes, values = probe(model)
+    shapes, values = probe(model, external_dir=external_dir)
     return match_graph(graph, shapes, values)
 
 

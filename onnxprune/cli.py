@@ -18,6 +18,11 @@ biases, packed QKV, Split sizes, Reshape/Expand shapes, per-head bias tables, at
 model is then run against the original with the dropped heads masked out (their output-projection rows
 zeroed) on ONNX Runtime CPU; nothing is written unless the outputs match.
 
+Plain torch.onnx exports (TorchScript and dynamo, with the ONNX Attention op too), ONNX Runtime's fused
+com.microsoft Attention / MultiHeadAttention / GroupQueryAttention and ORT GenAI builder folders are
+matched. Models with external data (above 2 GB) keep their weights on disk: only attention weights are
+read, and the output gets a fresh data file. fp16 stays fp16.
+
 examples:
   onnxprune models/bert-ts.onnx --ratio 0.5
   onnxprune model.onnx --ratio 0.25 -o small.onnx --report small.json
@@ -83,10 +88,12 @@ def _fp16(model) -> bool:
 
 def run_inspect(argv) -> int:
     from .api import inspect_model
-    from .io import load_model
+    from .io import load_model, uses_external_data
     from .report import format_inspect, inspect_json
     args = _inspect_parser().parse_args(argv)
-    result = inspect_model(load_model(args.model))
+    external = uses_external_data(args.model)      # weights stay on disk: inspecting reads none of them
+    result = inspect_model(load_model(args.model, external_data=not external),
+                           args.model.parent if external else None)
     print(json.dumps(inspect_json(result), indent=2) if args.json else format_inspect(result))
     return 0 if result.blocks else 3
 
