@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -60,7 +61,8 @@ def _prune_parser() -> argparse.ArgumentParser:
     how.add_argument("--ratio", type=_ratio, help="fraction of heads to remove in every block, in [0, 1]")
     how.add_argument("--heads-to-prune", type=Path, metavar="FILE",
                      help='JSON {"<block index>": [head, ...]} of heads to remove, blocks numbered as inspect lists')
-    p.add_argument("-o", "--output", type=Path, help="output path (default: <stem>.pruned.onnx beside MODEL)")
+    p.add_argument("-o", "--output", help="output path (default: <stem>.pruned.onnx beside MODEL); DIR/ writes a "
+                                          "pruned model folder: the model, updated config files, tokenizer...")
     p.add_argument("--report", type=Path, metavar="REPORT.json", help="write the per-block report as JSON")
     p.add_argument("--min-heads", type=int, default=1, metavar="N", help="keep at least N heads per block (1)")
     p.add_argument("--dry-run", action="store_true", help="match, plan and verify, but write no file")
@@ -107,11 +109,13 @@ def run_prune(argv) -> int:
     from .score import load_heads_to_prune
     if args.min_heads < 0:
         raise InputError("--min-heads must be >= 0")
-    out = args.output or args.model.with_name(f"{args.model.stem}.pruned.onnx")
-    if out.is_dir() or str(args.output or "").endswith(("/", "\\")):
+    folder_mode = bool(args.output) and (args.output.endswith(("/", os.sep)) or Path(args.output).is_dir())
+    out = Path(args.output) if args.output else args.model.with_name(f"{args.model.stem}.pruned.onnx")
+    if folder_mode:
         out = out / args.model.name          # a folder: the pruned model folder (configs, tokenizer...)
-    if not args.dry_run:
-        check_output_path(args.model, out, args.force)
+    if not args.dry_run:                     # a folder that does not exist yet is made in an existing one
+        missing = folder_mode and not out.parent.exists()
+        check_output_path(args.model, out.parent if missing else out, args.force)
     if args.report:
         check_output_path(args.model, args.report, False)
     external = uses_external_data(args.model)     # then weights stay on disk; only attention is read
@@ -124,10 +128,14 @@ def run_prune(argv) -> int:
         result = prune_model(model, heads_to_prune=load_heads_to_prune(args.heads_to_prune), **options)
     else:
         result = prune_model(model, args.ratio, min_heads=args.min_heads, **options)
-    folder = [] if args.dry_run else plan_folder(args.model, out, result)
+    folder = plan_folder(args.model, out, result) if folder_mode and not args.dry_run else []
     atol = args.atol if args.atol is not None else (1e-2 if _fp16(model) else 1e-4)
-    staged = None if args.dry_run else stage_model(result.model, out, external=external, external_dir=where)
+    made_dir = folder_mode and not args.dry_run and not out.parent.exists()
+    if made_dir:
+        out.parent.mkdir()
+    staged = None
     try:
+        staged = None if args.dry_run else stage_model(result.model, out, external=external, external_dir=where)
         if verify_saved_copy:
             result.max_error = verify_saved(model, result, staged.path, where)
         if result.max_error is not None and not result.max_error <= atol:
@@ -142,6 +150,12 @@ def run_prune(argv) -> int:
             if not folder and configs_beside(args.model) and out.parent.resolve() == args.model.parent.resolve():
                 print(f"note: {', '.join(p.name for p in configs_beside(args.model))} still describe the "
                       "original; write to another folder (-o DIR/) for a runnable pruned folder")
+    except BaseException:
+        if staged is not None:
+            staged.discard()
+        if made_dir and not any(out.parent.iterdir()):
+            out.parent.rmdir()              # nothing of ours is left behind
+        raise
     finally:
         if staged is not None:
             staged.discard()

@@ -2,8 +2,8 @@
 ``config.json``. They hold one head count for every layer, so a pruned model folder needs them updated,
 and a plan whose layers differ in head count cannot be expressed in them.
 
-A pruned folder is written when the output goes to another directory than the input: the model, its
-external data, the updated configs, and a copy of every other file there (tokenizer and the like).
+A pruned folder is written when the output is a folder (``-o DIR/``): the model, its external data, the
+updated configs, and a copy of every other file of the input's folder (tokenizer and the like).
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ def head_counts(result) -> tuple[int, int, int]:
     if len(counts) != 1:
         per = ", ".join(f"{b.index}: {len(result.kept[b.index])}" for b in result.blocks)
         raise PlanError(f"the config files hold one head count for all layers, but this plan keeps different "
-                        f"counts per block ({per}); prune every block alike (--ratio) or write the model "
-                        f"where no config file is copied (-o beside the input)")
+                        f"counts per block ({per}); prune every block alike (--ratio) or write a single model file "
+                        f"(-o FILE.onnx) instead of a folder")
     return counts.pop()
 
 

@@ -134,3 +134,26 @@ def test_bad_input_is_one_line_and_writes_nothing(work, case):
 def test_help_teaches():
     r = cli("--help")
     assert r.returncode == 0 and "examples:" in r.stdout and "inspect" in r.stdout
+
+
+def test_a_file_output_elsewhere_copies_nothing_else(work, tmp_path_factory):
+    (work / "notes.txt").write_text("not part of the model")
+    other = tmp_path_factory.mktemp("other")
+    r = cli(work / "bert.onnx", "--ratio", "0.5", "-o", other / "small.onnx")
+    assert r.returncode == 0, r.stderr
+    assert [p.name for p in other.iterdir()] == ["small.onnx"]
+
+
+def test_a_folder_output_is_made_and_holds_the_folder(work, tmp_path_factory):
+    (work / "notes.txt").write_text("tokenizer and the like")
+    dest = tmp_path_factory.mktemp("other") / "pruned"
+    r = cli(work / "bert.onnx", "--ratio", "0.5", "-o", f"{dest}/")
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in dest.iterdir()) == ["bert.onnx", "notes.txt"]
+
+
+def test_a_failed_folder_output_leaves_no_folder(work, tmp_path_factory):
+    dest = tmp_path_factory.mktemp("other") / "pruned"
+    r = cli(work / "bert.onnx", "--ratio", "0.5", "-o", f"{dest}/", "--atol", "-1")
+    assert r.returncode == 6
+    assert not dest.exists()
