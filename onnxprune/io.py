@@ -44,6 +44,25 @@ def load_model(path: str | os.PathLike, external_data: bool = True) -> onnx.Mode
     return model
 
 
+def copy_without_initializers(model: onnx.ModelProto, value_info: bool = True) -> onnx.ModelProto:
+    """A copy of ``model`` with every field but the graph's initializers (and nodes), which the caller
+    fills: copying a model's weights is what the large-model path must never do."""
+    light = onnx.ModelProto()
+    for field in ("ir_version", "producer_name", "producer_version", "domain", "model_version", "doc_string"):
+        setattr(light, field, getattr(model, field))
+    light.opset_import.extend(model.opset_import)
+    light.functions.extend(model.functions)
+    light.metadata_props.extend(model.metadata_props)
+    g, src = light.graph, model.graph
+    g.name, g.doc_string = src.name, src.doc_string
+    g.input.extend(src.input)
+    g.output.extend(src.output)
+    g.sparse_initializer.extend(src.sparse_initializer)
+    if value_info:
+        g.value_info.extend(src.value_info)
+    return light
+
+
 def attach_external(graph: gs.Graph, base_dir: str | os.PathLike):
     """Let the graph's constants whose data sits in external files be read from ``base_dir``, on demand and
     without being kept (``headflow.const_value``): only the attention weights are ever read, one at a time,

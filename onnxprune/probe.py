@@ -136,15 +136,11 @@ def _hand_over_weights(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[st
     if not big:
         return model, {}
     from onnx import numpy_helper
-    rest = onnx.ModelProto()
-    for field in ("ir_version", "producer_name", "producer_version", "domain", "model_version"):
-        setattr(rest, field, getattr(model, field))
-    rest.opset_import.extend(model.opset_import)
-    rest.functions.extend(model.functions)
+
+    from .io import copy_without_initializers
+    rest = copy_without_initializers(model)
     g, src = rest.graph, model.graph
-    g.name = src.name
-    for part in ("node", "input", "output", "value_info", "sparse_initializer"):
-        getattr(g, part).extend(getattr(src, part))
+    g.node.extend(src.node)
     names = {i.name for i in big}
     g.initializer.extend(i for i in src.initializer if i.name not in names)
     for i in big:      # declared as external: the session gets the values from add_external_initializers
@@ -168,16 +164,10 @@ def _light_copy(model: onnx.ModelProto) -> tuple[onnx.ModelProto, set[str]]:
     after its last use. Integer tensors (shapes, indices) stay real. Returns the copy and the stand-ins.
     """
     from onnx.external_data_helper import ExternalDataInfo, uses_external_data as external
-    probe = onnx.ModelProto()
-    for field in ("ir_version", "producer_name", "producer_version", "domain", "model_version"):
-        setattr(probe, field, getattr(model, field))
-    probe.opset_import.extend(model.opset_import)
-    probe.functions.extend(model.functions)
+
+    from .io import copy_without_initializers
+    probe = copy_without_initializers(model, value_info=False)
     g, src = probe.graph, model.graph
-    g.name = src.name
-    g.input.extend(src.input)
-    g.output.extend(src.output)
-    g.sparse_initializer.extend(src.sparse_initializer)
     stand_ins, nodes = set(), []
     inputs = {i.name for i in src.input}
     floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE}

@@ -19,6 +19,7 @@ import onnx_graphsurgeon as gs
 from .block import AttentionBlock
 from .errors import PlanError, RewriteError
 from . import probe as probe_module
+from .io import copy_without_initializers
 from .match import shape_expr
 from .match.headflow import _norm_axis, const_value
 
@@ -455,8 +456,8 @@ def _weightless(model: onnx.ModelProto) -> onnx.ModelProto:
     type and shape. The checks read types and shapes, not weight values: checking this copy costs the
     memory of the graph, not of the weights (and works for models above 2 GB)."""
     from onnx.external_data_helper import ExternalDataInfo, uses_external_data as external
-    light = onnx.ModelProto()
-    _copy_without_initializers(model, light)
+    light = copy_without_initializers(model)
+    light.graph.node.extend(model.graph.node)
     inputs = {i.name for i in model.graph.input}
     for init in model.graph.initializer:
         size = ExternalDataInfo(init).length if external(init) else len(init.raw_data)
@@ -468,21 +469,6 @@ def _weightless(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 _FLOATS = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE}
-
-
-def _copy_without_initializers(model: onnx.ModelProto, light: onnx.ModelProto):
-    for field in ("ir_version", "producer_name", "producer_version", "domain", "model_version", "doc_string"):
-        setattr(light, field, getattr(model, field))
-    light.opset_import.extend(model.opset_import)
-    light.functions.extend(model.functions)
-    light.metadata_props.extend(model.metadata_props)
-    g, src = light.graph, model.graph
-    g.name, g.doc_string = src.name, src.doc_string
-    g.node.extend(src.node)
-    g.input.extend(src.input)
-    g.output.extend(src.output)
-    g.value_info.extend(src.value_info)
-    g.sparse_initializer.extend(src.sparse_initializer)
 
 
 def _strict_check(model: onnx.ModelProto) -> onnx.ModelProto:
