@@ -69,25 +69,27 @@ def max_abs_diff(reference: dict, candidate: dict) -> float:
     return worst
 
 
+def kept_heads_only(arrays: dict, io_keep: dict) -> dict:
+    """Inputs or outputs of the original model cut to the kept heads where the pruned model has fewer
+    (a KV cache): what the pruned model takes, or should give."""
+    out = {}
+    for name, arr in arrays.items():
+        for ax, idx in io_keep.get(name, {}).items():
+            arr = np.take(arr, idx, axis=ax)
+        out[name] = arr
+    return out
+
+
 def compare(masked: onnx.ModelProto, pruned: onnx.ModelProto, feeds: dict, io_keep: dict,
             external_dir=None, pruned_dir=None) -> float:
     """Largest difference between the masked original and the pruned model. Inputs and outputs whose head
     dimension shrank (a KV cache) are compared on the kept heads: the pruned model gets those heads of the
     inputs, and its outputs are set against those heads of the reference's. ``external_dir`` and
     ``pruned_dir``: where the two models' external data files are."""
-    def keep(arrays):
-        return {k: _take(v, io_keep[k]) if k in io_keep else v for k, v in arrays.items()}
-
-    reference = keep(run(masked, feeds, external_dir))
+    reference = kept_heads_only(run(masked, feeds, external_dir), io_keep)
     try:
-        candidate = run(pruned, keep(feeds), pruned_dir or external_dir)
+        candidate = run(pruned, kept_heads_only(feeds, io_keep), pruned_dir or external_dir)
     except Exception as exc:   # onnxruntime raises its own types; report one line, write nothing
         raise VerifyError(f"the pruned model does not run on onnxruntime: {str(exc).splitlines()[0][:240]}") \
             from None
     return max_abs_diff(reference, candidate)
-
-
-def _take(arr: np.ndarray, keep: dict) -> np.ndarray:
-    for ax, idx in keep.items():
-        arr = np.take(arr, idx, axis=ax)
-    return arr
