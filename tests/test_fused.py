@@ -81,3 +81,17 @@ def test_int4_matmulnbits_is_refused_before_any_work():
     with pytest.raises(OnnxPruneError) as info:
         prune_model(model, 0.5)
     assert "MatMulNBits" in str(info.value) and "qkv_int4" in str(info.value) and "quantize" in str(info.value)
+
+
+def test_a_cache_read_outside_the_attention_is_an_explained_miss():
+    """ORT's Whisper exporter counts the past length from the values of layer 0's cached keys (head 0 of
+    batch 0). Pruning would change which head that reads, so that block is left whole, with the reason."""
+    from onnxprune.api import inspect_model
+    result = inspect_model(_load("whisper-ort-decoder.onnx"))
+    assert len(result.blocks) == 3
+    (miss,) = result.misses
+    assert "past_key_self_0" in miss.reason and "Gather" in miss.reason
+    pruned = prune_model(_load("whisper-ort-decoder.onnx"), 0.5)
+    cache = {i.name: i.type.tensor_type.shape.dim[1].dim_value for i in pruned.model.graph.input}
+    assert cache["past_key_self_0"] == 4 and cache["past_key_self_1"] == 2 and cache["past_key_cross_0"] == 2
+    assert pruned.max_error <= 1e-4

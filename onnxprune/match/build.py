@@ -32,7 +32,14 @@ def _cut_shared(flow: Flow) -> set[str]:
     """Tensors reached upward that other nodes also read: keep them whole, select heads before use."""
     cuts = set()
     for name, t in list(flow.tensors.items()):
-        if flow.direction.get(name) != "up" or is_const(t) or name not in flow.maps or name in flow.io:
+        if name in flow.io:
+            readers = [c for c in t.outputs if id(c) not in flow.nodes and c.op not in SHAPE_READERS]
+            if readers:   # e.g. an exporter that counts the past length from one head's cache values
+                raise FlowFail(readers[0], f"KV cache {name!r} is also read by {readers[0].op} node "
+                                           f"{readers[0].name!r} outside the block, which may depend on the "
+                                           "values of heads that pruning removes")
+            continue
+        if flow.direction.get(name) != "up" or is_const(t) or name not in flow.maps:
             continue
         external = [c for c in t.outputs if id(c) not in flow.nodes and c.op not in SHAPE_READERS]
         if not external:

@@ -34,13 +34,16 @@ def start(flow: Flow, node) -> int:
         raise FlowFail(node, f"{node.op} without a positive num_heads attribute")
     if node.op == "GroupQueryAttention":
         return _gqa(flow, node, num_heads)
-    if _given(node, 4 if node.op == "Attention" else 6) or _given(node, 7) and node.op != "Attention":
-        raise FlowFail(node, f"{node.op} with past key/value inputs (KV cache) is not supported yet")
-    if any(o.name and o.outputs for o in node.outputs[1:]):
-        raise FlowFail(node, f"{node.op} present key/value outputs are used (KV cache); not supported yet")
+    if node.op == "Attention" and (_given(node, 4) or any(o.name and o.outputs for o in node.outputs[1:])):
+        raise FlowFail(node, "Attention with a past/present state (KV cache) is not supported yet")
     units = np.array([flow.unit({h}) for h in range(num_heads)])
     flow.begin(node)
     sizes = _attention(flow, node, units) if node.op == "Attention" else _mha(flow, node, units)
+    if node.op == "MultiHeadAttention":         # KV cache: past_key/past_value in, present_key/value out
+        caches = [(node.inputs[i], "up", role) for i, role in ((6, "k"), (7, "v")) if _given(node, i)]
+        caches += [(o, "down", role) for o, role in zip(node.outputs[1:3], "kv") if o is not None and o.name]
+        for t, direction, role in caches:
+            _cache(flow, node, t, direction, role, units)
     bias = node.inputs[2] if node.op == "Attention" else (node.inputs[3] if len(node.inputs) > 3 else None)
     if bias is not None and bias.name:
         if flow.shape(bias) != (sum(sizes),):
@@ -61,6 +64,17 @@ def start(flow: Flow, node) -> int:
 
 def _given(node, i) -> bool:
     return len(node.inputs) > i and node.inputs[i] is not None and bool(node.inputs[i].name)
+
+
+def _cache(flow: Flow, node, t, direction: str, role: str, units):
+    """A K or V cache [B, Hkv, T, D]. A graph input or output (``past_*`` / ``present_*``) is re-declared
+    with the kept heads, and verification feeds and compares it on those heads."""
+    shape = flow.shape(t)
+    if len(shape) != 4 or shape[1] != len(units):
+        raise FlowFail(node, f"KV cache {t.name!r} {list(shape)} is not [B, {len(units)}, T, head_size]")
+    if not t.inputs if direction == "up" else any(o is t for o in flow.graph.outputs):
+        flow.io.add(t.name)
+    flow.assign(t, HeadMap((1,), units), direction, node, role)
 
 
 def _packed(units, sizes) -> np.ndarray:
@@ -110,8 +124,8 @@ def _mha(flow: Flow, node, units) -> list[int]:
         if len(s) == 3 and s[2] % h == 0:
             flow.assign(t, HeadMap((2,), np.repeat(units, s[2] // h)), "up", node, role)
             sizes.append(s[2])
-        elif len(s) == 4 and s[1] == h:
-            flow.assign(t, HeadMap((1,), units), "up", node, role)
+        elif len(s) == 4 and s[1] == h:         # [B, H, L, D]: a cross-attention cache, often a graph input
+            _cache(flow, node, t, "up", role, units)
             sizes.append(h * s[3])
         else:
             raise FlowFail(node, f"MultiHeadAttention {role} {list(s)} is neither [B, L, {h} * D] nor "
@@ -149,12 +163,7 @@ def _gqa(flow: Flow, node, num_heads: int) -> int:
     caches = [(node.inputs[i], "up", role) for i, role in ((3, "k"), (4, "v")) if _given(node, i)]
     caches += [(o, "down", role) for o, role in zip(node.outputs[1:3], "kv") if o is not None and o.name]
     for t, direction, role in caches:
-        shape = flow.shape(t)
-        if len(shape) != 4 or shape[1] != num_kv:
-            raise FlowFail(node, f"KV cache {t.name!r} {list(shape)} is not [B, {num_kv}, T, head_size]")
-        if not t.inputs if direction == "up" else any(o is t for o in flow.graph.outputs):
-            flow.io.add(t.name)
-        flow.assign(t, HeadMap((1,), kv_units), direction, node, role)
+        _cache(flow, node, t, direction, role, kv_units)
     if _given(node, 10):                        # attention_bias [B or 1, H, S, T]
         shape = flow.shape(node.inputs[10])
         flow._side_input(node, node.inputs[10], HeadMap((1,), q_units), (shape[0], num_heads) + tuple(shape[2:]),
