@@ -51,6 +51,8 @@ def _cache_hints(model: onnx.ModelProto) -> dict[str, int]:
         # the query width is (H + 2 Hkv) * D when Q/K/V come packed, else H * D
         heads = attrs.get("num_heads", 0) + (2 * attrs.get("kv_num_heads", 0) if packed else 0)
         mm = producers.get(node.input[0])
+        while mm is not None and mm.op_type == "RotaryEmbedding":    # RoPE applied before the attention op
+            mm = producers.get(mm.input[0])
         weight = inits.get(mm.input[1]) if mm is not None and mm.op_type == "MatMul" else None
         if weight is None or not heads:
             continue

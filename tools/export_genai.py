@@ -1,5 +1,6 @@
-"""Make ``models/llama-genai/`` and ``models/llama-genai-separate/``: a tiny Llama built by ONNX Runtime
-GenAI's model builder, with a packed QKV projection and (``disable_qkv_fusion=true``) with separate ones.
+"""Make ``models/llama-genai*/``: a tiny Llama built by ONNX Runtime GenAI's model builder, with a packed
+QKV projection, with separate ones (``disable_qkv_fusion=true``), and in fp16 for DirectML (separate Q/K/V
+and a ``com.microsoft.RotaryEmbedding`` op in front of GroupQueryAttention).
 
 The builder writes the deployment graph that ``onnxruntime_genai`` runs: a packed QKV MatMul feeding
 ``com.microsoft.GroupQueryAttention`` with RoPE inside, a KV cache as graph inputs ``past_key_values.*``
@@ -24,7 +25,13 @@ import tempfile
 from pathlib import Path
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
-VARIANTS = {"llama-genai": [], "llama-genai-separate": ["--extra_options", "disable_qkv_fusion=true"]}
+# name: (precision, execution provider, extra builder options)
+VARIANTS = {
+    "llama-genai": ("fp32", "cpu", []),
+    "llama-genai-separate": ("fp32", "cpu", ["--extra_options", "disable_qkv_fusion=true"]),
+    # for DirectML the builder writes separate Q/K/V and a com.microsoft.RotaryEmbedding before the attention
+    "llama-genai-dml-fp16": ("fp16", "dml", []),
+}
 
 
 def build_hf(folder: Path):
@@ -58,10 +65,10 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         hf = Path(tmp) / "hf"
         build_hf(hf)
-        for name, extra in VARIANTS.items():
+        for name, (precision, ep, extra) in VARIANTS.items():
             out, dest = Path(tmp) / name, MODELS / name
             subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(out),
-                            "-p", "fp32", "-e", "cpu", "-c", str(Path(tmp) / "cache"), *extra], check=True,
+                            "-p", precision, "-e", ep, "-c", str(Path(tmp) / "cache"), *extra], check=True,
                            stdout=subprocess.DEVNULL)
             if dest.exists():
                 shutil.rmtree(dest)
@@ -70,7 +77,7 @@ def main() -> int:
                          if o.domain in ("", "ai.onnx"))
             manifest["models"][f"{name}/model.onnx"] = {
                 "family": "Llama", "exporter": "genai-builder", "attention": "GroupQueryAttention", "opset": opset,
-                "command": "python tools/export_genai.py", "builder_options": " ".join(extra),
+                "command": "python tools/export_genai.py", "builder_options": " ".join(["-p", precision, "-e", ep, *extra]),
                 "onnxruntime-genai": onnxruntime_genai.__version__, "kv_cache": True,
             }
             print(f"ok   models/{name}: {', '.join(sorted(p.name for p in dest.iterdir()))}")

@@ -812,10 +812,12 @@ class Flow:
         src, dst, d = (y, x, "up") if direction == "up" else (x, y, "down")
         hm = self.maps[src.name]
         if len(self.shape(x)) == 3:
-            if not node.attrs.get("num_heads"):
+            if node.attrs.get("num_heads"):
+                if ("attr", node) not in self.sites:
+                    self.sites.append(("attr", node))
+            elif node.domain != "com.microsoft" or node.attrs.get("rotary_embedding_dim"):
                 raise FlowFail(node, "3-D RotaryEmbedding without num_heads")
-            if ("attr", node) not in self.sites:
-                self.sites.append(("attr", node))
+            # else ORT's op takes the head size from the cos cache and the head count from the width
         self.assign(dst, hm, d, node, self.role_of(src))
 
     def _op_Attention(self, node, direction, trigger):
