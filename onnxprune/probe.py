@@ -157,6 +157,17 @@ def _hand_over_weights(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[st
 STAND_IN_BYTES = 1 << 20
 
 
+class Shapes(dict):
+    """Tensor name -> the shape seen in the probe run. ``static`` holds, per tensor, the sizes that onnx's
+    shape inference finds fixed from the declared input shapes (None where they follow the inputs)."""
+
+    static: dict = {}
+
+    def is_static(self, name: str, axis: int) -> bool:
+        dims = self.static.get(name)
+        return bool(dims) and axis < len(dims) and dims[axis] is not None and dims[axis] == self[name][axis]
+
+
 def _light_copy(model: onnx.ModelProto) -> tuple[onnx.ModelProto, set[str]]:
     """A copy of ``model`` for probing, without its large weights.
 
@@ -199,11 +210,15 @@ def probe(model: onnx.ModelProto, feeds: dict[str, np.ndarray] | None = None,
     feeds = feeds if feeds is not None else synth_inputs(model)
     probe, stand_ins = _light_copy(model)
     g = probe.graph
+    static = {}
     try:
         inferred = onnx.shape_inference.infer_shapes(probe).graph
-        types = {v.name: v.type.tensor_type.elem_type for v in
-                 list(inferred.value_info) + list(inferred.output) + list(inferred.input)}
-    except Exception:   # shape inference is only a source of element types here
+        infos = list(inferred.value_info) + list(inferred.output) + list(inferred.input)
+        types = {v.name: v.type.tensor_type.elem_type for v in infos}
+        static = {v.name: tuple(d.dim_value if d.HasField("dim_value") else None
+                                for d in v.type.tensor_type.shape.dim)
+                  for v in infos if v.type.tensor_type.HasField("shape")}
+    except Exception:   # shape inference is only a source of element types and static sizes here
         types = {}
     have = {o.name for o in g.output} | stand_ins
     for node in g.node:
@@ -220,7 +235,8 @@ def probe(model: onnx.ModelProto, feeds: dict[str, np.ndarray] | None = None,
     except Exception as exc:
         msg = re.sub(r"\s+", " ", str(exc))[:300]
         raise InputError(f"onnxruntime could not run the model on synthetic inputs: {msg}") from None
-    shapes = {n: tuple(v.shape) for n, v in zip(names, values)}
+    shapes = Shapes({n: tuple(v.shape) for n, v in zip(names, values)})
+    shapes.static = static
     small = {n: v for n, v in zip(names, values)
              if isinstance(v, np.ndarray) and v.dtype.kind in "iu" and v.size <= 64}
     shapes.update({k: tuple(v.shape) for k, v in feeds.items()})

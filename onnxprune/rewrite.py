@@ -265,6 +265,9 @@ class Rewriter:
                                        f"{base.axis}, which does not shrink to {new_shape[ax]}")
             elif isinstance(src, shape_expr.Arith):
                 changes[j] = new_shape[ax]
+            elif isinstance(src, shape_expr.Dim) and getattr(self.shapes, "is_static", None) and \
+                    self.shapes.is_static(src.tensor, src.axis):
+                changes[j] = shape_expr.Fixed(new_shape[ax])    # e.g. view(-1, x.size(-1)): a fixed width
             elif isinstance(src, shape_expr.Dim):
                 raise RewriteError(f"{node.op} {node.name!r}: element {j} follows {src.tensor} axis "
                                    f"{src.axis}, which does not shrink with the heads")

@@ -33,6 +33,7 @@ EXPECTED_BLOCKS = {
     "BART": [(4, 4)] * 6, "Whisper": [(4, 4)] * 6,   # 2 encoder self, 2 x (decoder self + cross)
     # ORT's Whisper exporter: cross 0, self 1, cross 1; self 0 is an expected miss (see the manifest)
     "Whisper decoder, ORT-exported": [(4, 4)] * 3,
+    "PyTorch nn.TransformerEncoder": _MHA2,
 }
 
 

@@ -149,7 +149,35 @@ def _specs() -> list[Spec]:
     add("qwen2", "Qwen2", "Qwen2Model", "Qwen2Config", _text_inputs(), TEXT_DYN, **gqa)
     add("mistral", "Mistral", "MistralModel", "MistralConfig", _text_inputs(), TEXT_DYN,
         sliding_window=None, head_dim=8, **gqa)
-    return specs + _seq2seq_specs()
+    return specs + _seq2seq_specs() + _torch_nn_specs()
+
+
+def _torch_nn_specs() -> list[Spec]:
+    """PyTorch's own nn.TransformerEncoder (nn.MultiheadAttention: one packed in_proj, out_proj as Gemm).
+    Its TorchScript trace bakes the sequence length into reshapes, so that export has fixed input sizes."""
+    def build():
+        import types
+
+        import torch
+        torch.backends.mha.set_fastpath_enabled(False)    # the fused kernel has no ONNX export
+
+        class Encoder(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                layer = torch.nn.TransformerEncoderLayer(32, 4, 64, batch_first=True, dropout=0.0)
+                self.encoder = torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+
+            def forward(self, hidden_states, return_dict=True):
+                return types.SimpleNamespace(last_hidden_state=self.encoder(hidden_states))
+        return _randomize(Encoder())
+
+    def inputs():
+        import torch
+        return {"hidden_states": torch.randn(2, 7, 32, generator=torch.Generator().manual_seed(SEED))}
+
+    dyn = {"hidden_states": {0: "batch", 1: "sequence"}}
+    return [Spec("torch-encoder-ts", "PyTorch nn.TransformerEncoder", build, inputs, "ts"),
+            Spec("torch-encoder-d18", "PyTorch nn.TransformerEncoder", build, inputs, "d18", dynamic=dyn)]
 
 
 def _seq2seq_specs() -> list[Spec]:

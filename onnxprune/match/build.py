@@ -86,11 +86,16 @@ def _check_shape_sites(flow: Flow):
             src = shape_expr.locate(vec, j, flow.shapes)
             ok = isinstance(src, shape_expr.Const)
             if isinstance(src, shape_expr.Dim):
-                ok = src.tensor in flow.maps and src.axis in flow.maps[src.tensor].axes
+                ok = (src.tensor in flow.maps and src.axis in flow.maps[src.tensor].axes) or \
+                    _static(flow.shapes, src)     # a fixed model width read at run time: rewritten as a constant
             if isinstance(src, shape_expr.Arith):
                 ok = not isinstance(shape_expr.leaf(src)[0], shape_expr.Unknown)
             if not ok:
                 raise FlowFail(node, f"{node.op} shape element {j} of {vec.name!r} is {shape_expr.describe(src)}")
+
+
+def _static(shapes, dim) -> bool:
+    return hasattr(shapes, "is_static") and shapes.is_static(dim.tensor, dim.axis)
 
 
 def build_block(flow: Flow, family: str, core, index: int, num_heads: int) -> AttentionBlock:

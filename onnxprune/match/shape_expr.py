@@ -52,6 +52,13 @@ class Keep:
     factor: Fraction
 
 
+@dataclass(frozen=True)
+class Fixed:
+    """A change that replaces an element computed at run time from a fixed size (the model width, read off
+    an input's shape) by a constant."""
+    value: int
+
+
 def leaf(src):
     """The Const, Dim or Unknown under a chain of arithmetic, and the operations on the way."""
     ops = []
@@ -170,6 +177,12 @@ def _copy_node(graph: gs.Graph, node, inputs) -> gs.Variable:
 def rebuild(graph: gs.Graph, t, changes: dict, shapes, values: dict) -> object:
     """A tensor equal to ``t`` except ``changes`` ({index or None: new value or Keep}); ``t`` itself is
     untouched. ``values`` holds the probed values of small integer tensors, to solve arithmetic."""
+    if changes and all(isinstance(v, Fixed) for v in changes.values()) and _len(shapes, t) == 1:
+        (value,) = {v.value for v in changes.values()}
+        dtype = np.int64
+        scalar = shapes.get(t.name) == ()
+        return gs.Constant(f"{t.name}__onnxprune{next(_fresh)}",
+                           np.array(value if scalar else [value], dtype=dtype))
     val = const_value(t)
     if val is not None:
         arr = np.array(val, copy=True)
