@@ -18,10 +18,33 @@ def _find_constant(model: onnx.ModelProto, name: str):
     for init in model.graph.initializer:
         if init.name == name:
             return init, None
-    for node in model.graph.node:
+    for i, node in enumerate(model.graph.node):
         if node.op_type == "Constant" and node.output[0] == name:
             return node.attribute[0].t, node
+        if node.op_type == "Identity" and node.output[0] == name:
+            # a weight shared through Identity (TorchScript dedups equal weights): give this name its own
+            # copy, so that masking it leaves the other users of the source alone
+            source, _ = _find_constant(model, node.input[0])
+            del model.graph.node[i]
+            own = model.graph.initializer.add()
+            own.CopyFrom(source)
+            own.name = name
+            return own, None
     raise KeyError(name)
+
+
+def _unshare_o_weights(model: onnx.ModelProto, blocks):
+    """An output-projection weight that is the Identity of another block's (TorchScript shares equal
+    weights that way) gets its own copy first, so that masking one block leaves the other alone."""
+    names = {b.o_proj.weight for b in blocks}
+    sources = {n.input[0] for n in model.graph.node if n.op_type == "Identity" and n.output[0] in names}
+    for name in names:
+        if name in sources:
+            continue
+        try:
+            _find_constant(model, name)          # an Identity output becomes its own initializer here
+        except KeyError:
+            pass
 
 
 def masked_model(model: onnx.ModelProto, blocks: list[AttentionBlock], kept: dict[int, tuple],
@@ -30,6 +53,7 @@ def masked_model(model: onnx.ModelProto, blocks: list[AttentionBlock], kept: dic
     weights are stored in the copy; other external data stays where it is (``external_dir``)."""
     masked = onnx.ModelProto()
     masked.CopyFrom(model)
+    _unshare_o_weights(masked, blocks)
     for block in blocks:
         keep = set(kept.get(block.index, range(block.num_heads)))
         dropped = {u for u, heads in enumerate(block.units) if len(heads) == 1 and not heads & keep}

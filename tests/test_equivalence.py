@@ -66,6 +66,11 @@ def _check_strict(model, original):
     _strict(model)
 
 
+def _shares_weights(model):
+    inits = {i.name for i in model.graph.initializer}
+    return any(n.op_type == "Identity" and n.input[0] in inits for n in model.graph.node)
+
+
 def _random_keep(block, rng):
     """A random keep set that every layout accepts: the same count in every KV group."""
     groups = block.kv_groups
@@ -98,7 +103,8 @@ def test_pruning_equals_masking(name, ratio):
     result = prune_model(model, ratio)
     assert result.max_error is not None and result.max_error <= ATOL, result.max_error
     _check_strict(result.model, model)
-    assert result.params_after < result.params_before
+    if not _shares_weights(model):  # layers that shared one weight each get their own, smaller, copy
+        assert result.params_after < result.params_before
     for b in result.blocks:
         assert len(result.kept[b.index]) < b.num_heads or b.num_heads == 1
 

@@ -155,7 +155,7 @@ def _specs() -> list[Spec]:
 def _torch_nn_specs() -> list[Spec]:
     """PyTorch's own nn.TransformerEncoder (nn.MultiheadAttention: one packed in_proj, out_proj as Gemm).
     Its TorchScript trace bakes the sequence length into reshapes, so that export has fixed input sizes."""
-    def build():
+    def build(randomize=True):
         import types
 
         import torch
@@ -169,14 +169,17 @@ def _torch_nn_specs() -> list[Spec]:
 
             def forward(self, hidden_states, return_dict=True):
                 return types.SimpleNamespace(last_hidden_state=self.encoder(hidden_states))
-        return _randomize(Encoder())
+        return _randomize(Encoder()) if randomize else Encoder().eval()
 
     def inputs():
         import torch
         return {"hidden_states": torch.randn(2, 7, 32, generator=torch.Generator().manual_seed(SEED))}
 
     dyn = {"hidden_states": {0: "batch", 1: "sequence"}}
+    # as nn.TransformerEncoder makes them, the layers start as copies of one another: the TorchScript exporter
+    # then stores each weight once and gives the other layers an Identity of it
     return [Spec("torch-encoder-ts", "PyTorch nn.TransformerEncoder", build, inputs, "ts"),
+            Spec("torch-encoder-cloned-ts", "PyTorch nn.TransformerEncoder", lambda: build(False), inputs, "ts"),
             Spec("torch-encoder-d18", "PyTorch nn.TransformerEncoder", build, inputs, "d18", dynamic=dyn)]
 
 

@@ -69,6 +69,8 @@ def const_value(t) -> np.ndarray | None:
             from ..io import read_external
             return read_external(lazy.tensor, lazy.base_dir)
         return np.asarray(t.values)
+    if len(t.inputs) == 1 and t.inputs[0].op == "Identity" and t.inputs[0].inputs:
+        return const_value(t.inputs[0].inputs[0])    # TorchScript shares equal weights through Identity
     if len(t.inputs) == 1 and t.inputs[0].op == "Constant":
         attrs = t.inputs[0].attrs
         if "value" in attrs:
@@ -80,6 +82,8 @@ def const_value(t) -> np.ndarray | None:
 
 
 def is_const(t) -> bool:
+    if len(t.inputs) == 1 and t.inputs[0].op == "Identity" and t.inputs[0].inputs:
+        return is_const(t.inputs[0].inputs[0])
     return isinstance(t, gs.Constant) or (len(t.inputs) == 1 and t.inputs[0].op == "Constant")
 
 
