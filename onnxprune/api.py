@@ -18,7 +18,7 @@ from .match import match_graph
 from .probe import probe, synth_inputs
 from .rewrite import Rewriter, check_model, dead_nodes, export
 from .score import check_heads_to_prune, weight_importance
-from .verify import compare, masked_model
+from .verify import compare, masked_model, masked_weights
 
 
 @dataclass
@@ -173,7 +173,10 @@ def verify_saved(model: onnx.ModelProto, result: PruneResult, path: str | os.Pat
     ONNX Runtime runs the other."""
     release_memory()
     pruned = onnx.load(str(path), load_external_data=False)
-    masked = masked_model(model, list(result.blocks), result.kept, external_dir)
-    return max(compare(masked, pruned, f, result.io_keep, external_dir, pruned_dir=os.path.dirname(path))
+    overrides = masked_weights(model, list(result.blocks), result.kept, external_dir)
+    masked = model if overrides is not None else masked_model(model, list(result.blocks), result.kept,
+                                                              external_dir)
+    return max(compare(masked, pruned, f, result.io_keep, external_dir, pruned_dir=os.path.dirname(path),
+                       masked_overrides=overrides)
                for f in _verification_feeds(model, feeds, result.io_keep))
 

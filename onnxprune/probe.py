@@ -107,7 +107,7 @@ def synth_inputs(model: onnx.ModelProto, seed: int = 0, batch: int = BATCH, seq:
 
 
 def session(model: onnx.ModelProto | bytes | str, optimize: bool = False, providers=None,
-            external_dir: str | os.PathLike | None = None):
+            external_dir: str | os.PathLike | None = None, overrides: dict | None = None):
     """An ORT CPU session with graph optimizations off (so ORT's fusions cannot hide a bug).
 
     ``external_dir``: the folder of the external data files that ``model`` (loaded without them) refers to.
@@ -117,24 +117,32 @@ def session(model: onnx.ModelProto | bytes | str, optimize: bool = False, provid
     if external_dir is not None:
         opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(external_dir))
     opts.add_session_config_entry("session.disable_prepacking", "1")    # no second copy of every weight
+    values = {name: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(arr))
+              for name, arr in (overrides or {}).items()}
+    for name, value in values.items():    # initializers replaced without copying the model
+        opts.add_initializer(name, value)
     opts.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
                                      else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
     opts.log_severity_level = 3
     if isinstance(model, onnx.ModelProto):
-        model, arrays = _hand_over_weights(model)
+        model, arrays = _hand_over_weights(model, skip=set(overrides or ()))
         if arrays:     # ORT reads them in place: no serialized copy, no parsed copy
             opts.add_external_initializers(list(arrays), [ort.OrtValue.ortvalue_from_numpy(a)
                                                           for a in arrays.values()])
         sess = ort.InferenceSession(model.SerializeToString(), opts,
                                     providers=providers or ["CPUExecutionProvider"])
-        sess._onnxprune_keep = arrays      # the session borrows them
+        sess._onnxprune_keep = (arrays, values)      # the session borrows them
         return sess
-    return ort.InferenceSession(model, opts, providers=providers or ["CPUExecutionProvider"])
+    sess = ort.InferenceSession(model, opts, providers=providers or ["CPUExecutionProvider"])
+    sess._onnxprune_keep = values
+    return sess
 
 
-def _hand_over_weights(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
-    """Split the large in-memory initializers off ``model``: (the rest, {name: array})."""
-    big = [i for i in model.graph.initializer if len(i.raw_data) >= STAND_IN_BYTES]
+def _hand_over_weights(model: onnx.ModelProto, skip: set = frozenset()
+                       ) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """Split the large in-memory initializers off ``model`` (but those in ``skip``): (the rest,
+    {name: array})."""
+    big = [i for i in model.graph.initializer if len(i.raw_data) >= STAND_IN_BYTES and i.name not in skip]
     if not big:
         return model, {}
     from .io import copy_without_initializers

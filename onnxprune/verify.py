@@ -47,6 +47,31 @@ def _unshare_o_weights(model: onnx.ModelProto, blocks):
             pass
 
 
+def masked_weights(model: onnx.ModelProto, blocks: list[AttentionBlock], kept: dict[int, tuple],
+                   external_dir=None) -> dict[str, np.ndarray] | None:
+    """The masked output-projection weights alone, {initializer name: array}, for ``session(overrides=...)``:
+    the original model is then run as it is, with no copy of it. None when a weight is not an initializer
+    of its own (shared through Identity): use ``masked_model`` then."""
+    inits = {i.name: i for i in model.graph.initializer}
+    out = {}
+    for block in blocks:
+        keep = set(kept.get(block.index, range(block.num_heads)))
+        dropped = {u for u, heads in enumerate(block.units) if len(heads) == 1 and not heads & keep}
+        if not dropped:
+            continue
+        o = block.o_proj
+        proto = inits.get(o.weight)
+        if proto is None:
+            return None
+        arr = read_external(proto, external_dir) if uses_external_data(proto) else numpy_helper.to_array(proto)
+        arr = np.array(arr, copy=True)
+        index = [slice(None)] * arr.ndim
+        index[o.head_axis] = np.flatnonzero(np.isin(block.tensor(o.weight).owner, list(dropped)))
+        arr[tuple(index)] = 0
+        out[o.weight] = arr
+    return out
+
+
 def masked_model(model: onnx.ModelProto, blocks: list[AttentionBlock], kept: dict[int, tuple],
                  external_dir=None) -> onnx.ModelProto:
     """A copy of ``model`` with the rows of W_o that belong to dropped heads set to zero. The masked
@@ -76,8 +101,8 @@ def masked_model(model: onnx.ModelProto, blocks: list[AttentionBlock], kept: dic
     return masked
 
 
-def run(model: onnx.ModelProto, feeds: dict, external_dir=None) -> dict[str, np.ndarray]:
-    sess = session(model, external_dir=external_dir)
+def run(model: onnx.ModelProto, feeds: dict, external_dir=None, overrides=None) -> dict[str, np.ndarray]:
+    sess = session(model, external_dir=external_dir, overrides=overrides)
     names = [o.name for o in sess.get_outputs()]
     return dict(zip(names, sess.run(names, feeds)))
 
@@ -105,12 +130,13 @@ def kept_heads_only(arrays: dict, io_keep: dict) -> dict:
 
 
 def compare(masked: onnx.ModelProto, pruned: onnx.ModelProto, feeds: dict, io_keep: dict,
-            external_dir=None, pruned_dir=None) -> float:
+            external_dir=None, pruned_dir=None, masked_overrides=None) -> float:
     """Largest difference between the masked original and the pruned model. Inputs and outputs whose head
     dimension shrank (a KV cache) are compared on the kept heads: the pruned model gets those heads of the
     inputs, and its outputs are set against those heads of the reference's. ``external_dir`` and
-    ``pruned_dir``: where the two models' external data files are."""
-    reference = kept_heads_only(run(masked, feeds, external_dir), io_keep)
+    ``pruned_dir``: where the two models' external data files are. ``masked_overrides``: masked weights
+    that replace the named initializers of ``masked`` (see ``masked_weights``)."""
+    reference = kept_heads_only(run(masked, feeds, external_dir, masked_overrides), io_keep)
     try:
         candidate = run(pruned, kept_heads_only(feeds, io_keep), pruned_dir or external_dir)
     except Exception as exc:   # onnxruntime raises its own types; report one line, write nothing
