@@ -377,6 +377,31 @@ class Rewriter:
         c = gs.Constant(f"{node.name}__indices{next(_fresh)}", new.astype(np.asarray(old).dtype))
         self.edits.append(lambda n=node, c=c: n.inputs.__setitem__(1, c))
 
+    def _plan_concat(self, node, block, layouts, kept_heads):
+        """A Concat along the head axis (a mask repeated once per head): inputs that only hold dropped
+        heads go; an input cut across is sliced by its own layout."""
+        y = node.outputs[0]
+        lay = layouts.get(y.name)
+        axis = _norm_axis(node.attrs["axis"], len(self.shapes[y.name]))
+        if lay is None or axis not in lay.keep:
+            return
+        kept = set(lay.keep[axis].tolist())
+        inputs, offset = [], 0
+        for t in node.inputs:
+            size = self.shapes[t.name][axis]
+            here = kept & set(range(offset, offset + size))
+            offset += size
+            if len(here) == size:
+                inputs.append(t)
+            elif here:
+                if t.name not in layouts or axis not in layouts[t.name].keep:
+                    raise RewriteError(f"Concat {node.name!r}: input {t.name!r} is cut across its heads")
+                inputs.append(t)
+        def apply(n=node, ins=tuple(inputs)):
+            n.inputs.clear()
+            n.inputs.extend(ins)
+        self.edits.append(apply)
+
     def _plan_attr(self, node, block, layouts, kept_heads):
         if node.domain == "com.microsoft" and node.op == "GroupQueryAttention":
             new = {"num_heads": len(kept_heads), "kv_num_heads": len(_kept_kv(block, kept_heads))}

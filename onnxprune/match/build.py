@@ -151,7 +151,7 @@ def build_block(flow: Flow, family: str, core, index: int, num_heads: int) -> At
         index=index, name=name, family=family, core=core.name, num_heads=num_heads,
         num_kv_heads=len(groups), head_dim=head_dim, kv_groups=tuple(groups), units=units,
         projections=tuple(projections), tensors=tensors,
-        sites=tuple(Site(k, n.name) for k, n in flow.sites if k != "concat"), nodes=nodes)
+        sites=tuple(Site(k, n.name) for k, n in flow.sites), nodes=nodes)
 
 
 def _block_name(o_weight: str, core, index: int) -> str:
