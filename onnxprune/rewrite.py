@@ -412,9 +412,7 @@ class Rewriter:
                 new["qkv_hidden_sizes"] = [s // old * len(kept_heads) for s in node.attrs["qkv_hidden_sizes"]]
         elif node.op == "Attention":
             q_units = len(kept_heads)
-            kv = len({u for u in _kept_units(block, kept_heads) if len(block.units[u]) > 1}) or q_units
-            if block.num_kv_heads == block.num_heads:
-                kv = q_units
+            kv = len(_kept_kv(block, kept_heads))       # the KV heads that still serve a kept query head
             new = {"q_num_heads": q_units, "kv_num_heads": kv}
         else:   # RotaryEmbedding with num_heads over a 3-D input
             x = node.inputs[0]

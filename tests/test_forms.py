@@ -48,3 +48,28 @@ def test_a_mask_concatenated_per_head_shrinks_with_the_heads(distinct):
         assert len(concat.input) == len(kept[0])
         if distinct:
             assert list(concat.input) == [f"mask{h}" for h in kept[0]]
+
+
+def _onnx_attention_3d(heads=8, kv_heads=2, d=8, seq=5):
+    """The ONNX Attention op (opset 23) in its 3-D form: Q [B, S, H*D], K/V [B, S, Hkv*D], with the head
+    counts in q_num_heads / kv_num_heads."""
+    rng = np.random.default_rng(1)
+    hidden = 32
+    shapes = {"q": (hidden, heads * d), "k": (hidden, kv_heads * d), "v": (hidden, kv_heads * d),
+              "o": (heads * d, hidden)}
+    inits = [numpy_helper.from_array((rng.standard_normal(s) * 0.3).astype(np.float32), n) for n, s in shapes.items()]
+    nodes = [helper.make_node("MatMul", ["x", r], [f"{r}p"]) for r in "qkv"]
+    nodes += [helper.make_node("Attention", ["qp", "kp", "vp"], ["c"], q_num_heads=heads, kv_num_heads=kv_heads),
+              helper.make_node("MatMul", ["c", "o"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", seq, hidden])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", seq, hidden])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)])
+
+
+def test_onnx_attention_3d_form():
+    model = _onnx_attention_3d()
+    for gqa, heads, kv in (("uniform", 4, 2), ("group", 4, 1)):
+        result = prune_model(model, 0.5, gqa=gqa)
+        assert result.max_error <= 1e-5, (gqa, result.max_error)
+        attrs = {a.name: a.i for n in result.model.graph.node if n.op_type == "Attention" for a in n.attribute}
+        assert (attrs["q_num_heads"], attrs["kv_num_heads"]) == (heads, kv)
