@@ -13,7 +13,7 @@ import onnx
 from . import plan as planning
 from .block import AttentionBlock, MatchResult
 from .errors import MatchError, PlanError
-from .io import attach_external, to_graph
+from .io import FLOAT_TYPES, attach_external, to_graph
 from .match import match_graph
 from .probe import probe, synth_inputs
 from .rewrite import Rewriter, check_model, dead_nodes, export
@@ -41,17 +41,13 @@ def count_params(model: onnx.ModelProto) -> int:
     """Floating-point elements in initializers and Constant nodes; integer shape and index constants are not
     parameters."""
     def size(t: onnx.TensorProto) -> int:
-        return int(np.prod(t.dims)) if t.data_type in _FLOAT_TYPES else 0
+        return int(np.prod(t.dims)) if t.data_type in FLOAT_TYPES else 0
 
     total = sum(size(t) for t in model.graph.initializer)
     for node in model.graph.node:
         if node.op_type == "Constant":
             total += sum(size(a.t) for a in node.attribute if a.name == "value")
     return total
-
-
-_FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16,
-                onnx.TensorProto.DOUBLE}
 
 
 def inspect_model(model: onnx.ModelProto, external_dir: str | os.PathLike | None = None) -> MatchResult:

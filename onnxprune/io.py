@@ -44,6 +44,20 @@ def load_model(path: str | os.PathLike, external_data: bool = True) -> onnx.Mode
     return model
 
 
+FLOAT_TYPES = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16,
+                         onnx.TensorProto.DOUBLE})
+
+
+def large_weights(model: onnx.ModelProto, threshold: int) -> set[str]:
+    """Floating-point initializers of ``threshold`` bytes or more, in memory or in an external file, that
+    are not also graph inputs: the weights whose values neither probing nor checking needs."""
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data as external
+    inputs = {i.name for i in model.graph.input}
+    return {init.name for init in model.graph.initializer
+            if init.data_type in FLOAT_TYPES and init.name not in inputs
+            and (ExternalDataInfo(init).length if external(init) else len(init.raw_data)) >= threshold}
+
+
 def copy_without_initializers(model: onnx.ModelProto, value_info: bool = True) -> onnx.ModelProto:
     """A copy of ``model`` with every field but the graph's initializers (and nodes), which the caller
     fills: copying a model's weights is what the large-model path must never do."""

@@ -183,23 +183,17 @@ def _light_copy(model: onnx.ModelProto) -> tuple[onnx.ModelProto, set[str]]:
     (a model above 2 GB is probed in the memory of its activations), and ONNX Runtime frees each stand-in
     after its last use. Integer tensors (shapes, indices) stay real. Returns the copy and the stand-ins.
     """
-    from onnx.external_data_helper import ExternalDataInfo, uses_external_data as external
-
-    from .io import copy_without_initializers
+    from .io import copy_without_initializers, large_weights
     probe = copy_without_initializers(model, value_info=False)
     g, src = probe.graph, model.graph
-    stand_ins, nodes = set(), []
-    inputs = {i.name for i in src.input}
-    floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE}
+    stand_ins, nodes = large_weights(model, STAND_IN_BYTES), []
     for init in src.initializer:
-        size = ExternalDataInfo(init).length if external(init) else len(init.raw_data)
-        if init.data_type in floats and size >= STAND_IN_BYTES and init.name not in inputs:
+        if init.name in stand_ins:
             value = helper.make_tensor(f"{init.name}__value", init.data_type, [], [0.02])
             shape = helper.make_tensor(f"{init.name}__shape", onnx.TensorProto.INT64, [len(init.dims)], list(init.dims))
             g.initializer.extend([value, shape])
             nodes.append(helper.make_node("Expand", [value.name, shape.name], [init.name],
                                           name=f"{init.name}__stand_in"))
-            stand_ins.add(init.name)
         else:
             g.initializer.append(init)
     g.node.extend(nodes)

@@ -19,7 +19,7 @@ import onnx_graphsurgeon as gs
 from .block import AttentionBlock
 from .errors import PlanError, RewriteError
 from . import probe as probe_module
-from .io import copy_without_initializers
+from .io import copy_without_initializers, large_weights
 from .match import shape_expr
 from .match.headflow import _norm_axis, const_value
 
@@ -481,20 +481,15 @@ def _weightless(model: onnx.ModelProto) -> onnx.ModelProto:
     """``model`` with every floating-point initializer of 1 MiB or more turned into a graph input of the same
     type and shape. The checks read types and shapes, not weight values: checking this copy costs the
     memory of the graph, not of the weights (and works for models above 2 GB)."""
-    from onnx.external_data_helper import ExternalDataInfo, uses_external_data as external
     light = copy_without_initializers(model)
     light.graph.node.extend(model.graph.node)
-    inputs = {i.name for i in model.graph.input}
+    weights = large_weights(model, probe_module.STAND_IN_BYTES)
     for init in model.graph.initializer:
-        size = ExternalDataInfo(init).length if external(init) else len(init.raw_data)
-        if init.data_type in _FLOATS and size >= probe_module.STAND_IN_BYTES and init.name not in inputs:
+        if init.name in weights:
             light.graph.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
         else:
             light.graph.initializer.append(init)
     return light
-
-
-_FLOATS = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE}
 
 
 def _strict_check(model: onnx.ModelProto) -> onnx.ModelProto:
