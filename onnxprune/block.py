@@ -55,6 +55,11 @@ class AttentionBlock:
     sites: tuple[Site, ...]
     nodes: tuple[str, ...]
 
+    def kept_kv_heads(self, kept_heads) -> list[int]:
+        """Indices of the KV heads that still serve at least one of ``kept_heads``."""
+        kept = set(kept_heads)
+        return [g for g, heads in enumerate(self.kv_groups) if kept & set(heads)]
+
     def projection(self, role: str) -> Projection | None:
         return next((p for p in self.projections if p.role == role), None)
 

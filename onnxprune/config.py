@@ -28,9 +28,8 @@ def head_counts(result) -> tuple[int, int, int]:
     """(query heads, KV heads, head size) kept in every block, or a PlanError when blocks differ."""
     counts = set()
     for b in result.blocks:
-        kept = set(result.kept[b.index])
-        kv = sum(1 for g in b.kv_groups if kept & set(g))
-        counts.add((len(kept), kv, b.head_dim))
+        kept = result.kept[b.index]
+        counts.add((len(kept), len(b.kept_kv_heads(kept)), b.head_dim))
     if len(counts) != 1:
         per = ", ".join(f"{b.index}: {len(result.kept[b.index])}" for b in result.blocks)
         raise PlanError(f"the config files hold one head count for all layers, but this plan keeps different "

@@ -16,10 +16,9 @@ def build_report(result: PruneResult, model: str, output: str | None, ratio) -> 
     blocks = []
     for b in result.blocks:
         kept = list(result.kept[b.index])
-        kept_kv = [i for i, group in enumerate(b.kv_groups) if set(group) & set(kept)]
         blocks.append({
             "name": b.name, "family": b.family, "num_heads": b.num_heads, "num_kv_heads": b.num_kv_heads,
-            "head_dim": b.head_dim, "kept_heads": kept, "kept_kv_heads": kept_kv,
+            "head_dim": b.head_dim, "kept_heads": kept, "kept_kv_heads": b.kept_kv_heads(kept),
             "o_proj": {"initializer": b.o_proj.weight, "head_axis": b.o_proj.head_axis},
             "min_heads_applied": bool(result.min_heads_applied.get(b.index, False)),
         })

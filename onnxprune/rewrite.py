@@ -35,12 +35,6 @@ class _Layout:
     fixed: frozenset = frozenset()   # head axes whose size is the same at any batch size (no B*H merge)
 
 
-def _kept_kv(block: AttentionBlock, kept_heads) -> list[int]:
-    """Indices of the KV heads that serve at least one kept query head."""
-    kept = set(kept_heads)
-    return [g for g, heads in enumerate(block.kv_groups) if kept & set(heads)]
-
-
 def _kept_units(block: AttentionBlock, kept_heads) -> set[int]:
     kept = set(kept_heads)
     return {u for u, heads in enumerate(block.units) if heads & kept}
@@ -404,7 +398,7 @@ class Rewriter:
 
     def _plan_attr(self, node, block, layouts, kept_heads):
         if node.domain == "com.microsoft" and node.op == "GroupQueryAttention":
-            new = {"num_heads": len(kept_heads), "kv_num_heads": len(_kept_kv(block, kept_heads))}
+            new = {"num_heads": len(kept_heads), "kv_num_heads": len(block.kept_kv_heads(kept_heads))}
         elif node.domain == "com.microsoft" and node.op in ("Attention", "MultiHeadAttention"):
             old = node.attrs["num_heads"]
             new = {"num_heads": len(kept_heads)}
@@ -412,7 +406,7 @@ class Rewriter:
                 new["qkv_hidden_sizes"] = [s // old * len(kept_heads) for s in node.attrs["qkv_hidden_sizes"]]
         elif node.op == "Attention":
             q_units = len(kept_heads)
-            kv = len(_kept_kv(block, kept_heads))       # the KV heads that still serve a kept query head
+            kv = len(block.kept_kv_heads(kept_heads))
             new = {"q_num_heads": q_units, "kv_num_heads": kv}
         else:   # RotaryEmbedding with num_heads over a 3-D input
             x = node.inputs[0]
