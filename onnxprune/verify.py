@@ -47,6 +47,23 @@ def _unshare_o_weights(model: onnx.ModelProto, blocks):
             pass
 
 
+def _masked_o(block: AttentionBlock, kept: dict[int, tuple], proto: onnx.TensorProto, external_dir=None
+              ) -> np.ndarray | None:
+    """``block``'s output-projection weight (``proto``) with the rows of its dropped heads zeroed; None when
+    the block keeps every head."""
+    keep = set(kept.get(block.index, range(block.num_heads)))
+    dropped = {u for u, heads in enumerate(block.units) if len(heads) == 1 and not heads & keep}
+    if not dropped:
+        return None
+    o = block.o_proj
+    arr = read_external(proto, external_dir) if uses_external_data(proto) else numpy_helper.to_array(proto)
+    arr = np.array(arr, copy=True)
+    index = [slice(None)] * arr.ndim
+    index[o.head_axis] = np.flatnonzero(np.isin(block.tensor(o.weight).owner, list(dropped)))
+    arr[tuple(index)] = 0
+    return arr
+
+
 def masked_weights(model: onnx.ModelProto, blocks: list[AttentionBlock], kept: dict[int, tuple],
                    external_dir=None) -> dict[str, np.ndarray] | None:
     """The masked output-projection weights alone, {initializer name: array}, for ``session(overrides=...)``:
@@ -55,20 +72,12 @@ def masked_weights(model: onnx.ModelProto, blocks: list[AttentionBlock], kept: d
     inits = {i.name: i for i in model.graph.initializer}
     out = {}
     for block in blocks:
-        keep = set(kept.get(block.index, range(block.num_heads)))
-        dropped = {u for u, heads in enumerate(block.units) if len(heads) == 1 and not heads & keep}
-        if not dropped:
-            continue
-        o = block.o_proj
-        proto = inits.get(o.weight)
+        proto = inits.get(block.o_proj.weight)
         if proto is None:
             return None
-        arr = read_external(proto, external_dir) if uses_external_data(proto) else numpy_helper.to_array(proto)
-        arr = np.array(arr, copy=True)
-        index = [slice(None)] * arr.ndim
-        index[o.head_axis] = np.flatnonzero(np.isin(block.tensor(o.weight).owner, list(dropped)))
-        arr[tuple(index)] = 0
-        out[o.weight] = arr
+        arr = _masked_o(block, kept, proto, external_dir)
+        if arr is not None:
+            out[block.o_proj.weight] = arr
     return out
 
 
@@ -80,24 +89,10 @@ def masked_model(model: onnx.ModelProto, blocks: list[AttentionBlock], kept: dic
     masked.CopyFrom(model)
     _unshare_o_weights(masked, blocks)
     for block in blocks:
-        keep = set(kept.get(block.index, range(block.num_heads)))
-        dropped = {u for u, heads in enumerate(block.units) if len(heads) == 1 and not heads & keep}
-        if not dropped:
-            continue
-        o = block.o_proj
-        proto, _ = _find_constant(masked, o.weight)
-        if uses_external_data(proto):
-            arr = read_external(proto, external_dir)
-            proto.data_location = onnx.TensorProto.DEFAULT
-            del proto.external_data[:]
-        else:
-            arr = numpy_helper.to_array(proto).copy()
-        owner = block.tensor(o.weight).owner
-        idx = np.flatnonzero(np.isin(owner, list(dropped)))
-        index = [slice(None)] * arr.ndim
-        index[o.head_axis] = idx
-        arr[tuple(index)] = 0
-        proto.CopyFrom(numpy_helper.from_array(arr, proto.name))
+        proto, _ = _find_constant(masked, block.o_proj.weight)
+        arr = _masked_o(block, kept, proto, external_dir)
+        if arr is not None:
+            proto.CopyFrom(numpy_helper.from_array(arr, proto.name))   # inline now, even if it was external
     return masked
 
 
