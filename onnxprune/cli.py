@@ -90,12 +90,11 @@ def _fp16(model) -> bool:
 
 def run_inspect(argv) -> int:
     from .api import inspect_model
-    from .io import load_model, uses_external_data
+    from .io import has_external_data, load_model
     from .report import format_inspect, inspect_json
     args = _inspect_parser().parse_args(argv)
-    external = uses_external_data(args.model)      # weights stay on disk: inspecting reads none of them
-    result = inspect_model(load_model(args.model, external_data=not external),
-                           args.model.parent if external else None)
+    model = load_model(args.model, external_data=False)      # external weights stay on disk, unread
+    result = inspect_model(model, args.model.parent if has_external_data(model) else None)
     print(json.dumps(inspect_json(result), indent=2) if args.json else format_inspect(result))
     return 0 if result.blocks else 3
 
@@ -104,7 +103,7 @@ def run_prune(argv) -> int:
     args = _prune_parser().parse_args(argv)
     from .api import prune_model, verify_saved
     from .config import configs_beside, plan_folder, write_folder
-    from .io import check_output_path, load_model, stage_model, uses_external_data
+    from .io import check_output_path, has_external_data, load_model, stage_model
     from .report import build_report, format_table, write_json_atomic
     from .score import load_heads_to_prune
     if args.min_heads < 0:
@@ -118,8 +117,8 @@ def run_prune(argv) -> int:
         check_output_path(args.model, out.parent if missing else out, args.force)
     if args.report:
         check_output_path(args.model, args.report, False)
-    external = uses_external_data(args.model)     # then weights stay on disk; only attention is read
-    model = load_model(args.model, external_data=not external)
+    model = load_model(args.model, external_data=False)
+    external = has_external_data(model)          # then weights stay on disk; only attention is read
     where = args.model.parent if external else None
     # a large model is verified as written (in a temporary folder), not from memory
     verify_saved_copy = external and not args.dry_run and not args.no_verify

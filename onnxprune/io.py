@@ -19,7 +19,7 @@ TWO_GB = 2**31 - 1
 
 def load_model(path: str | os.PathLike, external_data: bool = True) -> onnx.ModelProto:
     """Load and check ``path``. With ``external_data=False`` the weights stay in their data files (see
-    ``prune_model(external_dir=...)``); the check still finds them, as it works on the path."""
+    ``prune_model(external_dir=...)``); the check then works on the path, where it finds them."""
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: no such file")
@@ -34,8 +34,8 @@ def load_model(path: str | os.PathLike, external_data: bool = True) -> onnx.Mode
                          f"{str(exc).splitlines()[0][:120] if str(exc) else 'truncated or corrupt'})") from None
     if not model.graph.node:
         raise InputError(f"{path}: not an ONNX model (no graph nodes; truncated or not ONNX?)")
-    try:
-        onnx.checker.check_model(str(path))
+    try:   # in memory when the file holds everything: no second read of it
+        onnx.checker.check_model(str(path) if has_external_data(model) else model)
     except onnx.checker.ValidationError as exc:
         # ops that onnx does not know (ONNX Runtime's contrib ops in the default domain, as the GenAI
         # builder writes them) are for ONNX Runtime to judge: the probe runs the model on it
@@ -126,13 +126,9 @@ def publish(tmp: str | Path, out: Path):
     os.replace(tmp, out)
 
 
-def uses_external_data(path: str | os.PathLike) -> bool:
-    """Whether the model at ``path`` keeps its weights in an external data file."""
+def has_external_data(model: onnx.ModelProto) -> bool:
+    """Whether ``model`` (loaded with ``external_data=False``) keeps weights in an external data file."""
     from onnx.external_data_helper import uses_external_data as external
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception:      # not readable: load_model says why
-        return False
     return any(external(t) for t in model.graph.initializer)
 
 
