@@ -17,12 +17,13 @@ A word-level tokenizer ``t0 ... t95`` is written beside it, so that the folder i
 
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from manifest import record  # noqa: E402  (tools/ is on the path when a tool runs)
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
 # name: (precision, execution provider, extra builder options)
@@ -60,8 +61,7 @@ def build_hf(folder: Path):
 def main() -> int:
     import onnx
     import onnxruntime_genai
-    manifest_path = MODELS / "MANIFEST.json"
-    manifest = json.loads(manifest_path.read_text())
+    entries = {}
     with tempfile.TemporaryDirectory() as tmp:
         hf = Path(tmp) / "hf"
         build_hf(hf)
@@ -75,14 +75,13 @@ def main() -> int:
             shutil.copytree(out, dest)
             opset = next(o.version for o in onnx.load(str(dest / "model.onnx"), load_external_data=False).opset_import
                          if o.domain in ("", "ai.onnx"))
-            manifest["models"][f"{name}/model.onnx"] = {
+            entries[f"{name}/model.onnx"] = {
                 "family": "Llama", "exporter": "genai-builder", "attention": "GroupQueryAttention", "opset": opset,
                 "command": "python tools/export_genai.py", "builder_options": " ".join(["-p", precision, "-e", ep, *extra]),
                 "onnxruntime-genai": onnxruntime_genai.__version__, "kv_cache": True,
             }
             print(f"ok   models/{name}: {', '.join(sorted(p.name for p in dest.iterdir()))}")
-    manifest["models"] = dict(sorted(manifest["models"].items()))
-    manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
+    record(entries)
     return 0
 
 

@@ -19,13 +19,14 @@ Needs the ``tools`` extra (torch, transformers, onnxscript); the library and the
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
+
+from manifest import record  # noqa: E402  (tools/ is on the path when a tool runs)
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
 SEED = 0
@@ -298,11 +299,9 @@ def main(argv=None) -> int:
     import torch
     import transformers
     args.out.mkdir(parents=True, exist_ok=True)
-    manifest_path = args.out / "MANIFEST.json"
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {"models": {}}
-    manifest["versions"] = {"python": platform.python_version(), "torch": torch.__version__,
-                            "transformers": transformers.__version__, "onnx": onnx.__version__}
-    failed = []
+    versions = {"python": platform.python_version(), "torch": torch.__version__,
+                "transformers": transformers.__version__, "onnx": onnx.__version__}
+    entries, failed = {}, []
     for spec in specs:
         try:
             path = export(spec, args.out)
@@ -311,15 +310,14 @@ def main(argv=None) -> int:
             print(f"FAIL {spec.name}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}", file=sys.stderr)
             continue
         onnx.checker.check_model(onnx.load(str(path)), full_check=True)
-        manifest["models"][path.name] = {
+        entries[path.name] = {
             "family": spec.family, "exporter": spec.exporter, "attention": spec.attn,
             "opset": {"ts": 17, "d18": 18, "d23": 23}[spec.exporter],
             "command": f"python tools/export_models.py --only {spec.name}",
             "torch": torch.__version__, "transformers": transformers.__version__,
         }
         print(f"ok   {path.name:28} {path.stat().st_size / 1024:7.1f} KiB")
-    manifest["models"] = dict(sorted(manifest["models"].items()))
-    manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
+    record(entries, versions, args.out)
     return 1 if failed else 0
 
 

@@ -19,6 +19,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from manifest import record  # noqa: E402  (tools/ is on the path when a tool runs)
+
 MODELS = Path(__file__).resolve().parent.parent / "models"
 
 
@@ -56,17 +58,13 @@ def main() -> int:
                         "--output", str(out), "--cache_dir", str(Path(tmp) / "cache"), "--optimize_onnx",
                         "--precision", "fp32", "--no_beam_search_op"], check=True, stdout=subprocess.DEVNULL)
         shutil.copy(out / "hf_decoder_fp32.onnx", MODELS / "whisper-ort-decoder.onnx")
-    manifest_path = MODELS / "MANIFEST.json"
-    manifest = json.loads(manifest_path.read_text())
-    manifest["models"]["whisper-ort-decoder.onnx"] = {
+    record({"whisper-ort-decoder.onnx": {
         "family": "Whisper decoder, ORT-exported", "exporter": "ort-whisper", "attention": "MultiHeadAttention",
         "opset": 17, "command": "python tools/export_ort_whisper.py (transformers 4.44.2)",
         "onnxruntime": onnxruntime.__version__, "transformers": transformers.__version__, "kv_cache": True,
         # layer 0's self-attention cache is read outside the attention to count the past length
         "expected_misses": 1,
-    }
-    manifest["models"] = dict(sorted(manifest["models"].items()))
-    manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
+    }})
     print("ok   models/whisper-ort-decoder.onnx")
     return 0
 

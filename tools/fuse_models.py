@@ -14,11 +14,12 @@ Each output is checked to give what its source export gives on ONNX Runtime, and
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+
+from manifest import record  # noqa: E402  (tools/ is on the path when a tool runs)
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
 
@@ -93,19 +94,17 @@ def main(argv=None) -> int:
         return 0
     import onnxruntime
     logging.getLogger("onnxruntime.transformers").setLevel(logging.ERROR)
-    manifest_path = MODELS / "MANIFEST.json"
-    manifest = json.loads(manifest_path.read_text())
+    entries = {}
     for spec in specs:
         path = fuse(spec, MODELS)
-        manifest["models"][path.name] = {
+        entries[path.name] = {
             "family": spec.family, "exporter": "ort-optimizer", "attention": spec.op,
             "opset": 17, "source": f"{spec.source}.onnx",
             "command": f"python tools/fuse_models.py --only {spec.name}",
             "onnxruntime": onnxruntime.__version__, "fp16": spec.fp16,
         }
         print(f"ok   {path.name:32} {path.stat().st_size / 1024:7.1f} KiB")
-    manifest["models"] = dict(sorted(manifest["models"].items()))
-    manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
+    record(entries)
     return 0
 
 
