@@ -34,6 +34,7 @@ EXPECTED_BLOCKS = {
     # ORT's Whisper exporter: cross 0, self 1, cross 1; self 0 is an expected miss (see the manifest)
     "Whisper decoder, ORT-exported": [(4, 4)] * 3,
     "PyTorch nn.TransformerEncoder": _MHA2,
+    "GPT-2, ORT-exported": _MHA2,                    # KV cache past_i [2, B, H, P, D] in, present_i out
 }
 
 

@@ -100,6 +100,7 @@ def _static(shapes, dim) -> bool:
 
 def build_block(flow: Flow, family: str, core, index: int, num_heads: int) -> AttentionBlock:
     flow.run()
+    flow.adopt_outputs()
     flow.adopt_readers()
     cuts = _cut_shared(flow)
     if len(flow.contractions) != 1:

@@ -58,6 +58,8 @@ SHAPE_READERS = {"Shape", "Size"}
 # reader of a block tensor that sits outside the flow (Falcon's K/V columns of the fused QKV view)
 MOVERS = {"Transpose", "Identity", "Cast"}
 SELECTORS = {"Gather", "GatherND", "Slice"}
+# ops that carry a KV cache, unchanged, from the attention to a ``present`` graph output
+STACKERS = MOVERS | {"Unsqueeze", "Concat"}
 
 
 def const_value(t) -> np.ndarray | None:
@@ -300,20 +302,50 @@ class Flow:
             if direction == "up":
                 if is_const(t):
                     continue
-                if not t.inputs:
-                    if t.name in self.io:
-                        continue
-                    raise FlowFail(None, f"graph input {t.name!r} carries the head axis "
-                                         "(a KV cache input?); not supported yet")
+                if not t.inputs:         # a graph input with heads (a KV cache): re-declared
+                    self.io.add(t.name)
+                    continue
                 self._visit(t.inputs[0], "up", t)
             else:
-                if any(o is t for o in self.graph.outputs) and t.name not in self.io:
-                    raise FlowFail(None, f"graph output {t.name!r} carries the head axis "
-                                         "(a KV cache or attention-probabilities output?); not supported yet")
+                if any(o is t for o in self.graph.outputs):   # present KV, attention probabilities
+                    self.io.add(t.name)
                 for consumer in list(t.outputs):
                     if consumer.op in SHAPE_READERS:
                         continue
                     self._visit(consumer, "down", t)
+
+    def adopt_outputs(self):
+        """Follow block tensors reached upward into readers that only stack them into graph outputs.
+
+        A decoder with a KV cache concatenates the past with the new keys and values, and hands the result
+        both to the attention and, stacked or as it is, to a ``present`` output. That output carries the
+        head axis too, so it is re-declared with the kept heads like the past input it continues.
+        """
+        grew = True
+        while grew:
+            grew = False
+            for name in list(self.maps):
+                t = self.tensors[name]
+                if self.direction.get(name) != "up" or is_const(t):
+                    continue
+                for reader in list(t.outputs):
+                    if id(reader) in self.nodes or reader.op in SHAPE_READERS or not self._feeds_outputs(reader):
+                        continue
+                    self._visit(reader, "down", t)
+                    self.run()
+                    grew = True
+
+    def _feeds_outputs(self, node, depth: int = 0) -> bool:
+        """True when everything ``node`` computes only moves data into graph outputs."""
+        if depth > 6 or node.op not in STACKERS:
+            return False
+        for y in node.outputs:
+            if any(o is y for o in self.graph.outputs):
+                continue
+            readers = [r for r in y.outputs if r.op not in SHAPE_READERS]
+            if not readers or not all(id(r) in self.nodes or self._feeds_outputs(r, depth + 1) for r in readers):
+                return False
+        return True
 
     def adopt_readers(self):
         """Take in outside readers of block tensors that only pick positions owned by no head.
