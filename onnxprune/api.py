@@ -17,8 +17,13 @@ from .io import FLOAT_TYPES, attach_external, to_graph
 from .match import match_graph
 from .probe import probe, synth_inputs
 from .rewrite import Rewriter, check_model, dead_nodes, export
-from .score import check_heads_to_prune, weight_importance
+from .score import (stored_method, check_heads_to_prune, initializer_importance, load_importance_file, carry_importance,
+                    weight_importance)
 from .verify import compare, masked_model, masked_weights
+
+from .calibrate import COMPENSATE_MODES, IMPORTANCE_METHODS  # noqa: E402
+
+IMPORTANCE_SOURCES = ("weights", "initializers") + IMPORTANCE_METHODS
 
 
 @dataclass
@@ -35,6 +40,8 @@ class PruneResult:
     gqa: str = "uniform"          # how grouped-query blocks were planned: uniform or group
     io_keep: dict = field(default_factory=dict)   # graph inputs/outputs that lost heads: {name: {axis: kept}}
     kv_cache: bool = False        # the model takes and returns a KV cache (its head dimension changed)
+    importance_source: str = "weights"   # where the scores came from (see score.describe_source)
+    compensate: str | None = None        # bias or refit: the output projections were recovered
 
 
 def count_params(model: onnx.ModelProto) -> int:
@@ -43,7 +50,9 @@ def count_params(model: onnx.ModelProto) -> int:
     def size(t: onnx.TensorProto) -> int:
         return int(np.prod(t.dims)) if t.data_type in FLOAT_TYPES else 0
 
-    total = sum(size(t) for t in model.graph.initializer)
+    from .score import IMPORTANCE_SUFFIX, IMPORTANCE_TABLE
+    total = sum(size(t) for t in model.graph.initializer
+                if not (t.name.endswith(IMPORTANCE_SUFFIX) or t.name == IMPORTANCE_TABLE))   # scores, not weights
     for node in model.graph.node:
         if node.op_type == "Constant":
             total += sum(size(a.t) for a in node.attribute if a.name == "value")
@@ -73,11 +82,23 @@ def _refuse_unsupported(model: onnx.ModelProto):
 
 def prune_model(model: onnx.ModelProto, ratio=None, *, kept: dict[int, list[int]] | None = None,
                 heads_to_prune: dict[int, list[int]] | None = None, min_heads: int = 1,
-                importance: dict[int, np.ndarray] | None = None, verify: bool = True,
-                feeds: dict | None = None, gqa: str | None = None,
+                importance: dict[int, np.ndarray] | str | None = None, verify: bool = True,
+                feeds: dict | None = None, gqa: str | None = None, scope: str = "layer",
+                threshold: float | None = None, calib: dict[str, np.ndarray] | None = None,
+                compensate: str | None = None, importance_initializer: str | None = None,
                 external_dir: str | os.PathLike | None = None) -> PruneResult:
     """Prune ``model``. Give ``ratio`` (with optional per-block ``importance``), or explicit ``kept`` heads,
     or ``heads_to_prune`` (the heads to remove, Hugging Face style). Blocks not named keep every head.
+
+    ``importance``: {block index: scores}, or a source: "weights" (data-free), "initializers" (scores stored
+    in the model, see ``score.IMPORTANCE_SUFFIX``; ``importance_initializer`` names them), or a calibration
+    method ("activation", "ablation", "mean-ablation"; see ``calibrate``) run on ``calib`` ({graph input:
+    samples along axis 0}; synthetic inputs when None). By default: the model's importance initializers
+    when it has them, else "weights". ``compensate`` ("bias" or "refit") then recovers what the dropped
+    heads contributed, on the same calibration data, before the model is pruned.
+
+    ``scope``: "layer" keeps the same fraction in every block; "global" ranks the heads of all blocks together
+    (scores normalised per block). ``threshold`` (instead of a ratio) keeps every head scoring at least it.
 
     ``gqa`` ("group" or "uniform") says how a ratio is applied to grouped-query blocks; by default
     "group" when the model has a KV cache (whole KV heads go, so the cache shrinks), else "uniform".
@@ -85,8 +106,10 @@ def prune_model(model: onnx.ModelProto, ratio=None, *, kept: dict[int, list[int]
     ``external_dir``: give it when ``model`` was loaded with ``load_external_data=False``, as the folder of
     its data files. Only the attention weights are then read into memory; every other tensor stays a
     reference to the original data file (``io.save_model_atomic`` copies those bytes by streaming)."""
-    if sum(x is not None for x in (ratio, kept, heads_to_prune)) != 1:
-        raise PlanError("give exactly one of ratio, kept, heads_to_prune")
+    if sum(x is not None for x in (ratio, kept, heads_to_prune, threshold)) != 1:
+        raise PlanError("give exactly one of ratio, threshold, kept, heads_to_prune")
+    if scope not in planning.SCOPES:
+        raise PlanError(f"unknown scope {scope!r}; use one of {', '.join(planning.SCOPES)}")
     if ratio is not None:
         try:
             planning.exact_ratio(ratio)
@@ -108,10 +131,47 @@ def prune_model(model: onnx.ModelProto, ratio=None, *, kept: dict[int, list[int]
     if heads_to_prune is not None:
         check_heads_to_prune(heads_to_prune, blocks)
     scores, plans, applied = {}, {}, {}
+    source = "given" if isinstance(importance, dict) else importance
+    if isinstance(source, os.PathLike) or (isinstance(source, str) and source.endswith((".json", ".npy"))):
+        source = "file"
+    elif isinstance(source, str) and source not in IMPORTANCE_SOURCES + ("given",):
+        raise PlanError(f"unknown importance source {source!r}; use one of {', '.join(IMPORTANCE_SOURCES)}, "
+                        "or a .json/.npy file")
+    if compensate is not None and compensate not in COMPENSATE_MODES:
+        raise PlanError(f"unknown compensation {compensate!r}; use one of {', '.join(COMPENSATE_MODES)}")
+    calibrator = None
+    if ratio is not None or threshold is not None:
+        if source == "file":
+            importance = load_importance_file(importance, blocks)
+        elif not isinstance(importance, dict):
+            stored = initializer_importance(model, blocks, importance_initializer) \
+                if source in (None, "initializers") else None
+            if source == "initializers" and stored is None:
+                raise PlanError("the model has no importance initializers"
+                                + (f" matching {importance_initializer!r}" if importance_initializer else ""))
+            if stored is not None:
+                method = stored_method(model)
+                importance, source = stored, f"initializers ({method})" if method else "initializers"
+            elif source in (None, "weights"):
+                importance, source = {}, "weights"
+            else:
+                calibrator = _calibrator(model, blocks, calib, external_dir)
+                importance = calibrator.importance(source)
+        scores = {b.index: np.asarray(importance[b.index], dtype=np.float64) if b.index in importance
+                  else weight_importance(b, graph) for b in blocks}
+        for b in blocks:
+            if len(scores[b.index]) != b.num_heads:
+                raise PlanError(f"block {b.index} ({b.name}): {len(scores[b.index])} importance scores for "
+                                f"{b.num_heads} heads")
+    if threshold is not None or (ratio is not None and scope == "global"):
+        joint = planning.plan_model(scores, {b.index: b.kv_groups for b in blocks}, ratio=ratio,
+                                    threshold=threshold, min_heads=min_heads, gqa=gqa)
+        for b in blocks:
+            plans[b.index], applied[b.index] = joint[b.index].kept_heads, joint[b.index].min_heads_applied
     for b in blocks:
+        if plans.get(b.index) is not None:
+            continue
         if ratio is not None:
-            scores[b.index] = np.asarray(importance[b.index]) if importance and b.index in importance \
-                else weight_importance(b, graph)
             try:
                 bp = planning.plan_block(scores[b.index], ratio, b.kv_groups, min_heads, gqa)
             except ValueError as exc:
@@ -124,6 +184,17 @@ def prune_model(model: onnx.ModelProto, ratio=None, *, kept: dict[int, list[int]
             drop = set(heads_to_prune.get(b.index, ()))
             plans[b.index] = tuple(h for h in range(b.num_heads) if h not in drop)
             applied[b.index] = False
+    if compensate is not None:
+        if heads_to_prune is not None or kept is not None or any(
+                plans[b.index] != tuple(range(b.num_heads)) for b in blocks):
+            calibrator = calibrator or _calibrator(model, blocks, calib, external_dir)
+            edited = calibrator.edited_model(model, calibrator.compensate(plans, compensate))
+            del graph
+            out = prune_model(edited, kept=plans, verify=verify, feeds=feeds, gqa=gqa, external_dir=external_dir)
+            out.importance, out.min_heads_applied = scores, applied
+            out.importance_source, out.compensate = source or "given", compensate
+            out.params_before = count_params(model)
+            return out
     dead = dead_nodes(graph)
     rewriter = Rewriter(graph, shapes, values)
     for b in blocks:
@@ -132,9 +203,11 @@ def prune_model(model: onnx.ModelProto, ratio=None, *, kept: dict[int, list[int]
     with contextlib.chdir(external_dir or "."):    # the checker finds external data files from there
         pruned = check_model(export(graph, model, dead), model) if any(
             plans[b.index] != tuple(range(b.num_heads)) for b in blocks) else model
+    if pruned is not model:
+        carry_importance(model, pruned, blocks, plans)
     out = PruneResult(pruned, blocks, plans, applied, scores, count_params(model), count_params(pruned),
                       misses=result.misses, gqa=gqa, kv_cache=kv_cache,
-                      io_keep=rewriter.io_keep)
+                      io_keep=rewriter.io_keep, importance_source=source or "given")
     del graph, rewriter, dead         # the sliced weights now live in ``pruned`` only: free the graph's copies
     release_memory()
     if verify:
@@ -142,6 +215,17 @@ def prune_model(model: onnx.ModelProto, ratio=None, *, kept: dict[int, list[int]
         out.max_error = max(compare(masked, pruned, f, out.io_keep, external_dir)
                             for f in _verification_feeds(model, feeds, out.io_keep))
     return out
+
+
+def _calibrator(model, blocks, calib, external_dir):
+    from .calibrate import Calibrator, batches
+    data = calib if calib is not None else synth_calibration(model)
+    return Calibrator(model, blocks, batches(data), external_dir)
+
+
+def synth_calibration(model: onnx.ModelProto, samples: int = 32, seq: int = 16) -> dict[str, np.ndarray]:
+    """Synthetic calibration data when none is given: random tokens or values, as the probe makes them."""
+    return synth_inputs(model, seed=7, batch=samples, seq=seq)
 
 
 def release_memory():
@@ -176,3 +260,29 @@ def verify_saved(model: onnx.ModelProto, result: PruneResult, path: str | os.Pat
                        masked_overrides=overrides)
                for f in _verification_feeds(model, feeds, result.io_keep))
 
+
+
+def score_model(model: onnx.ModelProto, method: str = "weights", *, calib: dict | None = None,
+                external_dir: str | os.PathLike | None = None
+                ) -> tuple[onnx.ModelProto, tuple[AttentionBlock, ...], dict[int, np.ndarray]]:
+    """Score every head by ``method`` and return (a copy of ``model`` with the scores stored as importance
+    initializers, the blocks, the scores). Pruning the copy later uses them with no data."""
+    from .score import store_importance
+    if method not in IMPORTANCE_SOURCES or method == "initializers":
+        raise PlanError(f"unknown scoring method {method!r}; use one of "
+                        f"{', '.join(m for m in IMPORTANCE_SOURCES if m != 'initializers')}")
+    result = inspect_model(model, external_dir)
+    if not result.blocks:
+        raise MatchError("0 attention blocks found; nothing to score")
+    blocks = result.blocks
+    if method == "weights":
+        graph = to_graph(model)
+        if external_dir is not None:
+            attach_external(graph, external_dir)
+        scores = {b.index: weight_importance(b, graph) for b in blocks}
+    else:
+        scores = _calibrator(model, blocks, calib, external_dir).importance(method)
+    scored = onnx.ModelProto()
+    scored.CopyFrom(model)
+    store_importance(scored, blocks, scores, method)
+    return scored, blocks, scores

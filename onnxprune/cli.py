@@ -33,6 +33,22 @@ examples:
                                                         # genai_config.json shrink, tokenizer copied
   onnxprune inspect model.onnx                          # blocks found, and why others were not
 
+importance (which heads go), --importance:
+  weights        data-free: ||W_v|| * ||W_o|| per head (the default without data)
+  activation     calibration: each head's activation at the output projection
+  ablation       calibration: how much the outputs change with that head alone removed
+  mean-ablation  calibration: the same, with the head replaced by its mean (what --compensate cannot
+                 restore); the default with --calib
+  initializers   scores stored in the model (`onnxprune score`); the default when the model has them
+  FILE.json|npy  {"<block index or name>": [score per head]} or a [blocks, heads] array
+Calibration runs on --calib DATA.npz (one array per graph input, samples along axis 0), or on synthetic
+inputs without it. Score once, prune to many ratios:
+  onnxprune score model.onnx --calib data.npz -o scored.onnx
+  onnxprune scored.onnx --ratio 0.5 --compensate --calib data.npz
+--compensate refits each block's output projection to what the full block gave on the calibration data
+(refit, the default), or only adds the dropped heads' mean to its bias (bias; FLAP). --scope global ranks
+all heads of all blocks together; --threshold T keeps the heads scoring at least T (learned gates).
+
 exit codes: 0 ok, 2 bad input, 3 no attention matched, 4 plan impossible, 5 rewrite failed, 6 verification
 failed.
 """
@@ -54,11 +70,14 @@ class _Parser(argparse.ArgumentParser):
 
 def _prune_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="onnxprune", description=PRUNE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
-                usage="onnxprune MODEL (--ratio R | --heads-to-prune FILE) [options]\n"
+                usage="onnxprune MODEL (--ratio R | --threshold T | --heads-to-prune FILE) [options]\n"
+                      "       onnxprune score MODEL [--importance METHOD] [--calib DATA.npz] -o SCORED.onnx\n"
                       "       onnxprune inspect MODEL [--json]")
     p.add_argument("model", type=Path, help="the .onnx file to prune")
     how = p.add_mutually_exclusive_group(required=True)
     how.add_argument("--ratio", type=_ratio, help="fraction of heads to remove in every block, in [0, 1]")
+    how.add_argument("--threshold", type=float, metavar="T",
+                     help="keep the heads whose importance is at least T (stored gate values, for instance)")
     how.add_argument("--heads-to-prune", type=Path, metavar="FILE",
                      help='JSON {"<block index>": [head, ...]} of heads to remove, blocks numbered as inspect lists')
     p.add_argument("-o", "--output", help="output path (default: <stem>.pruned.onnx beside MODEL); DIR/ writes a "
@@ -71,8 +90,36 @@ def _prune_parser() -> argparse.ArgumentParser:
     p.add_argument("--gqa", choices=("group", "uniform"), default=None,
                    help="grouped-query attention: remove whole KV groups (group; the default when the model "
                         "has a KV cache, which then shrinks) or the same query heads from every group (uniform)")
+    _importance_options(p)
+    p.add_argument("--scope", choices=("layer", "global"), default="layer",
+                   help="layer: the same fraction in every block (default); global: rank all heads together")
+    p.add_argument("--compensate", nargs="?", const="refit", choices=("refit", "bias"), default=None,
+                   help="recover the dropped heads' contribution on the calibration data: refit the output "
+                        "projection (refit, the default) or add their mean to its bias (bias)")
     p.add_argument("--atol", type=float, default=None,
                    help="verification tolerance (default 1e-4; 1e-2 for fp16 models)")
+    return p
+
+
+def _importance_options(p):
+    p.add_argument("--importance", metavar="SOURCE",
+                   help="weights, activation, ablation, mean-ablation, initializers, or a .json/.npy file "
+                        "(see above)")
+    p.add_argument("--calib", type=Path, metavar="DATA.npz",
+                   help="calibration data: one array per graph input, samples along axis 0")
+    p.add_argument("--importance-initializer", metavar="NAME_OR_GLOB",
+                   help="the initializers that hold stored scores (default: *.head_importance)")
+
+
+def _score_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="onnxprune score", description="Score every head of MODEL and store the scores in a copy "
+                "of it, as <block name>.head_importance initializers. `onnxprune SCORED --ratio R` then uses "
+                "them, with no data needed.")
+    p.add_argument("model", type=Path)
+    p.add_argument("-o", "--output", type=Path, required=True, help="the scored model")
+    p.add_argument("--force", action="store_true", help="allow the output to overwrite the input")
+    p.add_argument("--json", type=Path, metavar="SCORES.json", help="also write the scores as JSON")
+    _importance_options(p)
     return p
 
 
@@ -99,6 +146,51 @@ def run_inspect(argv) -> int:
     return 0 if result.blocks else 3
 
 
+BEST_CALIBRATED = "mean-ablation"     # what tools/fidelity.py measures best; the default with --calib
+
+
+def _importance_args(args, model) -> dict:
+    from .calibrate import load_calib
+    calib = load_calib(args.calib, model) if args.calib else None
+    importance = args.importance
+    if importance is None and calib is not None:
+        importance = None if _has_stored(model, args) else BEST_CALIBRATED   # stored scores come first
+    return dict(importance=importance, calib=calib, importance_initializer=args.importance_initializer)
+
+
+def _has_stored(model, args) -> bool:
+    from .score import IMPORTANCE_SUFFIX, IMPORTANCE_TABLE
+    return bool(args.importance_initializer) or any(
+        i.name.endswith(IMPORTANCE_SUFFIX) or i.name == IMPORTANCE_TABLE for i in model.graph.initializer)
+
+
+def run_score(argv) -> int:
+    from .api import score_model
+    from .io import check_output_path, has_external_data, load_model, stage_model
+    from .report import write_json_atomic
+    args = _score_parser().parse_args(argv)
+    check_output_path(args.model, args.output, args.force)
+    model = load_model(args.model, external_data=False)
+    external = has_external_data(model)
+    where = args.model.parent if external else None
+    opts = _importance_args(args, model)
+    method = opts["importance"] or (BEST_CALIBRATED if opts["calib"] is not None else "weights")
+    scored, blocks, scores = score_model(model, method, calib=opts["calib"], external_dir=where)
+    for b in blocks:
+        print(f"{b.index:>2}  {b.name:<40} " + " ".join(f"{v:.3g}" for v in scores[b.index]))
+    staged = stage_model(scored, args.output, external=external, external_dir=where)
+    try:
+        staged.publish()
+    finally:
+        staged.discard()
+    print(f"wrote {args.output} ({method} scores for {len(blocks)} blocks)")
+    if args.json:
+        write_json_atomic({"method": method, "blocks": {b.name: [float(v) for v in scores[b.index]]
+                                                        for b in blocks}}, args.json)
+        print(f"wrote {args.json}")
+    return 0
+
+
 def run_prune(argv) -> int:
     args = _prune_parser().parse_args(argv)
     from .api import prune_model, verify_saved
@@ -123,8 +215,11 @@ def run_prune(argv) -> int:
     # a large model is verified as written (in a temporary folder), not from memory
     verify_saved_copy = external and not args.dry_run and not args.no_verify
     options = dict(verify=not args.no_verify and not verify_saved_copy, gqa=args.gqa, external_dir=where)
+    options.update(_importance_args(args, model), scope=args.scope, compensate=args.compensate)
     if args.heads_to_prune:
         result = prune_model(model, heads_to_prune=load_heads_to_prune(args.heads_to_prune), **options)
+    elif args.threshold is not None:
+        result = prune_model(model, threshold=args.threshold, min_heads=args.min_heads, **options)
     else:
         result = prune_model(model, args.ratio, min_heads=args.min_heads, **options)
     folder = plan_folder(args.model, out, result) if folder_mode and not args.dry_run else []
@@ -169,6 +264,8 @@ def main(argv=None) -> int:
     try:
         if argv and argv[0] == "inspect":
             return run_inspect(argv[1:])
+        if argv and argv[0] == "score":
+            return run_score(argv[1:])
         return run_prune(argv)
     except OnnxPruneError as exc:
         print(f"onnxprune: error: {exc}", file=sys.stderr)

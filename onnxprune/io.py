@@ -242,14 +242,24 @@ def _pad(f, length: int) -> int:
 
 
 class Progress:
-    """A one-line progress bar on stderr, shown only on a terminal and only for long work."""
+    """A one-line progress bar on stderr, shown only on a terminal and only for long work. ``total`` counts
+    bytes (shown in GB) or, with ``unit``, steps of that name."""
 
-    def __init__(self, total: int, label: str, min_total: int = 256 << 20):
+    def __init__(self, total: int, label: str, min_total: int = 256 << 20, unit: str | None = None):
         import sys
-        self.total, self.label, self.done_bytes = total, label, 0
+        self.total, self.label, self.done_bytes, self.unit = total, label, 0, unit
         self.stream = sys.stderr
         self.on = total >= min_total and self.stream.isatty()
         self.last = -1
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.done()
+
+    def update(self, n: int = 1):
+        self.advance(n)
 
     def advance(self, n: int):
         self.done_bytes += n
@@ -259,7 +269,8 @@ class Progress:
         if pct != self.last:
             self.last = pct
             bar = "#" * (pct // 4)
-            self.stream.write(f"\r{self.label} [{bar:<25}] {pct:3d}% of {self.total / 2**30:.2f} GB")
+            size = f"{self.done_bytes}/{self.total} {self.unit}" if self.unit else f"of {self.total / 2**30:.2f} GB"
+            self.stream.write(f"\r{self.label} [{bar:<25}] {pct:3d}% {size}")
             self.stream.flush()
 
     def done(self):

@@ -143,3 +143,74 @@ def plan_block(importance, ratio, groups: Sequence[Sequence[int]], min_heads: in
         g = list(g)
         kept += [g[i] for i in top_heads(scores[g], keep)]
     return BlockPlan(tuple(sorted(kept)), keep > want)
+
+
+SCOPES = ("layer", "global")
+
+
+def _units(scores: np.ndarray, groups, gqa: str) -> list[tuple[int, ...]]:
+    """What is kept or dropped as a whole: single heads, or whole KV groups in ``group`` mode."""
+    if len(groups) in (1, len(scores)):
+        return [(h,) for h in range(len(scores))]
+    if gqa == "group":
+        return [tuple(g) for g in groups]
+    raise PlanError("--scope global and --threshold keep whole KV groups or single heads; a grouped-query "
+                    "block needs --gqa group")
+
+
+def plan_model(importance: dict[int, np.ndarray], groups: dict[int, Sequence[Sequence[int]]], *, ratio=None,
+               threshold: float | None = None, min_heads: int = 1, gqa: str = "uniform"
+               ) -> dict[int, BlockPlan]:
+    """Plan all blocks together: ``ratio`` ranks every head of every block at once (global scope), or
+    ``threshold`` keeps each head whose score reaches it. Scores are normalised per block for the global
+    ranking (divided by their L2 norm, as Michel et al. (2019) do), so that blocks whose scores differ in
+    scale compete fairly; a threshold reads them raw, as learned gate values are. Either way every block
+    keeps at least ``min_heads`` heads (its best ones), and at least one. A KV group counts by its summed
+    score (ratio) or its mean score (threshold)."""
+    if (ratio is None) == (threshold is None):
+        raise PlanError("give one of ratio or threshold")
+    if gqa not in GQA_MODES:
+        raise PlanError(f"unknown GQA mode {gqa!r}; use one of {', '.join(GQA_MODES)}")
+    entries = []        # (normalised score, block, unit index)
+    units, floors = {}, {}
+    for b, raw in importance.items():
+        scores = _check_importance(raw)
+        units[b] = _units(scores, groups[b], gqa)
+        unit_scores = np.array([scores[list(u)].sum() if ratio is not None else scores[list(u)].mean()
+                                for u in units[b]])
+        if ratio is not None:
+            norm = np.linalg.norm(unit_scores)
+            unit_scores = unit_scores / norm if norm > 0 else unit_scores
+        size = len(units[b][0])
+        floors[b] = min(len(units[b]), max(1, -(-min_heads // size)))
+        entries += [(float(s), b, i) for i, s in enumerate(unit_scores)]
+    chosen: dict[int, set] = {b: set() for b in units}
+    by_block: dict[int, list] = {}
+    for s, b, i in entries:
+        by_block.setdefault(b, []).append((s, i))
+    for b, lst in by_block.items():          # the floor of every block first: its best units
+        for s, i in sorted(lst, key=lambda e: (-e[0], e[1]))[:floors[b]]:
+            chosen[b].add(i)
+    if ratio is not None:
+        total = sum(len(u) for u in units.values())
+        want = math.floor(total * (1 - exact_ratio(ratio)))
+        have = sum(len(c) for c in chosen.values())
+        ranked = sorted(entries, key=lambda e: (-e[0], e[1], e[2]))
+        for s, b, i in ranked:
+            if have >= want:
+                break
+            if i not in chosen[b]:
+                chosen[b].add(i)
+                have += 1
+        floor_only = {b: False for b in units}
+        for b in units:
+            fl = sorted(by_block[b], key=lambda e: (-e[0], e[1]))[:floors[b]]
+            floor_only[b] = any(entries_rank > want - 1 for entries_rank in
+                                [ranked.index((s, b, i)) for s, i in fl])
+    else:
+        for s, b, i in entries:
+            if s >= threshold:
+                chosen[b].add(i)
+        floor_only = {b: sum(1 for s, i in by_block[b] if s >= threshold) < floors[b] for b in units}
+    return {b: BlockPlan(tuple(sorted(h for i in chosen[b] for h in units[b][i])), floor_only[b])
+            for b in units}

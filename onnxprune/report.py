@@ -21,11 +21,13 @@ def build_report(result: PruneResult, model: str, output: str | None, ratio) -> 
             "head_dim": b.head_dim, "kept_heads": kept, "kept_kv_heads": b.kept_kv_heads(kept),
             "o_proj": {"initializer": b.o_proj.weight, "head_axis": b.o_proj.head_axis},
             "min_heads_applied": bool(result.min_heads_applied.get(b.index, False)),
+            "importance": [float(v) for v in result.importance[b.index]] if b.index in result.importance else None,
         })
     return {"model": str(model), "output": str(output) if output else None,
             "ratio": None if ratio is None else float(ratio),
             "params_before": result.params_before, "params_after": result.params_after,
-            "max_error": result.max_error, "gqa": result.gqa, "kv_cache": result.kv_cache, "blocks": blocks}
+            "max_error": result.max_error, "gqa": result.gqa, "kv_cache": result.kv_cache,
+            "importance": result.importance_source, "compensate": result.compensate, "blocks": blocks}
 
 
 def format_table(report: dict) -> str:
@@ -41,6 +43,10 @@ def format_table(report: dict) -> str:
     if any(b["num_kv_heads"] not in (1, b["num_heads"]) for b in report["blocks"]):
         how = "whole KV groups removed" if report.get("gqa") == "group" else "same query heads per KV group"
         lines.append(f"grouped-query attention: --gqa {report.get('gqa')} ({how})")
+    if report.get("importance") not in (None, "given"):
+        lines.append(f"importance: {report['importance']}"
+                     + (f"; output projections recovered by --compensate {report['compensate']}"
+                        if report.get("compensate") else ""))
     if report.get("max_error") is not None:
         lines.append(f"pruned == masked original: max abs error {report['max_error']:.2e}")
     return "\n".join(lines)

@@ -1,0 +1,341 @@
+"""Calibration on ONNX Runtime: data-driven head importance and retraining-free recovery.
+
+One session serves every run. The output-projection weights and biases become graph inputs of a working
+copy, so that a head is masked, or a block's projection refitted, by feeding other arrays, never by
+building a model per head. The context that each output projection reads (the concatenated heads) is
+captured by adding it as a graph output.
+
+Importance methods:
+
+* ``activation``: mean squared activation of each head's context at the output-projection input;
+* ``ablation``: how much the model's outputs change when that head alone is removed (Michel et al., 2019);
+* ``mean-ablation``: the same, with the head replaced by its mean contribution instead of zero: the change
+  that ``--compensate`` cannot undo, since compensation puts the mean back (the variance of a head's
+  contribution, not its size, is what pruning loses).
+
+Recovery (``compensate``), layer by layer in graph order, each block seeing the already-recovered
+blocks before it:
+
+* ``bias``: FLAP's bias compensation (An et al., 2024): the mean of the dropped heads' projected outputs is
+  added to the output-projection bias;
+* ``refit``: a ridge least-squares refit of the kept rows of the output projection (and its bias) to the
+  original block output, on the calibration tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from .block import AttentionBlock
+from .errors import InputError, PlanError
+from .io import Progress
+
+IMPORTANCE_METHODS = ("activation", "ablation", "mean-ablation")
+COMPENSATE_MODES = ("bias", "refit")
+BATCH = 16
+RIDGE = 1e-2      # refit: ridge strength relative to the mean eigenvalue of the kept heads' Gram matrix
+
+
+def load_calib(path: str | Path, model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """``DATA.npz``: one array per graph input, named after it, samples along axis 0."""
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            data = {k: npz[k] for k in npz.files}
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such file") from None
+    except (ValueError, OSError) as exc:
+        raise InputError(f"{path}: not an .npz file ({exc})") from None
+    inputs = {i.name: i for i in model.graph.input}
+    inits = {i.name for i in model.graph.initializer}
+    needed = [n for n in inputs if n not in inits]
+    missing = [n for n in needed if n not in data]
+    if missing:
+        raise InputError(f"{path}: no array for graph input {missing[0]!r} (it has {', '.join(data) or 'none'})")
+    extra = [k for k in data if k not in inputs]
+    if extra:
+        raise InputError(f"{path}: array {extra[0]!r} is not a graph input (inputs: {', '.join(needed)})")
+    counts = {len(a) if a.ndim else 0 for a in data.values()}
+    if len(counts) != 1 or 0 in counts:
+        raise InputError(f"{path}: arrays must share their first axis (samples); got lengths {sorted(counts)}")
+    out = {}
+    for name in needed:
+        elem = inputs[name].type.tensor_type.elem_type
+        out[name] = data[name].astype(helper.tensor_dtype_to_np_dtype(elem), copy=False)
+    return out
+
+
+def batches(data: dict[str, np.ndarray], size: int = BATCH) -> list[dict[str, np.ndarray]]:
+    n = len(next(iter(data.values())))
+    return [{k: v[i:i + size] for k, v in data.items()} for i in range(0, n, size)]
+
+
+@dataclass
+class _Site:
+    """Where one block's output projection is: its weight and bias names, the context it reads."""
+
+    block: AttentionBlock
+    weight: str
+    bias: str | None
+    context: str
+    head_axis: int
+
+
+def _find_sites(model: onnx.ModelProto, blocks) -> list[_Site]:
+    consumers: dict[str, list] = {}
+    for node in model.graph.node:
+        for i in node.input:
+            consumers.setdefault(i, []).append(node)
+    inits = {i.name: i for i in model.graph.initializer}
+    sites = []
+    for b in blocks:
+        w = b.o_proj.weight
+        node = next((n for n in consumers.get(w, []) if n.op_type in ("MatMul", "Gemm")), None)
+        if node is None:
+            raise PlanError(f"block {b.index} ({b.name}): its output projection is not a MatMul or Gemm")
+        context = node.input[0] if node.input[1] == w else node.input[1]
+        bias = None
+        if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2] in inits:
+            bias = node.input[2]
+        elif node.op_type == "MatMul":
+            adds = consumers.get(node.output[0], [])
+            if len(adds) == 1 and adds[0].op_type == "Add":
+                other = [i for i in adds[0].input if i != node.output[0]]
+                if other and other[0] in inits and len(inits[other[0]].dims) == 1:
+                    bias = other[0]
+        sites.append(_Site(b, w, bias, context, b.o_proj.head_axis))
+    return sites
+
+
+def _add_bias(model: onnx.ModelProto, site: _Site) -> str:
+    """Give a bias-free output projection a zero bias (an Add after it), for compensation to write into."""
+    node = next(n for n in model.graph.node if n.op_type in ("MatMul", "Gemm") and site.weight in n.input)
+    w = _initializer(model, site.weight)
+    width = w.dims[1 - site.head_axis] if len(w.dims) == 2 else w.dims[-1]
+    name = f"{site.weight}.onnxprune_bias"
+    model.graph.initializer.append(numpy_helper.from_array(
+        np.zeros(width, dtype=helper.tensor_dtype_to_np_dtype(w.data_type)), name))
+    out = node.output[0]
+    node.output[0] = f"{out}.onnxprune_unbiased"
+    at = list(model.graph.node).index(node) + 1
+    model.graph.node.insert(at, helper.make_node("Add", [node.output[0], name], [out],
+                                                 name=f"{node.name or out}.onnxprune_bias"))
+    return name
+
+
+def _initializer(model: onnx.ModelProto, name: str) -> onnx.TensorProto:
+    from .verify import _find_constant
+    proto, node = _find_constant(model, name)
+    if node is not None:          # a Constant node: make it an initializer
+        model.graph.node.remove(node)
+        init = model.graph.initializer.add()
+        init.CopyFrom(proto)
+        init.name = name
+        return init
+    return proto
+
+
+def head_columns(block: AttentionBlock, name: str, heads) -> np.ndarray:
+    """Positions along ``name``'s head axis that belong to ``heads`` (one-head units only)."""
+    t = block.tensor(name)
+    units = [u for u, hs in enumerate(block.units) if len(hs) == 1 and next(iter(hs)) in set(heads)]
+    return np.flatnonzero(np.isin(t.owner, units))
+
+
+class Calibrator:
+    """Runs ``model`` on calibration batches with the output projections as inputs."""
+
+    def __init__(self, model: onnx.ModelProto, blocks, data: list[dict[str, np.ndarray]], external_dir=None,
+                 progress: bool = True):
+        from .probe import session
+        self.blocks = list(blocks)
+        self.data = data
+        self.progress = progress
+        work = onnx.ModelProto()
+        work.CopyFrom(model)
+        self.sites = _find_sites(work, self.blocks)
+        self.weights: dict[str, np.ndarray] = {}
+        for s in self.sites:
+            if s.bias is None:
+                s.bias = _add_bias(work, s)
+            for name in (s.weight, s.bias):
+                if name in self.weights:
+                    raise PlanError(f"block {s.block.index}: its output projection {name!r} is shared with "
+                                    "another block")
+                proto = _initializer(work, name)
+                self.weights[name] = numpy_helper.to_array(proto)
+                work.graph.initializer.remove(proto)
+                work.graph.input.append(helper.make_tensor_value_info(name, proto.data_type, list(proto.dims)))
+        self.outputs = [o.name for o in work.graph.output]
+        known = set(self.outputs)
+        for s in self.sites:
+            if s.context not in known:
+                work.graph.output.append(helper.make_empty_tensor_value_info(s.context))
+                known.add(s.context)
+        self.work = work
+        self.session = session(work, external_dir=external_dir)
+        self.mask_input = next((i.name for i in model.graph.input if "attention_mask" in i.name
+                                and len(i.type.tensor_type.shape.dim) == 2), None)
+
+    # ------------------------------------------------------------------ running
+    def run(self, feeds: dict, weights: dict | None = None, contexts: bool = False):
+        names = self.outputs + ([s.context for s in self.sites] if contexts else [])
+        arrays = dict(zip(names, self.session.run(names, {**feeds, **self.weights, **(weights or {})})))
+        return arrays
+
+    def _rows(self, feeds: dict, ctx: np.ndarray, site: _Site) -> np.ndarray:
+        """The context as [tokens, features], the padding tokens left out where the mask says so."""
+        ax = site.block.tensor(site.context).axes
+        if len(ax) != 1:
+            raise PlanError(f"block {site.block.index}: its context carries heads on several axes")
+        x = np.moveaxis(ctx, ax[0], -1)
+        rows = x.reshape(-1, x.shape[-1]).astype(np.float64)
+        if self.mask_input is not None and self.mask_input in feeds:
+            mask = np.asarray(feeds[self.mask_input]).reshape(-1) != 0
+            if mask.size == rows.shape[0]:
+                rows = rows[mask]
+        return rows
+
+    def _loss(self, ref: dict, got: dict) -> float:
+        total = 0.0
+        for name in self.outputs:
+            r = ref[name]
+            if r.dtype.kind == "f" and r.size:
+                d = got[name].astype(np.float64) - r
+                total += float(np.sum(d * d)) / max(float(np.sum(r.astype(np.float64) ** 2)), 1e-30)
+        return total
+
+    def _bar(self, total: int, what: str):
+        return Progress(total, what, min_total=1 if self.progress else total + 1, unit="runs")
+
+    # ------------------------------------------------------------------ importance
+    def importance(self, method: str) -> dict[int, np.ndarray]:
+        if method not in IMPORTANCE_METHODS:
+            raise PlanError(f"unknown calibration method {method!r}; use one of {', '.join(IMPORTANCE_METHODS)}")
+        if method == "activation":
+            return self._activation()
+        return self._ablation(mean=method == "mean-ablation")
+
+    def _activation(self) -> dict[int, np.ndarray]:
+        sums = {s.block.index: np.zeros(s.block.num_heads) for s in self.sites}
+        count = 0
+        with self._bar(len(self.data), "calibrating") as bar:
+            for feeds in self.data:
+                out = self.run(feeds, contexts=True)
+                for s in self.sites:
+                    rows = self._rows(feeds, out[s.context], s)
+                    for h in range(s.block.num_heads):
+                        cols = head_columns(s.block, s.context, [h])
+                        sums[s.block.index][h] += float(np.sum(rows[:, cols] ** 2))
+                count += 1
+                bar.update()
+        return sums
+
+    def _ablation(self, mean: bool) -> dict[int, np.ndarray]:
+        means = self.context_means() if mean else None
+        refs = [self.run(f) for f in self.data]
+        scores = {s.block.index: np.zeros(s.block.num_heads) for s in self.sites}
+        total = sum(s.block.num_heads for s in self.sites) * len(self.data)
+        with self._bar(total, "ablating heads") as bar:
+            for s in self.sites:
+                w = self.weights[s.weight]
+                for h in range(s.block.num_heads):
+                    rows = head_columns(s.block, s.weight, [h])
+                    masked = _zero_rows(w, rows, s.head_axis)
+                    feeds_w = {s.weight: masked}
+                    if mean:
+                        cols = head_columns(s.block, s.context, [h])
+                        shift = means[s.block.index][cols] @ _rows_of(w.astype(np.float64), rows, s.head_axis)
+                        feeds_w[s.bias] = (self.weights[s.bias] + shift).astype(self.weights[s.bias].dtype)
+                    for feeds, ref in zip(self.data, refs):
+                        scores[s.block.index][h] += self._loss(ref, self.run(feeds, feeds_w))
+                        bar.update()
+        return scores
+
+    def context_means(self, weights: dict | None = None) -> dict[int, np.ndarray]:
+        """The mean context vector of every block over the calibration tokens."""
+        acc, n = {}, {}
+        for feeds in self.data:
+            out = self.run(feeds, weights, contexts=True)
+            for s in self.sites:
+                rows = self._rows(feeds, out[s.context], s)
+                acc[s.block.index] = acc.get(s.block.index, 0) + rows.sum(axis=0)
+                n[s.block.index] = n.get(s.block.index, 0) + len(rows)
+        return {b: acc[b] / max(n[b], 1) for b in acc}
+
+    # ------------------------------------------------------------------ recovery
+    def compensate(self, kept: dict[int, tuple], mode: str, ridge: float = RIDGE) -> dict[str, np.ndarray]:
+        """New values for the output-projection weights and biases, block by block in graph order, each block
+        calibrated on the output of the blocks before it as already compensated. The dropped heads' rows
+        are zero, so that the result, pruned or masked, is the same model."""
+        if mode not in COMPENSATE_MODES:
+            raise PlanError(f"unknown compensation {mode!r}; use one of {', '.join(COMPENSATE_MODES)}")
+        original = [self.run(f, contexts=True) for f in self.data]
+        new: dict[str, np.ndarray] = {}
+        with self._bar(len(self.sites), "compensating") as bar:
+            for s in self.sites:
+                b = s.block
+                keep = tuple(kept.get(b.index, range(b.num_heads)))
+                if keep == tuple(range(b.num_heads)):
+                    bar.update()
+                    continue
+                w = self.weights[s.weight].astype(np.float64)
+                w2 = np.moveaxis(w, s.head_axis, 0)                   # [features, width]
+                bias = self.weights[s.bias].astype(np.float64)
+                kept_rows = head_columns(b, s.weight, keep)
+                kept_cols = head_columns(b, s.context, keep)
+                xs, ys = [], []
+                for feeds, ref in zip(self.data, original):
+                    now = self.run(feeds, new, contexts=True) if new else ref
+                    x_now = self._rows(feeds, now[s.context], s)
+                    x_ref = self._rows(feeds, ref[s.context], s)
+                    xs.append(x_now[:, kept_cols])
+                    ys.append(x_ref @ w2)                             # the original projection, before bias
+                x, y = np.concatenate(xs), np.concatenate(ys)
+                if mode == "bias":
+                    w_kept = w2[kept_rows]
+                    shift = (y - x @ w_kept).mean(axis=0)
+                else:
+                    xm, ym = x.mean(axis=0), y.mean(axis=0)
+                    xc, yc = x - xm, y - ym
+                    gram = xc.T @ xc
+                    lam = ridge * np.trace(gram) / max(len(gram), 1)
+                    w_kept = np.linalg.solve(gram + lam * np.eye(len(gram)), xc.T @ yc)
+                    shift = ym - xm @ w_kept
+                out = np.zeros_like(w2)
+                out[kept_rows] = w_kept
+                new[s.weight] = np.moveaxis(out, 0, s.head_axis).astype(self.weights[s.weight].dtype)
+                new[s.bias] = (bias + shift).astype(self.weights[s.bias].dtype)
+                bar.update()
+        return new
+
+    def edited_model(self, model: onnx.ModelProto, new: dict[str, np.ndarray]) -> onnx.ModelProto:
+        """A copy of ``model`` with the compensated weights and biases written in (a bias-free projection
+        gets its Add)."""
+        out = onnx.ModelProto()
+        out.CopyFrom(model)
+        for s in _find_sites(out, self.blocks):
+            if s.weight not in new:
+                continue
+            bias = s.bias or _add_bias(out, s)
+            for name, value in ((s.weight, new[s.weight]), (bias, new[next(
+                    x.bias for x in self.sites if x.weight == s.weight)])):
+                proto = _initializer(out, name)
+                proto.CopyFrom(numpy_helper.from_array(value, name))
+        return out
+
+
+def _rows_of(w: np.ndarray, idx, axis: int) -> np.ndarray:
+    return np.moveaxis(np.take(w, idx, axis=axis), axis, 0)
+
+
+def _zero_rows(w: np.ndarray, idx, axis: int) -> np.ndarray:
+    out = np.array(w, copy=True)
+    index = [slice(None)] * out.ndim
+    index[axis] = idx
+    out[tuple(index)] = 0
+    return out

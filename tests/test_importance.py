@@ -1,0 +1,217 @@
+"""Importance sources, global and threshold allocation, calibration and compensation (no torch needed)."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from onnxprune import prune_model
+from onnxprune.api import inspect_model, score_model
+from onnxprune.calibrate import Calibrator, batches, load_calib
+from onnxprune.cli import main
+from onnxprune.errors import InputError, PlanError
+from onnxprune.plan import plan_model
+from onnxprune.probe import synth_inputs
+from onnxprune.score import IMPORTANCE_SUFFIX, initializer_importance
+from onnxprune.verify import max_abs_diff, run
+
+MODELS = Path(__file__).resolve().parent.parent / "models"
+MHA4 = [(0,), (1,), (2,), (3,)]
+
+
+def _bert():
+    return onnx.load(str(MODELS / "bert-ts.onnx"))
+
+
+def _calib(model, n=24, seq=9, seed=3):
+    return synth_inputs(model, seed=seed, batch=n, seq=seq)
+
+
+# ------------------------------------------------------------------ allocation
+def test_global_scope_ranks_normalised_scores_across_blocks():
+    # block 1's scores are 10x larger but one head dominates it; normalised per block, block 0 wins 3 slots
+    imp = {0: np.array([1.0, 2, 3, 4]), 1: np.array([100.0, 10, 10, 10])}
+    plans = plan_model(imp, {0: MHA4, 1: MHA4}, ratio=0.5)
+    assert plans[0].kept_heads == (1, 2, 3) and plans[1].kept_heads == (0,)
+
+
+def test_global_scope_keeps_min_heads_in_every_block():
+    imp = {0: np.array([1.0, 1, 1, 1]), 1: np.array([9.0, 8, 7, 6])}
+    plans = plan_model(imp, {0: MHA4, 1: MHA4}, ratio=0.75, min_heads=1)
+    assert sum(len(p.kept_heads) for p in plans.values()) == 2
+    assert all(len(p.kept_heads) >= 1 for p in plans.values())
+    plans = plan_model(imp, {0: MHA4, 1: MHA4}, ratio=0.75, min_heads=2)
+    assert [len(plans[b].kept_heads) for b in (0, 1)] == [2, 2]
+    assert plans[0].kept_heads == (0, 1)                  # ties go to the lower index
+
+
+def test_threshold_keeps_heads_at_or_above_it():
+    imp = {0: np.array([0.0, 0.5, 0.9, 0.2]), 1: np.array([0.1, 0.0, 0.05, 0.3])}
+    plans = plan_model(imp, {0: MHA4, 1: MHA4}, threshold=0.5)
+    assert plans[0].kept_heads == (1, 2) and not plans[0].min_heads_applied
+    assert plans[1].kept_heads == (3,) and plans[1].min_heads_applied    # nothing reaches 0.5: best one kept
+
+
+def test_global_and_threshold_through_prune_model():
+    model = _bert()
+    imp = {0: np.array([1.0, 2, 3, 4]), 1: np.array([100.0, 10, 10, 10])}
+    r = prune_model(model, 0.5, importance=imp, scope="global")
+    assert r.kept == {0: (1, 2, 3), 1: (0,)} and r.max_error <= 1e-4
+    r = prune_model(model, threshold=3, importance=imp)
+    assert r.kept == {0: (2, 3), 1: (0, 1, 2, 3)}
+
+
+def test_global_scope_needs_group_mode_for_gqa():
+    with pytest.raises(PlanError, match="--gqa group"):
+        plan_model({0: np.arange(8.0)}, {0: [(0, 1, 2, 3), (4, 5, 6, 7)]}, ratio=0.5, gqa="uniform")
+    plans = plan_model({0: np.arange(8.0)}, {0: [(0, 1, 2, 3), (4, 5, 6, 7)]}, ratio=0.5, gqa="group")
+    assert plans[0].kept_heads == (4, 5, 6, 7)
+
+
+# ------------------------------------------------------------------ calibration
+def _zero_head(model, block, head):
+    """``model`` with the output-projection rows of one head zeroed: a head that contributes nothing."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    init = next(i for i in out.graph.initializer if i.name == block.o_proj.weight)
+    arr = numpy_helper.to_array(init).copy()
+    t = block.tensor(block.o_proj.weight)
+    idx = [slice(None)] * arr.ndim
+    idx[t.axes[0]] = np.flatnonzero(np.isin(t.owner, [u for u, hs in enumerate(block.units) if hs == {head}]))
+    arr[tuple(idx)] = 0
+    init.CopyFrom(numpy_helper.from_array(arr, init.name))
+    return out
+
+
+@pytest.mark.parametrize("method", ["ablation", "mean-ablation"])
+def test_ablation_scores_a_silent_head_zero(method):
+    model = _bert()
+    block = inspect_model(model).blocks[1]
+    silent = _zero_head(model, block, 2)
+    cal = Calibrator(silent, inspect_model(silent).blocks, batches(_calib(silent), 8), progress=False)
+    scores = cal.importance(method)
+    assert scores[1][2] == pytest.approx(0.0, abs=1e-12)
+    assert np.all(np.delete(scores[1], 2) > 1e-6) and np.all(scores[0] > 1e-6)
+
+
+def test_activation_scores_match_a_direct_computation():
+    model = _bert()
+    blocks = inspect_model(model).blocks
+    data = _calib(model)
+    scores = Calibrator(model, blocks, batches(data, 8), progress=False).importance("activation")
+    # the context read by block 0's output projection, captured directly, split into its 4 heads of 8
+    cal = Calibrator(model, blocks, [data], progress=False)
+    ctx = cal.run(data, contexts=True)[cal.sites[0].context]
+    rows = ctx.reshape(-1, ctx.shape[-1])[data["attention_mask"].reshape(-1) != 0]
+    assert np.allclose(scores[0], (rows.reshape(len(rows), 4, 8) ** 2).sum(axis=(0, 2)), rtol=1e-6)
+
+
+def test_calibrated_importance_from_prune_model():
+    model = _bert()
+    r = prune_model(model, 0.5, importance="ablation", calib=_calib(model))
+    assert r.importance_source == "ablation" and r.max_error <= 1e-4
+    assert all(len(k) == 2 for k in r.kept.values())
+
+
+# ------------------------------------------------------------------ compensation
+@pytest.mark.parametrize("mode", ["bias", "refit"])
+def test_compensation_reduces_the_error_on_its_calibration_data(mode):
+    model = _bert()
+    data = _calib(model, n=48)
+    kept = {0: (0, 3), 1: (1, 2)}
+    reference = run(model, data)
+    plain = prune_model(model, kept=kept)
+    comp = prune_model(model, kept=kept, compensate=mode, calib=data)
+    assert comp.max_error <= 1e-4 and comp.compensate == mode       # still exactly the masked (compensated) model
+    e_plain = max_abs_diff(reference, run(plain.model, data))
+    e_comp = max_abs_diff(reference, run(comp.model, data))
+    assert e_comp < e_plain
+    if mode == "refit":
+        err = {n: np.mean((run(m, data)["last_hidden_state"] - reference["last_hidden_state"]) ** 2)
+               for n, m in (("plain", plain.model), ("refit", comp.model))}
+        assert err["refit"] < 0.5 * err["plain"]
+
+
+def test_compensation_gives_a_bias_free_projection_a_bias():
+    model = onnx.load(str(MODELS / "llama-ts.onnx"))       # Llama's o_proj has no bias
+    data = synth_inputs(model, seed=3, batch=16, seq=8)
+    r = prune_model(model, 0.5, compensate="bias", calib=data)
+    assert r.max_error <= 1e-4
+    assert sum(i.name.endswith(".onnxprune_bias") for i in r.model.graph.initializer) == len(r.blocks)
+
+
+# ------------------------------------------------------------------ importance as an artefact
+def test_scores_round_trip_through_score_and_prune(tmp_path):
+    model = _bert()
+    data = _calib(model)
+    scored, blocks, scores = score_model(model, "activation", calib=data)
+    path = tmp_path / "scored.onnx"
+    onnx.save(scored, str(path))
+    loaded = onnx.load(str(path))
+    stored = initializer_importance(loaded, blocks)
+    assert all(np.allclose(stored[b.index], scores[b.index], rtol=1e-6) for b in blocks)
+    r = prune_model(loaded, 0.5)                             # no source named: the stored scores
+    assert r.importance_source == "initializers (activation)"
+    assert r.kept == prune_model(model, 0.5, importance=scores, verify=False).kept
+    # the pruned model carries the kept heads' scores, so it can be pruned again the same way
+    again = initializer_importance(r.model, prune_model(r.model, 0, verify=False).blocks)
+    assert all(np.allclose(again[b], np.asarray(scores[b])[list(r.kept[b])], rtol=1e-6) for b in r.kept)
+    onnx.checker.check_model(r.model, full_check=True)
+
+
+def test_importance_table_and_glob_override():
+    model = _bert()
+    blocks = inspect_model(model).blocks
+    table = np.array([[4.0, 3, 2, 1], [1.0, 2, 3, 4]], dtype=np.float32)
+    model.graph.initializer.append(numpy_helper.from_array(table, "gates"))
+    assert prune_model(model, 0.5, importance_initializer="gates").kept == {0: (0, 1), 1: (2, 3)}
+    for b in blocks:
+        model.graph.initializer.append(numpy_helper.from_array(table[1 - b.index], f"L{b.index}.my_gate"))
+    assert prune_model(model, 0.5, importance_initializer="*.my_gate").kept == {0: (2, 3), 1: (0, 1)}
+    with pytest.raises(InputError, match="no initializer matches"):
+        prune_model(model, 0.5, importance_initializer="nothing*")
+
+
+def test_importance_file_json_and_npy(tmp_path):
+    model = _bert()
+    blocks = inspect_model(model).blocks
+    (tmp_path / "s.json").write_text(json.dumps({"0": [1, 2, 3, 4], blocks[1].name: [4, 3, 2, 1]}))
+    assert prune_model(model, 0.5, importance=str(tmp_path / "s.json")).kept == {0: (2, 3), 1: (0, 1)}
+    np.save(tmp_path / "s.npy", np.array([[9.0, 0, 0, 9], [0, 9, 9, 0]]))
+    r = prune_model(model, 0.5, importance=tmp_path / "s.npy")
+    assert r.kept == {0: (0, 3), 1: (1, 2)} and r.importance_source == "file"
+    (tmp_path / "bad.json").write_text(json.dumps({"0": [1, 2]}))
+    with pytest.raises(InputError, match="expected 4 finite scores"):
+        prune_model(model, 0.5, importance=str(tmp_path / "bad.json"))
+
+
+# ------------------------------------------------------------------ command line
+def test_cli_score_then_prune_with_calibration(tmp_path, capsys):
+    model = _bert()
+    data = _calib(model)
+    np.savez(tmp_path / "calib.npz", **data)
+    scored, pruned = tmp_path / "scored.onnx", tmp_path / "p.onnx"
+    assert main(["score", str(MODELS / "bert-ts.onnx"), "--calib", str(tmp_path / "calib.npz"),
+                 "-o", str(scored), "--json", str(tmp_path / "s.json")]) == 0
+    assert json.loads((tmp_path / "s.json").read_text())["method"] == "mean-ablation"
+    assert main([str(scored), "--ratio", "0.5", "--scope", "global", "--compensate",
+                 "--calib", str(tmp_path / "calib.npz"), "-o", str(pruned), "--report", str(tmp_path / "r.json")]) == 0
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["importance"] == "initializers (mean-ablation)" and report["compensate"] == "refit"
+    assert report["max_error"] <= 1e-4
+    assert main([str(MODELS / "bert-ts.onnx"), "--threshold", "1e9", "--dry-run"]) == 0
+    assert "(min-heads)" in capsys.readouterr().out
+
+
+def test_cli_bad_calibration_data_is_one_line(tmp_path, capsys):
+    np.savez(tmp_path / "c.npz", input_ids=np.ones((2, 3), dtype=np.int64))
+    code = main([str(MODELS / "bert-ts.onnx"), "--ratio", "0.5", "--calib", str(tmp_path / "c.npz"),
+                 "-o", str(tmp_path / "p.onnx")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "no array for graph input" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "p.onnx").exists()
+    with pytest.raises(InputError):
+        load_calib(tmp_path / "missing.npz", _bert())

