@@ -13,6 +13,7 @@ import onnx
 from . import plan as planning
 from .block import AttentionBlock, MatchResult
 from .errors import MatchError, PlanError
+from .gates import find_gates, fold_gates
 from .io import FLOAT_TYPES, attach_external, to_graph
 from .match import match_graph
 from .probe import probe, synth_inputs
@@ -42,6 +43,7 @@ class PruneResult:
     kv_cache: bool = False        # the model takes and returns a KV cache (its head dimension changed)
     importance_source: str = "weights"   # where the scores came from (see score.describe_source)
     compensate: str | None = None        # bias or refit: the output projections were recovered
+    gates: int = 0                       # head gates folded into the output projections
 
 
 def count_params(model: onnx.ModelProto) -> int:
@@ -128,6 +130,21 @@ def prune_model(model: onnx.ModelProto, ratio=None, *, kept: dict[int, list[int]
         attach_external(graph, external_dir)
     kv_cache = any(t.io for b in blocks for t in b.tensors)
     gqa = gqa or ("group" if kv_cache else "uniform")
+    gates = find_gates(model, blocks)
+    if gates:       # fold them into the output projections, prune the gate-free model, by the gates if asked
+        folded = fold_gates(model, blocks, gates)
+        by_gate = {}
+        for g in gates:
+            by_gate[g.block] = by_gate.get(g.block, 1.0) * np.abs(np.asarray(g.values))
+        use = importance is None and initializer_importance(model, blocks, importance_initializer) is None
+        out = prune_model(folded, ratio, kept=kept, heads_to_prune=heads_to_prune, min_heads=min_heads,
+                          importance=by_gate if use else importance, verify=verify, feeds=feeds, gqa=gqa,
+                          scope=scope, threshold=threshold, calib=calib, compensate=compensate,
+                          importance_initializer=importance_initializer, external_dir=external_dir)
+        out.gates = len(gates)
+        if use and out.importance_source == "given":
+            out.importance_source = "gates"
+        return out
     if heads_to_prune is not None:
         check_heads_to_prune(heads_to_prune, blocks)
     scores, plans, applied = {}, {}, {}

@@ -188,9 +188,10 @@ def plan_model(importance: dict[int, np.ndarray], groups: dict[int, Sequence[Seq
     by_block: dict[int, list] = {}
     for s, b, i in entries:
         by_block.setdefault(b, []).append((s, i))
-    for b, lst in by_block.items():          # the floor of every block first: its best units
-        for s, i in sorted(lst, key=lambda e: (-e[0], e[1]))[:floors[b]]:
-            chosen[b].add(i)
+    floor_units = {b: [i for _, i in sorted(lst, key=lambda e: (-e[0], e[1]))[:floors[b]]]
+                   for b, lst in by_block.items()}
+    for b, idx in floor_units.items():        # the floor of every block first: its best units
+        chosen[b].update(idx)
     if ratio is not None:
         total = sum(len(u) for u in units.values())
         want = math.floor(total * (1 - exact_ratio(ratio)))
@@ -202,11 +203,8 @@ def plan_model(importance: dict[int, np.ndarray], groups: dict[int, Sequence[Seq
             if i not in chosen[b]:
                 chosen[b].add(i)
                 have += 1
-        floor_only = {b: False for b in units}
-        for b in units:
-            fl = sorted(by_block[b], key=lambda e: (-e[0], e[1]))[:floors[b]]
-            floor_only[b] = any(entries_rank > want - 1 for entries_rank in
-                                [ranked.index((s, b, i)) for s, i in fl])
+        top = {(b, i) for _, b, i in ranked[:want]}         # what the ranking alone would keep
+        floor_only = {b: any((b, i) not in top for i in floor_units[b]) for b in units}
     else:
         for s, b, i in entries:
             if s >= threshold:

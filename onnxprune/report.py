@@ -27,7 +27,8 @@ def build_report(result: PruneResult, model: str, output: str | None, ratio) -> 
             "ratio": None if ratio is None else float(ratio),
             "params_before": result.params_before, "params_after": result.params_after,
             "max_error": result.max_error, "gqa": result.gqa, "kv_cache": result.kv_cache,
-            "importance": result.importance_source, "compensate": result.compensate, "blocks": blocks}
+            "importance": result.importance_source, "compensate": result.compensate,
+            "gates_folded": result.gates, "blocks": blocks}
 
 
 def format_table(report: dict) -> str:
@@ -47,6 +48,8 @@ def format_table(report: dict) -> str:
         lines.append(f"importance: {report['importance']}"
                      + (f"; output projections recovered by --compensate {report['compensate']}"
                         if report.get("compensate") else ""))
+    if report.get("gates_folded"):
+        lines.append(f"head gates: {report['gates_folded']} folded into the output projections")
     if report.get("max_error") is not None:
         lines.append(f"pruned == masked original: max abs error {report['max_error']:.2e}")
     return "\n".join(lines)

@@ -215,3 +215,56 @@ def test_cli_bad_calibration_data_is_one_line(tmp_path, capsys):
     assert not (tmp_path / "p.onnx").exists()
     with pytest.raises(InputError):
         load_calib(tmp_path / "missing.npz", _bert())
+
+
+# ------------------------------------------------------------------ head gates
+GATES = [[0.9, 0.0, 1.3, 0.4], [0.2, 1.1, 0.0, 0.7]]
+
+
+def _gated(model, before_softmax=False):
+    """bert-ts with a [1, H, 1, 1] gate per block: on the attention probabilities (as a head mask or an L0
+    gate sits), or on the scores before the Softmax (not foldable)."""
+    from onnx import helper
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for k, s in enumerate([n for n in out.graph.node if n.op_type == "Softmax"]):
+        g = f"gate{k}"
+        out.graph.initializer.append(numpy_helper.from_array(np.array(GATES[k], np.float32).reshape(1, 4, 1, 1), g))
+        at = list(out.graph.node).index(s)
+        if before_softmax:
+            src = s.input[0]
+            s.input[0] = f"{src}_gated"
+            out.graph.node.insert(at, helper.make_node("Mul", [src, g], [f"{src}_gated"], name=f"/gate{k}/Mul"))
+        else:
+            y = s.output[0]
+            s.output[0] = f"{y}_ungated"
+            out.graph.node.insert(at + 1, helper.make_node("Mul", [f"{y}_ungated", g], [y], name=f"/gate{k}/Mul"))
+    onnx.checker.check_model(out)
+    return out
+
+
+def test_gates_fold_exactly_and_serve_as_importance():
+    from onnxprune.gates import find_gates, fold_gates
+    model = _gated(_bert())
+    blocks = inspect_model(model).blocks
+    gates = find_gates(model, blocks)
+    assert [g.values for g in gates] == [tuple(np.float32(v).item() for v in row) for row in GATES]
+    folded = fold_gates(model, blocks, gates)
+    assert not any(n.op_type == "Mul" and n.name.startswith("/gate") for n in folded.graph.node)
+    feeds = synth_inputs(model, batch=3, seq=6)
+    assert max_abs_diff(run(model, feeds), run(folded, feeds)) <= 1e-5
+    r = prune_model(model, threshold=0.5)              # no source named: the gates are the importance
+    assert r.kept == {0: (0, 2), 1: (1, 3)} and r.importance_source == "gates" and r.gates == 2
+    assert r.max_error <= 1e-4
+    assert max_abs_diff(run(model, feeds), run(r.model, feeds)) > 1e-3      # the 0.4 and 0.2 heads went
+    zero_only = prune_model(model, threshold=1e-9)     # only the heads gated to 0: the function is unchanged
+    assert zero_only.kept == {0: (0, 2, 3), 1: (0, 1, 3)}
+    assert max_abs_diff(run(model, feeds), run(zero_only.model, feeds)) <= 1e-5
+
+
+def test_a_gate_before_the_softmax_is_not_folded():
+    from onnxprune.gates import find_gates
+    model = _gated(_bert(), before_softmax=True)
+    assert find_gates(model, inspect_model(model).blocks) == []
+    r = prune_model(model, 0.5)
+    assert r.importance_source == "weights" and r.gates == 0 and r.max_error <= 1e-4
