@@ -12,7 +12,7 @@ import onnx
 
 from . import plan as planning
 from .block import AttentionBlock, MatchResult
-from .errors import MatchError, PlanError
+from .errors import MatchError, OnnxPruneError, PlanError
 from .gates import find_gates, fold_gates
 from .io import FLOAT_TYPES, attach_external, to_graph
 from .match import match_graph
@@ -44,6 +44,26 @@ class PruneResult:
     importance_source: str = "weights"   # where the scores came from (see score.describe_source)
     compensate: str | None = None        # bias or refit: the output projections were recovered
     gates: int = 0                       # head gates folded into the output projections
+    multiple_of: int | None = None       # kept heads x head size rounded up to a multiple of this
+    macs: tuple | None = None            # (MacCount before, MacCount after), from ``count_result_macs``
+    macs_note: str | None = None         # why the MACs could not be counted
+
+
+def count_result_macs(model: onnx.ModelProto, result: PruneResult, batch: int = 1, seq: int = 128,
+                      external_dir: str | os.PathLike | None = None) -> PruneResult:
+    """Count the MACs of ``model`` and of ``result.model`` at ``batch`` x ``seq`` into ``result.macs``
+    (per block and in total); if the model cannot be run at that size, say why in ``result.macs_note``."""
+    from .macs import block_nodes, count_macs
+    names = {b.index: block_nodes(model, b) for b in result.blocks}
+    try:
+        before = count_macs(model, result.blocks, batch, seq, external_dir, names)
+        after = before if result.model is model else \
+            count_macs(result.model, result.blocks, batch, seq, external_dir, names)
+        result.macs = (before, after)
+    except OnnxPruneError as exc:
+        detail = str(exc).split("synthetic inputs: ")[-1]
+        result.macs_note = f"MACs not counted: the model does not run at batch {batch}, seq {seq} ({detail})"
+    return result
 
 
 def count_params(model: onnx.ModelProto) -> int:
@@ -88,7 +108,7 @@ def prune_model(model: onnx.ModelProto, ratio=None, *, kept: dict[int, list[int]
                 feeds: dict | None = None, gqa: str | None = None, scope: str = "layer",
                 threshold: float | None = None, calib: dict[str, np.ndarray] | None = None,
                 compensate: str | None = None, importance_initializer: str | None = None,
-                external_dir: str | os.PathLike | None = None) -> PruneResult:
+                external_dir: str | os.PathLike | None = None, multiple_of: int | None = None) -> PruneResult:
     """Prune ``model``. Give ``ratio`` (with optional per-block ``importance``), or explicit ``kept`` heads,
     or ``heads_to_prune`` (the heads to remove, Hugging Face style). Blocks not named keep every head.
 
@@ -105,11 +125,16 @@ def prune_model(model: onnx.ModelProto, ratio=None, *, kept: dict[int, list[int]
     ``gqa`` ("group" or "uniform") says how a ratio is applied to grouped-query blocks; by default
     "group" when the model has a KV cache (whole KV heads go, so the cache shrinks), else "uniform".
 
+    ``multiple_of``: round each block's kept count up, with its next best heads, so that kept heads x head
+    size is a multiple of it (aligned widths for hardware that wants them).
+
     ``external_dir``: give it when ``model`` was loaded with ``load_external_data=False``, as the folder of
     its data files. Only the attention weights are then read into memory; every other tensor stays a
     reference to the original data file (``io.save_model_atomic`` copies those bytes by streaming)."""
     if sum(x is not None for x in (ratio, kept, heads_to_prune, threshold)) != 1:
         raise PlanError("give exactly one of ratio, threshold, kept, heads_to_prune")
+    if multiple_of is not None and ratio is None and threshold is None:
+        raise PlanError("--multiple-of rounds the plans of --ratio and --threshold, not a list of heads")
     if scope not in planning.SCOPES:
         raise PlanError(f"unknown scope {scope!r}; use one of {', '.join(planning.SCOPES)}")
     if ratio is not None:
@@ -140,7 +165,8 @@ def prune_model(model: onnx.ModelProto, ratio=None, *, kept: dict[int, list[int]
         out = prune_model(folded, ratio, kept=kept, heads_to_prune=heads_to_prune, min_heads=min_heads,
                           importance=by_gate if use else importance, verify=verify, feeds=feeds, gqa=gqa,
                           scope=scope, threshold=threshold, calib=calib, compensate=compensate,
-                          importance_initializer=importance_initializer, external_dir=external_dir)
+                          importance_initializer=importance_initializer, external_dir=external_dir,
+                          multiple_of=multiple_of)
         out.gates = len(gates)
         if use and out.importance_source == "given":
             out.importance_source = "gates"
@@ -201,6 +227,10 @@ def prune_model(model: onnx.ModelProto, ratio=None, *, kept: dict[int, list[int]
             drop = set(heads_to_prune.get(b.index, ()))
             plans[b.index] = tuple(h for h in range(b.num_heads) if h not in drop)
             applied[b.index] = False
+    if multiple_of is not None:
+        for b in blocks:
+            plans[b.index] = planning.align_heads(plans[b.index], scores[b.index], b.kv_groups, b.head_dim,
+                                                  multiple_of, gqa)
     if compensate is not None:
         if heads_to_prune is not None or kept is not None or any(
                 plans[b.index] != tuple(range(b.num_heads)) for b in blocks):
@@ -210,6 +240,7 @@ def prune_model(model: onnx.ModelProto, ratio=None, *, kept: dict[int, list[int]
             out = prune_model(edited, kept=plans, verify=verify, feeds=feeds, gqa=gqa, external_dir=external_dir)
             out.importance, out.min_heads_applied = scores, applied
             out.importance_source, out.compensate = source or "given", compensate
+            out.multiple_of = multiple_of
             out.params_before = count_params(model)
             return out
     dead = dead_nodes(graph)
@@ -224,7 +255,7 @@ def prune_model(model: onnx.ModelProto, ratio=None, *, kept: dict[int, list[int]
         carry_importance(model, pruned, blocks, plans)
     out = PruneResult(pruned, blocks, plans, applied, scores, count_params(model), count_params(pruned),
                       misses=result.misses, gqa=gqa, kv_cache=kv_cache,
-                      io_keep=rewriter.io_keep, importance_source=source or "given")
+                      io_keep=rewriter.io_keep, importance_source=source or "given", multiple_of=multiple_of)
     del graph, rewriter, dead         # the sliced weights now live in ``pruned`` only: free the graph's copies
     release_memory()
     if verify:

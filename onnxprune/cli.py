@@ -72,7 +72,8 @@ def _prune_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="onnxprune", description=PRUNE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
                 usage="onnxprune MODEL (--ratio R | --threshold T | --heads-to-prune FILE) [options]\n"
                       "       onnxprune score MODEL [--importance METHOD] [--calib DATA.npz] -o SCORED.onnx\n"
-                      "       onnxprune inspect MODEL [--json]")
+                      "       onnxprune inspect MODEL [--json]\n"
+                      "       onnxprune bench ORIGINAL PRUNED [--provider cpu|cuda|tensorrt] [--batch B] [--seq S]")
     p.add_argument("model", type=Path, help="the .onnx file to prune")
     how = p.add_mutually_exclusive_group(required=True)
     how.add_argument("--ratio", type=_ratio, help="fraction of heads to remove in every block, in [0, 1]")
@@ -96,6 +97,11 @@ def _prune_parser() -> argparse.ArgumentParser:
     p.add_argument("--compensate", nargs="?", const="refit", choices=("refit", "bias"), default=None,
                    help="recover the dropped heads' contribution on the calibration data: refit the output "
                         "projection (refit, the default) or add their mean to its bias (bias)")
+    p.add_argument("--multiple-of", type=int, default=None, metavar="N",
+                   help="round each block's kept heads up (adding its next best) so that kept heads x head size "
+                        "is a multiple of N, for hardware that wants aligned widths")
+    p.add_argument("--seq", type=int, default=128, help="sequence length for the MAC count in the report (128)")
+    p.add_argument("--batch", type=int, default=1, help="batch size for the MAC count in the report (1)")
     p.add_argument("--atol", type=float, default=None,
                    help="verification tolerance (default 1e-4; 1e-2 for fp16 models)")
     return p
@@ -129,6 +135,68 @@ def _inspect_parser() -> argparse.ArgumentParser:
     p.add_argument("model", type=Path)
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     return p
+
+
+BENCH_HELP = """\
+Time ORIGINAL against PRUNED on one ONNX Runtime provider and compare the speed-up with the ideal one.
+
+Both models run in this process, with ONNX Runtime's graph optimizations on, after --warmup runs each,
+then --runs runs each, interleaved (ABBA), so that the machine's drift hits both alike. The ideal speed-up
+is MACs before / MACs after at the same batch and length; the share of the ideal gain that was realised is
+(measured - 1) / (ideal - 1). File sizes include external data; the memory of each session is measured in
+a fresh process (resident memory growth for making the session and running it once).
+
+Inputs are synthetic (token ids, all-ones masks, random floats) at --batch x --seq, a KV cache's past empty;
+--inputs DATA.npz (one array per graph input) overrides them.
+
+examples:
+  onnxprune bench model.onnx model.pruned.onnx --batch 4 --seq 256
+  onnxprune bench model.onnx model.pruned.onnx --provider cuda --runs 200 --json bench.json
+"""
+
+
+def _bench_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="onnxprune bench", description=BENCH_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("original", type=Path)
+    p.add_argument("pruned", type=Path)
+    p.add_argument("--provider", choices=("cpu", "cuda", "tensorrt"), default="cpu",
+                   help="ONNX Runtime execution provider (cuda and tensorrt need onnxruntime-gpu)")
+    p.add_argument("--batch", type=int, default=1, help="batch size (1)")
+    p.add_argument("--seq", type=int, default=128, help="sequence length (128)")
+    p.add_argument("--threads", type=int, default=None, metavar="N", help="intra-op threads (ORT's default)")
+    p.add_argument("--warmup", type=int, default=5, metavar="W", help="warm-up runs per model (5)")
+    p.add_argument("--runs", type=int, default=50, metavar="R", help="timed runs per model (50)")
+    p.add_argument("--inputs", type=Path, metavar="DATA.npz", help="real inputs instead of synthetic ones")
+    p.add_argument("--no-memory", action="store_true", help="skip the session memory measurement")
+    p.add_argument("--json", type=Path, metavar="OUT.json", help="also write the figures as JSON")
+    return p
+
+
+def run_bench(argv) -> int:
+    from .bench import bench, format_bench
+    from .io import Progress
+    from .report import write_json_atomic
+    args = _bench_parser().parse_args(argv)
+    data = None
+    if args.inputs:
+        try:
+            with np_load(args.inputs) as z:
+                data = {k: z[k] for k in z.files}
+        except (OSError, ValueError) as exc:
+            raise InputError(f"{args.inputs}: not a readable .npz file ({exc})") from None
+    with Progress(args.runs, "timing", min_total=1, unit="runs") as progress:
+        result = bench(args.original, args.pruned, args.provider, args.batch, args.seq, args.threads,
+                       args.warmup, args.runs, data, memory=not args.no_memory, progress=progress)
+    print(format_bench(result))
+    if args.json:
+        write_json_atomic(result.as_dict(), args.json)
+        print(f"wrote {args.json}")
+    return 0
+
+
+def np_load(path):
+    import numpy as np
+    return np.load(path, allow_pickle=False)
 
 
 def _fp16(model) -> bool:
@@ -193,7 +261,7 @@ def run_score(argv) -> int:
 
 def run_prune(argv) -> int:
     args = _prune_parser().parse_args(argv)
-    from .api import prune_model, verify_saved
+    from .api import count_result_macs, prune_model, verify_saved
     from .config import configs_beside, plan_folder, write_folder
     from .io import check_output_path, has_external_data, load_model, stage_model
     from .report import build_report, format_table, write_json_atomic
@@ -215,13 +283,17 @@ def run_prune(argv) -> int:
     # a large model is verified as written (in a temporary folder), not from memory
     verify_saved_copy = external and not args.dry_run and not args.no_verify
     options = dict(verify=not args.no_verify and not verify_saved_copy, gqa=args.gqa, external_dir=where)
-    options.update(_importance_args(args, model), scope=args.scope, compensate=args.compensate)
+    options.update(_importance_args(args, model), scope=args.scope, compensate=args.compensate,
+                   multiple_of=args.multiple_of)
+    if args.seq < 1 or args.batch < 1:
+        raise InputError("--seq and --batch must be at least 1")
     if args.heads_to_prune:
         result = prune_model(model, heads_to_prune=load_heads_to_prune(args.heads_to_prune), **options)
     elif args.threshold is not None:
         result = prune_model(model, threshold=args.threshold, min_heads=args.min_heads, **options)
     else:
         result = prune_model(model, args.ratio, min_heads=args.min_heads, **options)
+    count_result_macs(model, result, args.batch, args.seq, where)
     folder = plan_folder(args.model, out, result) if folder_mode and not args.dry_run else []
     atol = args.atol if args.atol is not None else (1e-2 if _fp16(model) else 1e-4)
     made_dir = folder_mode and not args.dry_run and not out.parent.exists()
@@ -266,6 +338,8 @@ def main(argv=None) -> int:
             return run_inspect(argv[1:])
         if argv and argv[0] == "score":
             return run_score(argv[1:])
+        if argv and argv[0] == "bench":
+            return run_bench(argv[1:])
         return run_prune(argv)
     except OnnxPruneError as exc:
         print(f"onnxprune: error: {exc}", file=sys.stderr)

@@ -145,6 +145,36 @@ def plan_block(importance, ratio, groups: Sequence[Sequence[int]], min_heads: in
     return BlockPlan(tuple(sorted(kept)), keep > want)
 
 
+def align_heads(kept: Sequence[int], importance, groups: Sequence[Sequence[int]], head_dim: int,
+                multiple_of: int, gqa: str = "uniform") -> tuple[int, ...]:
+    """Round a plan's head count up so that ``kept * head_dim`` is a multiple of ``multiple_of``.
+
+    The heads added are the best of those dropped, in the plan's own units (a head, a whole KV group in
+    ``group`` mode, one head per group in ``uniform`` GQA mode). When no count up to every head is aligned,
+    every head is kept."""
+    if multiple_of < 1:
+        raise PlanError(f"--multiple-of must be at least 1, got {multiple_of}")
+    scores = _check_importance(importance)
+    num_heads = len(scores)
+    chosen = set(kept)
+    if len(groups) in (1, num_heads) or gqa == "group":
+        units = [[h] for h in range(num_heads)] if len(groups) in (1, num_heads) else [list(g) for g in groups]
+        step = len(units[0])
+        rest = sorted((u for u in units if not chosen & set(u)),
+                      key=lambda u: (-sum(scores[h] for h in u), min(u)))
+    else:            # uniform: one more head in every group at a time, so the groups stay the same size
+        step = len(groups)
+        best = [sorted((h for h in g if h not in chosen), key=lambda h: (-scores[h], h)) for g in groups]
+        rest = [list(row) for row in zip(*best)]
+    target = next((c for c in range(len(chosen), num_heads + 1, step) if (c * head_dim) % multiple_of == 0),
+                  num_heads)
+    for u in rest:
+        if len(chosen) >= target:
+            break
+        chosen.update(u)
+    return tuple(sorted(chosen))
+
+
 SCOPES = ("layer", "global")
 
 

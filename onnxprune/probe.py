@@ -21,7 +21,7 @@ SEQ = 5
 PAST = 0          # the prompt step: ORT's GroupQueryAttention takes a past only at batch 1
 
 
-def _dim_value(dim, batch: int, seq: int, past: int, hints: dict[str, int]) -> int:
+def _dim_value(dim, batch: int, seq: int, past: int, hints: dict[str, int], axis: int = 1) -> int:
     if dim.HasField("dim_value") and dim.dim_value > 0:
         return dim.dim_value
     param = dim.dim_param.lower()
@@ -33,7 +33,9 @@ def _dim_value(dim, batch: int, seq: int, past: int, hints: dict[str, int]) -> i
         return past + seq
     if "past" in param:
         return past
-    return seq
+    if "seq" in param or "len" in param:
+        return seq
+    return batch if axis == 0 else seq     # unnamed (dynamo's s0, s1...): the first axis is the batch
 
 
 def _cache_hints(model: onnx.ModelProto) -> dict[str, int]:
@@ -69,7 +71,8 @@ def synth_inputs(model: onnx.ModelProto, seed: int = 0, batch: int = BATCH, seq:
     """Plausible inputs for every graph input: token ids, all-ones masks, positions, random floats.
 
     Symbolic dimensions get ``batch`` when named like a batch, ``past`` (a KV cache's past length) when
-    named like a past length, ``past + seq`` when named like a total length, and ``seq`` otherwise; a KV
+    named like a past length, ``past + seq`` when named like a total length, ``seq`` when named like a
+    length; an unnamed one (dynamo's ``s0``) gets ``batch`` on the first axis and ``seq`` elsewhere. A KV
     cache's symbolic head size is read from the graph.
     """
     rng = np.random.default_rng(seed)
@@ -83,7 +86,7 @@ def synth_inputs(model: onnx.ModelProto, seed: int = 0, batch: int = BATCH, seq:
         tt = inp.type.tensor_type
         if not tt.HasField("elem_type"):
             raise InputError(f"graph input {inp.name!r} is not a tensor")
-        shape = [_dim_value(d, batch, seq, past, hints) for d in tt.shape.dim]
+        shape = [_dim_value(d, batch, seq, past, hints, axis) for axis, d in enumerate(tt.shape.dim)]
         dtype = helper.tensor_dtype_to_np_dtype(tt.elem_type)
         name = inp.name.lower()
         if tt.elem_type == TensorProto.BOOL:
@@ -106,6 +109,16 @@ def synth_inputs(model: onnx.ModelProto, seed: int = 0, batch: int = BATCH, seq:
     return feeds
 
 
+def ort_reason(exc: Exception) -> str:
+    """ONNX Runtime's error in one readable line: the failing node and the reason, without source paths."""
+    msg = re.sub(r"\s+", " ", str(exc))
+    m = re.search(r"while running (\w+) node\. Name:'([^']*)' Status Message: (.*)", msg)
+    if m:
+        reason = re.sub(r"^\S+:\d+ [^()]*\([^)]*\) ", "", m.group(3))
+        msg = f"node {m.group(2)} ({m.group(1)}): {reason}"
+    return msg[:300]
+
+
 def session(model: onnx.ModelProto | bytes | str, optimize: bool = False, providers=None,
             external_dir: str | os.PathLike | None = None, overrides: dict | None = None):
     """An ORT CPU session with graph optimizations off (so ORT's fusions cannot hide a bug).
@@ -123,7 +136,7 @@ def session(model: onnx.ModelProto | bytes | str, optimize: bool = False, provid
         opts.add_initializer(name, value)
     opts.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
                                      else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
-    opts.log_severity_level = 3
+    opts.log_severity_level = 4         # a failure is raised, and reported in one line, not logged
     if isinstance(model, onnx.ModelProto):
         model, arrays = _hand_over_weights(model, skip=set(overrides or ()))
         if arrays:     # ORT reads them in place: no serialized copy, no parsed copy
@@ -234,8 +247,7 @@ def probe(model: onnx.ModelProto, feeds: dict[str, np.ndarray] | None = None,
         names = [o.name for o in sess.get_outputs()]
         values = sess.run(names, feeds)
     except Exception as exc:
-        msg = re.sub(r"\s+", " ", str(exc))[:300]
-        raise InputError(f"onnxruntime could not run the model on synthetic inputs: {msg}") from None
+        raise InputError(f"onnxruntime could not run the model on synthetic inputs: {ort_reason(exc)}") from None
     shapes = Shapes({n: tuple(v.shape) for n, v in zip(names, values)})
     shapes.static = static
     small = {n: v for n, v in zip(names, values)

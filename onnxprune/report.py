@@ -22,13 +22,21 @@ def build_report(result: PruneResult, model: str, output: str | None, ratio) -> 
             "o_proj": {"initializer": b.o_proj.weight, "head_axis": b.o_proj.head_axis},
             "min_heads_applied": bool(result.min_heads_applied.get(b.index, False)),
             "importance": [float(v) for v in result.importance[b.index]] if b.index in result.importance else None,
+            "macs": None if result.macs is None else {"before": result.macs[0].blocks.get(b.index),
+                                                      "after": result.macs[1].blocks.get(b.index)},
         })
+    macs = None
+    if result.macs is not None:
+        before, after = result.macs
+        macs = {"batch": before.batch, "seq": before.seq, "before": before.total, "after": after.total,
+                "ideal_speedup": before.ideal_speedup(after)}
     return {"model": str(model), "output": str(output) if output else None,
             "ratio": None if ratio is None else float(ratio),
             "params_before": result.params_before, "params_after": result.params_after,
             "max_error": result.max_error, "gqa": result.gqa, "kv_cache": result.kv_cache,
             "importance": result.importance_source, "compensate": result.compensate,
-            "gates_folded": result.gates, "blocks": blocks}
+            "gates_folded": result.gates, "multiple_of": result.multiple_of, "macs": macs,
+            "macs_note": result.macs_note, "blocks": blocks}
 
 
 def format_table(report: dict) -> str:
@@ -50,9 +58,27 @@ def format_table(report: dict) -> str:
                         if report.get("compensate") else ""))
     if report.get("gates_folded"):
         lines.append(f"head gates: {report['gates_folded']} folded into the output projections")
+    if report.get("multiple_of"):
+        lines.append(f"kept heads x head size rounded up to a multiple of {report['multiple_of']}")
+    macs = report.get("macs")
+    if macs:
+        attn_b = sum(b["macs"]["before"] or 0 for b in report["blocks"])
+        attn_a = sum(b["macs"]["after"] or 0 for b in report["blocks"])
+        lines.append(f"MACs at batch {macs['batch']}, seq {macs['seq']}: {_count(macs['before'])} -> "
+                     f"{_count(macs['after'])} (attention {_count(attn_b)} -> {_count(attn_a)}); "
+                     f"ideal speed-up {macs['ideal_speedup']:.2f}x")
+    elif report.get("macs_note"):
+        lines.append(report["macs_note"])
     if report.get("max_error") is not None:
         lines.append(f"pruned == masked original: max abs error {report['max_error']:.2e}")
     return "\n".join(lines)
+
+
+def _count(n: int) -> str:
+    for scale, unit in ((1e9, "G"), (1e6, "M"), (1e3, "K")):
+        if n >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return str(n)
 
 
 def format_inspect(result: MatchResult) -> str:

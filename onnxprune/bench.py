@@ -1,0 +1,287 @@
+"""``onnxprune bench ORIGINAL PRUNED``: how much faster the pruned model runs, against what its MACs allow.
+
+Both models run in one process on one provider, with ONNX Runtime's graph optimizations on (as deployed),
+after a warm-up, interleaved run by run (ABBA order) so that drift in the machine's speed hits both alike.
+The ideal speed-up is the ratio of their multiply-accumulate counts at the same batch and length
+(``macs.py``); the report gives the measured speed-up, the ideal one and how much of the ideal gain was
+realised: (measured - 1) / (ideal - 1). File sizes count the external data files. The memory of a session
+is measured in a fresh process each: the growth of its resident memory from before the session is made to
+after its first run (and, on CUDA where NVML answers, the GPU memory that process holds).
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import resource
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from .errors import InputError
+
+PROVIDERS = {
+    "cpu": ["CPUExecutionProvider"],
+    "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+    "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
+}
+
+
+@dataclass(frozen=True)
+class Side:
+    path: str
+    median_ms: float
+    p25_ms: float
+    p75_ms: float
+    min_ms: float
+    file_bytes: int
+    session_bytes: int | None       # peak host memory growth of a fresh process for the session
+    gpu_bytes: int | None
+    macs: int | None
+    providers: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class BenchResult:
+    provider: str
+    batch: int
+    seq: int
+    threads: int | None
+    warmup: int
+    runs: int
+    original: Side
+    pruned: Side
+    macs_note: str | None = None
+
+    @property
+    def speedup(self) -> float:
+        return self.original.median_ms / self.pruned.median_ms
+
+    @property
+    def ideal(self) -> float | None:
+        if not self.original.macs or not self.pruned.macs:
+            return None
+        return self.original.macs / self.pruned.macs
+
+    @property
+    def realised(self) -> float | None:
+        """The share of the ideal gain that was measured: (speed-up - 1) / (ideal - 1)."""
+        ideal = self.ideal
+        if ideal is None or ideal <= 1:
+            return None
+        return (self.speedup - 1) / (ideal - 1)
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d.update(speedup=self.speedup, ideal_speedup=self.ideal, realised_gain=self.realised)
+        return d
+
+
+def file_bytes(path: str | os.PathLike) -> int:
+    """The size of the model file and of every external data file it names."""
+    path = Path(path)
+    model = onnx.load(str(path), load_external_data=False)
+    files = {e.value for t in onnx.external_data_helper._get_all_tensors(model)
+             for e in t.external_data if e.key == "location"}
+    return path.stat().st_size + sum((path.parent / f).stat().st_size for f in files
+                                     if (path.parent / f).exists())
+
+
+def session_options(threads: int | None, optimize: bool = True):
+    import onnxruntime as ort
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
+                                     else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    if threads:
+        opts.intra_op_num_threads = threads
+    opts.log_severity_level = 3
+    return opts
+
+
+def make_session(path, provider: str, threads: int | None):
+    import onnxruntime as ort
+    if provider not in PROVIDERS:
+        raise InputError(f"unknown provider {provider!r}; choose from {', '.join(PROVIDERS)}")
+    wanted = PROVIDERS[provider]
+    if wanted[0] not in ort.get_available_providers():
+        raise InputError(f"{wanted[0]} is not available in this onnxruntime "
+                         f"({', '.join(ort.get_available_providers())}); for cuda and tensorrt install "
+                         "onnxruntime-gpu in place of onnxruntime")
+    sess = ort.InferenceSession(str(path), session_options(threads), providers=wanted)
+    return sess
+
+
+class _Runner:
+    """Runs one session on fixed inputs; on a GPU the inputs and outputs stay on the device (IOBinding)."""
+
+    def __init__(self, sess, feeds: dict[str, np.ndarray], device: bool):
+        import onnxruntime as ort
+        self.sess, self.feeds, self.binding = sess, feeds, None
+        if device:
+            self.binding = sess.io_binding()
+            self._values = []
+            for name, arr in feeds.items():
+                value = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(arr), "cuda", 0)
+                self._values.append(value)
+                self.binding.bind_ortvalue_input(name, value)
+            for out in sess.get_outputs():
+                self.binding.bind_output(out.name, "cuda", 0)
+
+    def __call__(self) -> float:
+        t0 = time.perf_counter()
+        if self.binding is None:
+            self.sess.run(None, self.feeds)
+        else:
+            self.binding.synchronize_inputs()
+            self.sess.run_with_iobinding(self.binding)
+            self.binding.synchronize_outputs()
+        return (time.perf_counter() - t0) * 1e3
+
+
+def inputs_for(path, batch: int, seq: int, data: dict[str, np.ndarray] | None) -> dict[str, np.ndarray]:
+    from .probe import synth_inputs
+    model = onnx.load(str(path), load_external_data=False)
+    names = [i.name for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}]
+    if data is None:
+        return synth_inputs(model, batch=batch, seq=seq, past=0)
+    missing = [n for n in names if n not in data]
+    if missing:
+        raise InputError(f"--inputs has no array for graph input(s) {', '.join(missing)}")
+    return {n: data[n] for n in names}
+
+
+def macs_of(path, batch: int, seq: int) -> int:
+    from .macs import count_macs
+    path = Path(path)
+    model = onnx.load(str(path), load_external_data=False)
+    return count_macs(model, [], batch, seq, external_dir=path.parent).total
+
+
+def _child_memory(path: str, provider: str, threads, feeds, queue):
+    """In a fresh process: the peak-RSS growth of making the session and running it once."""
+    try:
+        import onnxruntime  # noqa: F401  (its import is not the session's memory)
+        before = _rss()
+        sess = make_session(path, provider, threads)
+        _Runner(sess, feeds, provider != "cpu")()
+        queue.put((_rss() - before, _gpu_bytes()))
+    except Exception as exc:      # reported as unknown, never fatal
+        queue.put((None, None, str(exc)))
+
+
+def _rss() -> int:
+    """The resident memory of this process now (Linux), else its peak so far."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _gpu_bytes() -> int | None:
+    try:
+        import pynvml
+        pynvml.nvmlInit()
+        handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+        for p in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
+            if p.pid == os.getpid():
+                return int(p.usedGpuMemory)
+    except Exception:
+        return None
+    return None
+
+
+def session_memory(path, provider: str, threads, feeds) -> tuple[int | None, int | None]:
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_child_memory, args=(str(path), provider, threads, feeds, queue))
+    proc.start()
+    try:
+        got = queue.get(timeout=600)
+    except Exception:
+        got = (None, None)
+    proc.join()
+    return got[0], got[1]
+
+
+def bench(original, pruned, provider: str = "cpu", batch: int = 1, seq: int = 128, threads: int | None = None,
+          warmup: int = 5, runs: int = 50, inputs: dict[str, np.ndarray] | None = None,
+          memory: bool = True, progress=None) -> BenchResult:
+    """Time ``original`` and ``pruned`` (paths) on ``provider``, interleaved; see the module docstring."""
+    if runs < 1 or warmup < 0 or batch < 1 or seq < 1:
+        raise InputError("--runs, --batch and --seq must be at least 1, --warmup at least 0")
+    paths = [Path(original), Path(pruned)]
+    for p in paths:
+        if not p.is_file():
+            raise InputError(f"{p}: no such file")
+    feeds = [inputs_for(p, batch, seq, inputs) for p in paths]
+    note = None
+    try:
+        macs = [macs_of(p, batch, seq) for p in paths]
+    except Exception as exc:          # e.g. a length beyond the model's position table
+        macs, note = [None, None], f"MACs not counted at batch {batch}, seq {seq}: {str(exc)[:200]}"
+    sessions = [make_session(p, provider, threads) for p in paths]
+    runners = [_Runner(s, f, provider != "cpu") for s, f in zip(sessions, feeds)]
+    for _ in range(warmup):
+        for r in runners:
+            r()
+    times: list[list[float]] = [[], []]
+    for i in range(runs):
+        order = (0, 1) if i % 2 == 0 else (1, 0)
+        for k in order:
+            times[k].append(runners[k]())
+        if progress is not None:
+            progress.update(1)
+    providers = [tuple(s.get_providers()) for s in sessions]
+    del runners, sessions
+    mem = [session_memory(p, provider, threads, f) if memory else (None, None) for p, f in zip(paths, feeds)]
+    sides = []
+    for k, p in enumerate(paths):
+        q = statistics.quantiles(times[k], n=4) if len(times[k]) > 1 else [times[k][0]] * 3
+        sides.append(Side(str(p), statistics.median(times[k]), q[0], q[2], min(times[k]), file_bytes(p),
+                          mem[k][0], mem[k][1], macs[k], providers[k]))
+    return BenchResult(provider, batch, seq, threads, warmup, runs, sides[0], sides[1], note)
+
+
+def _mb(n: int | None) -> str:
+    return "-" if n is None else f"{n / 2**20:.1f} MB"
+
+
+def format_bench(r: BenchResult) -> str:
+    o, p = r.original, r.pruned
+    used = o.providers[0] if o.providers else r.provider
+    lines = [f"provider {used}, batch {r.batch}, seq {r.seq}, threads {r.threads or 'default'}, "
+             f"{r.runs} runs each after {r.warmup} warm-up, interleaved",
+             f"{'':<22}{'original':>14}{'pruned':>14}",
+             f"{'median':<22}{o.median_ms:>11.3f} ms{p.median_ms:>11.3f} ms",
+             f"{'p25 - p75':<22}{f'{o.p25_ms:.3f}-{o.p75_ms:.3f}':>14}{f'{p.p25_ms:.3f}-{p.p75_ms:.3f}':>14}",
+             f"{'min':<22}{o.min_ms:>11.3f} ms{p.min_ms:>11.3f} ms",
+             f"{'MACs':<22}{_g(o.macs):>14}{_g(p.macs):>14}",
+             f"{'file':<22}{_mb(o.file_bytes):>14}{_mb(p.file_bytes):>14}",
+             f"{'session memory':<22}{_mb(o.session_bytes):>14}{_mb(p.session_bytes):>14}"]
+    if o.gpu_bytes is not None or p.gpu_bytes is not None:
+        lines.append(f"{'GPU memory':<22}{_mb(o.gpu_bytes):>14}{_mb(p.gpu_bytes):>14}")
+    line = f"speed-up: measured {r.speedup:.3f}x"
+    if r.ideal is not None:
+        line += f", ideal {r.ideal:.3f}x (MACs), measured/ideal {r.speedup / r.ideal:.3f}"
+        if r.realised is not None:
+            line += f", {100 * r.realised:.0f}% of the ideal gain"
+    lines.append(line)
+    if r.macs_note:
+        lines.append(r.macs_note)
+    if o.providers and o.providers[0] != PROVIDERS[r.provider][0]:
+        lines.append(f"note: ONNX Runtime ran {o.providers[0]}, not {PROVIDERS[r.provider][0]}")
+    return "\n".join(lines)
+
+
+def _g(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for scale, unit in ((1e9, "G"), (1e6, "M"), (1e3, "K")):
+        if n >= scale:
+            return f"{n / scale:.3f} {unit}"
+    return str(n)

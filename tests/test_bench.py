@@ -1,0 +1,142 @@
+"""MAC accounting counted by hand, `--multiple-of`, and `onnxprune bench` (that it runs; no timing asserted)."""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+from onnxprune import prune_model
+from onnxprune.api import count_result_macs, inspect_model
+from onnxprune.cli import main
+from onnxprune.macs import count_macs
+from onnxprune.plan import align_heads
+from onnxprune.probe import synth_inputs
+
+from conftest import MODELS
+
+
+def _bert_by_hand(batch, seq, heads_kept, heads=4, hidden=32, inner=64, layers=2):
+    """BERT (tools/export_models.py: hidden 32, 4 heads, FFN 64, 2 layers): Q, K, V and O, the score and
+    context products, and the FFN; a pruned block keeps ``heads_kept`` heads of size hidden / heads."""
+    width = hidden // heads * heads_kept
+    attention = 4 * batch * seq * hidden * width + 2 * batch * seq * seq * width
+    ffn = 2 * batch * seq * hidden * inner
+    return attention, layers * (attention + ffn)
+
+
+@pytest.mark.parametrize("name", ["bert-ts.onnx", "bert-d18.onnx", "bert-d23-sdpa.onnx",
+                                  "bert-ort-attention.onnx", "bert-ort-mha.onnx"])
+@pytest.mark.parametrize("batch,seq", [(1, 32), (3, 7)])
+def test_bert_macs_match_the_hand_count(name, batch, seq):
+    """Plain exports and ORT's fused forms (Attention with its packed projection, MultiHeadAttention) all
+    count the same dense products."""
+    model = onnx.load(str(MODELS / name))
+    result = prune_model(model, 0.5, verify=False)
+    count_result_macs(model, result, batch, seq)
+    before, after = result.macs
+    attention, total = _bert_by_hand(batch, seq, 4)
+    assert before.blocks == {0: attention, 1: attention}
+    assert before.total == total
+    attention, total = _bert_by_hand(batch, seq, 2)
+    assert after.blocks == {0: attention, 1: attention}
+    assert after.total == total
+
+
+def test_grouped_query_macs_by_hand():
+    """Llama (hidden 64, 8 query heads, 2 KV heads of 8, FFN 64 with a gate) and the GenAI builder's
+    GroupQueryAttention (hidden 128, 8 + 2 + 2 heads of 16 in one packed projection)."""
+    b, s = 2, 16
+    model = onnx.load(str(MODELS / "llama-d18.onnx"))
+    blocks = inspect_model(model).blocks
+    count = count_macs(model, blocks, b, s)
+    per_block = b * s * 64 * (64 + 16 + 16 + 64) + 2 * b * 8 * s * s * 8
+    assert count.blocks == {0: per_block, 1: per_block}
+    assert count.total == 2 * (per_block + 3 * b * s * 64 * 64)      # + gate, up and down (LlamaModel: no head)
+
+    genai = onnx.load(str(MODELS / "llama-genai" / "model.onnx"))
+    count = count_macs(genai, inspect_model(genai).blocks, 1, s)
+    per_block = s * 128 * 192 + s * 128 * 128 + 2 * 8 * s * s * 16
+    assert count.blocks == {0: per_block, 1: per_block}
+
+
+def test_a_length_the_model_cannot_take_is_explained_not_fatal():
+    model = onnx.load(str(MODELS / "bert-ts.onnx"))      # 64 positions
+    result = count_result_macs(model, prune_model(model, 0.5, verify=False), 1, 128)
+    assert result.macs is None
+    assert "does not run at batch 1, seq 128" in result.macs_note and "\n" not in result.macs_note
+
+
+def test_unnamed_dynamic_axes_take_the_batch_on_the_first_axis():
+    model = onnx.load(str(MODELS / "bert-d18.onnx"))     # dynamo names its axes s21, s50...
+    feeds = synth_inputs(model, batch=3, seq=11)
+    assert feeds["input_ids"].shape == (3, 11)
+
+
+def test_align_heads_rounds_up_with_the_next_best():
+    scores = [0.9, 0.1, 0.5, 0.7, 0.3, 0.8]
+    assert align_heads([0, 5], scores, [[h] for h in range(6)], 32, 64) == (0, 5)
+    assert align_heads([0], scores, [[h] for h in range(6)], 32, 64) == (0, 5)
+    assert align_heads([0, 5], scores, [[h] for h in range(6)], 32, 96) == (0, 3, 5)
+    assert align_heads([0], scores, [[h] for h in range(6)], 24, 1000) == tuple(range(6))   # none aligned: all
+    groups = [[0, 1, 2], [3, 4, 5]]
+    assert align_heads([0, 3], scores, groups, 8, 32, "uniform") == (0, 2, 3, 5)     # one more per group
+    assert align_heads([0, 1, 2], scores, groups, 8, 48, "group") == tuple(range(6))  # whole groups
+
+
+def test_multiple_of_prunes_exactly(tmp_path):
+    out, report = tmp_path / "p.onnx", tmp_path / "r.json"
+    assert main([str(MODELS / "llama-d18.onnx"), "--ratio", "0.5", "--multiple-of", "24", "--seq", "16",
+                 "-o", str(out), "--report", str(report)]) == 0
+    rep = json.loads(report.read_text())
+    assert rep["multiple_of"] == 24 and rep["max_error"] <= 1e-4
+    for b in rep["blocks"]:
+        assert len(b["kept_heads"]) * b["head_dim"] % 24 == 0 and len(b["kept_heads"]) == 6   # 4 -> 6 (2 groups)
+    assert rep["macs"]["seq"] == 16 and rep["macs"]["after"] < rep["macs"]["before"]
+    assert rep["macs"]["ideal_speedup"] == pytest.approx(rep["macs"]["before"] / rep["macs"]["after"])
+
+
+def test_multiple_of_needs_a_ratio(tmp_path):
+    heads = tmp_path / "h.json"
+    heads.write_text('{"0": [1]}')
+    assert main([str(MODELS / "bert-ts.onnx"), "--heads-to-prune", str(heads), "--multiple-of", "8",
+                 "--dry-run"]) == 4
+
+
+def test_bench_runs_and_reports(tmp_path, capsys):
+    pruned, out = tmp_path / "p.onnx", tmp_path / "bench.json"
+    assert main([str(MODELS / "bert-ts.onnx"), "--ratio", "0.5", "-o", str(pruned)]) == 0
+    capsys.readouterr()
+    assert main(["bench", str(MODELS / "bert-ts.onnx"), str(pruned), "--seq", "16", "--batch", "2",
+                 "--runs", "4", "--warmup", "1", "--threads", "1", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    by_hand = _bert_by_hand(2, 16, 4)[1], _bert_by_hand(2, 16, 2)[1]
+    assert "speed-up: measured" in text and f"ideal {by_hand[0] / by_hand[1]:.3f}x" in text
+    rep = json.loads(out.read_text())
+    assert (rep["original"]["macs"], rep["pruned"]["macs"]) == by_hand
+    assert rep["ideal_speedup"] == pytest.approx(by_hand[0] / by_hand[1])
+    assert rep["pruned"]["file_bytes"] < rep["original"]["file_bytes"]
+    assert rep["original"]["providers"][0] == "CPUExecutionProvider"
+    assert rep["original"]["session_bytes"] > 0
+
+
+def test_bench_takes_real_inputs_and_refuses_bad_ones(tmp_path, capsys):
+    model = onnx.load(str(MODELS / "bert-ts.onnx"))
+    feeds = synth_inputs(model, batch=1, seq=8)
+    data = tmp_path / "in.npz"
+    np.savez(data, **feeds)
+    assert main(["bench", str(MODELS / "bert-ts.onnx"), str(MODELS / "bert-ts.onnx"), "--inputs", str(data),
+                 "--runs", "2", "--warmup", "0", "--no-memory"]) == 0
+    np.savez(data, input_ids=feeds["input_ids"])
+    assert main(["bench", str(MODELS / "bert-ts.onnx"), str(MODELS / "bert-ts.onnx"), "--inputs", str(data),
+                 "--runs", "2"]) == 2
+    assert "no array for graph input(s) attention_mask" in capsys.readouterr().err
+
+
+def test_bench_says_when_a_provider_is_missing(capsys):
+    import onnxruntime as ort
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("CUDA is available here")
+    assert main(["bench", str(MODELS / "bert-ts.onnx"), str(MODELS / "bert-ts.onnx"), "--provider", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert "CUDAExecutionProvider is not available" in err and err.count("\n") == 1
