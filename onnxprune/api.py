@@ -50,20 +50,29 @@ class PruneResult:
 
 
 def count_result_macs(model: onnx.ModelProto, result: PruneResult, batch: int = 1, seq: int = 128,
-                      external_dir: str | os.PathLike | None = None) -> PruneResult:
+                      external_dir: str | os.PathLike | None = None, shrink: bool = False) -> PruneResult:
     """Count the MACs of ``model`` and of ``result.model`` at ``batch`` x ``seq`` into ``result.macs``
-    (per block and in total); if the model cannot be run at that size, say why in ``result.macs_note``."""
+    (per block and in total). If the model cannot run at that size (a short position table), say why in
+    ``result.macs_note``; with ``shrink``, first try half the length, down to 8."""
     from .macs import block_nodes, count_macs
     names = {b.index: block_nodes(model, b) for b in result.blocks}
-    try:
-        before = count_macs(model, result.blocks, batch, seq, external_dir, names)
-        after = before if result.model is model else \
-            count_macs(result.model, result.blocks, batch, seq, external_dir, names)
-        result.macs = (before, after)
-    except OnnxPruneError as exc:
-        detail = str(exc).split("synthetic inputs: ")[-1]
-        result.macs_note = f"MACs not counted: the model does not run at batch {batch}, seq {seq} ({detail})"
-    return result
+    first_error, length = None, seq
+    while True:
+        try:
+            before = count_macs(model, result.blocks, batch, length, external_dir, names)
+            after = before if result.model is model else \
+                count_macs(result.model, result.blocks, batch, length, external_dir, names)
+            result.macs = (before, after)
+            if first_error is not None:
+                result.macs_note = f"the model does not run at seq {seq}; MACs counted at seq {length}"
+            return result
+        except OnnxPruneError as exc:
+            first_error = first_error or str(exc).split("synthetic inputs: ")[-1]
+            if not shrink or length // 2 < 8:
+                result.macs_note = (f"MACs not counted: the model does not run at batch {batch}, seq {seq} "
+                                    f"({first_error})")
+                return result
+            length //= 2
 
 
 def count_params(model: onnx.ModelProto) -> int:

@@ -279,9 +279,5 @@ def format_bench(r: BenchResult) -> str:
 
 
 def _g(n: int | None) -> str:
-    if n is None:
-        return "-"
-    for scale, unit in ((1e9, "G"), (1e6, "M"), (1e3, "K")):
-        if n >= scale:
-            return f"{n / scale:.3f} {unit}"
-    return str(n)
+    from .macs import human
+    return human(n, " ")

@@ -100,7 +100,9 @@ def _prune_parser() -> argparse.ArgumentParser:
     p.add_argument("--multiple-of", type=int, default=None, metavar="N",
                    help="round each block's kept heads up (adding its next best) so that kept heads x head size "
                         "is a multiple of N, for hardware that wants aligned widths")
-    p.add_argument("--seq", type=int, default=128, help="sequence length for the MAC count in the report (128)")
+    p.add_argument("--seq", type=int, default=None,
+                   help="sequence length for the MAC count in the report (128, or less if the model's "
+                        "position table is shorter)")
     p.add_argument("--batch", type=int, default=1, help="batch size for the MAC count in the report (1)")
     p.add_argument("--atol", type=float, default=None,
                    help="verification tolerance (default 1e-4; 1e-2 for fp16 models)")
@@ -285,7 +287,7 @@ def run_prune(argv) -> int:
     options = dict(verify=not args.no_verify and not verify_saved_copy, gqa=args.gqa, external_dir=where)
     options.update(_importance_args(args, model), scope=args.scope, compensate=args.compensate,
                    multiple_of=args.multiple_of)
-    if args.seq < 1 or args.batch < 1:
+    if (args.seq is not None and args.seq < 1) or args.batch < 1:
         raise InputError("--seq and --batch must be at least 1")
     if args.heads_to_prune:
         result = prune_model(model, heads_to_prune=load_heads_to_prune(args.heads_to_prune), **options)
@@ -293,7 +295,7 @@ def run_prune(argv) -> int:
         result = prune_model(model, threshold=args.threshold, min_heads=args.min_heads, **options)
     else:
         result = prune_model(model, args.ratio, min_heads=args.min_heads, **options)
-    count_result_macs(model, result, args.batch, args.seq, where)
+    count_result_macs(model, result, args.batch, args.seq or 128, where, shrink=args.seq is None)
     folder = plan_folder(args.model, out, result) if folder_mode and not args.dry_run else []
     atol = args.atol if args.atol is not None else (1e-2 if _fp16(model) else 1e-4)
     made_dir = folder_mode and not args.dry_run and not out.parent.exists()

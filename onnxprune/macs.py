@@ -37,6 +37,16 @@ class MacCount:
         return self.total / max(after.total, 1)
 
 
+def human(n: int | None, sep: str = "") -> str:
+    """1572864 -> '1.57M' (thousands as K, M, G)."""
+    if n is None:
+        return "-"
+    for scale, unit in ((1e9, "G"), (1e6, "M"), (1e3, "K")):
+        if n >= scale:
+            return f"{n / scale:.2f}{sep}{unit}"
+    return str(n)
+
+
 def _fixed_inputs(model: onnx.ModelProto, batch: int, seq: int) -> tuple[onnx.ModelProto, dict]:
     """``model``'s light copy (no large weights) with every graph input's shape made concrete."""
     light, _ = _light_copy(model)

@@ -10,6 +10,7 @@ from pathlib import Path
 from .api import PruneResult
 from .block import MatchResult
 from .io import publish
+from .macs import human as _count
 
 
 def build_report(result: PruneResult, model: str, output: str | None, ratio) -> dict:
@@ -66,19 +67,13 @@ def format_table(report: dict) -> str:
         attn_a = sum(b["macs"]["after"] or 0 for b in report["blocks"])
         lines.append(f"MACs at batch {macs['batch']}, seq {macs['seq']}: {_count(macs['before'])} -> "
                      f"{_count(macs['after'])} (attention {_count(attn_b)} -> {_count(attn_a)}); "
-                     f"ideal speed-up {macs['ideal_speedup']:.2f}x")
+                     f"ideal speed-up {macs['ideal_speedup']:.2f}x"
+                     + (f" ({report['macs_note']})" if report.get("macs_note") else ""))
     elif report.get("macs_note"):
         lines.append(report["macs_note"])
     if report.get("max_error") is not None:
         lines.append(f"pruned == masked original: max abs error {report['max_error']:.2e}")
     return "\n".join(lines)
-
-
-def _count(n: int) -> str:
-    for scale, unit in ((1e9, "G"), (1e6, "M"), (1e3, "K")):
-        if n >= scale:
-            return f"{n / scale:.2f}{unit}"
-    return str(n)
 
 
 def format_inspect(result: MatchResult) -> str:

@@ -65,6 +65,9 @@ def test_a_length_the_model_cannot_take_is_explained_not_fatal():
     result = count_result_macs(model, prune_model(model, 0.5, verify=False), 1, 128)
     assert result.macs is None
     assert "does not run at batch 1, seq 128" in result.macs_note and "\n" not in result.macs_note
+    shrunk = count_result_macs(model, prune_model(model, 0.5, verify=False), 1, 128, shrink=True)
+    assert shrunk.macs[0].seq == 64 and shrunk.macs[0].total == _bert_by_hand(1, 64, 4)[1]
+    assert "does not run at seq 128; MACs counted at seq 64" in shrunk.macs_note
 
 
 def test_unnamed_dynamic_axes_take_the_batch_on_the_first_axis():
