@@ -123,7 +123,7 @@ def prune_model(model: onnx.ModelProto, ratio=None, *, kept: dict[int, list[int]
 
     ``importance``: {block index: scores}, or a source: "weights" (data-free), "initializers" (scores stored
     in the model, see ``score.IMPORTANCE_SUFFIX``; ``importance_initializer`` names them), or a calibration
-    method ("activation", "ablation", "mean-ablation"; see ``calibrate``) run on ``calib`` ({graph input:
+    method ("activation", "ablation", "mean-ablation", "residual"; see ``calibrate``) run on ``calib`` ({graph input:
     samples along axis 0}; synthetic inputs when None). By default: the model's importance initializers
     when it has them, else "weights". ``compensate`` ("bias" or "refit") then recovers what the dropped
     heads contributed, on the same calibration data, before the model is pruned.

@@ -12,6 +12,13 @@ Importance methods:
 * ``mean-ablation``: the same, with the head replaced by its mean contribution instead of zero: the change
   that ``--compensate`` cannot undo, since compensation puts the mean back (the variance of a head's
   contribution, not its size, is what pruning loses).
+* ``residual``: what a refit of the output projection cannot restore. From the covariance of each block's
+  context over the calibration tokens (one pass, like ``activation``), heads are removed one at a time,
+  each time the head whose removal leaves the least output error after the kept heads are refitted to
+  replace it (least squares with an intercept: the Schur complement of the kept heads' covariance,
+  seen through the output projection). A head's score is the block's error, as a fraction of its output
+  variance, once that head is gone, so later heads score higher; the scores rank each block's heads in
+  the order of that greedy elimination.
 
 Recovery (``compensate``), layer by layer in graph order, each block seeing the already-recovered
 blocks before it:
@@ -35,7 +42,7 @@ from .block import AttentionBlock
 from .errors import InputError, PlanError
 from .io import Progress
 
-IMPORTANCE_METHODS = ("activation", "ablation", "mean-ablation")
+IMPORTANCE_METHODS = ("activation", "ablation", "mean-ablation", "residual")
 COMPENSATE_MODES = ("bias", "refit")
 BATCH = 16
 RIDGE = 1e-2      # refit: ridge strength relative to the mean eigenvalue of the kept heads' Gram matrix
@@ -218,6 +225,8 @@ class Calibrator:
             raise PlanError(f"unknown calibration method {method!r}; use one of {', '.join(IMPORTANCE_METHODS)}")
         if method == "activation":
             return self._activation()
+        if method == "residual":
+            return self._residual()
         return self._ablation(mean=method == "mean-ablation")
 
     def _activation(self) -> dict[int, np.ndarray]:
@@ -234,6 +243,57 @@ class Calibrator:
                 count += 1
                 bar.update()
         return sums
+
+    def context_covariances(self) -> dict[int, np.ndarray]:
+        """Each block's context covariance (centred) over the calibration tokens, [width, width]."""
+        sums, grams, n = {}, {}, {}
+        with self._bar(len(self.data), "calibrating") as bar:
+            for feeds in self.data:
+                out = self.run(feeds, contexts=True)
+                for s in self.sites:
+                    rows = self._rows(feeds, out[s.context], s)
+                    b = s.block.index
+                    sums[b] = sums.get(b, 0) + rows.sum(axis=0)
+                    grams[b] = grams.get(b, 0) + rows.T @ rows
+                    n[b] = n.get(b, 0) + len(rows)
+                bar.update()
+        return {b: (grams[b] - np.outer(sums[b], sums[b]) / max(n[b], 1)) / max(n[b], 1) for b in grams}
+
+    def _residual(self, ridge: float = RIDGE) -> dict[int, np.ndarray]:
+        covs = self.context_covariances()
+        scores = {}
+        for s in self.sites:
+            b = s.block
+            cov = covs[b.index]
+            w = np.moveaxis(self.weights[s.weight].astype(np.float64), s.head_axis, 0)   # [width, out]
+            cols = [head_columns(b, s.context, [h]) for h in range(b.num_heads)]
+            rows = [head_columns(b, s.weight, [h]) for h in range(b.num_heads)]
+            lam = ridge * np.trace(cov) / max(len(cov), 1)
+
+            def loss(dropped):
+                d_c = np.concatenate([cols[h] for h in dropped])
+                d_r = np.concatenate([rows[h] for h in dropped])
+                k_c = np.concatenate([cols[h] for h in range(b.num_heads) if h not in dropped] or
+                                     [np.zeros(0, dtype=int)])
+                schur = cov[np.ix_(d_c, d_c)]
+                if len(k_c):
+                    cross = cov[np.ix_(k_c, d_c)]
+                    schur = schur - cross.T @ np.linalg.solve(cov[np.ix_(k_c, k_c)] + lam * np.eye(len(k_c)), cross)
+                wd = w[d_r]
+                return float(np.trace(wd.T @ schur @ wd))
+
+            total = max(loss(list(range(b.num_heads))), 1e-30)
+            dropped: list[int] = []
+            score = np.zeros(b.num_heads)
+            while len(dropped) < b.num_heads - 1:
+                trial = [(loss(dropped + [h]), h) for h in range(b.num_heads) if h not in dropped]
+                value, h = min(trial)
+                dropped.append(h)
+                score[h] = value / total
+            last = next(h for h in range(b.num_heads) if h not in dropped)
+            score[last] = 1.0
+            scores[b.index] = np.maximum.accumulate(score[dropped + [last]])[np.argsort(dropped + [last])]
+        return scores
 
     def _ablation(self, mean: bool) -> dict[int, np.ndarray]:
         means = self.context_means() if mean else None

@@ -35,10 +35,14 @@ examples:
 
 importance (which heads go), --importance:
   weights        data-free: ||W_v|| * ||W_o|| per head (the default without data)
-  activation     calibration: each head's activation at the output projection
-  ablation       calibration: how much the outputs change with that head alone removed
+  activation     calibration: each head's activation at the output projection (the default with --calib
+                 and --compensate)
+  ablation       calibration: how much the outputs change with that head alone removed (the default with
+                 --calib, and for `score`)
   mean-ablation  calibration: the same, with the head replaced by its mean (what --compensate cannot
-                 restore); the default with --calib
+                 restore)
+  residual       calibration: what a refit of the output projection cannot restore, heads removed one by
+                 one from the context covariance (one pass over the data)
   initializers   scores stored in the model (`onnxprune score`); the default when the model has them
   FILE.json|npy  {"<block index or name>": [score per head]} or a [blocks, heads] array
 Calibration runs on --calib DATA.npz (one array per graph input, samples along axis 0), or on synthetic
@@ -111,7 +115,7 @@ def _prune_parser() -> argparse.ArgumentParser:
 
 def _importance_options(p):
     p.add_argument("--importance", metavar="SOURCE",
-                   help="weights, activation, ablation, mean-ablation, initializers, or a .json/.npy file "
+                   help="weights, activation, ablation, mean-ablation, residual, initializers, or a .json/.npy file "
                         "(see above)")
     p.add_argument("--calib", type=Path, metavar="DATA.npz",
                    help="calibration data: one array per graph input, samples along axis 0")
@@ -216,7 +220,10 @@ def run_inspect(argv) -> int:
     return 0 if result.blocks else 3
 
 
-BEST_CALIBRATED = "mean-ablation"     # what tools/fidelity.py measures best; the default with --calib
+def best_calibrated(compensate: str | None) -> str:
+    """The default with --calib: what tools/fidelity.py measured best (README, Fidelity): the activation
+    norm when the output projections are then compensated, the ablation score when they are not."""
+    return "activation" if compensate else "ablation"
 
 
 def _importance_args(args, model) -> dict:
@@ -224,7 +231,7 @@ def _importance_args(args, model) -> dict:
     calib = load_calib(args.calib, model) if args.calib else None
     importance = args.importance
     if importance is None and calib is not None:
-        importance = None if _has_stored(model, args) else BEST_CALIBRATED   # stored scores come first
+        importance = None if _has_stored(model, args) else best_calibrated(getattr(args, "compensate", None))
     return dict(importance=importance, calib=calib, importance_initializer=args.importance_initializer)
 
 
@@ -244,7 +251,7 @@ def run_score(argv) -> int:
     external = has_external_data(model)
     where = args.model.parent if external else None
     opts = _importance_args(args, model)
-    method = opts["importance"] or (BEST_CALIBRATED if opts["calib"] is not None else "weights")
+    method = opts["importance"] or (best_calibrated(None) if opts["calib"] is not None else "weights")
     scored, blocks, scores = score_model(model, method, calib=opts["calib"], external_dir=where)
     for b in blocks:
         print(f"{b.index:>2}  {b.name:<40} " + " ".join(f"{v:.3g}" for v in scores[b.index]))

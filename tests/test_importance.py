@@ -109,6 +109,36 @@ def test_activation_scores_match_a_direct_computation():
     assert np.allclose(scores[0], (rows.reshape(len(rows), 4, 8) ** 2).sum(axis=(0, 2)), rtol=1e-6)
 
 
+def _copy_head(model, block, src, dst):
+    """``model`` with head ``dst``'s Q, K and V weights and biases replaced by head ``src``'s: two heads
+    that compute the same context, so either one can be dropped and the other refitted to replace it."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    inits = {i.name: i for i in out.graph.initializer}
+    for role in "qkv":
+        p = block.projection(role)
+        for name in filter(None, (p.weight, p.bias)):
+            t = block.tensor(name)
+            arr = np.moveaxis(numpy_helper.to_array(inits[name]).copy(), t.axes[0], 0)
+            cols = {h: np.flatnonzero(np.isin(t.owner, [u for u, hs in enumerate(block.units) if h in hs]))
+                    for h in (src, dst)}
+            arr[cols[dst]] = arr[cols[src]]
+            inits[name].CopyFrom(numpy_helper.from_array(np.moveaxis(arr, 0, t.axes[0]), name))
+    return out
+
+
+def test_residual_finds_a_head_that_another_can_replace():
+    model = _bert()
+    twin = _copy_head(model, inspect_model(model).blocks[0], 0, 1)
+    cal = Calibrator(twin, inspect_model(twin).blocks, batches(_calib(twin), 8), progress=False)
+    res = cal.importance("residual")[0]
+    first, second = np.sort(res)[:2]
+    assert np.argmin(res) in (0, 1) and first < 0.1 * second    # one twin goes first, nearly free
+    assert res.max() == 1.0 and len(set(res)) == 4              # a strict order ending at the whole output
+    act = cal.importance("activation")[0]
+    assert act[0] == pytest.approx(act[1])                       # the activation norm cannot tell
+
+
 def test_calibrated_importance_from_prune_model():
     model = _bert()
     r = prune_model(model, 0.5, importance="ablation", calib=_calib(model))
@@ -196,12 +226,15 @@ def test_cli_score_then_prune_with_calibration(tmp_path, capsys):
     scored, pruned = tmp_path / "scored.onnx", tmp_path / "p.onnx"
     assert main(["score", str(MODELS / "bert-ts.onnx"), "--calib", str(tmp_path / "calib.npz"),
                  "-o", str(scored), "--json", str(tmp_path / "s.json")]) == 0
-    assert json.loads((tmp_path / "s.json").read_text())["method"] == "mean-ablation"
+    assert json.loads((tmp_path / "s.json").read_text())["method"] == "ablation"
     assert main([str(scored), "--ratio", "0.5", "--scope", "global", "--compensate",
                  "--calib", str(tmp_path / "calib.npz"), "-o", str(pruned), "--report", str(tmp_path / "r.json")]) == 0
     report = json.loads((tmp_path / "r.json").read_text())
-    assert report["importance"] == "initializers (mean-ablation)" and report["compensate"] == "refit"
+    assert report["importance"] == "initializers (ablation)" and report["compensate"] == "refit"
     assert report["max_error"] <= 1e-4
+    assert main([str(MODELS / "bert-ts.onnx"), "--ratio", "0.5", "--compensate", "bias", "--calib",
+                 str(tmp_path / "calib.npz"), "--dry-run", "--report", str(tmp_path / "r2.json")]) == 0
+    assert json.loads((tmp_path / "r2.json").read_text())["importance"] == "activation"   # best with --compensate
     assert main([str(MODELS / "bert-ts.onnx"), "--threshold", "1e9", "--dry-run"]) == 0
     assert "(min-heads)" in capsys.readouterr().out
 

@@ -125,7 +125,7 @@ def main(argv=None) -> int:
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.25, 0.5])
     ap.add_argument("--calib", type=int, default=512, help="calibration sentences")
     ap.add_argument("--eval", type=int, default=256, help="held-out evaluation sentences")
-    ap.add_argument("--methods", nargs="+", default=["weights", "activation", "ablation", "mean-ablation"])
+    ap.add_argument("--methods", nargs="+", default=["weights", "activation", "ablation", "mean-ablation", "residual"])
     ap.add_argument("--compensate", nargs="+", default=["none", "bias", "refit"])
     ap.add_argument("--scopes", nargs="+", default=["layer", "global"])
     args = ap.parse_args(argv)
