@@ -456,7 +456,26 @@ def export(graph: gs.Graph, original: onnx.ModelProto, keep: list | tuple = ()) 
         model.functions.extend(original.functions)
     del model.graph.value_info[:]
     _keep_output_ranks(model, original)
+    if original.graph.value_info:
+        _refresh_value_info(model, original)
     return model
+
+
+def _refresh_value_info(model: onnx.ModelProto, original: onnx.ModelProto):
+    """The original's intermediate shape annotations (value_info), recomputed for the pruned graph.
+
+    Exporters and converters (ORT's float16 converter, for one) store them, and ONNX Runtime's fusions read
+    them; a stale one would be wrong, and none at all can cost a fusion. So every tensor the original
+    annotated gets the shape that onnx's inference finds for it in the pruned model, or no annotation
+    where inference cannot tell."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(_weightless(model), data_prop=True).graph
+    except Exception:         # contrib ops onnx cannot infer: no annotation is safer than a stale one
+        return
+    fresh = {v.name: v for v in inferred.value_info}
+    produced = {o for n in model.graph.node for o in n.output}
+    model.graph.value_info.extend(fresh[v.name] for v in original.graph.value_info
+                                  if v.name in fresh and v.name in produced)
 
 
 def _keep_output_ranks(model: onnx.ModelProto, original: onnx.ModelProto):
