@@ -301,3 +301,31 @@ def test_a_gate_before_the_softmax_is_not_folded():
     assert find_gates(model, inspect_model(model).blocks) == []
     r = prune_model(model, 0.5)
     assert r.importance_source == "weights" and r.gates == 0 and r.max_error <= 1e-4
+
+
+def test_every_source_from_the_command_line(tmp_path):
+    """Each importance source reaches the plan through the CLI, and the report names it."""
+    blocks = inspect_model(_bert()).blocks
+
+    def prune(model_path, *args):
+        report = tmp_path / "r.json"
+        assert main([str(model_path), "--ratio", "0.5", "--dry-run", "--report", str(report), *args]) == 0
+        rep = json.loads(report.read_text())
+        assert rep["max_error"] <= 1e-4
+        return rep["importance"], {i: tuple(b["kept_heads"]) for i, b in enumerate(rep["blocks"])}
+
+    (tmp_path / "s.json").write_text(json.dumps({"0": [1, 2, 3, 4], blocks[1].name: [4, 3, 2, 1]}))
+    assert prune(MODELS / "bert-ts.onnx", "--importance", str(tmp_path / "s.json")) == ("file", {0: (2, 3), 1: (0, 1)})
+    for method in ("activation", "residual"):                  # no --calib: synthetic inputs
+        assert prune(MODELS / "bert-ts.onnx", "--importance", method)[0] == method
+    tabled = _bert()
+    table = np.array([[4.0, 3, 2, 1], [1.0, 2, 3, 4]], dtype=np.float32)
+    for b in blocks:
+        tabled.graph.initializer.append(numpy_helper.from_array(table[1 - b.index], f"L{b.index}.my_gate"))
+    onnx.save(tabled, str(tmp_path / "t.onnx"))
+    assert prune(tmp_path / "t.onnx", "--importance-initializer", "*.my_gate") == \
+        ("initializers", {0: (2, 3), 1: (0, 1)})
+    onnx.save(_gated(_bert()), str(tmp_path / "g.onnx"))
+    source, kept = prune(tmp_path / "g.onnx")
+    assert source == "gates" and kept == {0: (0, 2), 1: (1, 3)}
+    assert json.loads((tmp_path / "r.json").read_text())["gates_folded"] == 2
