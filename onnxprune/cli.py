@@ -32,6 +32,7 @@ examples:
   onnxprune genai/model.onnx --ratio 0.5 -o small/      # a GenAI folder: KV groups go, the KV cache and
                                                         # genai_config.json shrink, tokenizer copied
   onnxprune inspect model.onnx                          # blocks found, and why others were not
+  onnxprune bench model.onnx model.pruned.onnx --batch 4 --seq 256   # measured vs ideal speed-up
 
 importance (which heads go), --importance:
   weights        data-free: ||W_v|| * ||W_o|| per head (the default without data)
