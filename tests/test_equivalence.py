@@ -35,6 +35,7 @@ EXPECTED_BLOCKS = {
     "Whisper decoder, ORT-exported": [(4, 4)] * 3,
     "PyTorch nn.TransformerEncoder": _MHA2,
     "GPT-2, ORT-exported": _MHA2,                    # KV cache past_i [2, B, H, P, D] in, present_i out
+    "ONNX Attention, 3-D": _GQA2,                    # torch.onnx.ops.attention: q_num_heads 8, kv_num_heads 2
 }
 
 
@@ -169,3 +170,16 @@ def test_untouched_initializers_keep_their_bytes(name):
     for n in untouched:
         assert numpy_helper.to_array(after[n]).tobytes() == numpy_helper.to_array(before[n]).tobytes(), n
         assert after[n].data_type == before[n].data_type
+
+
+@pytest.mark.parametrize("keep_groups", [(0,), (1,)])
+def test_onnx_attention_3d_loses_whole_kv_groups(keep_groups):
+    """torch.onnx's 3-D Attention op: removing a KV group narrows K and V and updates both head counts."""
+    model = _load("onnx-attention-3d-d23.onnx")
+    blocks = inspect_model(model).blocks
+    kept = {b.index: tuple(h for g in keep_groups for h in b.kv_groups[g]) for b in blocks}
+    result = prune_model(model, kept=kept, gqa="group")
+    assert result.max_error <= ATOL
+    _check_strict(result.model, model)
+    heads = [{a.name: a.i for a in n.attribute} for n in result.model.graph.node if n.op_type == "Attention"]
+    assert heads == [{"is_causal": 1, "q_num_heads": 4, "kv_num_heads": 1}] * 2

@@ -150,7 +150,50 @@ def _specs() -> list[Spec]:
     add("qwen2", "Qwen2", "Qwen2Model", "Qwen2Config", _text_inputs(), TEXT_DYN, **gqa)
     add("mistral", "Mistral", "MistralModel", "MistralConfig", _text_inputs(), TEXT_DYN,
         sliding_window=None, head_dim=8, **gqa)
-    return specs + _seq2seq_specs() + _torch_nn_specs()
+    return specs + _seq2seq_specs() + _torch_nn_specs() + _onnx_attention_specs()
+
+
+def _onnx_attention_specs() -> list[Spec]:
+    """A decoder whose attention is ``torch.onnx.ops.attention`` on 3-D Q/K/V [B, S, heads * D] with
+    ``q_num_heads`` 8 and ``kv_num_heads`` 2 (GQA, causal): torch.onnx writes the ONNX ``Attention`` op in
+    its 3-D form, with the head counts as attributes."""
+    def build():
+        import types
+
+        import torch
+
+        class Layer(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.norm1, self.norm2 = torch.nn.LayerNorm(64), torch.nn.LayerNorm(64)
+                self.q, self.k, self.v = torch.nn.Linear(64, 64), torch.nn.Linear(64, 16), torch.nn.Linear(64, 16)
+                self.o = torch.nn.Linear(64, 64)
+                self.up, self.down = torch.nn.Linear(64, 128), torch.nn.Linear(128, 64)
+
+            def forward(self, x):
+                h = self.norm1(x)
+                y = torch.onnx.ops.attention(self.q(h), self.k(h), self.v(h), is_causal=True,
+                                             q_num_heads=8, kv_num_heads=2)[0]
+                x = x + self.o(y)
+                return x + self.down(torch.nn.functional.gelu(self.up(self.norm2(x))))
+
+        class Decoder(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.layers = torch.nn.ModuleList([Layer(), Layer()])
+
+            def forward(self, hidden_states, return_dict=True):
+                for layer in self.layers:
+                    hidden_states = layer(hidden_states)
+                return types.SimpleNamespace(last_hidden_state=hidden_states)
+        return _randomize(Decoder())
+
+    def inputs():
+        import torch
+        return {"hidden_states": torch.randn(2, 7, 64, generator=torch.Generator().manual_seed(SEED))}
+
+    dyn = {"hidden_states": {0: "batch", 1: "sequence"}}
+    return [Spec("onnx-attention-3d-d23", "ONNX Attention, 3-D", build, inputs, "d23", dynamic=dyn)]
 
 
 def _torch_nn_specs() -> list[Spec]:
