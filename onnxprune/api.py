@@ -55,7 +55,7 @@ def count_result_macs(model: onnx.ModelProto, result: PruneResult, batch: int = 
     (per block and in total). If the model cannot run at that size (a short position table), say why in
     ``result.macs_note``; with ``shrink``, first try half the length, down to 8."""
     from .macs import block_nodes, count_macs
-    names = {b.index: block_nodes(model, b) for b in result.blocks}
+    names = block_nodes(model, result.blocks)
     first_error, length = None, seq
     while True:
         try:

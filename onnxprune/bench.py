@@ -81,10 +81,14 @@ class BenchResult:
         return d
 
 
-def file_bytes(path: str | os.PathLike) -> int:
-    """The size of the model file and of every external data file it names."""
+def graph_of(path: str | os.PathLike) -> onnx.ModelProto:
+    """The model at ``path`` without its external data: all that the inputs, MACs and sizes need."""
+    return onnx.load(str(path), load_external_data=False)
+
+
+def file_bytes(path: str | os.PathLike, model: onnx.ModelProto) -> int:
+    """The size of the model file and of every external data file that ``model`` (loaded from it) names."""
     path = Path(path)
-    model = onnx.load(str(path), load_external_data=False)
     files = {e.value for t in onnx.external_data_helper._get_all_tensors(model)
              for e in t.external_data if e.key == "location"}
     return path.stat().st_size + sum((path.parent / f).stat().st_size for f in files
@@ -142,9 +146,9 @@ class _Runner:
         return (time.perf_counter() - t0) * 1e3
 
 
-def inputs_for(path, batch: int, seq: int, data: dict[str, np.ndarray] | None) -> dict[str, np.ndarray]:
+def inputs_for(model: onnx.ModelProto, batch: int, seq: int,
+               data: dict[str, np.ndarray] | None) -> dict[str, np.ndarray]:
     from .probe import synth_inputs
-    model = onnx.load(str(path), load_external_data=False)
     names = [i.name for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}]
     if data is None:
         return synth_inputs(model, batch=batch, seq=seq, past=0)
@@ -154,23 +158,21 @@ def inputs_for(path, batch: int, seq: int, data: dict[str, np.ndarray] | None) -
     return {n: data[n] for n in names}
 
 
-def macs_of(path, batch: int, seq: int) -> int:
+def macs_of(path, model: onnx.ModelProto, batch: int, seq: int) -> int:
     from .macs import count_macs
-    path = Path(path)
-    model = onnx.load(str(path), load_external_data=False)
-    return count_macs(model, [], batch, seq, external_dir=path.parent).total
+    return count_macs(model, [], batch, seq, external_dir=Path(path).parent).total
 
 
 def _child_memory(path: str, provider: str, threads, feeds, queue):
-    """In a fresh process: the peak-RSS growth of making the session and running it once."""
+    """In a fresh process: the resident memory growth of making the session and running it once."""
     try:
         import onnxruntime  # noqa: F401  (its import is not the session's memory)
         before = _rss()
         sess = make_session(path, provider, threads)
         _Runner(sess, feeds, provider != "cpu")()
         queue.put((_rss() - before, _gpu_bytes()))
-    except Exception as exc:      # reported as unknown, never fatal
-        queue.put((None, None, str(exc)))
+    except Exception:             # reported as unknown, never fatal
+        queue.put((None, None))
 
 
 def _rss() -> int:
@@ -218,10 +220,11 @@ def bench(original, pruned, provider: str = "cpu", batch: int = 1, seq: int = 12
     for p in paths:
         if not p.is_file():
             raise InputError(f"{p}: no such file")
-    feeds = [inputs_for(p, batch, seq, inputs) for p in paths]
+    graphs = [graph_of(p) for p in paths]
+    feeds = [inputs_for(g, batch, seq, inputs) for g in graphs]
     note = None
     try:
-        macs = [macs_of(p, batch, seq) for p in paths]
+        macs = [macs_of(p, g, batch, seq) for p, g in zip(paths, graphs)]
     except Exception as exc:          # e.g. a length beyond the model's position table
         macs, note = [None, None], f"MACs not counted at batch {batch}, seq {seq}: {str(exc)[:200]}"
     sessions = [make_session(p, provider, threads) for p in paths]
@@ -242,8 +245,8 @@ def bench(original, pruned, provider: str = "cpu", batch: int = 1, seq: int = 12
     sides = []
     for k, p in enumerate(paths):
         q = statistics.quantiles(times[k], n=4) if len(times[k]) > 1 else [times[k][0]] * 3
-        sides.append(Side(str(p), statistics.median(times[k]), q[0], q[2], min(times[k]), file_bytes(p),
-                          mem[k][0], mem[k][1], macs[k], providers[k]))
+        sides.append(Side(str(p), statistics.median(times[k]), q[0], q[2], min(times[k]),
+                          file_bytes(p, graphs[k]), mem[k][0], mem[k][1], macs[k], providers[k]))
     return BenchResult(provider, batch, seq, threads, warmup, runs, sides[0], sides[1], note)
 
 

@@ -40,7 +40,7 @@ from onnx import helper, numpy_helper
 
 from .block import AttentionBlock
 from .errors import InputError, PlanError
-from .io import Progress
+from .io import Progress, consumers as graph_consumers
 
 IMPORTANCE_METHODS = ("activation", "ablation", "mean-ablation", "residual")
 COMPENSATE_MODES = ("bias", "refit")
@@ -93,10 +93,7 @@ class _Site:
 
 
 def _find_sites(model: onnx.ModelProto, blocks) -> list[_Site]:
-    consumers: dict[str, list] = {}
-    for node in model.graph.node:
-        for i in node.input:
-            consumers.setdefault(i, []).append(node)
+    consumers = graph_consumers(model)
     inits = {i.name: i for i in model.graph.initializer}
     sites = []
     for b in blocks:
@@ -231,7 +228,6 @@ class Calibrator:
 
     def _activation(self) -> dict[int, np.ndarray]:
         sums = {s.block.index: np.zeros(s.block.num_heads) for s in self.sites}
-        count = 0
         with self._bar(len(self.data), "calibrating") as bar:
             for feeds in self.data:
                 out = self.run(feeds, contexts=True)
@@ -240,7 +236,6 @@ class Calibrator:
                     for h in range(s.block.num_heads):
                         cols = head_columns(s.block, s.context, [h])
                         sums[s.block.index][h] += float(np.sum(rows[:, cols] ** 2))
-                count += 1
                 bar.update()
         return sums
 

@@ -17,6 +17,7 @@ import onnx
 from onnx import numpy_helper
 
 from .block import AttentionBlock
+from .io import consumers as graph_consumers
 
 
 @dataclass(frozen=True)
@@ -38,10 +39,7 @@ def _constants(model: onnx.ModelProto) -> dict[str, np.ndarray]:
 def find_gates(model: onnx.ModelProto, blocks) -> list[Gate]:
     nodes = {n.name: n for n in model.graph.node if n.name}
     consts = _constants(model)
-    consumers: dict[str, list] = {}
-    for n in model.graph.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
+    consumers = graph_consumers(model)
     gates = []
     for b in blocks:
         o_nodes = {id(n) for n in consumers.get(b.o_proj.weight, [])}

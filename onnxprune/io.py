@@ -48,6 +48,15 @@ FLOAT_TYPES = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.
                          onnx.TensorProto.DOUBLE})
 
 
+def consumers(model: onnx.ModelProto) -> dict[str, list[onnx.NodeProto]]:
+    """Tensor name -> the nodes of the main graph that read it, in graph order."""
+    out: dict[str, list] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            out.setdefault(name, []).append(node)
+    return out
+
+
 def large_weights(model: onnx.ModelProto, threshold: int) -> set[str]:
     """Floating-point initializers of ``threshold`` bytes or more, in memory or in an external file, that
     are not also graph inputs: the weights whose values neither probing nor checking needs."""

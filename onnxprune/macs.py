@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import onnx
 from onnx import helper
 
+from .io import consumers
 from .probe import _light_copy, probe, synth_inputs
 
 PRODUCT_OPS = {"MatMul", "Gemm", "Conv", "Einsum", "FusedMatMul", "Attention", "MultiHeadAttention",
@@ -165,24 +166,20 @@ def _core_attention(node, ins, out, a, shapes) -> int:
     return batch * heads * seq * total * (dq + dv)
 
 
-def _consumers(model):
-    out: dict[str, list] = {}
-    for n in model.graph.node:
-        for i in n.input:
-            out.setdefault(i, []).append(n)
-    return out
+def block_nodes(model: onnx.ModelProto, blocks) -> dict[int, set[str]]:
+    """Block index -> the names of the nodes whose products belong to it: its own nodes, and the products
+    that read its projection weights (through a Transpose, Cast or dequantization on the way)."""
+    readers = consumers(model)
+    return {b.index: _block_nodes(b, readers) for b in blocks}
 
 
-def block_nodes(model: onnx.ModelProto, block) -> set[str]:
-    """The names of the nodes whose products belong to ``block``: its own nodes, and the products that read
-    its projection weights (through a Transpose, Cast or dequantization on the way)."""
+def _block_nodes(block, readers) -> set[str]:
     names = set(block.nodes)
-    consumers = _consumers(model)
     for p in block.projections:
         frontier, seen = [p.weight], set()
         while frontier:
             t = frontier.pop()
-            for n in consumers.get(t, []):
+            for n in readers.get(t, []):
                 if n.name in seen:
                     continue
                 seen.add(n.name)
@@ -204,6 +201,6 @@ def count_macs(model: onnx.ModelProto, blocks, batch: int = 1, seq: int = 128, e
     per_node = {}
     for i, n in enumerate(model.graph.node):
         per_node[n.name or f"#{i}"] = node_macs(n, shapes)
-    names = block_node_names or {b.index: block_nodes(model, b) for b in blocks}
+    names = block_node_names or block_nodes(model, blocks)
     return MacCount(batch, seq, sum(per_node.values()),
                     {b: sum(per_node.get(n, 0) for n in nodes) for b, nodes in names.items()})

@@ -43,31 +43,11 @@ def minilm() -> Path:
         return path
     import torch
     import transformers
-    CACHE.mkdir(parents=True, exist_ok=True)
+    from fidelity import export_bert
     torch.manual_seed(0)
     cfg = transformers.BertConfig(vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
                                   intermediate_size=1536, max_position_embeddings=512, attn_implementation="eager")
-    bert = transformers.BertModel(cfg, add_pooling_layer=False).eval()
-
-    class Encoder(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.bert = bert
-
-        def forward(self, input_ids, attention_mask, token_type_ids):
-            return self.bert(input_ids=input_ids, attention_mask=attention_mask,
-                             token_type_ids=token_type_ids).last_hidden_state
-
-    ids = torch.ones(2, 8, dtype=torch.int64)
-    dyn = {0: "batch", 1: "sequence"}
-    tmp = path.with_suffix(".tmp.onnx")
-    torch.onnx.export(Encoder().eval(), (ids, ids, torch.zeros_like(ids)), str(tmp), dynamo=False, opset_version=17,
-                      input_names=["input_ids", "attention_mask", "token_type_ids"],
-                      output_names=["last_hidden_state"],
-                      dynamic_axes={"input_ids": dyn, "attention_mask": dyn, "token_type_ids": dyn,
-                                    "last_hidden_state": dyn})
-    tmp.replace(path)
-    return path
+    return export_bert(transformers.BertModel(cfg, add_pooling_layer=False).eval(), path)
 
 
 def fused(src: Path, fp16: bool) -> Path:

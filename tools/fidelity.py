@@ -63,10 +63,15 @@ def export_minilm() -> tuple[Path, Path]:
     path = CACHE / "all-minilm-l6-v2.onnx"
     if path.exists():
         return path, folder
-    import torch
     import transformers
-    CACHE.mkdir(parents=True, exist_ok=True)
-    bert = transformers.BertModel.from_pretrained(folder, attn_implementation="eager").eval()
+    export_bert(transformers.BertModel.from_pretrained(folder, attn_implementation="eager").eval(), path)
+    return path, folder
+
+
+def export_bert(bert, path: Path) -> Path:
+    """A transformers BertModel to ``path`` with torch.onnx (TorchScript, opset 17): inputs input_ids,
+    attention_mask, token_type_ids over dynamic batch and sequence; output last_hidden_state."""
+    import torch
 
     class Encoder(torch.nn.Module):
         def __init__(self):
@@ -77,17 +82,17 @@ def export_minilm() -> tuple[Path, Path]:
             return self.bert(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
                              return_dict=True).last_hidden_state
 
-    model = Encoder().eval()
+    path.parent.mkdir(parents=True, exist_ok=True)
     ids = torch.ones(2, 8, dtype=torch.int64)
     dyn = {0: "batch", 1: "sequence"}
     tmp = path.with_suffix(".tmp.onnx")
-    torch.onnx.export(model, (ids, ids, torch.zeros_like(ids)), str(tmp), dynamo=False, opset_version=17,
-                      input_names=["input_ids", "attention_mask", "token_type_ids"],
+    torch.onnx.export(Encoder().eval(), (ids, ids, torch.zeros_like(ids)), str(tmp), dynamo=False,
+                      opset_version=17, input_names=["input_ids", "attention_mask", "token_type_ids"],
                       output_names=["last_hidden_state"],
                       dynamic_axes={"input_ids": dyn, "attention_mask": dyn, "token_type_ids": dyn,
                                     "last_hidden_state": dyn})
     tmp.replace(path)
-    return path, folder
+    return path
 
 
 def tokenize(folder: Path, texts: list[str]) -> dict[str, np.ndarray]:
