@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -14,13 +15,13 @@ from . import plan as planning
 from .block import AttentionBlock, MatchResult
 from .errors import MatchError, OnnxPruneError, PlanError
 from .gates import find_gates, fold_gates
-from .io import FLOAT_TYPES, attach_external, to_graph
+from .io import FLOAT_TYPES, as_model, attach_external, to_graph
 from .match import match_graph
 from .probe import probe, synth_inputs
 from .rewrite import Rewriter, check_model, dead_nodes, export
 from .score import (stored_method, check_heads_to_prune, initializer_importance, load_importance_file, carry_importance,
                     weight_importance)
-from .verify import compare, masked_model, masked_weights
+from .verify import compare, masked_model, masked_weights, worst_of
 
 from .calibrate import COMPENSATE_MODES, IMPORTANCE_METHODS  # noqa: E402
 
@@ -55,6 +56,9 @@ def count_result_macs(model: onnx.ModelProto, result: PruneResult, batch: int = 
     (per block and in total). If the model cannot run at that size (a short position table), say why in
     ``result.macs_note``; with ``shrink``, first try half the length, down to 8."""
     from .macs import block_nodes, count_macs
+    model, external_dir = as_model(model, external_dir)
+    if not isinstance(result, PruneResult):
+        raise TypeError(f"result must be the PruneResult of prune_model, not {type(result).__name__}")
     names = block_nodes(model, result.blocks)
     first_error, length = None, seq
     while True:
@@ -91,7 +95,9 @@ def count_params(model: onnx.ModelProto) -> int:
 
 
 def inspect_model(model: onnx.ModelProto, external_dir: str | os.PathLike | None = None) -> MatchResult:
-    """The attention blocks of ``model`` and the explained misses (``external_dir`` as in prune_model)."""
+    """The attention blocks of ``model`` and the explained misses (``model`` and ``external_dir`` as in
+    prune_model)."""
+    model, external_dir = as_model(model, external_dir)
     graph = to_graph(model)
     shapes, values = probe(model, external_dir=external_dir)
     return match_graph(graph, shapes, values)
@@ -137,13 +143,22 @@ def prune_model(model: onnx.ModelProto, ratio=None, *, kept: dict[int, list[int]
     ``multiple_of``: round each block's kept count up, with its next best heads, so that kept heads x head
     size is a multiple of it (aligned widths for hardware that wants them).
 
-    ``external_dir``: give it when ``model`` was loaded with ``load_external_data=False``, as the folder of
-    its data files. Only the attention weights are then read into memory; every other tensor stays a
-    reference to the original data file (``io.save_model_atomic`` copies those bytes by streaming)."""
+    ``model``: an ``onnx.ModelProto``, a path to an .onnx file (loaded and checked; external data stays on
+    disk) or the bytes of a model; anything else raises ``ModelTypeError`` (an ``InputError`` and a
+    ``TypeError``). ``external_dir``: give it when ``model`` was loaded with ``load_external_data=False``, as
+    the folder of its data files. Only the attention weights are then read into memory; every other tensor
+    stays a reference to the original data file (``io.save_model_atomic`` copies those bytes by streaming).
+
+    Errors are ``OnnxPruneError`` subclasses (``errors.py``), each with one-line text.
+    ``result.max_error`` is the largest difference from the masked original: NaN or inf when either gives
+    non-finite outputs, which fails every tolerance."""
+    model, external_dir = as_model(model, external_dir)
     if sum(x is not None for x in (ratio, kept, heads_to_prune, threshold)) != 1:
         raise PlanError("give exactly one of ratio, threshold, kept, heads_to_prune")
     if multiple_of is not None and ratio is None and threshold is None:
         raise PlanError("--multiple-of rounds the plans of --ratio and --threshold, not a list of heads")
+    if threshold is not None and not _finite_number(threshold):
+        raise PlanError(f"threshold must be a finite number, got {threshold!r}")
     if scope not in planning.SCOPES:
         raise PlanError(f"unknown scope {scope!r}; use one of {', '.join(planning.SCOPES)}")
     if ratio is not None:
@@ -209,15 +224,25 @@ def prune_model(model: onnx.ModelProto, ratio=None, *, kept: dict[int, list[int]
             else:
                 calibrator = _calibrator(model, blocks, calib, external_dir)
                 importance = calibrator.importance(source)
-        scores = {b.index: np.asarray(importance[b.index], dtype=np.float64) if b.index in importance
-                  else weight_importance(b, graph) for b in blocks}
+        try:
+            scores = {b.index: np.asarray(importance[b.index], dtype=np.float64) if b.index in importance
+                      else weight_importance(b, graph) for b in blocks}
+        except (TypeError, ValueError) as exc:
+            raise PlanError(f"importance scores must be numbers ({exc})") from None
         for b in blocks:
-            if len(scores[b.index]) != b.num_heads:
-                raise PlanError(f"block {b.index} ({b.name}): {len(scores[b.index])} importance scores for "
+            if scores[b.index].shape != (b.num_heads,):
+                raise PlanError(f"block {b.index} ({b.name}): {scores[b.index].size} importance scores for "
                                 f"{b.num_heads} heads")
+            bad = np.flatnonzero(~np.isfinite(scores[b.index]))
+            if bad.size:
+                raise PlanError(f"block {b.index} ({b.name}): head {bad[0]} has importance "
+                                f"{scores[b.index][bad[0]]} ({source or 'given'}); scores must be finite")
     if threshold is not None or (ratio is not None and scope == "global"):
-        joint = planning.plan_model(scores, {b.index: b.kv_groups for b in blocks}, ratio=ratio,
-                                    threshold=threshold, min_heads=min_heads, gqa=gqa)
+        try:
+            joint = planning.plan_model(scores, {b.index: b.kv_groups for b in blocks}, ratio=ratio,
+                                        threshold=threshold, min_heads=min_heads, gqa=gqa)
+        except ValueError as exc:
+            raise PlanError(str(exc)) from None
         for b in blocks:
             plans[b.index], applied[b.index] = joint[b.index].kept_heads, joint[b.index].min_heads_applied
     for b in blocks:
@@ -238,8 +263,11 @@ def prune_model(model: onnx.ModelProto, ratio=None, *, kept: dict[int, list[int]
             applied[b.index] = False
     if multiple_of is not None:
         for b in blocks:
-            plans[b.index] = planning.align_heads(plans[b.index], scores[b.index], b.kv_groups, b.head_dim,
-                                                  multiple_of, gqa)
+            try:
+                plans[b.index] = planning.align_heads(plans[b.index], scores[b.index], b.kv_groups, b.head_dim,
+                                                      multiple_of, gqa)
+            except (PlanError, ValueError) as exc:
+                raise PlanError(f"--multiple-of {multiple_of}: block {b.index} ({b.name}): {exc}") from None
     if compensate is not None:
         if heads_to_prune is not None or kept is not None or any(
                 plans[b.index] != tuple(range(b.num_heads)) for b in blocks):
@@ -269,9 +297,18 @@ def prune_model(model: onnx.ModelProto, ratio=None, *, kept: dict[int, list[int]
     release_memory()
     if verify:
         masked = masked_model(model, list(blocks), plans, external_dir)
-        out.max_error = max(compare(masked, pruned, f, out.io_keep, external_dir)
-                            for f in _verification_feeds(model, feeds, out.io_keep))
+        out.max_error = worst_of(compare(masked, pruned, f, out.io_keep, external_dir)
+                                 for f in _verification_feeds(model, feeds, out.io_keep))
     return out
+
+
+def _finite_number(x) -> bool:
+    if isinstance(x, (bool, str, bytes)):
+        return False
+    try:
+        return math.isfinite(float(x))
+    except (TypeError, ValueError):
+        return False
 
 
 def _calibrator(model, blocks, calib, external_dir):
@@ -313,9 +350,9 @@ def verify_saved(model: onnx.ModelProto, result: PruneResult, path: str | os.Pat
     overrides = masked_weights(model, list(result.blocks), result.kept, external_dir)
     masked = model if overrides is not None else masked_model(model, list(result.blocks), result.kept,
                                                               external_dir)
-    return max(compare(masked, pruned, f, result.io_keep, external_dir, pruned_dir=os.path.dirname(path),
-                       masked_overrides=overrides)
-               for f in _verification_feeds(model, feeds, result.io_keep))
+    return worst_of(compare(masked, pruned, f, result.io_keep, external_dir, pruned_dir=os.path.dirname(path),
+                            masked_overrides=overrides)
+                    for f in _verification_feeds(model, feeds, result.io_keep))
 
 
 
@@ -325,6 +362,7 @@ def score_model(model: onnx.ModelProto, method: str = "weights", *, calib: dict 
     """Score every head by ``method`` and return (a copy of ``model`` with the scores stored as importance
     initializers, the blocks, the scores). Pruning the copy later uses them with no data."""
     from .score import store_importance
+    model, external_dir = as_model(model, external_dir)
     if method not in IMPORTANCE_SOURCES or method == "initializers":
         raise PlanError(f"unknown scoring method {method!r}; use one of "
                         f"{', '.join(m for m in IMPORTANCE_SOURCES if m != 'initializers')}")

@@ -56,6 +56,7 @@ class BenchResult:
     original: Side
     pruned: Side
     macs_note: str | None = None
+    note: str | None = None          # the length was shortened: why
 
     @property
     def speedup(self) -> float:
@@ -148,14 +149,33 @@ class _Runner:
 
 def inputs_for(model: onnx.ModelProto, batch: int, seq: int,
                data: dict[str, np.ndarray] | None) -> dict[str, np.ndarray]:
+    """Synthetic inputs at ``batch`` x ``seq``, or the arrays of ``data`` checked against the declared
+    inputs: every one present, numeric, of the declared rank and fixed sizes."""
+    from onnx import helper
     from .probe import synth_inputs
-    names = [i.name for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}]
+    inits = {t.name for t in model.graph.initializer}
+    declared = [i for i in model.graph.input if i.name not in inits]
     if data is None:
         return synth_inputs(model, batch=batch, seq=seq, past=0)
-    missing = [n for n in names if n not in data]
+    missing = [i.name for i in declared if i.name not in data]
     if missing:
         raise InputError(f"--inputs has no array for graph input(s) {', '.join(missing)}")
-    return {n: data[n] for n in names}
+    feeds = {}
+    for inp in declared:
+        arr, tt = data[inp.name], inp.type.tensor_type
+        if arr.dtype.kind not in "biuf":
+            raise InputError(f"--inputs: array {inp.name!r} holds {arr.dtype} values, not numbers")
+        if tt.HasField("shape"):
+            dims = list(tt.shape.dim)
+            if arr.ndim != len(dims):
+                raise InputError(f"--inputs: array {inp.name!r} has {arr.ndim} axes {list(arr.shape)}; graph "
+                                 f"input {inp.name!r} takes {len(dims)}")
+            for axis, d in enumerate(dims):
+                if d.HasField("dim_value") and d.dim_value != arr.shape[axis]:
+                    raise InputError(f"--inputs: array {inp.name!r} has {arr.shape[axis]} on axis {axis}; graph "
+                                     f"input {inp.name!r} is fixed at {d.dim_value} there")
+        feeds[inp.name] = arr.astype(helper.tensor_dtype_to_np_dtype(tt.elem_type), copy=False)
+    return feeds
 
 
 def macs_of(path, model: onnx.ModelProto, batch: int, seq: int) -> int:
@@ -210,24 +230,53 @@ def session_memory(path, provider: str, threads, feeds) -> tuple[int | None, int
     return got[0], got[1]
 
 
-def bench(original, pruned, provider: str = "cpu", batch: int = 1, seq: int = 128, threads: int | None = None,
-          warmup: int = 5, runs: int = 50, inputs: dict[str, np.ndarray] | None = None,
-          memory: bool = True, progress=None) -> BenchResult:
-    """Time ``original`` and ``pruned`` (paths) on ``provider``, interleaved; see the module docstring."""
-    if runs < 1 or warmup < 0 or batch < 1 or seq < 1:
+LENGTHS = (128, 64, 32, 16, 8)      # tried in turn when no length is given
+
+
+def bench(original, pruned, provider: str = "cpu", batch: int = 1, seq: int | None = None,
+          threads: int | None = None, warmup: int = 5, runs: int = 50, inputs: dict[str, np.ndarray] | None = None,
+          memory: bool = True, progress=None, graphs=None) -> BenchResult:
+    """Time ``original`` and ``pruned`` (paths) on ``provider``, interleaved; see the module docstring.
+
+    Without ``seq``, the length is 128, or the longest of 64, 32, 16, 8 at which both models run (a short
+    position table), and the result's note says so. ``graphs``: the two models already loaded without
+    their external data (else they are loaded and checked here). Errors are one-line ``InputError``s."""
+    from .io import load_model
+    from .probe import ort_reason
+    if runs < 1 or warmup < 0 or batch < 1 or (seq is not None and seq < 1):
         raise InputError("--runs, --batch and --seq must be at least 1, --warmup at least 0")
     paths = [Path(original), Path(pruned)]
+    graphs = graphs or [load_model(p, external_data=False) for p in paths]
+    sessions = []
     for p in paths:
-        if not p.is_file():
-            raise InputError(f"{p}: no such file")
-    graphs = [graph_of(p) for p in paths]
-    feeds = [inputs_for(g, batch, seq, inputs) for g in graphs]
-    note = None
+        try:
+            sessions.append(make_session(p, provider, threads))
+        except InputError:
+            raise
+        except Exception as exc:        # onnxruntime's own types: bad external data, unknown ops
+            raise InputError(f"{p}: onnxruntime cannot load it: {ort_reason(exc)}") from None
+    lengths = [seq] if seq is not None or inputs is not None else list(LENGTHS)
+    note, first = None, None
+    for length in lengths:
+        feeds = [inputs_for(g, batch, length or 0, inputs) for g in graphs]
+        try:
+            for p, s, f in zip(paths, sessions, feeds):
+                failing = p
+                s.run(None, f)
+            break
+        except Exception as exc:         # e.g. a length beyond the model's position table
+            first = first or ort_reason(exc)
+            if length == lengths[-1]:
+                at = "on --inputs" if inputs is not None else f"at batch {batch}, seq {length}"
+                raise InputError(f"{failing}: onnxruntime could not run it {at}: {first}") from None
+    if length != lengths[0]:
+        note = f"the models do not run at seq {lengths[0]} ({first}); timed at seq {length}"
+    seq = length if length is not None else 128       # --inputs: MACs at the default size, as before
     try:
         macs = [macs_of(p, g, batch, seq) for p, g in zip(paths, graphs)]
-    except Exception as exc:          # e.g. a length beyond the model's position table
-        macs, note = [None, None], f"MACs not counted at batch {batch}, seq {seq}: {str(exc)[:200]}"
-    sessions = [make_session(p, provider, threads) for p in paths]
+        macs_note = None
+    except Exception as exc:
+        macs, macs_note = [None, None], f"MACs not counted at batch {batch}, seq {seq}: {str(exc)[:200]}"
     runners = [_Runner(s, f, provider != "cpu") for s, f in zip(sessions, feeds)]
     for _ in range(warmup):
         for r in runners:
@@ -247,7 +296,7 @@ def bench(original, pruned, provider: str = "cpu", batch: int = 1, seq: int = 12
         q = statistics.quantiles(times[k], n=4) if len(times[k]) > 1 else [times[k][0]] * 3
         sides.append(Side(str(p), statistics.median(times[k]), q[0], q[2], min(times[k]),
                           file_bytes(p, graphs[k]), mem[k][0], mem[k][1], macs[k], providers[k]))
-    return BenchResult(provider, batch, seq, threads, warmup, runs, sides[0], sides[1], note)
+    return BenchResult(provider, batch, seq, threads, warmup, runs, sides[0], sides[1], macs_note, note)
 
 
 def _mb(n: int | None) -> str:
@@ -276,6 +325,8 @@ def format_bench(r: BenchResult) -> str:
     lines.append(line)
     if r.macs_note:
         lines.append(r.macs_note)
+    if r.note:
+        lines.append(f"note: {r.note}")
     if o.providers and o.providers[0] != PROVIDERS[r.provider][0]:
         lines.append(f"note: ONNX Runtime ran {o.providers[0]}, not {PROVIDERS[r.provider][0]}")
     return "\n".join(lines)

@@ -71,9 +71,32 @@ def load_calib(path: str | Path, model: onnx.ModelProto) -> dict[str, np.ndarray
         raise InputError(f"{path}: arrays must share their first axis (samples); got lengths {sorted(counts)}")
     out = {}
     for name in needed:
-        elem = inputs[name].type.tensor_type.elem_type
-        out[name] = data[name].astype(helper.tensor_dtype_to_np_dtype(elem), copy=False)
+        arr, tt = data[name], inputs[name].type.tensor_type
+        if arr.dtype.kind not in "biuf":
+            raise InputError(f"{path}: array {name!r} holds {arr.dtype} values, not numbers")
+        if arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
+            bad = np.argwhere(~np.isfinite(arr))[0]
+            raise InputError(f"{path}: array {name!r} holds {arr[tuple(bad)]} at {list(map(int, bad))}; "
+                             "calibration data must be finite")
+        dims = list(tt.shape.dim) if tt.HasField("shape") else None
+        if dims is not None:
+            if arr.ndim != len(dims):
+                raise InputError(f"{path}: array {name!r} has {arr.ndim} axes {list(arr.shape)}; graph input "
+                                 f"{name!r} takes {len(dims)} ([samples, ...] as {_declared(dims)})")
+            for axis, d in enumerate(dims[1:], 1):
+                if d.HasField("dim_value") and d.dim_value != arr.shape[axis]:
+                    raise InputError(f"{path}: array {name!r} has {arr.shape[axis]} on axis {axis}; graph "
+                                     f"input {name!r} is fixed at {d.dim_value} there ({_declared(dims)})")
+        dtype = helper.tensor_dtype_to_np_dtype(tt.elem_type)
+        if np.issubdtype(dtype, np.integer) and arr.dtype.kind == "f" and np.any(arr != np.round(arr)):
+            raise InputError(f"{path}: array {name!r} holds fractions; graph input {name!r} takes integers")
+        out[name] = arr.astype(dtype, copy=False)
     return out
+
+
+def _declared(dims) -> str:
+    return "[" + ", ".join(str(d.dim_value) if d.HasField("dim_value") else (d.dim_param or "?")
+                           for d in dims) + "]"
 
 
 def batches(data: dict[str, np.ndarray], size: int = BATCH) -> list[dict[str, np.ndarray]]:
@@ -187,9 +210,14 @@ class Calibrator:
 
     # ------------------------------------------------------------------ running
     def run(self, feeds: dict, weights: dict | None = None, contexts: bool = False):
+        from .probe import ort_reason
         names = self.outputs + ([s.context for s in self.sites] if contexts else [])
-        arrays = dict(zip(names, self.session.run(names, {**feeds, **self.weights, **(weights or {})})))
-        return arrays
+        try:
+            got = self.session.run(names, {**feeds, **self.weights, **(weights or {})})
+        except Exception as exc:   # onnxruntime's own types: token ids out of range, wrong sizes
+            raise InputError(f"onnxruntime could not run the model on the calibration data: {ort_reason(exc)}") \
+                from None
+        return dict(zip(names, got))
 
     def _rows(self, feeds: dict, ctx: np.ndarray, site: _Site) -> np.ndarray:
         """The context as [tokens, features], the padding tokens left out where the mask says so."""
@@ -221,10 +249,14 @@ class Calibrator:
         if method not in IMPORTANCE_METHODS:
             raise PlanError(f"unknown calibration method {method!r}; use one of {', '.join(IMPORTANCE_METHODS)}")
         if method == "activation":
-            return self._activation()
-        if method == "residual":
-            return self._residual()
-        return self._ablation(mean=method == "mean-ablation")
+            scores = self._activation()
+        elif method == "residual":
+            scores = self._residual()
+        else:
+            scores = self._ablation(mean=method == "mean-ablation")
+        for s in self.sites:
+            _finite(scores[s.block.index], f"block {s.block.index} ({s.block.name}): its {method} scores")
+        return scores
 
     def _activation(self) -> dict[int, np.ndarray]:
         sums = {s.block.index: np.zeros(s.block.num_heads) for s in self.sites}
@@ -365,6 +397,8 @@ class Calibrator:
                 out[kept_rows] = w_kept
                 new[s.weight] = np.moveaxis(out, 0, s.head_axis).astype(self.weights[s.weight].dtype)
                 new[s.bias] = (bias + shift).astype(self.weights[s.bias].dtype)
+                _finite(new[s.weight], f"block {b.index} ({b.name}): the compensated output projection")
+                _finite(new[s.bias], f"block {b.index} ({b.name}): the compensated output bias")
                 bar.update()
         return new
 
@@ -394,3 +428,10 @@ def _zero_rows(w: np.ndarray, idx, axis: int) -> np.ndarray:
     index[axis] = idx
     out[tuple(index)] = 0
     return out
+
+
+def _finite(values: np.ndarray, what: str):
+    """Calibration must give numbers: a NaN or inf (from data the model overflows on, say) stops the run."""
+    if not np.all(np.isfinite(values)):
+        raise InputError(f"{what} are not finite (NaN or inf) on the calibration data; the model overflows "
+                         "or divides by zero on it: check the data")

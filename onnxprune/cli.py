@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -68,6 +70,29 @@ def _ratio(text: str):
     return text
 
 
+def _threshold(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
+def _at_least(low: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+    parse.__name__ = f"integer >= {low}"
+    return parse
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message}\n")
@@ -82,14 +107,14 @@ def _prune_parser() -> argparse.ArgumentParser:
     p.add_argument("model", type=Path, help="the .onnx file to prune")
     how = p.add_mutually_exclusive_group(required=True)
     how.add_argument("--ratio", type=_ratio, help="fraction of heads to remove in every block, in [0, 1]")
-    how.add_argument("--threshold", type=float, metavar="T",
+    how.add_argument("--threshold", type=_threshold, metavar="T",
                      help="keep the heads whose importance is at least T (stored gate values, for instance)")
     how.add_argument("--heads-to-prune", type=Path, metavar="FILE",
                      help='JSON {"<block index>": [head, ...]} of heads to remove, blocks numbered as inspect lists')
     p.add_argument("-o", "--output", help="output path (default: <stem>.pruned.onnx beside MODEL); DIR/ writes a "
                                           "pruned model folder: the model, updated config files, tokenizer...")
     p.add_argument("--report", type=Path, metavar="REPORT.json", help="write the per-block report as JSON")
-    p.add_argument("--min-heads", type=int, default=1, metavar="N", help="keep at least N heads per block (1)")
+    p.add_argument("--min-heads", type=_at_least(0), default=1, metavar="N", help="keep at least N heads per block (1)")
     p.add_argument("--dry-run", action="store_true", help="match, plan and verify, but write no file")
     p.add_argument("--force", action="store_true", help="allow the output to overwrite the input")
     p.add_argument("--no-verify", action="store_true", help="skip the pruning-equals-masking check")
@@ -102,13 +127,13 @@ def _prune_parser() -> argparse.ArgumentParser:
     p.add_argument("--compensate", nargs="?", const="refit", choices=("refit", "bias"), default=None,
                    help="recover the dropped heads' contribution on the calibration data: refit the output "
                         "projection (refit, the default) or add their mean to its bias (bias)")
-    p.add_argument("--multiple-of", type=int, default=None, metavar="N",
+    p.add_argument("--multiple-of", type=_at_least(1), default=None, metavar="N",
                    help="round each block's kept heads up (adding its next best) so that kept heads x head size "
                         "is a multiple of N, for hardware that wants aligned widths")
-    p.add_argument("--seq", type=int, default=None,
+    p.add_argument("--seq", type=_at_least(1), default=None,
                    help="sequence length for the MAC count in the report (128, or less if the model's "
                         "position table is shorter)")
-    p.add_argument("--batch", type=int, default=1, help="batch size for the MAC count in the report (1)")
+    p.add_argument("--batch", type=_at_least(1), default=1, help="batch size for the MAC count in the report (1)")
     p.add_argument("--atol", type=float, default=None,
                    help="verification tolerance (default 1e-4; 1e-2 for fp16 models)")
     return p
@@ -168,11 +193,12 @@ def _bench_parser() -> argparse.ArgumentParser:
     p.add_argument("pruned", type=Path)
     p.add_argument("--provider", choices=("cpu", "cuda", "tensorrt"), default="cpu",
                    help="ONNX Runtime execution provider (cuda and tensorrt need onnxruntime-gpu)")
-    p.add_argument("--batch", type=int, default=1, help="batch size (1)")
-    p.add_argument("--seq", type=int, default=128, help="sequence length (128)")
-    p.add_argument("--threads", type=int, default=None, metavar="N", help="intra-op threads (ORT's default)")
-    p.add_argument("--warmup", type=int, default=5, metavar="W", help="warm-up runs per model (5)")
-    p.add_argument("--runs", type=int, default=50, metavar="R", help="timed runs per model (50)")
+    p.add_argument("--batch", type=_at_least(1), default=1, help="batch size (1)")
+    p.add_argument("--seq", type=_at_least(1), default=None,
+                   help="sequence length (128, or the longest power of two below it at which both models run)")
+    p.add_argument("--threads", type=_at_least(1), default=None, metavar="N", help="intra-op threads (ORT's default)")
+    p.add_argument("--warmup", type=_at_least(0), default=5, metavar="W", help="warm-up runs per model (5)")
+    p.add_argument("--runs", type=_at_least(1), default=50, metavar="R", help="timed runs per model (50)")
     p.add_argument("--inputs", type=Path, metavar="DATA.npz", help="real inputs instead of synthetic ones")
     p.add_argument("--no-memory", action="store_true", help="skip the session memory measurement")
     p.add_argument("--json", type=Path, metavar="OUT.json", help="also write the figures as JSON")
@@ -181,23 +207,29 @@ def _bench_parser() -> argparse.ArgumentParser:
 
 def run_bench(argv) -> int:
     from .bench import bench, format_bench
-    from .io import Progress
-    from .report import write_json_atomic
+    from .io import Progress, StagedFile, check_output_path, check_writes, input_files, load_model
+    from .report import json_bytes
     args = _bench_parser().parse_args(argv)
+    if args.json:
+        check_output_path(args.original, args.json, True)
+    graphs = [load_model(path, external_data=False) for path in (args.original, args.pruned)]
+    inputs = input_files(args.original, graphs[0]) + input_files(args.pruned, graphs[1])
+    check_writes(inputs, {"--json file": args.json})
     data = None
     if args.inputs:
         try:
             with np_load(args.inputs) as z:
                 data = {k: z[k] for k in z.files}
         except (OSError, ValueError) as exc:
-            raise InputError(f"{args.inputs}: not a readable .npz file ({exc})") from None
+            raise InputError(f"{args.inputs}: not a readable .npz file ({str(exc)[:120]})") from None
     with Progress(args.runs, "timing", min_total=1, unit="runs") as progress:
         result = bench(args.original, args.pruned, args.provider, args.batch, args.seq, args.threads,
-                       args.warmup, args.runs, data, memory=not args.no_memory, progress=progress)
-    print(format_bench(result))
-    if args.json:
-        write_json_atomic(result.as_dict(), args.json)
-        print(f"wrote {args.json}")
+                       args.warmup, args.runs, data, memory=not args.no_memory, progress=progress, graphs=graphs)
+    staged = StagedFile(args.json, json_bytes(result.as_dict())) if args.json else None
+    say(format_bench(result))
+    if staged is not None:
+        staged.publish()
+        say(f"wrote {args.json}")
     return 0
 
 
@@ -217,7 +249,7 @@ def run_inspect(argv) -> int:
     args = _inspect_parser().parse_args(argv)
     model = load_model(args.model, external_data=False)      # external weights stay on disk, unread
     result = inspect_model(model, args.model.parent if has_external_data(model) else None)
-    print(json.dumps(inspect_json(result), indent=2) if args.json else format_inspect(result))
+    say(json.dumps(inspect_json(result), indent=2) if args.json else format_inspect(result))
     return 0 if result.blocks else 3
 
 
@@ -244,28 +276,43 @@ def _has_stored(model, args) -> bool:
 
 def run_score(argv) -> int:
     from .api import score_model
-    from .io import check_output_path, has_external_data, load_model, stage_model
-    from .report import write_json_atomic
+    from .io import StagedFile, check_output_path, check_writes, has_external_data, input_files, load_model, stage_model
+    from .report import json_bytes
     args = _score_parser().parse_args(argv)
     check_output_path(args.model, args.output, args.force)
+    if args.json:
+        check_output_path(args.model, args.json, True)
     model = load_model(args.model, external_data=False)
+    inputs = input_files(args.model, model)
+    check_writes(inputs, {"output": args.output, "--json file": args.json},
+                 may_replace=args.model if args.force else None)
     external = has_external_data(model)
     where = args.model.parent if external else None
     opts = _importance_args(args, model)
     method = opts["importance"] or (best_calibrated(None) if opts["calib"] is not None else "weights")
     scored, blocks, scores = score_model(model, method, calib=opts["calib"], external_dir=where)
-    for b in blocks:
-        print(f"{b.index:>2}  {b.name:<40} " + " ".join(f"{v:.3g}" for v in scores[b.index]))
-    staged = stage_model(scored, args.output, external=external, external_dir=where)
+    in_place = args.output.resolve() == args.model.resolve()
+    staged = stage_model(scored, args.output, external=external, external_dir=where,
+                         avoid=[args.json] if args.json else [], keep=[] if in_place else inputs)
+    table = None
     try:
+        if args.json:
+            table = StagedFile(args.json, json_bytes({"method": method, "blocks": {
+                b.name: [float(v) for v in scores[b.index]] for b in blocks}}))
+        for b in blocks:
+            say(f"{b.index:>2}  {b.name:<40} " + " ".join(f"{v:.3g}" for v in scores[b.index]))
         staged.publish()
+        if table is not None:
+            table.publish()
+    except BaseException:
+        if table is not None:
+            table.discard()
+        raise
     finally:
         staged.discard()
-    print(f"wrote {args.output} ({method} scores for {len(blocks)} blocks)")
+    say(f"wrote {args.output} ({method} scores for {len(blocks)} blocks)")
     if args.json:
-        write_json_atomic({"method": method, "blocks": {b.name: [float(v) for v in scores[b.index]]
-                                                        for b in blocks}}, args.json)
-        print(f"wrote {args.json}")
+        say(f"wrote {args.json}")
     return 0
 
 
@@ -273,21 +320,24 @@ def run_prune(argv) -> int:
     args = _prune_parser().parse_args(argv)
     from .api import count_result_macs, prune_model, verify_saved
     from .config import configs_beside, plan_folder, write_folder
-    from .io import check_output_path, has_external_data, load_model, stage_model
-    from .report import build_report, format_table, write_json_atomic
+    from .io import StagedFile, check_output_path, check_writes, has_external_data, input_files, load_model, stage_model
+    from .report import build_report, format_table, json_bytes
     from .score import load_heads_to_prune
-    if args.min_heads < 0:
-        raise InputError("--min-heads must be >= 0")
+    import onnx
     folder_mode = bool(args.output) and (args.output.endswith(("/", os.sep)) or Path(args.output).is_dir())
     out = Path(args.output) if args.output else args.model.with_name(f"{args.model.stem}.pruned.onnx")
     if folder_mode:
         out = out / args.model.name          # a folder: the pruned model folder (configs, tokenizer...)
+    # every path this run writes is checked before any work: folders, and no input file overwritten
     if not args.dry_run:                     # a folder that does not exist yet is made in an existing one
         missing = folder_mode and not out.parent.exists()
         check_output_path(args.model, out.parent if missing else out, args.force)
     if args.report:
-        check_output_path(args.model, args.report, False)
+        check_output_path(args.model, args.report, True)
     model = load_model(args.model, external_data=False)
+    inputs = input_files(args.model, model)
+    check_writes(inputs, {"output": None if args.dry_run else out, "report": args.report},
+                 may_replace=args.model if args.force else None)
     external = has_external_data(model)          # then weights stay on disk; only attention is read
     where = args.model.parent if external else None
     # a large model is verified as written (in a temporary folder), not from memory
@@ -295,8 +345,6 @@ def run_prune(argv) -> int:
     options = dict(verify=not args.no_verify and not verify_saved_copy, gqa=args.gqa, external_dir=where)
     options.update(_importance_args(args, model), scope=args.scope, compensate=args.compensate,
                    multiple_of=args.multiple_of)
-    if (args.seq is not None and args.seq < 1) or args.batch < 1:
-        raise InputError("--seq and --batch must be at least 1")
     if args.heads_to_prune:
         result = prune_model(model, heads_to_prune=load_heads_to_prune(args.heads_to_prune), **options)
     elif args.threshold is not None:
@@ -305,44 +353,99 @@ def run_prune(argv) -> int:
         result = prune_model(model, args.ratio, min_heads=args.min_heads, **options)
     count_result_macs(model, result, args.batch, args.seq or 128, where, shrink=args.seq is None)
     folder = plan_folder(args.model, out, result) if folder_mode and not args.dry_run else []
+    if args.report and any(dst.resolve() == args.report.resolve() for dst, _ in folder):
+        raise InputError(f"{args.report}: the report would overwrite a file of the pruned folder; name another")
     atol = args.atol if args.atol is not None else (1e-2 if _fp16(model) else 1e-4)
+    pruned = result.model
+    if pruned is model:       # an unchanged model: staging points a model's tensors at its new data file,
+        pruned = onnx.ModelProto()                   # and the input's own object must keep its references
+        pruned.CopyFrom(model)
+    in_place = out.resolve() == args.model.resolve()
     made_dir = folder_mode and not args.dry_run and not out.parent.exists()
     if made_dir:
         out.parent.mkdir()
-    staged = None
+    staged = report_file = None
     try:
-        staged = None if args.dry_run else stage_model(result.model, out, external=external, external_dir=where)
+        if not args.dry_run:
+            staged = stage_model(pruned, out, external=external, external_dir=where,
+                                 avoid=[args.report] if args.report else [], keep=[] if in_place else inputs)
         if verify_saved_copy:
             result.max_error = verify_saved(model, result, staged.path, where)
         if result.max_error is not None and not result.max_error <= atol:
-            raise VerifyError(f"pruned model differs from the masked original by {result.max_error:.3g} "
-                              f"(> atol {atol}); nothing written")
+            raise VerifyError(_mismatch(result.max_error, atol))
         report = build_report(result, str(args.model), None if args.dry_run else str(out), args.ratio)
-        print(format_table(report))
+        if args.report:                       # staged with the model: both are written, or neither
+            report_file = StagedFile(args.report, json_bytes(report))
+        say(format_table(report))
         if staged is not None:
             staged.publish()
             write_folder(folder)
-            print(f"wrote {out}" + (f" and {len(folder)} more files in {out.parent}" if folder else ""))
-            if not folder and configs_beside(args.model) and out.parent.resolve() == args.model.parent.resolve():
-                print(f"note: {', '.join(p.name for p in configs_beside(args.model))} still describe the "
-                      "original; write to another folder (-o DIR/) for a runnable pruned folder")
+        if report_file is not None:
+            report_file.publish()
     except BaseException:
         if staged is not None:
             staged.discard()
+        if report_file is not None:
+            report_file.discard()
         if made_dir and not any(out.parent.iterdir()):
             out.parent.rmdir()              # nothing of ours is left behind
         raise
-    finally:
-        if staged is not None:
-            staged.discard()
+    if staged is not None:
+        say(f"wrote {out}" + (f" and {len(folder)} more files in {out.parent}" if folder else ""))
+        if not folder and configs_beside(args.model) and out.parent.resolve() == args.model.parent.resolve():
+            say(f"note: {', '.join(p.name for p in configs_beside(args.model))} still describe the "
+                "original; write to another folder (-o DIR/) for a runnable pruned folder")
     if args.report:
-        write_json_atomic(report, args.report)
-        print(f"wrote {args.report}")
+        say(f"wrote {args.report}")
     return 0
+
+
+def _mismatch(error: float, atol: float) -> str:
+    if math.isnan(error):
+        return ("the pruned model or the masked original gives NaN outputs, so they cannot be shown equal; "
+                "nothing written")
+    return f"pruned model differs from the masked original by {error:.3g} (> atol {atol}); nothing written"
+
+
+def say(text: str):
+    """Print to stdout; a reader that went away (``| head -1``) does not stop the run or what it writes."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        _silence_stdout()
+
+
+def _silence_stdout():
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
+
+
+class Terminated(BaseException):
+    """SIGTERM or SIGHUP (``timeout``, ``docker stop``, systemd, a closed terminal): unwound like Ctrl-C, so
+    that every staged file is removed on the way out."""
+
+
+def _terminate(signum, frame):
+    raise Terminated(signum)
+
+
+def _catch_signals() -> dict:
+    previous = {}
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        try:
+            previous[sig] = signal.signal(sig, _terminate)
+        except (ValueError, OSError):       # not the main thread: leave the handlers alone
+            pass
+    return previous
 
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    previous = _catch_signals()
     try:
         if argv and argv[0] == "inspect":
             return run_inspect(argv[1:])
@@ -352,11 +455,32 @@ def main(argv=None) -> int:
             return run_bench(argv[1:])
         return run_prune(argv)
     except OnnxPruneError as exc:
-        print(f"onnxprune: error: {exc}", file=sys.stderr)
+        _error(f"onnxprune: error: {exc}")
         return exc.exit_code
     except KeyboardInterrupt:
-        print("onnxprune: interrupted; nothing written", file=sys.stderr)
+        _error("onnxprune: interrupted; nothing written")
         return 130
+    except Terminated as exc:
+        _error("onnxprune: terminated; nothing written")
+        return 128 + exc.args[0]
+    except OSError as exc:            # what no check could foresee: a disk that fills, a folder that goes
+        where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
+        _error(f"onnxprune: error: {where}{exc.strerror or exc}; nothing written")
+        return 1
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        try:
+            sys.stdout.flush()
+        except (BrokenPipeError, ValueError):
+            _silence_stdout()
+
+
+def _error(text: str):
+    try:
+        print(text, file=sys.stderr)
+    except (BrokenPipeError, ValueError):
+        pass
 
 
 if __name__ == "__main__":

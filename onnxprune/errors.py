@@ -35,3 +35,13 @@ class VerifyError(OnnxPruneError):
     """The pruned model does not equal the masked original."""
 
     exit_code = 6
+
+
+class OutputError(OnnxPruneError):
+    """An output could not be written (a full disk, a read-only folder); nothing was left behind."""
+
+    exit_code = 7
+
+
+class ModelTypeError(InputError, TypeError):
+    """The API was given something that is not a model: not an ``onnx.ModelProto``, a path or bytes."""

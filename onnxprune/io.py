@@ -12,7 +12,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from google.protobuf.message import DecodeError
 
-from .errors import InputError
+from .errors import InputError, ModelTypeError, OutputError
 
 TWO_GB = 2**31 - 1
 
@@ -32,6 +32,10 @@ def load_model(path: str | os.PathLike, external_data: bool = True) -> onnx.Mode
     except (DecodeError, RuntimeError, ValueError, OSError) as exc:
         raise InputError(f"{path}: not a readable ONNX model ({type(exc).__name__}: "
                          f"{str(exc).splitlines()[0][:120] if str(exc) else 'truncated or corrupt'})") from None
+    return _checked(model, path)
+
+
+def _checked(model: onnx.ModelProto, path) -> onnx.ModelProto:
     if not model.graph.node:
         raise InputError(f"{path}: not an ONNX model (no graph nodes; truncated or not ONNX?)")
     try:   # in memory when the file holds everything: no second read of it
@@ -42,6 +46,30 @@ def load_model(path: str | os.PathLike, external_data: bool = True) -> onnx.Mode
         if not str(exc).startswith("No Op registered for"):
             raise InputError(f"{path}: invalid ONNX model: {str(exc).splitlines()[0][:160]}") from None
     return model
+
+
+def as_model(model, external_dir: str | os.PathLike | None = None
+             ) -> tuple[onnx.ModelProto, str | os.PathLike | None]:
+    """What the API takes as a model: an ``onnx.ModelProto`` (used as it is), a path (loaded and checked as
+    the command line does; a model with external data keeps it on disk, read from the path's folder), or
+    the bytes of a model. Returns (model, external_dir). Anything else raises ``ModelTypeError``."""
+    if isinstance(model, onnx.ModelProto):
+        return model, external_dir
+    if isinstance(model, (str, os.PathLike)):
+        loaded = load_model(model, external_data=False)
+        if external_dir is None and has_external_data(loaded):
+            external_dir = Path(model).resolve().parent
+        return loaded, external_dir
+    if isinstance(model, (bytes, bytearray, memoryview)):
+        try:
+            loaded = onnx.load_model_from_string(bytes(model))
+        except (DecodeError, RuntimeError, ValueError) as exc:
+            raise InputError(f"the bytes given are not an ONNX model ({type(exc).__name__})") from None
+        if has_external_data(loaded) and external_dir is None:
+            raise InputError("the bytes given are a model with external data; pass its path instead")
+        return _checked(loaded, "the bytes given"), external_dir
+    raise ModelTypeError(f"model must be an onnx.ModelProto, a path to an .onnx file or the bytes of one, "
+                         f"not {type(model).__name__}")
 
 
 FLOAT_TYPES = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16,
@@ -118,13 +146,56 @@ def to_graph(model: onnx.ModelProto) -> gs.Graph:
 
 
 def check_output_path(src: Path, out: Path, force: bool):
-    if out.resolve() == src.resolve() and not force:
+    """``out`` can be written: its folder exists and is writable, it is no folder itself, and it is not the
+    input model (unless ``force``). Collisions with the input's data files and between the outputs of one
+    run are ``check_writes``'s."""
+    out = Path(out)
+    if out.resolve() == Path(src).resolve() and not force:
         raise InputError(f"{out}: output would overwrite the input (use --force to allow)")
+    if out.is_dir():
+        raise InputError(f"{out}: is a directory; name a file to write")
     parent = out.parent if str(out.parent) else Path(".")
     if not parent.is_dir():
         raise InputError(f"{parent}: output directory does not exist")
     if not os.access(parent, os.W_OK):
         raise InputError(f"{parent}: output directory is not writable")
+
+
+def data_files(path: str | os.PathLike, model: onnx.ModelProto) -> list[Path]:
+    """The external data files that ``model`` (loaded from ``path`` without them) reads, resolved."""
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data as external
+    folder = Path(path).parent
+    found = []
+    for t in model.graph.initializer:
+        if external(t):
+            f = (folder / ExternalDataInfo(t).location).resolve()
+            if f not in found:
+                found.append(f)
+    return found
+
+
+def input_files(path: str | os.PathLike, model: onnx.ModelProto) -> list[Path]:
+    """Every file the input model consists of: the model file and its external data files."""
+    return [Path(path).resolve()] + data_files(path, model)
+
+
+def check_writes(inputs: list[Path], writes: dict[str, Path | None], may_replace: Path | None = None):
+    """Refuse, before any work, a run that would write over a file of its input (a model or its external
+    data) or write two of its outputs to one path. ``writes``: {what (for the message): path}.
+    ``may_replace``: the one input file that an output may replace (the model, with ``--force``)."""
+    inputs = [Path(p).resolve() for p in inputs]
+    allowed = Path(may_replace).resolve() if may_replace is not None else None
+    seen: dict[Path, str] = {}
+    for what, path in writes.items():
+        if path is None:
+            continue
+        real = Path(path).resolve()
+        if real in inputs and real != allowed:
+            raise InputError(f"{path}: the {what} would overwrite {real.name}, a file of the input; "
+                             "name another file")
+        if real in seen:
+            raise InputError(f"{path}: named both as the {seen[real]} and as the {what}; name two files")
+        seen[real] = what
 
 
 def publish(tmp: str | Path, out: Path):
@@ -141,19 +212,42 @@ def has_external_data(model: onnx.ModelProto) -> bool:
     return any(external(t) for t in model.graph.initializer)
 
 
-class Staged:
-    """A model written to a temporary folder beside its destination, not yet in place: ``publish()`` renames
-    it (data file first, then the model), ``discard()`` removes it. Use as a context manager: leaving the
-    block without publishing discards."""
+def write_error(path, exc: OSError) -> OutputError:
+    """An OSError met while writing ``path``, as one line (a full disk, a read-only or vanished folder)."""
+    return OutputError(f"{path}: could not write ({exc.strerror or exc}); nothing written")
 
-    def __init__(self, tmpdir: Path, out: Path, data: str | None):
-        self.dir, self.out, self.data = tmpdir, out, data
+
+class Staged:
+    """Files written into a temporary folder beside their destination, not yet in place: ``publish()``
+    moves them there, ``discard()`` removes them. Use as a context manager: leaving the block without
+    publishing discards.
+
+    A model with external data is two files, and no rename makes two files change at once. The data file
+    therefore gets a name that no file in the destination folder has yet (``model.onnx.data``, else
+    ``model.onnx.1.data``, ...): it is moved in first, where no model reads it, and the model that reads
+    it is renamed last, in one step. A reader sees the old model with its old data, or the new with the
+    new. Then the data files of the replaced model that are ours by name are removed (``stale``)."""
+
+    def __init__(self, tmpdir: Path, out: Path, data: str | None, stale: tuple[Path, ...] = ()):
+        self.dir, self.out, self.data, self.stale = tmpdir, out, data, stale
         self.path = tmpdir / out.name
 
     def publish(self):
-        if self.data:
-            publish(self.dir / self.data, self.out.parent / self.data)
-        publish(self.path, self.out)
+        moved = False
+        try:
+            if self.data:
+                publish(self.dir / self.data, self.out.parent / self.data)
+                moved = True
+            publish(self.path, self.out)
+        except BaseException as exc:      # unless the model was renamed, none reads the new data: take it back
+            if moved and self.path.exists():
+                (self.out.parent / self.data).unlink(missing_ok=True)
+            self.discard()
+            if isinstance(exc, OSError):
+                raise write_error(self.out, exc) from None
+            raise
+        for old in self.stale:
+            old.unlink(missing_ok=True)
         self.discard()
 
     def discard(self):
@@ -166,21 +260,89 @@ class Staged:
         self.discard()
 
 
+class StagedFile:
+    """One small file (a JSON report) written beside its destination, renamed into place by ``publish()``."""
+
+    def __init__(self, out: Path, content: bytes):
+        out = Path(out)
+        self.out = out
+        fd, self.tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent if str(out.parent) else ".")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(content)
+        except OSError as exc:
+            self.discard()
+            raise write_error(out, exc) from None
+        except BaseException:
+            self.discard()
+            raise
+
+    def publish(self):
+        try:
+            publish(self.tmp, self.out)
+        except OSError as exc:
+            self.discard()
+            raise write_error(self.out, exc) from None
+
+    def discard(self):
+        try:
+            os.unlink(self.tmp)
+        except FileNotFoundError:
+            pass
+
+
+def _data_name(out: Path, avoid: set[Path]) -> str:
+    """A data file name for ``out`` that names no existing file and none of ``avoid``."""
+    for n in range(1000):
+        name = f"{out.name}.data" if n == 0 else f"{out.name}.{n}.data"
+        path = out.parent / name
+        if not path.exists() and not path.is_symlink() and path.resolve() not in avoid:
+            return name
+    raise OutputError(f"{out.parent}: too many {out.name}.N.data files; remove the old ones")
+
+
+def _ours(out: Path, name: str) -> bool:
+    rest = name[len(out.name):] if name.startswith(out.name + ".") else ""
+    return rest == ".data" or (rest.endswith(".data") and rest[1:-5].isdigit())
+
+
+def _stale_data(out: Path, keep: set[Path]) -> tuple[Path, ...]:
+    """The data files that the model now at ``out`` reads, are named as ours (``out.name`` + ``.data`` or
+    ``.N.data``) and are not in ``keep``: what replacing that model leaves unread. A large or unreadable
+    model at ``out`` (no external data then, or not ours) gives none."""
+    if not out.is_file() or out.stat().st_size > (64 << 20):
+        return ()
+    try:
+        old = onnx.load(str(out), load_external_data=False)
+    except Exception:            # not a model we can read: leave everything beside it alone
+        return ()
+    return tuple(f for f in data_files(out, old)
+                 if f.parent == out.parent.resolve() and _ours(out, f.name) and f not in keep and f.is_file())
+
+
 def stage_model(model: onnx.ModelProto, out: Path, external: bool = False,
-                external_dir: str | os.PathLike | None = None) -> Staged:
-    """Write ``out`` (and ``out.name + ".data"`` when ``external`` or above 2 GB) into a temporary folder
-    beside it. The data file is always fresh (onnx.save would append to an existing one).
+                external_dir: str | os.PathLike | None = None, avoid=(), keep=()) -> Staged:
+    """Write ``out`` (and a data file when ``external`` or above 2 GB, see ``Staged``) into a temporary
+    folder beside it. The data file is always fresh (onnx.save would append to an existing one).
 
     Tensors that still refer to the input's data file (a model loaded without its external data, from
     ``external_dir``) are copied from there in chunks, so that no weight is ever held twice in memory.
-    Tensors stored in that way are updated in ``model`` to point at the new file.
+    ``model`` is changed on the way: its tensors then point at the new file (pass a copy to keep it).
+    ``avoid``: paths the data file must not take (the run's other outputs). ``keep``: files that must
+    outlive the replaced model at ``out`` (the input's own files).
     """
     from onnx.external_data_helper import uses_external_data as is_external
     out = Path(out)
     lazy = external_dir is not None and any(is_external(t) for t in model.graph.initializer)
     external = external or lazy or model.ByteSize() > TWO_GB
-    tmpdir = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    staged = Staged(tmpdir, out, out.name + ".data" if external else None)
+    keep = {Path(p).resolve() for p in keep}
+    data = _data_name(out, {Path(p).resolve() for p in avoid} | keep) if external else None
+    stale = tuple(f for f in _stale_data(out, keep) if f.name != data)
+    try:
+        tmpdir = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent if str(out.parent) else "."))
+    except OSError as exc:
+        raise write_error(out, exc) from None
+    staged = Staged(tmpdir, out, data, stale)
     try:
         if lazy:
             _stream_external(model, tmpdir / staged.data, staged.data, Path(external_dir))
@@ -190,6 +352,9 @@ def stage_model(model: onnx.ModelProto, out: Path, external: bool = False,
                       location=staged.data, size_threshold=1024)
         else:
             onnx.save(model, str(staged.path))
+    except OSError as exc:
+        staged.discard()
+        raise write_error(out, exc) from None
     except BaseException:
         staged.discard()
         raise

@@ -31,7 +31,7 @@ def exact_ratio(ratio: float | str | Fraction | Decimal) -> Fraction:
             frac = Fraction(Decimal(repr(ratio)))
         else:
             frac = Fraction(Decimal(str(ratio).strip()))
-    except (ValueError, InvalidOperation, TypeError):
+    except (ValueError, InvalidOperation, TypeError, OverflowError):     # OverflowError: "inf"
         raise ValueError(f"ratio must be a number in [0, 1], got {ratio!r}") from None
     if not 0 <= frac <= 1:
         raise ValueError(f"ratio must lie in [0, 1], got {ratio}")
@@ -151,7 +151,7 @@ def align_heads(kept: Sequence[int], importance, groups: Sequence[Sequence[int]]
 
     The heads added are the best of those dropped, in the plan's own units (a head, a whole KV group in
     ``group`` mode, one head per group in ``uniform`` GQA mode). When no count up to every head is aligned,
-    every head is kept."""
+    that is a ``PlanError``: keeping every head would not be aligned either."""
     if multiple_of < 1:
         raise PlanError(f"--multiple-of must be at least 1, got {multiple_of}")
     scores = _check_importance(importance)
@@ -167,7 +167,10 @@ def align_heads(kept: Sequence[int], importance, groups: Sequence[Sequence[int]]
         best = [sorted((h for h in g if h not in chosen), key=lambda h: (-scores[h], h)) for g in groups]
         rest = [list(row) for row in zip(*best)]
     target = next((c for c in range(len(chosen), num_heads + 1, step) if (c * head_dim) % multiple_of == 0),
-                  num_heads)
+                  None)
+    if target is None:
+        raise PlanError(f"no count of heads from the {len(chosen)} planned up to all {num_heads} makes a width "
+                        f"(heads x head size {head_dim}) that is a multiple of {multiple_of}")
     for u in rest:
         if len(chosen) >= target:
             break

@@ -115,8 +115,8 @@ def ort_reason(exc: Exception) -> str:
     m = re.search(r"while running (\w+) node\. Name:'([^']*)' Status Message: (.*)", msg)
     if m:
         reason = re.sub(r"^\S+:\d+ [^()]*\([^)]*\) ", "", m.group(3))
-        msg = f"node {m.group(2)} ({m.group(1)}): {reason}"
-    return msg[:300]
+        msg = f"node {m.group(2)} ({m.group(1)}): {reason.strip()}"
+    return msg.strip()[:300]
 
 
 def session(model: onnx.ModelProto | bytes | str, optimize: bool = False, providers=None,

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 from .api import PruneResult
 from .block import MatchResult
-from .io import publish
+from .io import StagedFile
 from .macs import human as _count
 
 
@@ -99,10 +97,10 @@ def inspect_json(result: MatchResult) -> dict:
             "misses": [{"node": m.node, "op": m.op, "reason": m.reason} for m in result.misses]}
 
 
+def json_bytes(data: dict) -> bytes:
+    return (json.dumps(data, indent=2) + "\n").encode()
+
+
 def write_json_atomic(data: dict, path: Path):
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent if str(path.parent) else ".")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2)
-        f.write("\n")
-    publish(tmp, path)
+    """Write ``data`` as JSON to ``path`` through a temporary file: never half a file in place."""
+    StagedFile(Path(path), json_bytes(data)).publish()

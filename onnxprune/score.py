@@ -39,12 +39,7 @@ def weight_importance(block: AttentionBlock, graph: gs.Graph) -> np.ndarray:
 def load_heads_to_prune(path: str | Path) -> dict[int, list[int]]:
     """``{"<block index>": [head, ...]}`` (heads to remove), blocks counted as ``inspect`` lists them.
     Block and head ranges are checked against the matched blocks by ``check_heads_to_prune``."""
-    try:
-        data = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise InputError(f"{path}: no such file") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InputError(f"{path}: not valid JSON ({exc})") from None
+    data = _read_json(Path(path), "a heads file")
     if not isinstance(data, dict):
         raise InputError(f"{path}: expected an object {{\"<block index>\": [head, ...]}}")
     out = {}
@@ -55,6 +50,8 @@ def load_heads_to_prune(path: str | Path) -> dict[int, list[int]]:
             raise InputError(f"{path}: block key {key!r} is not an integer") from None
         if not isinstance(heads, list) or not all(isinstance(h, int) and not isinstance(h, bool) for h in heads):
             raise InputError(f"{path}: block {b}: expected a list of head indices")
+        if b in out:
+            raise InputError(f"{path}: block {b} is named twice")
         out[b] = sorted(set(heads))
     return out
 
@@ -178,37 +175,73 @@ def stored_method(model) -> str | None:
     return next((p.value for p in model.metadata_props if p.key == IMPORTANCE_METHOD_KEY), None)
 
 
+def _read_json(path: Path, what: str):
+    """A JSON file as Python, with one-line errors; a key given twice in one object is refused."""
+    def pairs(items):
+        seen = {}
+        for k, v in items:
+            if k in seen:
+                raise InputError(f"{path}: key {k!r} appears twice")
+            seen[k] = v
+        return seen
+
+    try:
+        return json.loads(path.read_text(), object_pairs_hook=pairs)
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise InputError(f"{path}: is a directory, not {what}") from None
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read it ({exc.strerror or exc})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise InputError(f"{path}: not valid JSON ({str(exc)[:120]})") from None
+
+
 def load_importance_file(path: str | Path, blocks) -> dict[int, np.ndarray]:
-    """Scores from a file: JSON ``{"<block index or name>": [score per head]}``, or NPY [num_blocks, H]."""
+    """Scores from a file: JSON ``{"<block index or name>": [score per head]}``, or NPY [num_blocks, H].
+    A block named twice (by index and by name) is refused, unless both give the same scores."""
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: no such file")
+    if path.is_dir():
+        raise InputError(f"{path}: is a directory, not an importance file")
     if path.suffix == ".npy":
         try:
             arr = np.load(path, allow_pickle=False)
-        except ValueError as exc:
-            raise InputError(f"{path}: not a .npy array ({exc})") from None
+        except (ValueError, OSError) as exc:
+            raise InputError(f"{path}: not a .npy array ({str(exc)[:120]})") from None
         if arr.ndim != 2 or arr.shape[0] != len(blocks):
             raise InputError(f"{path}: shape {list(arr.shape)}; expected [{len(blocks)} blocks, heads]")
+        if arr.dtype.kind not in "biuf":
+            raise InputError(f"{path}: holds {arr.dtype} values, not numbers")
         data = {str(i): row for i, row in enumerate(arr)}
     else:
-        try:
-            data = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise InputError(f"{path}: not valid JSON ({exc})") from None
+        data = _read_json(path, "an importance file")
         if not isinstance(data, dict):
             raise InputError(f'{path}: expected an object {{"<block index or name>": [score, ...]}}')
     by_name = {b.name: b for b in blocks}
-    out = {}
+    out, named = {}, {}
     for key, scores in data.items():
         b = by_name.get(key)
         if b is None:
             try:
-                b = blocks[int(key)]
+                i = int(key)
+                if i < 0:
+                    raise IndexError
+                b = blocks[i]
             except (ValueError, IndexError):
                 raise InputError(f"{path}: no block {key!r} (the model has {len(blocks)} blocks)") from None
-        arr = np.asarray(scores, dtype=np.float64).reshape(-1)
+        if isinstance(scores, (str, bytes)) or (isinstance(scores, list)
+                                                and any(isinstance(v, (str, bool, list, dict)) for v in scores)):
+            raise InputError(f"{path}: block {key}: scores must be a list of numbers")
+        try:
+            arr = np.asarray(scores, dtype=np.float64).reshape(-1)
+        except (TypeError, ValueError):
+            raise InputError(f"{path}: block {key}: scores must be a list of numbers") from None
         if arr.size != b.num_heads or not np.all(np.isfinite(arr)):
             raise InputError(f"{path}: block {key}: expected {b.num_heads} finite scores")
-        out[b.index] = arr
+        if b.index in out and not np.array_equal(out[b.index], arr):
+            raise InputError(f"{path}: block {b.index} is named twice ({named[b.index]!r} and {key!r}) with "
+                             "different scores")
+        out[b.index], named[b.index] = arr, key
     return out

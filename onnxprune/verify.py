@@ -3,6 +3,8 @@ gives the same outputs as the pruned model (ONNX Runtime CPU, graph optimization
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import onnx
 from onnx import numpy_helper
@@ -103,13 +105,31 @@ def run(model: onnx.ModelProto, feeds: dict, external_dir=None, overrides=None) 
 
 
 def max_abs_diff(reference: dict, candidate: dict) -> float:
+    """The largest absolute difference over all outputs: ``inf`` when shapes differ or one side is
+    infinite where the other is not, ``nan`` when either side holds a NaN. Equal infinities agree. Anything
+    but a finite number fails every tolerance (``not error <= atol``)."""
     worst = 0.0
     for name, ref in reference.items():
         got = candidate[name]
         if ref.shape != got.shape:
             return float("inf")
-        if ref.size:
-            worst = max(worst, float(np.max(np.abs(ref.astype(np.float64) - got.astype(np.float64)))))
+        if not ref.size or ref.dtype.kind not in "biuf":
+            continue
+        r, g = ref.astype(np.float64), got.astype(np.float64)
+        if np.isnan(r).any() or np.isnan(g).any():
+            return float("nan")
+        diff = np.abs(np.where(r == g, 0.0, r - g))
+        worst = max(worst, float(diff.max()))
+    return worst
+
+
+def worst_of(errors) -> float:
+    """The largest of ``errors``, where a NaN is the largest (the builtin ``max`` would drop it)."""
+    worst = 0.0
+    for e in errors:
+        if math.isnan(e):
+            return e
+        worst = max(worst, e)
     return worst
 
 

@@ -6,6 +6,8 @@ import numpy as np
 import onnx
 import pytest
 
+from onnxprune.errors import PlanError
+
 from onnxprune import prune_model
 from onnxprune.api import count_result_macs, inspect_model
 from onnxprune.cli import main
@@ -81,7 +83,8 @@ def test_align_heads_rounds_up_with_the_next_best():
     assert align_heads([0, 5], scores, [[h] for h in range(6)], 32, 64) == (0, 5)
     assert align_heads([0], scores, [[h] for h in range(6)], 32, 64) == (0, 5)
     assert align_heads([0, 5], scores, [[h] for h in range(6)], 32, 96) == (0, 3, 5)
-    assert align_heads([0], scores, [[h] for h in range(6)], 24, 1000) == tuple(range(6))   # none aligned: all
+    with pytest.raises(PlanError, match="multiple of 1000"):          # none aligned, not even all heads
+        align_heads([0], scores, [[h] for h in range(6)], 24, 1000)
     groups = [[0, 1, 2], [3, 4, 5]]
     assert align_heads([0, 3], scores, groups, 8, 32, "uniform") == (0, 2, 3, 5)     # one more per group
     assert align_heads([0, 1, 2], scores, groups, 8, 48, "group") == tuple(range(6))  # whole groups

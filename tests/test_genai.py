@@ -12,7 +12,7 @@ import onnx
 import pytest
 
 from onnxprune import prune_model
-from onnxprune.io import save_model_atomic
+from onnxprune.io import data_files, save_model_atomic
 from onnxprune.verify import masked_model
 
 og = pytest.importorskip("onnxruntime_genai")
@@ -77,7 +77,10 @@ def test_pruned_folder_generates_what_the_masked_original_generates(tmp_path, fo
     size = (out / "model.onnx.data").stat().st_size
     assert size <= weights + 4096 * len(pruned.graph.initializer)
     assert cli(SRC / "model.onnx", "--ratio", "0.5", "--gqa", gqa, "-o", f"{out}/").returncode == 0
-    assert (out / "model.onnx.data").stat().st_size == size       # written afresh, not appended to
+    again = data_files(out / "model.onnx", onnx.load(str(out / "model.onnx"), load_external_data=False))
+    assert [f.name for f in again] == ["model.onnx.1.data"]        # a fresh name: never a mixed pair
+    assert again[0].stat().st_size == size                         # written afresh, not appended to
+    assert not (out / "model.onnx.data").exists()                  # the replaced model's data is gone
 
 
 def test_a_plan_the_config_cannot_hold_is_refused(tmp_path):

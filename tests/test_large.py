@@ -12,6 +12,7 @@ import onnx
 import pytest
 
 from onnxprune import probe as probe_module
+from onnxprune.io import data_files
 from onnxprune.probe import probe, session, synth_inputs
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -65,8 +66,13 @@ def test_external_data_model_end_to_end(tmp_path):
     q = next(i for i in pruned.graph.initializer if i.name == "l0.q.weight")
     assert list(q.dims) == [64, 32]
     size = (out / "model.onnx.data").stat().st_size
-    assert run().returncode == 0
-    assert (out / "model.onnx.data").stat().st_size == size       # rewritten, not appended to
+    assert run().returncode == 0                                  # again, over the first output
+    assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "model.onnx.1.data"]   # fresh name, old gone
+    assert (out / "model.onnx.1.data").stat().st_size == size     # rewritten, not appended to
+    assert onnx.load(str(out / "model.onnx")) is not None
+    assert run().returncode == 0                                  # and back to the first name
+    assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "model.onnx.data"]
     lazy = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    assert [f.name for f in data_files(out / "model.onnx", lazy)] == ["model.onnx.data"]
     assert all(t.data_location == onnx.TensorProto.EXTERNAL for t in lazy.graph.initializer
                if t.data_type == onnx.TensorProto.FLOAT and len(t.dims) == 2)
