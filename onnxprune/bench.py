@@ -103,7 +103,7 @@ def session_options(threads: int | None, optimize: bool = True):
                                      else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
     if threads:
         opts.intra_op_num_threads = threads
-    opts.log_severity_level = 3
+    opts.log_severity_level = 4         # failures are raised, and reported in one line, not logged
     return opts
 
 

@@ -433,5 +433,5 @@ def _zero_rows(w: np.ndarray, idx, axis: int) -> np.ndarray:
 def _finite(values: np.ndarray, what: str):
     """Calibration must give numbers: a NaN or inf (from data the model overflows on, say) stops the run."""
     if not np.all(np.isfinite(values)):
-        raise InputError(f"{what} are not finite (NaN or inf) on the calibration data; the model overflows "
-                         "or divides by zero on it: check the data")
+        raise InputError(f"{what}: not finite (NaN or inf) on the calibration data, which the model "
+                         "overflows or divides by zero on; check the data")

@@ -118,7 +118,8 @@ def max_abs_diff(reference: dict, candidate: dict) -> float:
         r, g = ref.astype(np.float64), got.astype(np.float64)
         if np.isnan(r).any() or np.isnan(g).any():
             return float("nan")
-        diff = np.abs(np.where(r == g, 0.0, r - g))
+        with np.errstate(invalid="ignore"):          # inf - inf where both agree: replaced by 0
+            diff = np.abs(np.where(r == g, 0.0, r - g))
         worst = max(worst, float(diff.max()))
     return worst
 
