@@ -223,35 +223,44 @@ class Staged:
     publishing discards.
 
     A model with external data is two files, and no rename makes two files change at once. The data file
-    therefore gets a name that no file in the destination folder has yet (``model.onnx.data``, else
-    ``model.onnx.1.data``, ...): it is moved in first, where no model reads it, and the model that reads
-    it is renamed last, in one step. A reader sees the old model with its old data, or the new with the
-    new. Then the data files of the replaced model that are ours by name are removed (``stale``)."""
+    therefore gets a name that no file in the destination folder has (``model.onnx.data``, else
+    ``model.onnx.1.data``, ...), reserved at once by an empty file so that a concurrent run takes another:
+    it is moved in first, where no model reads it, and the model that reads it is renamed last, in one
+    step. A reader sees the old model with its old data, or the new with the new. Then the data files of
+    the replaced model that are ours by name, and not in ``keep`` (the input's), are removed."""
 
-    def __init__(self, tmpdir: Path, out: Path, data: str | None, stale: tuple[Path, ...] = ()):
-        self.dir, self.out, self.data, self.stale = tmpdir, out, data, stale
+    def __init__(self, tmpdir: Path, out: Path, data: str | None, keep: frozenset = frozenset()):
+        self.dir, self.out, self.data, self.keep = tmpdir, out, data, keep
         self.path = tmpdir / out.name
+        self.reserved = out.parent / data if data else None     # the empty placeholder, until published
 
     def publish(self):
         moved = False
+        final = self.out.parent / self.data if self.data else None
         try:
-            if self.data:
-                publish(self.dir / self.data, self.out.parent / self.data)
+            stale = _stale_data(self.out, self.keep | ({final.resolve()} if final else set()))
+            if final is not None:
+                publish(self.dir / self.data, final)
                 moved = True
             publish(self.path, self.out)
         except BaseException as exc:      # unless the model was renamed, none reads the new data: take it back
             if moved and self.path.exists():
-                (self.out.parent / self.data).unlink(missing_ok=True)
+                final.unlink(missing_ok=True)
+            self.reserved = None if moved else self.reserved
             self.discard()
             if isinstance(exc, OSError):
                 raise write_error(self.out, exc) from None
             raise
-        for old in self.stale:
+        self.reserved = None
+        for old in stale:
             old.unlink(missing_ok=True)
         self.discard()
 
     def discard(self):
         shutil.rmtree(self.dir, ignore_errors=True)
+        if self.reserved is not None:
+            self.reserved.unlink(missing_ok=True)
+            self.reserved = None
 
     def __enter__(self):
         return self
@@ -292,12 +301,20 @@ class StagedFile:
 
 
 def _data_name(out: Path, avoid: set[Path]) -> str:
-    """A data file name for ``out`` that names no existing file and none of ``avoid``."""
+    """A data file name for ``out`` that names no existing file and none of ``avoid``, reserved by creating
+    it empty (exclusively: two runs never get the same name)."""
     for n in range(1000):
         name = f"{out.name}.data" if n == 0 else f"{out.name}.{n}.data"
         path = out.parent / name
-        if not path.exists() and not path.is_symlink() and path.resolve() not in avoid:
-            return name
+        if path.resolve() in avoid:
+            continue
+        try:
+            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            raise write_error(path, exc) from None
+        return name
     raise OutputError(f"{out.parent}: too many {out.name}.N.data files; remove the old ones")
 
 
@@ -335,14 +352,18 @@ def stage_model(model: onnx.ModelProto, out: Path, external: bool = False,
     out = Path(out)
     lazy = external_dir is not None and any(is_external(t) for t in model.graph.initializer)
     external = external or lazy or model.ByteSize() > TWO_GB
-    keep = {Path(p).resolve() for p in keep}
-    data = _data_name(out, {Path(p).resolve() for p in avoid} | keep) if external else None
-    stale = tuple(f for f in _stale_data(out, keep) if f.name != data)
+    keep = frozenset(Path(p).resolve() for p in keep)
     try:
         tmpdir = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent if str(out.parent) else "."))
     except OSError as exc:
         raise write_error(out, exc) from None
-    staged = Staged(tmpdir, out, data, stale)
+    staged = Staged(tmpdir, out, None, keep)
+    try:
+        staged.data = _data_name(out, {Path(p).resolve() for p in avoid} | keep) if external else None
+    except BaseException:
+        staged.discard()
+        raise
+    staged.reserved = out.parent / staged.data if staged.data else None
     try:
         if lazy:
             _stream_external(model, tmpdir / staged.data, staged.data, Path(external_dir))

@@ -225,6 +225,37 @@ def test_force_replaces_the_input_model_in_place(ext):
 
 
 # ------------------------------------------------------------------ 3. no half files
+def test_concurrent_runs_to_one_output_leave_a_complete_pair(ext, tmp_path):
+    """Two runs with different plans write one external-data output at once, interleaved at the worst
+    point: A moves its data file in, then B publishes all of its output, then A renames its model. Each
+    run reserved its own data file name, so A's model, renamed last, reads A's data."""
+    out, sync = tmp_path / "out", tmp_path / "sync"
+    out.mkdir()
+    sync.mkdir()
+    wait = ("def wait(name):\n    import pathlib, time\n    t = time.time()\n"
+            f"    while not pathlib.Path({str(sync)!r}, name).exists() and time.time() - t < 60:\n"
+            "        time.sleep(0.01)\n"
+            f"def touch(name):\n    import pathlib\n    pathlib.Path({str(sync)!r}, name).touch()\n"
+            "real = io.publish\ncalls = []\n")
+    first = wait + ("def publish(tmp, out):\n    real(tmp, out)\n    calls.append(out)\n"
+                    "    if len(calls) == 1:\n        touch('a-data')\n        wait('b-done')\nio.publish = publish")
+    second = wait + ("def publish(tmp, out):\n    if not calls:\n        wait('a-data')\n    real(tmp, out)\n"
+                     "    calls.append(out)\n    if len(calls) == 2:\n        touch('b-done')\nio.publish = publish")
+    procs = [subprocess.Popen([sys.executable, "-c", DRIVER.format(patch=patch), str(ext), "--ratio", ratio,
+                               "-o", str(out / "m.onnx")], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              text=True)
+             for patch, ratio in ((first, "0.25"), (second, "0.75"))]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0], [p.stderr.read() for p in procs]
+    assert (sync / "a-data").exists() and (sync / "b-done").exists()     # they did interleave
+    onnx.checker.check_model(str(out / "m.onnx"), full_check=True)
+    model = onnx.load(str(out / "m.onnx"))
+    q = next(i for i in model.graph.initializer if i.name == "l0.q.weight")
+    assert list(q.dims) == [64, 48]                                       # A's plan: 6 of 8 heads
+    got = run(model, synth_inputs(model))
+    assert all(np.isfinite(v).all() for v in got.values())
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]      # no staging folder left
+
+
 def test_a_crash_between_the_two_renames_leaves_the_old_pair(ext, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
