@@ -457,6 +457,8 @@ def main(argv=None) -> int:
     except OnnxPruneError as exc:
         _error(f"onnxprune: error: {exc}")
         return exc.exit_code
+    except SystemExit as exc:         # argparse: --help, or a bad option (its message is printed)
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
     except KeyboardInterrupt:
         _error("onnxprune: interrupted; nothing written")
         return 130
