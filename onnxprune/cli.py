@@ -56,8 +56,13 @@ inputs without it. Score once, prune to many ratios:
 (refit, the default), or only adds the dropped heads' mean to its bias (bias; FLAP). --scope global ranks
 all heads of all blocks together; --threshold T keeps the heads scoring at least T (learned gates).
 
+Nothing is written unless pruned == masked holds; no output ever replaces a file of the input (the model,
+its external data) or another output; a model and its data file appear together or not at all. --force
+only lets the pruned model replace the input model.
+
 exit codes: 0 ok, 2 bad input, 3 no attention matched, 4 plan impossible, 5 rewrite failed, 6 verification
-failed.
+failed (NaN included), 7 an output could not be written (a full disk), 1 another system error; 130 Ctrl-C,
+143 SIGTERM, 129 SIGHUP. Errors are one line on stderr, and leave no file behind.
 """
 
 
@@ -116,7 +121,7 @@ def _prune_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", type=Path, metavar="REPORT.json", help="write the per-block report as JSON")
     p.add_argument("--min-heads", type=_at_least(0), default=1, metavar="N", help="keep at least N heads per block (1)")
     p.add_argument("--dry-run", action="store_true", help="match, plan and verify, but write no file")
-    p.add_argument("--force", action="store_true", help="allow the output to overwrite the input")
+    p.add_argument("--force", action="store_true", help="allow the pruned model to replace the input model")
     p.add_argument("--no-verify", action="store_true", help="skip the pruning-equals-masking check")
     p.add_argument("--gqa", choices=("group", "uniform"), default=None,
                    help="grouped-query attention: remove whole KV groups (group; the default when the model "

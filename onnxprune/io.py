@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -275,16 +276,10 @@ class StagedFile:
     def __init__(self, out: Path, content: bytes):
         out = Path(out)
         self.out = out
-        fd, self.tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent if str(out.parent) else ".")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(content)
-        except OSError as exc:
-            self.discard()
-            raise write_error(out, exc) from None
-        except BaseException:
-            self.discard()
-            raise
+        with _undone_on_failure(lambda: None, out):
+            fd, self.tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent if str(out.parent) else ".")
+        with _undone_on_failure(self.discard, out), os.fdopen(fd, "wb") as f:
+            f.write(content)
 
     def publish(self):
         try:
@@ -353,18 +348,13 @@ def stage_model(model: onnx.ModelProto, out: Path, external: bool = False,
     lazy = external_dir is not None and any(is_external(t) for t in model.graph.initializer)
     external = external or lazy or model.ByteSize() > TWO_GB
     keep = frozenset(Path(p).resolve() for p in keep)
-    try:
+    with _undone_on_failure(lambda: None, out):
         tmpdir = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent if str(out.parent) else "."))
-    except OSError as exc:
-        raise write_error(out, exc) from None
     staged = Staged(tmpdir, out, None, keep)
-    try:
+    with _undone_on_failure(staged.discard, out):
         staged.data = _data_name(out, {Path(p).resolve() for p in avoid} | keep) if external else None
-    except BaseException:
-        staged.discard()
-        raise
     staged.reserved = out.parent / staged.data if staged.data else None
-    try:
+    with _undone_on_failure(staged.discard, out):
         if lazy:
             _stream_external(model, tmpdir / staged.data, staged.data, Path(external_dir))
             onnx.save(model, str(staged.path))
@@ -373,13 +363,20 @@ def stage_model(model: onnx.ModelProto, out: Path, external: bool = False,
                       location=staged.data, size_threshold=1024)
         else:
             onnx.save(model, str(staged.path))
-    except OSError as exc:
-        staged.discard()
-        raise write_error(out, exc) from None
-    except BaseException:
-        staged.discard()
-        raise
     return staged
+
+
+@contextlib.contextmanager
+def _undone_on_failure(undo, path):
+    """Run ``undo`` when the block fails in any way (a signal too), and report an OSError as one line."""
+    try:
+        yield
+    except OSError as exc:
+        undo()
+        raise write_error(path, exc) from None
+    except BaseException:
+        undo()
+        raise
 
 
 def save_model_atomic(model: onnx.ModelProto, out: Path, external: bool = False,

@@ -3,22 +3,15 @@
 import json
 import os
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-MODELS = Path(__file__).resolve().parent.parent / "models"
+from conftest import MODELS, cli
+
 BERT = MODELS / "bert-ts.onnx"
-
-
-def cli(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "onnxprune.cli", *map(str, args)], capture_output=True,
-                          text=True, cwd=cwd)
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@ renames, signals, full disks, closed pipes and contradictory options. Every case
 ways: a correct result, or a one-line error with its documented exit code, and in every case the input
 files byte-identical and no file created or changed besides the ones asked for."""
 
-import errno
 import json
 import os
 import shutil
@@ -24,7 +23,7 @@ from onnxprune.io import data_files
 from onnxprune.probe import synth_inputs
 from onnxprune.verify import max_abs_diff, run, worst_of
 
-from conftest import MODELS
+from conftest import MODELS, cli
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tools"))
@@ -32,11 +31,6 @@ from bench_scale import build  # noqa: E402  (numpy and onnx only)
 
 BERT = MODELS / "bert-ts.onnx"      # position table of 64: runs at seq <= 64
 VIT = MODELS / "vit-ts.onnx"
-
-
-def cli(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "onnxprune.cli", *map(str, args)], capture_output=True,
-                          text=True, cwd=cwd)
 
 
 @pytest.fixture
