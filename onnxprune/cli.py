@@ -324,7 +324,7 @@ def run_score(argv) -> int:
 def run_prune(argv) -> int:
     args = _prune_parser().parse_args(argv)
     from .api import count_result_macs, prune_model, verify_saved
-    from .config import configs_beside, plan_folder, write_folder
+    from .config import configs_beside, plan_folder, stage_folder
     from .io import StagedFile, check_output_path, check_writes, has_external_data, input_files, load_model, stage_model
     from .report import build_report, format_table, json_bytes
     from .score import load_heads_to_prune
@@ -357,7 +357,7 @@ def run_prune(argv) -> int:
     else:
         result = prune_model(model, args.ratio, min_heads=args.min_heads, **options)
     count_result_macs(model, result, args.batch, args.seq or 128, where, shrink=args.seq is None)
-    folder = plan_folder(args.model, out, result) if folder_mode and not args.dry_run else []
+    folder = plan_folder(args.model, out, result, inputs[1:]) if folder_mode and not args.dry_run else []
     if args.report and any(dst.resolve() == args.report.resolve() for dst, _ in folder):
         raise InputError(f"{args.report}: the report would overwrite a file of the pruned folder; name another")
     atol = args.atol if args.atol is not None else (1e-2 if _fp16(model) else 1e-4)
@@ -369,29 +369,31 @@ def run_prune(argv) -> int:
     made_dir = folder_mode and not args.dry_run and not out.parent.exists()
     if made_dir:
         out.parent.mkdir()
-    staged = report_file = None
+    staged, extra = None, []            # the model, then the report and the folder's other files
     try:
         if not args.dry_run:
             staged = stage_model(pruned, out, external=external, external_dir=where,
-                                 avoid=[args.report] if args.report else [], keep=[] if in_place else inputs)
+                                 avoid=[args.report] + [d for d, _ in folder] if args.report else [d for d, _ in folder],
+                                 keep=[] if in_place else inputs)
         if verify_saved_copy:
             result.max_error = verify_saved(model, result, staged.path, where)
         if result.max_error is not None and not result.max_error <= atol:
             raise VerifyError(_mismatch(result.max_error, atol))
         report = build_report(result, str(args.model), None if args.dry_run else str(out), args.ratio)
-        if args.report:                       # staged with the model: both are written, or neither
-            report_file = StagedFile(args.report, json_bytes(report))
+        extra = stage_folder(folder)       # staged with the model: all are written, or none
+        if args.report:
+            extra.append(StagedFile(args.report, json_bytes(report)))
         say(format_table(report))
+        # every byte is written by now (a full disk has stopped the run, leaving nothing); only renames follow
         if staged is not None:
             staged.publish()
-            write_folder(folder)
-        if report_file is not None:
-            report_file.publish()
+        for f in extra:
+            f.publish()
     except BaseException:
         if staged is not None:
             staged.discard()
-        if report_file is not None:
-            report_file.discard()
+        for f in extra:
+            f.discard()
         if made_dir and not any(out.parent.iterdir()):
             out.parent.rmdir()              # nothing of ours is left behind
         raise

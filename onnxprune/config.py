@@ -9,12 +9,10 @@ updated configs, and a copy of every other file of the input's folder (tokenizer
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
 from .errors import InputError, PlanError
-from .io import publish
+from .io import StagedFile, ours
 
 GENAI = "genai_config.json"
 HF = "config.json"
@@ -71,16 +69,18 @@ def update_hf(cfg: dict, result) -> dict:
     return cfg
 
 
-def plan_folder(model_path: Path, out: Path, result) -> list[tuple[Path, bytes | Path]]:
+def plan_folder(model_path: Path, out: Path, result, data: list[Path] = ()) -> list[tuple[Path, bytes | Path]]:
     """What a pruned folder at ``out.parent`` gets besides the model: (destination, new bytes or a file to
-    copy). Empty when the output stays in the input's folder. Raises, before anything is written, when a
-    config file does not describe the model or cannot express the plan."""
+    copy). Empty when the output stays in the input's folder. The input's data files (``data``) and files
+    named like the output's data file are not copied. Raises, before anything is written, when a config
+    file does not describe the model or cannot express the plan."""
     if out.parent.resolve() == model_path.parent.resolve():
         return []
-    skip = {model_path.name, model_path.name + ".data", out.name, out.name + ".data"}
+    skip = {model_path.name, model_path.name + ".data", out.name} | {Path(d).name for d in data}
     files = []
     for src in sorted(model_path.parent.iterdir()):
-        if not src.is_file() or src.name in skip or src.suffix == ".onnx" or src.name.startswith("."):
+        if not src.is_file() or src.name in skip or ours(out, src.name) or ours(model_path, src.name) \
+                or src.suffix == ".onnx" or src.name.startswith("."):
             continue
         dst = out.parent / src.name
         if src.name == GENAI:
@@ -93,13 +93,14 @@ def plan_folder(model_path: Path, out: Path, result) -> list[tuple[Path, bytes |
     return files
 
 
-def write_folder(files: list[tuple[Path, bytes | Path]]):
-    for dst, content in files:
-        fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", dir=dst.parent)
-        with open(fd, "wb") as f:
-            if isinstance(content, bytes):
-                f.write(content)
-            else:
-                with open(content, "rb") as g:
-                    shutil.copyfileobj(g, f)
-        publish(tmp, dst)
+def stage_folder(files: list[tuple[Path, bytes | Path]]) -> list[StagedFile]:
+    """Each file of ``plan_folder`` written beside its destination; ``publish()`` each to put it in place."""
+    staged = []
+    try:
+        for dst, content in files:
+            staged.append(StagedFile(dst, content))
+    except BaseException:
+        for f in staged:
+            f.discard()
+        raise
+    return staged

@@ -271,15 +271,20 @@ class Staged:
 
 
 class StagedFile:
-    """One small file (a JSON report) written beside its destination, renamed into place by ``publish()``."""
+    """One file (a JSON report, a config, a copy of a tokenizer file) written beside its destination, renamed
+    into place by ``publish()``. ``content``: the bytes, or a file to copy."""
 
-    def __init__(self, out: Path, content: bytes):
+    def __init__(self, out: Path, content: bytes | Path):
         out = Path(out)
         self.out = out
         with _undone_on_failure(lambda: None, out):
             fd, self.tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent if str(out.parent) else ".")
         with _undone_on_failure(self.discard, out), os.fdopen(fd, "wb") as f:
-            f.write(content)
+            if isinstance(content, (bytes, bytearray)):
+                f.write(content)
+            else:
+                with open(content, "rb") as src:
+                    shutil.copyfileobj(src, f)
 
     def publish(self):
         try:
@@ -313,7 +318,8 @@ def _data_name(out: Path, avoid: set[Path]) -> str:
     raise OutputError(f"{out.parent}: too many {out.name}.N.data files; remove the old ones")
 
 
-def _ours(out: Path, name: str) -> bool:
+def ours(out: Path, name: str) -> bool:
+    """Whether ``name`` is one of the data file names that ``stage_model`` gives ``out``."""
     rest = name[len(out.name):] if name.startswith(out.name + ".") else ""
     return rest == ".data" or (rest.endswith(".data") and rest[1:-5].isdigit())
 
@@ -329,7 +335,7 @@ def _stale_data(out: Path, keep: set[Path]) -> tuple[Path, ...]:
     except Exception:            # not a model we can read: leave everything beside it alone
         return ()
     return tuple(f for f in data_files(out, old)
-                 if f.parent == out.parent.resolve() and _ours(out, f.name) and f not in keep and f.is_file())
+                 if f.parent == out.parent.resolve() and ours(out, f.name) and f not in keep and f.is_file())
 
 
 def stage_model(model: onnx.ModelProto, out: Path, external: bool = False,

@@ -355,6 +355,20 @@ def test_a_really_full_disk(work, ext, tiny_disk, external):
     assert list(tiny_disk.iterdir()) == []
 
 
+def test_a_pruned_folder_copies_no_data_file_of_the_input(ext, tmp_path):
+    """The input's data file under another name (model.onnx.1.data after a re-prune) is the model's, not
+    one of the folder's other files: it is not copied into the pruned folder."""
+    (ext.parent / "tokenizer.json").write_text("{}")
+    first = tmp_path / "first"
+    for _ in range(2):
+        assert cli(ext, "--ratio", "0.25", "-o", f"{first}/").returncode == 0
+    assert sorted(p.name for p in first.iterdir()) == ["model.onnx", "model.onnx.1.data", "tokenizer.json"]
+    second = tmp_path / "second"
+    r = cli(first / "model.onnx", "--ratio", "0.5", "-o", f"{second}/")
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in second.iterdir()) == ["model.onnx", "model.onnx.data", "tokenizer.json"]
+
+
 def test_ratio_zero_with_external_data_to_a_file(ext, tmp_path):
     before = snapshot(ext.parent)
     out = tmp_path / "r0.onnx"
