@@ -48,6 +48,13 @@ BATCH = 16
 RIDGE = 1e-2      # refit: ridge strength relative to the mean eigenvalue of the kept heads' Gram matrix
 
 
+def npz_reason(exc: Exception) -> str:
+    """numpy's reason for not reading a file, without its advice to load pickles (never done here)."""
+    if "pickled" in str(exc):
+        return "it holds pickled Python objects, which are never loaded; save plain arrays"
+    return str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
+
+
 def load_calib(path: str | Path, model: onnx.ModelProto) -> dict[str, np.ndarray]:
     """``DATA.npz``: one array per graph input, named after it, samples along axis 0."""
     try:
@@ -55,8 +62,8 @@ def load_calib(path: str | Path, model: onnx.ModelProto) -> dict[str, np.ndarray
             data = {k: npz[k] for k in npz.files}
     except FileNotFoundError:
         raise InputError(f"{path}: no such file") from None
-    except (ValueError, OSError) as exc:
-        raise InputError(f"{path}: not an .npz file ({exc})") from None
+    except (ValueError, OSError, EOFError) as exc:
+        raise InputError(f"{path}: not an .npz file ({npz_reason(exc)})") from None
     inputs = {i.name: i for i in model.graph.input}
     inits = {i.name for i in model.graph.initializer}
     needed = [n for n in inputs if n not in inits]

@@ -85,6 +85,10 @@ def _threshold(text: str) -> float:
     return value
 
 
+def _finite(text: str) -> float:
+    return _threshold(text)
+
+
 def _at_least(low: int):
     def parse(text: str) -> int:
         try:
@@ -139,7 +143,7 @@ def _prune_parser() -> argparse.ArgumentParser:
                    help="sequence length for the MAC count in the report (128, or less if the model's "
                         "position table is shorter)")
     p.add_argument("--batch", type=_at_least(1), default=1, help="batch size for the MAC count in the report (1)")
-    p.add_argument("--atol", type=float, default=None,
+    p.add_argument("--atol", type=_finite, default=None,
                    help="verification tolerance (default 1e-4; 1e-2 for fp16 models)")
     return p
 
@@ -225,8 +229,9 @@ def run_bench(argv) -> int:
         try:
             with np_load(args.inputs) as z:
                 data = {k: z[k] for k in z.files}
-        except (OSError, ValueError) as exc:
-            raise InputError(f"{args.inputs}: not a readable .npz file ({str(exc)[:120]})") from None
+        except (OSError, ValueError, EOFError) as exc:
+            from .calibrate import npz_reason
+            raise InputError(f"{args.inputs}: not a readable .npz file ({npz_reason(exc)})") from None
     with Progress(args.runs, "timing", min_total=1, unit="runs") as progress:
         result = bench(args.original, args.pruned, args.provider, args.batch, args.seq, args.threads,
                        args.warmup, args.runs, data, memory=not args.no_memory, progress=progress, graphs=graphs)
@@ -329,6 +334,8 @@ def run_prune(argv) -> int:
     from .report import build_report, format_table, json_bytes
     from .score import load_heads_to_prune
     import onnx
+    if args.output is not None and not args.output.strip():
+        raise InputError("-o: the output path is empty")
     folder_mode = bool(args.output) and (args.output.endswith(("/", os.sep)) or Path(args.output).is_dir())
     out = Path(args.output) if args.output else args.model.with_name(f"{args.model.stem}.pruned.onnx")
     if folder_mode:
@@ -472,6 +479,10 @@ def main(argv=None) -> int:
     except Terminated as exc:
         _error("onnxprune: terminated; nothing written")
         return 128 + exc.args[0]
+    except MemoryError:
+        _error("onnxprune: error: out of memory (a smaller --batch, --seq or calibration set needs less); "
+               "nothing written")
+        return 1
     except OSError as exc:            # what no check could foresee: a disk that fills, a folder that goes
         where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
         _error(f"onnxprune: error: {where}{exc.strerror or exc}; nothing written")

@@ -153,8 +153,12 @@ def check_output_path(src: Path, out: Path, force: bool):
     out = Path(out)
     if out.resolve() == Path(src).resolve() and not force:
         raise InputError(f"{out}: output would overwrite the input (use --force to allow)")
+    if not str(out).strip():
+        raise InputError("the output path is empty")
     if out.is_dir():
         raise InputError(f"{out}: is a directory; name a file to write")
+    if out.exists() and not out.is_file():       # /dev/null, a FIFO: a rename would replace the device itself
+        raise InputError(f"{out}: not a regular file; name a file to write")
     parent = out.parent if str(out.parent) else Path(".")
     if not parent.is_dir():
         raise InputError(f"{parent}: output directory does not exist")

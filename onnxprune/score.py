@@ -208,8 +208,9 @@ def load_importance_file(path: str | Path, blocks) -> dict[int, np.ndarray]:
     if path.suffix == ".npy":
         try:
             arr = np.load(path, allow_pickle=False)
-        except (ValueError, OSError) as exc:
-            raise InputError(f"{path}: not a .npy array ({str(exc)[:120]})") from None
+        except (ValueError, OSError, EOFError) as exc:
+            from .calibrate import npz_reason
+            raise InputError(f"{path}: not a .npy array ({npz_reason(exc)})") from None
         if arr.ndim != 2 or arr.shape[0] != len(blocks):
             raise InputError(f"{path}: shape {list(arr.shape)}; expected [{len(blocks)} blocks, heads]")
         if arr.dtype.kind not in "biuf":

@@ -465,6 +465,21 @@ def test_files_named_for_data_that_are_folders_or_words(work, inproc):
         assert snapshot(work) == before, args
 
 
+def test_outputs_that_are_not_regular_files_are_refused(work, inproc):
+    """A FIFO (like /dev/null or /dev/stdout) would be replaced by the rename, device node and all."""
+    os.mkfifo(work / "fifo")
+    (work / "empty.npz").write_bytes(b"")
+    before = {p.name for p in work.iterdir()}
+    for args in (["-o", work / "fifo"], ["--report", work / "fifo"], ["-o", ""], ["--atol", "nan"],
+                 ["--calib", work / "empty.npz"], ["--calib", BERT]):       # BERT: a pickle, to numpy
+        r = inproc(work / "bert.onnx", "--ratio", "0.5", *args)
+        one_line_error(r, 2)
+        assert "allow_pickle" not in r.stderr                   # no advice to load pickles
+    assert (work / "fifo").is_fifo() and {p.name for p in work.iterdir()} == before
+    r = inproc("score", work / "bert.onnx", "-o", work / "s.onnx", "--json", work / "fifo")
+    one_line_error(r, 2, "not a regular file")
+
+
 def test_calibration_data_of_the_wrong_kind(work, inproc):
     model = onnx.load(str(BERT))
     good = synth_inputs(model, batch=4, seq=8)
