@@ -1,32 +1,10 @@
-"""Calibration on ONNX Runtime: data-driven head importance and retraining-free recovery.
+"""Calibration on ONNX Runtime: the one instrumented session that calibrated importance methods
+(``importance/activation.py``, ``ablation.py``, ``mean_ablation.py``, ``residual.py``) and compensation
+(``transforms/compensate.py``) share.
 
-One session serves every run. The output-projection weights and biases become graph inputs of a working
-copy, so that a head is masked, or a block's projection refitted, by feeding other arrays, never by
-building a model per head. The context that each output projection reads (the concatenated heads) is
-captured by adding it as a graph output.
-
-Importance methods:
-
-* ``activation``: mean squared activation of each head's context at the output-projection input;
-* ``ablation``: how much the model's outputs change when that head alone is removed (Michel et al., 2019);
-* ``mean-ablation``: the same, with the head replaced by its mean contribution instead of zero: the change
-  that ``--compensate`` cannot undo, since compensation puts the mean back (the variance of a head's
-  contribution, not its size, is what pruning loses).
-* ``residual``: what a refit of the output projection cannot restore. From the covariance of each block's
-  context over the calibration tokens (one pass, like ``activation``), heads are removed one at a time,
-  each time the head whose removal leaves the least output error after the kept heads are refitted to
-  replace it (least squares with an intercept: the Schur complement of the kept heads' covariance,
-  seen through the output projection). A head's score is the block's error, as a fraction of its output
-  variance, once that head is gone, so later heads score higher; the scores rank each block's heads in
-  the order of that greedy elimination.
-
-Recovery (``compensate``), layer by layer in graph order, each block seeing the already-recovered
-blocks before it:
-
-* ``bias``: FLAP's bias compensation (An et al., 2024): the mean of the dropped heads' projected outputs is
-  added to the output-projection bias;
-* ``refit``: a ridge least-squares refit of the kept rows of the output projection (and its bias) to the
-  original block output, on the calibration tokens.
+The output-projection weights and biases become graph inputs of a working copy, so that a head is masked,
+or a block's projection refitted, by feeding other arrays, never by building a model per head. The context
+that each output projection reads (the concatenated heads) is captured by adding it as a graph output.
 """
 
 from __future__ import annotations
@@ -42,10 +20,7 @@ from .block import AttentionBlock
 from .errors import InputError, PlanError
 from .io import Progress, consumers as graph_consumers
 
-IMPORTANCE_METHODS = ("activation", "ablation", "mean-ablation", "residual")
-COMPENSATE_MODES = ("bias", "refit")
 BATCH = 16
-RIDGE = 1e-2      # refit: ridge strength relative to the mean eigenvalue of the kept heads' Gram matrix
 
 
 def npz_reason(exc: Exception) -> str:
@@ -186,6 +161,7 @@ class Calibrator:
     def __init__(self, model: onnx.ModelProto, blocks, data: list[dict[str, np.ndarray]], external_dir=None,
                  progress: bool = True):
         from .probe import session
+        self.model = model
         self.blocks = list(blocks)
         self.data = data
         self.progress = progress
@@ -226,7 +202,7 @@ class Calibrator:
                 from None
         return dict(zip(names, got))
 
-    def _rows(self, feeds: dict, ctx: np.ndarray, site: _Site) -> np.ndarray:
+    def rows(self, feeds: dict, ctx: np.ndarray, site: _Site) -> np.ndarray:
         """The context as [tokens, features], the padding tokens left out where the mask says so."""
         ax = site.block.tensor(site.context).axes
         if len(ax) != 1:
@@ -239,7 +215,7 @@ class Calibrator:
                 rows = rows[mask]
         return rows
 
-    def _loss(self, ref: dict, got: dict) -> float:
+    def loss(self, ref: dict, got: dict) -> float:
         total = 0.0
         for name in self.outputs:
             r = ref[name]
@@ -248,44 +224,20 @@ class Calibrator:
                 total += float(np.sum(d * d)) / max(float(np.sum(r.astype(np.float64) ** 2)), 1e-30)
         return total
 
-    def _bar(self, total: int, what: str):
+    def bar(self, total: int, what: str):
         return Progress(total, what, min_total=1 if self.progress else total + 1, unit="runs")
 
-    # ------------------------------------------------------------------ importance
-    def importance(self, method: str) -> dict[int, np.ndarray]:
-        if method not in IMPORTANCE_METHODS:
-            raise PlanError(f"unknown calibration method {method!r}; use one of {', '.join(IMPORTANCE_METHODS)}")
-        if method == "activation":
-            scores = self._activation()
-        elif method == "residual":
-            scores = self._residual()
-        else:
-            scores = self._ablation(mean=method == "mean-ablation")
-        for s in self.sites:
-            _finite(scores[s.block.index], f"block {s.block.index} ({s.block.name}): its {method} scores")
-        return scores
-
-    def _activation(self) -> dict[int, np.ndarray]:
-        sums = {s.block.index: np.zeros(s.block.num_heads) for s in self.sites}
-        with self._bar(len(self.data), "calibrating") as bar:
-            for feeds in self.data:
-                out = self.run(feeds, contexts=True)
-                for s in self.sites:
-                    rows = self._rows(feeds, out[s.context], s)
-                    for h in range(s.block.num_heads):
-                        cols = head_columns(s.block, s.context, [h])
-                        sums[s.block.index][h] += float(np.sum(rows[:, cols] ** 2))
-                bar.update()
-        return sums
+    # ------------------------------------------------------------------ what the methods share
+    head_columns = staticmethod(head_columns)
 
     def context_covariances(self) -> dict[int, np.ndarray]:
         """Each block's context covariance (centred) over the calibration tokens, [width, width]."""
         sums, grams, n = {}, {}, {}
-        with self._bar(len(self.data), "calibrating") as bar:
+        with self.bar(len(self.data), "calibrating") as bar:
             for feeds in self.data:
                 out = self.run(feeds, contexts=True)
                 for s in self.sites:
-                    rows = self._rows(feeds, out[s.context], s)
+                    rows = self.rows(feeds, out[s.context], s)
                     b = s.block.index
                     sums[b] = sums.get(b, 0) + rows.sum(axis=0)
                     grams[b] = grams.get(b, 0) + rows.T @ rows
@@ -293,151 +245,39 @@ class Calibrator:
                 bar.update()
         return {b: (grams[b] - np.outer(sums[b], sums[b]) / max(n[b], 1)) / max(n[b], 1) for b in grams}
 
-    def _residual(self, ridge: float = RIDGE) -> dict[int, np.ndarray]:
-        covs = self.context_covariances()
-        scores = {}
-        for s in self.sites:
-            b = s.block
-            cov = covs[b.index]
-            w = np.moveaxis(self.weights[s.weight].astype(np.float64), s.head_axis, 0)   # [width, out]
-            cols = [head_columns(b, s.context, [h]) for h in range(b.num_heads)]
-            rows = [head_columns(b, s.weight, [h]) for h in range(b.num_heads)]
-            lam = ridge * np.trace(cov) / max(len(cov), 1)
-
-            def loss(dropped):
-                d_c = np.concatenate([cols[h] for h in dropped])
-                d_r = np.concatenate([rows[h] for h in dropped])
-                k_c = np.concatenate([cols[h] for h in range(b.num_heads) if h not in dropped] or
-                                     [np.zeros(0, dtype=int)])
-                schur = cov[np.ix_(d_c, d_c)]
-                if len(k_c):
-                    cross = cov[np.ix_(k_c, d_c)]
-                    schur = schur - cross.T @ np.linalg.solve(cov[np.ix_(k_c, k_c)] + lam * np.eye(len(k_c)), cross)
-                wd = w[d_r]
-                return float(np.trace(wd.T @ schur @ wd))
-
-            total = max(loss(list(range(b.num_heads))), 1e-30)
-            dropped: list[int] = []
-            score = np.zeros(b.num_heads)
-            while len(dropped) < b.num_heads - 1:
-                trial = [(loss(dropped + [h]), h) for h in range(b.num_heads) if h not in dropped]
-                value, h = min(trial)
-                dropped.append(h)
-                score[h] = value / total
-            last = next(h for h in range(b.num_heads) if h not in dropped)
-            score[last] = 1.0
-            scores[b.index] = np.maximum.accumulate(score[dropped + [last]])[np.argsort(dropped + [last])]
-        return scores
-
-    def _ablation(self, mean: bool) -> dict[int, np.ndarray]:
-        means = self.context_means() if mean else None
-        refs = [self.run(f) for f in self.data]
-        scores = {s.block.index: np.zeros(s.block.num_heads) for s in self.sites}
-        total = sum(s.block.num_heads for s in self.sites) * len(self.data)
-        with self._bar(total, "ablating heads") as bar:
-            for s in self.sites:
-                w = self.weights[s.weight]
-                for h in range(s.block.num_heads):
-                    rows = head_columns(s.block, s.weight, [h])
-                    masked = _zero_rows(w, rows, s.head_axis)
-                    feeds_w = {s.weight: masked}
-                    if mean:
-                        cols = head_columns(s.block, s.context, [h])
-                        shift = means[s.block.index][cols] @ _rows_of(w.astype(np.float64), rows, s.head_axis)
-                        feeds_w[s.bias] = (self.weights[s.bias] + shift).astype(self.weights[s.bias].dtype)
-                    for feeds, ref in zip(self.data, refs):
-                        scores[s.block.index][h] += self._loss(ref, self.run(feeds, feeds_w))
-                        bar.update()
-        return scores
-
     def context_means(self, weights: dict | None = None) -> dict[int, np.ndarray]:
         """The mean context vector of every block over the calibration tokens."""
         acc, n = {}, {}
         for feeds in self.data:
             out = self.run(feeds, weights, contexts=True)
             for s in self.sites:
-                rows = self._rows(feeds, out[s.context], s)
+                rows = self.rows(feeds, out[s.context], s)
                 acc[s.block.index] = acc.get(s.block.index, 0) + rows.sum(axis=0)
                 n[s.block.index] = n.get(s.block.index, 0) + len(rows)
         return {b: acc[b] / max(n[b], 1) for b in acc}
 
-    # ------------------------------------------------------------------ recovery
-    def compensate(self, kept: dict[int, tuple], mode: str, ridge: float = RIDGE) -> dict[str, np.ndarray]:
-        """New values for the output-projection weights and biases, block by block in graph order, each block
-        calibrated on the output of the blocks before it as already compensated. The dropped heads' rows
-        are zero, so that the result, pruned or masked, is the same model."""
-        if mode not in COMPENSATE_MODES:
-            raise PlanError(f"unknown compensation {mode!r}; use one of {', '.join(COMPENSATE_MODES)}")
-        original = [self.run(f, contexts=True) for f in self.data]
-        new: dict[str, np.ndarray] = {}
-        with self._bar(len(self.sites), "compensating") as bar:
-            for s in self.sites:
-                b = s.block
-                keep = tuple(kept.get(b.index, range(b.num_heads)))
-                if keep == tuple(range(b.num_heads)):
-                    bar.update()
-                    continue
-                w = self.weights[s.weight].astype(np.float64)
-                w2 = np.moveaxis(w, s.head_axis, 0)                   # [features, width]
-                bias = self.weights[s.bias].astype(np.float64)
-                kept_rows = head_columns(b, s.weight, keep)
-                kept_cols = head_columns(b, s.context, keep)
-                xs, ys = [], []
-                for feeds, ref in zip(self.data, original):
-                    now = self.run(feeds, new, contexts=True) if new else ref
-                    x_now = self._rows(feeds, now[s.context], s)
-                    x_ref = self._rows(feeds, ref[s.context], s)
-                    xs.append(x_now[:, kept_cols])
-                    ys.append(x_ref @ w2)                             # the original projection, before bias
-                x, y = np.concatenate(xs), np.concatenate(ys)
-                if mode == "bias":
-                    w_kept = w2[kept_rows]
-                    shift = (y - x @ w_kept).mean(axis=0)
-                else:
-                    xm, ym = x.mean(axis=0), y.mean(axis=0)
-                    xc, yc = x - xm, y - ym
-                    gram = xc.T @ xc
-                    lam = ridge * np.trace(gram) / max(len(gram), 1)
-                    w_kept = np.linalg.solve(gram + lam * np.eye(len(gram)), xc.T @ yc)
-                    shift = ym - xm @ w_kept
-                out = np.zeros_like(w2)
-                out[kept_rows] = w_kept
-                new[s.weight] = np.moveaxis(out, 0, s.head_axis).astype(self.weights[s.weight].dtype)
-                new[s.bias] = (bias + shift).astype(self.weights[s.bias].dtype)
-                _finite(new[s.weight], f"block {b.index} ({b.name}): the compensated output projection")
-                _finite(new[s.bias], f"block {b.index} ({b.name}): the compensated output bias")
-                bar.update()
-        return new
+    # ------------------------------------------------------------------ shortcuts (tools, tests)
+    def importance(self, method: str) -> dict[int, np.ndarray]:
+        """The scores of calibrated method ``method`` (see ``importance.SOURCES``) on this session."""
+        from .importance import CALIBRATED, SOURCES, ImportanceContext
+        if method not in CALIBRATED:
+            raise PlanError(f"unknown calibration method {method!r}; use one of {', '.join(CALIBRATED)}")
+        scores = SOURCES[method].score(ImportanceContext(self.model, tuple(self.blocks), None,
+                                                          _calibration=self))
+        for s in self.sites:
+            finite(scores[s.block.index], f"block {s.block.index} ({s.block.name}): its {method} scores")
+        return scores
+
+    def compensate(self, kept: dict[int, tuple], mode: str) -> dict[str, np.ndarray]:
+        from .transforms.compensate import compensation
+        return compensation(self, kept, mode)
 
     def edited_model(self, model: onnx.ModelProto, new: dict[str, np.ndarray]) -> onnx.ModelProto:
-        """A copy of ``model`` with the compensated weights and biases written in (a bias-free projection
-        gets its Add)."""
-        out = onnx.ModelProto()
-        out.CopyFrom(model)
-        for s in _find_sites(out, self.blocks):
-            if s.weight not in new:
-                continue
-            bias = s.bias or _add_bias(out, s)
-            for name, value in ((s.weight, new[s.weight]), (bias, new[next(
-                    x.bias for x in self.sites if x.weight == s.weight)])):
-                proto = _initializer(out, name)
-                proto.CopyFrom(numpy_helper.from_array(value, name))
-        return out
+        from .transforms.compensate import with_weights
+        return with_weights(model, self, new)
 
 
-def _rows_of(w: np.ndarray, idx, axis: int) -> np.ndarray:
-    return np.moveaxis(np.take(w, idx, axis=axis), axis, 0)
-
-
-def _zero_rows(w: np.ndarray, idx, axis: int) -> np.ndarray:
-    out = np.array(w, copy=True)
-    index = [slice(None)] * out.ndim
-    index[axis] = idx
-    out[tuple(index)] = 0
-    return out
-
-
-def _finite(values: np.ndarray, what: str):
+def finite(values: np.ndarray, what: str):
     """Calibration must give numbers: a NaN or inf (from data the model overflows on, say) stops the run."""
     if not np.all(np.isfinite(values)):
         raise InputError(f"{what}: not finite (NaN or inf) on the calibration data, which the model "

@@ -10,7 +10,7 @@ import signal
 import sys
 from pathlib import Path
 
-from .errors import InputError, OnnxPruneError, VerifyError
+from .errors import InputError, OnnxPruneError
 
 PRUNE_HELP = """\
 Remove attention heads from a transformer exported to ONNX, and prove the result exact.
@@ -37,17 +37,7 @@ examples:
   onnxprune bench model.onnx model.pruned.onnx --batch 4 --seq 256   # measured vs ideal speed-up
 
 importance (which heads go), --importance:
-  weights        data-free: ||W_v|| * ||W_o|| per head (the default without data)
-  activation     calibration: each head's activation at the output projection (the default with --calib
-                 and --compensate)
-  ablation       calibration: how much the outputs change with that head alone removed (the default with
-                 --calib, and for `score`)
-  mean-ablation  calibration: the same, with the head replaced by its mean (what --compensate cannot
-                 restore)
-  residual       calibration: what a refit of the output projection cannot restore, heads removed one by
-                 one from the context covariance (one pass over the data)
-  initializers   scores stored in the model (`onnxprune score`); the default when the model has them
-  FILE.json|npy  {"<block index or name>": [score per head]} or a [blocks, heads] array
+{importance}
 Calibration runs on --calib DATA.npz (one array per graph input, samples along axis 0), or on synthetic
 inputs without it. Score once, prune to many ratios:
   onnxprune score model.onnx --calib data.npz -o scored.onnx
@@ -85,8 +75,11 @@ def _threshold(text: str) -> float:
     return value
 
 
-def _finite(text: str) -> float:
-    return _threshold(text)
+def _tolerance(text: str) -> float:
+    value = _threshold(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text!r}")
+    return value
 
 
 def _at_least(low: int):
@@ -108,7 +101,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _prune_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="onnxprune", description=PRUNE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
+    from .importance import help_lines
+    p = _Parser(prog="onnxprune", description=PRUNE_HELP.replace("{importance}", help_lines()), formatter_class=argparse.RawDescriptionHelpFormatter,
                 usage="onnxprune MODEL (--ratio R | --threshold T | --heads-to-prune FILE) [options]\n"
                       "       onnxprune score MODEL [--importance METHOD] [--calib DATA.npz] -o SCORED.onnx\n"
                       "       onnxprune inspect MODEL [--json]\n"
@@ -143,15 +137,15 @@ def _prune_parser() -> argparse.ArgumentParser:
                    help="sequence length for the MAC count in the report (128, or less if the model's "
                         "position table is shorter)")
     p.add_argument("--batch", type=_at_least(1), default=1, help="batch size for the MAC count in the report (1)")
-    p.add_argument("--atol", type=_finite, default=None,
+    p.add_argument("--atol", type=_tolerance, default=None,
                    help="verification tolerance (default 1e-4; 1e-2 for fp16 models)")
     return p
 
 
 def _importance_options(p):
+    from .importance import NAMED
     p.add_argument("--importance", metavar="SOURCE",
-                   help="weights, activation, ablation, mean-ablation, residual, initializers, or a .json/.npy file "
-                        "(see above)")
+                   help=f"{', '.join(NAMED)}, or a .json/.npy file (see above)")
     p.add_argument("--calib", type=Path, metavar="DATA.npz",
                    help="calibration data: one array per graph input, samples along axis 0")
     p.add_argument("--importance-initializer", metavar="NAME_OR_GLOB",
@@ -248,10 +242,6 @@ def np_load(path):
     return np.load(path, allow_pickle=False)
 
 
-def _fp16(model) -> bool:
-    return any(i.data_type == 10 for i in model.graph.initializer)
-
-
 def run_inspect(argv) -> int:
     from .api import inspect_model
     from .io import has_external_data, load_model
@@ -263,29 +253,14 @@ def run_inspect(argv) -> int:
     return 0 if result.blocks else 3
 
 
-def best_calibrated(compensate: str | None) -> str:
-    """The default with --calib: what tools/fidelity.py measured best (README, Fidelity): the activation
-    norm when the output projections are then compensated, the ablation score when they are not."""
-    return "activation" if compensate else "ablation"
-
-
-def _importance_args(args, model) -> dict:
+def _calib(args, model):
     from .calibrate import load_calib
-    calib = load_calib(args.calib, model) if args.calib else None
-    importance = args.importance
-    if importance is None and calib is not None:
-        importance = None if _has_stored(model, args) else best_calibrated(getattr(args, "compensate", None))
-    return dict(importance=importance, calib=calib, importance_initializer=args.importance_initializer)
-
-
-def _has_stored(model, args) -> bool:
-    from .score import IMPORTANCE_SUFFIX, IMPORTANCE_TABLE
-    return bool(args.importance_initializer) or any(
-        i.name.endswith(IMPORTANCE_SUFFIX) or i.name == IMPORTANCE_TABLE for i in model.graph.initializer)
+    return load_calib(args.calib, model) if args.calib else None
 
 
 def run_score(argv) -> int:
     from .api import score_model
+    from .importance import default_calibrated
     from .io import StagedFile, check_output_path, check_writes, has_external_data, input_files, load_model, stage_model
     from .report import json_bytes
     args = _score_parser().parse_args(argv)
@@ -298,9 +273,9 @@ def run_score(argv) -> int:
                  may_replace=args.model if args.force else None)
     external = has_external_data(model)
     where = args.model.parent if external else None
-    opts = _importance_args(args, model)
-    method = opts["importance"] or (best_calibrated(None) if opts["calib"] is not None else "weights")
-    scored, blocks, scores = score_model(model, method, calib=opts["calib"], external_dir=where)
+    calib = _calib(args, model)
+    method = args.importance or (default_calibrated(None) if calib is not None else "weights")
+    scored, blocks, scores = score_model(model, method, calib=calib, external_dir=where)
     in_place = args.output.resolve() == args.model.resolve()
     staged = stage_model(scored, args.output, external=external, external_dir=where,
                          avoid=[args.json] if args.json else [], keep=[] if in_place else inputs)
@@ -329,6 +304,7 @@ def run_score(argv) -> int:
 def run_prune(argv) -> int:
     args = _prune_parser().parse_args(argv)
     from .api import count_result_macs, prune_model, verify_saved
+    from .options import PruneOptions
     from .config import configs_beside, plan_folder, stage_folder
     from .io import StagedFile, check_output_path, check_writes, has_external_data, input_files, load_model, stage_model
     from .report import build_report, format_table, json_bytes
@@ -354,20 +330,17 @@ def run_prune(argv) -> int:
     where = args.model.parent if external else None
     # a large model is verified as written (in a temporary folder), not from memory
     verify_saved_copy = external and not args.dry_run and not args.no_verify
-    options = dict(verify=not args.no_verify and not verify_saved_copy, gqa=args.gqa, external_dir=where)
-    options.update(_importance_args(args, model), scope=args.scope, compensate=args.compensate,
-                   multiple_of=args.multiple_of)
-    if args.heads_to_prune:
-        result = prune_model(model, heads_to_prune=load_heads_to_prune(args.heads_to_prune), **options)
-    elif args.threshold is not None:
-        result = prune_model(model, threshold=args.threshold, min_heads=args.min_heads, **options)
-    else:
-        result = prune_model(model, args.ratio, min_heads=args.min_heads, **options)
-    count_result_macs(model, result, args.batch, args.seq or 128, where, shrink=args.seq is None)
+    options = PruneOptions(
+        ratio=args.ratio, threshold=args.threshold, min_heads=args.min_heads,
+        heads_to_prune=load_heads_to_prune(args.heads_to_prune) if args.heads_to_prune else None,
+        scope=args.scope, importance=args.importance, importance_initializer=args.importance_initializer,
+        calib=_calib(args, model), compensate=args.compensate, gqa=args.gqa, multiple_of=args.multiple_of,
+        verify=not args.no_verify and not verify_saved_copy, atol=args.atol, external_dir=where)
+    result = prune_model(model, options=options)
+    result = count_result_macs(model, result, args.batch, args.seq or 128, where, shrink=args.seq is None)
     folder = plan_folder(args.model, out, result, inputs[1:]) if folder_mode and not args.dry_run else []
     if args.report and any(dst.resolve() == args.report.resolve() for dst, _ in folder):
         raise InputError(f"{args.report}: the report would overwrite a file of the pruned folder; name another")
-    atol = args.atol if args.atol is not None else (1e-2 if _fp16(model) else 1e-4)
     pruned = result.model
     if pruned is model:       # an unchanged model: staging points a model's tensors at its new data file,
         pruned = onnx.ModelProto()                   # and the input's own object must keep its references
@@ -383,9 +356,7 @@ def run_prune(argv) -> int:
                                  avoid=[args.report] + [d for d, _ in folder] if args.report else [d for d, _ in folder],
                                  keep=[] if in_place else inputs)
         if verify_saved_copy:
-            result.max_error = verify_saved(model, result, staged.path, where)
-        if result.max_error is not None and not result.max_error <= atol:
-            raise VerifyError(_mismatch(result.max_error, atol))
+            result = verify_saved(model, result, staged.path, where, atol=args.atol)
         report = build_report(result, str(args.model), None if args.dry_run else str(out), args.ratio)
         extra = stage_folder(folder)       # staged with the model: all are written, or none
         if args.report:
@@ -412,13 +383,6 @@ def run_prune(argv) -> int:
     if args.report:
         say(f"wrote {args.report}")
     return 0
-
-
-def _mismatch(error: float, atol: float) -> str:
-    if math.isnan(error):
-        return ("the pruned model or the masked original gives NaN outputs, so they cannot be shown equal; "
-                "nothing written")
-    return f"pruned model differs from the masked original by {error:.3g} (> atol {atol}); nothing written"
 
 
 def say(text: str):

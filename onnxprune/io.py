@@ -135,14 +135,40 @@ def read_external(tensor: onnx.TensorProto, base_dir: str) -> np.ndarray:
     return arr.reshape(tuple(tensor.dims))
 
 
+def _unique_names(nodes, op_of) -> list[str] | None:
+    """Every node's name, unnamed ones as ``<op>_<index>`` and repeated ones as ``<name>_<index>``; None
+    when every node already has a name of its own."""
+    seen, names, changed = set(), [], False
+    for i, node in enumerate(nodes):
+        name = node.name
+        if not name or name in seen:
+            name = f"{op_of(node)}_{i}" if name not in seen else f"{name}_{i}"
+            changed = True
+        seen.add(name)
+        names.append(name)
+    return names if changed else None
+
+
+def name_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with every node of its main graph named uniquely: the model itself when all are, else a
+    named copy (the caller's model is never changed). Named once, before anything reads the model, every
+    module can then find a node by its name, in the ModelProto and in the graphsurgeon graph alike."""
+    names = _unique_names(model.graph.node, lambda n: n.op_type)
+    if names is None:
+        return model
+    named = onnx.ModelProto()
+    named.CopyFrom(model)
+    for node, name in zip(named.graph.node, names):
+        node.name = name
+    return named
+
+
 def to_graph(model: onnx.ModelProto) -> gs.Graph:
-    """onnx-graphsurgeon graph, every node with a unique name (unnamed ones get ``<op>_<index>``)."""
+    """onnx-graphsurgeon graph, every node with a unique name (as ``name_nodes`` gives them)."""
     graph = gs.import_onnx(model)
-    seen = set()
-    for i, node in enumerate(graph.nodes):
-        if not node.name or node.name in seen:
-            node.name = f"{node.op}_{i}" if node.name not in seen else f"{node.name}_{i}"
-        seen.add(node.name)
+    names = _unique_names(graph.nodes, lambda n: n.op)
+    for node, name in zip(graph.nodes, names or ()):
+        node.name = name
     return graph
 
 

@@ -35,7 +35,7 @@ def test_bert_macs_match_the_hand_count(name, batch, seq):
     count the same dense products."""
     model = onnx.load(str(MODELS / name))
     result = prune_model(model, 0.5, verify=False)
-    count_result_macs(model, result, batch, seq)
+    result = count_result_macs(model, result, batch, seq)
     before, after = result.macs
     attention, total = _bert_by_hand(batch, seq, 4)
     assert before.blocks == {0: attention, 1: attention}

@@ -10,6 +10,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from conftest import MODELS, cli
+from onnxprune.cli import main
 
 BERT = MODELS / "bert-ts.onnx"
 
@@ -145,8 +146,21 @@ def test_a_folder_output_is_made_and_holds_the_folder(work, tmp_path_factory):
     assert sorted(p.name for p in dest.iterdir()) == ["bert.onnx", "notes.txt"]
 
 
-def test_a_failed_folder_output_leaves_no_folder(work, tmp_path_factory):
+def test_a_failed_folder_output_leaves_no_folder(work, tmp_path_factory, monkeypatch):
+    """A rewrite that slices a weight wrongly (planted: one projection shifted) fails verification; the
+    folder made for the output is gone again."""
+    import onnxprune.rewrite as rewrite
+    real = rewrite.check_model
+
+    def wrong(model, original):
+        out = real(model, original)
+        w = next(i for i in out.graph.initializer if i.name in {n.input[1] for n in out.graph.node
+                                                                 if n.op_type == "MatMul"})
+        w.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(w) + 0.5, w.name))
+        return out
+
+    monkeypatch.setattr(rewrite, "check_model", wrong)
     dest = tmp_path_factory.mktemp("other") / "pruned"
-    r = cli(work / "bert.onnx", "--ratio", "0.5", "-o", f"{dest}/", "--atol", "-1")
-    assert r.returncode == 6
+    assert main([str(work / "bert.onnx"), "--ratio", "0.5", "-o", f"{dest}/"]) == 6
     assert not dest.exists()
+    assert main([str(work / "bert.onnx"), "--ratio", "0.5", "-o", f"{dest}/", "--atol", "-1"]) == 2   # refused

@@ -277,7 +277,7 @@ def _gated(model, before_softmax=False):
 
 
 def test_gates_fold_exactly_and_serve_as_importance():
-    from onnxprune.gates import find_gates, fold_gates
+    from onnxprune.transforms.gates import find_gates, fold_gates
     model = _gated(_bert())
     blocks = inspect_model(model).blocks
     gates = find_gates(model, blocks)
@@ -296,7 +296,7 @@ def test_gates_fold_exactly_and_serve_as_importance():
 
 
 def test_a_gate_before_the_softmax_is_not_folded():
-    from onnxprune.gates import find_gates
+    from onnxprune.transforms.gates import find_gates
     model = _gated(_bert(), before_softmax=True)
     assert find_gates(model, inspect_model(model).blocks) == []
     r = prune_model(model, 0.5)

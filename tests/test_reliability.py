@@ -103,8 +103,8 @@ def test_verification_fails_on_any_non_finite_difference():
 
 def test_a_planted_nan_fails_verification_and_writes_nothing(work, monkeypatch, capsys):
     """A rewrite that produced NaN weights: the check sees it, exit 6, no file."""
-    import onnxprune.api as api
-    real = api.check_model
+    import onnxprune.rewrite as rewrite
+    real = rewrite.check_model
 
     def plant(model, original):
         out = real(model, original)
@@ -115,13 +115,13 @@ def test_a_planted_nan_fails_verification_and_writes_nothing(work, monkeypatch, 
         w.CopyFrom(onnx.numpy_helper.from_array(arr, w.name))
         return out
 
-    monkeypatch.setattr(api, "check_model", plant)
+    monkeypatch.setattr(rewrite, "check_model", plant)
     before = snapshot(work)
     code = main([str(work / "bert.onnx"), "--ratio", "0.5", "--report", str(work / "r.json")])
     err = capsys.readouterr().err.strip()
     assert code == 6 and "NaN" in err and len(err.splitlines()) == 1
     assert snapshot(work) == before
-    monkeypatch.setattr(api, "check_model", real)
+    monkeypatch.setattr(rewrite, "check_model", real)
     assert main([str(work / "bert.onnx"), "--ratio", "0.5", "--dry-run"]) == 0     # without the fault: exact
 
 
@@ -160,10 +160,11 @@ def test_non_finite_scores_are_refused_in_every_scope(how):
 
 
 def test_calibrated_scores_that_are_not_finite_are_refused(monkeypatch):
-    from onnxprune.calibrate import Calibrator
-    monkeypatch.setattr(Calibrator, "_activation", lambda self: {s.block.index: np.full(4, np.nan)
-                                                                 for s in self.sites})
-    with pytest.raises(InputError, match="activation scores: not finite"):
+    from dataclasses import replace
+    from onnxprune.importance import SOURCES
+    monkeypatch.setitem(SOURCES, "activation", replace(SOURCES["activation"], score=lambda ctx: {
+        b.index: np.full(b.num_heads, np.nan) for b in ctx.blocks}))
+    with pytest.raises(PlanError, match=r"importance nan \(activation\)"):
         prune_model(onnx.load(str(BERT)), 0.5, importance="activation")
 
 

@@ -16,8 +16,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .block import AttentionBlock
-from .io import consumers as graph_consumers
+from ..block import AttentionBlock
+from ..io import consumers as graph_consumers
 
 
 @dataclass(frozen=True)
@@ -105,7 +105,7 @@ def _reaches_projection(mul, block: AttentionBlock, consumers, o_nodes) -> bool:
 def fold_gates(model: onnx.ModelProto, blocks, gates: list[Gate]) -> onnx.ModelProto:
     """A copy of ``model`` with every gate folded into its block's output-projection rows and the gating
     ``Mul`` removed: the same function, without the gate."""
-    from .verify import _find_constant, _unshare_o_weights
+    from ..verify import _find_constant, _unshare_o_weights
     out = onnx.ModelProto()
     out.CopyFrom(model)
     _unshare_o_weights(out, list(blocks))

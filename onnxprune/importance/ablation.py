@@ -1,0 +1,47 @@
+"""``ablation``: how much the model's outputs change (relative squared error, summed over outputs and
+batches) when that head alone is removed (Michel et al., 2019). The default with ``--calib``."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import Source
+
+
+def ablation_scores(cal, mean: bool) -> dict[int, np.ndarray]:
+    """Each head zeroed in turn (``mean``: replaced by its mean contribution, put into the bias)."""
+    means = cal.context_means() if mean else None
+    refs = [cal.run(f) for f in cal.data]
+    scores = {s.block.index: np.zeros(s.block.num_heads) for s in cal.sites}
+    total = sum(s.block.num_heads for s in cal.sites) * len(cal.data)
+    with cal.bar(total, "ablating heads") as bar:
+        for s in cal.sites:
+            w = cal.weights[s.weight]
+            for h in range(s.block.num_heads):
+                rows = cal.head_columns(s.block, s.weight, [h])
+                feeds_w = {s.weight: _zero_rows(w, rows, s.head_axis)}
+                if mean:
+                    cols = cal.head_columns(s.block, s.context, [h])
+                    shift = means[s.block.index][cols] @ _rows_of(w.astype(np.float64), rows, s.head_axis)
+                    feeds_w[s.bias] = (cal.weights[s.bias] + shift).astype(cal.weights[s.bias].dtype)
+                for feeds, ref in zip(cal.data, refs):
+                    scores[s.block.index][h] += cal.loss(ref, cal.run(feeds, feeds_w))
+                    bar.update()
+    return scores
+
+
+def _rows_of(w: np.ndarray, idx, axis: int) -> np.ndarray:
+    return np.moveaxis(np.take(w, idx, axis=axis), axis, 0)
+
+
+def _zero_rows(w: np.ndarray, idx, axis: int) -> np.ndarray:
+    out = np.array(w, copy=True)
+    index = [slice(None)] * out.ndim
+    index[axis] = idx
+    out[tuple(index)] = 0
+    return out
+
+
+SOURCE = Source("ablation", "calibration: how much the outputs change with that head alone removed (the "
+                "default with --calib, and for `score`)", lambda ctx: ablation_scores(ctx.calibration, False),
+                calibrated=True, order=20)

@@ -1,0 +1,97 @@
+"""Every choice a prune run takes, in one frozen and validated object. The command line only parses into
+it, and ``prune_model``'s keywords build it. The defaults are set here and nowhere else."""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Mapping
+
+import numpy as np
+
+from .errors import PlanError
+
+SCOPES = ("layer", "global")
+GQA_MODES = ("group", "uniform")
+COMPENSATE_MODES = ("bias", "refit")
+ATOL = 1e-4             # pruned == masked, fp32
+ATOL_FP16 = 1e-2        # fp16 weights: ORT's fp16 kernels differ by this much on the same math
+
+
+@dataclass(frozen=True)
+class PruneOptions:
+    """What to prune and how. Exactly one selection: ``ratio``, ``threshold``, ``kept`` ({block: heads to
+    keep}) or ``heads_to_prune`` ({block: heads to remove}).
+
+    ``importance``: {block index: scores}, a source name (see ``importance.SOURCES``) or a .json/.npy
+    file; None: the model's stored scores, else gates, else ``weights``. ``calib``: {graph input: samples
+    on axis 0} for the calibrated sources and ``compensate``. ``gqa``: None picks ``group`` for a model with
+    a KV cache, else ``uniform``. ``verify``: prune == masked is checked on ``feeds`` (synthetic when None)
+    and a difference beyond ``atol`` (None: 1e-4, 1e-2 for fp16 weights) raises ``VerifyError``.
+    ``external_dir``: the folder of the model's external data, when it was loaded without it."""
+
+    ratio: object = None
+    threshold: float | None = None
+    kept: Mapping[int, tuple] | None = None
+    heads_to_prune: Mapping[int, tuple] | None = None
+    min_heads: int = 1
+    scope: str = "layer"
+    importance: object = None
+    importance_initializer: str | None = None
+    calib: Mapping[str, np.ndarray] | None = field(default=None, compare=False, repr=False)
+    compensate: str | None = None
+    gqa: str | None = None
+    multiple_of: int | None = None
+    verify: bool = True
+    atol: float | None = None
+    feeds: Mapping[str, np.ndarray] | None = field(default=None, compare=False, repr=False)
+    external_dir: str | os.PathLike | None = None
+
+    def __post_init__(self):
+        from .plan import exact_ratio
+        chosen = [n for n in ("ratio", "threshold", "kept", "heads_to_prune") if getattr(self, n) is not None]
+        if len(chosen) != 1:
+            raise PlanError("give exactly one of ratio, threshold, kept, heads_to_prune"
+                            + (f" (got {', '.join(chosen)})" if chosen else ""))
+        if self.ratio is not None:
+            try:
+                exact_ratio(self.ratio)
+            except ValueError as exc:
+                raise PlanError(str(exc)) from None
+        if self.threshold is not None and not finite_number(self.threshold):
+            raise PlanError(f"threshold must be a finite number, got {self.threshold!r}")
+        if self.multiple_of is not None:
+            if self.ratio is None and self.threshold is None:
+                raise PlanError("--multiple-of rounds the plans of --ratio and --threshold, not a list of heads")
+            if isinstance(self.multiple_of, bool) or not isinstance(self.multiple_of, int) or self.multiple_of < 1:
+                raise PlanError(f"--multiple-of must be a whole number >= 1, got {self.multiple_of!r}")
+        if isinstance(self.min_heads, bool) or not isinstance(self.min_heads, int) or self.min_heads < 0:
+            raise PlanError(f"min_heads must be a whole number >= 0, got {self.min_heads!r}")
+        if self.scope not in SCOPES:
+            raise PlanError(f"unknown scope {self.scope!r}; use one of {', '.join(SCOPES)}")
+        if self.gqa is not None and self.gqa not in GQA_MODES:
+            raise PlanError(f"unknown GQA mode {self.gqa!r}; use one of {', '.join(GQA_MODES)}")
+        if self.compensate is not None and self.compensate not in COMPENSATE_MODES:
+            raise PlanError(f"unknown compensation {self.compensate!r}; use one of {', '.join(COMPENSATE_MODES)}")
+        if self.atol is not None and not (finite_number(self.atol) and self.atol >= 0):
+            raise PlanError(f"atol must be a finite number >= 0, got {self.atol!r}")
+        from .importance import check_source
+        check_source(self.importance)
+
+    @property
+    def selects_by_score(self) -> bool:
+        """Whether the plan follows importance scores (a ratio or a threshold), not lists of heads."""
+        return self.ratio is not None or self.threshold is not None
+
+    def tolerance(self, fp16: bool) -> float:
+        return self.atol if self.atol is not None else (ATOL_FP16 if fp16 else ATOL)
+
+
+def finite_number(x) -> bool:
+    if isinstance(x, (bool, str, bytes)):
+        return False
+    try:
+        return math.isfinite(float(x))
+    except (TypeError, ValueError):
+        return False

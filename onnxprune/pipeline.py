@@ -1,0 +1,305 @@
+"""The prune pipeline: a list of stages, each ``(state, options) -> state``, over a frozen ``State``.
+
+    match -> fold gates -> score -> plan -> compensate -> rewrite -> verify
+
+A stage that makes a new model (gate folding, compensation) matches its blocks again itself: there is no
+recursion. Each stage names the typed error that a stray exception inside it becomes, so that every
+failure is one line that says where it happened. ``verify`` raises ``VerifyError`` when the pruned model
+differs from the masked original by more than the tolerance; ``PruneOptions(verify=False)`` opts out.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+from dataclasses import dataclass, field, replace
+from typing import Callable
+
+import numpy as np
+import onnx
+
+from . import plan as planning
+from .block import AttentionBlock, MatchResult
+from .errors import MatchError, OnnxPruneError, PlanError, RewriteError, VerifyError
+from .importance import ImportanceContext, choose, scores_for
+from .io import FLOAT_TYPES, attach_external, name_nodes, to_graph
+from .match import match_graph
+from .options import PruneOptions
+from .probe import probe, synth_inputs
+
+
+@dataclass(frozen=True)
+class State:
+    original: onnx.ModelProto                 # the model as given: never changed
+    model: onnx.ModelProto                    # the model now pruned (gates folded, compensation written in)
+    feeds: dict = field(repr=False)           # the inputs that probe and verification run on
+    graph: object = field(default=None, repr=False)    # onnx_graphsurgeon graph of ``model``
+    shapes: dict = field(default_factory=dict, repr=False)
+    values: dict = field(default_factory=dict, repr=False)
+    matched: MatchResult | None = None
+    gqa: str = "uniform"
+    kv_cache: bool = False
+    gates: int = 0                            # head gates folded
+    gate_scores: dict | None = None
+    scores: dict = field(default_factory=dict)
+    source: str = "given"
+    calibration: object = field(default=None, repr=False)
+    plans: dict = field(default_factory=dict)
+    applied: dict = field(default_factory=dict)
+    compensated: str | None = None
+    pruned: onnx.ModelProto | None = None
+    io_keep: dict = field(default_factory=dict)
+    max_error: float | None = None
+
+    @property
+    def blocks(self) -> tuple[AttentionBlock, ...]:
+        return self.matched.blocks if self.matched is not None else ()
+
+    @property
+    def changes(self) -> bool:
+        return any(self.plans[b.index] != tuple(range(b.num_heads)) for b in self.blocks)
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    run: Callable[[State, PruneOptions], State]
+    error: type = OnnxPruneError          # what a stray exception in this stage becomes
+
+
+def run_stages(stages, state: State, options: PruneOptions) -> State:
+    for stage in stages:
+        try:
+            state = stage.run(state, options)
+        except OnnxPruneError:
+            raise
+        except (KeyboardInterrupt, MemoryError):
+            raise
+        except Exception as exc:        # a bug or an unforeseen input: one line, naming the stage
+            raise stage.error(f"{stage.name} failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+                              if str(exc) else f"{stage.name} failed: {type(exc).__name__}") from exc
+    return state
+
+
+# ------------------------------------------------------------------ stages
+UNSUPPORTED_OPS = {
+    "MatMulNBits": "its weights are int4/int8 blocks (ORT GenAI builder -p int4); prune the fp32 or fp16 "
+                   "model, then quantize it (onnxruntime.quantization.matmul_nbits_quantizer)",
+}
+
+
+def match(state: State, options: PruneOptions) -> State:
+    """Probe ``state.model`` on ONNX Runtime and match its attention blocks."""
+    model = state.model
+    for node in model.graph.node:     # said at once, before any work, for ops that cannot be rewritten yet
+        why = UNSUPPORTED_OPS.get(node.op_type)
+        if why:
+            raise MatchError(f"{node.op_type} node {node.name or node.output[0]!r} is not supported yet: {why}")
+    graph = to_graph(model)
+    shapes, values = probe(model, state.feeds, options.external_dir)
+    matched = match_graph(graph, shapes, values)
+    if not matched.blocks:
+        detail = "; ".join(f"{m.node}: {m.reason}" for m in matched.misses[:3])
+        raise MatchError(f"0 attention blocks found ({detail})")
+    if options.external_dir is not None:
+        attach_external(graph, options.external_dir)
+    kv_cache = any(t.io for b in matched.blocks for t in b.tensors)
+    if options.gqa is not None:
+        gqa = options.gqa
+    elif state.matched is not None:          # matched again after a transform: keep the first choice
+        gqa = state.gqa
+    else:                                     # a KV cache shrinks only when whole KV groups go
+        gqa = "group" if kv_cache else "uniform"
+    return replace(state, graph=graph, shapes=shapes, values=values, matched=matched, kv_cache=kv_cache, gqa=gqa)
+
+
+def fold_gates(state: State, options: PruneOptions) -> State:
+    """Head gates are folded into the output projections (outputs unchanged); their values are kept as a
+    source of importance. The folded model is matched again."""
+    from .transforms.gates import find_gates, fold_gates as fold
+    gates = find_gates(state.model, state.blocks)
+    if not gates:
+        return state
+    by_block = {}
+    for g in gates:
+        by_block[g.block] = by_block.get(g.block, 1.0) * np.abs(np.asarray(g.values))
+    folded = replace(state, model=fold(state.model, state.blocks, gates), gates=len(gates), gate_scores=by_block)
+    return match(folded, options)
+
+
+def score(state: State, options: PruneOptions) -> State:
+    """Importance per head, from the source chosen by ``importance.choose`` (only a ratio or a threshold
+    needs scores)."""
+    if not options.selects_by_score:
+        return state
+    from .importance.initializers import stored
+    has_stored = options.importance is None and stored(state.model, state.blocks,
+                                                       options.importance_initializer) is not None
+    source = choose(options, has_stored, bool(state.gate_scores))
+    ctx = ImportanceContext(state.model, state.blocks, options, graph=state.graph, gate_scores=state.gate_scores,
+                            make_calibration=lambda: calibration(state, options))
+    scores = scores_for(source, ctx)
+    if source == "initializers":
+        from .score import stored_method
+        method = stored_method(state.model)
+        source = f"initializers ({method})" if method else "initializers"
+    return replace(state, scores=scores, source=source, calibration=ctx._calibration)
+
+
+def calibration(state: State, options: PruneOptions):
+    """The shared calibration session on ``state.model``: ``options.calib``, or synthetic inputs."""
+    from .calibrate import Calibrator, batches
+    data = options.calib if options.calib is not None else synth_inputs(state.model, seed=7, batch=32, seq=16)
+    return Calibrator(state.model, state.blocks, batches(data), options.external_dir)
+
+
+def make_plan(state: State, options: PruneOptions) -> State:
+    """Which heads every block keeps."""
+    blocks, scores, gqa = state.blocks, state.scores, state.gqa
+    plans, applied = {}, {}
+    if options.heads_to_prune is not None:
+        from .score import check_heads_to_prune
+        check_heads_to_prune(options.heads_to_prune, blocks)
+    if options.threshold is not None or (options.ratio is not None and options.scope == "global"):
+        try:
+            joint = planning.plan_model(scores, {b.index: b.kv_groups for b in blocks}, ratio=options.ratio,
+                                        threshold=options.threshold, min_heads=options.min_heads, gqa=gqa)
+        except ValueError as exc:
+            raise PlanError(str(exc)) from None
+        for b in blocks:
+            plans[b.index], applied[b.index] = joint[b.index].kept_heads, joint[b.index].min_heads_applied
+    for b in blocks:
+        if b.index in plans:
+            continue
+        if options.ratio is not None:
+            try:
+                bp = planning.plan_block(scores[b.index], options.ratio, b.kv_groups, options.min_heads, gqa)
+            except ValueError as exc:
+                raise PlanError(f"block {b.index} ({b.name}): {exc}") from None
+            plans[b.index], applied[b.index] = bp.kept_heads, bp.min_heads_applied
+        elif options.kept is not None:
+            plans[b.index], applied[b.index] = tuple(sorted(set(options.kept.get(b.index, range(b.num_heads))))), False
+        else:
+            drop = set(options.heads_to_prune.get(b.index, ()))
+            plans[b.index], applied[b.index] = tuple(h for h in range(b.num_heads) if h not in drop), False
+    if options.multiple_of is not None:
+        for b in blocks:
+            try:
+                plans[b.index] = planning.align_heads(plans[b.index], scores[b.index], b.kv_groups, b.head_dim,
+                                                      options.multiple_of, gqa)
+            except (PlanError, ValueError) as exc:
+                raise PlanError(f"--multiple-of {options.multiple_of}: block {b.index} ({b.name}): {exc}") from None
+    return replace(state, plans=plans, applied=applied)
+
+
+def compensate(state: State, options: PruneOptions) -> State:
+    """Write the recovered output projections into the model, which is then matched again: the pruned
+    model is proved equal to the compensated original with the dropped heads masked."""
+    if options.compensate is None or not state.changes:
+        return state
+    cal = state.calibration or calibration(state, options)
+    edited = cal.edited_model(state.model, cal.compensate(state.plans, options.compensate))
+    again = match(replace(state, model=edited, graph=None, calibration=None), options)
+    if [(b.name, b.num_heads) for b in again.blocks] != [(b.name, b.num_heads) for b in state.blocks]:
+        raise RewriteError("the compensated model matches other blocks than the original")
+    return replace(again, compensated=options.compensate)
+
+
+def rewrite(state: State, options: PruneOptions) -> State:
+    """Slice every tensor with a head axis and commit all edits at once; an unchanged plan returns the
+    model as it is."""
+    from .rewrite import Rewriter, check_model, dead_nodes, export
+    from .score import carry_importance
+    if not state.changes:            # the model as given, unless a transform made a new one
+        transformed = state.gates or state.compensated
+        return replace(state, pruned=state.model if transformed else state.original, graph=None)
+    graph = state.graph
+    dead = dead_nodes(graph)
+    rewriter = Rewriter(graph, state.shapes, state.values)
+    for b in state.blocks:
+        rewriter.plan(b, state.plans[b.index])       # every check first ...
+    rewriter.commit()                                 # ... then every edit
+    with contextlib.chdir(options.external_dir or "."):   # the checker finds external data files from there
+        pruned = check_model(export(graph, state.model, dead), state.model)
+    carry_importance(state.model, pruned, state.blocks, state.plans)
+    io_keep = rewriter.io_keep
+    del graph, rewriter, dead        # the sliced weights now live in ``pruned`` only: free the graph's copies
+    state = replace(state, pruned=pruned, graph=None, io_keep=io_keep)
+    release_memory()
+    return state
+
+
+def verify(state: State, options: PruneOptions) -> State:
+    """Pruned == masked original on ONNX Runtime CPU; beyond the tolerance, or NaN, is a ``VerifyError``."""
+    from .verify import compare, masked_model, worst_of
+    if not options.verify:
+        return state
+    masked = masked_model(state.model, list(state.blocks), state.plans, options.external_dir)
+    error = worst_of(compare(masked, state.pruned, f, state.io_keep, options.external_dir)
+                     for f in verification_feeds(state.model, state.feeds, state.io_keep))
+    check_error(error, options.tolerance(is_fp16(state.original)))
+    return replace(state, max_error=error)
+
+
+STAGES = (Stage("match", match, MatchError), Stage("fold gates", fold_gates, RewriteError),
+          Stage("score", score, PlanError), Stage("plan", make_plan, PlanError),
+          Stage("compensate", compensate, PlanError), Stage("rewrite", rewrite, RewriteError),
+          Stage("verify", verify, VerifyError))
+
+
+# ------------------------------------------------------------------ helpers
+def check_error(error: float, atol: float):
+    """Raise ``VerifyError`` unless ``error`` is a number within ``atol`` (NaN and inf never are)."""
+    if error <= atol:
+        return
+    if np.isnan(error):
+        raise VerifyError("the pruned model or the masked original gives NaN outputs, so they cannot be shown "
+                          "equal; nothing written")
+    raise VerifyError(f"pruned model differs from the masked original by {error:.3g} (> atol {atol}); "
+                      "nothing written")
+
+
+def is_fp16(model: onnx.ModelProto) -> bool:
+    return any(i.data_type == onnx.TensorProto.FLOAT16 for i in model.graph.initializer)
+
+
+def verification_feeds(model: onnx.ModelProto, feeds: dict | None, io_keep: dict) -> list[dict]:
+    runs = [feeds if feeds is not None else synth_inputs(model)]
+    if io_keep:            # a KV cache: also a decode step on a non-empty past
+        runs.append(synth_inputs(model, seed=1, batch=1, seq=1, past=3))
+    return runs
+
+
+def release_memory():
+    """Collect, and hand freed heap back to the system (glibc keeps it otherwise), before ONNX Runtime loads
+    a large model's weights for verification."""
+    gc.collect()
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def count_params(model: onnx.ModelProto) -> int:
+    """Floating-point elements in initializers and Constant nodes; integer shape and index constants are not
+    parameters, and stored importance scores are not weights."""
+    from .score import IMPORTANCE_SUFFIX, IMPORTANCE_TABLE
+
+    def size(t: onnx.TensorProto) -> int:
+        return int(np.prod(t.dims)) if t.data_type in FLOAT_TYPES else 0
+
+    total = sum(size(t) for t in model.graph.initializer
+                if not (t.name.endswith(IMPORTANCE_SUFFIX) or t.name == IMPORTANCE_TABLE))
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            total += sum(size(a.t) for a in node.attribute if a.name == "value")
+    return total
+
+
+def start(model: onnx.ModelProto, options: PruneOptions) -> State:
+    """The first state: every node of the model named (a named copy when some are not: the caller's model
+    is not changed), and the probe's inputs."""
+    named = name_nodes(model)
+    feeds = dict(options.feeds) if options.feeds is not None else synth_inputs(named)
+    return State(original=model, model=named, feeds=feeds)
