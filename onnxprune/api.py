@@ -80,7 +80,7 @@ def inspect_model(model: onnx.ModelProto, external_dir: str | os.PathLike | None
     model = name_nodes(model)
     graph = to_graph(model)
     shapes, values = probe(model, external_dir=external_dir)
-    return match_graph(graph, shapes, values)
+    return match_graph(graph, shapes, values, model)
 
 
 def prune_model(model, ratio=None, *, kept: dict[int, list[int]] | None = None,

@@ -165,8 +165,10 @@ class Calibrator:
         self.blocks = list(blocks)
         self.data = data
         self.progress = progress
+        from .verify import _unshare_o_weights
         work = onnx.ModelProto()
         work.CopyFrom(model)
+        _unshare_o_weights(work, self.blocks)     # an output projection shared through Identity: its own copy
         self.sites = _find_sites(work, self.blocks)
         self.weights: dict[str, np.ndarray] = {}
         for s in self.sites:

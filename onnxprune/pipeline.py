@@ -97,7 +97,7 @@ def match(state: State, options: PruneOptions) -> State:
             raise MatchError(f"{node.op_type} node {node.name or node.output[0]!r} is not supported yet: {why}")
     graph = to_graph(model)
     shapes, values = probe(model, state.feeds, options.external_dir)
-    matched = match_graph(graph, shapes, values)
+    matched = match_graph(graph, shapes, values, model)
     if not matched.blocks:
         detail = "; ".join(f"{m.node}: {m.reason}" for m in matched.misses[:3])
         raise MatchError(f"0 attention blocks found ({detail})")

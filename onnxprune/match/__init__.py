@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import onnx_graphsurgeon as gs
 
 from ..block import MatchResult, Miss
@@ -13,8 +15,9 @@ from .headflow import Flow, FlowFail
 FAMILIES = (torch_export, onnx_attention, ort_fused)
 
 
-def match_graph(graph: gs.Graph, shapes: dict, values: dict) -> MatchResult:
-    """Every attention block in ``graph`` in graph order, and an explained miss for every core that failed."""
+def match_graph(graph: gs.Graph, shapes: dict, values: dict, model=None) -> MatchResult:
+    """Every attention block in ``graph`` in graph order, and an explained miss for every core that failed.
+    ``model``: the ModelProto of ``graph`` (its nodes named alike), for the exporter's module paths."""
     found, misses, claimed = [], [], {}
     order = {id(n): i for i, n in enumerate(graph.nodes)}
     anchors = sorted(((order[id(n)], fam, n) for fam in FAMILIES for n in fam.cores(graph)), key=lambda x: x[0])
@@ -37,4 +40,31 @@ def match_graph(graph: gs.Graph, shapes: dict, values: dict) -> MatchResult:
         found.append(block)
     if not anchors:
         misses.append(Miss("", "", "no Softmax or attention op: the graph has no attention"))
-    return MatchResult(tuple(found), tuple(misses))
+    return MatchResult(readable_names(tuple(found), model), tuple(misses))
+
+
+SCOPES_KEY = "pkg.torch.onnx.name_scopes"      # torch.onnx (dynamo) writes each node's module path here
+
+
+def readable_names(blocks: tuple, model) -> tuple:
+    """Blocks named after a node (``node_Softmax_1715``, as dynamo exports name them, whose weights are
+    ``val_N`` too) are named after the module that holds their core instead, from the exporter's metadata:
+    ``model.layers.0.self_attn``. Names stay as they were where that is missing or not unique."""
+    import ast
+    if model is None:
+        return blocks
+    wanted = {b.core for b in blocks if b.name == b.core}
+    scopes = {}
+    for node in model.graph.node:
+        if node.name in wanted:
+            value = next((p.value for p in node.metadata_props if p.key == SCOPES_KEY), None)
+            try:
+                path = ast.literal_eval(value) if value else None
+            except (ValueError, SyntaxError):
+                path = None
+            if isinstance(path, list) and len(path) >= 2 and isinstance(path[-2], str) and path[-2]:
+                scopes[node.name] = path[-2]
+    names = [scopes.get(b.core, b.name) if b.name == b.core else b.name for b in blocks]
+    if len(set(names)) != len(names):
+        return blocks
+    return tuple(replace(b, name=n) for b, n in zip(blocks, names))
