@@ -170,7 +170,7 @@ class Flow:
             raise FlowFail(None, f"no shape known for tensor {t.name!r}")
         return self.shapes[t.name]
 
-    def _add_node(self, node):
+    def add_node(self, node):
         if id(node) not in self.nodes:
             self.nodes[id(node)] = node
             self.node_order.append(node)
@@ -234,66 +234,10 @@ class Flow:
     # ------------------------------------------------------------------ starting points
     def begin(self, node):
         """Make ``node`` the first node of the block, with its constant inputs recorded."""
-        self._add_node(node)
+        self.add_node(node)
         for i, inp in enumerate(node.inputs):
             if inp is not None and inp.name and is_const(inp):
                 self.const_uses.setdefault(inp.name, []).append((node, i))
-
-    def start_softmax(self, node):
-        """Softmax over the last axis of scores_BHST: axis 1 carries the H heads."""
-        x, y = node.inputs[0], node.outputs[0]
-        shape = self.shape(x)
-        if len(shape) != 4:
-            raise FlowFail(node, f"attention scores are {len(shape)}-D {list(shape)}; expected [B, H, S, T]")
-        if _norm_axis(node.attrs.get("axis", -1), 4) != 3:
-            raise FlowFail(node, "Softmax is not over the last axis")
-        hm = HeadMap((1,), np.array([self.unit({h}) for h in range(shape[1])]))
-        self._add_node(node)
-        self.assign(x, hm, "up", node, "s")
-        self.assign(y, hm, "down", node, "s")
-        return shape[1]
-
-    def start_attention_op(self, node):
-        """ONNX Attention (opset 23+): Q [B,H,S,D] or [B,S,H*D]; K/V with Hkv heads; Y like Q."""
-        q, k, v = node.inputs[:3]
-        if len(node.inputs) > 4 and any(t is not None and t.name for t in node.inputs[4:6]):
-            raise FlowFail(node, "Attention with past_key/past_value inputs (KV cache) is not supported yet")
-        qs, ks = self.shape(q), self.shape(k)
-        if len(qs) == 4:
-            num_heads, num_kv = qs[1], ks[1]
-        else:
-            if "q_num_heads" not in node.attrs or "kv_num_heads" not in node.attrs:
-                raise FlowFail(node, "3-D Attention without q_num_heads/kv_num_heads attributes")
-            num_heads, num_kv = node.attrs["q_num_heads"], node.attrs["kv_num_heads"]
-            self.sites.append(("attr", node))
-        if num_kv < 1 or num_heads % num_kv:
-            raise FlowFail(node, f"{num_heads} query heads do not split into {num_kv} KV heads")
-        group = num_heads // num_kv
-        q_units = np.array([self.unit({h}) for h in range(num_heads)])
-        kv_units = np.array([self.unit(range(g * group, (g + 1) * group)) for g in range(num_kv)])
-
-        def head_map(units, shape):
-            if len(shape) == 4:
-                return HeadMap((1,), units)
-            d = shape[2] // len(units)
-            return HeadMap((2,), np.repeat(units, d))
-
-        self._add_node(node)
-        self.assign(q, head_map(q_units, qs), "up", node, "q")
-        self.assign(k, head_map(kv_units, ks), "up", node, "k")
-        self.assign(v, head_map(kv_units, self.shape(v)), "up", node, "v")
-        y = node.outputs[0]
-        self.assign(y, head_map(q_units, self.shape(y)), "down", node, "o")
-        mask = node.inputs[3] if len(node.inputs) > 3 else None
-        if mask is not None and mask.name:
-            scores = (qs[0], num_heads, self.shape(q)[-2] if len(qs) == 4 else qs[1], ks[-2] if len(ks) == 4
-                      else ks[1])
-            self._side_input(node, mask, HeadMap((1,), q_units), scores, role="s")
-        for extra in node.outputs[1:]:
-            if extra.name and extra.outputs:
-                raise FlowFail(node, f"Attention output {extra.name!r} (present KV or qk output) is used; "
-                                     "not supported yet")
-        return num_heads
 
     # ------------------------------------------------------------------ main loop
     def run(self):
@@ -366,7 +310,7 @@ class Flow:
                 if chain is None:
                     continue
                 for node, site, out, hm in chain:
-                    self._add_node(node)
+                    self.add_node(node)
                     if site and (site, node) not in self.sites:
                         self.sites.append((site, node))
                     if out is not None:
@@ -423,25 +367,21 @@ class Flow:
         return [(node, node.op.lower(), None, None)]
 
     def _visit(self, node, direction, trigger):
-        self._add_node(node)
+        self.add_node(node)
         for i, inp in enumerate(node.inputs):
             if inp is not None and is_const(inp):
                 uses = self.const_uses.setdefault(inp.name, [])
                 if (node, i) not in uses:
                     uses.append((node, i))
-        handler = getattr(self, f"_op_{node.op}", None)
-        if handler is None:
-            if node.op in ELEMENTWISE:
-                handler = self._elementwise
-            elif node.op in NORMS:
-                handler = self._norm
-            else:
-                raise FlowFail(node, f"{node.op} node {node.name!r} touches a tensor with the head axis "
-                                     f"({trigger.name!r}); no rule for {node.op}")
-        handler(node, direction, trigger)
+        from .rules import rule_for
+        rule = rule_for(node.op)
+        if rule is None:
+            raise FlowFail(node, f"{node.op} node {node.name!r} touches a tensor with the head axis "
+                                 f"({trigger.name!r}); no rule for {node.op}")
+        rule(self, node, direction, trigger)
 
     # ------------------------------------------------------------------ rules
-    def _side_input(self, node, t, out_map: HeadMap, out_shape, role):
+    def side_input(self, node, t, out_map: HeadMap, out_shape, role):
         """Right-aligned broadcast of an input against an output that carries ``out_map``."""
         if t is None or not t.name:
             return
@@ -459,64 +399,14 @@ class Flow:
         hm = HeadMap(tuple(a - offset for a in hm.axes), hm.owner)
         self.assign(t, hm, "up", node, role)
 
-    def _data_io(self, node):
+    def data_io(self, node):
         if node.op == "Dropout":
             return node.inputs[:1], node.outputs[:1]
         if node.op == "Clip":
             return node.inputs[:1], node.outputs[:1]
         return [t for t in node.inputs if t is not None and t.name], node.outputs[:1]
 
-    def _elementwise(self, node, direction, trigger):
-        ins, outs = self._data_io(node)
-        out = outs[0]
-        out_shape = self.shape(out)
-        if direction == "down":
-            in_shape = self.shape(trigger)
-            hm = self.maps[trigger.name]
-            offset = len(out_shape) - len(in_shape)
-            for ax in hm.axes:
-                if in_shape[ax] != out_shape[ax + offset]:
-                    raise FlowFail(node, f"{node.op} broadcasts {trigger.name!r} along its head axis")
-            self.assign(out, HeadMap(tuple(a + offset for a in hm.axes), hm.owner), "down", node,
-                        self.role_of(trigger))
-        hm = self.maps.get(out.name)
-        if hm is None:
-            return
-        if node.op in ("Softmax", "LogSoftmax"):
-            axis = _norm_axis(node.attrs.get("axis", -1), len(out_shape))
-            if axis in hm.axes:
-                raise FlowFail(node, f"{node.op} normalises over the head axis")
-        for t in ins:
-            if t is not trigger:
-                self._side_input(node, t, hm, out_shape, self.role_of(out))
-
-    def _norm(self, node, direction, trigger):
-        x = node.inputs[0]
-        rank = len(self.shape(x))
-        axis = _norm_axis(node.attrs.get("axis", -1), rank)
-        known = self.maps.get(trigger.name)
-        if known and any(a >= axis for a in known.axes):
-            raise FlowFail(node, f"{node.op} normalises over the head axis")
-        if trigger is not x and direction == "down":
-            raise FlowFail(node, f"{node.op} scale or bias carries the head axis")
-        if direction == "down":
-            self.assign(node.outputs[0], known, "down", node, self.role_of(x))
-        else:
-            self.assign(x, self.maps[node.outputs[0].name], "up", node, self.role_of(node.outputs[0]))
-
-    def _op_Transpose(self, node, direction, trigger):
-        x, y = node.inputs[0], node.outputs[0]
-        rank = len(self.shape(x))
-        perm = list(node.attrs.get("perm", list(range(rank))[::-1]))
-        if direction == "up":
-            hm = self.maps[y.name]
-            self.assign(x, HeadMap(tuple(perm[a] for a in hm.axes), hm.owner), "up", node, self.role_of(y))
-        else:
-            hm = self.maps[x.name]
-            self.assign(y, HeadMap(tuple(perm.index(a) for a in hm.axes), hm.owner), "down", node,
-                        self.role_of(x))
-
-    def _regroup(self, node, src, dst, hm: HeadMap) -> HeadMap:
+    def regroup(self, node, src, dst, hm: HeadMap) -> HeadMap:
         src_shape, dst_shape = self.shape(src), self.shape(dst)
         groups = reshape_groups(src_shape, dst_shape)
         if groups is None:
@@ -538,20 +428,7 @@ class Flow:
             raise FlowFail(node, "head axes fall in several reshape groups")
         return HeadMap(axes[0], owners[0])
 
-    def _op_Reshape(self, node, direction, trigger):
-        x, y = node.inputs[0], node.outputs[0]
-        if trigger is not x and direction == "down":
-            raise FlowFail(node, "Reshape shape input carries the head axis")
-        if direction == "up":
-            self.assign(x, self._regroup(node, y, x, self.maps[y.name]), "up", node, self.role_of(y))
-        else:
-            self.assign(y, self._regroup(node, x, y, self.maps[x.name]), "down", node, self.role_of(x))
-        if ("reshape", node) not in self.sites:
-            self.sites.append(("reshape", node))
-
-    _op_Flatten = _op_Reshape
-
-    def _axes_arg(self, node, rank):
+    def axes_arg(self, node, rank):
         if len(node.inputs) > 1 and node.inputs[1] is not None and node.inputs[1].name:
             val = const_value(node.inputs[1])
             if val is None:
@@ -561,55 +438,7 @@ class Flow:
             return [_norm_axis(int(a), rank) for a in node.attrs["axes"]]
         return None
 
-    def _op_Unsqueeze(self, node, direction, trigger):
-        x, y = node.inputs[0], node.outputs[0]
-        out_rank = len(self.shape(y))
-        added = self._axes_arg(node, out_rank)
-        kept = [a for a in range(out_rank) if a not in added]     # kept[i] = output axis of input axis i
-        if direction == "up":
-            hm = self.maps[y.name]
-            if any(a in added for a in hm.axes):
-                raise FlowFail(node, "Unsqueeze adds the head axis")
-            self.assign(x, HeadMap(tuple(kept.index(a) for a in hm.axes), hm.owner), "up", node, self.role_of(y))
-        else:
-            hm = self.maps[x.name]
-            self.assign(y, HeadMap(tuple(kept[a] for a in hm.axes), hm.owner), "down", node, self.role_of(x))
-
-    def _op_Squeeze(self, node, direction, trigger):
-        x, y = node.inputs[0], node.outputs[0]
-        in_shape = self.shape(x)
-        removed = self._axes_arg(node, len(in_shape))
-        if removed is None:
-            removed = [a for a, d in enumerate(in_shape) if d == 1]
-        kept = [a for a in range(len(in_shape)) if a not in removed]   # kept[j] = input axis of output axis j
-        if direction == "up":
-            hm = self.maps[y.name]
-            self.assign(x, HeadMap(tuple(kept[a] for a in hm.axes), hm.owner), "up", node, self.role_of(y))
-        else:
-            hm = self.maps[x.name]
-            if any(a in removed for a in hm.axes):
-                raise FlowFail(node, "Squeeze removes the head axis")
-            self.assign(y, HeadMap(tuple(kept.index(a) for a in hm.axes), hm.owner), "down", node,
-                        self.role_of(x))
-
-    def _op_Expand(self, node, direction, trigger):
-        x, y = node.inputs[0], node.outputs[0]
-        if direction == "up":
-            sx, sy = self.shape(x), self.shape(y)
-            off = len(sy) - len(sx)
-            self.copy_axes[y.name] = tuple(a for a in self.maps[y.name].axes
-                                           if a - off < 0 or (sx[a - off] == 1 and sy[a] > 1))
-            self._side_input(node, x, self.maps[y.name], sy, self.role_of(y))
-        else:
-            if trigger is not x:
-                raise FlowFail(node, "Expand shape input carries the head axis")
-            hm = self.maps[x.name]
-            offset = len(self.shape(y)) - len(self.shape(x))
-            self.assign(y, HeadMap(tuple(a + offset for a in hm.axes), hm.owner), "down", node, self.role_of(x))
-        if ("expand", node) not in self.sites:
-            self.sites.append(("expand", node))
-
-    def _embed(self, node, out_map: HeadMap, out_shape, in_shape, positions: dict[int, np.ndarray],
+    def embed(self, node, out_map: HeadMap, out_shape, in_shape, positions: dict[int, np.ndarray],
                dropped: dict[int, int] | None = None) -> HeadMap:
         """Input map of a selecting op (Split, Slice, Gather): out index i sits at positions[axis][i].
 
@@ -637,22 +466,6 @@ class Flow:
         owner[np.ix_(*index)] = src
         return HeadMap(tuple(in_axes), owner)
 
-    def _op_Split(self, node, direction, trigger):
-        x = node.inputs[0]
-        in_shape = self.shape(x)
-        axis = _norm_axis(node.attrs.get("axis", 0), len(in_shape))
-        sizes = [self.shape(o)[axis] for o in node.outputs]
-        if direction == "down":
-            raise FlowFail(node, "Split of a tensor that already carries the head axis")
-        offsets = np.cumsum([0] + sizes)
-        for k, out in enumerate(node.outputs):
-            if out.name in self.maps:
-                pos = {axis: np.arange(offsets[k], offsets[k + 1])}
-                self.assign(x, self._embed(node, self.maps[out.name], self.shape(out), in_shape, pos),
-                            "up", node, self.role_of(out))
-        if ("split", node) not in self.sites:
-            self.sites.append(("split", node))
-
     def slice_positions(self, node, relevant=None) -> dict[int, np.ndarray]:
         """Input index of every output index, per sliced axis. Bounds computed at run time are only an
         error on an axis in ``relevant`` (the head axes); elsewhere the axis is left out."""
@@ -677,127 +490,7 @@ class Flow:
             out[a] = np.arange(in_shape[a])[slice(int(s), int(e), int(st))]
         return out
 
-    def _op_Slice(self, node, direction, trigger):
-        x, y = node.inputs[0], node.outputs[0]
-        if trigger is not x and direction == "down":
-            raise FlowFail(node, "Slice bounds carry the head axis")
-        if direction == "up":
-            out_map = self.maps[y.name]
-            pos = self.slice_positions(node, set(out_map.axes))
-            pos = {a: p for a, p in pos.items() if a in out_map.axes or len(p) != self.shape(x)[a]}
-            self.assign(x, self._embed(node, out_map, self.shape(y), self.shape(x), pos), "up", node,
-                        self.role_of(y))
-        else:
-            hm = self.maps[x.name]
-            pos = self.slice_positions(node, set(hm.axes))
-            for a in hm.axes:
-                if a in pos and len(pos[a]) != self.shape(x)[a]:
-                    raise FlowFail(node, "Slice of a tensor along its head axis")
-            self.assign(y, hm, "down", node, self.role_of(x))
-        if ("slice", node) not in self.sites:
-            self.sites.append(("slice", node))
-
-    def _op_Gather(self, node, direction, trigger):
-        data, idx, y = node.inputs[0], node.inputs[1], node.outputs[0]
-        in_shape, idx_shape = self.shape(data), self.shape(idx)
-        axis = _norm_axis(node.attrs.get("axis", 0), len(in_shape))
-        if trigger is idx:
-            raise FlowFail(node, "Gather indices carry the head axis")
-        k = len(idx_shape)
-        # output axes: data[:axis] + idx axes + data[axis+1:]
-
-        def out_to_in(a):
-            if a < axis:
-                return a
-            if a >= axis + k:
-                return a - k + 1
-            return None
-
-        if direction == "up":
-            hm = self.maps[y.name]
-            if any(out_to_in(a) is None for a in hm.axes):
-                raise FlowFail(node, "Gather indices carry the head axis")
-            val = const_value(idx)
-            if val is not None and k == 0:
-                dropped = {axis: int(val) % in_shape[axis]}
-                self.assign(data, self._embed(node, hm, self.shape(y), in_shape, {}, dropped), "up", node,
-                            self.role_of(y))
-            else:
-                self.assign(data, HeadMap(tuple(out_to_in(a) for a in hm.axes), hm.owner), "up", node,
-                            self.role_of(y))
-        else:
-            hm = self.maps[data.name]
-            if axis in hm.axes:
-                raise FlowFail(node, "Gather along the head axis")
-            in_to_out = {a: (a if a < axis else a + k - 1) for a in range(len(in_shape)) if a != axis}
-            self.assign(y, HeadMap(tuple(in_to_out[a] for a in hm.axes), hm.owner), "down", node,
-                        self.role_of(data))
-        if ("gather", node) not in self.sites:
-            self.sites.append(("gather", node))
-
-    def _op_Concat(self, node, direction, trigger):
-        y = node.outputs[0]
-        out_shape = self.shape(y)
-        axis = _norm_axis(node.attrs["axis"], len(out_shape))
-        if direction == "down":
-            hm = self.maps[trigger.name]
-            if axis in hm.axes:
-                raise FlowFail(node, "Concat along the head axis")
-            self.assign(y, hm, "down", node, self.role_of(trigger))
-        hm = self.maps.get(y.name)
-        if hm is None:
-            return
-        offset = 0
-        for t in node.inputs:
-            size = self.shape(t)[axis]
-            if axis in hm.axes:
-                pos = hm.axes.index(axis)
-                owner = np.take(hm.owner, np.arange(offset, offset + size), axis=pos)
-                part = HeadMap(hm.axes, owner)
-            else:
-                part = hm
-            offset += size
-            if t is not trigger:
-                self.assign(t, part, "up", node, self.role_of(y))
-        if axis in hm.axes and ("concat", node) not in self.sites:
-            self.sites.append(("concat", node))
-
-    def _op_MatMul(self, node, direction, trigger):
-        a, b = node.inputs[:2]
-        y = node.outputs[0]
-        sa, sb, sy = self.shape(a), self.shape(b), self.shape(y)
-        ra, rb, ry = len(sa), len(sb), len(sy)
-        if ra < 2 or rb < 2:
-            raise FlowFail(node, "MatMul with a 1-D operand on the head path")
-        core = not is_const(a) and not is_const(b)
-        if direction == "up":
-            hm = self.maps[y.name]
-            role = self.role_of(y)
-            ra_role, rb_role = ("q", "k") if core and "s" in role else (role, role)
-            a_axes = {ax: ra - 2 for ax in hm.axes if ax == ry - 2}
-            b_axes = {ax: rb - 1 for ax in hm.axes if ax == ry - 1}
-            self._matmul_side(node, a, hm, sy, a_axes, ra_role)
-            self._matmul_side(node, b, hm, sy, b_axes, rb_role)
-            return
-        hm = self.maps[trigger.name]
-        if trigger is a:
-            role = self.role_of(a)
-            contracted = ra - 1 in hm.axes
-            if contracted:
-                if len(hm.axes) > 1:
-                    raise FlowFail(node, "MatMul contracts a tensor with several head axes")
-                self.assign(b, HeadMap((rb - 2,), hm.owner), "up", node, "o")
-                self.contractions.append((node, b.name))
-                return
-            out_axes = {ax + (ry - ra): ax for ax in hm.axes}
-            self.assign(y, HeadMap(tuple(out_axes), hm.owner), "down", node,
-                        "o" if core and "s" in role else role)
-            if core:
-                self._matmul_side(node, b, self.maps[y.name], sy, {}, "v" if "s" in role else role)
-        else:
-            raise FlowFail(node, "MatMul whose right operand carries the head axis downstream")
-
-    def _matmul_side(self, node, t, hm: HeadMap, sy, fixed: dict[int, int], role):
+    def matmul_side(self, node, t, hm: HeadMap, sy, fixed: dict[int, int], role):
         """Map ``hm`` (on MatMul output) into operand ``t``: batch axes broadcast, ``fixed`` maps M/N axes."""
         st = self.shape(t)
         rt, ry = len(st), len(sy)
@@ -818,45 +511,3 @@ class Flow:
         axes = tuple(fixed[ax] if ax in fixed else ax - (ry - rt) for ax in cur.axes)
         self.assign(t, HeadMap(axes, cur.owner), "up", node, role)
 
-    def _op_Gemm(self, node, direction, trigger):
-        a, b = node.inputs[:2]
-        c = node.inputs[2] if len(node.inputs) > 2 else None
-        y = node.outputs[0]
-        ta, tb = node.attrs.get("transA", 0), node.attrs.get("transB", 0)
-        if direction == "up":
-            hm = self.maps[y.name]
-            role = self.role_of(y)
-            if 0 in hm.axes:
-                raise FlowFail(node, "Gemm rows carry the head axis")
-            self.assign(b, HeadMap((0 if tb else 1,), hm.owner), "up", node, role)
-            if c is not None and c.name:
-                self._side_input(node, c, hm, self.shape(y), role)
-            return
-        if trigger is not a:
-            raise FlowFail(node, "Gemm weight carries the head axis downstream")
-        hm = self.maps[a.name]
-        if hm.axes != ((0,) if ta else (1,)):
-            raise FlowFail(node, "Gemm input carries the head axis on its rows")
-        self.assign(b, HeadMap((1 if tb else 0,), hm.owner), "up", node, "o")
-        self.contractions.append((node, b.name))
-
-    def _op_RotaryEmbedding(self, node, direction, trigger):
-        """X [B,H,S,D] or [B,S,H*D] rotated per position; cos/sin caches and positions carry no heads."""
-        x, y = node.inputs[0], node.outputs[0]
-        if trigger is not x and direction == "down":
-            raise FlowFail(node, "RotaryEmbedding cache carries the head axis")
-        src, dst, d = (y, x, "up") if direction == "up" else (x, y, "down")
-        hm = self.maps[src.name]
-        if len(self.shape(x)) == 3:
-            if node.attrs.get("num_heads"):
-                if ("attr", node) not in self.sites:
-                    self.sites.append(("attr", node))
-            elif node.domain != "com.microsoft" or node.attrs.get("rotary_embedding_dim"):
-                raise FlowFail(node, "3-D RotaryEmbedding without num_heads")
-            # else ORT's op takes the head size from the cos cache and the head count from the width
-        self.assign(dst, hm, d, node, self.role_of(src))
-
-    def _op_Attention(self, node, direction, trigger):
-        if node.domain not in (None, "", "ai.onnx"):
-            raise FlowFail(node, f"{node.domain}.Attention is matched by the fused-op matcher")
-        raise FlowFail(node, "a second Attention op inside one block")

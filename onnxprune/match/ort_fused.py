@@ -55,7 +55,7 @@ def start(flow: Flow, node) -> int:
         shape = flow.shape(attn_bias)
         if len(shape) != 4:
             raise FlowFail(node, f"{node.op} attention bias is {len(shape)}-D; expected [B, H, S, T]")
-        flow._side_input(node, attn_bias, HeadMap((1,), units), (shape[0], num_heads) + tuple(shape[2:]), "s")
+        flow.side_input(node, attn_bias, HeadMap((1,), units), (shape[0], num_heads) + tuple(shape[2:]), "s")
     y = node.outputs[0]
     flow.assign(y, HeadMap((2,), np.repeat(units, sizes[2] // num_heads)), "down", node, "o")
     flow.sites.append(("attr", node))
@@ -166,7 +166,7 @@ def _gqa(flow: Flow, node, num_heads: int) -> int:
         _cache(flow, node, t, direction, role, kv_units)
     if _given(node, 10):                        # attention_bias [B or 1, H, S, T]
         shape = flow.shape(node.inputs[10])
-        flow._side_input(node, node.inputs[10], HeadMap((1,), q_units), (shape[0], num_heads) + tuple(shape[2:]),
+        flow.side_input(node, node.inputs[10], HeadMap((1,), q_units), (shape[0], num_heads) + tuple(shape[2:]),
                          "s")
     if _given(node, 11):                        # head_sink [H]
         flow.assign(node.inputs[11], HeadMap((0,), q_units), "up", node, "s")

@@ -7,7 +7,9 @@ does the rest, whatever the projections look like (separate, packed, interleaved
 
 from __future__ import annotations
 
-from .headflow import Flow
+import numpy as np
+
+from .headflow import FlowFail, HeadMap, _norm_axis
 
 FAMILY = "torch-export"
 
@@ -16,5 +18,17 @@ def cores(graph):
     return [n for n in graph.nodes if n.op == "Softmax"]
 
 
-def start(flow: Flow, node) -> int:
-    return flow.start_softmax(node)
+def start(flow, node):
+    """Softmax over the last axis of scores_BHST: axis 1 carries the H heads."""
+    x, y = node.inputs[0], node.outputs[0]
+    shape = flow.shape(x)
+    if len(shape) != 4:
+        raise FlowFail(node, f"attention scores are {len(shape)}-D {list(shape)}; expected [B, H, S, T]")
+    if _norm_axis(node.attrs.get("axis", -1), 4) != 3:
+        raise FlowFail(node, "Softmax is not over the last axis")
+    hm = HeadMap((1,), np.array([flow.unit({h}) for h in range(shape[1])]))
+    flow.add_node(node)
+    flow.assign(x, hm, "up", node, "s")
+    flow.assign(y, hm, "down", node, "s")
+    return shape[1]
+
