@@ -162,7 +162,7 @@ class Rewriter:
                 self.edits.append(lambda v=tensor, shape=lay.new_shape: _declare_shape(v, shape))
         for site in block.sites:
             node = self.nodes[site.node]
-            getattr(self, f"_plan_{site.kind}")(node, block, layouts, kept_heads)
+            SITE_PLANNERS[site.kind](self, node, block, layouts, kept_heads)
 
     def _plan_constant(self, tensor, lay: _Layout, block_nodes):
         value = const_value(tensor)
@@ -397,22 +397,13 @@ class Rewriter:
         self.edits.append(apply)
 
     def _plan_attr(self, node, block, layouts, kept_heads):
-        if node.domain == "com.microsoft" and node.op == "GroupQueryAttention":
-            new = {"num_heads": len(kept_heads), "kv_num_heads": len(block.kept_kv_heads(kept_heads))}
-        elif node.domain == "com.microsoft" and node.op in ("Attention", "MultiHeadAttention"):
-            old = node.attrs["num_heads"]
-            new = {"num_heads": len(kept_heads)}
-            if node.attrs.get("qkv_hidden_sizes"):
-                new["qkv_hidden_sizes"] = [s // old * len(kept_heads) for s in node.attrs["qkv_hidden_sizes"]]
-        elif node.op == "Attention":
-            q_units = len(kept_heads)
-            kv = len(block.kept_kv_heads(kept_heads))
-            new = {"q_num_heads": q_units, "kv_num_heads": kv}
-        else:   # RotaryEmbedding with num_heads over a 3-D input
-            x = node.inputs[0]
-            old_f = self.shapes[x.name][-1]
-            new_f = layouts[x.name].new_shape[-1] if x.name in layouts else old_f
-            new = {"num_heads": node.attrs["num_heads"] * new_f // old_f}
+        from .match import head_attrs
+        x = node.inputs[0]
+        width = (self.shapes[x.name][-1], layouts[x.name].new_shape[-1] if x.name in layouts
+                 else self.shapes[x.name][-1])
+        new = head_attrs(node, block, kept_heads, width)
+        if new is None:
+            raise RewriteError(f"{node.op} node {node.name!r}: no family knows its head-count attributes")
         self.edits.append(lambda n=node, new=new: n.attrs.update(new))
 
     # ------------------------------------------------------------------ commit
@@ -420,6 +411,14 @@ class Rewriter:
         for edit in self.edits:
             edit()
         self.edits.clear()
+
+
+# what each kind of site (``block.Site.kind``, recorded by the op rules) needs rewritten
+SITE_PLANNERS = {
+    "reshape": Rewriter._plan_reshape, "expand": Rewriter._plan_expand, "split": Rewriter._plan_split,
+    "slice": Rewriter._plan_slice, "gather": Rewriter._plan_gather, "gathernd": Rewriter._plan_gathernd,
+    "concat": Rewriter._plan_concat, "attr": Rewriter._plan_attr,
+}
 
 
 def dead_nodes(graph: gs.Graph) -> list:

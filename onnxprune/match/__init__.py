@@ -43,6 +43,17 @@ def match_graph(graph: gs.Graph, shapes: dict, values: dict, model=None) -> Matc
     return MatchResult(readable_names(tuple(found), model), tuple(misses))
 
 
+def head_attrs(node, block, kept_heads, width: tuple[int, int]) -> dict | None:
+    """The new head-count attributes of ``node`` (a family's core, or an op rule's site) when ``block``
+    keeps ``kept_heads``; ``width``: its input's last axis before and after. None when no one knows."""
+    from . import rules
+    for owner in FAMILIES + (rules,):
+        new = owner.head_attrs(node, block, kept_heads, width)
+        if new is not None:
+            return new
+    return None
+
+
 SCOPES_KEY = "pkg.torch.onnx.name_scopes"      # torch.onnx (dynamo) writes each node's module path here
 
 

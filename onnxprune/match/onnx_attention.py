@@ -59,3 +59,10 @@ def start(flow, node):
                                  "not supported yet")
     return num_heads
 
+
+
+def head_attrs(node, block, kept_heads, width) -> dict | None:
+    """The 3-D form's ``q_num_heads`` and ``kv_num_heads`` after pruning."""
+    if node.op != "Attention" or node.domain not in (None, "", "ai.onnx"):
+        return None
+    return {"q_num_heads": len(kept_heads), "kv_num_heads": len(block.kept_kv_heads(kept_heads))}

@@ -173,3 +173,18 @@ def _gqa(flow: Flow, node, num_heads: int) -> int:
     flow.assign(node.outputs[0], HeadMap((2,), np.repeat(q_units, d)), "down", node, "o")
     flow.sites.append(("attr", node))
     return num_heads
+
+
+def head_attrs(node, block, kept_heads, width) -> dict | None:
+    """``num_heads`` (and ``kv_num_heads``, ``qkv_hidden_sizes``) of ORT's fused ops after pruning."""
+    if node.domain != "com.microsoft":
+        return None
+    if node.op == "GroupQueryAttention":
+        return {"num_heads": len(kept_heads), "kv_num_heads": len(block.kept_kv_heads(kept_heads))}
+    if node.op in ("Attention", "MultiHeadAttention"):
+        old = node.attrs["num_heads"]
+        new = {"num_heads": len(kept_heads)}
+        if node.attrs.get("qkv_hidden_sizes"):
+            new["qkv_hidden_sizes"] = [s // old * len(kept_heads) for s in node.attrs["qkv_hidden_sizes"]]
+        return new
+    return None

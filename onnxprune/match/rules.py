@@ -343,3 +343,12 @@ RULES = {
 def rule_for(op: str):
     """The rule for ``op``, or None when no rule follows the head axis through it."""
     return RULES.get(op)
+
+
+def head_attrs(node, block, kept_heads, width) -> dict | None:
+    """Head counts that an op rule recorded as an ``attr`` site: RotaryEmbedding's ``num_heads`` over a
+    3-D input, scaled with the input's width (``width``: before, after)."""
+    if node.op == "RotaryEmbedding" and node.attrs.get("num_heads"):
+        before, after = width
+        return {"num_heads": node.attrs["num_heads"] * after // before}
+    return None

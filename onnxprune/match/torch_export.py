@@ -32,3 +32,7 @@ def start(flow, node):
     flow.assign(y, hm, "down", node, "s")
     return shape[1]
 
+
+
+def head_attrs(node, block, kept_heads, width) -> dict | None:
+    return None         # a Softmax holds no head count
