@@ -18,7 +18,7 @@ from onnx import helper, numpy_helper
 
 from .block import AttentionBlock
 from .errors import InputError, PlanError
-from .io import Progress, consumers as graph_consumers
+from .io import Progress, consumers as graph_consumers, own_constant, own_weights
 
 BATCH = 16
 
@@ -137,15 +137,8 @@ def _add_bias(model: onnx.ModelProto, site: _Site) -> str:
 
 
 def _initializer(model: onnx.ModelProto, name: str) -> onnx.TensorProto:
-    from .verify import _find_constant
-    proto, node = _find_constant(model, name)
-    if node is not None:          # a Constant node: make it an initializer
-        model.graph.node.remove(node)
-        init = model.graph.initializer.add()
-        init.CopyFrom(proto)
-        init.name = name
-        return init
-    return proto
+    """``name``'s tensor as an initializer of its own (a Constant node becomes one), to move or edit."""
+    return own_constant(model, name, initializer=True)
 
 
 def head_columns(block: AttentionBlock, name: str, heads) -> np.ndarray:
@@ -165,10 +158,9 @@ class Calibrator:
         self.blocks = list(blocks)
         self.data = data
         self.progress = progress
-        from .verify import _unshare_o_weights
         work = onnx.ModelProto()
         work.CopyFrom(model)
-        _unshare_o_weights(work, self.blocks)     # an output projection shared through Identity: its own copy
+        own_weights(work, [b.o_proj.weight for b in self.blocks])   # shared through Identity: a copy each
         self.sites = _find_sites(work, self.blocks)
         self.weights: dict[str, np.ndarray] = {}
         for s in self.sites:

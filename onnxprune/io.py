@@ -96,6 +96,74 @@ def large_weights(model: onnx.ModelProto, threshold: int) -> set[str]:
             and (ExternalDataInfo(init).length if external(init) else len(init.raw_data)) >= threshold}
 
 
+def find_constant(model: onnx.ModelProto, name: str) -> tuple[onnx.TensorProto, onnx.NodeProto | None] | None:
+    """The tensor behind ``name`` in ``model``: (an initializer, None), (a Constant node's value, the node),
+    or, through Identity (TorchScript shares equal weights so), its source's. None when ``name`` is not a
+    constant. Reads only: the model is never changed. (The graphsurgeon side has ``headflow.const_value``.)"""
+    for init in model.graph.initializer:
+        if init.name == name:
+            return init, None
+    for node in model.graph.node:
+        if node.output and node.output[0] == name:
+            if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+                return node.attribute[0].t, node
+            if node.op_type == "Identity":
+                return find_constant(model, node.input[0])
+            return None
+    return None
+
+
+def constant_array(model: onnx.ModelProto, name: str, external_dir: str | os.PathLike | None = None
+                   ) -> np.ndarray | None:
+    """The value of constant ``name`` (see ``find_constant``), read from its external data file when it
+    has one (``external_dir``: that file's folder); None when ``name`` is not a constant."""
+    from onnx import numpy_helper
+    from onnx.external_data_helper import uses_external_data
+    found = find_constant(model, name)
+    if found is None:
+        return None
+    proto = found[0]
+    if uses_external_data(proto):
+        return read_external(proto, str(external_dir or "."))
+    return numpy_helper.to_array(proto)
+
+
+def own_constant(model: onnx.ModelProto, name: str, initializer: bool = False) -> onnx.TensorProto:
+    """The tensor of constant ``name``, to be edited in place: an initializer, or a Constant node's value
+    (made an initializer with ``initializer``). A weight shared through Identity gets a copy of its own
+    first, so that editing it leaves the other users alone. Changes ``model``: call it on a copy."""
+    found = find_constant(model, name)
+    if found is None:
+        raise KeyError(name)
+    proto, node = found
+    if proto.name != name and node is None or (node is not None and node.output[0] != name):
+        for i, n in enumerate(model.graph.node):      # ``name`` is an Identity's output: replace it by a copy
+            if n.op_type == "Identity" and n.output[0] == name:
+                del model.graph.node[i]
+                break
+        own = model.graph.initializer.add()
+        own.CopyFrom(proto)
+        own.name = name
+        return own
+    if node is not None and initializer:
+        model.graph.node.remove(node)
+        own = model.graph.initializer.add()
+        own.CopyFrom(proto)
+        own.name = name
+        return own
+    return proto
+
+
+def own_weights(model: onnx.ModelProto, names) -> None:
+    """Each of ``names`` that is the Identity of another (a weight TorchScript shared) gets a copy of its
+    own, so that editing one leaves the others alone; a shared source itself keeps its tensor."""
+    names = set(names)
+    sources = {n.input[0] for n in model.graph.node if n.op_type == "Identity" and n.output[0] in names}
+    for name in names - sources:
+        if find_constant(model, name) is not None:
+            own_constant(model, name)
+
+
 def copy_without_initializers(model: onnx.ModelProto, value_info: bool = True) -> onnx.ModelProto:
     """A copy of ``model`` with every field but the graph's initializers (and nodes), which the caller
     fills: copying a model's weights is what the large-model path must never do."""

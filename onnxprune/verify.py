@@ -12,41 +12,8 @@ from onnx.external_data_helper import uses_external_data
 
 from .block import AttentionBlock
 from .errors import VerifyError
-from .io import read_external
+from .io import own_constant, own_weights, read_external
 from .probe import session
-
-
-def _find_constant(model: onnx.ModelProto, name: str):
-    for init in model.graph.initializer:
-        if init.name == name:
-            return init, None
-    for i, node in enumerate(model.graph.node):
-        if node.op_type == "Constant" and node.output[0] == name:
-            return node.attribute[0].t, node
-        if node.op_type == "Identity" and node.output[0] == name:
-            # a weight shared through Identity (TorchScript dedups equal weights): give this name its own
-            # copy, so that masking it leaves the other users of the source alone
-            source, _ = _find_constant(model, node.input[0])
-            del model.graph.node[i]
-            own = model.graph.initializer.add()
-            own.CopyFrom(source)
-            own.name = name
-            return own, None
-    raise KeyError(name)
-
-
-def _unshare_o_weights(model: onnx.ModelProto, blocks):
-    """An output-projection weight that is the Identity of another block's (TorchScript shares equal
-    weights that way) gets its own copy first, so that masking one block leaves the other alone."""
-    names = {b.o_proj.weight for b in blocks}
-    sources = {n.input[0] for n in model.graph.node if n.op_type == "Identity" and n.output[0] in names}
-    for name in names:
-        if name in sources:
-            continue
-        try:
-            _find_constant(model, name)          # an Identity output becomes its own initializer here
-        except KeyError:
-            pass
 
 
 def _masked_o(block: AttentionBlock, kept: dict[int, tuple], proto: onnx.TensorProto, external_dir=None
@@ -89,9 +56,9 @@ def masked_model(model: onnx.ModelProto, blocks: list[AttentionBlock], kept: dic
     weights are stored in the copy; other external data stays where it is (``external_dir``)."""
     masked = onnx.ModelProto()
     masked.CopyFrom(model)
-    _unshare_o_weights(masked, blocks)
+    own_weights(masked, [b.o_proj.weight for b in blocks])
     for block in blocks:
-        proto, _ = _find_constant(masked, block.o_proj.weight)
+        proto = own_constant(masked, block.o_proj.weight)
         arr = _masked_o(block, kept, proto, external_dir)
         if arr is not None:
             proto.CopyFrom(numpy_helper.from_array(arr, proto.name))   # inline now, even if it was external

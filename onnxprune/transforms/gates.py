@@ -17,7 +17,7 @@ import onnx
 from onnx import numpy_helper
 
 from ..block import AttentionBlock
-from ..io import consumers as graph_consumers
+from ..io import constant_array, consumers as graph_consumers, find_constant, own_constant, own_weights
 
 
 @dataclass(frozen=True)
@@ -28,17 +28,8 @@ class Gate:
     values: tuple        # one value per head
 
 
-def _constants(model: onnx.ModelProto) -> dict[str, np.ndarray]:
-    out = {i.name: i for i in model.graph.initializer}
-    for n in model.graph.node:
-        if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
-            out[n.output[0]] = n.attribute[0].t
-    return out
-
-
 def find_gates(model: onnx.ModelProto, blocks) -> list[Gate]:
     nodes = {n.name: n for n in model.graph.node if n.name}
-    consts = _constants(model)
     consumers = graph_consumers(model)
     gates = []
     for b in blocks:
@@ -47,10 +38,10 @@ def find_gates(model: onnx.ModelProto, blocks) -> list[Gate]:
             node = nodes.get(name)
             if node is None or node.op_type != "Mul":
                 continue
-            const = next((i for i in node.input if i in consts), None)
+            const = next((i for i in node.input if find_constant(model, i) is not None), None)
             if const is None or const not in {t.name for t in b.tensors}:
                 continue
-            values = _per_head(b, const, numpy_helper.to_array(consts[const]))
+            values = _per_head(b, const, constant_array(model, const))
             if values is None or not _reaches_projection(node, b, consumers, o_nodes):
                 continue
             gates.append(Gate(b.index, name, const, tuple(float(v) for v in values)))
@@ -105,14 +96,13 @@ def _reaches_projection(mul, block: AttentionBlock, consumers, o_nodes) -> bool:
 def fold_gates(model: onnx.ModelProto, blocks, gates: list[Gate]) -> onnx.ModelProto:
     """A copy of ``model`` with every gate folded into its block's output-projection rows and the gating
     ``Mul`` removed: the same function, without the gate."""
-    from ..verify import _find_constant, _unshare_o_weights
     out = onnx.ModelProto()
     out.CopyFrom(model)
-    _unshare_o_weights(out, list(blocks))
+    own_weights(out, [b.o_proj.weight for b in blocks])
     by_index = {b.index: b for b in blocks}
     for g in gates:
         b = by_index[g.block]
-        proto, _ = _find_constant(out, b.o_proj.weight)
+        proto = own_constant(out, b.o_proj.weight)
         w = numpy_helper.to_array(proto).copy()
         t = b.tensor(b.o_proj.weight)
         scale = np.ones(w.shape[t.axes[0]], dtype=np.float64)
