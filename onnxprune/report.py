@@ -29,8 +29,11 @@ def build_report(result: PruneResult, model: str, output: str | None, ratio) -> 
         before, after = result.macs
         macs = {"batch": before.batch, "seq": before.seq, "before": before.total, "after": after.total,
                 "ideal_speedup": before.ideal_speedup(after)}
+    opts = result.options
     return {"model": str(model), "output": str(output) if output else None,
             "ratio": None if ratio is None else float(ratio),
+            "threshold": None if opts is None or opts.threshold is None else float(opts.threshold),
+            "scope": None if opts is None else opts.scope, "min_heads": None if opts is None else opts.min_heads,
             "params_before": result.params_before, "params_after": result.params_after,
             "max_error": result.max_error, "gqa": result.gqa, "kv_cache": result.kv_cache,
             "importance": result.importance_source, "compensate": result.compensate,
