@@ -13,9 +13,8 @@ from onnxprune.api import inspect_model
 from onnxprune.probe import synth_inputs
 from onnxprune.verify import compare, masked_model, max_abs_diff, run
 
-from pathlib import Path
 
-MODELS = Path(__file__).resolve().parent.parent / "models"
+from conftest import MODELS  # noqa: E402
 
 MANIFEST = json.loads((MODELS / "MANIFEST.json").read_text())["models"]
 SUPPORTED = sorted(MANIFEST)

@@ -1,7 +1,6 @@
 """Graph forms that no exporter in models/ writes, built with onnx.helper: each still has to prune exactly."""
 
 import numpy as np
-import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 

@@ -1,7 +1,6 @@
 """ONNX Runtime's fused attention (com.microsoft Attention / MultiHeadAttention): dtypes kept, attributes
 rewritten, malformed graphs rejected with one clean error."""
 
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -10,7 +9,7 @@ from onnx import helper, numpy_helper
 
 from onnxprune import OnnxPruneError, prune_model
 
-MODELS = Path(__file__).resolve().parent.parent / "models"
+from conftest import MODELS  # noqa: E402
 
 
 def _load(name):

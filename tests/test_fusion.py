@@ -6,7 +6,6 @@ an explicit constant in the Q/K/V reshapes, where the export had ``-1``, so that
 """
 
 import logging
-from pathlib import Path
 
 import onnx
 import pytest
@@ -17,7 +16,7 @@ from onnxprune.verify import kept_heads_only, max_abs_diff, run
 
 optimizer = pytest.importorskip("onnxruntime.transformers.optimizer")
 
-MODELS = Path(__file__).resolve().parent.parent / "models"
+from conftest import MODELS  # noqa: E402
 logging.getLogger("onnxruntime.transformers").setLevel(logging.ERROR)
 
 

@@ -17,7 +17,7 @@ from onnxprune.verify import masked_model
 
 og = pytest.importorskip("onnxruntime_genai")
 
-MODELS = Path(__file__).resolve().parent.parent / "models"
+from conftest import MODELS  # noqa: E402
 SRC = MODELS / "llama-genai"                      # packed QKV
 FOLDERS = ["llama-genai", "llama-genai-separate"]  # packed, and separate Q/K/V projections
 PROMPT = [1, 5, 7, 9, 11]

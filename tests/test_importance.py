@@ -1,7 +1,6 @@
 """Importance sources, global and threshold allocation, calibration and compensation (no torch needed)."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -15,10 +14,10 @@ from onnxprune.cli import main
 from onnxprune.errors import InputError, PlanError
 from onnxprune.plan import plan_model
 from onnxprune.probe import synth_inputs
-from onnxprune.score import IMPORTANCE_SUFFIX, initializer_importance
+from onnxprune.score import initializer_importance
 from onnxprune.verify import max_abs_diff, run
 
-MODELS = Path(__file__).resolve().parent.parent / "models"
+from conftest import MODELS  # noqa: E402
 MHA4 = [(0,), (1,), (2,), (3,)]
 
 
