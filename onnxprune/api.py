@@ -154,7 +154,7 @@ def score_model(model, method: str = "weights", *, calib: dict | None = None,
     (a copy of ``model`` with the scores stored as importance initializers, the blocks, the scores). Pruning
     the copy later uses them with no data."""
     from .importance import NAMED
-    from .score import store_importance
+    from .importance.initializers import store_importance
     model, external_dir = as_model(model, external_dir)
     methods = [m for m in NAMED if m not in ("initializers", "gates")]
     if method not in methods:

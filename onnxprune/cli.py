@@ -308,7 +308,7 @@ def run_prune(argv) -> int:
     from .config import configs_beside, plan_folder, stage_folder
     from .io import StagedFile, check_output_path, check_writes, has_external_data, input_files, load_model, stage_model
     from .report import build_report, format_table, json_bytes
-    from .score import load_heads_to_prune
+    from .plan import load_heads_to_prune
     import onnx
     if args.output is not None and not args.output.strip():
         raise InputError("-o: the output path is empty")

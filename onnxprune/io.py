@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
@@ -71,6 +72,28 @@ def as_model(model, external_dir: str | os.PathLike | None = None
         return _checked(loaded, "the bytes given"), external_dir
     raise ModelTypeError(f"model must be an onnx.ModelProto, a path to an .onnx file or the bytes of one, "
                          f"not {type(model).__name__}")
+
+
+def read_json(path: Path, what: str):
+    """A JSON file as Python, with one-line errors; a key given twice in one object is refused."""
+    def pairs(items):
+        seen = {}
+        for k, v in items:
+            if k in seen:
+                raise InputError(f"{path}: key {k!r} appears twice")
+            seen[k] = v
+        return seen
+
+    try:
+        return json.loads(path.read_text(), object_pairs_hook=pairs)
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise InputError(f"{path}: is a directory, not {what}") from None
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read it ({exc.strerror or exc})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise InputError(f"{path}: not valid JSON ({str(exc)[:120]})") from None
 
 
 FLOAT_TYPES = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16,

@@ -140,7 +140,7 @@ def score(state: State, options: PruneOptions) -> State:
                             make_calibration=lambda: calibration(state, options))
     scores = scores_for(source, ctx)
     if source == "initializers":
-        from .score import stored_method
+        from .importance.initializers import stored_method
         method = stored_method(state.model)
         source = f"initializers ({method})" if method else "initializers"
     return replace(state, scores=scores, source=source, calibration=ctx._calibration)
@@ -158,7 +158,7 @@ def make_plan(state: State, options: PruneOptions) -> State:
     blocks, scores, gqa = state.blocks, state.scores, state.gqa
     plans, applied = {}, {}
     if options.heads_to_prune is not None:
-        from .score import check_heads_to_prune
+        from .plan import check_heads_to_prune
         check_heads_to_prune(options.heads_to_prune, blocks)
     if options.threshold is not None or (options.ratio is not None and options.scope == "global"):
         try:
@@ -209,7 +209,7 @@ def rewrite(state: State, options: PruneOptions) -> State:
     """Slice every tensor with a head axis and commit all edits at once; an unchanged plan returns the
     model as it is."""
     from .rewrite import Rewriter, check_model, dead_nodes, export
-    from .score import carry_importance
+    from .importance.initializers import carry_importance
     if not state.changes:            # the model as given, unless a transform made a new one
         transformed = state.gates or state.compensated
         return replace(state, pruned=state.model if transformed else state.original, graph=None)
@@ -284,7 +284,7 @@ def release_memory():
 def count_params(model: onnx.ModelProto) -> int:
     """Floating-point elements in initializers and Constant nodes; integer shape and index constants are not
     parameters, and stored importance scores are not weights."""
-    from .score import IMPORTANCE_SUFFIX, IMPORTANCE_TABLE
+    from .importance.initializers import IMPORTANCE_SUFFIX, IMPORTANCE_TABLE
 
     def size(t: onnx.TensorProto) -> int:
         return int(np.prod(t.dims)) if t.data_type in FLOAT_TYPES else 0

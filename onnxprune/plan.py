@@ -11,11 +11,13 @@ import math
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from fractions import Fraction
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from .errors import PlanError
+from .errors import InputError, PlanError
+from .io import read_json
 
 
 def exact_ratio(ratio: float | str | Fraction | Decimal) -> Fraction:
@@ -245,3 +247,32 @@ def plan_model(importance: dict[int, np.ndarray], groups: dict[int, Sequence[Seq
         floor_only = {b: sum(1 for s, i in by_block[b] if s >= threshold) < floors[b] for b in units}
     return {b: BlockPlan(tuple(sorted(h for i in chosen[b] for h in units[b][i])), floor_only[b])
             for b in units}
+
+
+def load_heads_to_prune(path: str | Path) -> dict[int, list[int]]:
+    """``{"<block index>": [head, ...]}`` (heads to remove), blocks counted as ``inspect`` lists them.
+    Block and head ranges are checked against the matched blocks by ``check_heads_to_prune``."""
+    data = read_json(Path(path), "a heads file")
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: expected an object {{\"<block index>\": [head, ...]}}")
+    out = {}
+    for key, heads in data.items():
+        try:
+            b = int(key)
+        except ValueError:
+            raise InputError(f"{path}: block key {key!r} is not an integer") from None
+        if not isinstance(heads, list) or not all(isinstance(h, int) and not isinstance(h, bool) for h in heads):
+            raise InputError(f"{path}: block {b}: expected a list of head indices")
+        if b in out:
+            raise InputError(f"{path}: block {b} is named twice")
+        out[b] = sorted(set(heads))
+    return out
+
+
+def check_heads_to_prune(heads_to_prune: dict[int, list[int]], blocks):
+    for b, heads in heads_to_prune.items():
+        if not 0 <= b < len(blocks):
+            raise InputError(f"heads to prune: block {b} does not exist (the model has {len(blocks)} blocks)")
+        bad = [h for h in heads if not 0 <= h < blocks[b].num_heads]
+        if bad:
+            raise InputError(f"heads to prune: block {b} has {blocks[b].num_heads} heads; no head {bad[0]}")

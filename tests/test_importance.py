@@ -14,7 +14,7 @@ from onnxprune.cli import main
 from onnxprune.errors import InputError, PlanError
 from onnxprune.plan import plan_model
 from onnxprune.probe import synth_inputs
-from onnxprune.score import initializer_importance
+from onnxprune.importance.initializers import initializer_importance
 from onnxprune.verify import max_abs_diff, run
 
 from conftest import MODELS  # noqa: E402

@@ -456,12 +456,15 @@ def test_files_named_for_data_that_are_folders_or_words(work, inproc):
     (work / "words.json").write_text('{"0": ["high", "low", "low", "high"]}')
     (work / "nested.json").write_text('{"0": [[1, 2], [3, 4]]}')
     (work / "dup.json").write_text('{"0": [1, 2, 3, 4], "0": [4, 3, 2, 1]}')
+    (work / "text.npy").write_text("not an array")
+    (work / "empty.npy").write_bytes(b"")
     before = snapshot(work)
     for args in (["--heads-to-prune", work / "dir.json"], ["--ratio", "0.5", "--importance", work / "dir.json"],
                  ["--ratio", "0.5", "--importance", work / "words.json"],
                  ["--ratio", "0.5", "--importance", work / "nested.json"],
                  ["--ratio", "0.5", "--importance", work / "dup.json"], ["--heads-to-prune", work / "dup.json"],
-                 ["--ratio", "0.5", "--calib", work / "dir.json"]):
+                 ["--ratio", "0.5", "--calib", work / "dir.json"], ["--ratio", "0.5", "--importance", work / "text.npy"],
+                 ["--ratio", "0.5", "--importance", work / "empty.npy"]):
         one_line_error(inproc(work / "bert.onnx", *args), 2)
         assert snapshot(work) == before, args
 
