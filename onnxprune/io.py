@@ -320,11 +320,27 @@ def check_writes(inputs: list[Path], writes: dict[str, Path | None], may_replace
         seen[real] = what
 
 
-def publish(tmp: str | Path, out: Path):
-    """Rename ``tmp`` onto ``out`` with the permissions a plain open() would give (mkstemp makes 0600)."""
+def publish(tmp: str | Path, out: Path, reserved: bool = False):
+    """Rename ``tmp`` onto ``out`` with the permissions a plain open() would give (mkstemp makes 0600).
+
+    ``reserved``: ``out`` is our own empty placeholder (``_data_name``). It is then replaced by a hard link
+    rather than renamed over: ext4 writes a file's data out before it is renamed over another (0.5 s for
+    2 GB here), and a link fails rather than clobbers if another run took the name in between."""
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o666 & ~umask)
+    if reserved:
+        os.unlink(out)
+        try:
+            os.link(tmp, out)
+        except FileExistsError:
+            raise OutputError(f"{out}: another run took this data file name while this one was writing; "
+                              "run again") from None
+        except OSError:               # no hard links on this filesystem
+            os.replace(tmp, out)
+        else:
+            os.unlink(tmp)
+        return
     os.replace(tmp, out)
 
 
@@ -362,7 +378,7 @@ class Staged:
         try:
             stale = _stale_data(self.out, self.keep | ({final.resolve()} if final else set()))
             if final is not None:
-                publish(self.dir / self.data, final)
+                publish(self.dir / self.data, final, reserved=True)
                 moved = True
             publish(self.path, self.out)
         except BaseException as exc:      # unless the model was renamed, none reads the new data: take it back

@@ -243,9 +243,9 @@ def test_concurrent_runs_to_one_output_leave_a_complete_pair(ext, tmp_path):
             "        time.sleep(0.01)\n"
             f"def touch(name):\n    import pathlib\n    pathlib.Path({str(sync)!r}, name).touch()\n"
             "real = io.publish\ncalls = []\n")
-    first = wait + ("def publish(tmp, out):\n    real(tmp, out)\n    calls.append(out)\n"
+    first = wait + ("def publish(tmp, out, **kw):\n    real(tmp, out, **kw)\n    calls.append(out)\n"
                     "    if len(calls) == 1:\n        touch('a-data')\n        wait('b-done')\nio.publish = publish")
-    second = wait + ("def publish(tmp, out):\n    if not calls:\n        wait('a-data')\n    real(tmp, out)\n"
+    second = wait + ("def publish(tmp, out, **kw):\n    if not calls:\n        wait('a-data')\n    real(tmp, out, **kw)\n"
                      "    calls.append(out)\n    if len(calls) == 2:\n        touch('b-done')\nio.publish = publish")
     procs = [subprocess.Popen([sys.executable, "-c", DRIVER.format(patch=patch), str(ext), "--ratio", ratio,
                                "-o", str(out / "m.onnx")], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
@@ -270,7 +270,7 @@ def test_a_crash_between_the_two_renames_leaves_the_old_pair(ext, tmp_path):
     feeds = synth_inputs(onnx.load(str(out / "m.onnx")))
     expected = run(onnx.load(str(out / "m.onnx")), feeds)
     # the process dies right after the data file is in place, before the model is renamed
-    kill = ("real = io.publish\ncalls = []\ndef publish(tmp, out):\n    real(tmp, out)\n    calls.append(out)\n"
+    kill = ("real = io.publish\ncalls = []\ndef publish(tmp, out, **kw):\n    real(tmp, out, **kw)\n    calls.append(out)\n"
             "    if len(calls) == 1:\n        os._exit(9)\nio.publish = publish")
     r = driven(kill, ext, "--ratio", "0.5", "-o", out / "m.onnx")
     assert r.returncode == 9
@@ -280,8 +280,8 @@ def test_a_crash_between_the_two_renames_leaves_the_old_pair(ext, tmp_path):
     got = run(onnx.load(str(out / "m.onnx")), feeds)
     assert all(np.array_equal(got[k], expected[k]) for k in expected)
     # a failure (not a crash) at the same point takes the new data file back too
-    fail = ("real = io.publish\ncalls = []\ndef publish(tmp, out):\n    calls.append(out)\n"
-            "    if len(calls) == 2:\n        raise OSError(errno.EIO, 'I/O error')\n    real(tmp, out)\n"
+    fail = ("real = io.publish\ncalls = []\ndef publish(tmp, out, **kw):\n    calls.append(out)\n"
+            "    if len(calls) == 2:\n        raise OSError(errno.EIO, 'I/O error')\n    real(tmp, out, **kw)\n"
             "io.publish = publish")
     shutil.rmtree(out)
     out.mkdir()
