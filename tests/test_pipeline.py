@@ -149,3 +149,10 @@ def test_calibration_on_weights_shared_through_identity():
     for compensate in (None, "refit"):
         result = prune_model(model, 0.5, importance="ablation", calib=calib, compensate=compensate)
         assert result.max_error <= 1e-4 and all(len(k) == 2 for k in result.kept.values())
+
+
+def test_every_family_module_is_found_with_its_three_hooks():
+    from onnxprune.match import FAMILIES
+    assert {f.FAMILY for f in FAMILIES} == {"torch-export", "onnx-attention", "ort-fused"}
+    for family in FAMILIES:
+        assert all(callable(getattr(family, hook, None)) for hook in ("cores", "start", "head_attrs"))

@@ -1,5 +1,7 @@
-"""Find the attention blocks of a graph. One module per family of patterns; each offers ``cores(graph)``
-(the nodes where a block is anchored) and ``start(flow, node)`` (seed the head flow there)."""
+"""Find the attention blocks of a graph. One module per family of patterns, found by itself (``FAMILIES``);
+each declares ``FAMILY`` and offers ``cores(graph)`` (the nodes where a block is anchored), ``start(flow,
+node)`` (seed the head flow there) and ``head_attrs(node, block, kept_heads, width)`` (its head-count
+attributes after pruning)."""
 
 from __future__ import annotations
 
@@ -8,11 +10,23 @@ from dataclasses import replace
 import onnx_graphsurgeon as gs
 
 from ..block import MatchResult, Miss
-from . import onnx_attention, ort_fused, torch_export
 from .build import build_block
 from .headflow import Flow, FlowFail
 
-FAMILIES = (torch_export, onnx_attention, ort_fused)
+
+def _families() -> tuple:
+    """Every module of this package that declares a ``FAMILY``: a new family is one new module."""
+    import importlib
+    import pkgutil
+    found = []
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda i: i.name):
+        module = importlib.import_module(f"{__name__}.{info.name}")
+        if isinstance(getattr(module, "FAMILY", None), str):
+            found.append(module)
+    return tuple(found)
+
+
+FAMILIES = _families()
 
 
 def match_graph(graph: gs.Graph, shapes: dict, values: dict, model=None) -> MatchResult:
