@@ -2,7 +2,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import onnx
 import pytest
+from onnx import numpy_helper
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
 
@@ -16,3 +19,28 @@ def cli(*args, cwd=None) -> subprocess.CompletedProcess:
     """The command line as a user runs it: a fresh interpreter, its output captured."""
     return subprocess.run([sys.executable, "-m", "onnxprune.cli", *map(str, args)], capture_output=True,
                           text=True, cwd=cwd)
+
+
+GATES = [[0.9, 0.0, 1.3, 0.4], [0.2, 1.1, 0.0, 0.7]]
+
+
+def gated(model, before_softmax=False):
+    """bert-ts with a [1, H, 1, 1] gate per block: on the attention probabilities (as a head mask or an L0
+    gate sits), or on the scores before the Softmax (not foldable)."""
+    from onnx import helper
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for k, s in enumerate([n for n in out.graph.node if n.op_type == "Softmax"]):
+        g = f"gate{k}"
+        out.graph.initializer.append(numpy_helper.from_array(np.array(GATES[k], np.float32).reshape(1, 4, 1, 1), g))
+        at = list(out.graph.node).index(s)
+        if before_softmax:
+            src = s.input[0]
+            s.input[0] = f"{src}_gated"
+            out.graph.node.insert(at, helper.make_node("Mul", [src, g], [f"{src}_gated"], name=f"/gate{k}/Mul"))
+        else:
+            y = s.output[0]
+            s.output[0] = f"{y}_ungated"
+            out.graph.node.insert(at + 1, helper.make_node("Mul", [f"{y}_ungated", g], [y], name=f"/gate{k}/Mul"))
+    onnx.checker.check_model(out)
+    return out

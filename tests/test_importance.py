@@ -17,7 +17,7 @@ from onnxprune.probe import synth_inputs
 from onnxprune.importance.initializers import initializer_importance
 from onnxprune.verify import max_abs_diff, run
 
-from conftest import MODELS  # noqa: E402
+from conftest import GATES, MODELS, gated as _gated  # noqa: E402
 MHA4 = [(0,), (1,), (2,), (3,)]
 
 
@@ -250,31 +250,6 @@ def test_cli_bad_calibration_data_is_one_line(tmp_path, capsys):
 
 
 # ------------------------------------------------------------------ head gates
-GATES = [[0.9, 0.0, 1.3, 0.4], [0.2, 1.1, 0.0, 0.7]]
-
-
-def _gated(model, before_softmax=False):
-    """bert-ts with a [1, H, 1, 1] gate per block: on the attention probabilities (as a head mask or an L0
-    gate sits), or on the scores before the Softmax (not foldable)."""
-    from onnx import helper
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    for k, s in enumerate([n for n in out.graph.node if n.op_type == "Softmax"]):
-        g = f"gate{k}"
-        out.graph.initializer.append(numpy_helper.from_array(np.array(GATES[k], np.float32).reshape(1, 4, 1, 1), g))
-        at = list(out.graph.node).index(s)
-        if before_softmax:
-            src = s.input[0]
-            s.input[0] = f"{src}_gated"
-            out.graph.node.insert(at, helper.make_node("Mul", [src, g], [f"{src}_gated"], name=f"/gate{k}/Mul"))
-        else:
-            y = s.output[0]
-            s.output[0] = f"{y}_ungated"
-            out.graph.node.insert(at + 1, helper.make_node("Mul", [f"{y}_ungated", g], [y], name=f"/gate{k}/Mul"))
-    onnx.checker.check_model(out)
-    return out
-
-
 def test_gates_fold_exactly_and_serve_as_importance():
     from onnxprune.transforms.gates import find_gates, fold_gates
     model = _gated(_bert())

@@ -17,8 +17,7 @@ from onnxprune.errors import PlanError, VerifyError
 from onnxprune.importance import NAMED, SOURCES, help_lines
 from onnxprune.probe import synth_inputs
 
-from conftest import MODELS
-from test_importance import _gated
+from conftest import MODELS, gated as _gated
 
 BERT = MODELS / "bert-ts.onnx"
 
