@@ -48,10 +48,12 @@ def _layouts(block: AttentionBlock, kept_heads, shapes) -> dict[str, _Layout]:
         keep, ok = {}, True
         for pos, ax in enumerate(t.axes):
             if ax in t.copies:
-                # entries along a broadcast axis are copies: keep as many as each row needs
-                counts = np.unique(mask.sum(axis=pos))
+                # entries along a broadcast axis are copies: keep as many as each row needs. Rows that keep
+                # nothing (a whole KV group dropped) go along the other axes, so only kept rows must agree
+                sums = mask.sum(axis=pos)
+                counts = np.unique(sums[sums > 0])
                 ok &= len(counts) == 1
-                keep[ax] = np.arange(int(counts[0]))
+                keep[ax] = np.arange(int(counts[0]) if len(counts) else 0)
                 continue
             other = tuple(i for i in range(mask.ndim) if i != pos)
             keep[ax] = np.flatnonzero(mask.any(axis=other) if other else mask)

@@ -29,6 +29,7 @@ EXPECTED_BLOCKS = {
     "Swin": [(2, 2), (2, 2), (4, 4)],                 # depths [2, 1], heads [2, 4]
     "Falcon": [(4, 1)] * 2,                          # multi-query: one KV head
     "Phi-3": _GQA2, "Llama": _GQA2, "Qwen2": _GQA2, "Mistral": _GQA2,
+    "Llama, 4 KV groups": [(16, 4)] * 2,             # 16 heads of 4, 4 KV heads: groups of 4 query heads
     "BART": [(4, 4)] * 6, "Whisper": [(4, 4)] * 6,   # 2 encoder self, 2 x (decoder self + cross)
     # ORT's Whisper exporter: cross 0, self 1, cross 1; self 0 is an expected miss (see the manifest)
     "Whisper decoder, ORT-exported": [(4, 4)] * 3,
@@ -182,3 +183,43 @@ def test_onnx_attention_3d_loses_whole_kv_groups(keep_groups):
     _check_strict(result.model, model)
     heads = [{a.name: a.i for a in n.attribute} for n in result.model.graph.node if n.op_type == "Attention"]
     assert heads == [{"is_causal": 1, "q_num_heads": 4, "kv_num_heads": 1}] * 2
+
+
+# grouped-query exports: more than one KV head, fewer than the query heads
+GROUPED = [n for n in SUPPORTED if 1 < EXPECTED_BLOCKS[MANIFEST[n]["family"]][0][1]
+           < EXPECTED_BLOCKS[MANIFEST[n]["family"]][0][0]]
+FOUR_GROUPS = [n for n in SUPPORTED if MANIFEST[n]["family"] == "Llama, 4 KV groups"]
+
+
+@pytest.mark.parametrize("name", [n if n == "llama-gqa4-ts.onnx" else pytest.param(n, marks=pytest.mark.slow)
+                                  for n in FOUR_GROUPS])
+def test_whole_kv_groups_go_in_any_combination(name):
+    """--gqa group on a torch export with 4 KV groups: kept groups contiguous or not, 1 to 3 of them, prune
+    exactly; the K and V projections keep just the kept groups' columns. (With 2 groups, one
+    kept group is always contiguous: that hid a bug that 2 of 4 shows.)"""
+    model = _load(name)
+    blocks = inspect_model(model).blocks
+    feeds = synth_inputs(model)
+    for groups in [(3,), (0, 2), (1, 3), (0, 3), (1, 2), (0, 1, 3), (0, 2, 3)]:
+        kept = {b.index: tuple(h for g in groups for h in b.kv_groups[g]) for b in blocks}
+        result = prune_model(model, kept=kept, gqa="group", feeds=feeds)
+        assert result.max_error <= ATOL, (groups, result.max_error)
+        for b in result.blocks:
+            assert b.kept_kv_heads(result.kept[b.index]) == list(groups)
+            k = b.projection("k")
+            old = next(i for i in model.graph.initializer if i.name == k.weight)
+            new = next(i for i in result.model.graph.initializer if i.name == k.weight)
+            assert new.dims[k.head_axis] == old.dims[k.head_axis] * len(groups) // 4, (groups, k.weight)
+    _check_strict(result.model, model)
+
+
+@pytest.mark.parametrize("name, ratio", [(n, 0.5) for n in GROUPED] + [(n, r) for n in FOUR_GROUPS for r in (0.25, 0.75)])
+def test_gqa_group_mode_by_ratio(name, ratio):
+    """A ratio in group mode removes the lowest-scoring whole KV groups of every grouped-query export."""
+    model = _load(name)
+    result = prune_model(model, ratio, gqa="group")
+    assert result.max_error <= ATOL and result.gqa == "group"
+    for b in result.blocks:
+        kv = b.kept_kv_heads(result.kept[b.index])
+        assert len(result.kept[b.index]) == len(kv) * (b.num_heads // b.num_kv_heads)
+    _check_strict(result.model, model)

@@ -147,6 +147,12 @@ def _specs() -> list[Spec]:
         exporters=("ts", "d18"), attns=("eager", "sdpa"), **gqa)
     specs.append(Spec("llama-d23-sdpa", "Llama", _hf("LlamaModel", "LlamaConfig", "sdpa", **gqa),
                       _text_inputs(), "d23", "sdpa", dynamic=TEXT_DYN))
+    # four KV groups (16 heads of 4): two groups hid a bug that keeping 2 of 4 groups shows
+    gqa4 = dict(gqa, hidden_size=64, num_attention_heads=16, num_key_value_heads=4, head_dim=4)
+    add("llama-gqa4", "Llama, 4 KV groups", "LlamaModel", "LlamaConfig", _text_inputs(), TEXT_DYN,
+        exporters=("ts", "d18"), attns=("eager", "sdpa"), **gqa4)
+    specs.append(Spec("llama-gqa4-d23-sdpa", "Llama, 4 KV groups", _hf("LlamaModel", "LlamaConfig", "sdpa", **gqa4),
+                      _text_inputs(), "d23", "sdpa", dynamic=TEXT_DYN))
     add("qwen2", "Qwen2", "Qwen2Model", "Qwen2Config", _text_inputs(), TEXT_DYN, **gqa)
     add("mistral", "Mistral", "MistralModel", "MistralConfig", _text_inputs(), TEXT_DYN,
         sliding_window=None, head_dim=8, **gqa)
