@@ -17,7 +17,8 @@ from onnxprune.verify import compare, masked_model, max_abs_diff, run
 from conftest import MODELS  # noqa: E402
 
 MANIFEST = json.loads((MODELS / "MANIFEST.json").read_text())["models"]
-SUPPORTED = sorted(MANIFEST)
+SUPPORTED = sorted(n for n in MANIFEST if "refused" not in MANIFEST[n])
+REFUSED = sorted(n for n in MANIFEST if "refused" in MANIFEST[n])     # refused on purpose, with a reason
 ATOL = 1e-4
 
 # (H, H_kv) of every attention block in graph order, from the configs in tools/export_models.py.
@@ -30,6 +31,7 @@ EXPECTED_BLOCKS = {
     "Falcon": [(4, 1)] * 2,                          # multi-query: one KV head
     "Phi-3": _GQA2, "Llama": _GQA2, "Qwen2": _GQA2, "Mistral": _GQA2,
     "Llama, 4 KV groups": [(16, 4)] * 2,             # 16 heads of 4, 4 KV heads: groups of 4 query heads
+    "Qwen3": _GQA2, "Gemma 3": _GQA2,                # q/k RMSNorm over the head size (ReduceMean) inside
     "BART": [(4, 4)] * 6, "Whisper": [(4, 4)] * 6,   # 2 encoder self, 2 x (decoder self + cross)
     # ORT's Whisper exporter: cross 0, self 1, cross 1; self 0 is an expected miss (see the manifest)
     "Whisper decoder, ORT-exported": [(4, 4)] * 3,
@@ -86,7 +88,7 @@ def _random_keep(block, rng):
 
 
 def test_every_family_has_a_supported_export():
-    families = {v["family"] for v in MANIFEST.values()}
+    families = {v["family"] for v in MANIFEST.values() if "refused" not in v}
     supported = {MANIFEST[n]["family"] for n in SUPPORTED}
     assert families - supported == set()
 
@@ -223,3 +225,16 @@ def test_gqa_group_mode_by_ratio(name, ratio):
         kv = b.kept_kv_heads(result.kept[b.index])
         assert len(result.kept[b.index]) == len(kv) * (b.num_heads // b.num_kv_heads)
     _check_strict(result.model, model)
+
+
+@pytest.mark.parametrize("name", REFUSED)
+def test_refused_exports_say_why(name):
+    """OLMo-2 normalises q and k over all heads at once (an RMSNorm over H*D): pruning would change that
+    statistic, so no pruned model could equal the masked original. The block is refused, with the node."""
+    from onnxprune.errors import MatchError
+    model = _load(name)
+    result = inspect_model(model)
+    assert result.blocks == () and result.misses
+    assert all(MANIFEST[name]["refused"] in m.reason for m in result.misses), result.misses
+    with pytest.raises(MatchError, match=MANIFEST[name]["refused"]):
+        prune_model(model, 0.5)

@@ -67,7 +67,7 @@ def site_kinds(flow):
 def test_every_op_with_a_rule_is_covered_here():
     covered = {"Transpose", "Reshape", "Flatten", "Unsqueeze", "Squeeze", "Expand", "Split", "Slice", "Gather",
                "Concat", "MatMul", "Gemm", "RotaryEmbedding", "Attention"}
-    assert set(rules.RULES) - set(rules.ELEMENTWISE) - set(rules.NORMS) == covered
+    assert set(rules.RULES) - set(rules.ELEMENTWISE) - set(rules.NORMS) - set(rules.REDUCTIONS) == covered
     assert rules.rule_for("Conv") is None
 
 
@@ -91,6 +91,21 @@ def test_norm_over_the_head_size_passes_and_over_heads_is_refused():
     assert owner_of(flow, "y") == ((1,), HEADS.tolist())
     flow, t = make_flow([ln], {"x": (2, 5, F)}, {"s": np.ones(F, np.float32)})
     with pytest.raises(FlowFail, match="normalises over the head axis"):
+        follow(flow, t, "x", MERGED, (2,), "down")
+
+
+def test_a_reduction_over_the_head_size_passes_and_over_heads_is_refused():
+    """q/k RMSNorm (Qwen3, Gemma 3): ReduceMean over D keeps the heads; over H*D (OLMo-2) it mixes them."""
+    red = node("ReduceMean", ["x", "axes"], ["y"], keepdims=1)
+    flow, t = make_flow([red], {"x": (2, 5, H, D)}, {"axes": np.array([-1], np.int64)})
+    follow(flow, t, "y", HEADS, (2,), "up")
+    assert owner_of(flow, "x") == ((2,), HEADS.tolist())
+    flow, t = make_flow([node("ReduceMean", ["x", "axes"], ["y"], keepdims=0)], {"x": (2, 5, H, D)},
+                        {"axes": np.array([1], np.int64)})
+    follow(flow, t, "x", HEADS, (2,), "down")
+    assert owner_of(flow, "y") == ((1,), HEADS.tolist())           # keepdims 0: the axis moves down by one
+    flow, t = make_flow([red], {"x": (2, 5, F)}, {"axes": np.array([-1], np.int64)})
+    with pytest.raises(FlowFail, match="reduces over the head axis"):
         follow(flow, t, "x", MERGED, (2,), "down")
 
 

@@ -42,6 +42,7 @@ class Spec:
     attn: str = "eager"       # eager | sdpa
     outputs: tuple[str, ...] = ("last_hidden_state",)
     dynamic: dict = field(default_factory=dict)   # input name -> {axis: name}
+    refused: str | None = None   # onnxprune refuses this model on purpose: words of the reason it gives
 
 
 def _text_inputs(vocab: int = 64, seq: int = 7, batch: int = 2, type_ids: bool = False):
@@ -101,12 +102,13 @@ def _specs() -> list[Spec]:
     bert_cfg = dict(vocab_size=64, max_position_embeddings=64, type_vocab_size=2, **small)
     specs: list[Spec] = []
 
-    def add(name, family, cls, cfgcls, inputs, dyn, exporters=("ts", "d18"), attns=("eager",), **cfg):
+    def add(name, family, cls, cfgcls, inputs, dyn, exporters=("ts", "d18"), attns=("eager",), refused=None,
+            **cfg):
         for ex in exporters:
             for attn in attns:
                 suffix = f"{ex}" + ("" if attn == "eager" else f"-{attn}")
                 specs.append(Spec(f"{name}-{suffix}", family, _hf(cls, cfgcls, attn, **cfg), inputs, ex, attn,
-                                  dynamic=dyn))
+                                  dynamic=dyn, refused=refused))
 
     add("bert", "BERT", "BertModel", "BertConfig", _text_inputs(type_ids=True), TEXT_DYN,
         exporters=("ts", "d18"), attns=("eager", "sdpa"), **bert_cfg)
@@ -154,6 +156,13 @@ def _specs() -> list[Spec]:
     specs.append(Spec("llama-gqa4-d23-sdpa", "Llama, 4 KV groups", _hf("LlamaModel", "LlamaConfig", "sdpa", **gqa4),
                       _text_inputs(), "d23", "sdpa", dynamic=TEXT_DYN))
     add("qwen2", "Qwen2", "Qwen2Model", "Qwen2Config", _text_inputs(), TEXT_DYN, **gqa)
+    # q/k RMSNorm over the head size, inside the block
+    add("qwen3", "Qwen3", "Qwen3Model", "Qwen3Config", _text_inputs(), TEXT_DYN, head_dim=8, **gqa)
+    add("gemma3", "Gemma 3", "Gemma3TextModel", "Gemma3TextConfig", _text_inputs(), TEXT_DYN, head_dim=8,
+        sliding_window=4, query_pre_attn_scalar=8, **gqa)
+    # OLMo-2 normalises q and k over all heads at once (RMSNorm over H*D): that mixes heads, and is refused
+    add("olmo2", "OLMo-2", "Olmo2Model", "Olmo2Config", _text_inputs(), TEXT_DYN, exporters=("ts",),
+        refused="outside the block", **gqa)
     add("mistral", "Mistral", "MistralModel", "MistralConfig", _text_inputs(), TEXT_DYN,
         sliding_window=None, head_dim=8, **gqa)
     return specs + _seq2seq_specs() + _torch_nn_specs() + _onnx_attention_specs()
@@ -365,6 +374,8 @@ def main(argv=None) -> int:
             "command": f"python tools/export_models.py --only {spec.name}",
             "torch": torch.__version__, "transformers": transformers.__version__,
         }
+        if spec.refused:
+            entries[path.name]["refused"] = spec.refused
         print(f"ok   {path.name:28} {path.stat().st_size / 1024:7.1f} KiB")
     record(entries, versions, args.out)
     return 1 if failed else 0

@@ -332,11 +332,36 @@ def attention(flow, node, direction, trigger):
     raise FlowFail(node, "a second Attention op inside one block")
 
 
+REDUCTIONS = {"ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceL1", "ReduceL2", "ReduceLogSum",
+              "ReduceLogSumExp", "ReduceProd", "ReduceSumSquare"}
+
+
+def reduce(flow, node, direction, trigger):
+    """A reduction over axes that hold no head (an RMSNorm of q or k over the head size, as Qwen3, OLMo-2
+    and Gemma 3 have): the head axis passes, renumbered when ``keepdims`` is 0. Over a head axis: refused."""
+    x, y = node.inputs[0], node.outputs[0]
+    if trigger is not x and direction == "down":
+        raise FlowFail(node, f"{node.op} axes carry the head axis")
+    rank = len(flow.shape(x))
+    axes = flow.axes_arg(node, rank)
+    if axes is None:
+        axes = [] if node.attrs.get("noop_with_empty_axes", 0) else list(range(rank))
+    kept = list(range(rank)) if node.attrs.get("keepdims", 1) else [a for a in range(rank) if a not in axes]
+    if direction == "down":
+        hm = flow.maps[x.name]
+        if any(a in axes for a in hm.axes):
+            raise FlowFail(node, f"{node.op} reduces over the head axis")
+        flow.assign(y, HeadMap(tuple(kept.index(a) for a in hm.axes), hm.owner), "down", node, flow.role_of(x))
+    else:
+        hm = flow.maps[y.name]
+        flow.assign(x, HeadMap(tuple(kept[a] for a in hm.axes), hm.owner), "up", node, flow.role_of(y))
+
+
 RULES = {
     "Transpose": transpose, "Reshape": reshape, "Flatten": reshape, "Unsqueeze": unsqueeze,
     "Squeeze": squeeze, "Expand": expand, "Split": split, "Slice": slice_, "Gather": gather, "Concat": concat,
     "MatMul": matmul, "Gemm": gemm, "RotaryEmbedding": rotary_embedding, "Attention": attention,
-    **{op: elementwise for op in ELEMENTWISE}, **{op: norm for op in NORMS},
+    **{op: elementwise for op in ELEMENTWISE}, **{op: norm for op in NORMS}, **{op: reduce for op in REDUCTIONS},
 }
 
 
