@@ -225,7 +225,8 @@ def rewrite(state: State, options: PruneOptions) -> State:
     io_keep = rewriter.io_keep
     del graph, rewriter, dead        # the sliced weights now live in ``pruned`` only: free the graph's copies
     state = replace(state, pruned=pruned, graph=None, io_keep=io_keep)
-    release_memory()
+    if options.external_dir is not None or pruned.ByteSize() > LARGE:
+        release_memory()             # a large model: hand the graph's copies back before verification
     return state
 
 
@@ -268,6 +269,9 @@ def verification_feeds(model: onnx.ModelProto, feeds: dict | None, io_keep: dict
     if io_keep:            # a KV cache: also a decode step on a non-empty past
         runs.append(synth_inputs(model, seed=1, batch=1, seq=1, past=3))
     return runs
+
+
+LARGE = 256 << 20      # bytes of a model above which freed memory is handed back before the next step
 
 
 def release_memory():
