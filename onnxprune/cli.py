@@ -10,7 +10,7 @@ import signal
 import sys
 from pathlib import Path
 
-from .errors import InputError, OnnxPruneError
+from .errors import InputError, MatchError, OnnxPruneError
 
 PRUNE_HELP = """\
 Remove attention heads from a transformer exported to ONNX, and prove the result exact.
@@ -121,6 +121,9 @@ def _prune_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="match, plan and verify, but write no file")
     p.add_argument("--force", action="store_true", help="allow the pruned model to replace the input model")
     p.add_argument("--no-verify", action="store_true", help="skip the pruning-equals-masking check")
+    p.add_argument("--strict", action="store_true",
+                   help="refuse a model in which some attention-like node is not matched (exit 3), instead of "
+                        "pruning the blocks that are and reporting the others")
     p.add_argument("--gqa", choices=("group", "uniform"), default=None,
                    help="grouped-query attention: remove whole KV groups (group; the default when the model "
                         "has a KV cache, which then shrinks) or the same query heads from every group (uniform)")
@@ -337,6 +340,10 @@ def run_prune(argv) -> int:
         calib=_calib(args, model), compensate=args.compensate, gqa=args.gqa, multiple_of=args.multiple_of,
         verify=not args.no_verify and not verify_saved_copy, atol=args.atol, external_dir=where)
     result = prune_model(model, options=options)
+    missed = [m for m in result.misses if m.node]
+    if args.strict and missed:
+        raise MatchError(f"--strict: {len(missed)} attention-like node(s) not matched, first {missed[0].node}: "
+                         f"{missed[0].reason}")
     result = count_result_macs(model, result, args.batch, args.seq or 128, where, shrink=args.seq is None)
     folder = plan_folder(args.model, out, result, inputs[1:]) if folder_mode and not args.dry_run else []
     if args.report and any(dst.resolve() == args.report.resolve() for dst, _ in folder):

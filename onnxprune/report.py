@@ -38,7 +38,8 @@ def build_report(result: PruneResult, model: str, output: str | None, ratio) -> 
             "max_error": result.max_error, "gqa": result.gqa, "kv_cache": result.kv_cache,
             "importance": result.importance_source, "compensate": result.compensate,
             "gates_folded": result.gates, "multiple_of": result.multiple_of, "macs": macs,
-            "macs_note": result.macs_note, "blocks": blocks}
+            "macs_note": result.macs_note, "blocks": blocks,
+            "misses": [{"node": m.node, "op": m.op, "reason": m.reason} for m in result.misses if m.node]}
 
 
 def format_table(report: dict) -> str:
@@ -74,6 +75,15 @@ def format_table(report: dict) -> str:
         lines.append(report["macs_note"])
     if report.get("max_error") is not None:
         lines.append(f"pruned == masked original: max abs error {report['max_error']:.2e}")
+    if all(len(b["kept_heads"]) == b["num_heads"] for b in report["blocks"]):
+        lines.append("nothing removed: every block keeps all its heads")
+    misses = report.get("misses") or []
+    if misses:
+        lines.append(f"left whole: {len(misses)} attention-like node(s) not matched, their heads not pruned "
+                     "(onnxprune inspect lists them; --strict refuses this)")
+        lines += [f"  {m['op']} {m['node']}: {m['reason']}" for m in misses[:5]]
+        if len(misses) > 5:
+            lines.append(f"  ... and {len(misses) - 5} more")
     return "\n".join(lines)
 
 

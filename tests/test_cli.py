@@ -164,3 +164,18 @@ def test_a_failed_folder_output_leaves_no_folder(work, tmp_path_factory, monkeyp
     assert main([str(work / "bert.onnx"), "--ratio", "0.5", "-o", f"{dest}/"]) == 6
     assert not dest.exists()
     assert main([str(work / "bert.onnx"), "--ratio", "0.5", "-o", f"{dest}/", "--atol", "-1"]) == 2   # refused
+
+
+def test_the_summary_names_what_was_left_whole(tmp_path):
+    """ORT's Whisper decoder leaves one block whole (its cache is read outside it): the prune command says
+    so and names it, the report lists it, and --strict refuses the model. Ratio 0 says nothing was removed."""
+    model = MODELS / "whisper-ort-decoder.onnx"
+    r = cli(model, "--ratio", "0.5", "--dry-run", "--report", tmp_path / "r.json")
+    assert r.returncode == 0, r.stderr
+    assert "left whole: 1 attention-like node(s) not matched" in r.stdout and "Attention_0" in r.stdout
+    misses = json.loads((tmp_path / "r.json").read_text())["misses"]
+    assert [m["node"] for m in misses] == ["Attention_0"] and "outside the block" in misses[0]["reason"]
+    r = cli(model, "--ratio", "0.5", "-o", tmp_path / "p.onnx", "--strict")
+    assert r.returncode == 3 and "--strict" in r.stderr and not (tmp_path / "p.onnx").exists()
+    r = cli(BERT, "--ratio", "0", "--dry-run")
+    assert r.returncode == 0 and "nothing removed" in r.stdout and "left whole" not in r.stdout
