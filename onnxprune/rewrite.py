@@ -65,9 +65,13 @@ def _layouts(block: AttentionBlock, kept_heads, shapes) -> dict[str, _Layout]:
         if plain:
             grid[np.ix_(*[keep[ax] for ax in plain])] = True
         if not ok or (plain and not np.array_equal(grid, proj)):
+            if 1 < block.num_kv_heads < block.num_heads:
+                hint = "in grouped-query attention keep the same number of query heads in every KV group"
+            else:
+                hint = (f"it holds the heads in a {' x '.join(str(n) for n in np.shape(t.owner))} grid (CodeGen "
+                        "packs them so): keep the same heads in every row of it")
             raise PlanError(f"block {block.index} ({block.name}): the kept heads {list(kept_heads)} cannot be "
-                            f"cut out of {t.name!r} as a rectangle; in grouped-query attention keep the same "
-                            "number of query heads in every KV group")
+                            f"cut out of {t.name!r} as a rectangle; {hint}")
         shape = list(shapes[t.name])
         for ax, idx in keep.items():
             shape[ax] = len(idx)

@@ -206,7 +206,7 @@ class Flow:
         grew = bool(set(_as_set(role)) - roles)
         roles |= _as_set(role)
         old = self.maps.get(t.name)
-        new = hm if old is None else self._merge(t, old, hm, node)
+        new = hm if old is None else (self._compress(t, self._merge(t, old, hm, node)) or old)
         if old is not None and old.axes == new.axes and np.array_equal(old.owner, new.owner) and not grew:
             return
         self.maps[t.name] = new
