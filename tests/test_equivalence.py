@@ -35,6 +35,9 @@ EXPECTED_BLOCKS = {
     "Phi-3": _GQA2, "Llama": _GQA2, "Qwen2": _GQA2, "Mistral": _GQA2,
     "Llama, 4 KV groups": [(16, 4)] * 2,             # 16 heads of 4, 4 KV heads: groups of 4 query heads
     "Qwen3": _GQA2, "Gemma 3": _GQA2,                # q/k RMSNorm over the head size (ReduceMean) inside
+    "Phi": _MHA2,                                    # rotary on half of each head
+    "GPT-J": _MHA2,                                  # interleaved rotary: x[..., ::2], x[..., 1::2]
+    "BEiT": _MHA2,                                   # a relative position bias table per block
     "BART": [(4, 4)] * 6, "Whisper": [(4, 4)] * 6,   # 2 encoder self, 2 x (decoder self + cross)
     # ORT's Whisper exporter: cross 0, self 1, cross 1; self 0 is an expected miss (see the manifest)
     "Whisper decoder, ORT-exported": [(4, 4)] * 3,
