@@ -182,6 +182,8 @@ def make_plan(state: State, options: PruneOptions) -> State:
         else:
             drop = set(options.heads_to_prune.get(b.index, ()))
             plans[b.index], applied[b.index] = tuple(h for h in range(b.num_heads) if h not in drop), False
+    if options.selects_by_score:
+        plans, applied = _tie_shared(blocks, state.graph, plans, applied)
     if options.multiple_of is not None:
         for b in blocks:
             try:
@@ -190,6 +192,50 @@ def make_plan(state: State, options: PruneOptions) -> State:
             except (PlanError, ValueError) as exc:
                 raise PlanError(f"--multiple-of {options.multiple_of}: block {b.index} ({b.name}): {exc}") from None
     return replace(state, plans=plans, applied=applied)
+
+
+def shared_blocks(blocks, graph) -> list[list[int]]:
+    """Groups of blocks (indices) that read one weight or bias between them (ALBERT shares one layer across
+    all of them; TorchScript shares equal weights through Identity), each group with at least two."""
+    if graph is None:
+        return []
+    tensors = graph.tensors()
+    owner: dict[str, int] = {}
+    parent = {b.index: b.index for b in blocks}
+
+    def find(i):
+        while parent[i] != i:
+            i = parent[i]
+        return i
+
+    for b in blocks:
+        for t in b.tensors:
+            if not t.constant or t.name not in tensors:
+                continue
+            src = tensors[t.name]
+            while len(src.inputs) == 1 and src.inputs[0].op == "Identity" and src.inputs[0].inputs:
+                src = src.inputs[0].inputs[0]
+            if src.name in owner:
+                parent[find(b.index)] = find(owner[src.name])
+            else:
+                owner[src.name] = b.index
+    groups: dict[int, list[int]] = {}
+    for b in blocks:
+        groups.setdefault(find(b.index), []).append(b.index)
+    return [g for g in groups.values() if len(g) > 1]
+
+
+def _tie_shared(blocks, graph, plans, applied):
+    """Blocks that share weights keep the same heads, so that one slice of the shared weights serves them
+    all: each takes the plan of the first block of its group. (Lists of heads given by hand stay as given;
+    blocks that keep different heads then each get a slice of their own.)"""
+    by_index = {b.index: b for b in blocks}
+    for group in shared_blocks(blocks, graph):
+        first = by_index[group[0]]
+        for i in group[1:]:
+            if by_index[i].num_heads == first.num_heads and by_index[i].kv_groups == first.kv_groups:
+                plans[i], applied[i] = plans[first.index], applied[first.index]
+    return plans, applied
 
 
 def compensate(state: State, options: PruneOptions) -> State:

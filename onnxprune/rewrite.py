@@ -113,6 +113,13 @@ def _period(keep: np.ndarray, size: int) -> int | None:
     return None
 
 
+def _source(t):
+    """The tensor behind a chain of Identity nodes (TorchScript shares equal weights through them)."""
+    while len(t.inputs) == 1 and t.inputs[0].op == "Identity" and t.inputs[0].inputs:
+        t = t.inputs[0].inputs[0]
+    return t
+
+
 def _set_values(const: gs.Constant, values: np.ndarray):
     const.values = values
     const.data_location = None      # now in memory, even if the original sat in an external file
@@ -143,6 +150,7 @@ class Rewriter:
         self.edits: list[Callable[[], None]] = []
         self.changed_initializers: set[str] = set()
         self.io_keep: dict[str, dict[int, np.ndarray]] = {}   # graph inputs/outputs that lose heads
+        self._slices: dict[tuple, gs.Constant] = {}    # (shared weight, kept positions) -> its one slice
 
     # ------------------------------------------------------------------ planning (no mutation)
     def plan(self, block: AttentionBlock, kept_heads):
@@ -171,16 +179,19 @@ class Rewriter:
             SITE_PLANNERS[site.kind](self, node, block, layouts, kept_heads)
 
     def _plan_constant(self, tensor, lay: _Layout, block_nodes):
-        value = const_value(tensor)
-        new = _take(value, lay.keep)
         consumers = list(tensor.outputs)
         shared = any(c.name not in block_nodes for c in consumers) or tensor in self.graph.outputs
         if isinstance(tensor, gs.Constant) and not shared:
             self.changed_initializers.add(tensor.name)
-            self.edits.append(lambda t=tensor, v=new: _set_values(t, v))
+            self.edits.append(lambda t=tensor, v=_take(const_value(tensor), lay.keep): _set_values(t, v))
             return
-        replacement = gs.Constant(f"{tensor.name}__pruned{next(_fresh)}", new)
-
+        # a weight that several blocks share (ALBERT's one layer, TorchScript's Identity of equal weights):
+        # blocks that keep the same heads of it share one slice, so the model shrinks as much as it should
+        key = (_source(tensor).name, tuple((ax, tuple(map(int, idx))) for ax, idx in sorted(lay.keep.items())))
+        replacement = self._slices.get(key)
+        if replacement is None:
+            replacement = gs.Constant(f"{tensor.name}__pruned{next(_fresh)}", _take(const_value(tensor), lay.keep))
+            self._slices[key] = replacement
         self.edits.append(lambda t=tensor, r=replacement: _reroute(t, r, block_nodes))
 
     def _plan_cut(self, tensor, lay: _Layout, block_nodes):

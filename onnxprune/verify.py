@@ -33,12 +33,27 @@ def _masked_o(block: AttentionBlock, kept: dict[int, tuple], proto: onnx.TensorP
     return arr
 
 
+def _masked_apart(blocks, kept) -> list[AttentionBlock]:
+    """Blocks after the first that read one output-projection weight with another block but mask other
+    heads of it (ALBERT's shared layer, pruned with different heads per block): each needs its own copy."""
+    seen: dict[str, frozenset] = {}
+    apart = []
+    for b in blocks:
+        keep = frozenset(kept.get(b.index, range(b.num_heads)))
+        if b.o_proj.weight in seen and seen[b.o_proj.weight] != keep:
+            apart.append(b)
+        seen.setdefault(b.o_proj.weight, keep)
+    return apart
+
+
 def masked_weights(model: onnx.ModelProto, blocks: list[AttentionBlock], kept: dict[int, tuple],
                    external_dir=None) -> dict[str, np.ndarray] | None:
     """The masked output-projection weights alone, {initializer name: array}, for ``session(overrides=...)``:
     the original model is then run as it is, with no copy of it. None when a weight is not an initializer
     of its own (shared through Identity): use ``masked_model`` then."""
     inits = {i.name: i for i in model.graph.initializer}
+    if _masked_apart(blocks, kept):
+        return None
     out = {}
     for block in blocks:
         proto = inits.get(block.o_proj.weight)
@@ -57,8 +72,19 @@ def masked_model(model: onnx.ModelProto, blocks: list[AttentionBlock], kept: dic
     masked = onnx.ModelProto()
     masked.CopyFrom(model)
     own_weights(masked, [b.o_proj.weight for b in blocks])
+    names = {b.index: b.o_proj.weight for b in blocks}
+    for block in _masked_apart(blocks, kept):    # one weight, several blocks, different heads masked:
+        own = f"{block.o_proj.weight}.onnxprune_block{block.index}"      # this block reads a copy of its own
+        copy = masked.graph.initializer.add()
+        copy.CopyFrom(own_constant(masked, block.o_proj.weight))
+        copy.name = own
+        inside = set(block.nodes)
+        for node in masked.graph.node:
+            if node.name in inside:
+                node.input[:] = [own if i == block.o_proj.weight else i for i in node.input]
+        names[block.index] = own
     for block in blocks:
-        proto = own_constant(masked, block.o_proj.weight)
+        proto = own_constant(masked, names[block.index])
         arr = _masked_o(block, kept, proto, external_dir)
         if arr is not None:
             proto.CopyFrom(numpy_helper.from_array(arr, proto.name))   # inline now, even if it was external

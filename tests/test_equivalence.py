@@ -38,6 +38,7 @@ EXPECTED_BLOCKS = {
     "Phi": _MHA2,                                    # rotary on half of each head
     "GPT-J": _MHA2,                                  # interleaved rotary: x[..., ::2], x[..., 1::2]
     "BEiT": _MHA2,                                   # a relative position bias table per block
+    "ALBERT": _MHA2,                                 # one layer's weights shared by both blocks
     "BART": [(4, 4)] * 6, "Whisper": [(4, 4)] * 6,   # 2 encoder self, 2 x (decoder self + cross)
     # ORT's Whisper exporter: cross 0, self 1, cross 1; self 0 is an expected miss (see the manifest)
     "Whisper decoder, ORT-exported": [(4, 4)] * 3,
@@ -244,3 +245,17 @@ def test_refused_exports_say_why(name):
     assert all(MANIFEST[name]["refused"] in m.reason for m in result.misses), result.misses
     with pytest.raises(MatchError, match=MANIFEST[name]["refused"]):
         prune_model(model, 0.5)
+
+
+@pytest.mark.parametrize("name", [n for n in SUPPORTED if MANIFEST[n]["family"] == "ALBERT"])
+def test_blocks_that_share_weights_share_their_slice(name):
+    """ALBERT runs one layer's weights in every block: the blocks keep the same heads, and the model loses
+    the dropped heads' parameters once (hidden 32, 4 heads of 8, ratio 0.5: Q, K, V lose 16 columns and 16
+    bias entries each, O loses 16 rows: 3 x (32 x 16 + 16) + 16 x 32 = 2096)."""
+    model = _load(name)
+    for ratio, removed in ((0.5, 2096), (0.75, 3 * (32 * 24 + 24) + 24 * 32)):
+        result = prune_model(model, ratio)
+        assert result.max_error <= ATOL
+        assert len({result.kept[b.index] for b in result.blocks}) == 1
+        assert result.params_before - result.params_after == removed
+        _check_strict(result.model, model)
