@@ -41,13 +41,51 @@ def _checked(model: onnx.ModelProto, path) -> onnx.ModelProto:
     if not model.graph.node:
         raise InputError(f"{path}: not an ONNX model (no graph nodes; truncated or not ONNX?)")
     try:   # in memory when the file holds everything: no second read of it
-        onnx.checker.check_model(str(path) if has_external_data(model) else model)
+        try:
+            onnx.checker.check_model(str(path) if has_external_data(model) else model)
+        except onnx.checker.ValidationError as exc:
+            # ORT's float16 converter (keep_io_types) can leave nodes out of order; ORT runs them: sort them
+            if "topologically sorted" not in str(exc) or not sort_nodes(model):
+                raise
+            onnx.checker.check_model(model if not has_external_data(model) else _weightless_copy(model))
     except onnx.checker.ValidationError as exc:
         # ops that onnx does not know (ONNX Runtime's contrib ops in the default domain, as the GenAI
         # builder writes them) are for ONNX Runtime to judge: the probe runs the model on it
         if not str(exc).startswith("No Op registered for"):
             raise InputError(f"{path}: invalid ONNX model: {str(exc).splitlines()[0][:160]}") from None
     return model
+
+
+def sort_nodes(model: onnx.ModelProto) -> bool:
+    """Put the main graph's nodes in topological order (in memory); False when they have a cycle or read
+    a tensor that nothing makes."""
+    graph = model.graph
+    known = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
+    pending, ordered = list(graph.node), []
+    while pending:
+        ready = [n for n in pending if all(i in known for i in n.input)]
+        if not ready:
+            return False
+        for n in ready:
+            known.update(n.output)
+        ready_ids = {id(n) for n in ready}
+        ordered += ready
+        pending = [n for n in pending if id(n) not in ready_ids]
+    nodes = [onnx.NodeProto() for _ in ordered]
+    for new, old in zip(nodes, ordered):
+        new.CopyFrom(old)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return True
+
+
+def _weightless_copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model's structure for the checker, its external weights as graph inputs (never read)."""
+    light = copy_without_initializers(model)
+    light.graph.node.extend(model.graph.node)
+    for t in model.graph.initializer:
+        light.graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    return light
 
 
 def as_model(model, external_dir: str | os.PathLike | None = None

@@ -179,3 +179,25 @@ def test_the_summary_names_what_was_left_whole(tmp_path):
     assert r.returncode == 3 and "--strict" in r.stderr and not (tmp_path / "p.onnx").exists()
     r = cli(BERT, "--ratio", "0", "--dry-run")
     assert r.returncode == 0 and "nothing removed" in r.stdout and "left whole" not in r.stdout
+
+
+def test_nodes_out_of_order_are_sorted_not_refused(tmp_path):
+    """ORT's float16 converter (keep_io_types) can write nodes out of topological order, which ORT runs and
+    the ONNX checker refuses: the graph is sorted in memory, the input file left as it is."""
+    model = onnx.load(str(BERT))
+    nodes = list(model.graph.node)
+    nodes[5], nodes[20] = nodes[20], nodes[5]
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    onnx.save(model, str(tmp_path / "unsorted.onnx"))
+    before = (tmp_path / "unsorted.onnx").read_bytes()
+    with pytest.raises(onnx.checker.ValidationError, match="topologically sorted"):
+        onnx.checker.check_model(model)
+    r = cli(tmp_path / "unsorted.onnx", "--ratio", "0.5", "-o", tmp_path / "p.onnx")
+    assert r.returncode == 0, r.stderr
+    assert "max abs error 0.00e+00" in r.stdout and (tmp_path / "unsorted.onnx").read_bytes() == before
+    onnx.checker.check_model(onnx.load(str(tmp_path / "p.onnx")), full_check=True)
+    del model.graph.node[0]                      # now a tensor is read that nothing makes: still refused
+    onnx.save(model, str(tmp_path / "broken.onnx"))
+    r = cli(tmp_path / "broken.onnx", "--ratio", "0.5")
+    assert r.returncode == 2 and "topologically sorted" in r.stderr and len(r.stderr.strip().splitlines()) == 1
