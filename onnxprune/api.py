@@ -63,7 +63,7 @@ def count_result_macs(model: onnx.ModelProto, result: PruneResult, batch: int = 
             note = None if first_error is None else f"the model does not run at seq {seq}; MACs counted at seq {length}"
             return replace(result, macs=(before, after), macs_note=note)
         except OnnxPruneError as exc:
-            first_error = first_error or str(exc).split("synthetic inputs: ")[-1]
+            first_error = first_error or str(exc).split("inputs: ")[-1]
             if not shrink or length // 2 < 8:
                 return replace(result, macs_note=f"MACs not counted: the model does not run at batch {batch}, "
                                                  f"seq {seq} ({first_error})")

@@ -197,6 +197,9 @@ def count_macs(model: onnx.ModelProto, blocks, batch: int = 1, seq: int = 128, e
     ``block_node_names`` (block index -> node names, from ``block_nodes`` on the original) lets a pruned
     model, whose node names the rewrite keeps, be counted per block without matching it again.
     """
+    from .probe import fixed_sizes
+    fixed_batch, fixed_seq = fixed_sizes(model)       # a model with fixed sizes runs at those only
+    batch, seq = fixed_batch or batch, fixed_seq or seq
     shapes = _shapes(model, batch, seq, external_dir)
     per_node = {}
     for i, n in enumerate(model.graph.node):

@@ -20,7 +20,7 @@ import onnx
 
 from . import plan as planning
 from .block import AttentionBlock, MatchResult
-from .errors import MatchError, OnnxPruneError, PlanError, RewriteError, VerifyError
+from .errors import InputError, MatchError, OnnxPruneError, PlanError, RewriteError, VerifyError
 from .importance import ImportanceContext, choose, scores_for
 from .io import FLOAT_TYPES, attach_external, name_nodes, to_graph
 from .match import match_graph
@@ -148,9 +148,14 @@ def score(state: State, options: PruneOptions) -> State:
 
 def calibration(state: State, options: PruneOptions):
     """The shared calibration session on ``state.model``: ``options.calib``, or synthetic inputs."""
-    from .calibrate import Calibrator, batches
+    from .calibrate import BATCH, Calibrator, batches
+    from .probe import fixed_sizes
     data = options.calib if options.calib is not None else synth_inputs(state.model, seed=7, batch=32, seq=16)
-    return Calibrator(state.model, state.blocks, batches(data), options.external_dir)
+    fixed_batch, _ = fixed_sizes(state.model)          # a model whose batch is fixed takes batches of that size
+    if fixed_batch and len(next(iter(data.values()))) % fixed_batch:
+        raise InputError(f"the model's batch is fixed at {fixed_batch}; the calibration data's "
+                         f"{len(next(iter(data.values())))} samples are not a multiple of it")
+    return Calibrator(state.model, state.blocks, batches(data, fixed_batch or BATCH), options.external_dir)
 
 
 def make_plan(state: State, options: PruneOptions) -> State:
@@ -351,5 +356,13 @@ def start(model: onnx.ModelProto, options: PruneOptions) -> State:
     """The first state: every node of the model named (a named copy when some are not: the caller's model
     is not changed), and the probe's inputs."""
     named = name_nodes(model)
-    feeds = dict(options.feeds) if options.feeds is not None else synth_inputs(named)
+    if options.feeds is not None:
+        feeds = dict(options.feeds)
+    elif options.calib is not None:     # the user's data drives the probe: sizes that the model really takes
+        from .calibrate import BATCH
+        from .probe import fixed_sizes
+        size = fixed_sizes(named)[0] or min(BATCH, len(next(iter(options.calib.values()))))
+        feeds = {k: v[:size] for k, v in options.calib.items()}
+    else:
+        feeds = synth_inputs(named)
     return State(original=model, model=named, feeds=feeds)

@@ -78,6 +78,8 @@ def synth_inputs(model: onnx.ModelProto, seed: int = 0, batch: int = BATCH, seq:
     rng = np.random.default_rng(seed)
     inits = {i.name for i in model.graph.initializer}
     past = past if any("past" in i.name.lower() for i in model.graph.input) else 0
+    fixed_batch, fixed_seq = fixed_sizes(model)
+    batch, seq = fixed_batch or batch, fixed_seq or seq    # a size fixed in one input holds for the others
     hints = _cache_hints(model)
     feeds = {}
     for inp in model.graph.input:
@@ -107,6 +109,25 @@ def synth_inputs(model: onnx.ModelProto, seed: int = 0, batch: int = BATCH, seq:
             value = rng.standard_normal(shape).astype(dtype)
         feeds[inp.name] = value
     return feeds
+
+
+def fixed_sizes(model: onnx.ModelProto) -> tuple[int | None, int | None]:
+    """(batch, length) where some graph input fixes them: the first axis of an input, the second of a 2-D
+    integer one (token ids, masks). Exports that fix one input (an attention mask of [2, 12]) and leave the
+    others dynamic run only at those sizes. None where no input fixes a size, or inputs disagree."""
+    inits = {i.name for i in model.graph.initializer}
+    batches, seqs = set(), set()
+    for inp in model.graph.input:
+        tt = inp.type.tensor_type
+        if inp.name in inits or "past" in inp.name.lower() or not tt.HasField("shape"):
+            continue
+        dims = list(tt.shape.dim)
+        if len(dims) >= 2 and dims[0].HasField("dim_value") and dims[0].dim_value > 0:
+            batches.add(dims[0].dim_value)
+        integer = np.issubdtype(helper.tensor_dtype_to_np_dtype(tt.elem_type), np.integer)
+        if len(dims) == 2 and integer and dims[1].HasField("dim_value") and dims[1].dim_value > 0:
+            seqs.add(dims[1].dim_value)
+    return (batches.pop() if len(batches) == 1 else None), (seqs.pop() if len(seqs) == 1 else None)
 
 
 def ort_reason(exc: Exception) -> str:
@@ -221,7 +242,8 @@ def probe(model: onnx.ModelProto, feeds: dict[str, np.ndarray] | None = None,
     Returns ``(shapes, values)``: ``shapes`` covers initializers too; ``values`` holds the integer tensors
     of at most 64 elements (shape vectors and the like), which the shape tracer reads.
     """
-    feeds = feeds if feeds is not None else synth_inputs(model)
+    given = feeds is not None
+    feeds = feeds if given else synth_inputs(model)
     probe, stand_ins = _light_copy(model)
     g = probe.graph
     static = {}
@@ -247,7 +269,8 @@ def probe(model: onnx.ModelProto, feeds: dict[str, np.ndarray] | None = None,
         names = [o.name for o in sess.get_outputs()]
         values = sess.run(names, feeds)
     except Exception as exc:
-        raise InputError(f"onnxruntime could not run the model on synthetic inputs: {ort_reason(exc)}") from None
+        which = "the given inputs (calibration data, feeds)" if given else "synthetic inputs"
+        raise InputError(f"onnxruntime could not run the model on {which}: {ort_reason(exc)}") from None
     shapes = Shapes({n: tuple(v.shape) for n, v in zip(names, values)})
     shapes.static = static
     small = {n: v for n, v in zip(names, values)

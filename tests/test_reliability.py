@@ -498,7 +498,7 @@ def test_calibration_data_of_the_wrong_kind(work, inproc):
         for args in ([work / "bert.onnx", "--ratio", "0.5", "--calib", work / f"{name}.npz"],
                      ["score", work / "bert.onnx", "--calib", work / f"{name}.npz", "-o", work / "s.onnx"]):
             r = inproc(*args)
-            one_line_error(r, 2, "input_ids" if name != "range" else "calibration data")
+            one_line_error(r, 2, "input_ids" if name != "range" else "out of data bounds")
             assert snapshot(work) == before, name
 
 
@@ -561,3 +561,21 @@ def test_contradictory_options_are_refused(work, inproc):
     assert json.loads((work / "r.json").read_text())["blocks"][0]["kept_heads"] == [2, 3]
     with pytest.raises(PlanError, match="finite"):
         prune_model(onnx.load(str(BERT)), threshold=float("nan"))
+
+
+def test_fixed_input_shapes_drive_the_probe_and_the_calibration_batches(tmp_path, inproc):
+    """A BERT export whose mask is fixed at [2, 7] while its ids stay dynamic, and a fully static one: the
+    probe feeds every input at the fixed sizes, calibration cuts batches of the fixed batch size, and data
+    that cannot be cut so is a one-line error."""
+    for name in ("bert-fixed-mask-ts.onnx", "bert-static-ts.onnx"):
+        model = onnx.load(str(MODELS / name))
+        assert prune_model(model, 0.5).max_error == 0.0
+        parts = [synth_inputs(model, seed=k) for k in range(4)]      # 4 batches of the fixed 2
+        data = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        np.savez(tmp_path / "c8.npz", **data)
+        r = inproc(MODELS / name, "--ratio", "0.5", "--calib", tmp_path / "c8.npz", "--compensate", "--dry-run")
+        assert r.returncode == 0 and "max abs error" in r.stdout, r.stderr
+        assert "MACs at batch 2, seq 7" in r.stdout
+        np.savez(tmp_path / "c7.npz", **{k: v[:7] for k, v in data.items()})
+        one_line_error(inproc(MODELS / name, "--ratio", "0.5", "--calib", tmp_path / "c7.npz", "--compensate",
+                              "--dry-run"), 2, "fixed at 2")

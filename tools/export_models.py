@@ -114,6 +114,12 @@ def _specs() -> list[Spec]:
         exporters=("ts", "d18"), attns=("eager", "sdpa"), **bert_cfg)
     specs.append(Spec("bert-d23-sdpa", "BERT", _hf("BertModel", "BertConfig", "sdpa", **bert_cfg),
                       _text_inputs(type_ids=True), "d23", "sdpa", dynamic=TEXT_DYN))
+    # fixed shapes: the mask fixed at [2, 7] while the ids stay dynamic, and a fully static export
+    partly = {k: v for k, v in TEXT_DYN.items() if k != "attention_mask"}
+    add("bert-fixed-mask", "BERT, fixed shapes", "BertModel", "BertConfig", _text_inputs(type_ids=True), partly,
+        exporters=("ts",), **bert_cfg)
+    add("bert-static", "BERT, fixed shapes", "BertModel", "BertConfig", _text_inputs(type_ids=True), {},
+        exporters=("ts",), **bert_cfg)
     add("roberta", "RoBERTa", "RobertaModel", "RobertaConfig", _text_inputs(), TEXT_DYN,
         vocab_size=64, max_position_embeddings=64, pad_token_id=1, type_vocab_size=1, **small)
     # MiniLM is the BERT architecture at 384 wide and 12 heads of 32; this keeps 6 heads of 8.
