@@ -94,6 +94,18 @@ def test_norm_over_the_head_size_passes_and_over_heads_is_refused():
         follow(flow, t, "x", MERGED, (2,), "down")
 
 
+def test_the_opset_23_rms_normalization_over_the_head_size_passes():
+    """No exporter here writes it (torch.onnx decomposes RMSNorm into ReduceMean), so it is built by hand."""
+    rms = node("RMSNormalization", ["x", "s"], ["y"], axis=-1)
+    flow, t = make_flow([rms], {"x": (2, 5, H, D)}, {"s": np.ones(D, np.float32)}, opset=23)
+    follow(flow, t, "x", HEADS, (2,), "down")
+    assert owner_of(flow, "y") == ((2,), HEADS.tolist())
+    flow, t = make_flow([node("RMSNormalization", ["x", "s"], ["y"], axis=1)], {"x": (2, H, 5, D)},
+                        {"s": np.ones((H, 5, D), np.float32)}, opset=23)
+    with pytest.raises(FlowFail, match="normalises over the head axis"):
+        follow(flow, t, "x", HEADS, (1,), "down")
+
+
 def test_a_reduction_over_the_head_size_passes_and_over_heads_is_refused():
     """q/k RMSNorm (Qwen3, Gemma 3): ReduceMean over D keeps the heads; over H*D (OLMo-2) it mixes them."""
     red = node("ReduceMean", ["x", "axes"], ["y"], keepdims=1)

@@ -166,6 +166,11 @@ def _specs() -> list[Spec]:
     add("qwen3", "Qwen3", "Qwen3Model", "Qwen3Config", _text_inputs(), TEXT_DYN, head_dim=8, **gqa)
     add("gemma3", "Gemma 3", "Gemma3TextModel", "Gemma3TextConfig", _text_inputs(), TEXT_DYN, head_dim=8,
         sliding_window=4, query_pre_attn_scalar=8, **gqa)
+    for name, family, cls, cfgcls, extra in (("qwen3", "Qwen3", "Qwen3Model", "Qwen3Config", {}),
+                                             ("gemma3", "Gemma 3", "Gemma3TextModel", "Gemma3TextConfig",
+                                              dict(sliding_window=4, query_pre_attn_scalar=8))):
+        specs.append(Spec(f"{name}-d23-sdpa", family, _hf(cls, cfgcls, "sdpa", head_dim=8, **extra, **gqa),
+                          _text_inputs(), "d23", "sdpa", dynamic=TEXT_DYN))
     # OLMo-2 normalises q and k over all heads at once (RMSNorm over H*D): that mixes heads, and is refused
     add("olmo2", "OLMo-2", "Olmo2Model", "Olmo2Config", _text_inputs(), TEXT_DYN, exporters=("ts",),
         refused="outside the block", **gqa)
