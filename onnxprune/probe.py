@@ -27,6 +27,14 @@ def _dim_value(dim, batch: int, seq: int, past: int, hints: dict[str, int], axis
     param = dim.dim_param.lower()
     if param in hints:
         return hints[param]
+    if "+" in param:      # Optimum names a decoder mask's length "past_sequence_length + sequence_length"
+        return sum(_named_size(term.strip(), batch, seq, past, hints) for term in param.split("+"))
+    return _named_size(param, batch, seq, past, hints, axis)
+
+
+def _named_size(param: str, batch: int, seq: int, past: int, hints: dict[str, int], axis: int = 1) -> int:
+    if param in hints:
+        return hints[param]
     if "batch" in param:
         return batch
     if "total" in param:

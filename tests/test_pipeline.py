@@ -155,3 +155,19 @@ def test_every_family_module_is_found_with_its_three_hooks():
     assert {f.FAMILY for f in FAMILIES} == {"torch-export", "onnx-attention", "ort-fused"}
     for family in FAMILIES:
         assert all(callable(getattr(family, hook, None)) for hook in ("cores", "start", "head_attrs"))
+
+
+@pytest.mark.parametrize("name, mask_dim", [("gpt2-ort-past.onnx", "total_seq_len"),
+                                             ("llama-genai/model.onnx", "total_sequence_length")])
+def test_a_mask_length_written_as_a_sum_is_read(name, mask_dim):
+    """Optimum's decoders name the mask's length "past_sequence_length + sequence_length"; the probe used to
+    give it the past length alone (0), and ONNX Runtime failed on the Gather of the mask. The same decoders
+    with their mask so renamed prune exactly, prompt and decode step (past 3) both."""
+    from onnxprune.probe import synth_inputs
+    model = onnx.load(str(MODELS / name))
+    mask = next(i for i in model.graph.input if i.name == "attention_mask")
+    dim = next(d for d in mask.type.tensor_type.shape.dim if d.dim_param == mask_dim)
+    dim.dim_param = "past_sequence_length + sequence_length"
+    assert synth_inputs(model, seq=5, past=3)["attention_mask"].shape[1] == 8
+    result = prune_model(model, 0.5, external_dir=MODELS / name.split("/")[0] if "/" in name else None)
+    assert result.max_error <= 1e-4 and result.io_keep
