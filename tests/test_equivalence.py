@@ -40,6 +40,7 @@ EXPECTED_BLOCKS = {
     "BEiT": _MHA2,                                   # a relative position bias table per block
     "ALBERT": _MHA2,                                 # one layer's weights shared by both blocks
     "BERT, fixed shapes": _MHA2,                     # mask fixed at [2, 7] with dynamic ids; all fixed
+    "Llama, Optimum": _GQA2, "Qwen3, Optimum": _GQA2,  # optimum's text-generation(-with-past) exports
     "BART": [(4, 4)] * 6, "Whisper": [(4, 4)] * 6,   # 2 encoder self, 2 x (decoder self + cross)
     # ORT's Whisper exporter: cross 0, self 1, cross 1; self 0 is an expected miss (see the manifest)
     "Whisper decoder, ORT-exported": [(4, 4)] * 3,
@@ -260,3 +261,19 @@ def test_blocks_that_share_weights_share_their_slice(name):
         assert len({result.kept[b.index] for b in result.blocks}) == 1
         assert result.params_before - result.params_after == removed
         _check_strict(result.model, model)
+
+
+@pytest.mark.parametrize("name", [n for n in SUPPORTED if MANIFEST[n].get("exporter") == "optimum"
+                                  and MANIFEST[n].get("kv_cache")])
+def test_optimum_kv_caches_shrink_with_whole_groups(name):
+    """Optimum's decoders with a KV cache: group mode is the default there, the past inputs and present
+    outputs are re-declared with the kept KV heads, and pruned == masked holds on a decode step too."""
+    model = _load(name)
+    result = prune_model(model, 0.5)
+    assert result.gqa == "group" and result.kv_cache and result.max_error <= ATOL
+    kept_kv = len(result.blocks[0].kept_kv_heads(result.kept[0]))
+    assert kept_kv == 1
+    caches = [v for v in list(result.model.graph.input) + list(result.model.graph.output)
+              if v.name.startswith(("past_key_values.", "present."))]
+    assert len(caches) == 8 and all(v.type.tensor_type.shape.dim[1].dim_value == kept_kv for v in caches)
+    _check_strict(result.model, model)

@@ -243,6 +243,8 @@ class Flow:
     def run(self):
         while self.queue:
             t, direction = self.queue.popleft()
+            if any(o is t for o in self.graph.outputs):   # present KV (also when reached upward), probabilities
+                self.io.add(t.name)
             if direction == "up":
                 if is_const(t):
                     continue
@@ -251,8 +253,6 @@ class Flow:
                     continue
                 self._visit(t.inputs[0], "up", t)
             else:
-                if any(o is t for o in self.graph.outputs):   # present KV, attention probabilities
-                    self.io.add(t.name)
                 for consumer in list(t.outputs):
                     if consumer.op in SHAPE_READERS:
                         continue
