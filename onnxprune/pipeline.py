@@ -32,7 +32,7 @@ from .probe import probe, synth_inputs
 class State:
     original: onnx.ModelProto                 # the model as given: never changed
     model: onnx.ModelProto                    # the model now pruned (gates folded, compensation written in)
-    feeds: dict = field(repr=False)           # the inputs that probe and verification run on
+    feeds: dict | None = field(repr=False)    # the inputs that probe and verification run on (None: synthetic)
     graph: object = field(default=None, repr=False)    # onnx_graphsurgeon graph of ``model``
     shapes: dict = field(default_factory=dict, repr=False)
     values: dict = field(default_factory=dict, repr=False)
@@ -364,5 +364,5 @@ def start(model: onnx.ModelProto, options: PruneOptions) -> State:
         size = fixed_sizes(named)[0] or min(BATCH, len(next(iter(options.calib.values()))))
         feeds = {k: v[:size] for k, v in options.calib.items()}
     else:
-        feeds = synth_inputs(named)
+        feeds = None        # synthetic: the probe and verification make them (and say so in their errors)
     return State(original=model, model=named, feeds=feeds)

@@ -171,6 +171,10 @@ def _specs() -> list[Spec]:
                                               dict(sliding_window=4, query_pre_attn_scalar=8))):
         specs.append(Spec(f"{name}-d23-sdpa", family, _hf(cls, cfgcls, "sdpa", head_dim=8, **extra, **gqa),
                           _text_inputs(), "d23", "sdpa", dynamic=TEXT_DYN))
+    # Cohere: a q/k LayerNorm whose weight is per head, [H, D]: sliced with the heads
+    # (its TorchScript export does not run on ONNX Runtime: a Mul broadcasts 4 by 8)
+    add("cohere", "Cohere", "CohereModel", "CohereConfig", _text_inputs(), TEXT_DYN, exporters=("d18",),
+        use_qk_norm=True, **gqa)
     # OLMo-2 normalises q and k over all heads at once (RMSNorm over H*D): that mixes heads, and is refused
     add("olmo2", "OLMo-2", "Olmo2Model", "Olmo2Config", _text_inputs(), TEXT_DYN, exporters=("ts",),
         refused="outside the block", **gqa)
