@@ -240,11 +240,11 @@ class Rewriter:
         old, new = self.shapes[dim.tensor][dim.axis], lay.new_shape[dim.axis]
         return None if old == new else (old, new)
 
-    def _plan_reshape(self, node, block, layouts, kept_heads, expand=False):
+    def _plan_reshape(self, node, block, layouts, kept_heads, expand=False, index=1):
         out = node.outputs[0]
         if out.name not in layouts:
             return
-        vec = node.inputs[1]
+        vec = node.inputs[index]
         new_shape, old_shape = layouts[out.name].new_shape, self.shapes[out.name]
         length = self.shapes[vec.name][0]
         offset = len(old_shape) - length if expand else 0
@@ -290,10 +290,13 @@ class Rewriter:
                 new_vec = shape_expr.rebuild(self.graph, vec, changes, self.shapes, self.values)
             except ValueError as exc:
                 raise RewriteError(f"{node.op} {node.name!r}: {exc}") from None
-            self.edits.append(lambda n=node, v=new_vec: n.inputs.__setitem__(1, v))
+            self.edits.append(lambda n=node, v=new_vec, i=index: n.inputs.__setitem__(i, v))
 
     def _plan_expand(self, node, block, layouts, kept_heads):
         self._plan_reshape(node, block, layouts, kept_heads, expand=True)
+
+    def _plan_resize(self, node, block, layouts, kept_heads):
+        self._plan_reshape(node, block, layouts, kept_heads, index=3)     # Resize(X, roi, scales, sizes)
 
     def _plan_split(self, node, block, layouts, kept_heads):
         x = node.inputs[0]
@@ -434,7 +437,7 @@ class Rewriter:
 SITE_PLANNERS = {
     "reshape": Rewriter._plan_reshape, "expand": Rewriter._plan_expand, "split": Rewriter._plan_split,
     "slice": Rewriter._plan_slice, "gather": Rewriter._plan_gather, "gathernd": Rewriter._plan_gathernd,
-    "concat": Rewriter._plan_concat, "attr": Rewriter._plan_attr,
+    "concat": Rewriter._plan_concat, "attr": Rewriter._plan_attr, "resize": Rewriter._plan_resize,
 }
 
 

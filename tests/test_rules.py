@@ -66,7 +66,7 @@ def site_kinds(flow):
 # ------------------------------------------------------------------ one test per rule
 def test_every_op_with_a_rule_is_covered_here():
     covered = {"Transpose", "Reshape", "Flatten", "Unsqueeze", "Squeeze", "Expand", "Split", "Slice", "Gather",
-               "Concat", "MatMul", "Gemm", "RotaryEmbedding", "Attention"}
+               "Concat", "MatMul", "Gemm", "RotaryEmbedding", "Attention", "Resize"}
     assert set(rules.RULES) - set(rules.ELEMENTWISE) - set(rules.NORMS) - set(rules.REDUCTIONS) == covered
     assert rules.rule_for("Conv") is None
 
@@ -265,6 +265,17 @@ def test_rotary_embedding_passes_heads_and_needs_num_heads_in_3d():
                         opset=23)
     with pytest.raises(FlowFail, match="3-D RotaryEmbedding without num_heads"):
         follow(flow, t, "x", MERGED, (2,), "down")
+
+
+def test_resize_over_other_axes_passes_heads_and_is_a_site():
+    """BEiT resizes its [1, H, a, b] bias table over a and b: the heads pass, and the sizes are a site."""
+    rs = node("Resize", ["x", "", "", "sizes"], ["y"], mode="linear")
+    flow, t = make_flow([rs], {"x": (1, H, 3, 3)}, {"sizes": np.array([1, H, 5, 5], np.int64)})
+    follow(flow, t, "x", HEADS, (1,), "down")
+    assert owner_of(flow, "y") == ((1,), HEADS.tolist()) and site_kinds(flow) == ["resize"]
+    flow, t = make_flow([rs], {"x": (1, H, 3, 3)}, {"sizes": np.array([1, 2 * H, 5, 5], np.int64)})
+    with pytest.raises(FlowFail, match="Resize scales the head axis"):
+        follow(flow, t, "x", HEADS, (1,), "down")
 
 
 def test_a_second_attention_op_in_one_block_is_refused():

@@ -189,10 +189,8 @@ def _specs() -> list[Spec]:
     add("deberta-v2", "DeBERTa-v2", "DebertaV2Model", "DebertaV2Config", _text_inputs(), TEXT_DYN,
         exporters=("ts",), refused="no rule for GatherElements", vocab_size=64, max_position_embeddings=64, relative_attention=True, position_buckets=8,
         pos_att_type=["p2c", "c2p"], **small)
-    add("beit", "BEiT", "BeitModel", "BeitConfig", _pixel_inputs(16), PIXEL_DYN, exporters=("d18",),
-        image_size=16, patch_size=8, use_relative_position_bias=True, **small)
-    add("beit", "BEiT", "BeitModel", "BeitConfig", _pixel_inputs(16), PIXEL_DYN, exporters=("ts",),
-        refused="no rule for Resize", image_size=16, patch_size=8, use_relative_position_bias=True, **small)
+    add("beit", "BEiT", "BeitModel", "BeitConfig", _pixel_inputs(16), PIXEL_DYN, image_size=16, patch_size=8,
+        use_relative_position_bias=True, **small)
     add("albert", "ALBERT", "AlbertModel", "AlbertConfig", _text_inputs(), TEXT_DYN, vocab_size=64,
         embedding_size=16, max_position_embeddings=64, **small)
     return specs + _seq2seq_specs() + _torch_nn_specs() + _onnx_attention_specs()

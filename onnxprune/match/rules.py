@@ -332,6 +332,23 @@ def attention(flow, node, direction, trigger):
     raise FlowFail(node, "a second Attention op inside one block")
 
 
+def resize(flow, node, direction, trigger):
+    """Resize that leaves the head axis as it is (BEiT resizes its per-head bias table over its spatial
+    axes); its ``sizes`` vector, which holds the head count, is a rewrite site."""
+    x, y = node.inputs[0], node.outputs[0]
+    if trigger is not x and direction == "down":
+        raise FlowFail(node, "Resize sizes or scales carry the head axis")
+    src, dst, d = (x, y, "down") if direction == "down" else (y, x, "up")
+    hm = flow.maps[src.name]
+    sx, sy = flow.shape(x), flow.shape(y)
+    if any(sx[a] != sy[a] for a in hm.axes):
+        raise FlowFail(node, "Resize scales the head axis")
+    flow.assign(dst, hm, d, node, flow.role_of(src))
+    sizes = node.inputs[3] if len(node.inputs) > 3 else None
+    if sizes is not None and sizes.name and ("resize", node) not in flow.sites:
+        flow.sites.append(("resize", node))
+
+
 REDUCTIONS = {"ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceL1", "ReduceL2", "ReduceLogSum",
               "ReduceLogSumExp", "ReduceProd", "ReduceSumSquare"}
 
@@ -360,7 +377,7 @@ def reduce(flow, node, direction, trigger):
 RULES = {
     "Transpose": transpose, "Reshape": reshape, "Flatten": reshape, "Unsqueeze": unsqueeze,
     "Squeeze": squeeze, "Expand": expand, "Split": split, "Slice": slice_, "Gather": gather, "Concat": concat,
-    "MatMul": matmul, "Gemm": gemm, "RotaryEmbedding": rotary_embedding, "Attention": attention,
+    "MatMul": matmul, "Gemm": gemm, "RotaryEmbedding": rotary_embedding, "Attention": attention, "Resize": resize,
     **{op: elementwise for op in ELEMENTWISE}, **{op: norm for op in NORMS}, **{op: reduce for op in REDUCTIONS},
 }
 
