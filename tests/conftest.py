@@ -44,3 +44,19 @@ def gated(model, before_softmax=False):
             out.graph.node.insert(at + 1, helper.make_node("Mul", [f"{y}_ungated", g], [y], name=f"/gate{k}/Mul"))
     onnx.checker.check_model(out)
     return out
+
+
+def plant_in_rewrite(monkeypatch, fault):
+    """A rewrite bug, planted: ``fault(array) -> array`` spoils the first MatMul weight of every pruned model
+    the rewriter exports, so that a check which should catch a wrong rewrite can be seen to."""
+    import onnxprune.rewrite as rewrite
+    real = rewrite.check_model
+
+    def planted(model, original):
+        out = real(model, original)
+        w = next(i for i in out.graph.initializer if i.name in {n.input[1] for n in out.graph.node
+                                                                 if n.op_type == "MatMul"})
+        w.CopyFrom(numpy_helper.from_array(fault(numpy_helper.to_array(w).copy()), w.name))
+        return out
+
+    monkeypatch.setattr(rewrite, "check_model", planted)

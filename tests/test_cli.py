@@ -9,7 +9,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from conftest import MODELS, cli
+from conftest import MODELS, cli, plant_in_rewrite
 from onnxprune.cli import main
 
 BERT = MODELS / "bert-ts.onnx"
@@ -149,17 +149,7 @@ def test_a_folder_output_is_made_and_holds_the_folder(work, tmp_path_factory):
 def test_a_failed_folder_output_leaves_no_folder(work, tmp_path_factory, monkeypatch):
     """A rewrite that slices a weight wrongly (planted: one projection shifted) fails verification; the
     folder made for the output is gone again."""
-    import onnxprune.rewrite as rewrite
-    real = rewrite.check_model
-
-    def wrong(model, original):
-        out = real(model, original)
-        w = next(i for i in out.graph.initializer if i.name in {n.input[1] for n in out.graph.node
-                                                                 if n.op_type == "MatMul"})
-        w.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(w) + 0.5, w.name))
-        return out
-
-    monkeypatch.setattr(rewrite, "check_model", wrong)
+    plant_in_rewrite(monkeypatch, lambda w: w + 0.5)
     dest = tmp_path_factory.mktemp("other") / "pruned"
     assert main([str(work / "bert.onnx"), "--ratio", "0.5", "-o", f"{dest}/"]) == 6
     assert not dest.exists()

@@ -17,7 +17,7 @@ from onnxprune.errors import PlanError, VerifyError
 from onnxprune.importance import NAMED, SOURCES, help_lines
 from onnxprune.probe import synth_inputs
 
-from conftest import MODELS, gated as _gated
+from conftest import MODELS, gated as _gated, plant_in_rewrite
 
 BERT = MODELS / "bert-ts.onnx"
 
@@ -48,17 +48,7 @@ def test_unnamed_nodes_are_named_once_so_gates_fold_and_macs_count():
 def test_the_library_raises_when_pruned_differs_from_masked(monkeypatch):
     """A rewrite bug planted (one pruned projection shifted): prune_model raises, with no model returned;
     verify=False is the explicit way out, and then the error is not measured."""
-    import onnxprune.rewrite as rewrite
-    real = rewrite.check_model
-
-    def wrong(model, original):
-        out = real(model, original)
-        w = next(i for i in out.graph.initializer if i.name in {n.input[1] for n in out.graph.node
-                                                                 if n.op_type == "MatMul"})
-        w.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(w) + 0.5, w.name))
-        return out
-
-    monkeypatch.setattr(rewrite, "check_model", wrong)
+    plant_in_rewrite(monkeypatch, lambda w: w + 0.5)
     model = onnx.load(str(BERT))
     with pytest.raises(VerifyError, match="differs from the masked original"):
         prune_model(model, 0.5)

@@ -23,7 +23,7 @@ from onnxprune.io import data_files
 from onnxprune.probe import synth_inputs
 from onnxprune.verify import max_abs_diff, run, worst_of
 
-from conftest import MODELS, cli
+from conftest import MODELS, cli, plant_in_rewrite
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tools"))
@@ -103,25 +103,17 @@ def test_verification_fails_on_any_non_finite_difference():
 
 def test_a_planted_nan_fails_verification_and_writes_nothing(work, monkeypatch, capsys):
     """A rewrite that produced NaN weights: the check sees it, exit 6, no file."""
-    import onnxprune.rewrite as rewrite
-    real = rewrite.check_model
+    def nan_column(w):
+        w[:, 0] = np.nan                                     # one output feature of a projection
+        return w
 
-    def plant(model, original):
-        out = real(model, original)
-        weights = {n.input[1] for n in out.graph.node if n.op_type == "MatMul"}
-        w = next(i for i in out.graph.initializer if i.name in weights and len(i.dims) == 2)
-        arr = onnx.numpy_helper.to_array(w).copy()
-        arr[:, 0] = np.nan                                     # one output feature of a projection
-        w.CopyFrom(onnx.numpy_helper.from_array(arr, w.name))
-        return out
-
-    monkeypatch.setattr(rewrite, "check_model", plant)
+    plant_in_rewrite(monkeypatch, nan_column)
     before = snapshot(work)
     code = main([str(work / "bert.onnx"), "--ratio", "0.5", "--report", str(work / "r.json")])
     err = capsys.readouterr().err.strip()
     assert code == 6 and "NaN" in err and len(err.splitlines()) == 1
     assert snapshot(work) == before
-    monkeypatch.setattr(rewrite, "check_model", real)
+    monkeypatch.undo()
     assert main([str(work / "bert.onnx"), "--ratio", "0.5", "--dry-run"]) == 0     # without the fault: exact
 
 
