@@ -189,6 +189,10 @@ def make_plan(state: State, options: PruneOptions) -> State:
             plans[b.index], applied[b.index] = tuple(h for h in range(b.num_heads) if h not in drop), False
     if options.selects_by_score:
         plans, applied = _tie_shared(blocks, state.graph, plans, applied)
+        for b in blocks:
+            rows = head_grid(b)
+            if rows is not None:
+                plans[b.index] = fit_grid(plans[b.index], rows, scores[b.index])
     if options.multiple_of is not None:
         for b in blocks:
             try:
@@ -197,6 +201,54 @@ def make_plan(state: State, options: PruneOptions) -> State:
             except (PlanError, ValueError) as exc:
                 raise PlanError(f"--multiple-of {options.multiple_of}: block {b.index} ({b.name}): {exc}") from None
     return replace(state, plans=plans, applied=applied)
+
+
+def head_grid(block) -> list[list[int]] | None:
+    """The heads as rows of a grid, when a tensor of ``block`` holds them on two axes (CodeGen packs q, k and
+    v per shard: shards x heads of a shard). The kept heads must then be a rectangle of it: the same
+    positions in every kept row. None for every other layout."""
+    for t in block.tensors:
+        if len(t.axes) != 2 or t.copies:
+            continue
+        rows = []
+        for row in np.asarray(t.owner):
+            heads = []
+            for u in row:
+                if u < 0 or len(block.units[u]) != 1:
+                    continue
+                h = next(iter(block.units[u]))
+                if h not in heads:
+                    heads.append(h)
+            rows.append(heads)
+        if len(rows) > 1 and len(rows[0]) > 1 and all(len(r) == len(rows[0]) for r in rows) \
+                and sorted(h for r in rows for h in r) == list(range(block.num_heads)):
+            return rows
+    return None
+
+
+def fit_grid(kept: tuple, rows: list[list[int]], scores) -> tuple:
+    """``kept`` if it is a rectangle of the grid ``rows``; else the rectangle of the same size (or, where
+    none has it, of the next size that one has) with the highest total score, ties to the lower heads."""
+    import itertools
+    kept_rows = [r for r in rows if set(r) & set(kept)]
+    cols = [tuple(i for i, h in enumerate(r) if h in kept) for r in kept_rows]
+    if len(set(cols)) == 1 and sum(len(c) for c in cols) == len(kept):
+        return kept
+    n_rows, n_cols = len(rows), len(rows[0])
+    for size in range(len(kept), n_rows * n_cols + 1):
+        best = None
+        for r in range(1, n_rows + 1):
+            if size % r or size // r > n_cols:
+                continue
+            for rs in itertools.combinations(range(n_rows), r):
+                for cs in itertools.combinations(range(n_cols), size // r):
+                    heads = tuple(sorted(rows[i][j] for i in rs for j in cs))
+                    key = (-sum(float(scores[h]) for h in heads), heads)
+                    if best is None or key < best[0]:
+                        best = (key, heads)
+        if best is not None:
+            return best[1]
+    return tuple(range(n_rows * n_cols))
 
 
 def shared_blocks(blocks, graph) -> list[list[int]]:

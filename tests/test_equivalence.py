@@ -36,6 +36,7 @@ EXPECTED_BLOCKS = {
     "Llama, 4 KV groups": [(16, 4)] * 2,             # 16 heads of 4, 4 KV heads: groups of 4 query heads
     "Qwen3": _GQA2, "Gemma 3": _GQA2,                # q/k RMSNorm over the head size (ReduceMean) inside
     "Cohere": _GQA2,                                 # q/k LayerNorm with a per-head weight [H, D], sliced
+    "CodeGen": [(8, 8)] * 2,                         # q, v, k packed per 4 shards: a 4 x 2 grid of heads
     "Phi": _MHA2,                                    # rotary on half of each head
     "GPT-J": _MHA2,                                  # interleaved rotary: x[..., ::2], x[..., 1::2]
     "BEiT": _MHA2,                                   # a relative position bias table per block
@@ -86,7 +87,14 @@ def _shares_weights(model):
 
 
 def _random_keep(block, rng):
-    """A random keep set that every layout accepts: the same count in every KV group."""
+    """A random keep set that every layout accepts: the same count in every KV group, a rectangle of a grid
+    of heads (CodeGen)."""
+    from onnxprune.pipeline import head_grid
+    rows = head_grid(block)
+    if rows is not None:
+        rs = rng.choice(len(rows), size=int(rng.integers(1, len(rows) + 1)), replace=False)
+        cs = rng.choice(len(rows[0]), size=int(rng.integers(1, len(rows[0]) + 1)), replace=False)
+        return tuple(sorted(rows[r][c] for r in rs for c in cs))
     groups = block.kv_groups
     per = int(rng.integers(1, len(groups[0]) + 1)) if len(groups) < block.num_heads else None
     if per is None:

@@ -161,3 +161,24 @@ def test_a_mask_length_written_as_a_sum_is_read(name, mask_dim):
     assert synth_inputs(model, seq=5, past=3)["attention_mask"].shape[1] == 8
     result = prune_model(model, 0.5, external_dir=MODELS / name.split("/")[0] if "/" in name else None)
     assert result.max_error <= 1e-4 and result.io_keep
+
+
+
+def test_plans_in_a_grid_of_heads_are_rectangles():
+    """CodeGen holds its 8 heads as 4 shards x 2: a plan must keep the same heads of every kept shard. The
+    best-scoring rectangle of the planned size is taken; a size no rectangle has rounds up."""
+    from onnxprune.pipeline import fit_grid
+    rows = [[0, 1], [2, 3], [4, 5], [6, 7]]
+    scores = np.array([9, 1, 8, 2, 7, 3, 1, 9], float)
+    assert fit_grid((0, 1, 2, 3), rows, scores) == (0, 1, 2, 3)          # already a rectangle: kept
+    assert fit_grid((0, 2, 4, 7), rows, scores) == (0, 2, 4, 6)          # one column of all four shards
+    assert fit_grid((0, 7), rows, scores) == (0, 2)                       # best pair in one column
+    assert fit_grid((0, 2, 4, 5, 7), rows, scores) == (0, 1, 2, 3, 4, 5)  # 5 has no rectangle: 3 x 2
+    model = onnx.load(str(MODELS / "codegen-ts.onnx"))
+    for ratio in (0.25, 0.5, 0.75):
+        result = prune_model(model, ratio)
+        assert result.max_error <= 1e-4
+        for b in result.blocks:
+            kept = set(result.kept[b.index])
+            cols = {tuple(i for i, h in enumerate(r) if h in kept) for r in rows if kept & set(r)}
+            assert len(cols) == 1

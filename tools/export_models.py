@@ -180,12 +180,14 @@ def _specs() -> list[Spec]:
         refused="outside the block", **gqa)
     add("mistral", "Mistral", "MistralModel", "MistralConfig", _text_inputs(), TEXT_DYN,
         sliding_window=None, head_dim=8, **gqa)
-    # rotary on part of the head (Phi), interleaved rotary (GPT-J); CodeGen packs qkv per 4 shards, a grid
-    # of heads that is refused for now (keep sets that are not the same in every shard)
+    # rotary on part of the head (Phi), interleaved rotary (GPT-J)
     add("phi", "Phi", "PhiModel", "PhiConfig", _text_inputs(), TEXT_DYN, partial_rotary_factor=0.5,
         max_position_embeddings=64, **small, **dec)
     add("gptj", "GPT-J", "GPTJModel", "GPTJConfig", _text_inputs(), TEXT_DYN,
         n_embd=32, n_head=4, n_layer=2, n_positions=64, rotary_dim=4, **dec)
+    # CodeGen packs q, v and k per 4 shards: its heads form a 4 x 2 grid, planned as rectangles of it
+    add("codegen", "CodeGen", "CodeGenModel", "CodeGenConfig", _text_inputs(), TEXT_DYN,
+        n_embd=32, n_head=8, n_layer=2, n_positions=64, rotary_dim=2, **dec)
     add("deberta-v2", "DeBERTa-v2", "DebertaV2Model", "DebertaV2Config", _text_inputs(), TEXT_DYN,
         exporters=("ts",), refused="no rule for GatherElements", vocab_size=64, max_position_embeddings=64, relative_attention=True, position_buckets=8,
         pos_att_type=["p2c", "c2p"], **small)
