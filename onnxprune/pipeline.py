@@ -96,7 +96,14 @@ def match(state: State, options: PruneOptions) -> State:
         if why:
             raise MatchError(f"{node.op_type} node {node.name or node.output[0]!r} is not supported yet: {why}")
     graph = to_graph(model)
-    shapes, values = probe(model, state.feeds, options.external_dir)
+    try:
+        shapes, values = probe(model, state.feeds, options.external_dir)
+    except InputError:
+        if state.feeds is not None or options.calib is None:
+            raise
+        # the user's data drives the probe where synthetic inputs do not run (sizes only data can tell)
+        state = replace(state, feeds=_calib_feeds(model, options.calib))
+        shapes, values = probe(model, state.feeds, options.external_dir)
     matched = match_graph(graph, shapes, values, model)
     if not matched.blocks:
         detail = "; ".join(f"{m.node}: {m.reason}" for m in matched.misses[:3])
@@ -408,13 +415,14 @@ def start(model: onnx.ModelProto, options: PruneOptions) -> State:
     """The first state: every node of the model named (a named copy when some are not: the caller's model
     is not changed), and the probe's inputs."""
     named = name_nodes(model)
-    if options.feeds is not None:
-        feeds = dict(options.feeds)
-    elif options.calib is not None:     # the user's data drives the probe: sizes that the model really takes
-        from .calibrate import BATCH
-        from .probe import fixed_sizes
-        size = fixed_sizes(named)[0] or min(BATCH, len(next(iter(options.calib.values()))))
-        feeds = {k: v[:size] for k, v in options.calib.items()}
-    else:
-        feeds = None        # synthetic: the probe and verification make them (and say so in their errors)
+    # None: synthetic, made by the probe and by verification (and said so in their errors)
+    feeds = dict(options.feeds) if options.feeds is not None else None
     return State(original=model, model=named, feeds=feeds)
+
+
+def _calib_feeds(model: onnx.ModelProto, calib: dict) -> dict:
+    """The first samples of the calibration data, for a probe that synthetic inputs cannot drive: two, or
+    the model's fixed batch. (Few, since the probe keeps every intermediate tensor of its run.)"""
+    from .probe import fixed_sizes
+    size = fixed_sizes(model)[0] or min(2, len(next(iter(calib.values()))))
+    return {k: v[:size] for k, v in calib.items()}

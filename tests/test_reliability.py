@@ -571,3 +571,16 @@ def test_fixed_input_shapes_drive_the_probe_and_the_calibration_batches(tmp_path
         np.savez(tmp_path / "c7.npz", **{k: v[:7] for k, v in data.items()})
         one_line_error(inproc(MODELS / name, "--ratio", "0.5", "--calib", tmp_path / "c7.npz", "--compensate",
                               "--dry-run"), 2, "fixed at 2")
+
+
+def test_calibration_data_drives_the_probe_where_synthetic_inputs_do_not_run():
+    """A mask whose length is named so that synthetic inputs get it wrong ('batch_or_len'): the probe fails on
+    them, and with calibration data it runs on the data's first samples instead."""
+    model = onnx.load(str(BERT))
+    mask = next(i for i in model.graph.input if i.name == "attention_mask")
+    mask.type.tensor_type.shape.dim[1].dim_param = "batch_or_len"
+    with pytest.raises(InputError, match="synthetic inputs"):
+        prune_model(model, 0.5)
+    data = synth_inputs(onnx.load(str(BERT)), batch=6, seq=9)
+    result = prune_model(model, 0.5, importance="activation", calib=data)
+    assert result.max_error == 0.0 and result.importance_source == "activation"
