@@ -167,7 +167,7 @@ def calibration(state: State, options: PruneOptions):
 
 def make_plan(state: State, options: PruneOptions) -> State:
     """Which heads every block keeps."""
-    blocks, scores, gqa = state.blocks, state.scores, state.gqa
+    blocks, scores, gqa = state.blocks, _shared_scores(state.blocks, state.graph, state.scores), state.gqa
     plans, applied = {}, {}
     if options.heads_to_prune is not None:
         from .plan import check_heads_to_prune
@@ -289,9 +289,26 @@ def shared_blocks(blocks, graph) -> list[list[int]]:
     return [g for g in groups.values() if len(g) > 1]
 
 
+def _shared_scores(blocks, graph, scores: dict) -> dict:
+    """Blocks that share weights will keep the same heads: each is planned on the mean of their scores
+    (each block's scores normalised first), so that every layer that runs the weights has its say."""
+    if not scores:
+        return scores
+    out = dict(scores)
+    by_index = {b.index: b for b in blocks}
+    for group in shared_blocks(blocks, graph):
+        same = [i for i in group if by_index[i].num_heads == by_index[group[0]].num_heads]
+        if len(same) > 1:
+            mean = np.mean([scores[i] / (np.linalg.norm(scores[i]) or 1.0) for i in same], axis=0)
+            for i in same:
+                out[i] = mean
+    return out
+
+
 def _tie_shared(blocks, graph, plans, applied):
     """Blocks that share weights keep the same heads, so that one slice of the shared weights serves them
-    all: each takes the plan of the first block of its group. (Lists of heads given by hand stay as given;
+    all: each takes the plan of the first block of its group, made on the group's mean scores
+    (``_shared_scores``). (Lists of heads given by hand stay as given;
     blocks that keep different heads then each get a slice of their own.)"""
     by_index = {b.index: b for b in blocks}
     for group in shared_blocks(blocks, graph):

@@ -264,6 +264,9 @@ def test_blocks_that_share_weights_share_their_slice(name):
     the dropped heads' parameters once (hidden 32, 4 heads of 8, ratio 0.5: Q, K, V lose 16 columns and 16
     bias entries each, O loses 16 rows: 3 x (32 x 16 + 16) + 16 x 32 = 2096)."""
     model = _load(name)
+    # scores that disagree between the blocks: both keep the best heads of their mean (normalised) scores
+    given = {0: [4.0, 3.0, 1.0, 0.0], 1: [0.0, 1.0, 3.5, 4.0]}
+    assert prune_model(model, 0.5, importance=given).kept == {0: (0, 2), 1: (0, 2)}
     for ratio, removed in ((0.5, 2096), (0.75, 3 * (32 * 24 + 24) + 24 * 32)):
         result = prune_model(model, ratio)
         assert result.max_error <= ATOL
