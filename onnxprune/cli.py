@@ -279,9 +279,8 @@ def run_score(argv) -> int:
     calib = _calib(args, model)
     method = args.importance or (default_calibrated(None) if calib is not None else "weights")
     scored, blocks, scores = score_model(model, method, calib=calib, external_dir=where)
-    in_place = args.output.resolve() == args.model.resolve()
     staged = stage_model(scored, args.output, external=external, external_dir=where,
-                         avoid=[args.json] if args.json else [], keep=[] if in_place else inputs)
+                         avoid=[args.json] if args.json else [], keep=inputs)
     table = None
     try:
         if args.json:
@@ -352,7 +351,6 @@ def run_prune(argv) -> int:
     if pruned is model:       # an unchanged model: staging points a model's tensors at its new data file,
         pruned = onnx.ModelProto()                   # and the input's own object must keep its references
         pruned.CopyFrom(model)
-    in_place = out.resolve() == args.model.resolve()
     made_dir = folder_mode and not args.dry_run and not out.parent.exists()
     if made_dir:
         out.parent.mkdir()
@@ -360,8 +358,7 @@ def run_prune(argv) -> int:
     try:
         if not args.dry_run:
             staged = stage_model(pruned, out, external=external, external_dir=where,
-                                 avoid=[args.report] + [d for d, _ in folder] if args.report else [d for d, _ in folder],
-                                 keep=[] if in_place else inputs)
+                                 avoid=[d for d, _ in folder] + ([args.report] if args.report else []), keep=inputs)
         if verify_saved_copy:
             result = verify_saved(model, result, staged.path, where, atol=args.atol)
         report = build_report(result, str(args.model), None if args.dry_run else str(out), args.ratio)

@@ -197,22 +197,16 @@ def own_constant(model: onnx.ModelProto, name: str, initializer: bool = False) -
     if found is None:
         raise KeyError(name)
     proto, node = found
-    if proto.name != name and node is None or (node is not None and node.output[0] != name):
-        for i, n in enumerate(model.graph.node):      # ``name`` is an Identity's output: replace it by a copy
-            if n.op_type == "Identity" and n.output[0] == name:
-                del model.graph.node[i]
-                break
-        own = model.graph.initializer.add()
-        own.CopyFrom(proto)
-        own.name = name
-        return own
-    if node is not None and initializer:
-        model.graph.node.remove(node)
-        own = model.graph.initializer.add()
-        own.CopyFrom(proto)
-        own.name = name
-        return own
-    return proto
+    via_identity = (proto.name if node is None else node.output[0]) != name
+    if via_identity:          # ``name`` is an Identity's output: the Identity goes, a copy takes its place
+        node = next(n for n in model.graph.node if n.op_type == "Identity" and n.output[0] == name)
+    elif node is None or not initializer:
+        return proto
+    model.graph.node.remove(node)
+    own = model.graph.initializer.add()
+    own.CopyFrom(proto)
+    own.name = name
+    return own
 
 
 def own_weights(model: onnx.ModelProto, names) -> None:
@@ -422,7 +416,8 @@ class Staged:
         except BaseException as exc:      # unless the model was renamed, none reads the new data: take it back
             if moved and self.path.exists():
                 final.unlink(missing_ok=True)
-            self.reserved = None if moved else self.reserved
+            if moved:
+                self.reserved = None
             self.discard()
             if isinstance(exc, OSError):
                 raise write_error(self.out, exc) from None
@@ -522,19 +517,20 @@ def stage_model(model: onnx.ModelProto, out: Path, external: bool = False,
     ``external_dir``) are copied from there in chunks, so that no weight is ever held twice in memory.
     ``model`` is changed on the way: its tensors then point at the new file (pass a copy to keep it).
     ``avoid``: paths the data file must not take (the run's other outputs). ``keep``: files that must
-    outlive the replaced model at ``out`` (the input's own files).
+    outlive the replaced model at ``out`` (the input's own files), unless ``out`` is one of them: a model
+    pruned in place (``--force``) replaces its input, and the input's data file goes with it.
     """
     from onnx.external_data_helper import uses_external_data as is_external
     out = Path(out)
     lazy = external_dir is not None and any(is_external(t) for t in model.graph.initializer)
     external = external or lazy or model.ByteSize() > TWO_GB
     keep = frozenset(Path(p).resolve() for p in keep)
-    with _undone_on_failure(lambda: None, out):
+    if out.resolve() in keep:
+        keep = frozenset()
+    data = _data_name(out, {Path(p).resolve() for p in avoid} | keep) if external else None
+    with _undone_on_failure(lambda: data and (out.parent / data).unlink(missing_ok=True), out):
         tmpdir = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent if str(out.parent) else "."))
-    staged = Staged(tmpdir, out, None, keep)
-    with _undone_on_failure(staged.discard, out):
-        staged.data = _data_name(out, {Path(p).resolve() for p in avoid} | keep) if external else None
-    staged.reserved = out.parent / staged.data if staged.data else None
+    staged = Staged(tmpdir, out, data, keep)
     with _undone_on_failure(staged.discard, out):
         if lazy:
             _stream_external(model, tmpdir / staged.data, staged.data, Path(external_dir))
