@@ -24,6 +24,7 @@ from .errors import InputError, MatchError, OnnxPruneError, PlanError, RewriteEr
 from .importance import ImportanceContext, choose, scores_for
 from .io import FLOAT_TYPES, attach_external, name_nodes, to_graph
 from .match import match_graph
+from .match.headflow import identity_source
 from .options import PruneOptions
 from .probe import probe, synth_inputs
 
@@ -167,7 +168,8 @@ def calibration(state: State, options: PruneOptions):
 
 def make_plan(state: State, options: PruneOptions) -> State:
     """Which heads every block keeps."""
-    blocks, scores, gqa = state.blocks, _shared_scores(state.blocks, state.graph, state.scores), state.gqa
+    shared = shared_blocks(state.blocks, state.graph)
+    blocks, scores, gqa = state.blocks, _shared_scores(state.blocks, shared, state.scores), state.gqa
     plans, applied = {}, {}
     if options.heads_to_prune is not None:
         from .plan import check_heads_to_prune
@@ -195,7 +197,7 @@ def make_plan(state: State, options: PruneOptions) -> State:
             drop = set(options.heads_to_prune.get(b.index, ()))
             plans[b.index], applied[b.index] = tuple(h for h in range(b.num_heads) if h not in drop), False
     if options.selects_by_score:
-        plans, applied = _tie_shared(blocks, state.graph, plans, applied)
+        plans, applied = _tie_shared(blocks, shared, plans, applied)
         for b in blocks:
             rows = head_grid(b)
             if rows is not None:
@@ -276,9 +278,7 @@ def shared_blocks(blocks, graph) -> list[list[int]]:
         for t in b.tensors:
             if not t.constant or t.name not in tensors:
                 continue
-            src = tensors[t.name]
-            while len(src.inputs) == 1 and src.inputs[0].op == "Identity" and src.inputs[0].inputs:
-                src = src.inputs[0].inputs[0]
+            src = identity_source(tensors[t.name])
             if src.name in owner:
                 parent[find(b.index)] = find(owner[src.name])
             else:
@@ -289,14 +289,14 @@ def shared_blocks(blocks, graph) -> list[list[int]]:
     return [g for g in groups.values() if len(g) > 1]
 
 
-def _shared_scores(blocks, graph, scores: dict) -> dict:
+def _shared_scores(blocks, shared: list[list[int]], scores: dict) -> dict:
     """Blocks that share weights will keep the same heads: each is planned on the mean of their scores
     (each block's scores normalised first), so that every layer that runs the weights has its say."""
     if not scores:
         return scores
     out = dict(scores)
     by_index = {b.index: b for b in blocks}
-    for group in shared_blocks(blocks, graph):
+    for group in shared:
         same = [i for i in group if by_index[i].num_heads == by_index[group[0]].num_heads]
         if len(same) > 1:
             mean = np.mean([scores[i] / (np.linalg.norm(scores[i]) or 1.0) for i in same], axis=0)
@@ -305,13 +305,13 @@ def _shared_scores(blocks, graph, scores: dict) -> dict:
     return out
 
 
-def _tie_shared(blocks, graph, plans, applied):
+def _tie_shared(blocks, shared: list[list[int]], plans, applied):
     """Blocks that share weights keep the same heads, so that one slice of the shared weights serves them
     all: each takes the plan of the first block of its group, made on the group's mean scores
     (``_shared_scores``). (Lists of heads given by hand stay as given;
     blocks that keep different heads then each get a slice of their own.)"""
     by_index = {b.index: b for b in blocks}
-    for group in shared_blocks(blocks, graph):
+    for group in shared:
         first = by_index[group[0]]
         for i in group[1:]:
             if by_index[i].num_heads == first.num_heads and by_index[i].kv_groups == first.kv_groups:

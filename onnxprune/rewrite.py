@@ -21,7 +21,7 @@ from .errors import PlanError, RewriteError
 from . import probe as probe_module
 from .io import copy_without_initializers, large_weights
 from .match import shape_expr
-from .match.headflow import _norm_axis, const_value
+from .match.headflow import _norm_axis, const_value, identity_source
 
 _fresh = itertools.count()
 
@@ -113,13 +113,6 @@ def _period(keep: np.ndarray, size: int) -> int | None:
     return None
 
 
-def _source(t):
-    """The tensor behind a chain of Identity nodes (TorchScript shares equal weights through them)."""
-    while len(t.inputs) == 1 and t.inputs[0].op == "Identity" and t.inputs[0].inputs:
-        t = t.inputs[0].inputs[0]
-    return t
-
-
 def _set_values(const: gs.Constant, values: np.ndarray):
     const.values = values
     const.data_location = None      # now in memory, even if the original sat in an external file
@@ -187,7 +180,7 @@ class Rewriter:
             return
         # a weight that several blocks share (ALBERT's one layer, TorchScript's Identity of equal weights):
         # blocks that keep the same heads of it share one slice, so the model shrinks as much as it should
-        key = (_source(tensor).name, tuple((ax, tuple(map(int, idx))) for ax, idx in sorted(lay.keep.items())))
+        key = (identity_source(tensor).name, tuple((ax, tuple(map(int, idx))) for ax, idx in sorted(lay.keep.items())))
         replacement = self._slices.get(key)
         if replacement is None:
             replacement = gs.Constant(f"{tensor.name}__pruned{next(_fresh)}", _take(const_value(tensor), lay.keep))

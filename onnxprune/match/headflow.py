@@ -62,17 +62,23 @@ SELECTORS = {"Gather", "GatherND", "Slice"}
 STACKERS = MOVERS | {"Unsqueeze", "Concat"}
 
 
+def identity_source(t):
+    """The tensor behind a chain of Identity nodes (TorchScript shares equal weights through them)."""
+    while len(t.inputs) == 1 and t.inputs[0].op == "Identity" and t.inputs[0].inputs:
+        t = t.inputs[0].inputs[0]
+    return t
+
+
 def const_value(t) -> np.ndarray | None:
-    """The value of a constant tensor: an initializer or the output of a Constant node. Data in an external
-    file (``io.attach_external``) is read from disk each time, never kept."""
+    """The value of a constant tensor: an initializer or the output of a Constant node, also through
+    Identity. Data in an external file (``io.attach_external``) is read from disk each time, never kept."""
+    t = identity_source(t)
     if isinstance(t, gs.Constant):
         lazy = getattr(t, "_values", None)
         if getattr(lazy, "base_dir", None):
             from ..io import read_external
             return read_external(lazy.tensor, lazy.base_dir)
         return np.asarray(t.values)
-    if len(t.inputs) == 1 and t.inputs[0].op == "Identity" and t.inputs[0].inputs:
-        return const_value(t.inputs[0].inputs[0])    # TorchScript shares equal weights through Identity
     if len(t.inputs) == 1 and t.inputs[0].op == "Constant":
         attrs = t.inputs[0].attrs
         if "value" in attrs:
@@ -84,8 +90,7 @@ def const_value(t) -> np.ndarray | None:
 
 
 def is_const(t) -> bool:
-    if len(t.inputs) == 1 and t.inputs[0].op == "Identity" and t.inputs[0].inputs:
-        return is_const(t.inputs[0].inputs[0])
+    t = identity_source(t)
     return isinstance(t, gs.Constant) or (len(t.inputs) == 1 and t.inputs[0].op == "Constant")
 
 
