@@ -13,9 +13,9 @@ from .block import AttentionBlock, MatchResult
 from .errors import OnnxPruneError, PlanError
 from .io import as_model, name_nodes, to_graph
 from .match import match_graph
-from .options import PruneOptions
+from .options import PruneOptions, tolerance
 from .probe import probe
-from .verify import compare, masked_model, masked_weights, worst_of
+from .verify import masked_model, masked_weights
 
 
 @dataclass(frozen=True)
@@ -138,12 +138,11 @@ def verify_saved(model: onnx.ModelProto, result: PruneResult, path: str | os.Pat
     overrides = masked_weights(model, list(result.blocks), result.kept, external_dir)
     masked = model if overrides is not None else masked_model(model, list(result.blocks), result.kept,
                                                               external_dir)
-    error = worst_of(compare(masked, pruned, f, result.io_keep, external_dir, pruned_dir=os.path.dirname(path),
-                             masked_overrides=overrides)
-                     for f in pipeline.verification_feeds(model, feeds, result.io_keep))
-    tolerance = atol if atol is not None else (result.options or PruneOptions(ratio=0)).tolerance(
-        pipeline.is_fp16(model))
-    pipeline.check_error(error, tolerance)
+    if atol is None and result.options is not None:
+        atol = result.options.atol
+    error = pipeline.prove_equal(masked, pruned, model, feeds, result.io_keep, external_dir,
+                                 tolerance(atol, pipeline.is_fp16(model)), pruned_dir=os.path.dirname(path),
+                                 overrides=overrides)
     return replace(result, max_error=error)
 
 

@@ -151,8 +151,7 @@ def inputs_for(model: onnx.ModelProto, batch: int, seq: int,
                data: dict[str, np.ndarray] | None) -> dict[str, np.ndarray]:
     """Synthetic inputs at ``batch`` x ``seq``, or the arrays of ``data`` checked against the declared
     inputs: every one present, numeric, of the declared rank and fixed sizes."""
-    from onnx import helper
-    from .probe import synth_inputs
+    from .probe import checked_array, synth_inputs
     inits = {t.name for t in model.graph.initializer}
     declared = [i for i in model.graph.input if i.name not in inits]
     if data is None:
@@ -160,21 +159,7 @@ def inputs_for(model: onnx.ModelProto, batch: int, seq: int,
     missing = [i.name for i in declared if i.name not in data]
     if missing:
         raise InputError(f"--inputs has no array for graph input(s) {', '.join(missing)}")
-    feeds = {}
-    for inp in declared:
-        arr, tt = data[inp.name], inp.type.tensor_type
-        if arr.dtype.kind not in "biuf":
-            raise InputError(f"--inputs: array {inp.name!r} holds {arr.dtype} values, not numbers")
-        if tt.HasField("shape"):
-            dims = list(tt.shape.dim)
-            if arr.ndim != len(dims):
-                raise InputError(f"--inputs: array {inp.name!r} has {arr.ndim} axes {list(arr.shape)}; graph "
-                                 f"input {inp.name!r} takes {len(dims)}")
-            for axis, d in enumerate(dims):
-                if d.HasField("dim_value") and d.dim_value != arr.shape[axis]:
-                    raise InputError(f"--inputs: array {inp.name!r} has {arr.shape[axis]} on axis {axis}; graph "
-                                     f"input {inp.name!r} is fixed at {d.dim_value} there")
-        feeds[inp.name] = arr.astype(helper.tensor_dtype_to_np_dtype(tt.elem_type), copy=False)
+    feeds = {inp.name: checked_array(data[inp.name], inp, "--inputs") for inp in declared}
     return feeds
 
 

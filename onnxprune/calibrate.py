@@ -19,6 +19,7 @@ from onnx import helper, numpy_helper
 from .block import AttentionBlock
 from .errors import InputError, PlanError
 from .io import Progress, consumers as graph_consumers, own_constant, own_weights
+from .probe import checked_array
 
 BATCH = 16
 
@@ -53,32 +54,16 @@ def load_calib(path: str | Path, model: onnx.ModelProto) -> dict[str, np.ndarray
         raise InputError(f"{path}: arrays must share their first axis (samples); got lengths {sorted(counts)}")
     out = {}
     for name in needed:
-        arr, tt = data[name], inputs[name].type.tensor_type
-        if arr.dtype.kind not in "biuf":
-            raise InputError(f"{path}: array {name!r} holds {arr.dtype} values, not numbers")
+        arr = data[name]
         if arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
             bad = np.argwhere(~np.isfinite(arr))[0]
             raise InputError(f"{path}: array {name!r} holds {arr[tuple(bad)]} at {list(map(int, bad))}; "
                              "calibration data must be finite")
-        dims = list(tt.shape.dim) if tt.HasField("shape") else None
-        if dims is not None:
-            if arr.ndim != len(dims):
-                raise InputError(f"{path}: array {name!r} has {arr.ndim} axes {list(arr.shape)}; graph input "
-                                 f"{name!r} takes {len(dims)} ([samples, ...] as {_declared(dims)})")
-            for axis, d in enumerate(dims[1:], 1):
-                if d.HasField("dim_value") and d.dim_value != arr.shape[axis]:
-                    raise InputError(f"{path}: array {name!r} has {arr.shape[axis]} on axis {axis}; graph "
-                                     f"input {name!r} is fixed at {d.dim_value} there ({_declared(dims)})")
-        dtype = helper.tensor_dtype_to_np_dtype(tt.elem_type)
+        dtype = helper.tensor_dtype_to_np_dtype(inputs[name].type.tensor_type.elem_type)
         if np.issubdtype(dtype, np.integer) and arr.dtype.kind == "f" and np.any(arr != np.round(arr)):
             raise InputError(f"{path}: array {name!r} holds fractions; graph input {name!r} takes integers")
-        out[name] = arr.astype(dtype, copy=False)
+        out[name] = checked_array(arr, inputs[name], str(path), fixed_from=1)   # samples on axis 0
     return out
-
-
-def _declared(dims) -> str:
-    return "[" + ", ".join(str(d.dim_value) if d.HasField("dim_value") else (d.dim_param or "?")
-                           for d in dims) + "]"
 
 
 def batches(data: dict[str, np.ndarray], size: int = BATCH) -> list[dict[str, np.ndarray]]:

@@ -85,7 +85,12 @@ class PruneOptions:
         return self.ratio is not None or self.threshold is not None
 
     def tolerance(self, fp16: bool) -> float:
-        return self.atol if self.atol is not None else (ATOL_FP16 if fp16 else ATOL)
+        return tolerance(self.atol, fp16)
+
+
+def tolerance(atol: float | None, fp16: bool) -> float:
+    """``atol``, or the default for the model's weights: 1e-4, 1e-2 for fp16."""
+    return atol if atol is not None else (ATOL_FP16 if fp16 else ATOL)
 
 
 def finite_number(x) -> bool:

@@ -359,14 +359,25 @@ def rewrite(state: State, options: PruneOptions) -> State:
 
 def verify(state: State, options: PruneOptions) -> State:
     """Pruned == masked original on ONNX Runtime CPU; beyond the tolerance, or NaN, is a ``VerifyError``."""
-    from .verify import compare, masked_model, worst_of
+    from .verify import masked_model
     if not options.verify:
         return state
     masked = masked_model(state.model, list(state.blocks), state.plans, options.external_dir)
-    error = worst_of(compare(masked, state.pruned, f, state.io_keep, options.external_dir)
-                     for f in verification_feeds(state.model, state.feeds, state.io_keep))
-    check_error(error, options.tolerance(is_fp16(state.original)))
+    error = prove_equal(masked, state.pruned, state.model, state.feeds, state.io_keep, options.external_dir,
+                        options.tolerance(is_fp16(state.original)))
     return replace(state, max_error=error)
+
+
+def prove_equal(masked, pruned, model, feeds, io_keep, external_dir, atol, pruned_dir=None, overrides=None
+                ) -> float:
+    """The largest difference between the masked original and the pruned model, on ``feeds`` (synthetic
+    when None) and, with a KV cache, on a decode step too; a ``VerifyError`` beyond ``atol`` or on NaN."""
+    from .verify import compare, worst_of
+    error = worst_of(compare(masked, pruned, f, io_keep, external_dir, pruned_dir=pruned_dir,
+                             masked_overrides=overrides)
+                     for f in verification_feeds(model, feeds, io_keep))
+    check_error(error, atol)
+    return error
 
 
 STAGES = (Stage("match", match, MatchError), Stage("fold gates", fold_gates, RewriteError),

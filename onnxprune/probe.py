@@ -119,6 +119,27 @@ def synth_inputs(model: onnx.ModelProto, seed: int = 0, batch: int = BATCH, seq:
     return feeds
 
 
+def checked_array(arr: np.ndarray, inp: onnx.ValueInfoProto, where: str, fixed_from: int = 0) -> np.ndarray:
+    """``arr`` as graph input ``inp`` takes it: numbers, of the declared rank and of the declared fixed sizes
+    from axis ``fixed_from`` on (1 for samples stacked on axis 0), cast to the declared type. Otherwise a
+    one-line ``InputError`` that starts with ``where`` (the file or option the array came from)."""
+    name, tt = inp.name, inp.type.tensor_type
+    if arr.dtype.kind not in "biuf":
+        raise InputError(f"{where}: array {name!r} holds {arr.dtype} values, not numbers")
+    if tt.HasField("shape"):
+        dims = list(tt.shape.dim)
+        declared = "[" + ", ".join(str(d.dim_value) if d.HasField("dim_value") else (d.dim_param or "?")
+                                   for d in dims) + "]"
+        if arr.ndim != len(dims):
+            raise InputError(f"{where}: array {name!r} has {arr.ndim} axes {list(arr.shape)}; graph input "
+                             f"{name!r} takes {len(dims)} ({declared})")
+        for axis, d in enumerate(dims[fixed_from:], fixed_from):
+            if d.HasField("dim_value") and d.dim_value != arr.shape[axis]:
+                raise InputError(f"{where}: array {name!r} has {arr.shape[axis]} on axis {axis}; graph input "
+                                 f"{name!r} is fixed at {d.dim_value} there ({declared})")
+    return arr.astype(helper.tensor_dtype_to_np_dtype(tt.elem_type), copy=False)
+
+
 def fixed_sizes(model: onnx.ModelProto) -> tuple[int | None, int | None]:
     """(batch, length) where some graph input fixes them: the first axis of an input, the second of a 2-D
     integer one (token ids, masks). Exports that fix one input (an attention mask of [2, 12]) and leave the
