@@ -140,9 +140,9 @@ def score(state: State, options: PruneOptions) -> State:
     needs scores)."""
     if not options.selects_by_score:
         return state
-    from .importance.initializers import stored
-    has_stored = options.importance is None and stored(state.model, state.blocks,
-                                                       options.importance_initializer) is not None
+    from .importance.initializers import initializer_importance
+    has_stored = options.importance is None and initializer_importance(
+        state.model, state.blocks, options.importance_initializer) is not None
     source = choose(options, has_stored, bool(state.gate_scores))
     ctx = ImportanceContext(state.model, state.blocks, options, graph=state.graph, gate_scores=state.gate_scores,
                             make_calibration=lambda: calibration(state, options))

@@ -106,7 +106,7 @@ def choose(options, has_stored: bool, has_gates: bool) -> str:
 
 def scores_for(name: str, ctx: ImportanceContext) -> dict[int, np.ndarray]:
     """Run source ``name`` on ``ctx``; every score checked finite, one per head."""
-    from .weights import weight_scores
+    from .weights import weight_importance
     if name == "given":
         raw = dict(ctx.options.importance)
     else:
@@ -114,7 +114,7 @@ def scores_for(name: str, ctx: ImportanceContext) -> dict[int, np.ndarray]:
     out = {}
     for b in ctx.blocks:
         try:
-            s = np.asarray(raw[b.index], dtype=np.float64) if b.index in raw else weight_scores(b, ctx.graph)
+            s = np.asarray(raw[b.index], dtype=np.float64) if b.index in raw else weight_importance(b, ctx.graph)
         except (TypeError, ValueError) as exc:
             raise PlanError(f"importance scores must be numbers ({exc})") from None
         if s.shape != (b.num_heads,):

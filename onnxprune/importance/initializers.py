@@ -120,10 +120,6 @@ def stored_method(model) -> str | None:
     return next((p.value for p in model.metadata_props if p.key == IMPORTANCE_METHOD_KEY), None)
 
 
-def stored(model, blocks, pattern=None):
-    return initializer_importance(model, blocks, pattern)
-
-
 def _score(ctx):
     found = initializer_importance(ctx.model, ctx.blocks, ctx.options.importance_initializer)
     if found is None:

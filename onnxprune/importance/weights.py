@@ -31,9 +31,6 @@ def weight_importance(block: AttentionBlock, graph: gs.Graph) -> np.ndarray:
     return score
 
 
-weight_scores = weight_importance
-
-
 def _score(ctx):
     return {b.index: weight_importance(b, ctx.graph) for b in ctx.blocks}
 
