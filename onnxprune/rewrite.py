@@ -47,7 +47,7 @@ def _layouts(block: AttentionBlock, kept_heads, shapes) -> dict[str, _Layout]:
         mask = (t.owner == -1) | np.isin(t.owner, list(units))
         keep, ok = {}, True
         for pos, ax in enumerate(t.axes):
-            if ax in t.copies:
+            if ax in t.copies and mask.ndim > 1:
                 # entries along a broadcast axis are copies: keep as many as each row needs. Rows that keep
                 # nothing (a whole KV group dropped) go along the other axes, so only kept rows must agree
                 sums = mask.sum(axis=pos)
@@ -55,6 +55,9 @@ def _layouts(block: AttentionBlock, kept_heads, shapes) -> dict[str, _Layout]:
                 ok &= len(counts) == 1
                 keep[ax] = np.arange(int(counts[0]) if len(counts) else 0)
                 continue
+            # a single head axis keeps its heads' own positions, copies or not: on a B*H axis they repeat
+            # with period H, which lets a Gather outside the block hold at every batch size (DeBERTa-v2's
+            # relative-position indices, expanded to B*H and shared by the blocks)
             other = tuple(i for i in range(mask.ndim) if i != pos)
             keep[ax] = np.flatnonzero(mask.any(axis=other) if other else mask)
         proj = mask
@@ -291,6 +294,27 @@ class Rewriter:
     def _plan_resize(self, node, block, layouts, kept_heads):
         self._plan_reshape(node, block, layouts, kept_heads, index=3)     # Resize(X, roi, scales, sizes)
 
+    def _plan_tile(self, node, block, layouts, kept_heads):
+        """Tile repeats keep their values; one computed from a size that shrinks with the heads, as
+        DeBERTa-v2's (B*H)/H, gets its divisor scaled (``Keep``)."""
+        vec = node.inputs[1]
+        changes = {}
+        for j in range(self.shapes[vec.name][0]):
+            src = shape_expr.locate(vec, j, self.shapes)
+            base, ops = shape_expr.leaf(src)
+            moved = self._dim_change(layouts, base) if isinstance(base, shape_expr.Dim) else None
+            if moved is None:
+                continue
+            if "Div" not in ops:
+                raise RewriteError(f"Tile {node.name!r}: repeat {j} follows a size that shrinks with the heads")
+            changes[j] = shape_expr.Keep(Fraction(moved[1], moved[0]))
+        if changes:
+            try:
+                new_vec = shape_expr.rebuild(self.graph, vec, changes, self.shapes, self.values)
+            except ValueError as exc:
+                raise RewriteError(f"Tile {node.name!r}: {exc}") from None
+            self.edits.append(lambda n=node, v=new_vec: n.inputs.__setitem__(1, v))
+
     def _plan_split(self, node, block, layouts, kept_heads):
         x = node.inputs[0]
         lay = layouts.get(x.name)
@@ -428,7 +452,7 @@ class Rewriter:
 
 # what each kind of site (``block.Site.kind``, recorded by the op rules) needs rewritten
 SITE_PLANNERS = {
-    "reshape": Rewriter._plan_reshape, "expand": Rewriter._plan_expand, "split": Rewriter._plan_split,
+    "reshape": Rewriter._plan_reshape, "expand": Rewriter._plan_expand, "tile": Rewriter._plan_tile, "split": Rewriter._plan_split,
     "slice": Rewriter._plan_slice, "gather": Rewriter._plan_gather, "gathernd": Rewriter._plan_gathernd,
     "concat": Rewriter._plan_concat, "attr": Rewriter._plan_attr, "resize": Rewriter._plan_resize,
 }

@@ -39,6 +39,7 @@ EXPECTED_BLOCKS = {
     "CodeGen": [(8, 8)] * 2,                         # q, v, k packed per 4 shards: a 4 x 2 grid of heads
     "Phi": _MHA2,                                    # rotary on half of each head
     "GPT-J": _MHA2,                                  # interleaved rotary: x[..., ::2], x[..., 1::2]
+    "DeBERTa-v2": _MHA2,                             # c2p/p2c scores by GatherElements on [B*H, S, 2k]
     "BEiT": _MHA2,                                   # a relative position bias table per block
     "ALBERT": _MHA2,                                 # one layer's weights shared by both blocks
     "BERT, fixed shapes": _MHA2,                     # mask fixed at [2, 7] with dynamic ids; all fixed

@@ -66,7 +66,7 @@ def site_kinds(flow):
 # ------------------------------------------------------------------ one test per rule
 def test_every_op_with_a_rule_is_covered_here():
     covered = {"Transpose", "Reshape", "Flatten", "Unsqueeze", "Squeeze", "Expand", "Split", "Slice", "Gather",
-               "Concat", "MatMul", "Gemm", "RotaryEmbedding", "Attention", "Resize"}
+               "Concat", "MatMul", "Gemm", "RotaryEmbedding", "Attention", "Resize", "GatherElements", "Tile"}
     assert set(rules.RULES) - set(rules.ELEMENTWISE) - set(rules.NORMS) - set(rules.REDUCTIONS) == covered
     assert rules.rule_for("Conv") is None
 
@@ -278,6 +278,34 @@ def test_resize_over_other_axes_passes_heads_and_is_a_site():
         follow(flow, t, "x", HEADS, (1,), "down")
 
 
+def test_gather_elements_along_keys_passes_heads_to_data_and_indices():
+    """DeBERTa-v2's c2p scores [B*H, S, 2k] gathered along the key axis with indices [B*H, S, S]."""
+    ge = node("GatherElements", ["x", "idx"], ["y"], axis=-1)
+    bh = np.tile(HEADS, 2)                                 # B*H, batch-major: [0, 1, 2, 3, 0, 1, 2, 3]
+    flow, t = make_flow([ge], {"x": (2 * H, 5, 6)}, shapes={"idx": (2 * H, 5, 5), "y": (2 * H, 5, 5)})
+    follow(flow, t, "y", bh, (0,), "up")
+    assert owner_of(flow, "x") == ((0,), bh.tolist()) and owner_of(flow, "idx") == ((0,), bh.tolist())
+    flow, t = make_flow([node("GatherElements", ["x", "idx"], ["y"], axis=0)], {"x": (2 * H, 5, 6)},
+                        shapes={"idx": (2 * H, 5, 6), "y": (2 * H, 5, 6)})
+    with pytest.raises(FlowFail, match="GatherElements along the head axis"):
+        follow(flow, t, "x", bh, (0,), "down")
+
+
+def test_tile_of_heads_over_the_batch_and_of_mixed_copies_refused():
+    """DeBERTa-v2 tiles its position keys [H, 2k, D] over the batch to [B*H, 2k, D]: the repeats are a site
+    (they may be computed as (B*H)/H); a tiled tensor whose copies hold different heads is refused."""
+    tl = node("Tile", ["x", "reps"], ["y"])
+    flow, t = make_flow([tl], {"x": (H, 6, D)}, {"reps": np.array([2, 1, 1], np.int64)})
+    follow(flow, t, "y", np.tile(HEADS, 2), (0,), "up")
+    assert owner_of(flow, "x") == ((0,), HEADS.tolist()) and site_kinds(flow) == ["tile"]
+    flow, t = make_flow([tl], {"x": (H, 6, D)}, {"reps": np.array([2, 1, 1], np.int64)})
+    follow(flow, t, "x", HEADS, (0,), "down")
+    assert owner_of(flow, "y") == ((0,), np.tile(HEADS, 2).tolist())
+    flow, t = make_flow([tl], {"x": (H, 6, D)}, {"reps": np.array([2, 1, 1], np.int64)})
+    with pytest.raises(FlowFail, match="different heads in its copies"):
+        follow(flow, t, "y", np.repeat(HEADS, 2), (0,), "up")
+
+
 def test_a_second_attention_op_in_one_block_is_refused():
     att = node("Attention", ["x", "x", "x"], ["y"])
     flow, t = make_flow([att], {"x": (2, H, 5, D)}, shapes={"y": (2, H, 5, D)}, opset=23)
@@ -310,6 +338,10 @@ def test_shape_expressions_locate_each_element():
     assert bh == shape_expr.Arith("Mul", H, shape_expr.Dim("x", 0))
     assert shape_expr.leaf(bh) == (shape_expr.Dim("x", 0), ["Mul"]) and shape_expr.evaluate(bh, 2) == 2 * H
     assert "Mul by 4" in shape_expr.describe(bh)
+    ones = helper.make_node("ConstantOfShape", ["s"], ["ones"], name="cos",
+                            value=numpy_helper.from_array(np.array([1], np.int64)))
+    flow2, t2 = make_flow([helper.make_node("Shape", ["x"], ["s"], name="shape"), ones], {"x": (2, 5, F)})
+    assert shape_expr.locate(t2["ones"], 2, flow2.shapes) == shape_expr.Const(1)   # Expand's no-op shape
     runtime = shape_expr.locate(t["x"], 0, flow.shapes)
     assert isinstance(runtime, shape_expr.Unknown) and "graph input" in runtime.why
 

@@ -188,8 +188,10 @@ def _specs() -> list[Spec]:
     # CodeGen packs q, v and k per 4 shards: its heads form a 4 x 2 grid, planned as rectangles of it
     add("codegen", "CodeGen", "CodeGenModel", "CodeGenConfig", _text_inputs(), TEXT_DYN,
         n_embd=32, n_head=8, n_layer=2, n_positions=64, rotary_dim=2, **dec)
+    # DeBERTa-v2: disentangled attention, scores gathered with GatherElements on [B*H, S, 2k], position keys
+    # tiled over the batch with repeats (B*H)/H
     add("deberta-v2", "DeBERTa-v2", "DebertaV2Model", "DebertaV2Config", _text_inputs(), TEXT_DYN,
-        exporters=("ts",), refused="no rule for GatherElements", vocab_size=64, max_position_embeddings=64, relative_attention=True, position_buckets=8,
+        vocab_size=64, max_position_embeddings=64, relative_attention=True, position_buckets=8,
         pos_att_type=["p2c", "c2p"], **small)
     add("beit", "BEiT", "BeitModel", "BeitConfig", _pixel_inputs(16), PIXEL_DYN, image_size=16, patch_size=8,
         use_relative_position_bias=True, **small)

@@ -349,6 +349,53 @@ def resize(flow, node, direction, trigger):
         flow.sites.append(("resize", node))
 
 
+def gather_elements(flow, node, direction, trigger):
+    """GatherElements along an axis without heads (DeBERTa-v2 picks its relative-position scores along
+    the key axis of [B*H, S, 2k]): the head axis passes, and the indices, of the output's shape, carry it
+    too."""
+    data, idx, y = node.inputs[0], node.inputs[1], node.outputs[0]
+    sd, si = flow.shape(data), flow.shape(idx)
+    axis = _norm_axis(node.attrs.get("axis", 0), len(sd))
+    if direction == "down" and trigger is idx:
+        raise FlowFail(node, "GatherElements indices carry the head axis")
+    hm = flow.maps[data.name] if direction == "down" else flow.maps[y.name]
+    if axis in hm.axes:
+        raise FlowFail(node, "GatherElements along the head axis")
+    if any(sd[a] != si[a] for a in hm.axes):
+        raise FlowFail(node, "GatherElements indices broadcast along the head axis")
+    if direction == "down":
+        flow.assign(y, hm, "down", node, flow.role_of(data))
+    else:
+        flow.assign(data, hm, "up", node, flow.role_of(y))
+    flow.side_input(node, idx, hm, si, flow.role_of(y))
+
+
+def tile(flow, node, direction, trigger):
+    """Tile that repeats whole copies of the heads (DeBERTa-v2 tiles its [H, 2k, D] position keys over the
+    batch into [B*H, 2k, D]); the repeats hold no head count and stay as they are."""
+    x, y = node.inputs[0], node.outputs[0]
+    if trigger is not x and direction == "down":
+        raise FlowFail(node, "Tile repeats carry the head axis")
+    sx, sy = flow.shape(x), flow.shape(y)
+    if direction == "down":
+        hm = flow.maps[x.name]
+        owner = hm.owner
+        for i, a in enumerate(hm.axes):
+            owner = np.concatenate([owner] * (sy[a] // sx[a]), axis=i)
+        flow.assign(y, HeadMap(hm.axes, owner), "down", node, flow.role_of(x))
+    else:
+        hm = flow.maps[y.name]
+        owner = hm.owner
+        for i, a in enumerate(hm.axes):
+            parts = np.split(owner, sy[a] // sx[a], axis=i)
+            if any(not np.array_equal(p, parts[0]) for p in parts[1:]):
+                raise FlowFail(node, "Tile output holds different heads in its copies")
+            owner = parts[0]
+        flow.assign(x, HeadMap(hm.axes, owner), "up", node, flow.role_of(y))
+    if ("tile", node) not in flow.sites:     # repeats computed as (B*H)/H must stay B
+        flow.sites.append(("tile", node))
+
+
 REDUCTIONS = {"ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceL1", "ReduceL2", "ReduceLogSum",
               "ReduceLogSumExp", "ReduceProd", "ReduceSumSquare"}
 
@@ -378,6 +425,7 @@ RULES = {
     "Transpose": transpose, "Reshape": reshape, "Flatten": reshape, "Unsqueeze": unsqueeze,
     "Squeeze": squeeze, "Expand": expand, "Split": split, "Slice": slice_, "Gather": gather, "Concat": concat,
     "MatMul": matmul, "Gemm": gemm, "RotaryEmbedding": rotary_embedding, "Attention": attention, "Resize": resize,
+    "GatherElements": gather_elements, "Tile": tile,
     **{op: elementwise for op in ELEMENTWISE}, **{op: norm for op in NORMS}, **{op: reduce for op in REDUCTIONS},
 }
 

@@ -105,6 +105,10 @@ def locate(t, j: int | None, shapes) -> object:
         if isinstance(src, Const) and src.value == -1:
             return Unknown(f"Where node {node.name}")
         return src     # a runtime size is never -1, so Where passes it through
+    if op == "ConstantOfShape":
+        value = node.attrs.get("value")
+        value = np.zeros(1) if value is None else np.asarray(value.values if hasattr(value, "values") else value)
+        return Const(int(value.reshape(-1)[0]))
     if op == "Shape":
         start = node.attrs.get("start", 0)
         rank = len(shapes.get(node.inputs[0].name, ()))
