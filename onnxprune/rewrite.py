@@ -272,8 +272,7 @@ class Rewriter:
                                        f"{base.axis}, which does not shrink to {new_shape[ax]}")
             elif isinstance(src, shape_expr.Arith):
                 changes[j] = new_shape[ax]
-            elif isinstance(src, shape_expr.Dim) and getattr(self.shapes, "is_static", None) and \
-                    self.shapes.is_static(src.tensor, src.axis):
+            elif isinstance(src, shape_expr.Dim) and shape_expr.is_fixed(src, self.shapes, self.tensors):
                 changes[j] = shape_expr.Fixed(new_shape[ax])    # e.g. view(-1, x.size(-1)): a fixed width
             elif isinstance(src, shape_expr.Dim):
                 raise RewriteError(f"{node.op} {node.name!r}: element {j} follows {src.tensor} axis "
@@ -346,12 +345,14 @@ class Rewriter:
         if lay is None:
             return
         in_shape = self.shapes[x.name]
-        starts, ends = const_value(node.inputs[1]), const_value(node.inputs[2])
+        bound = lambda t: const_value(t) if const_value(t) is not None else \
+            shape_expr.fixed_value(t, self.shapes, self.values, self.tensors)     # noqa: E731
+        starts, ends = bound(node.inputs[1]), bound(node.inputs[2])
         if starts is None or ends is None:     # runtime bounds: only allowed off the head axes (matcher)
             return
-        axes = const_value(node.inputs[3]) if len(node.inputs) > 3 and node.inputs[3].name else \
+        axes = bound(node.inputs[3]) if len(node.inputs) > 3 and node.inputs[3].name else \
             np.arange(len(starts))
-        steps = const_value(node.inputs[4]) if len(node.inputs) > 4 and node.inputs[4].name else \
+        steps = bound(node.inputs[4]) if len(node.inputs) > 4 and node.inputs[4].name else \
             np.ones(len(starts), dtype=np.int64)
         new_starts, new_ends, touched = np.array(starts).copy(), np.array(ends).copy(), False
         for k, (s, e, a, st) in enumerate(zip(starts, ends, axes, steps)):

@@ -40,6 +40,7 @@ EXPECTED_BLOCKS = {
     "Phi": _MHA2,                                    # rotary on half of each head
     "GPT-J": _MHA2,                                  # interleaved rotary: x[..., ::2], x[..., 1::2]
     "DeBERTa-v2": _MHA2,                             # c2p/p2c scores by GatherElements on [B*H, S, 2k]
+    "SigLIP vision": [(4, 4)] * 3,                   # 2 encoder blocks + nn.MultiheadAttention pooling, 3-D
     "BEiT": _MHA2,                                   # a relative position bias table per block
     "ALBERT": _MHA2,                                 # one layer's weights shared by both blocks
     "BERT, fixed shapes": _MHA2,                     # mask fixed at [2, 7] with dynamic ids; all fixed

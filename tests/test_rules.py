@@ -201,6 +201,33 @@ def test_slice_picks_heads_upward_and_refuses_cutting_them_downward():
         follow(flow, t, "x", np.tile(MERGED, 2), (2,), "down")
 
 
+def _runtime_bound_slice(width_from: str):
+    """w [2F, F] cut at rows [0, E), E read at run time from axis 2 of ``width_from``: ``p``, a [1, 1, F]
+    constant tiled over the batch (fixed, though shape inference cannot tell), or ``x``, a graph input (whose sizes follow the caller's)."""
+    nodes = [node("Shape", ["x"], ["sx"], start=0, end=1),
+             helper.make_node("Concat", ["sx", "one", "one"], ["reps"], name="cat", axis=0),
+             node("Tile", ["probe", "reps"], ["p"]),
+             helper.make_node("Shape", [width_from], ["sp"], name="shape_p", start=2, end=3),
+             node("Slice", ["w", "zero", "sp", "zero"], ["y"])]
+    inits = {"probe": np.ones((1, 1, F), np.float32), "w": np.ones((2 * F, F), np.float32),
+             "one": np.array([1], np.int64), "zero": np.array([0], np.int64)}
+    flow, t = make_flow(nodes, {"x": (2, 5, F)}, inits, shapes={"p": (2, 1, F), "y": (F, F)})
+    flow.values = {"sp": np.array([F]), "sx": np.array([2]), "reps": np.array([2, 1, 1])}
+    return flow, t
+
+
+def test_slice_bounds_read_from_a_fixed_width_count_as_constants():
+    """TorchScript's nn.MultiheadAttention cuts its packed in_proj weight at Shape(q)[-1], the model width:
+    fixed even when shape inference cannot say so (q is a probe tiled over the batch). A bound read from
+    a size that follows the input is refused on the head axis."""
+    flow, t = _runtime_bound_slice("p")
+    follow(flow, t, "y", MERGED, (0,), "up")
+    assert owner_of(flow, "w") == ((0,), MERGED.tolist() + [-1] * F)
+    flow, t = _runtime_bound_slice("x")
+    with pytest.raises(FlowFail, match="computed at run time"):
+        follow(flow, t, "y", MERGED, (0,), "up")
+
+
 def test_gather_of_one_section_upward_and_along_heads_refused():
     """A scalar Gather picks q out of a packed [B, S, 3, H, D]: upward it lands in section 0."""
     g = node("Gather", ["x", "i"], ["y"], axis=2)

@@ -103,12 +103,12 @@ def _specs() -> list[Spec]:
     specs: list[Spec] = []
 
     def add(name, family, cls, cfgcls, inputs, dyn, exporters=("ts", "d18"), attns=("eager",), refused=None,
-            **cfg):
+            outputs=("last_hidden_state",), **cfg):
         for ex in exporters:
             for attn in attns:
                 suffix = f"{ex}" + ("" if attn == "eager" else f"-{attn}")
                 specs.append(Spec(f"{name}-{suffix}", family, _hf(cls, cfgcls, attn, **cfg), inputs, ex, attn,
-                                  dynamic=dyn, refused=refused))
+                                  outputs=outputs, dynamic=dyn, refused=refused))
 
     add("bert", "BERT", "BertModel", "BertConfig", _text_inputs(type_ids=True), TEXT_DYN,
         exporters=("ts", "d18"), attns=("eager", "sdpa"), **bert_cfg)
@@ -195,6 +195,11 @@ def _specs() -> list[Spec]:
         pos_att_type=["p2c", "c2p"], **small)
     add("beit", "BEiT", "BeitModel", "BeitConfig", _pixel_inputs(16), PIXEL_DYN, image_size=16, patch_size=8,
         use_relative_position_bias=True, **small)
+    # SigLIP's vision tower ends in a pooling head: nn.MultiheadAttention of a learned probe over the patches
+    # (3-D, [B*H, 1, S] inside), after two encoder blocks
+    add("siglip-vision", "SigLIP vision", "SiglipVisionModel", "SiglipVisionConfig", _pixel_inputs(16), PIXEL_DYN,
+        outputs=("last_hidden_state", "pooler_output"), image_size=16, patch_size=8, vision_use_head=True,
+        **small)
     add("albert", "ALBERT", "AlbertModel", "AlbertConfig", _text_inputs(), TEXT_DYN, vocab_size=64,
         embedding_size=16, max_position_embeddings=64, **small)
     return specs + _seq2seq_specs() + _torch_nn_specs() + _onnx_attention_specs()

@@ -28,6 +28,23 @@ def _is_projection(flow: Flow, node) -> bool:
         i is not None and is_const(i) and i.name in flow.maps for i in node.inputs)
 
 
+_WEIGHT_MOVERS = {"Split", "Slice", "Transpose", "Identity", "Cast", "Squeeze", "Unsqueeze", "Reshape"}
+
+
+def _reaches_weight_slot(flow: Flow, node, depth: int = 0) -> bool:
+    """A constant read by ``node`` ends up, only moved or cut, as the weight of a MatMul or Gemm in the
+    block: ``nn.MultiheadAttention``'s packed in_proj weight, Split into q and kv parts and transposed."""
+    if node.op not in _WEIGHT_MOVERS or depth > 4 or id(node) not in flow.nodes:
+        return False
+    for y in node.outputs:
+        for reader in y.outputs:
+            if reader.op in ("MatMul", "Gemm") and len(reader.inputs) > 1 and reader.inputs[1] is y:
+                return True
+            if _reaches_weight_slot(flow, reader, depth + 1):
+                return True
+    return False
+
+
 def _cut_shared(flow: Flow) -> set[str]:
     """Tensors reached upward that other nodes also read: keep them whole, select heads before use."""
     cuts = set()
@@ -87,15 +104,12 @@ def _check_shape_sites(flow: Flow):
             ok = isinstance(src, shape_expr.Const)
             if isinstance(src, shape_expr.Dim):
                 ok = (src.tensor in flow.maps and src.axis in flow.maps[src.tensor].axes) or \
-                    _static(flow.shapes, src)     # a fixed model width read at run time: rewritten as a constant
+                    shape_expr.is_fixed(src, flow.shapes, flow.graph_tensors())   # a fixed model width read
+                # at run time: rewritten as a constant
             if isinstance(src, shape_expr.Arith):
                 ok = not isinstance(shape_expr.leaf(src)[0], shape_expr.Unknown)
             if not ok:
                 raise FlowFail(node, f"{node.op} shape element {j} of {vec.name!r} is {shape_expr.describe(src)}")
-
-
-def _static(shapes, dim) -> bool:
-    return hasattr(shapes, "is_static") and shapes.is_static(dim.tensor, dim.axis)
 
 
 def build_block(flow: Flow, family: str, core, index: int, num_heads: int) -> AttentionBlock:
@@ -120,7 +134,8 @@ def build_block(flow: Flow, family: str, core, index: int, num_heads: int) -> At
             if id(node) not in flow.nodes:
                 continue
             for role in sorted(flow.roles.get(name, set()) & {"q", "k", "v"}):
-                if (node.op in ("MatMul", "Gemm") and i == 1) or (id(node), i) in flow.weight_inputs:
+                if (node.op in ("MatMul", "Gemm") and i == 1) or (id(node), i) in flow.weight_inputs or \
+                        _reaches_weight_slot(flow, node):
                     projections.append(Projection(role, name, None, flow.maps[name].axes[0]))
     for name, uses in flow.const_uses.items():       # biases: 1-D constants added to a projection output
         if name not in flow.maps or len(flow.shape(flow.tensors[name])) != 1:

@@ -149,6 +149,7 @@ class Flow:
         self.direction: dict[str, str] = {}
         self.roles: dict[str, set] = {}
         self.tensors: dict[str, object] = {}
+        self._graph_tensors = None                      # every tensor of the graph by name, when asked
         self.units: list[frozenset] = []
         self._unit_ids: dict[frozenset, int] = {}
         self.nodes: dict[int, object] = {}
@@ -471,6 +472,17 @@ class Flow:
         owner[np.ix_(*index)] = src
         return HeadMap(tuple(in_axes), owner)
 
+    def graph_tensors(self) -> dict:
+        if self._graph_tensors is None:
+            self._graph_tensors = self.graph.tensors()
+        return self._graph_tensors
+
+    def bound_value(self, t):
+        """A Slice bound: constant, or computed from fixed sizes only (see ``shape_expr.fixed_value``)."""
+        from . import shape_expr
+        val = const_value(t)
+        return val if val is not None else shape_expr.fixed_value(t, self.shapes, self.values, self.graph_tensors())
+
     def slice_positions(self, node, relevant=None) -> dict[int, np.ndarray]:
         """Input index of every output index, per sliced axis. Bounds computed at run time are only an
         error on an axis in ``relevant`` (the head axes); elsewhere the axis is left out."""
@@ -483,9 +495,13 @@ class Flow:
             if axes is None and len(node.inputs) > 3 and node.inputs[3] is not None and node.inputs[3].name:
                 raise FlowFail(node, "Slice axes are computed at run time")
             axes = range(len(self.shape(node.inputs[1]))) if axes is None else axes
-            if relevant is None or any(_norm_axis(int(a), len(in_shape)) in relevant for a in axes):
+            if relevant is not None and not any(_norm_axis(int(a), len(in_shape)) in relevant for a in axes):
+                return {}       # runtime bounds off the head axes: the slice leaves the heads as they are
+            # on a head axis, bounds computed from fixed sizes only are as good as constants
+            args = [self.bound_value(t) if t is not None and t.name else None for t in node.inputs[1:5]]
+            args += [None] * (4 - len(args))
+            if any(t is not None and t.name and v is None for t, v in zip(node.inputs[1:5], args)):
                 raise FlowFail(node, "Slice bounds on the head axis are computed at run time")
-            return {}
         starts, ends, axes, steps = args
         axes = np.arange(len(starts)) if axes is None else axes
         steps = np.ones(len(starts), dtype=np.int64) if steps is None else steps

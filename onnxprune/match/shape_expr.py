@@ -160,6 +160,83 @@ def evaluate(src, size: int) -> int | None:
     return {"Mul": x * src.const, "Add": x + src.const, "Sub": x - src.const}[src.op]
 
 
+def fixed_value(t, shapes, values: dict, tensors: dict):
+    """The value of 1-D integer tensor ``t`` when every element is a constant, or arithmetic on sizes that
+    are fixed (a model width read at run time: TorchScript's ``nn.MultiheadAttention`` cuts its packed
+    weight at ``Shape(q)[-1]``), so that the probed value holds at any input size; else None."""
+    if t.name not in values:
+        return None
+    n = _len(shapes, t)
+    if n is None:
+        return None
+    scalar = shapes.get(t.name) == ()
+    if all(_fixed_element(t, None if scalar else j, shapes, tensors) for j in range(n)):
+        return np.asarray(values[t.name])
+    return None
+
+
+def _fixed_element(t, j, shapes, tensors, depth: int = 0) -> bool:
+    if const_value(t) is not None:
+        return True
+    node = t.inputs[0] if t.inputs else None
+    if node is not None and depth < 16:
+        if node.op in ("Add", "Sub", "Mul", "Div") and all(const_value(i) is None for i in node.inputs):
+            return all(_fixed_element(i, None if _len(shapes, i) == 1 else j, shapes, tensors, depth + 1)
+                       for i in node.inputs)      # two runtime sizes: E + 2E
+        if node.op in ("Unsqueeze", "Squeeze", "Cast", "Identity", "Reshape"):
+            src = node.inputs[0]
+            one = shapes.get(src.name) == () or _len(shapes, src) == 1
+            return _fixed_element(src, None if one else j, shapes, tensors, depth + 1)
+        if node.op == "Concat" and j is not None:
+            off = 0
+            for piece in node.inputs:
+                size = _len(shapes, piece)
+                if size is None:
+                    return False
+                if j < off + size:
+                    return _fixed_element(piece, j - off, shapes, tensors, depth + 1)
+                off += size
+    src, _ = leaf(locate(t, j, shapes))
+    return not isinstance(src, Unknown) and (not isinstance(src, Dim) or is_fixed(src, shapes, tensors))
+
+
+def is_fixed(dim: Dim, shapes, tensors: dict, depth: int = 0) -> bool:
+    """Size ``dim`` is the same at any input size: shape inference says so, or it is carried unchanged
+    from a fixed size through Transpose, Expand or Tile by 1 (which shape inference gives up on when the
+    repeats are computed at run time, as for SigLIP's pooling probe tiled over the batch)."""
+    if hasattr(shapes, "is_static") and shapes.is_static(dim.tensor, dim.axis):
+        return True
+    t = tensors.get(dim.tensor)
+    if t is None or depth > 8:
+        return False
+    if const_value(t) is not None:
+        return True
+    if not t.inputs:
+        return False
+    node = t.inputs[0]
+    x = node.inputs[0] if node.inputs else None
+    if x is None or x.name not in shapes:
+        return False
+    rank, in_rank = len(shapes[t.name]), len(shapes[x.name])
+    if node.op in ("Identity", "Cast", "Neg", "Add", "Sub", "Mul", "Div") and rank == in_rank and \
+            all(i.name in shapes and len(shapes[i.name]) <= rank and
+                (const_value(i) is not None or i is x) for i in node.inputs):
+        return is_fixed(Dim(x.name, dim.axis), shapes, tensors, depth + 1)
+    if node.op == "Transpose":
+        perm = list(node.attrs.get("perm", list(range(rank))[::-1]))
+        return is_fixed(Dim(x.name, perm[dim.axis]), shapes, tensors, depth + 1)
+    if node.op in ("Expand", "Tile"):
+        ia = dim.axis - (rank - in_rank)
+        if ia < 0:
+            return False
+        factor = locate(node.inputs[1], ia if node.op == "Tile" else dim.axis - (rank - _len(shapes, node.inputs[1])),
+                        shapes)
+        if not (isinstance(factor, Const) and factor.value == 1):
+            return False
+        return is_fixed(Dim(x.name, ia), shapes, tensors, depth + 1)
+    return False
+
+
 def describe(src) -> str:
     if isinstance(src, Dim):
         return f"computed at runtime from the shape of {src.tensor}"
