@@ -326,10 +326,20 @@ class Rewriter:
         bounds = np.cumsum([0] + sizes)
         new_sizes = np.array([sum(1 for i in range(bounds[k], bounds[k + 1]) if i in kept)
                               for k in range(len(sizes))], dtype=np.int64)
-        if (new_sizes == 0).any():
-            raise RewriteError(f"Split {node.name!r}: a part would be empty")
+        empty = [node.outputs[k] for k in np.flatnonzero(new_sizes == 0)]
+        block_nodes = set(block.nodes)
+        for out in empty:       # a part of dropped heads only (StableLM splits q per head): it goes
+            outside = [c for c in out.outputs if c.name not in block_nodes]
+            if outside or out.name not in layouts:
+                raise RewriteError(f"Split {node.name!r}: part {out.name!r} would be empty but is read outside "
+                                   "the block")
+        if len(empty) == len(sizes):
+            raise RewriteError(f"Split {node.name!r}: every part would be empty")
+        new_sizes = new_sizes[new_sizes > 0]
 
-        def apply(n=node, s=new_sizes):
+        def apply(n=node, s=new_sizes, gone=tuple(empty)):
+            for out in gone:
+                n.outputs.remove(out)
             n.attrs.pop("num_outputs", None)
             if "split" in n.attrs:
                 n.attrs["split"] = [int(v) for v in s]

@@ -35,6 +35,7 @@ EXPECTED_BLOCKS = {
     "Phi-3": _GQA2, "Llama": _GQA2, "Qwen2": _GQA2, "Mistral": _GQA2,
     "Llama, 4 KV groups": [(16, 4)] * 2,             # 16 heads of 4, 4 KV heads: groups of 4 query heads
     "Qwen3": _GQA2, "Gemma 3": _GQA2,                # q/k RMSNorm over the head size (ReduceMean) inside
+    "StableLM": _GQA2,                               # a LayerNorm per head: Split, H x LayerNorm, Concat
     "Cohere": _GQA2,                                 # q/k LayerNorm with a per-head weight [H, D], sliced
     "CodeGen": [(8, 8)] * 2,                         # q, v, k packed per 4 shards: a 4 x 2 grid of heads
     "Phi": _MHA2,                                    # rotary on half of each head

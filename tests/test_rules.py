@@ -94,6 +94,28 @@ def test_norm_over_the_head_size_passes_and_over_heads_is_refused():
         follow(flow, t, "x", MERGED, (2,), "down")
 
 
+def test_a_layer_norm_per_head_part_passes_and_keeps_its_head():
+    """StableLM: Split q [B, H, S, D] into H parts, one LayerNorm each, Concat. A part is one head's only, so
+    its norm mixes nothing; the part keeps that head (a size-1 axis, not dropped as a broadcast)."""
+    nodes = [node("Split", ["x", "sizes"], [f"p{h}" for h in range(H)], axis=1)]
+    nodes += [helper.make_node("LayerNormalization", [f"p{h}", "s"], [f"n{h}"], name=f"ln{h}", axis=-1)
+              for h in range(H)]
+    nodes += [node("Concat", [f"n{h}" for h in range(H)], ["y"], axis=1)]
+    flow, t = make_flow(nodes, {"x": (2, H, 5, D)}, {"sizes": np.ones(H, np.int64), "s": np.ones(D, np.float32)})
+    follow(flow, t, "y", HEADS, (1,), "up")
+    assert owner_of(flow, "x") == ((1,), HEADS.tolist())
+    assert [flow.units[u] for u in owner_of(flow, "p2")[1]] == [{2}]
+    for check in flow.checks:
+        check()
+    # a norm over a merged [B, S, F] axis holding four heads stays refused (above), and one over a part of
+    # two heads too
+    half = np.array([[0, 0, 1, 1]])
+    flow, t = make_flow([node("LayerNormalization", ["x", "s2"], ["y"], axis=-1)], {"x": (2, 1, 5, 4)},
+                        {"s2": np.ones(4, np.float32)})
+    with pytest.raises(FlowFail, match="normalises over the head axis"):
+        follow(flow, t, "x", half, (1, 3), "down")
+
+
 def test_the_opset_23_rms_normalization_over_the_head_size_passes():
     """No exporter here writes it (torch.onnx decomposes RMSNorm into ReduceMean), so it is built by hand."""
     rms = node("RMSNormalization", ["x", "s"], ["y"], axis=-1)

@@ -178,6 +178,10 @@ def _specs() -> list[Spec]:
     # OLMo-2 normalises q and k over all heads at once (RMSNorm over H*D): that mixes heads, and is refused
     add("olmo2", "OLMo-2", "Olmo2Model", "Olmo2Config", _text_inputs(), TEXT_DYN, exporters=("ts",),
         refused="outside the block", **gqa)
+    # StableLM: a LayerNorm per head on q and k (Split into H parts, one LayerNormalization each, Concat)
+    # and rotary on a quarter of each head
+    add("stablelm", "StableLM", "StableLmModel", "StableLmConfig", _text_inputs(), TEXT_DYN, qk_layernorm=True,
+        partial_rotary_factor=0.25, **gqa)
     add("mistral", "Mistral", "MistralModel", "MistralConfig", _text_inputs(), TEXT_DYN,
         sliding_window=None, head_dim=8, **gqa)
     # rotary on part of the head (Phi), interleaved rotary (GPT-J)

@@ -116,6 +116,8 @@ def build_block(flow: Flow, family: str, core, index: int, num_heads: int) -> At
     flow.run()
     flow.adopt_outputs()
     flow.adopt_readers()
+    for check in flow.checks:
+        check()
     cuts = _cut_shared(flow)
     if len(flow.contractions) != 1:
         raise FlowFail(core, f"expected one output projection after the attention, found "

@@ -150,6 +150,7 @@ class Flow:
         self.roles: dict[str, set] = {}
         self.tensors: dict[str, object] = {}
         self._graph_tensors = None                      # every tensor of the graph by name, when asked
+        self.checks: list = []      # rules' checks that need the final maps: run (and may fail) after run()
         self.units: list[frozenset] = []
         self._unit_ids: dict[frozenset, int] = {}
         self.nodes: dict[int, object] = {}
@@ -196,11 +197,21 @@ class Flow:
         for pos in reversed(range(len(axes))):
             first = np.take(owner, [0], axis=pos)
             if owner.shape[pos] == 1 or np.array_equal(np.broadcast_to(first, owner.shape), owner):
+                if len(axes) == 1 and self._part_of_heads(first):
+                    break       # the whole tensor is some heads' only: StableLM's per-head part [B, 1, S, D]
                 owner = np.squeeze(first, axis=pos)
                 del axes[pos]
         if not axes or np.all(owner == -1):
             return None
         return HeadMap(tuple(axes), owner)
+
+    def _part_of_heads(self, owner) -> bool:
+        """``owner`` is one unit that leaves some head out (a tensor of every head is not on the flow)."""
+        units = set(np.unique(owner).tolist())
+        if len(units) != 1 or -1 in units:
+            return False
+        everyone = set().union(*self.units) if self.units else set()
+        return self.units[units.pop()] != everyone
 
     def assign(self, t, hm: HeadMap | None, direction: str, node=None, role=None):
         if t is None or hm is None or not t.name:

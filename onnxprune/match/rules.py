@@ -47,7 +47,13 @@ def norm(flow, node, direction, trigger):
     axis = _norm_axis(node.attrs.get("axis", -1), rank)
     known = flow.maps.get(trigger.name)
     if known and any(a >= axis for a in known.axes):
-        raise FlowFail(node, f"{node.op} normalises over the head axis")
+        if not _one_head_per_group(known, axis, partial=True):
+            raise FlowFail(node, f"{node.op} normalises over the head axis")
+
+        def recheck(t=trigger):     # positions still unknown (-1) now may be another head's once the flow ends
+            if not _one_head_per_group(flow.maps[t.name], axis, partial=False):
+                raise FlowFail(node, f"{node.op} normalises over the head axis")
+        flow.checks.append(recheck)
     if trigger is not x and direction == "down":
         raise FlowFail(node, f"{node.op} scale or bias carries the head axis")
     if direction == "down":
@@ -55,6 +61,17 @@ def norm(flow, node, direction, trigger):
     else:
         flow.assign(x, flow.maps[node.outputs[0].name], "up", node, flow.role_of(node.outputs[0]))
 
+
+
+def _one_head_per_group(hm: HeadMap, axis: int, partial: bool) -> bool:
+    """Every group that a norm from ``axis`` on takes together holds one head only: StableLM's LayerNorm
+    of one head's [B, 1, S, D] part, whose D positions all belong to that head. ``partial``: while the
+    flow runs, positions not reached yet (-1) may still join."""
+    inner = [i for i, a in enumerate(hm.axes) if a >= axis]
+    outer = [i for i, a in enumerate(hm.axes) if a < axis]
+    owner = np.moveaxis(hm.owner, inner, list(range(len(hm.axes) - len(inner), len(hm.axes))))
+    groups = owner.reshape(int(np.prod([hm.owner.shape[i] for i in outer], dtype=np.int64)), -1)
+    return all(len(set(g[g >= 0].tolist())) == 1 and (partial or (g >= 0).all()) for g in groups)
 
 
 def transpose(flow, node, direction, trigger):
@@ -230,7 +247,7 @@ def concat(flow, node, direction, trigger):
     hm = flow.maps.get(y.name)
     if hm is None:
         return
-    offset = 0
+    offset, parts = 0, {}
     for t in node.inputs:
         size = flow.shape(t)[axis]
         if axis in hm.axes:
@@ -241,7 +258,14 @@ def concat(flow, node, direction, trigger):
             part = hm
         offset += size
         if t is not trigger:
-            flow.assign(t, part, "up", node, flow.role_of(y))
+            parts.setdefault(t.name, (t, []))[1].append(part)
+    for t, maps in parts.values():
+        # one tensor concatenated several times (a mask repeated once per head) serves all their heads
+        owner = maps[0].owner
+        for other in maps[1:]:
+            owner = np.vectorize(lambda a, b: flow.unit(flow.units[a] | flow.units[b]) if a >= 0 and b >= 0
+                                 else max(a, b), otypes=[np.int64])(owner, other.owner)
+        flow.assign(t, HeadMap(hm.axes, owner), "up", node, flow.role_of(y))
     if axis in hm.axes and ("concat", node) not in flow.sites:
         flow.sites.append(("concat", node))
 
