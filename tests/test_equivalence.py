@@ -45,7 +45,7 @@ EXPECTED_BLOCKS = {
     "BEiT": _MHA2,                                   # a relative position bias table per block
     "ALBERT": _MHA2,                                 # one layer's weights shared by both blocks
     "BERT, fixed shapes": _MHA2,                     # mask fixed at [2, 7] with dynamic ids; all fixed
-    "Llama, Optimum": _GQA2, "Qwen3, Optimum": _GQA2,  # optimum's text-generation(-with-past) exports
+    "Llama, Optimum": _GQA2, "Qwen3, Optimum": _GQA2, "Gemma 3, Optimum": _GQA2,  # optimum's text-generation(-with-past) exports
     "BART": [(4, 4)] * 6, "Whisper": [(4, 4)] * 6,   # 2 encoder self, 2 x (decoder self + cross)
     # ORT's Whisper exporter: cross 0, self 1, cross 1; self 0 is an expected miss (see the manifest)
     "Whisper decoder, ORT-exported": [(4, 4)] * 3,

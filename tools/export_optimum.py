@@ -7,7 +7,7 @@ Optimum needs transformers < 4.58, so this runs in an environment of its own (no
 
     python3 -m venv /tmp/optvenv && . /tmp/optvenv/bin/activate
     pip install "torch==2.13.0" "transformers<4.58" "optimum-onnx==0.1.0" onnx onnxruntime
-    python tools/export_optimum.py                 # writes models/optimum-*.onnx and records them
+    python tools/export_optimum.py [NAME ...]      # writes models/optimum-*.onnx and records them
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ SMALL = dict(hidden_size=64, intermediate_size=64, num_hidden_layers=2, max_posi
 SPECS = {   # name: (config class, model family, extra config)
     "llama": ("LlamaConfig", "Llama, Optimum", {}),
     "qwen3": ("Qwen3Config", "Qwen3, Optimum", dict(head_dim=8)),
+    # q/k RMSNorm, sliding-window layers and a scaled embedding; Optimum exports it as "gemma3_text"
+    "gemma3": ("Gemma3TextConfig", "Gemma 3, Optimum", dict(head_dim=8, sliding_window=4, query_pre_attn_scalar=8)),
 }
 
 
@@ -50,14 +52,15 @@ def export(name: str, task: str, out: Path) -> Path:
     return path
 
 
-def main() -> int:
+def main(argv=None) -> int:
     from importlib.metadata import version
 
     import onnx
     import torch
     import transformers
     entries = {}
-    for name, (_, family, _) in SPECS.items():
+    only = (argv if argv is not None else sys.argv[1:]) or list(SPECS)
+    for name, (_, family, _) in ((n, SPECS[n]) for n in only):
         for task in ("text-generation-with-past", "text-generation"):
             path = export(name, task, MODELS)
             entries[path.name] = {"family": family, "exporter": "optimum", "opset": 18, "kv_cache": "past" in task,
