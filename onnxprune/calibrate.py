@@ -88,7 +88,10 @@ def _find_sites(model: onnx.ModelProto, blocks) -> list[_Site]:
     sites = []
     for b in blocks:
         w = b.o_proj.weight
-        node = next((n for n in consumers.get(w, []) if n.op_type in ("MatMul", "Gemm")), None)
+        mine = {t.name for t in b.tensors}     # a weight shared by blocks (ALBERT) has one reader in each:
+        readers = [n for n in consumers.get(w, []) if n.op_type in ("MatMul", "Gemm")]    # the one fed by
+        node = next((n for n in readers if any(i in mine for i in n.input if i != w)),      # this block
+                    readers[0] if readers else None)
         if node is None:
             raise PlanError(f"block {b.index} ({b.name}): its output projection is not a MatMul or Gemm")
         context = node.input[0] if node.input[1] == w else node.input[1]
@@ -121,14 +124,33 @@ def _add_bias(model: onnx.ModelProto, site: _Site) -> str:
     return name
 
 
+def _private_copy(model: onnx.ModelProto, site: _Site, name: str, value: np.ndarray) -> str:
+    """Make ``site``'s projection (or its bias Add) read a copy of ``name`` (whose value is ``value``) that
+    no other block reads, so that masking or refitting one block leaves the others alone; returns the
+    copy's name."""
+    copy = numpy_helper.from_array(value, f"{name}.onnxprune_block{site.block.index}")
+    model.graph.initializer.append(copy)
+    proj = next(n for n in model.graph.node if n.op_type in ("MatMul", "Gemm") and site.context in n.input
+                and site.weight in n.input)
+    node = proj if name in proj.input else next(n for n in model.graph.node
+                                                 if n.op_type == "Add" and proj.output[0] in n.input)
+    node.input[list(node.input).index(name)] = copy.name
+    if site.weight == name:
+        site.weight = copy.name
+    else:
+        site.bias = copy.name
+    return copy.name
+
+
 def _initializer(model: onnx.ModelProto, name: str) -> onnx.TensorProto:
     """``name``'s tensor as an initializer of its own (a Constant node becomes one), to move or edit."""
     return own_constant(model, name, initializer=True)
 
 
 def head_columns(block: AttentionBlock, name: str, heads) -> np.ndarray:
-    """Positions along ``name``'s head axis that belong to ``heads`` (one-head units only)."""
-    t = block.tensor(name)
+    """Positions along ``name``'s head axis that belong to ``heads`` (one-head units only). A block's
+    private copy of a shared output projection (see ``_private_copy``) has the projection's positions."""
+    t = next((t for t in block.tensors if t.name == name), None) or block.tensor(block.o_proj.weight)
     units = [u for u, hs in enumerate(block.units) if len(hs) == 1 and next(iter(hs)) in set(heads)]
     return np.flatnonzero(np.isin(t.owner, units))
 
@@ -148,13 +170,14 @@ class Calibrator:
         own_weights(work, [b.o_proj.weight for b in self.blocks])   # shared through Identity: a copy each
         self.sites = _find_sites(work, self.blocks)
         self.weights: dict[str, np.ndarray] = {}
+        self.shared = set()         # blocks whose output projection another block reads too (ALBERT)
         for s in self.sites:
             if s.bias is None:
                 s.bias = _add_bias(work, s)
             for name in (s.weight, s.bias):
-                if name in self.weights:
-                    raise PlanError(f"block {s.block.index}: its output projection {name!r} is shared with "
-                                    "another block")
+                if name in self.weights:        # shared by blocks: this block reads a copy of its own here
+                    self.shared.add(s.block.index)
+                    name = _private_copy(work, s, name, self.weights[name])
                 proto = _initializer(work, name)
                 self.weights[name] = numpy_helper.to_array(proto)
                 work.graph.initializer.remove(proto)

@@ -325,6 +325,10 @@ def compensate(state: State, options: PruneOptions) -> State:
     if options.compensate is None or not state.changes:
         return state
     cal = state.calibration or calibration(state, options)
+    if cal.shared:
+        raise PlanError(f"--compensate: block {min(cal.shared)} shares its output projection with another block "
+                        "(the model reuses one layer's weights), and one refit cannot serve both; prune "
+                        "without --compensate")
     edited = cal.edited_model(state.model, cal.compensate(state.plans, options.compensate))
     again = match(replace(state, model=edited, graph=None, calibration=None), options)
     if [(b.name, b.num_heads) for b in again.blocks] != [(b.name, b.num_heads) for b in state.blocks]:

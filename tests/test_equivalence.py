@@ -10,6 +10,7 @@ from onnx import numpy_helper
 
 from onnxprune import prune_model
 from onnxprune.api import inspect_model
+from onnxprune.errors import PlanError
 from onnxprune.probe import synth_inputs
 from onnxprune.verify import compare, masked_model, max_abs_diff, run
 
@@ -276,6 +277,23 @@ def test_blocks_that_share_weights_share_their_slice(name):
         assert len({result.kept[b.index] for b in result.blocks}) == 1
         assert result.params_before - result.params_after == removed
         _check_strict(result.model, model)
+
+
+@pytest.mark.parametrize("name", [n for n in SUPPORTED if MANIFEST[n]["family"] == "ALBERT"])
+def test_shared_blocks_are_calibrated_one_by_one(name):
+    """Calibrated importance masks each block's heads through a copy of the shared output projection of its
+    own: removing a head in block 0 does not change it in block 1, so the two blocks' ablation scores differ,
+    then the plan ties them. One refit cannot serve two blocks: --compensate says so."""
+    from onnxprune.calibrate import Calibrator, batches
+    model = _load(name)
+    feeds = synth_inputs(model, batch=4)
+    cal = Calibrator(model, inspect_model(model).blocks, batches(feeds), progress=False)
+    scores = cal.importance("ablation")
+    assert cal.shared == {1} and not np.allclose(scores[0], scores[1])
+    result = prune_model(model, 0.5, importance="ablation", calib=feeds)
+    assert result.max_error <= ATOL and result.params_before - result.params_after == 2096
+    with pytest.raises(PlanError, match="shares its output projection"):
+        prune_model(model, 0.5, calib=feeds, compensate="refit")
 
 
 @pytest.mark.parametrize("name", [n for n in SUPPORTED if MANIFEST[n].get("exporter") == "optimum"
