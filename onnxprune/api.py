@@ -41,6 +41,8 @@ class PruneResult:
     macs: tuple | None = None            # (MacCount before, MacCount after), from ``count_result_macs``
     macs_note: str | None = None         # why the MACs could not be counted
     options: PruneOptions | None = field(default=None, repr=False)   # what the run was asked
+    feeds: dict | None = field(default=None, repr=False)   # inputs the run was checked on, where synthetic
+    # ones could not drive the model (a few calibration samples); None: synthetic
 
 
 def count_result_macs(model: onnx.ModelProto, result: PruneResult, batch: int = 1, seq: int = 128,
@@ -122,7 +124,7 @@ def prune_model(model, ratio=None, *, kept: dict[int, list[int]] | None = None,
                        io_keep=state.io_keep, kv_cache=state.kv_cache,
                        importance_source=state.source if options.selects_by_score else "given",
                        compensate=state.compensated, gates=state.gates, multiple_of=options.multiple_of,
-                       options=options)
+                       options=options, feeds=state.feeds)
 
 
 def verify_saved(model: onnx.ModelProto, result: PruneResult, path: str | os.PathLike,
@@ -140,6 +142,7 @@ def verify_saved(model: onnx.ModelProto, result: PruneResult, path: str | os.Pat
                                                               external_dir)
     if atol is None and result.options is not None:
         atol = result.options.atol
+    feeds = feeds if feeds is not None else result.feeds     # the run's own inputs, where it needed them
     error = pipeline.prove_equal(masked, pruned, model, feeds, result.io_keep, external_dir,
                                  tolerance(atol, pipeline.is_fp16(model)), pruned_dir=os.path.dirname(path),
                                  overrides=overrides)

@@ -179,7 +179,7 @@ class Calibrator:
                     self.shared.add(s.block.index)
                     name = _private_copy(work, s, name, self.weights[name])
                 proto = _initializer(work, name)
-                self.weights[name] = numpy_helper.to_array(proto)
+                self.weights[name] = numpy_helper.to_array(proto, base_dir=str(external_dir or ""))
                 work.graph.initializer.remove(proto)
                 work.graph.input.append(helper.make_tensor_value_info(name, proto.data_type, list(proto.dims)))
         self.outputs = [o.name for o in work.graph.output]

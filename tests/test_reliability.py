@@ -584,3 +584,18 @@ def test_calibration_data_drives_the_probe_where_synthetic_inputs_do_not_run():
     data = synth_inputs(onnx.load(str(BERT)), batch=6, seq=9)
     result = prune_model(model, 0.5, importance="activation", calib=data)
     assert result.max_error == 0.0 and result.importance_source == "activation"
+
+
+def test_a_model_with_external_data_is_verified_as_saved_on_the_inputs_its_probe_needed(tmp_path, inproc):
+    """The CLI verifies an external-data model from the written file (``verify_saved``): on the calibration
+    samples that drove the probe, not on synthetic inputs, which this model cannot run on."""
+    model = onnx.load(str(BERT))
+    mask = next(i for i in model.graph.input if i.name == "attention_mask")
+    mask.type.tensor_type.shape.dim[1].dim_param = "batch_or_len"
+    onnx.save(model, str(tmp_path / "m.onnx"), save_as_external_data=True, size_threshold=0,
+              location="m.onnx.data")
+    np.savez(tmp_path / "c.npz", **synth_inputs(onnx.load(str(BERT)), batch=6, seq=9))
+    r = inproc(tmp_path / "m.onnx", "--ratio", "0.5", "--importance", "activation", "--calib", tmp_path / "c.npz",
+               "-o", tmp_path / "out.onnx")
+    assert r.returncode == 0, r.stderr
+    assert "pruned == masked original: max abs error 0.00e+00" in r.stdout and (tmp_path / "out.onnx").exists()
