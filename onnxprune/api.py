@@ -35,7 +35,8 @@ class PruneResult:
     io_keep: dict = field(default_factory=dict)   # graph inputs/outputs that lost heads: {name: {axis: kept}}
     kv_cache: bool = False        # the model takes and returns a KV cache (its head dimension changed)
     importance_source: str = "weights"   # where the scores came from (see importance.choose)
-    compensate: str | None = None        # bias or refit: the output projections were recovered
+    compensate: str | None = None        # auto, bias, scale or refit: the output projections were recovered
+    fits: tuple = ()                     # with auto: each block's choice and held-out error (BlockFit)
     gates: int = 0                       # head gates folded into the output projections
     multiple_of: int | None = None       # kept heads x head size rounded up to a multiple of this
     macs: tuple | None = None            # (MacCount before, MacCount after), from ``count_result_macs``
@@ -123,7 +124,7 @@ def prune_model(model, ratio=None, *, kept: dict[int, list[int]] | None = None,
                        max_error=state.max_error, misses=state.matched.misses, gqa=state.gqa,
                        io_keep=state.io_keep, kv_cache=state.kv_cache,
                        importance_source=state.source if options.selects_by_score else "given",
-                       compensate=state.compensated, gates=state.gates, multiple_of=options.multiple_of,
+                       compensate=state.compensated, fits=state.fits, gates=state.gates, multiple_of=options.multiple_of,
                        options=options, feeds=state.feeds)
 
 

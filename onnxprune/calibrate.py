@@ -270,9 +270,9 @@ class Calibrator:
             finite(scores[s.block.index], f"block {s.block.index} ({s.block.name}): its {method} scores")
         return scores
 
-    def compensate(self, kept: dict[int, tuple], mode: str) -> dict[str, np.ndarray]:
+    def compensate(self, kept: dict[int, tuple], mode: str, report: list | None = None) -> dict[str, np.ndarray]:
         from .transforms.compensate import compensation
-        return compensation(self, kept, mode)
+        return compensation(self, kept, mode, report=report)
 
     def edited_model(self, model: onnx.ModelProto, new: dict[str, np.ndarray]) -> onnx.ModelProto:
         from .transforms.compensate import with_weights

@@ -42,8 +42,10 @@ Calibration runs on --calib DATA.npz (one array per graph input, samples along a
 inputs without it. Score once, prune to many ratios:
   onnxprune score model.onnx --calib data.npz -o scored.onnx
   onnxprune scored.onnx --ratio 0.5 --compensate --calib data.npz
---compensate refits each block's output projection to what the full block gave on the calibration data
-(refit, the default), or only adds the dropped heads' mean to its bias (bias; FLAP). --scope global ranks
+--compensate recovers what the dropped heads gave, block by block, on the calibration data: auto (the
+default) tries no change, the dropped heads' mean added to the bias (bias; FLAP), one scale per kept head
+(scale) and a refit of the output projection (refit) on three quarters of the data, and keeps for each block
+what reconstructs the held-out quarter best (the report gives that error). --scope global ranks
 all heads of all blocks together; --threshold T keeps the heads scoring at least T (learned gates).
 
 Nothing is written unless pruned == masked holds; no output ever replaces a file of the input (the model,
@@ -130,9 +132,12 @@ def _prune_parser() -> argparse.ArgumentParser:
     _importance_options(p)
     p.add_argument("--scope", choices=("layer", "global"), default="layer",
                    help="layer: the same fraction in every block (default); global: rank all heads together")
-    p.add_argument("--compensate", nargs="?", const="refit", choices=("refit", "bias"), default=None,
-                   help="recover the dropped heads' contribution on the calibration data: refit the output "
-                        "projection (refit, the default) or add their mean to its bias (bias)")
+    p.add_argument("--compensate", nargs="?", const="auto", choices=("auto", "bias", "scale", "refit"),
+                   default=None,
+                   help="recover the dropped heads' contribution on the calibration data: auto (the default) "
+                        "picks per block, on a quarter of the data held out, among none, bias, scale and refit; "
+                        "bias adds their mean to the output bias; scale fits one factor per kept head; refit "
+                        "refits the kept rows of the output projection")
     p.add_argument("--multiple-of", type=_at_least(1), default=None, metavar="N",
                    help="round each block's kept heads up (adding its next best) so that kept heads x head size "
                         "is a multiple of N, for hardware that wants aligned widths")

