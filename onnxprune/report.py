@@ -26,6 +26,10 @@ def build_report(result: PruneResult, model: str, output: str | None, ratio) -> 
             "macs": None if result.macs is None else {"before": result.macs[0].blocks.get(b.index),
                                                       "after": result.macs[1].blocks.get(b.index)},
         })
+    from .pipeline import is_fp16
+    width = 2 if is_fp16(result.model) else 4
+    kv_bytes = {"before": sum(2 * b["num_kv_heads"] * b["head_dim"] * width for b in blocks),
+                "after": sum(2 * len(b["kept_kv_heads"]) * b["head_dim"] * width for b in blocks)}
     macs = None
     if result.macs is not None:
         before, after = result.macs
@@ -42,7 +46,7 @@ def build_report(result: PruneResult, model: str, output: str | None, ratio) -> 
             "compensation": [{"block": f.block, "mode": f.mode, "held_out_error_before": f.error_before,
                               "held_out_error_after": f.error_after} for f in result.fits],
             "gates_folded": result.gates, "multiple_of": result.multiple_of, "macs": macs,
-            "macs_note": result.macs_note, "blocks": blocks,
+            "macs_note": result.macs_note, "kv_cache_bytes_per_token": kv_bytes, "blocks": blocks,
             "misses": [{"node": m.node, "op": m.op, "reason": m.reason} for m in result.misses if m.node]}
 
 
@@ -59,6 +63,13 @@ def format_table(report: dict) -> str:
     if any(b["num_kv_heads"] not in (1, b["num_heads"]) for b in report["blocks"]):
         how = "whole KV groups removed" if report.get("gqa") == "group" else "same query heads per KV group"
         lines.append(f"grouped-query attention: --gqa {report.get('gqa')} ({how})")
+    if any(b["num_kv_heads"] == 1 < b["num_heads"] for b in report["blocks"]):
+        lines.append("multi-query attention: one KV head serves every query head, so query heads go one by one "
+                     "and K, V and their cache keep their size" + (" (--gqa group does not apply)"
+                                                                   if report.get("gqa") == "group" else ""))
+    kv = report.get("kv_cache_bytes_per_token")
+    if kv and (report.get("kv_cache") or any(b["num_kv_heads"] < b["num_heads"] for b in report["blocks"])):
+        lines.append(f"KV cache per token: {kv['before']:,} -> {kv['after']:,} bytes")
     if report.get("importance") not in (None, "given"):
         lines.append(f"importance: {report['importance']}"
                      + (f"; output projections recovered by --compensate {report['compensate']}"

@@ -35,6 +35,7 @@ EXPECTED_BLOCKS = {
     "Falcon": [(4, 1)] * 2,                          # multi-query: one KV head
     "Phi-3": _GQA2, "Llama": _GQA2, "Qwen2": _GQA2, "Mistral": _GQA2,
     "Llama, 4 KV groups": [(16, 4)] * 2,             # 16 heads of 4, 4 KV heads: groups of 4 query heads
+    "Gemma 3, multi-query": [(4, 1)] * 2,            # like Gemma 3 270M: one KV head, copied by repeat_kv
     "Qwen3": _GQA2, "Gemma 3": _GQA2,                # q/k RMSNorm over the head size (ReduceMean) inside
     "StableLM": _GQA2,                               # a LayerNorm per head: Split, H x LayerNorm, Concat
     "Cohere": _GQA2,                                 # q/k LayerNorm with a per-head weight [H, D], sliced
@@ -277,6 +278,24 @@ def test_blocks_that_share_weights_share_their_slice(name):
         assert len({result.kept[b.index] for b in result.blocks}) == 1
         assert result.params_before - result.params_after == removed
         _check_strict(result.model, model)
+
+
+@pytest.mark.parametrize("name", [n for n in SUPPORTED if MANIFEST[n]["family"] == "Gemma 3, multi-query"])
+def test_one_kv_head_copied_by_repeat_kv_is_multi_query(name):
+    """With one KV head, K and V carry no head axis, so only repeat_kv's Expand tells that it serves all four
+    query heads: one KV group, query heads removed one by one (also under --gqa group, which cannot remove
+    the only group), and the report's KV cache per token unchanged. A GQA model's group removal halves it."""
+    from onnxprune.report import build_report, format_table
+    model = _load(name)
+    assert [(b.num_kv_heads, b.kv_groups) for b in inspect_model(model).blocks] == [(1, ((0, 1, 2, 3),))] * 2
+    result = prune_model(model, 0.5, gqa="group")
+    assert result.max_error <= ATOL and all(len(k) == 2 for k in result.kept.values())
+    report = build_report(result, name, None, 0.5)
+    assert report["kv_cache_bytes_per_token"] == {"before": 2 * 2 * 8 * 4, "after": 2 * 2 * 8 * 4}
+    assert "--gqa group does not apply" in format_table(report)
+    gqa = prune_model(_load("llama-gqa4-ts.onnx"), 0.5, gqa="group")
+    kv = build_report(gqa, "llama", None, 0.5)["kv_cache_bytes_per_token"]
+    assert kv["after"] * 2 == kv["before"]
 
 
 @pytest.mark.parametrize("name", [n for n in SUPPORTED if MANIFEST[n]["family"] == "ALBERT"])

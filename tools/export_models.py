@@ -166,6 +166,10 @@ def _specs() -> list[Spec]:
     add("qwen3", "Qwen3", "Qwen3Model", "Qwen3Config", _text_inputs(), TEXT_DYN, head_dim=8, **gqa)
     add("gemma3", "Gemma 3", "Gemma3TextModel", "Gemma3TextConfig", _text_inputs(), TEXT_DYN, head_dim=8,
         sliding_window=4, query_pre_attn_scalar=8, **gqa)
+    # multi-query like Gemma 3 270M: 4 query heads share 1 KV head (repeat_kv of a single head)
+    add("gemma3-mqa", "Gemma 3, multi-query", "Gemma3TextModel", "Gemma3TextConfig", _text_inputs(), TEXT_DYN,
+        head_dim=8, sliding_window=4, query_pre_attn_scalar=8, **dict(gqa, num_attention_heads=4,
+                                                                       num_key_value_heads=1, hidden_size=32))
     for name, family, cls, cfgcls, extra in (("qwen3", "Qwen3", "Qwen3Model", "Qwen3Config", {}),
                                              ("gemma3", "Gemma 3", "Gemma3TextModel", "Gemma3TextConfig",
                                               dict(sliding_window=4, query_pre_attn_scalar=8))):

@@ -143,6 +143,13 @@ def expand(flow, node, direction, trigger):
         off = len(sy) - len(sx)
         flow.copy_axes[y.name] = tuple(a for a in flow.maps[y.name].axes
                                        if a - off < 0 or (sx[a - off] == 1 and sy[a] > 1))
+        if flow.role_of(y) & {"k", "v"} and flow.copy_axes[y.name]:
+            # repeat_kv: each KV head serves the query heads it is copied to; with one KV head (Gemma 3
+            # 270M, multi-query) the K/V tensors carry no head axis at all, so only this says so
+            cur = flow.maps[y.name]
+            for a in sorted(flow.copy_axes[y.name], reverse=True):
+                cur = flow.merge_axis(cur, a)
+            flow.broadcast_kv.update(int(u) for u in np.unique(cur.owner) if u >= 0)
         flow.side_input(node, x, flow.maps[y.name], sy, flow.role_of(y))
     else:
         if trigger is not x:
