@@ -8,7 +8,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import onnx
 
-from . import pipeline
+from . import inline, pipeline
 from .block import AttentionBlock, MatchResult
 from .errors import OnnxPruneError, PlanError
 from .io import as_model, name_nodes, to_graph
@@ -137,7 +137,10 @@ def verify_saved(model: onnx.ModelProto, result: PruneResult, path: str | os.Pat
     ``result`` with its ``max_error``."""
     pipeline.release_memory()
     model = name_nodes(model)
-    pruned = onnx.load(str(path), load_external_data=False)
+    # a large file that holds its weights is read as a skeleton of itself: ONNX Runtime reads the weights
+    pruned = inline.skeleton(path) if os.path.getsize(path) >= inline.SKELETON_FROM else None
+    if pruned is None:
+        pruned = onnx.load(str(path), load_external_data=False)
     overrides = masked_weights(model, list(result.blocks), result.kept, external_dir)
     masked = model if overrides is not None else masked_model(model, list(result.blocks), result.kept,
                                                               external_dir)

@@ -269,6 +269,7 @@ def _calib(args, model):
 def run_score(argv) -> int:
     from .api import score_model
     from .importance import default_calibrated
+    from . import inline
     from .io import StagedFile, check_output_path, check_writes, has_external_data, input_files, load_model, stage_model
     from .report import json_bytes
     args = _score_parser().parse_args(argv)
@@ -285,7 +286,8 @@ def run_score(argv) -> int:
     method = args.importance or (default_calibrated(None) if calib is not None else "weights")
     scored, blocks, scores = score_model(model, method, calib=calib, external_dir=where)
     staged = stage_model(scored, args.output, external=external, external_dir=where,
-                         avoid=[args.json] if args.json else [], keep=inputs)
+                         avoid=[args.json] if args.json else [], keep=inputs,
+                         inline_from=args.model if inline.self_contained(model, args.model) else None)
     table = None
     try:
         if args.json:
@@ -310,6 +312,7 @@ def run_score(argv) -> int:
 
 def run_prune(argv) -> int:
     args = _prune_parser().parse_args(argv)
+    from . import inline
     from .api import count_result_macs, prune_model, verify_saved
     from .options import PruneOptions
     from .config import configs_beside, plan_folder, stage_folder
@@ -334,6 +337,7 @@ def run_prune(argv) -> int:
     check_writes(inputs, {"output": None if args.dry_run else out, "report": args.report},
                  may_replace=args.model if args.force else None)
     external = has_external_data(model)          # then weights stay on disk; only attention is read
+    self_contained = inline.self_contained(model, args.model)   # a large file read as a skeleton of itself
     where = args.model.parent if external else None
     # a large model is verified as written (in a temporary folder), not from memory
     verify_saved_copy = external and not args.dry_run and not args.no_verify
@@ -363,7 +367,8 @@ def run_prune(argv) -> int:
     try:
         if not args.dry_run:
             staged = stage_model(pruned, out, external=external, external_dir=where,
-                                 avoid=[d for d, _ in folder] + ([args.report] if args.report else []), keep=inputs)
+                                 avoid=[d for d, _ in folder] + ([args.report] if args.report else []), keep=inputs,
+                                 inline_from=args.model if self_contained else None)
         if verify_saved_copy:
             result = verify_saved(model, result, staged.path, where, atol=args.atol)
         report = build_report(result, str(args.model), None if args.dry_run else str(out), args.ratio)

@@ -14,6 +14,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from google.protobuf.message import DecodeError
 
+from . import inline
 from .errors import InputError, ModelTypeError, OutputError
 
 TWO_GB = 2**31 - 1
@@ -29,6 +30,11 @@ def load_model(path: str | os.PathLike, external_data: bool = True) -> onnx.Mode
         raise InputError(f"{path}: is a directory, not an .onnx file")
     if path.stat().st_size == 0:
         raise InputError(f"{path}: file is empty")
+    if not external_data and path.stat().st_size >= inline.SKELETON_FROM:
+        # a large file: its big tensors stay in it, read on demand like external data (see ``inline``)
+        model = inline.skeleton(path)
+        if model is not None:
+            return _checked(model, path)
     try:
         model = onnx.load(str(path), load_external_data=external_data)
     except (DecodeError, RuntimeError, ValueError, OSError) as exc:
@@ -42,7 +48,10 @@ def _checked(model: onnx.ModelProto, path) -> onnx.ModelProto:
         raise InputError(f"{path}: not an ONNX model (no graph nodes; truncated or not ONNX?)")
     try:   # in memory when the file holds everything: no second read of it
         try:
-            onnx.checker.check_model(str(path) if has_external_data(model) else model)
+            if inline.self_contained(model, path):      # a skeleton: its structure, without reading weights
+                onnx.checker.check_model(_weightless_copy(model))
+            else:
+                onnx.checker.check_model(str(path) if has_external_data(model) else model)
         except onnx.checker.ValidationError as exc:
             # ORT's float16 converter (keep_io_types) can leave nodes out of order; ORT runs them: sort them
             if "topologically sorted" not in str(exc) or not sort_nodes(model):
@@ -323,7 +332,7 @@ def data_files(path: str | os.PathLike, model: onnx.ModelProto) -> list[Path]:
     for t in model.graph.initializer:
         if external(t):
             f = (folder / ExternalDataInfo(t).location).resolve()
-            if f not in found:
+            if f not in found and f != Path(path).resolve():     # a skeleton's data is its own file
                 found.append(f)
     return found
 
@@ -508,8 +517,16 @@ def _stale_data(out: Path, keep: set[Path]) -> tuple[Path, ...]:
                  if f.parent == out.parent.resolve() and ours(out, f.name) and f not in keep and f.is_file())
 
 
+def _fits_inline(model: onnx.ModelProto, src_dir: Path) -> bool:
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data as is_external
+    total = model.ByteSize() + sum(int(ExternalDataInfo(t).length or 0) for t in model.graph.initializer
+                                   if is_external(t))
+    return total < TWO_GB
+
+
 def stage_model(model: onnx.ModelProto, out: Path, external: bool = False,
-                external_dir: str | os.PathLike | None = None, avoid=(), keep=()) -> Staged:
+                external_dir: str | os.PathLike | None = None, avoid=(), keep=(),
+                inline_from: str | os.PathLike | None = None) -> Staged:
     """Write ``out`` (and a data file when ``external`` or above 2 GB, see ``Staged``) into a temporary
     folder beside it. The data file is always fresh (onnx.save would append to an existing one).
 
@@ -519,11 +536,15 @@ def stage_model(model: onnx.ModelProto, out: Path, external: bool = False,
     ``avoid``: paths the data file must not take (the run's other outputs). ``keep``: files that must
     outlive the replaced model at ``out`` (the input's own files), unless ``out`` is one of them: a model
     pruned in place (``--force``) replaces its input, and the input's data file goes with it.
+    ``inline_from``: the input model file when it held its weights itself (read as an ``inline.skeleton``):
+    the output holds them too, streamed in (unless it would pass 2 GB).
     """
     from onnx.external_data_helper import uses_external_data as is_external
     out = Path(out)
     lazy = external_dir is not None and any(is_external(t) for t in model.graph.initializer)
-    external = external or lazy or model.ByteSize() > TWO_GB
+    # a model read as a skeleton of its own file (``inline``) is written back whole, as it came
+    whole = lazy and inline_from is not None and _fits_inline(model, Path(external_dir))
+    external = (external or lazy or model.ByteSize() > TWO_GB) and not whole
     keep = frozenset(Path(p).resolve() for p in keep)
     if out.resolve() in keep:
         keep = frozenset()
@@ -532,7 +553,9 @@ def stage_model(model: onnx.ModelProto, out: Path, external: bool = False,
         tmpdir = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent if str(out.parent) else "."))
     staged = Staged(tmpdir, out, data, keep)
     with _undone_on_failure(staged.discard, out):
-        if lazy:
+        if whole:
+            inline.write_inline(model, staged.path, external_dir)
+        elif lazy:
             _stream_external(model, tmpdir / staged.data, staged.data, Path(external_dir))
             onnx.save(model, str(staged.path))
         elif external:

@@ -77,8 +77,10 @@ def _shapes(model: onnx.ModelProto, batch: int, seq: int, external_dir=None) -> 
         shapes[init.name] = tuple(init.dims)
     for inp, arr in feeds.items():
         shapes[inp] = arr.shape
-    if any(not _known(n, shapes) for n in model.graph.node if n.op_type in PRODUCT_OPS):
-        probed, _ = probe(model, feeds, external_dir=external_dir)
+    unknown = [n for n in model.graph.node if n.op_type in PRODUCT_OPS and not _known(n, shapes)]
+    if unknown:
+        wanted = {name for n in unknown for name in list(n.input)[:3] + list(n.output)[:1] if name}
+        probed, _ = probe(model, feeds, external_dir=external_dir, wanted=wanted)
         shapes.update(probed)
     return shapes
 

@@ -106,6 +106,8 @@ def match(state: State, options: PruneOptions) -> State:
         # the user's data drives the probe where synthetic inputs do not run (sizes only data can tell)
         state = replace(state, feeds=_calib_feeds(model, options.calib))
         shapes, values = probe(model, state.feeds, options.external_dir)
+    if options.external_dir is not None:
+        release_memory()     # the probe's run is over: hand its heap back before the weights are read
     matched = match_graph(graph, shapes, values, model)
     if not matched.blocks:
         detail = "; ".join(f"{m.node}: {m.reason}" for m in matched.misses[:3])

@@ -177,6 +177,7 @@ def session(model: onnx.ModelProto | bytes | str, optimize: bool = False, provid
     """
     import onnxruntime as ort
     opts = ort.SessionOptions()
+    opts.enable_cpu_mem_arena = False   # freed tensors go back to the heap (and to the system), not to an arena
     if external_dir is not None:
         opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(external_dir))
     opts.add_session_config_entry("session.disable_prepacking", "1")    # no second copy of every weight
@@ -265,11 +266,13 @@ def _light_copy(model: onnx.ModelProto) -> tuple[onnx.ModelProto, set[str]]:
 
 
 def probe(model: onnx.ModelProto, feeds: dict[str, np.ndarray] | None = None,
-          external_dir: str | os.PathLike | None = None):
+          external_dir: str | os.PathLike | None = None, wanted: set[str] | None = None):
     """Shape of every tensor in the main graph from one run, and the values of the small integer ones.
 
     Returns ``(shapes, values)``: ``shapes`` covers initializers too; ``values`` holds the integer tensors
-    of at most 64 elements (shape vectors and the like), which the shape tracer reads.
+    of at most 64 elements (shape vectors and the like), which the shape tracer reads. ``wanted``: only these
+    tensors (ONNX Runtime keeps every requested one alive to the end of the run: at a long length, asking
+    for all of them takes much memory).
     """
     given = feeds is not None
     feeds = feeds if given else synth_inputs(model)
@@ -288,7 +291,7 @@ def probe(model: onnx.ModelProto, feeds: dict[str, np.ndarray] | None = None,
     have = {o.name for o in g.output} | stand_ins
     for node in g.node:
         for out in node.output:
-            if out and out not in have:
+            if out and out not in have and (wanted is None or out in wanted):
                 # without a type (after contrib ops, which onnx cannot infer) ORT fills in its own
                 g.output.append(helper.make_tensor_value_info(out, types[out], None) if types.get(out)
                                 else onnx.ValueInfoProto(name=out))
