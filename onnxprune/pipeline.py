@@ -166,7 +166,28 @@ def calibration(state: State, options: PruneOptions):
     if fixed_batch and len(next(iter(data.values()))) % fixed_batch:
         raise InputError(f"the model's batch is fixed at {fixed_batch}; the calibration data's "
                          f"{len(next(iter(data.values())))} samples are not a multiple of it")
-    return Calibrator(state.model, state.blocks, batches(data, fixed_batch or BATCH), options.external_dir)
+    size = fixed_batch or calibration_batch(state, data)
+    return Calibrator(state.model, state.blocks, batches(data, size), options.external_dir)
+
+
+OUTPUT_BUDGET = 256 << 20     # calibration batches are cut so that the model's outputs of one stay below this
+
+
+def calibration_batch(state: State, data: dict) -> int:
+    """Samples per calibration batch: ``calibrate.BATCH``, fewer when the model's outputs of that many would
+    pass ``OUTPUT_BUDGET`` (an LLM's logits: [16, 128, 262144] floats are 2 GB, and ONNX Runtime keeps a few
+    tensors of that size alive while it computes them). Sizes from the probe, scaled to the data's length."""
+    from .calibrate import BATCH
+    graph_inputs = [i.name for i in state.model.graph.input if i.name in state.shapes]
+    probe_shape = state.shapes[graph_inputs[0]] if graph_inputs else ()
+    sample = next(iter(data.values()))
+    if len(probe_shape) < 2 or sample.ndim < 2:
+        return BATCH
+    probe_tokens = max(probe_shape[0] * probe_shape[1], 1)
+    per_token = sum(4 * int(np.prod(state.shapes[o.name])) for o in state.model.graph.output
+                    if o.name in state.shapes) / probe_tokens
+    per_sample = per_token * sample.shape[1]
+    return int(max(1, min(BATCH, OUTPUT_BUDGET // max(per_sample, 1))))
 
 
 def make_plan(state: State, options: PruneOptions) -> State:

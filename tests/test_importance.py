@@ -204,6 +204,21 @@ def test_the_fits_recover_what_they_are_made_for():
     assert _choose(x, y, w, heads_of_row, held)[0] != "none"
 
 
+def test_calibration_batches_shrink_when_the_outputs_are_large(monkeypatch):
+    """An LLM's logits make a batch of 16 samples gigabytes: batches are cut so that one batch's outputs stay
+    under the budget (here lowered to three samples' worth of BERT's [S, 32] hidden states)."""
+    from onnxprune import pipeline
+    from onnxprune.options import PruneOptions
+    model, options = _bert(), PruneOptions(ratio=0.5)
+    data = _calib(model, n=32, seq=9)
+    state = pipeline.match(pipeline.start(model, options), options)
+    assert pipeline.calibration_batch(state, data) == 16
+    monkeypatch.setattr(pipeline, "OUTPUT_BUDGET", 3 * 4 * 9 * 32)
+    assert pipeline.calibration_batch(state, data) == 3
+    monkeypatch.setattr(pipeline, "OUTPUT_BUDGET", 1)
+    assert pipeline.calibration_batch(state, data) == 1
+
+
 def test_compensation_gives_a_bias_free_projection_a_bias():
     model = onnx.load(str(MODELS / "llama-ts.onnx"))       # Llama's o_proj has no bias
     data = synth_inputs(model, seed=3, batch=16, seq=8)
