@@ -42,6 +42,8 @@ class PruneResult:
     macs: tuple | None = None            # (MacCount before, MacCount after), from ``count_result_macs``
     macs_note: str | None = None         # why the MACs could not be counted
     options: PruneOptions | None = field(default=None, repr=False)   # what the run was asked
+    reference: onnx.ModelProto | None = field(default=None, repr=False)   # with gates folded or compensation:
+    # the transformed original, whose masked form the pruned model equals (None: the original as given)
     feeds: dict | None = field(default=None, repr=False)   # inputs the run was checked on, where synthetic
     # ones could not drive the model (a few calibration samples); None: synthetic
 
@@ -125,7 +127,8 @@ def prune_model(model, ratio=None, *, kept: dict[int, list[int]] | None = None,
                        io_keep=state.io_keep, kv_cache=state.kv_cache,
                        importance_source=state.source if options.selects_by_score else "given",
                        compensate=state.compensated, fits=state.fits, gates=state.gates, multiple_of=options.multiple_of,
-                       options=options, feeds=state.feeds)
+                       options=options, feeds=state.feeds,
+                       reference=state.model if (state.gates or state.compensated) else None)
 
 
 def verify_saved(model: onnx.ModelProto, result: PruneResult, path: str | os.PathLike,
@@ -136,6 +139,8 @@ def verify_saved(model: onnx.ModelProto, result: PruneResult, path: str | os.Pat
     ONNX Runtime runs the other. Raises ``VerifyError`` beyond ``atol`` (as ``prune_model``); returns
     ``result`` with its ``max_error``."""
     pipeline.release_memory()
+    if result.reference is not None:      # compensated or gates folded: that model, masked, is the reference
+        model = result.reference
     model = name_nodes(model)
     # a large file that holds its weights is read as a skeleton of itself: ONNX Runtime reads the weights
     pruned = inline.skeleton(path) if os.path.getsize(path) >= inline.SKELETON_FROM else None

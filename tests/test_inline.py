@@ -67,3 +67,16 @@ def test_the_command_line_prunes_a_large_self_contained_model_in_its_form(tmp_pa
     assert sum(v.size for v in a.values()) == sum(v.size for v in b.values())
     feeds = synth_inputs(out, seed=5)
     assert np.array_equal(run(want, feeds)["last_hidden_state"], run(out, feeds)["last_hidden_state"])
+
+
+def test_a_compensated_model_is_verified_as_saved_against_its_compensated_original(tmp_path, monkeypatch,
+                                                                                  capsys):
+    """With weights on disk the written model is verified from the file (``verify_saved``): against the
+    original with the same compensation, masked (it compared with the uncompensated original, and failed)."""
+    monkeypatch.setattr(inline, "SKELETON_FROM", 1)
+    monkeypatch.setattr(inline, "LARGE", 1024)
+    shutil.copy(BERT, tmp_path / "m.onnx")
+    np.savez(tmp_path / "c.npz", **synth_inputs(onnx.load(str(BERT)), seed=2, batch=24, seq=9))
+    assert main([str(tmp_path / "m.onnx"), "--ratio", "0.5", "--calib", str(tmp_path / "c.npz"), "--compensate",
+                 "-o", str(tmp_path / "out.onnx")]) == 0
+    assert "pruned == masked original: max abs error 0.00e+00" in capsys.readouterr().out
