@@ -26,7 +26,6 @@ from google.protobuf.message import DecodeError
 
 LARGE = 1 << 20                 # tensors of this many bytes or more stay in the file
 SKELETON_FROM = 256 << 20       # files from this size on are read as a skeleton (``io.load_model``)
-CHUNK = 64 << 20
 _MODEL_GRAPH, _GRAPH_INITIALIZER, _TENSOR_RAW_DATA = 7, 5, 9
 
 
@@ -147,7 +146,7 @@ def write_inline(model: onnx.ModelProto, path: str | os.PathLike, src_dir: str |
     """Write ``model`` to ``path`` as one file, every external tensor's bytes copied in from its file under
     ``src_dir`` in chunks (see the module docstring)."""
     from onnx.external_data_helper import uses_external_data
-    from .io import copy_without_initializers
+    from .io import copy_bytes, copy_without_initializers
     body = copy_without_initializers(model)
     body.graph.node.extend(model.graph.node)
     external = []
@@ -169,12 +168,4 @@ def write_inline(model: onnx.ModelProto, path: str | os.PathLike, src_dir: str |
             tensor_size = len(head) + length
             graph_part = _tag(_GRAPH_INITIALIZER, 2) + _encode(tensor_size)
             out.write(_tag(_MODEL_GRAPH, 2) + _encode(len(graph_part) + tensor_size) + graph_part + head)
-            with open(Path(src_dir) / location, "rb") as src:
-                src.seek(offset)
-                left = length
-                while left:
-                    chunk = src.read(min(CHUNK, left))
-                    if not chunk:
-                        raise OSError(f"{location}: shorter than its tensors say")
-                    out.write(chunk)
-                    left -= len(chunk)
+            copy_bytes(Path(src_dir) / location, offset, length, out, t.name)

@@ -589,6 +589,22 @@ _CHUNK = 64 << 20
 _ALIGN = 64 << 10          # large tensors start on a 64 KiB boundary, as onnx aligns them (mmap-friendly)
 
 
+def copy_bytes(src: Path, offset: int, length: int, out, tensor: str, progress=None):
+    """``length`` bytes of file ``src`` from ``offset`` written to ``out``, in chunks (a weight is never held
+    whole)."""
+    with open(src, "rb") as f:
+        f.seek(offset)
+        left = length
+        while left:
+            chunk = f.read(min(_CHUNK, left))
+            if not chunk:
+                raise InputError(f"{src}: shorter than tensor {tensor!r} needs")
+            out.write(chunk)
+            left -= len(chunk)
+            if progress is not None:
+                progress.advance(len(chunk))
+
+
 def _stream_external(model: onnx.ModelProto, path: Path, location: str, src_dir: Path):
     from onnx.external_data_helper import ExternalDataInfo, uses_external_data as is_external
     tensors = list(model.graph.initializer)
@@ -600,16 +616,7 @@ def _stream_external(model: onnx.ModelProto, path: Path, location: str, src_dir:
                 info = ExternalDataInfo(t)
                 length = info.length if info.length else (src_dir / info.location).stat().st_size - info.offset
                 offset = _pad(f, length)
-                with open(src_dir / info.location, "rb") as src:
-                    src.seek(info.offset)
-                    left = length
-                    while left:
-                        chunk = src.read(min(_CHUNK, left))
-                        if not chunk:
-                            raise InputError(f"{src_dir / info.location}: shorter than tensor {t.name!r} needs")
-                        f.write(chunk)
-                        left -= len(chunk)
-                        progress.advance(len(chunk))
+                copy_bytes(src_dir / info.location, info.offset, length, f, t.name, progress)
             elif t.HasField("raw_data") and len(t.raw_data) >= 1024:
                 length = len(t.raw_data)
                 offset = _pad(f, length)
