@@ -12,7 +12,7 @@ import re
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 from .errors import InputError
 
@@ -46,6 +46,19 @@ def _named_size(param: str, batch: int, seq: int, past: int, hints: dict[str, in
     return batch if axis == 0 else seq     # unnamed (dynamo's s0, s1...): the first axis is the batch
 
 
+_WIDTH_KEEPERS = {"RotaryEmbedding", "Reshape", "SimplifiedLayerNormalization", "LayerNormalization",
+                  "RMSNormalization", "Cast"}
+
+
+def _constant(name: str, inits: dict, producers: dict):
+    if name in inits:
+        return numpy_helper.to_array(inits[name])
+    node = producers.get(name)
+    if node is not None and node.op_type == "Constant" and node.attribute:
+        return numpy_helper.to_array(node.attribute[0].t)
+    return None
+
+
 def _cache_hints(model: onnx.ModelProto) -> dict[str, int]:
     """Symbolic sizes that only the graph can tell: the head size of a KV cache ("kv_cache_dim"), read off
     the GroupQueryAttention node that takes the cache and the (packed or query) weight in front of it."""
@@ -60,17 +73,32 @@ def _cache_hints(model: onnx.ModelProto) -> dict[str, int]:
         packed = not (len(node.input) > 1 and node.input[1])
         # the query width is (H + 2 Hkv) * D when Q/K/V come packed, else H * D
         heads = attrs.get("num_heads", 0) + (2 * attrs.get("kv_num_heads", 0) if packed else 0)
-        mm = producers.get(node.input[0])
-        while mm is not None and mm.op_type == "RotaryEmbedding":    # RoPE applied before the attention op
-            mm = producers.get(mm.input[0])
-        weight = inits.get(mm.input[1]) if mm is not None and mm.op_type == "MatMul" else None
-        if weight is None or not heads:
+        if attrs.get("sliding_window_cache"):
+            # a sliding-window cache is a buffer of at least local_window_size entries (Gemma 3's GenAI folder),
+            # whatever part of it the mask says is filled: the prompt step has it empty
+            for name in node.input[3:5]:
+                dims = inputs[name].type.tensor_type.shape.dim if name in inputs else []
+                if len(dims) == 4 and dims[2].dim_param:
+                    hints[dims[2].dim_param.lower()] = int(attrs.get("local_window_size", 0))
+        t = node.input[0]
+        mm = producers.get(t)
+        # RoPE, or a q norm over the head size (Gemma 3: Reshape, SimplifiedLayerNormalization, Reshape back)
+        while mm is not None and mm.op_type in _WIDTH_KEEPERS:
+            t, mm = mm.input[0], producers.get(mm.input[0])
+        width = None
+        if mm is not None and mm.op_type == "MatMul" and mm.input[1] in inits:
+            width = int(inits[mm.input[1]].dims[-1])
+        elif mm is not None and mm.op_type == "Split" and not packed:      # a packed QKV cut into Q, K, V
+            sizes = _constant(mm.input[1], inits, producers) if len(mm.input) > 1 else None
+            if sizes is not None:
+                width, heads = int(np.asarray(sizes).reshape(-1)[list(mm.output).index(t)]), attrs.get("num_heads", 0)
+        if width is None or not heads:
             continue
         for name in node.input[3:5]:
             if name in inputs:
                 last = inputs[name].type.tensor_type.shape.dim[-1]
                 if last.dim_param:
-                    hints[last.dim_param.lower()] = int(weight.dims[-1]) // heads
+                    hints[last.dim_param.lower()] = width // heads
     return hints
 
 
@@ -89,6 +117,9 @@ def synth_inputs(model: onnx.ModelProto, seed: int = 0, batch: int = BATCH, seq:
     fixed_batch, fixed_seq = fixed_sizes(model)
     batch, seq = fixed_batch or batch, fixed_seq or seq    # a size fixed in one input holds for the others
     hints = _cache_hints(model)
+    # a sliding-window KV cache (GroupQueryAttention's sliding_window_cache) takes no padded prompt
+    pad = not any(n.op_type == "GroupQueryAttention" and any(a.name == "sliding_window_cache" and a.i
+                                                              for a in n.attribute) for n in model.graph.node)
     feeds = {}
     for inp in model.graph.input:
         if inp.name in inits:
@@ -104,7 +135,7 @@ def synth_inputs(model: onnx.ModelProto, seed: int = 0, batch: int = BATCH, seq:
         elif np.issubdtype(dtype, np.integer):
             if "mask" in name:
                 value = np.ones(shape, dtype=dtype)
-                if value.ndim == 2 and shape[0] > 1 and shape[1] > 2:
+                if pad and value.ndim == 2 and shape[0] > 1 and shape[1] > 2:
                     value[-1, -2:] = 0        # one padded row: masks are really exercised
             elif "position" in name:
                 value = np.broadcast_to(np.arange(shape[-1], dtype=dtype), shape).copy() if shape else \

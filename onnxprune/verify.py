@@ -151,4 +151,16 @@ def compare(masked: onnx.ModelProto, pruned: onnx.ModelProto, feeds: dict, io_ke
     except Exception as exc:   # onnxruntime raises its own types; report one line, write nothing
         raise VerifyError(f"the pruned model does not run on onnxruntime: {str(exc).splitlines()[0][:240]}") \
             from None
-    return max_abs_diff(reference, candidate)
+    return max_abs_diff(filled_cache(reference, feeds), filled_cache(candidate, feeds))
+
+
+def filled_cache(outputs: dict, feeds: dict) -> dict:
+    """Outputs with each ``present`` KV cache [B, H, T, D] cut to the entries the mask says are filled: a
+    sliding-window cache (ORT GenAI's Gemma 3) is a buffer of a fixed size whose other entries are never
+    written, so they hold whatever memory held."""
+    mask = feeds.get("attention_mask")
+    if mask is None or np.ndim(mask) != 2:
+        return outputs
+    total = np.shape(mask)[1]
+    return {k: (v[:, :, :total] if "present" in k and v.ndim == 4 and v.shape[2] > total else v)
+            for k, v in outputs.items()}

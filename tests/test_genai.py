@@ -98,3 +98,76 @@ def test_a_plan_the_config_cannot_hold_is_refused(tmp_path):
 @pytest.mark.parametrize("folder", FOLDERS)
 def test_the_original_folder_generates(folder):
     assert len(generate(MODELS / folder)) == len(PROMPT) + 12
+
+
+def _gemma_like_attention():
+    """The attention of a GenAI Gemma 3 folder, by hand: a packed QKV cut by Split into Q [.., 1024] and
+    K, V [.., 256], a q/k norm over the head size between Reshapes, and GroupQueryAttention with 4 query
+    heads, 1 KV head and a sliding-window cache of 512 entries."""
+    from onnx import TensorProto, helper, numpy_helper
+    import numpy as np
+    f = TensorProto.FLOAT
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["qkv"]),
+             helper.make_node("Split", ["qkv", "sizes"], ["q0", "k0", "v"], axis=-1),
+             helper.make_node("Reshape", ["q0", "per_head"], ["q1"]),
+             helper.make_node("SimplifiedLayerNormalization", ["q1", "qn"], ["q2"]),
+             helper.make_node("Reshape", ["q2", "back"], ["q"]),
+             helper.make_node("GroupQueryAttention", ["q", "k0", "v", "past_key", "past_value", "seqlens",
+                                                     "total"], ["y", "present_key", "present_value"],
+                              domain="com.microsoft", num_heads=4, kv_num_heads=1, local_window_size=512,
+                              sliding_window_cache=1),
+             helper.make_node("MatMul", ["y", "wo"], ["out"])]
+    inits = [numpy_helper.from_array(np.zeros((640, 1536), np.float32), "w"),
+             numpy_helper.from_array(np.array([1024, 256, 256], np.int64), "sizes"),
+             numpy_helper.from_array(np.array([0, -1, 256], np.int64), "per_head"),
+             numpy_helper.from_array(np.array([0, -1, 1024], np.int64), "back"),
+             numpy_helper.from_array(np.ones(256, np.float32), "qn"),
+             numpy_helper.from_array(np.eye(1024, 640, dtype=np.float32), "wo")]
+    cache = ["batch_size", 1, "past_sliding_length", "kv_cache_dim"]
+    inputs = [helper.make_tensor_value_info("x", f, ["batch_size", "sequence_length", 640]),
+              helper.make_tensor_value_info("past_key", f, cache), helper.make_tensor_value_info("past_value", f, cache),
+              helper.make_tensor_value_info("seqlens", TensorProto.INT32, ["batch_size"]),
+              helper.make_tensor_value_info("total", TensorProto.INT32, [])]
+    outputs = [helper.make_tensor_value_info("out", f, None)]
+    return helper.make_model(helper.make_graph(nodes, "g", inputs, outputs, inits),
+                             opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+
+
+def test_a_sliding_window_cache_and_a_normed_query_give_the_probe_its_sizes():
+    """The cache's head size is the query width over num_heads, found through the q norm and the Split of
+    the packed QKV (1024 / 4 = 256); a sliding-window cache gets its full local_window_size of entries,
+    which ONNX Runtime demands; and no prompt row is padded, which such a cache does not take."""
+    from onnxprune.probe import _cache_hints, synth_inputs
+    model = _gemma_like_attention()
+    assert _cache_hints(model) == {"kv_cache_dim": 256, "past_sliding_length": 512}
+    feeds = synth_inputs(model)
+    assert feeds["past_key"].shape == (2, 1, 512, 256)
+
+
+def test_one_kv_head_of_group_query_attention_is_one_group():
+    """kv_num_heads=1: K and V carry no head axis (every query head reads them), so only the op's attributes
+    say that the four heads form one KV group; a plan then removes query heads one by one."""
+    import numpy as np
+    from onnxprune.probe import synth_inputs
+    model = _gemma_like_attention()
+    feeds = synth_inputs(model)
+    feeds["seqlens"], feeds["total"] = np.full(2, 4, np.int32), np.array(5, np.int32)
+    result = prune_model(model, 0.25, feeds=feeds)
+    block = result.blocks[0]
+    assert (block.num_heads, block.num_kv_heads, block.kv_groups) == (4, 1, ((0, 1, 2, 3),))
+    assert len(result.kept[0]) == 3 and result.max_error <= 1e-4
+
+
+def test_a_present_cache_is_compared_on_its_filled_entries_only():
+    """A sliding-window cache is a fixed buffer: entries past the mask's length are never written (they
+    hold what memory held, NaN included), so verification compares the filled ones."""
+    import numpy as np
+    from onnxprune.verify import filled_cache, max_abs_diff
+    a = np.zeros((1, 1, 8, 4), np.float32)
+    b = a.copy()
+    b[:, :, 5:] = np.nan
+    feeds = {"attention_mask": np.ones((1, 5), np.int64)}
+    assert max_abs_diff({"present.0.key": a}, {"present.0.key": b}) != 0
+    assert max_abs_diff(filled_cache({"present.0.key": a}, feeds), filled_cache({"present.0.key": b}, feeds)) == 0
+    b[:, :, 4] = 1.0           # a filled entry that differs still counts
+    assert max_abs_diff(filled_cache({"present.0.key": a}, feeds), filled_cache({"present.0.key": b}, feeds)) == 1

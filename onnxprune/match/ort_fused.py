@@ -141,6 +141,8 @@ def _gqa(flow: Flow, node, num_heads: int) -> int:
     group = num_heads // num_kv
     q_units = np.array([flow.unit({h}) for h in range(num_heads)])
     kv_units = np.array([flow.unit(range(g * group, (g + 1) * group)) for g in range(num_kv)])
+    # the KV groups as the op says (one KV head, Gemma 3 270M's, leaves K and V with no head axis to show it)
+    flow.broadcast_kv.update(int(u) for u in kv_units)
     flow.begin(node)
     q = node.inputs[0]
     width = flow.shape(q)[-1]
