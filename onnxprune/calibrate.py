@@ -189,7 +189,8 @@ class Calibrator:
                 work.graph.output.append(helper.make_empty_tensor_value_info(s.context))
                 known.add(s.context)
         self.work = work
-        self.session = session(work, external_dir=external_dir)
+        # graph optimizations on: calibration reads statistics, not an exact proof, and runs many times
+        self.session = session(work, external_dir=external_dir, optimize=True)
         self.mask_input = next((i.name for i in model.graph.input if "attention_mask" in i.name
                                 and len(i.type.tensor_type.shape.dim) == 2), None)
 
