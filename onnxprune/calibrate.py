@@ -219,12 +219,19 @@ class Calibrator:
         return rows
 
     def loss(self, ref: dict, got: dict) -> float:
+        """How far ``got`` is from ``ref``: for a language model's logits, the mean KL divergence of the
+        next-token distributions (what its users judge: a shift of every logit changes nothing); for any
+        other output, the relative squared error."""
         total = 0.0
         for name in self.outputs:
             r = ref[name]
-            if r.dtype.kind == "f" and r.size:
-                d = got[name].astype(np.float64) - r
-                total += float(np.sum(d * d)) / max(float(np.sum(r.astype(np.float64) ** 2)), 1e-30)
+            if r.dtype.kind != "f" or not r.size:
+                continue
+            if is_logits(name, r):
+                total += next_token_kl(r, got[name])
+                continue
+            d = got[name].astype(np.float64) - r
+            total += float(np.sum(d * d)) / max(float(np.sum(r.astype(np.float64) ** 2)), 1e-30)
         return total
 
     def bar(self, total: int, what: str):
@@ -278,6 +285,30 @@ class Calibrator:
     def edited_model(self, model: onnx.ModelProto, new: dict[str, np.ndarray]) -> onnx.ModelProto:
         from .transforms.compensate import with_weights
         return with_weights(model, self, new)
+
+
+VOCABULARY = 1000      # an output [B, S, V] named like logits with V this large is a language model's
+
+
+def is_logits(name: str, value: np.ndarray) -> bool:
+    return "logit" in name.lower() and value.ndim == 3 and value.shape[-1] >= VOCABULARY
+
+
+def next_token_kl(ref: np.ndarray, got: np.ndarray) -> float:
+    """Mean over positions of KL(softmax(ref) || softmax(got)), 32 positions at a time (a vocabulary of
+    262144 makes whole batches large in float64)."""
+    r2, g2 = ref.reshape(-1, ref.shape[-1]), got.reshape(-1, got.shape[-1])
+    total = 0.0
+    for i in range(0, len(r2), 32):
+        lr = _log_softmax(r2[i:i + 32].astype(np.float64))
+        lg = _log_softmax(g2[i:i + 32].astype(np.float64))
+        total += float(np.sum(np.exp(lr) * (lr - lg)))
+    return total / max(len(r2), 1)
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x - x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
 
 
 def finite(values: np.ndarray, what: str):

@@ -358,3 +358,23 @@ def test_every_source_from_the_command_line(tmp_path):
     source, kept = prune(tmp_path / "g.onnx")
     assert source == "gates" and kept == {0: (0, 2), 1: (1, 3)}
     assert json.loads((tmp_path / "r.json").read_text())["gates_folded"] == 2
+
+
+def test_a_language_models_logits_are_judged_by_next_token_kl():
+    """Ablation judges an LLM on what its users see: the next-token distributions. Adding a constant to
+    every logit changes none of them (KL 0, though the squared error is large); moving probability from
+    one token to another does."""
+    from onnxprune.calibrate import Calibrator, is_logits, next_token_kl
+    rng = np.random.default_rng(0)
+    ref = rng.normal(size=(2, 3, 1200)).astype(np.float32)
+    assert is_logits("logits", ref) and not is_logits("last_hidden_state", ref)
+    assert not is_logits("logits", ref[..., :10])           # a classifier's few classes: squared error
+    assert abs(next_token_kl(ref, ref + 5.0)) < 1e-9
+    moved = ref.copy()
+    moved[..., 0] += 4.0
+    assert next_token_kl(ref, moved) > 1e-3
+    cal = Calibrator.__new__(Calibrator)
+    cal.outputs = ["logits"]
+    assert cal.loss({"logits": ref}, {"logits": ref + 5.0}) < 1e-9
+    cal.outputs = ["hidden"]
+    assert cal.loss({"hidden": ref}, {"hidden": ref + 5.0}) > 1
