@@ -33,6 +33,7 @@ CONFIGS = {    # name: the prune command's options (DATA: the calibration file; 
     "ablation": ["SCORED"],
     "default --compensate": ["--calib", "DATA", "--compensate"],
     "ablation, --compensate": ["SCORED", "--calib", "DATA", "--compensate"],
+    "mean-ablation, --compensate": ["--importance", "mean-ablation", "--calib", "DATA", "--compensate"],
     "--compensate bias": ["--calib", "DATA", "--compensate", "bias"],
     "--compensate refit": ["--calib", "DATA", "--compensate", "refit"],
     "global, --compensate": ["--calib", "DATA", "--compensate", "--scope", "global"],
