@@ -279,13 +279,7 @@ class Rewriter:
                                    f"{src.axis}, which does not shrink with the heads")
             else:
                 raise RewriteError(f"{node.op} {node.name!r}: element {j} is {shape_expr.describe(src)}")
-        if changes:
-            try:
-                # rebuild now (adds new nodes only), swap in at commit
-                new_vec = shape_expr.rebuild(self.graph, vec, changes, self.shapes, self.values)
-            except ValueError as exc:
-                raise RewriteError(f"{node.op} {node.name!r}: {exc}") from None
-            self.edits.append(lambda n=node, v=new_vec, i=index: n.inputs.__setitem__(i, v))
+        self._swap_vector(node, index, changes)
 
     def _plan_expand(self, node, block, layouts, kept_heads):
         self._plan_reshape(node, block, layouts, kept_heads, expand=True)
@@ -307,12 +301,18 @@ class Rewriter:
             if "Div" not in ops:
                 raise RewriteError(f"Tile {node.name!r}: repeat {j} follows a size that shrinks with the heads")
             changes[j] = shape_expr.Keep(Fraction(moved[1], moved[0]))
-        if changes:
-            try:
-                new_vec = shape_expr.rebuild(self.graph, vec, changes, self.shapes, self.values)
-            except ValueError as exc:
-                raise RewriteError(f"Tile {node.name!r}: {exc}") from None
-            self.edits.append(lambda n=node, v=new_vec: n.inputs.__setitem__(1, v))
+        self._swap_vector(node, 1, changes)
+
+    def _swap_vector(self, node, index: int, changes: dict):
+        """Rebuild ``node``'s shape-like input ``index`` with ``changes`` now (new nodes only); swap it in
+        at commit."""
+        if not changes:
+            return
+        try:
+            new_vec = shape_expr.rebuild(self.graph, node.inputs[index], changes, self.shapes, self.values)
+        except ValueError as exc:
+            raise RewriteError(f"{node.op} {node.name!r}: {exc}") from None
+        self.edits.append(lambda n=node, v=new_vec, i=index: n.inputs.__setitem__(i, v))
 
     def _plan_split(self, node, block, layouts, kept_heads):
         x = node.inputs[0]
@@ -355,8 +355,8 @@ class Rewriter:
         if lay is None:
             return
         in_shape = self.shapes[x.name]
-        bound = lambda t: const_value(t) if const_value(t) is not None else \
-            shape_expr.fixed_value(t, self.shapes, self.values, self.tensors)     # noqa: E731
+        def bound(t):
+            return shape_expr.bound_value(t, self.shapes, self.values, self.tensors)
         starts, ends = bound(node.inputs[1]), bound(node.inputs[2])
         if starts is None or ends is None:     # runtime bounds: only allowed off the head axes (matcher)
             return

@@ -489,10 +489,9 @@ class Flow:
         return self._graph_tensors
 
     def bound_value(self, t):
-        """A Slice bound: constant, or computed from fixed sizes only (see ``shape_expr.fixed_value``)."""
+        """A Slice bound: constant, or computed from fixed sizes only (see ``shape_expr.bound_value``)."""
         from . import shape_expr
-        val = const_value(t)
-        return val if val is not None else shape_expr.fixed_value(t, self.shapes, self.values, self.graph_tensors())
+        return shape_expr.bound_value(t, self.shapes, self.values, self.graph_tensors())
 
     def slice_positions(self, node, relevant=None) -> dict[int, np.ndarray]:
         """Input index of every output index, per sliced axis. Bounds computed at run time are only an

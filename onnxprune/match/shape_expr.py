@@ -160,6 +160,12 @@ def evaluate(src, size: int) -> int | None:
     return {"Mul": x * src.const, "Add": x + src.const, "Sub": x - src.const}[src.op]
 
 
+def bound_value(t, shapes, values: dict, tensors: dict):
+    """A Slice bound: constant, or computed from fixed sizes only (``fixed_value``); else None."""
+    val = const_value(t)
+    return val if val is not None else fixed_value(t, shapes, values, tensors)
+
+
 def fixed_value(t, shapes, values: dict, tensors: dict):
     """The value of 1-D integer tensor ``t`` when every element is a constant, or arithmetic on sizes that
     are fixed (a model width read at run time: TorchScript's ``nn.MultiheadAttention`` cuts its packed
