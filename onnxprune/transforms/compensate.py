@@ -46,35 +46,6 @@ class BlockFit:
     error_after: float
 
 
-def _fit(mode: str, x, y, w_kept, z=None, ridge: float = RIDGE):
-    """(rows, shift) of the kept output-projection rows and the bias shift that ``mode`` fits on context
-    ``x`` [tokens, kept width] to target ``y`` [tokens, out]; ``z``: each kept head's own output
-    [heads, tokens, out] (for ``scale``)."""
-    if mode == "none":
-        return w_kept, np.zeros(y.shape[1])
-    if mode == "bias":
-        return w_kept, (y - x @ w_kept).mean(axis=0)
-    xm, ym = x.mean(axis=0), y.mean(axis=0)
-    if mode == "scale":
-        zc = z - z.mean(axis=1, keepdims=True)
-        yc = y - ym
-        gram = np.einsum("htd,gtd->hg", zc, zc)
-        lam = 1e-3 * np.trace(gram) / max(len(gram), 1)
-        scales = np.linalg.solve(gram + lam * np.eye(len(gram)), np.einsum("htd,td->h", zc, yc) + lam)
-        return None, scales
-    xc, yc = x - xm, y - ym
-    gram = xc.T @ xc
-    lam = ridge * np.trace(gram) / max(len(gram), 1)
-    rows = np.linalg.solve(gram + lam * np.eye(len(gram)), xc.T @ yc + lam * w_kept)     # towards w_kept
-    return rows, ym - xm @ rows
-
-
-def _apply_scale(scales, heads_of_row, w_kept, x, y):
-    """Rows scaled per head, and the bias shift that goes with them."""
-    rows = w_kept * scales[heads_of_row][:, None]
-    return rows, (y - x @ rows).mean(axis=0)
-
-
 def _error(x, y, rows, shift) -> float:
     d = y - (x @ rows + shift)
     spread = y - y.mean(axis=0)
@@ -145,14 +116,30 @@ def _held_out(batches: int) -> set[int]:
 
 
 def _fit_mode(mode: str, x, y, w_kept, heads_of_row, ridge: float):
-    """(rows, shift) of ``mode``, where ``refit@R`` is refit at ridge R."""
+    """(rows, shift): the kept output-projection rows and the bias shift that ``mode`` fits on context ``x``
+    [tokens, kept width] to target ``y`` [tokens, out]; ``refit@R`` is refit at ridge R. ``heads_of_row``:
+    which kept head each kept row belongs to (for ``scale``)."""
     if mode.startswith("refit@"):
         mode, ridge = "refit", float(mode.split("@")[1])
-    if mode == "scale":
+    if mode == "none":
+        return w_kept, np.zeros(y.shape[1])
+    if mode == "bias":
+        return w_kept, (y - x @ w_kept).mean(axis=0)
+    xm, ym = x.mean(axis=0), y.mean(axis=0)
+    yc = y - ym
+    if mode == "scale":       # one factor per kept head on its own output z_h, a small ridge towards 1
         z = np.stack([x[:, heads_of_row == i] @ w_kept[heads_of_row == i] for i in range(heads_of_row.max() + 1)])
-        _, scales = _fit("scale", x, y, w_kept, z)
-        return _apply_scale(scales, heads_of_row, w_kept, x, y)
-    return _fit(mode, x, y, w_kept, ridge=ridge)
+        zc = z - z.mean(axis=1, keepdims=True)
+        gram = np.einsum("htd,gtd->hg", zc, zc)
+        lam = 1e-3 * np.trace(gram) / max(len(gram), 1)
+        scales = np.linalg.solve(gram + lam * np.eye(len(gram)), np.einsum("htd,td->h", zc, yc) + lam)
+        rows = w_kept * scales[heads_of_row][:, None]
+        return rows, (y - x @ rows).mean(axis=0)
+    xc = x - xm
+    gram = xc.T @ xc
+    lam = ridge * np.trace(gram) / max(len(gram), 1)
+    rows = np.linalg.solve(gram + lam * np.eye(len(gram)), xc.T @ yc + lam * w_kept)     # towards w_kept
+    return rows, ym - xm @ rows
 
 
 def _choose(x, y, w_kept, heads_of_row, held) -> tuple[str, float, float]:
