@@ -15,7 +15,8 @@ from .io import as_model, name_nodes, to_graph
 from .match import match_graph
 from .options import PruneOptions, tolerance
 from .probe import probe
-from .verify import masked_model, masked_weights
+from . import quant
+from .verify import masked_reference, masked_weights
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,9 @@ def inspect_model(model: onnx.ModelProto, external_dir: str | os.PathLike | None
     prune_model)."""
     model, external_dir = as_model(model, external_dir)
     model = name_nodes(model)
+    quant.refuse_operator_form(model)
+    if quant.is_quantized(model):         # matched on its float view (quant.py)
+        model, _ = quant.view(model, external_dir)
     graph = to_graph(model)
     shapes, values = probe(model, external_dir=external_dir)
     return match_graph(graph, shapes, values, model)
@@ -146,9 +150,10 @@ def verify_saved(model: onnx.ModelProto, result: PruneResult, path: str | os.Pat
     pruned = inline.skeleton(path) if os.path.getsize(path) >= inline.SKELETON_FROM else None
     if pruned is None:
         pruned = onnx.load(str(path), load_external_data=False)
-    overrides = masked_weights(model, list(result.blocks), result.kept, external_dir)
-    masked = model if overrides is not None else masked_model(model, list(result.blocks), result.kept,
-                                                              external_dir)
+    overrides = None if quant.is_quantized(model) else masked_weights(model, list(result.blocks), result.kept,
+                                                                        external_dir)
+    masked = model if overrides is not None else masked_reference(model, list(result.blocks), result.kept,
+                                                                  external_dir)
     if atol is None and result.options is not None:
         atol = result.options.atol
     feeds = feeds if feeds is not None else result.feeds     # the run's own inputs, where it needed them

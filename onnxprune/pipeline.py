@@ -52,6 +52,7 @@ class State:
     pruned: onnx.ModelProto | None = None
     io_keep: dict = field(default_factory=dict)
     max_error: float | None = None
+    quant: object = field(default=None, repr=False)   # quant.QuantView of a quantized model (``model`` is its view)
 
     @property
     def blocks(self) -> tuple[AttentionBlock, ...]:
@@ -84,10 +85,7 @@ def run_stages(stages, state: State, options: PruneOptions) -> State:
 
 
 # ------------------------------------------------------------------ stages
-UNSUPPORTED_OPS = {
-    "MatMulNBits": "its weights are int4/int8 blocks (ORT GenAI builder -p int4); prune the fp32 or fp16 "
-                   "model, then quantize it (onnxruntime.quantization.matmul_nbits_quantizer)",
-}
+UNSUPPORTED_OPS: dict[str, str] = {}
 
 
 def match(state: State, options: PruneOptions) -> State:
@@ -348,6 +346,9 @@ def compensate(state: State, options: PruneOptions) -> State:
     model is proved equal to the compensated original with the dropped heads masked."""
     if options.compensate is None or not state.changes:
         return state
+    if state.quant is not None:
+        raise PlanError(f"--compensate writes new output-projection weights, which this {state.quant.describe()} "
+                        "model would have to re-quantize; compensate the float model, then quantize it")
     cal = state.calibration or calibration(state, options)
     if cal.shared:
         raise PlanError(f"--compensate: block {min(cal.shared)} shares its output projection with another block "
@@ -364,6 +365,7 @@ def compensate(state: State, options: PruneOptions) -> State:
 def rewrite(state: State, options: PruneOptions) -> State:
     """Slice every tensor with a head axis and commit all edits at once; an unchanged plan returns the
     model as it is."""
+    from .quant import refold
     from .rewrite import Rewriter, check_model, dead_nodes, export
     from .importance.initializers import carry_importance
     if not state.changes:            # the model as given, unless a transform made a new one
@@ -376,7 +378,10 @@ def rewrite(state: State, options: PruneOptions) -> State:
         rewriter.plan(b, state.plans[b.index])       # every check first ...
     rewriter.commit()                                 # ... then every edit
     with contextlib.chdir(options.external_dir or "."):   # the checker finds external data files from there
-        pruned = check_model(export(graph, state.model, dead), state.model)
+        pruned = export(graph, state.model, dead)
+        if state.quant is not None:       # the float view, pruned: back to the quantized form
+            pruned = refold(pruned, state.quant, quantized_keeps(state))
+        pruned = check_model(pruned, state.quant.real if state.quant is not None else state.model)
     carry_importance(state.model, pruned, state.blocks, state.plans)
     io_keep = rewriter.io_keep
     del graph, rewriter, dead        # the sliced weights now live in ``pruned`` only: free the graph's copies
@@ -388,11 +393,15 @@ def rewrite(state: State, options: PruneOptions) -> State:
 
 def verify(state: State, options: PruneOptions) -> State:
     """Pruned == masked original on ONNX Runtime CPU; beyond the tolerance, or NaN, is a ``VerifyError``."""
-    from .verify import masked_model
     if not options.verify:
         return state
-    masked = masked_model(state.model, list(state.blocks), state.plans, options.external_dir)
-    error = prove_equal(masked, state.pruned, state.model, state.feeds, state.io_keep, options.external_dir,
+    if state.quant is not None:
+        from .quant import masked as masked_quantized
+        masked = masked_quantized(state.quant, state.model, state.blocks, state.plans)
+    else:
+        from .verify import masked_model
+        masked = masked_model(state.model, list(state.blocks), state.plans, options.external_dir)
+    error = prove_equal(masked, state.pruned, state.quant.real if state.quant is not None else state.model, state.feeds, state.io_keep, options.external_dir,
                         options.tolerance(is_fp16(state.original)))
     return replace(state, max_error=error)
 
@@ -453,15 +462,21 @@ def release_memory():
 
 
 def count_params(model: onnx.ModelProto) -> int:
-    """Floating-point elements in initializers and Constant nodes; integer shape and index constants are not
-    parameters, and stored importance scores are not weights."""
+    """Weights: floating-point elements in initializers and Constant nodes, and the quantized weights that
+    dequantize to floats (the data of DequantizeLinear and MatMulInteger, K x N of MatMulNBits, not their
+    scales); integer shape and index constants are not parameters, and stored importance scores are not
+    weights."""
     from .importance.initializers import IMPORTANCE_SUFFIX, IMPORTANCE_TABLE
+    from .quant import quantized_sizes
+    quantized = quantized_sizes(model)
 
     def size(t: onnx.TensorProto) -> int:
         return int(np.prod(t.dims)) if t.data_type in FLOAT_TYPES else 0
 
     total = sum(size(t) for t in model.graph.initializer
-                if not (t.name.endswith(IMPORTANCE_SUFFIX) or t.name == IMPORTANCE_TABLE))
+                if not (t.name.endswith(IMPORTANCE_SUFFIX) or t.name == IMPORTANCE_TABLE or
+                        t.name in quantized["scales"]))
+    total += sum(quantized["data"].values())
     for node in model.graph.node:
         if node.op_type == "Constant":
             total += sum(size(a.t) for a in node.attribute if a.name == "value")
@@ -474,7 +489,25 @@ def start(model: onnx.ModelProto, options: PruneOptions) -> State:
     named = name_nodes(model)
     # None: synthetic, made by the probe and by verification (and said so in their errors)
     feeds = dict(options.feeds) if options.feeds is not None else None
+    from . import quant
+    quant.refuse_operator_form(named)
+    if quant.is_quantized(named):      # matched, scored and planned on its float view (quant.py)
+        view, qv = quant.view(named, options.external_dir)
+        return State(original=model, model=view, feeds=feeds, quant=qv)
     return State(original=model, model=named, feeds=feeds)
+
+
+def quantized_keeps(state: State) -> dict:
+    """{float weight of the view: {axis: kept positions}} for the quantized weights that lose heads."""
+    from .rewrite import _layouts
+    keeps = {}
+    for b in state.blocks:
+        if state.plans[b.index] == tuple(range(b.num_heads)):
+            continue
+        for name, lay in _layouts(b, state.plans[b.index], state.shapes).items():
+            if name in state.quant.folded:
+                keeps[name] = {ax: idx for ax, idx in lay.keep.items() if len(idx) != state.shapes[name][ax]}
+    return keeps
 
 
 def _calib_feeds(model: onnx.ModelProto, calib: dict) -> dict:

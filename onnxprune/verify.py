@@ -91,6 +91,17 @@ def masked_model(model: onnx.ModelProto, blocks: list[AttentionBlock], kept: dic
     return masked
 
 
+def masked_reference(model: onnx.ModelProto, blocks: list[AttentionBlock], kept: dict[int, tuple],
+                     external_dir=None) -> onnx.ModelProto:
+    """What a model pruned to ``kept`` must equal: ``masked_model`` for a float model; for a quantized one,
+    the model with the dropped heads' part of each output projection's input zeroed (``quant.masked``)."""
+    from . import quant
+    if quant.is_quantized(model):
+        view, qv = quant.view(model, external_dir)
+        return quant.masked(qv, view, blocks, kept)
+    return masked_model(model, blocks, kept, external_dir)
+
+
 def run(model: onnx.ModelProto, feeds: dict, external_dir=None, overrides=None) -> dict[str, np.ndarray]:
     sess = session(model, external_dir=external_dir, overrides=overrides)
     names = [o.name for o in sess.get_outputs()]

@@ -213,6 +213,25 @@ def _specs() -> list[Spec]:
     return specs + _seq2seq_specs() + _torch_nn_specs() + _onnx_attention_specs()
 
 
+def quant_base_specs() -> list[Spec]:
+    """The fp32 models that ``tools/quantize_models.py`` quantizes (into a cache; only the quantized forms
+    go in ``models/``): widths at which the quantizers' blocks of 32 and 128 rows meet real head sizes."""
+    specs: list[Spec] = []
+    # BERT with 4 heads of 64: a block of 32 rows lies in one head, a block of 128 spans two
+    specs.append(Spec("bert-qbase-ts", "BERT", _hf("BertModel", "BertConfig", "eager", vocab_size=64,
+                                                   max_position_embeddings=64, type_vocab_size=2, hidden_size=256,
+                                                   num_attention_heads=4, intermediate_size=128,
+                                                   num_hidden_layers=2),
+                      _text_inputs(type_ids=True), "ts", dynamic=TEXT_DYN))
+    # Llama with 8 heads of 32 on 4 KV heads: a block of 128 rows spans four heads
+    specs.append(Spec("llama-qbase-ts", "Llama", _hf("LlamaModel", "LlamaConfig", "eager", vocab_size=64,
+                                                     hidden_size=256, num_attention_heads=8, num_key_value_heads=4,
+                                                     intermediate_size=128, num_hidden_layers=2,
+                                                     max_position_embeddings=64, use_cache=False),
+                      _text_inputs(), "ts", dynamic=TEXT_DYN))
+    return specs
+
+
 def _onnx_attention_specs() -> list[Spec]:
     """A decoder whose attention is ``torch.onnx.ops.attention`` on 3-D Q/K/V [B, S, heads * D] with
     ``q_num_heads`` 8 and ``kv_num_heads`` 2 (GQA, causal): torch.onnx writes the ONNX ``Attention`` op in

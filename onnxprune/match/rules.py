@@ -427,6 +427,17 @@ def tile(flow, node, direction, trigger):
         flow.sites.append(("tile", node))
 
 
+def quantize_linear(flow, node, direction, trigger):
+    """QuantizeLinear / DequantizeLinear of an activation with one scale (QDQ models quantize every
+    activation per tensor): elementwise. Per-axis scales on the head path are refused."""
+    scale = node.inputs[1]
+    if int(np.prod(flow.shape(scale))) != 1:
+        raise FlowFail(node, f"{node.op} with per-axis scales on a tensor with the head axis")
+    if trigger is not node.inputs[0] and direction == "down":
+        raise FlowFail(node, f"{node.op} scale or zero point carries the head axis")
+    elementwise(flow, node, direction, trigger)
+
+
 REDUCTIONS = {"ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceL1", "ReduceL2", "ReduceLogSum",
               "ReduceLogSumExp", "ReduceProd", "ReduceSumSquare"}
 
@@ -456,7 +467,8 @@ RULES = {
     "Transpose": transpose, "Reshape": reshape, "Flatten": reshape, "Unsqueeze": unsqueeze,
     "Squeeze": squeeze, "Expand": expand, "Split": split, "Slice": slice_, "Gather": gather, "Concat": concat,
     "MatMul": matmul, "Gemm": gemm, "RotaryEmbedding": rotary_embedding, "Attention": attention, "Resize": resize,
-    "GatherElements": gather_elements, "Tile": tile,
+    "GatherElements": gather_elements, "Tile": tile, "QuantizeLinear": quantize_linear,
+    "DequantizeLinear": quantize_linear,
     **{op: elementwise for op in ELEMENTWISE}, **{op: norm for op in NORMS}, **{op: reduce for op in REDUCTIONS},
 }
 
