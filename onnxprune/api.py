@@ -16,7 +16,7 @@ from .match import match_graph
 from .options import PruneOptions, tolerance
 from .probe import probe
 from . import quant
-from .verify import masked_reference, masked_weights
+from .verify import masked_model, masked_weights
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,7 @@ class PruneResult:
     # the transformed original, whose masked form the pruned model equals (None: the original as given)
     feeds: dict | None = field(default=None, repr=False)   # inputs the run was checked on, where synthetic
     # ones could not drive the model (a few calibration samples); None: synthetic
+    quantized: str | None = None         # the quantized forms of its weights (quant.py), cut as they are
 
 
 def count_result_macs(model: onnx.ModelProto, result: PruneResult, batch: int = 1, seq: int = 128,
@@ -132,7 +133,8 @@ def prune_model(model, ratio=None, *, kept: dict[int, list[int]] | None = None,
                        importance_source=state.source if options.selects_by_score else "given",
                        compensate=state.compensated, fits=state.fits, gates=state.gates, multiple_of=options.multiple_of,
                        options=options, feeds=state.feeds,
-                       reference=state.model if (state.gates or state.compensated) else None)
+                       reference=state.model if (state.gates or state.compensated) else None,
+                       quantized=state.quant.describe() if state.quant is not None else None)
 
 
 def verify_saved(model: onnx.ModelProto, result: PruneResult, path: str | os.PathLike,
@@ -150,9 +152,12 @@ def verify_saved(model: onnx.ModelProto, result: PruneResult, path: str | os.Pat
     pruned = inline.skeleton(path) if os.path.getsize(path) >= inline.SKELETON_FROM else None
     if pruned is None:
         pruned = onnx.load(str(path), load_external_data=False)
-    overrides = None if quant.is_quantized(model) else masked_weights(model, list(result.blocks), result.kept,
-                                                                        external_dir)
-    masked = model if overrides is not None else masked_reference(model, list(result.blocks), result.kept,
+    if quant.is_quantized(model):     # its float view drives the synthetic inputs (a KV cache's head size)
+        view, qv = quant.view(model, external_dir)
+        overrides, masked, model = None, quant.masked(qv, view, list(result.blocks), result.kept), view
+    else:
+        overrides = masked_weights(model, list(result.blocks), result.kept, external_dir)
+        masked = model if overrides is not None else masked_model(model, list(result.blocks), result.kept,
                                                                   external_dir)
     if atol is None and result.options is not None:
         atol = result.options.atol

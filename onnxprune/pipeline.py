@@ -401,7 +401,7 @@ def verify(state: State, options: PruneOptions) -> State:
     else:
         from .verify import masked_model
         masked = masked_model(state.model, list(state.blocks), state.plans, options.external_dir)
-    error = prove_equal(masked, state.pruned, state.quant.real if state.quant is not None else state.model, state.feeds, state.io_keep, options.external_dir,
+    error = prove_equal(masked, state.pruned, state.model, state.feeds, state.io_keep, options.external_dir,
                         options.tolerance(is_fp16(state.original)))
     return replace(state, max_error=error)
 

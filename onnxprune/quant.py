@@ -24,6 +24,7 @@ does not widen a dynamic quantization range, so pruned and masked models compute
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -182,6 +183,8 @@ def _attrs(node) -> dict:
 def view(real: onnx.ModelProto, external_dir=None) -> tuple[onnx.ModelProto, QuantView]:
     """The float view of ``real`` (see the module docstring) and what it folded."""
     refuse_operator_form(real)
+    if external_dir is not None:          # read again later, from inside another working directory
+        external_dir = Path(external_dir).resolve()
     base = str(external_dir or "")
     inits = {i.name: i for i in real.graph.initializer}
     cache: dict[str, np.ndarray] = {}

@@ -43,6 +43,7 @@ def build_report(result: PruneResult, model: str, output: str | None, ratio) -> 
             "params_before": result.params_before, "params_after": result.params_after,
             "max_error": result.max_error, "gqa": result.gqa, "kv_cache": result.kv_cache,
             "importance": result.importance_source, "compensate": result.compensate,
+            "quantized": result.quantized,
             "compensation": [{"block": f.block, "mode": f.mode, "held_out_error_before": f.error_before,
                               "held_out_error_after": f.error_after} for f in result.fits],
             "gates_folded": result.gates, "multiple_of": result.multiple_of, "macs": macs,
@@ -67,6 +68,9 @@ def format_table(report: dict) -> str:
         lines.append("multi-query attention: one KV head serves every query head, so query heads go one by one "
                      "and K, V and their cache keep their size" + (" (--gqa group does not apply)"
                                                                    if report.get("gqa") == "group" else ""))
+    if report.get("quantized"):
+        lines.append(f"quantized weights ({report['quantized']}): cut in their quantized form, with their scales "
+                     "and zero points; nothing re-quantized")
     kv = report.get("kv_cache_bytes_per_token")
     if kv and (report.get("kv_cache") or any(b["num_kv_heads"] < b["num_heads"] for b in report["blocks"])):
         lines.append(f"KV cache per token: {kv['before']:,} -> {kv['after']:,} bytes")

@@ -13,13 +13,14 @@ import pytest
 
 from onnxprune import prune_model
 from onnxprune.io import data_files, save_model_atomic
-from onnxprune.verify import masked_model
+from onnxprune.verify import masked_reference
 
 og = pytest.importorskip("onnxruntime_genai")
 
 from conftest import MODELS  # noqa: E402
 SRC = MODELS / "llama-genai"                      # packed QKV
-FOLDERS = ["llama-genai", "llama-genai-separate"]  # packed, and separate Q/K/V projections
+# packed and separate Q/K/V projections, and int4 (MatMulNBits with blocks of 32 rows: two heads of 16)
+FOLDERS = ["llama-genai", "llama-genai-separate", "llama-genai-int4"]
 PROMPT = [1, 5, 7, 9, 11]
 
 
@@ -39,13 +40,14 @@ def generate(folder: Path, steps: int = 12) -> list[int]:
 
 
 def masked_folder(tmp_path: Path, src: Path, blocks, kept) -> Path:
-    """The original folder with the dropped heads' output-projection rows zeroed."""
+    """The original folder with the dropped heads' output-projection rows zeroed (for a quantized model,
+    their part of the projection's input)."""
     folder = tmp_path / "masked"
     shutil.copytree(src, folder)
     model = onnx.load(str(src / "model.onnx"))
     (folder / "model.onnx").unlink()
     (folder / "model.onnx.data").unlink()
-    save_model_atomic(masked_model(model, list(blocks), kept), folder / "model.onnx", external=True)
+    save_model_atomic(masked_reference(model, list(blocks), kept), folder / "model.onnx", external=True)
     return folder
 
 

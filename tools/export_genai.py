@@ -7,7 +7,7 @@ The builder writes the deployment graph that ``onnxruntime_genai`` runs: a packe
 and outputs ``present.*``, weights in external data, and ``genai_config.json``. Needs the ``tools`` extra
 and ``onnxruntime-genai``:
 
-    python tools/export_genai.py
+    python tools/export_genai.py [--only int4]
 
 The config is tiny and random: 8 query heads and 2 KV heads of size 16 (the CPU GroupQueryAttention
 kernel wants head sizes that are multiples of 16), 2 layers. The vocabulary (96) differs from every
@@ -32,6 +32,8 @@ VARIANTS = {
     "llama-genai-separate": ("fp32", "cpu", ["--extra_options", "disable_qkv_fusion=true"]),
     # for DirectML the builder writes separate Q/K/V and a com.microsoft.RotaryEmbedding before the attention
     "llama-genai-dml-fp16": ("fp16", "dml", []),
+    # int4 for CPU: MatMulNBits (blocks of 32 rows, which span two heads of 16) for every projection
+    "llama-genai-int4": ("int4", "cpu", []),
 }
 
 
@@ -58,14 +60,21 @@ def build_hf(folder: Path):
                                          pad_token="t0").save_pretrained(folder)
 
 
-def main() -> int:
+def main(argv=None) -> int:
+    import argparse
+
     import onnx
     import onnxruntime_genai
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--only", action="append", default=[], help="variants whose name contains this")
+    args = ap.parse_args(argv)
     entries = {}
     with tempfile.TemporaryDirectory() as tmp:
         hf = Path(tmp) / "hf"
         build_hf(hf)
         for name, (precision, ep, extra) in VARIANTS.items():
+            if args.only and not any(o in name for o in args.only):
+                continue
             out, dest = Path(tmp) / name, MODELS / name
             subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(out),
                             "-p", precision, "-e", ep, "-c", str(Path(tmp) / "cache"), *extra], check=True,
