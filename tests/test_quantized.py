@@ -1,0 +1,184 @@
+"""Quantized models pruned in their quantized form (quant.py): made by onnxruntime's own quantizers
+(tools/quantize_models.py) from a BERT with 4 heads of 64 and a Llama with 8 heads of 32 on 4 KV heads.
+The exactness and shape checks of every form run with the other exports (test_equivalence.py); here: the
+checks can fail, what is kept stays byte for byte, blocks are cut or re-packed exactly, and what cannot be
+done is refused with the way out."""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from onnxprune import prune_model, quant
+from onnxprune.errors import PlanError, VerifyError
+from onnxprune.probe import synth_inputs
+from onnxprune.verify import masked_reference, max_abs_diff, run
+
+from conftest import MODELS  # noqa: E402
+
+MANIFEST = json.loads((MODELS / "MANIFEST.json").read_text())["models"]
+QUANTIZED = sorted(n for n, v in MANIFEST.items() if v.get("quantized") and "refused" not in v)
+QUANT_OPS = {"DequantizeLinear", "QuantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "MatMulNBits"}
+
+
+def _load(name):
+    return onnx.load(str(MODELS / name))
+
+
+def test_every_form_is_there():
+    forms = {MANIFEST[n]["quantized"] for n in QUANTIZED}
+    assert forms == {"dyn", "qdq", "qdq-pc", "nbits32", "nbits128"}
+    assert {n.split("-")[0] for n in QUANTIZED} == {"bert", "llama"}
+
+
+@pytest.mark.parametrize("name", QUANTIZED)
+def test_pruned_model_stays_quantized_and_keeps_the_rest_byte_for_byte(name):
+    """Same quantized ops, the same kind of data for every weight (nothing dequantized into floats, nothing
+    re-quantized), and every initializer that pruning does not cut has its bytes."""
+    model = _load(name)
+    result = prune_model(model, 0.5)
+    assert result.quantized and result.max_error <= 1e-4
+    ops = lambda m: sorted(n.op_type for n in m.graph.node if n.op_type in QUANT_OPS)   # noqa: E731
+    assert ops(result.model) == ops(model)
+    before = {i.name: i for i in model.graph.initializer}
+    after = {i.name: i for i in result.model.graph.initializer}
+    new = set(after) - set(before)        # only the rewritten head counts of shape constants are new
+    assert all(after[n].data_type == onnx.TensorProto.INT64 for n in new), new
+    cut = [n for n in after if n in before and numpy_helper.to_array(after[n]).shape != numpy_helper.to_array(before[n]).shape]
+    assert cut, "nothing was cut"
+    for n, t in after.items():
+        if n in new:
+            continue
+        assert t.data_type == before[n].data_type, n
+        if n not in cut and not n.endswith(("_scale", "_scales", "zero_point", "zero_points")):
+            assert t.SerializeToString() == before[n].SerializeToString(), n
+    assert result.params_after < result.params_before
+
+
+@pytest.mark.parametrize("name", ["bert-qdq-pc.onnx", "llama-dyn.onnx", "bert-nbits128.onnx"])
+def test_ratio_zero_is_identity(name):
+    model = _load(name)
+    result = prune_model(model, 0.0)
+    assert result.model.SerializeToString() == model.SerializeToString() and result.max_error == 0.0
+
+
+@pytest.mark.parametrize("name", ["bert-qdq.onnx", "bert-dyn.onnx", "llama-qdq-pc.onnx", "llama-nbits32.onnx"])
+def test_masking_the_wrong_heads_is_detected(name):
+    """The quantized reference can fail: masking other heads than the pruned ones differs by far more than
+    the tolerance."""
+    model = _load(name)
+    feeds = synth_inputs(model)
+    result = prune_model(model, 0.5, feeds=feeds, verify=False)
+    wrong = {}
+    for b in result.blocks:
+        keep = set(result.kept[b.index])
+        dropped = [h for h in range(b.num_heads) if h not in keep]
+        wrong[b.index] = tuple(sorted((keep - {min(keep)}) | {dropped[0]}))
+    reference = run(masked_reference(model, list(result.blocks), wrong), feeds)
+    assert max_abs_diff(reference, run(result.model, feeds)) > 1e-2
+    right = run(masked_reference(model, list(result.blocks), result.kept), feeds)
+    assert max_abs_diff(right, run(result.model, feeds)) <= 1e-4
+
+
+@pytest.mark.parametrize("name, what", [("bert-qdq-pc.onnx", "scale"), ("bert-dyn.onnx", "data"),
+                                        ("llama-nbits32.onnx", "scale")])
+def test_a_wrong_cut_of_the_quantized_data_fails_verification(monkeypatch, name, what):
+    """Plant the fault: the kept columns' scales (or quantized data) taken in the wrong order. The pruned
+    model still has every shape right, and verification catches it."""
+    original = quant._cut
+
+    def wrong(f, keep, arr, nodes):
+        out = original(f, keep, arr, nodes)
+        key = f.scale if what == "scale" else f.data
+        if key in out and out[key].ndim and len(out[key]) > 1:
+            out[key] = out[key][::-1].copy()
+        return out
+    monkeypatch.setattr(quant, "_cut", wrong)
+    with pytest.raises(VerifyError, match="differs from the masked original"):
+        prune_model(_load(name), 0.5)
+
+
+def test_blocks_that_span_two_heads_are_repacked_exactly():
+    """int4 blocks of 128 rows over heads of 64: the output projection's kept rows are re-packed into blocks
+    of 64, each taking its old block's scale and zero point, so they dequantize to the very same values;
+    the query/key/value projections lose whole columns."""
+    model = _load("bert-nbits128.onnx")
+    result = prune_model(model, kept={0: (0, 2), 1: (1, 2)})
+    assert result.max_error <= 1e-4
+
+    def float_weights(m):
+        view, qv = quant.view(m)
+        inits = {i.name: numpy_helper.to_array(i) for i in view.graph.initializer}
+        return {f.data: inits[w] for w, f in qv.folded.items()}, {n.name: n for n in m.graph.node}
+
+    before, _ = float_weights(model)
+    after, nodes = float_weights(result.model)
+    for b in result.blocks:
+        o = nodes[f"/model/encoder/layer.{b.index}/attention/output/dense/MatMul_Q4"]
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in o.attribute}
+        assert (attrs["K"], attrs["N"], attrs["block_size"]) == (128, 256, 64)
+        rows = np.concatenate([np.arange(h * 64, (h + 1) * 64) for h in result.kept[b.index]])
+        assert np.array_equal(after[o.input[1]], before[o.input[1]][rows])      # bit for bit
+    q = nodes["/model/encoder/layer.0/attention/self/query/MatMul_Q4"]
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in q.attribute}
+    assert (attrs["K"], attrs["N"], attrs["block_size"]) == (256, 128, 128)
+
+
+def test_blocks_that_line_up_with_heads_are_kept_whole():
+    """int4 blocks of 32 rows over heads of 32 (the Llama): whole blocks go, the block size stays."""
+    model = _load("llama-nbits32.onnx")
+    result = prune_model(model, 0.5)
+    sizes = {onnx.helper.get_attribute_value(a) for n in result.model.graph.node if n.op_type == "MatMulNBits"
+             for a in n.attribute if a.name == "block_size"}
+    assert sizes == {32} and result.max_error <= 1e-4
+
+
+def test_rows_that_no_block_of_16_can_hold_are_refused():
+    """A kept range that does not split into blocks of 16 or more inside old blocks cannot be re-packed
+    exactly: refused, never re-quantized."""
+    assert quant._sub_block(np.concatenate([np.arange(0, 64), np.arange(192, 256)]), 128) == 64
+    assert quant._sub_block(np.arange(64, 128), 128) == 128        # one part-block: the last block may be short
+    assert quant._sub_block(np.concatenate([np.arange(0, 32), np.arange(96, 128)]), 128) == 32
+    assert quant._sub_block(np.arange(24, 40), 32) is None         # 8 rows on each side of a block boundary
+    assert quant._sub_block(np.arange(8, 40), 32) is None          # 32 rows, but over two old blocks
+
+
+def test_int4_packing_round_trips():
+    rng = np.random.default_rng(0)
+    codes = rng.integers(0, 16, (5, 3, 32)).astype(np.uint8)
+    packed = quant._pack(codes, 4)
+    assert packed.shape == (5, 3, 16)
+    assert np.array_equal(quant._unpack(packed, 4, 32), codes)
+    assert np.array_equal(quant._pack(np.array([[1, 2, 3]], np.uint8), 4), np.array([[0x21, 0x03]], np.uint8))
+
+
+@pytest.mark.parametrize("name", ["bert-qdq-pc.onnx", "llama-dyn.onnx", "llama-nbits32.onnx"])
+def test_compensation_is_refused_since_it_would_requantize(name):
+    model = _load(name)
+    feeds = synth_inputs(model, batch=4)
+    with pytest.raises(PlanError, match="re-quantize; compensate the float model, then quantize it"):
+        prune_model(model, 0.5, calib=feeds, compensate="auto")
+
+
+@pytest.mark.parametrize("name", ["bert-qdq-pc.onnx", "llama-nbits32.onnx"])
+def test_calibrated_importance_runs_on_the_float_view(name):
+    """Calibration runs the float view (dequantized weights): its scores differ between heads, they pick
+    the heads, and the quantized model pruned by them equals its masked reference."""
+    model = _load(name)
+    feeds = synth_inputs(model, batch=8)
+    result = prune_model(model, 0.5, importance="ablation", calib=feeds)
+    assert result.max_error <= 1e-4 and result.importance_source == "ablation"
+    for b in result.blocks:
+        scores = result.importance[b.index]
+        assert np.all(np.isfinite(scores)) and np.ptp(scores) > 0
+
+
+def test_weight_scores_come_from_the_dequantized_weights():
+    """Per-channel scales weigh each column differently: scores from the raw int8 data would not be the
+    scores of the weights the model computes with. The quantized model's scores are its float view's."""
+    model = _load("llama-qdq-pc.onnx")
+    view, _ = quant.view(model)
+    assert all(np.allclose(a, b) for a, b in zip(prune_model(model, 0.5, verify=False).importance.values(),
+                                                 prune_model(view, 0.5, verify=False).importance.values()))
