@@ -340,7 +340,8 @@ def refold(pruned_view: onnx.ModelProto, qv: QuantView, keeps: dict[str, dict[in
         attrs = tensors.pop("__attrs__", {})
         for name, value in tensors.items():
             add[name] = numpy_helper.from_array(value, name)
-        node_list = [_with_attrs(n, attrs) if n.op_type == "MatMulNBits" else n for n in f.nodes]
+        node_list = [_with_attrs(n, attrs) if n.op_type in ("MatMulNBits", "DequantizeLinear") else n
+                     for n in f.nodes]
         for n in node_list:        # what is not cut comes back as it was, byte for byte
             for i in n.input:
                 if i in real_inits and i not in add:
@@ -408,6 +409,13 @@ def _cut(f: Folded, keep: dict, arr, real_nodes) -> dict:
         x = arr(f.data)
         axis, block = a.get("axis", 1) % max(x.ndim, 1), a.get("block_size", 0)
         out = {f.data: _take(x, keep)}
+        new_block = block
+        if block and axis in keep and _whole_blocks(keep[axis], block, x.shape[axis]) is None:
+            new_block = _sub_block(keep[axis], block)       # re-packed: smaller blocks, the old scales
+            if new_block is None:
+                raise PlanError(f"quantized weight {f.data!r}: its kept rows do not split into blocks of 16 or "
+                                f"more that each lie in one block of {block}; prune the float model, then "
+                                "quantize it")
         for name in (f.scale, f.zero):
             if not name:
                 continue
@@ -422,13 +430,12 @@ def _cut(f: Folded, keep: dict, arr, real_nodes) -> dict:
                 if ax != axis:
                     cut[ax] = idx
                     continue
-                blocks = _whole_blocks(idx, block, x.shape[axis])
-                if blocks is None:
-                    raise PlanError(f"quantized weight {f.data!r}: its blocks of {block} rows hold parts of "
-                                    "kept and dropped heads; prune the float model, then quantize it")
-                cut[ax] = blocks
+                cut[ax] = idx[::new_block] // block
             out[name] = _take(s, cut)
-        return {k: _typed(v, arr(k)) for k, v in out.items()}
+        out = {k: _typed(v, arr(k)) for k, v in out.items()}
+        if new_block != block:
+            out["__attrs__"] = {"block_size": int(new_block)}
+        return out
     if f.kind == "integer":
         out = {f.data: _take(arr(f.data), keep)}
         for name in (f.scale, f.zero):

@@ -29,7 +29,7 @@ def _load(name):
 
 def test_every_form_is_there():
     forms = {MANIFEST[n]["quantized"] for n in QUANTIZED}
-    assert forms == {"dyn", "qdq", "qdq-pc", "nbits32", "nbits128"}
+    assert forms == {"dyn", "qdq", "qdq-pc", "nbits32", "nbits128", "int4qdq32", "int4qdq128"}
     assert {n.split("-")[0] for n in QUANTIZED} == {"bert", "llama"}
 
 

@@ -9,7 +9,9 @@ forms that users get from onnxruntime:
 * ``qdq-pc``     the same with per-channel weights;
 * ``qop``        ``quantize_static`` QOperator (QLinearMatMul): refused, with the reason;
 * ``nbits32``    ``MatMulNBitsQuantizer`` int4, blocks of 32 rows;
-* ``nbits128``   the same with blocks of 128 rows.
+* ``nbits128``   the same with blocks of 128 rows;
+* ``int4qdq32``, ``int4qdq128`` (the Llama only): ``MatMulNBitsQuantizer`` in QDQ form, blockwise int4
+  ``DequantizeLinear`` (opset 21; the base is converted to it first).
 
     python tools/quantize_models.py [--only llama]
 """
@@ -26,7 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from manifest import MODELS, record  # noqa: E402
 
 CACHE = Path.home() / ".cache" / "onnxprune" / "qbase"
-FORMS = ("dyn", "qdq", "qdq-pc", "qop", "nbits32", "nbits128")
+FORMS = ("dyn", "qdq", "qdq-pc", "qop", "nbits32", "nbits128", "int4qdq32", "int4qdq128")
+ONLY = {"int4qdq32": "llama", "int4qdq128": "llama"}
 REFUSED = {"qop": "operator form"}
 
 
@@ -71,6 +74,12 @@ def quantize(src: Path, form: str, out: Path):
         q = MatMulNBitsQuantizer(onnx.load(str(src)), block_size=int(form[5:]), is_symmetric=False)
         q.process()
         q.model.save_model_to_file(str(out))
+    elif form.startswith("int4qdq"):
+        from onnx import version_converter
+        q = MatMulNBitsQuantizer(version_converter.convert_version(onnx.load(str(src)), 21),
+                                 block_size=int(form[7:]), is_symmetric=False, quant_format=QuantFormat.QDQ)
+        q.process()
+        q.model.save_model_to_file(str(out))
     else:
         raise ValueError(form)
 
@@ -90,6 +99,8 @@ def main(argv=None) -> int:
             continue
         src = base(name)
         for form in FORMS:
+            if ONLY.get(form, name) != name:
+                continue
             out = args.out / f"{name}-{form}.onnx"
             quantize(src, form, out)
             onnx.checker.check_model(onnx.load(str(out)), full_check=True)
