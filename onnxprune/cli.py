@@ -24,7 +24,9 @@ zeroed) on ONNX Runtime CPU; nothing is written unless the outputs match.
 Plain torch.onnx exports (TorchScript and dynamo, with the ONNX Attention op too), ONNX Runtime's fused
 com.microsoft Attention / MultiHeadAttention / GroupQueryAttention and ORT GenAI builder folders are
 matched. Models with external data (above 2 GB) keep their weights on disk: only attention weights are
-read, and the output gets a fresh data file. fp16 stays fp16.
+read, and the output gets a fresh data file. fp16 stays fp16. Quantized models stay quantized: QDQ,
+int8 dynamic (MatMulInteger) and int4 MatMulNBits (GenAI -p int4) weights are cut with their scales and
+zero points, never re-quantized; QOperator models (QLinearMatMul) are refused: prune, then quantize.
 
 examples:
   onnxprune models/bert-ts.onnx --ratio 0.5
