@@ -88,6 +88,8 @@ def _cache_hints(model: onnx.ModelProto) -> dict[str, int]:
         width = None
         if mm is not None and mm.op_type == "MatMul" and mm.input[1] in inits:
             width = int(inits[mm.input[1]].dims[-1])
+        elif mm is not None and mm.op_type == "MatMulNBits":        # int4 (GenAI -p int4): N columns
+            width = next((int(helper.get_attribute_value(a)) for a in mm.attribute if a.name == "N"), None)
         elif mm is not None and mm.op_type == "Split" and not packed:      # a packed QKV cut into Q, K, V
             sizes = _constant(mm.input[1], inits, producers) if len(mm.input) > 1 else None
             if sizes is not None:
