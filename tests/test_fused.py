@@ -66,20 +66,23 @@ def test_malformed_attention_is_rejected_cleanly(edit):
     assert "\n" not in str(info.value)
 
 
-def test_int4_matmulnbits_is_refused_before_any_work():
-    """MatMulNBits (ORT GenAI builder -p int4) cannot be sliced exactly yet: say so at once, plainly."""
+def test_a_quantized_model_in_operator_form_is_refused_before_any_work():
+    """QLinearMatMul (quantize_static, QOperator): no head can be followed through fused integer ops; say
+    so at once, plainly, with the way out. (MatMulNBits is pruned: tests/test_quantized.py.)"""
     from onnx import TensorProto
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 32])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16])
-    b = numpy_helper.from_array(np.zeros((16, 1, 16), np.uint8), "b")
-    scales = numpy_helper.from_array(np.ones(16, np.float32), "scales")
-    node = helper.make_node("MatMulNBits", ["x", "b", "scales"], ["y"], domain="com.microsoft", name="qkv_int4",
-                            K=32, N=16, bits=4, block_size=32)
-    model = helper.make_model(helper.make_graph([node], "g", [x], [y], [b, scales]),
-                              opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    inits = [numpy_helper.from_array(np.float32(0.1), "s"), numpy_helper.from_array(np.uint8(128), "z"),
+             numpy_helper.from_array(np.zeros((32, 16), np.uint8), "w")]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"]),
+             helper.make_node("QLinearMatMul", ["xq", "s", "z", "w", "s", "z", "s", "z"], ["yq"], name="qkv_q8"),
+             helper.make_node("DequantizeLinear", ["yq", "s", "z"], ["y"])]
+    model = helper.make_model(helper.make_graph(nodes, "g", [x], [y], inits), opset_imports=[helper.make_opsetid("", 17)])
     with pytest.raises(OnnxPruneError) as info:
         prune_model(model, 0.5)
-    assert "MatMulNBits" in str(info.value) and "qkv_int4" in str(info.value) and "quantize" in str(info.value)
+    message = str(info.value)
+    assert "operator form" in message and "qkv_q8" in message and "prune the float model, then quantize" in message
+    assert "\n" not in message
 
 
 def test_a_cache_read_outside_the_attention_is_an_explained_miss():

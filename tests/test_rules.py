@@ -66,9 +66,29 @@ def site_kinds(flow):
 # ------------------------------------------------------------------ one test per rule
 def test_every_op_with_a_rule_is_covered_here():
     covered = {"Transpose", "Reshape", "Flatten", "Unsqueeze", "Squeeze", "Expand", "Split", "Slice", "Gather",
-               "Concat", "MatMul", "Gemm", "RotaryEmbedding", "Attention", "Resize", "GatherElements", "Tile"}
+               "Concat", "MatMul", "Gemm", "RotaryEmbedding", "Attention", "Resize", "GatherElements", "Tile",
+               "QuantizeLinear", "DequantizeLinear"}
     assert set(rules.RULES) - set(rules.ELEMENTWISE) - set(rules.NORMS) - set(rules.REDUCTIONS) == covered
     assert rules.rule_for("Conv") is None
+
+
+def test_a_qdq_pair_of_one_scale_passes_heads_and_per_axis_scales_are_refused():
+    """QDQ models quantize every activation per tensor: Q and DQ then move heads like any elementwise op.
+    A per-axis scale along the head axis would have to be cut with it: refused, with the reason."""
+    scalar = {"s": np.float32(0.1), "z": np.uint8(128)}
+    nodes = [node("QuantizeLinear", ["x", "s", "z"], ["q"]), helper.make_node("DequantizeLinear", ["q", "s", "z"],
+                                                                             ["y"], name="dq")]
+    flow, t = make_flow(nodes, {"x": (2, 5, F)}, scalar)
+    follow(flow, t, "x", MERGED, (2,), "down")
+    assert owner_of(flow, "q") == ((2,), MERGED.tolist()) and owner_of(flow, "y") == ((2,), MERGED.tolist())
+    assert "s" not in flow.maps and "z" not in flow.maps
+    flow, t = make_flow(nodes, {"x": (2, 5, F)}, scalar)
+    follow(flow, t, "y", MERGED, (2,), "up")
+    assert owner_of(flow, "x") == ((2,), MERGED.tolist())
+    per_axis = {"s": np.full(F, 0.1, np.float32), "z": np.full(F, 128, np.uint8)}
+    flow, t = make_flow([node("QuantizeLinear", ["x", "s", "z"], ["q"], axis=2)], {"x": (2, 5, F)}, per_axis)
+    with pytest.raises(FlowFail, match="per-axis scales"):
+        follow(flow, t, "x", MERGED, (2,), "down")
 
 
 def test_elementwise_passes_heads_and_broadcasts_a_side_input():
