@@ -32,8 +32,10 @@ from onnx import helper, numpy_helper
 
 from .errors import MatchError, PlanError
 
-OPERATOR_FORM = {"QLinearMatMul", "QAttention", "QLinearConv", "QGemm", "MatMulIntegerToFloat",
-                 "DynamicQuantizeMatMul", "QOrderedAttention", "QOrderedMatMul", "QLinearSoftmax"}
+OPERATOR_FORM = {"QLinearMatMul", "QAttention", "QLinearConv", "QGemm", "QOrderedAttention", "QOrderedMatMul",
+                 "QLinearSoftmax"}
+# what ONNX Runtime's graph optimizer makes of quantize_dynamic's ops, in a model saved after optimization
+ORT_FUSED = {"MatMulIntegerToFloat", "DynamicQuantizeMatMul"}
 
 
 @dataclass(frozen=True)
@@ -73,6 +75,10 @@ def is_quantized(model: onnx.ModelProto) -> bool:
 
 def refuse_operator_form(model: onnx.ModelProto):
     for n in model.graph.node:
+        if n.op_type in ORT_FUSED:
+            raise MatchError(f"{n.op_type} node {n.name!r}: this int8 model was saved after ONNX Runtime's graph "
+                             "optimizations, which fuse the quantized matmuls; prune the model that the quantizer "
+                             "wrote (or the float model, then quantize it)")
         if n.op_type in OPERATOR_FORM:
             raise MatchError(f"the model is quantized in operator form ({n.op_type} node {n.name!r}), whose "
                              "heads cannot be followed through fused integer ops; prune the float model, then "

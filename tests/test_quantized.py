@@ -155,6 +155,21 @@ def test_int4_packing_round_trips():
 
 
 @pytest.mark.parametrize("name", ["bert-qdq-pc.onnx", "llama-dyn.onnx", "llama-nbits32.onnx"])
+def test_an_int8_model_saved_after_ort_optimizations_is_refused_with_the_way_out(tmp_path):
+    """ONNX Runtime's optimizer fuses quantize_dynamic's ops into DynamicQuantizeMatMul and
+    MatMulIntegerToFloat (and the attention's MatMul into FusedMatMul): say which model to prune instead."""
+    import onnxruntime as ort
+    from onnxprune.errors import MatchError
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    so.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(MODELS / "bert-dyn.onnx"), so, providers=["CPUExecutionProvider"])
+    with pytest.raises(MatchError, match="saved after ONNX Runtime's graph optimizations.*prune the model that the "
+                                         "quantizer wrote"):
+        prune_model(onnx.load(so.optimized_model_filepath), 0.5)
+
+
+@pytest.mark.parametrize("name", ["bert-qdq-pc.onnx", "llama-dyn.onnx", "llama-nbits32.onnx"])
 def test_compensation_is_refused_since_it_would_requantize(name):
     model = _load(name)
     feeds = synth_inputs(model, batch=4)
