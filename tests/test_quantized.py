@@ -154,7 +154,6 @@ def test_int4_packing_round_trips():
     assert np.array_equal(quant._pack(np.array([[1, 2, 3]], np.uint8), 4), np.array([[0x21, 0x03]], np.uint8))
 
 
-@pytest.mark.parametrize("name", ["bert-qdq-pc.onnx", "llama-dyn.onnx", "llama-nbits32.onnx"])
 def test_an_int8_model_saved_after_ort_optimizations_is_refused_with_the_way_out(tmp_path):
     """ONNX Runtime's optimizer fuses quantize_dynamic's ops into DynamicQuantizeMatMul and
     MatMulIntegerToFloat (and the attention's MatMul into FusedMatMul): say which model to prune instead."""
