@@ -157,7 +157,7 @@ def score(state: State, options: PruneOptions) -> State:
 
 def calibration(state: State, options: PruneOptions):
     """The shared calibration session on ``state.model``: ``options.calib``, or synthetic inputs."""
-    from .calibrate import BATCH, Calibrator, batches
+    from .calibrate import Calibrator, batches
     from .probe import fixed_sizes
     data = options.calib if options.calib is not None else synth_inputs(state.model, seed=7, batch=32, seq=16)
     fixed_batch, _ = fixed_sizes(state.model)          # a model whose batch is fixed takes batches of that size

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gemma import CACHE, export, windows  # noqa: E402
+from gemma import export, windows  # noqa: E402
 from texts import calibration_text, evaluation_text  # noqa: E402
 
 CONFIGS = {    # name: the prune command's options (DATA: the calibration file; SCORED: prune the model that

@@ -115,7 +115,7 @@ def locate(t, j: int | None, shapes) -> object:
         start = start + rank if start < 0 else start
         return Dim(node.inputs[0].name, start + (j or 0))
     if op == "Slice":
-        starts, axes = const_value(node.inputs[1]), None
+        starts = const_value(node.inputs[1])
         steps = const_value(node.inputs[4]) if len(node.inputs) > 4 else None
         n = _len(shapes, node.inputs[0])
         if starts is None or n is None or (steps is not None and int(np.atleast_1d(steps)[0]) != 1):
