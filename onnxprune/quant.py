@@ -271,7 +271,9 @@ def view(real: onnx.ModelProto, external_dir=None) -> tuple[onnx.ModelProto, Qua
     del out.graph.node[:]
     out.graph.node.extend(nodes)
     used = {i for n in nodes for i in n.input}
-    keep = [i for i in out.graph.initializer if i.name in used]
+    folded_inputs = {i for n in real.graph.node if n.name in replace for i in n.input}
+    # the quantized data, scales and zero points leave the view; anything else (stored scores) stays
+    keep = [i for i in out.graph.initializer if i.name in used or i.name not in folded_inputs]
     del out.graph.initializer[:]
     out.graph.initializer.extend(keep + [i for i in new_inits if i.name in used])
     _drop_value_info(out, {o for f in folded.values() for n in f.nodes for o in n.output

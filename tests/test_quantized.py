@@ -177,3 +177,14 @@ def test_weight_scores_come_from_the_dequantized_weights():
     view, _ = quant.view(model)
     assert all(np.allclose(a, b) for a, b in zip(prune_model(model, 0.5, verify=False).importance.values(),
                                                  prune_model(view, 0.5, verify=False).importance.values()))
+
+
+def test_scores_stored_in_a_quantized_model_are_used():
+    """`onnxprune score` on a quantized model stores its scores beside the quantized weights; pruning it
+    later reads them (the float view keeps them)."""
+    from onnxprune.api import score_model
+    scored, _, scores = score_model(_load("bert-qdq-pc.onnx"), "weights")
+    result = prune_model(scored, 0.5)
+    assert result.importance_source == "initializers (weights)" and result.max_error <= 1e-4
+    for b in result.blocks:
+        assert np.allclose(result.importance[b.index], scores[b.index])
