@@ -156,10 +156,11 @@ def head_columns(block: AttentionBlock, name: str, heads) -> np.ndarray:
 
 
 class Calibrator:
-    """Runs ``model`` on calibration batches with the output projections as inputs."""
+    """Runs ``model`` on calibration batches with the output projections as inputs. ``outputs=False``: the
+    heads' contexts only (what activation scores and compensation read), never the model's outputs."""
 
     def __init__(self, model: onnx.ModelProto, blocks, data: list[dict[str, np.ndarray]], external_dir=None,
-                 progress: bool = True):
+                 progress: bool = True, outputs: bool = True):
         from .probe import session
         self.model = model
         self.blocks = list(blocks)
@@ -182,6 +183,8 @@ class Calibrator:
                 self.weights[name] = numpy_helper.to_array(proto, base_dir=str(external_dir or ""))
                 work.graph.initializer.remove(proto)
                 work.graph.input.append(helper.make_tensor_value_info(name, proto.data_type, list(proto.dims)))
+        if not outputs:       # contexts only: ONNX Runtime drops what only the outputs needed
+            del work.graph.output[:]
         self.outputs = [o.name for o in work.graph.output]
         known = set(self.outputs)
         for s in self.sites:
@@ -222,6 +225,9 @@ class Calibrator:
         """How far ``got`` is from ``ref``: for a language model's logits, the mean KL divergence of the
         next-token distributions (what its users judge: a shift of every logit changes nothing); for any
         other output, the relative squared error."""
+        if not self.outputs:
+            raise PlanError("this calibration session computes the heads' contexts only, not the outputs a loss "
+                            "needs")
         total = 0.0
         for name in self.outputs:
             r = ref[name]

@@ -145,8 +145,10 @@ def score(state: State, options: PruneOptions) -> State:
     has_stored = options.importance is None and initializer_importance(
         state.model, state.blocks, options.importance_initializer) is not None
     source = choose(options, has_stored, bool(state.gate_scores))
+    from .importance import SOURCES
+    outputs = SOURCES[source].outputs if source in SOURCES else True
     ctx = ImportanceContext(state.model, state.blocks, options, graph=state.graph, gate_scores=state.gate_scores,
-                            make_calibration=lambda: calibration(state, options))
+                            make_calibration=lambda: calibration(state, options, outputs))
     scores = scores_for(source, ctx)
     if source == "initializers":
         from .importance.initializers import stored_method
@@ -155,8 +157,10 @@ def score(state: State, options: PruneOptions) -> State:
     return replace(state, scores=scores, source=source, calibration=ctx._calibration)
 
 
-def calibration(state: State, options: PruneOptions):
-    """The shared calibration session on ``state.model``: ``options.calib``, or synthetic inputs."""
+def calibration(state: State, options: PruneOptions, outputs: bool = True):
+    """The shared calibration session on ``state.model``: ``options.calib``, or synthetic inputs. Without
+    ``outputs`` it computes the heads' contexts only (activation scores, compensation): an LLM's output
+    head, its logits and the transposed embedding that a tied head makes are then never computed."""
     from .calibrate import Calibrator, batches
     from .probe import fixed_sizes
     data = options.calib if options.calib is not None else synth_inputs(state.model, seed=7, batch=32, seq=16)
@@ -165,7 +169,7 @@ def calibration(state: State, options: PruneOptions):
         raise InputError(f"the model's batch is fixed at {fixed_batch}; the calibration data's "
                          f"{len(next(iter(data.values())))} samples are not a multiple of it")
     size = fixed_batch or calibration_batch(state, data)
-    return Calibrator(state.model, state.blocks, batches(data, size), options.external_dir)
+    return Calibrator(state.model, state.blocks, batches(data, size), options.external_dir, outputs=outputs)
 
 
 OUTPUT_BUDGET = 256 << 20     # calibration batches are cut so that the model's outputs of one stay below this
@@ -349,7 +353,7 @@ def compensate(state: State, options: PruneOptions) -> State:
     if state.quant is not None:
         raise PlanError(f"--compensate writes new output-projection weights, which this {state.quant.describe()} "
                         "model would have to re-quantize; compensate the float model, then quantize it")
-    cal = state.calibration or calibration(state, options)
+    cal = state.calibration or calibration(state, options, outputs=False)
     if cal.shared:
         raise PlanError(f"--compensate: block {min(cal.shared)} shares its output projection with another block "
                         "(the model reuses one layer's weights), and one refit cannot serve both; prune "

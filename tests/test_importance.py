@@ -378,3 +378,23 @@ def test_a_language_models_logits_are_judged_by_next_token_kl():
     assert cal.loss({"logits": ref}, {"logits": ref + 5.0}) < 1e-9
     cal.outputs = ["hidden"]
     assert cal.loss({"hidden": ref}, {"hidden": ref + 5.0}) > 1
+
+
+def test_contexts_only_calibration_skips_the_outputs_and_compensates_the_same():
+    """Activation scores and compensation read the heads' contexts only: their session asks ONNX Runtime for
+    nothing else (an LLM's logits and the transposed tied embedding are never made), and gives the same
+    scores and the same compensated weights as a session that also computes the outputs."""
+    model = onnx.load(str(MODELS / "llama-ts.onnx"))
+    blocks = inspect_model(model).blocks
+    data = batches(synth_inputs(model, seed=3, batch=8), 4)
+    full = Calibrator(model, blocks, data, progress=False)
+    lean = Calibrator(model, blocks, data, progress=False, outputs=False)
+    assert lean.outputs == [] and full.outputs == ["last_hidden_state"]
+    assert [o.name for o in lean.session.get_outputs()] == [s.context for s in lean.sites]
+    for b, s in full.importance("activation").items():
+        assert np.allclose(s, lean.importance("activation")[b])
+    kept = {b.index: (0, 3, 4, 7) for b in blocks}
+    a, b = full.compensate(kept, "auto"), lean.compensate(kept, "auto")
+    assert a.keys() == b.keys() and all(np.allclose(a[k], b[k], atol=1e-6) for k in a)
+    with pytest.raises(PlanError, match="contexts only"):
+        lean.loss({}, {})

@@ -29,6 +29,7 @@ class Source:
     help: str                  # one line for --help: what the score measures
     score: Callable            # (ImportanceContext) -> {block index: np.ndarray [H]}
     calibrated: bool = False   # runs the model on calibration data (``--calib``, or synthetic inputs)
+    outputs: bool = True       # calibrated: reads the model's outputs (a loss), not only the heads' contexts
     order: int = 50            # where it is listed in --help
 
 

@@ -24,4 +24,4 @@ def _score(ctx):
 
 
 SOURCE = Source("activation", "calibration: each head's activation at the output projection (the default "
-                "with --calib and --compensate)", _score, calibrated=True, order=10)
+                "with --calib and --compensate)", _score, calibrated=True, outputs=False, order=10)
