@@ -360,6 +360,8 @@ def compensate(state: State, options: PruneOptions) -> State:
                         "without --compensate")
     fits: list = []
     edited = cal.edited_model(state.model, cal.compensate(state.plans, options.compensate, fits))
+    cal.session = None          # its weights, in ONNX Runtime, would sit beside the next probe's: let them go
+    release_memory()
     again = match(replace(state, model=edited, graph=None, calibration=None), options)
     if [(b.name, b.num_heads) for b in again.blocks] != [(b.name, b.num_heads) for b in state.blocks]:
         raise RewriteError("the compensated model matches other blocks than the original")
