@@ -210,7 +210,6 @@ def view(real: onnx.ModelProto, external_dir=None) -> tuple[onnx.ModelProto, Qua
     folded: dict[str, Folded] = {}
     replace: dict[str, list] = {}       # real node name -> the view nodes in its place ([] drops it)
     new_inits: list[onnx.TensorProto] = []
-    gone: set[str] = set()              # real node names removed
 
     for n in real.graph.node:
         if n.op_type == "DequantizeLinear" and n.input[0] in inits and n.input[1] in inits:
@@ -257,7 +256,7 @@ def view(real: onnx.ModelProto, external_dir=None) -> tuple[onnx.ModelProto, Qua
                 replace[other.name] = []
     if not folded:
         raise MatchError("no quantized weight found")
-    gone = {name for name, nodes in replace.items() if not nodes} | set(replace)
+    gone = set(replace)                 # real nodes that the view replaces
     # a DynamicQuantizeLinear whose every reader is folded goes too (refold puts it back)
     for n in real.graph.node:
         if n.op_type == "DynamicQuantizeLinear":
@@ -336,7 +335,7 @@ def refold(pruned_view: onnx.ModelProto, qv: QuantView, keeps: dict[str, dict[in
     for n in out.graph.node:
         for i in n.input:
             readers_of.setdefault(i, []).append(n.name)
-    restored_dql: set[str] = set()
+    restored_dql = {n.name for n in out.graph.node if n.op_type == "DynamicQuantizeLinear"}   # still in the view
     real_nodes = {n.name: n for n in real.graph.node}
     for f in qv.folded.values():
         if f.weight not in view_inits:
@@ -358,8 +357,7 @@ def refold(pruned_view: onnx.ModelProto, qv: QuantView, keeps: dict[str, dict[in
             first = next(n for n in out.graph.node if f.weight in n.input)
             before.setdefault(first.name, []).extend(node_list)
         else:
-            if f.kind == "integer" and f.extra[0] not in restored_dql and \
-                    f.extra[0] not in {n.name for n in out.graph.node}:
+            if f.kind == "integer" and f.extra[0] not in restored_dql:
                 node_list = [real_nodes[f.extra[0]]] + list(node_list)
                 restored_dql.add(f.extra[0])
             before.setdefault(f.anchor, []).extend(node_list)
