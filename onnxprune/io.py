@@ -260,6 +260,9 @@ def attach_external(graph: gs.Graph, base_dir: str | os.PathLike):
 
 def read_external(tensor: onnx.TensorProto, base_dir: str) -> np.ndarray:
     from onnx.external_data_helper import ExternalDataInfo
+    from .probe import PACKED_TYPES
+    if tensor.data_type in PACKED_TYPES:       # two values a byte: onnx unpacks them
+        return onnx.numpy_helper.to_array(tensor, base_dir=str(base_dir))
     info = ExternalDataInfo(tensor)
     dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
     count = int(np.prod(tensor.dims)) if tensor.dims else 1

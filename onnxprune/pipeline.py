@@ -112,6 +112,11 @@ def match(state: State, options: PruneOptions) -> State:
         raise MatchError(f"0 attention blocks found ({detail})")
     if options.external_dir is not None:
         attach_external(graph, options.external_dir)
+    if state.quant is not None:      # the blocks' quantized weights, dequantized: scores and slices read them
+        tensors = graph.tensors()
+        names = {t.name for b in matched.blocks for t in b.tensors if t.constant}
+        for name, value in state.quant.materialize(model, names).items():
+            tensors[name].values = value
     kv_cache = any(t.io for b in matched.blocks for t in b.tensors)
     if options.gqa is not None:
         gqa = options.gqa
@@ -163,6 +168,8 @@ def calibration(state: State, options: PruneOptions, outputs: bool = True):
     head, its logits and the transposed embedding that a tied head makes are then never computed."""
     from .calibrate import Calibrator, batches
     from .probe import fixed_sizes
+    if state.quant is not None:      # calibration runs the whole float view: every weight dequantized
+        state.quant.materialize(state.model)
     data = options.calib if options.calib is not None else synth_inputs(state.model, seed=7, batch=32, seq=16)
     fixed_batch, _ = fixed_sizes(state.model)          # a model whose batch is fixed takes batches of that size
     if fixed_batch and len(next(iter(data.values()))) % fixed_batch:

@@ -239,7 +239,8 @@ def _hand_over_weights(model: onnx.ModelProto, skip: set = frozenset()
                        ) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
     """Split the large in-memory initializers off ``model`` (but those in ``skip``): (the rest,
     {name: array})."""
-    big = [i for i in model.graph.initializer if len(i.raw_data) >= STAND_IN_BYTES and i.name not in skip]
+    big = [i for i in model.graph.initializer if len(i.raw_data) >= STAND_IN_BYTES and i.name not in skip
+           and i.data_type not in PACKED_TYPES]
     if not big:
         return model, {}
     from .io import copy_without_initializers
@@ -259,6 +260,9 @@ def _hand_over_weights(model: onnx.ModelProto, skip: set = frozenset()
 
 
 STAND_IN_BYTES = 1 << 20
+# two values a byte (int4 data of QDQ models): their raw bytes are not one array element each
+PACKED_TYPES = {onnx.TensorProto.INT4, onnx.TensorProto.UINT4} | (
+    {onnx.TensorProto.FLOAT4E2M1} if hasattr(onnx.TensorProto, "FLOAT4E2M1") else set())
 
 
 class Shapes(dict):

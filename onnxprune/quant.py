@@ -23,7 +23,7 @@ does not widen a dynamic quantization range, so pruned and masked models compute
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -60,6 +60,23 @@ class QuantView:
     real: onnx.ModelProto
     folded: dict           # view weight name -> Folded
     external_dir: object = None
+    lazy: set = field(default_factory=set)     # float weights of the view not dequantized yet (placeholders)
+
+    def materialize(self, view: onnx.ModelProto, names=None) -> dict[str, np.ndarray]:
+        """Dequantize the placeholders ``names`` (all when None) into ``view``; returns them by name."""
+        names = set(self.lazy) if names is None else set(names) & self.lazy
+        if not names:
+            return {}
+        arrays = _reader(self.real, self.external_dir)
+        out = {}
+        for proto in view.graph.initializer:
+            if proto.name in names:
+                f = self.folded[proto.name]
+                value = _float_weight(f, arrays).astype(helper.tensor_dtype_to_np_dtype(proto.data_type))
+                proto.CopyFrom(numpy_helper.from_array(value, proto.name))
+                out[proto.name] = value
+        self.lazy -= set(out)
+        return out
 
     def describe(self) -> str:
         kinds = sorted({f.kind for f in self.folded.values()})
@@ -186,19 +203,66 @@ def _attrs(node) -> dict:
 
 
 # ------------------------------------------------------------------ the float view
-def view(real: onnx.ModelProto, external_dir=None) -> tuple[onnx.ModelProto, QuantView]:
-    """The float view of ``real`` (see the module docstring) and what it folded."""
+# float weights of this many bytes or more stay placeholders until read (see view): the size from which the
+# probe stands in for a weight, so that no probe reads one
+LAZY_FROM = 1 << 20
+PLACEHOLDER = "onnxprune-not-dequantized-yet"
+
+
+def _reader(real: onnx.ModelProto, external_dir):
+    inits = {i.name: i for i in real.graph.initializer}
+    base = str(external_dir or "")
+
+    def arrays(name):
+        return numpy_helper.to_array(inits[name], base_dir=base)
+    return arrays
+
+
+def _float_weight(f: "Folded", arrays) -> np.ndarray:
+    """The float weight that ``f``'s quantized data dequantizes to."""
+    node = f.nodes[0]
+    if f.kind == "dq":
+        a = _attrs(node)
+        return _dq_value(arrays(f.data), arrays(f.scale), arrays(f.zero) if f.zero else None,
+                         a.get("axis", 1), a.get("block_size", 0))
+    if f.kind == "nbits":
+        return _nbits(node, arrays).dequantized()
+    return _dq_value(arrays(f.data), arrays(f.scale), arrays(f.zero) if f.zero else None, -1, 0)
+
+
+def _placeholder(name: str, dims, data_type: int) -> onnx.TensorProto:
+    """A float weight of the view that is not dequantized (yet): its name, shape and type, its data
+    declared external under a name no file has, so that reading it fails loudly and the probe stands in
+    for it (weights of ``LAZY_FROM`` bytes and more are never read to find shapes)."""
+    t = onnx.TensorProto()
+    t.name, t.data_type = name, data_type
+    t.dims.extend(int(d) for d in dims)
+    t.data_location = onnx.TensorProto.EXTERNAL
+    size = int(np.prod(dims)) * helper.tensor_dtype_to_np_dtype(data_type).itemsize
+    for key, value in (("location", PLACEHOLDER), ("offset", "0"), ("length", str(size))):
+        entry = t.external_data.add()
+        entry.key, entry.value = key, value
+    return t
+
+
+def view(real: onnx.ModelProto, external_dir=None, lazy: bool = True) -> tuple[onnx.ModelProto, QuantView]:
+    """The float view of ``real`` (see the module docstring) and what it folded. With ``lazy``, float weights
+    of ``LAZY_FROM`` bytes or more are placeholders (``_placeholder``) until ``QuantView.materialize``:
+    matching needs their shapes only, and dequantizing all of an int4 LLM would take 8 times its size."""
     refuse_operator_form(real)
     if external_dir is not None:          # read again later, from inside another working directory
         external_dir = Path(external_dir).resolve()
-    base = str(external_dir or "")
     inits = {i.name: i for i in real.graph.initializer}
-    cache: dict[str, np.ndarray] = {}
+    arrays = _reader(real, external_dir)
+    placeholders: set[str] = set()
 
-    def arrays(name):
-        if name not in cache:
-            cache[name] = numpy_helper.to_array(inits[name], base_dir=base)
-        return cache[name]
+    def float_weight(f: Folded, dims, data_type: int) -> onnx.TensorProto:
+        size = int(np.prod(dims)) * helper.tensor_dtype_to_np_dtype(data_type).itemsize
+        if lazy and size >= LAZY_FROM:
+            placeholders.add(f.weight)
+            return _placeholder(f.weight, dims, data_type)
+        value = _float_weight(f, arrays).astype(helper.tensor_dtype_to_np_dtype(data_type))
+        return numpy_helper.from_array(value, f.weight)
 
     readers: dict[str, list] = {}
     producer = {}
@@ -213,21 +277,14 @@ def view(real: onnx.ModelProto, external_dir=None) -> tuple[onnx.ModelProto, Qua
 
     for n in real.graph.node:
         if n.op_type == "DequantizeLinear" and n.input[0] in inits and n.input[1] in inits:
-            a = _attrs(n)
             zero = n.input[2] if len(n.input) > 2 and n.input[2] else None
-            value = _dq_value(arrays(n.input[0]), arrays(n.input[1]), arrays(zero) if zero else None,
-                              a.get("axis", 1), a.get("block_size", 0))
-            new_inits.append(numpy_helper.from_array(value.astype(helper.tensor_dtype_to_np_dtype(
-                inits[n.input[1]].data_type)), n.output[0]))
-            folded[n.output[0]] = Folded("dq", n.output[0], (n,), None, n.input[0], n.input[1], zero)
+            f = folded[n.output[0]] = Folded("dq", n.output[0], (n,), None, n.input[0], n.input[1], zero)
+            new_inits.append(float_weight(f, inits[n.input[0]].dims, inits[n.input[1]].data_type))
             replace[n.name] = []
         elif n.op_type == "MatMulNBits":
             if len(n.input) > 4 and n.input[4]:
                 raise MatchError(f"MatMulNBits node {n.name!r} reorders its rows (g_idx); not supported")
-            nb = _nbits(n, arrays)
             weight = _fresh_name(n.input[1].removesuffix("_Q4").removesuffix("_Q8") or n.name, inits)
-            new_inits.append(numpy_helper.from_array(nb.dequantized().astype(
-                helper.tensor_dtype_to_np_dtype(inits[n.input[2]].data_type)), weight))
             bias = n.input[5] if len(n.input) > 5 and n.input[5] else None
             out = n.output[0]
             nodes = [helper.make_node("MatMul", [n.input[0], weight], [f"{out}.onnxprune_nobias" if bias else out],
@@ -235,8 +292,13 @@ def view(real: onnx.ModelProto, external_dir=None) -> tuple[onnx.ModelProto, Qua
             if bias:
                 nodes.append(helper.make_node("Add", [nodes[0].output[0], bias], [out], name=f"{n.name}.bias"))
             zero = n.input[3] if len(n.input) > 3 and n.input[3] else None
-            folded[weight] = Folded("nbits", weight, (n,), n.name, n.input[1], n.input[2], zero,
-                                    (bias,) if bias else ())
+            f = folded[weight] = Folded("nbits", weight, (n,), n.name, n.input[1], n.input[2], zero,
+                                        (bias,) if bias else ())
+            if zero and inits[zero].data_type != onnx.TensorProto.UINT8:
+                raise MatchError(f"MatMulNBits node {n.name!r} has float zero points; only packed uint8 zero "
+                                 "points are supported")
+            a = _attrs(n)
+            new_inits.append(float_weight(f, (a["K"], a["N"]), inits[n.input[2]].data_type))
             replace[n.name] = nodes
         elif n.op_type == "MatMulInteger" and n.input[1] in inits:
             group = _integer_group(n, producer, readers, inits)
@@ -244,13 +306,11 @@ def view(real: onnx.ModelProto, external_dir=None) -> tuple[onnx.ModelProto, Qua
                 raise MatchError(f"MatMulInteger node {n.name!r} is not followed by the Cast and the Mul by "
                                  "its scales that quantize_dynamic writes; not supported")
             dql, scale_mul, cast, out_mul, w_scale = group
-            w = _dq_value(arrays(n.input[1]), arrays(w_scale),
-                          arrays(n.input[3]) if len(n.input) > 3 and n.input[3] else None, -1, 0)
             weight = _fresh_name(n.input[1].removesuffix("_quantized"), inits)
-            new_inits.append(numpy_helper.from_array(w.astype(np.float32), weight))
             nodes = (scale_mul, n, cast, out_mul)
-            folded[weight] = Folded("integer", weight, nodes, n.name, n.input[1], w_scale,
-                                    n.input[3] if len(n.input) > 3 and n.input[3] else None, (dql.name,))
+            f = folded[weight] = Folded("integer", weight, nodes, n.name, n.input[1], w_scale,
+                                        n.input[3] if len(n.input) > 3 and n.input[3] else None, (dql.name,))
+            new_inits.append(float_weight(f, inits[n.input[1]].dims, onnx.TensorProto.FLOAT))
             replace[n.name] = [helper.make_node("MatMul", [dql.input[0], weight], [out_mul.output[0]], name=n.name)]
             for other in (scale_mul, cast, out_mul):
                 replace[other.name] = []
@@ -277,7 +337,7 @@ def view(real: onnx.ModelProto, external_dir=None) -> tuple[onnx.ModelProto, Qua
     out.graph.initializer.extend(keep + [i for i in new_inits if i.name in used])
     _drop_value_info(out, {o for f in folded.values() for n in f.nodes for o in n.output
                            if o not in {m.output[0] for ns in replace.values() for m in ns}})
-    return out, QuantView(real, folded, external_dir)
+    return out, QuantView(real, folded, external_dir, placeholders & {i.name for i in out.graph.initializer})
 
 
 def _fresh_name(name: str, taken) -> str:

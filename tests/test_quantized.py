@@ -14,6 +14,7 @@ from onnx import numpy_helper
 from onnxprune import prune_model, quant
 from onnxprune.errors import PlanError, VerifyError
 from onnxprune.probe import synth_inputs
+from onnxprune.verify import max_abs_diff, run
 
 from conftest import MODELS  # noqa: E402
 
@@ -90,7 +91,7 @@ def test_blocks_that_span_two_heads_are_repacked_exactly():
     assert result.max_error <= 1e-4
 
     def float_weights(m):
-        view, qv = quant.view(m)
+        view, qv = quant.view(m, lazy=False)
         inits = {i.name: numpy_helper.to_array(i) for i in view.graph.initializer}
         return {f.data: inits[w] for w, f in qv.folded.items()}, {n.name: n for n in m.graph.node}
 
@@ -174,7 +175,7 @@ def test_weight_scores_come_from_the_dequantized_weights():
     """Per-channel scales weigh each column differently: scores from the raw int8 data would not be the
     scores of the weights the model computes with. The quantized model's scores are its float view's."""
     model = _load("llama-qdq-pc.onnx")
-    view, _ = quant.view(model)
+    view, _ = quant.view(model, lazy=False)
     assert all(np.allclose(a, b) for a, b in zip(prune_model(model, 0.5, verify=False).importance.values(),
                                                  prune_model(view, 0.5, verify=False).importance.values()))
 
@@ -188,3 +189,34 @@ def test_scores_stored_in_a_quantized_model_are_used():
     assert result.importance_source == "initializers (weights)" and result.max_error <= 1e-4
     for b in result.blocks:
         assert np.allclose(result.importance[b.index], scores[b.index])
+
+
+@pytest.mark.parametrize("name", ["bert-dyn.onnx", "llama-qdq-pc.onnx", "llama-nbits128.onnx",
+                                  "llama-int4qdq32.onnx"])
+def test_weights_outside_the_blocks_are_never_dequantized(monkeypatch, name):
+    """An int4 LLM dequantized whole would take 8 times its size: the float view keeps large weights as
+    placeholders (shapes only; reading one fails) and dequantizes the blocks' weights alone, or all of them
+    for calibration. Here every weight matrix counts as large: the pruned model is the same, byte for byte, and
+    the MLP weights are never read."""
+    from onnxprune import probe
+    model = _load(name)
+    eager = prune_model(model, 0.5)
+    monkeypatch.setattr(quant, "LAZY_FROM", 1024)          # every weight matrix here; no scale or bias
+    monkeypatch.setattr(probe, "STAND_IN_BYTES", 1024)
+    read = []
+    real = quant._float_weight
+    monkeypatch.setattr(quant, "_float_weight", lambda f, arrays: read.append(f.weight) or real(f, arrays))
+    lazy = prune_model(model, 0.5)
+    assert lazy.kept == eager.kept and lazy.max_error == eager.max_error
+    a, b = ({i.name: i.SerializeToString() for i in r.model.graph.initializer} for r in (eager, lazy))
+    named = [k for k in a if "__onnxprune" not in k]           # rewritten shape constants get fresh names
+    assert len(a) == len(b) and all(a[k] == b[k] for k in named)
+    feeds = synth_inputs(model, seed=2)
+    assert max_abs_diff(run(eager.model, feeds), run(lazy.model, feeds)) == 0
+    in_blocks = {t.name for b in lazy.blocks for t in b.tensors if t.constant}
+    assert read and set(read) <= in_blocks
+    view, qv = quant.view(model)
+    assert qv.lazy and all(i.data_location == onnx.TensorProto.EXTERNAL for i in view.graph.initializer
+                           if i.name in qv.lazy)
+    feeds = synth_inputs(model, batch=4)
+    assert prune_model(model, 0.5, importance="activation", calib=feeds).max_error <= 1e-4   # all dequantized
