@@ -164,19 +164,15 @@ class _NBits:
 
 
 def _nbits(node: onnx.NodeProto, arrays) -> _NBits:
-    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    attrs = _attrs(node)
     k, n, bits, block = attrs["K"], attrs["N"], attrs.get("bits", 4), attrs["block_size"]
     nb = -(-k // block)
     b = arrays(node.input[1])
     q = _unpack(b.reshape(n, nb, -1), bits, block).reshape(n, nb * block)
     scales = arrays(node.input[2]).reshape(n, nb)
     zp = node.input[3] if len(node.input) > 3 else ""
-    if zp:
-        z = arrays(zp)
-        if z.dtype != np.uint8:
-            raise MatchError(f"MatMulNBits node {node.name!r} has {z.dtype} zero points; only packed uint8 zero "
-                             "points are supported")
-        zeros = _unpack(z.reshape(n, -1), bits, nb)
+    if zp:           # packed uint8 (float zero points are refused by ``view``)
+        zeros = _unpack(arrays(zp).reshape(n, -1), bits, nb)
     else:
         zeros = np.full((n, nb), 1 << (bits - 1), np.uint8)
     return _NBits(q, scales, zeros, k, n, bits, block)
@@ -403,7 +399,7 @@ def refold(pruned_view: onnx.ModelProto, qv: QuantView, keeps: dict[str, dict[in
                 raise PlanError(f"the quantized weight {f.data!r} was replaced while pruning; not supported")
             continue
         keep = keeps.get(f.weight, {})
-        tensors = _cut(f, keep, arr, real_nodes)
+        tensors = _cut(f, keep, arr)
         attrs = tensors.pop("__attrs__", {})
         for name, value in tensors.items():
             add[name] = numpy_helper.from_array(value, name)
@@ -465,7 +461,7 @@ def _whole_blocks(idx: np.ndarray, block: int, size: int) -> np.ndarray | None:
     return blocks if np.array_equal(whole, idx) else None
 
 
-def _cut(f: Folded, keep: dict, arr, real_nodes) -> dict:
+def _cut(f: Folded, keep: dict, arr) -> dict:
     """The cut initializers of ``f`` by name ({} when ``keep`` keeps all), and "__attrs__" for MatMulNBits."""
     if not keep:
         return {}

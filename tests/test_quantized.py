@@ -71,8 +71,8 @@ def test_a_wrong_cut_of_the_quantized_data_fails_verification(monkeypatch, name,
     model still has every shape right, and verification catches it."""
     original = quant._cut
 
-    def wrong(f, keep, arr, nodes):
-        out = original(f, keep, arr, nodes)
+    def wrong(f, keep, arr):
+        out = original(f, keep, arr)
         key = f.scale if what == "scale" else f.data
         if key in out and out[key].ndim and len(out[key]) > 1:
             out[key] = out[key][::-1].copy()
