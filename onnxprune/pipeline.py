@@ -134,6 +134,9 @@ def fold_gates(state: State, options: PruneOptions) -> State:
     gates = find_gates(state.model, state.blocks)
     if not gates:
         return state
+    if state.quant is not None:
+        raise PlanError(f"the model has head gates ({len(gates)}), and folding them into its {state.quant.describe()} "
+                        "output projections would re-quantize them; fold or prune the float model, then quantize it")
     by_block = {}
     for g in gates:
         by_block[g.block] = by_block.get(g.block, 1.0) * np.abs(np.asarray(g.values))

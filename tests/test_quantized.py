@@ -220,3 +220,11 @@ def test_weights_outside_the_blocks_are_never_dequantized(monkeypatch, name):
                            if i.name in qv.lazy)
     feeds = synth_inputs(model, batch=4)
     assert prune_model(model, 0.5, importance="activation", calib=feeds).max_error <= 1e-4   # all dequantized
+
+
+def test_head_gates_in_a_quantized_model_are_refused():
+    """Folding a gate multiplies the output projection's rows: a quantized projection would have to be
+    re-quantized, so it is refused, with the way out."""
+    from conftest import gated
+    with pytest.raises(PlanError, match="head gates .* would re-quantize them; fold or prune the float model"):
+        prune_model(gated(_load("bert-dyn.onnx")), 0.5)
