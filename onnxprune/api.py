@@ -8,14 +8,13 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import onnx
 
-from . import inline, pipeline
+from . import inline, pipeline, quant
 from .block import AttentionBlock, MatchResult
 from .errors import OnnxPruneError, PlanError
 from .io import as_model, name_nodes, to_graph
 from .match import match_graph
 from .options import PruneOptions, tolerance
 from .probe import probe
-from . import quant
 from .verify import masked_model, masked_weights
 
 
@@ -84,10 +83,7 @@ def inspect_model(model: onnx.ModelProto, external_dir: str | os.PathLike | None
     """The attention blocks of ``model`` and the explained misses (``model`` and ``external_dir`` as in
     prune_model)."""
     model, external_dir = as_model(model, external_dir)
-    model = name_nodes(model)
-    quant.refuse_operator_form(model)
-    if quant.is_quantized(model):         # matched on its float view (quant.py)
-        model, _ = quant.view(model, external_dir)
+    model, _ = quant.float_view(name_nodes(model), external_dir)    # a quantized model: its float view
     graph = to_graph(model)
     shapes, values = probe(model, external_dir=external_dir)
     return match_graph(graph, shapes, values, model)
@@ -152,8 +148,8 @@ def verify_saved(model: onnx.ModelProto, result: PruneResult, path: str | os.Pat
     pruned = inline.skeleton(path) if os.path.getsize(path) >= inline.SKELETON_FROM else None
     if pruned is None:
         pruned = onnx.load(str(path), load_external_data=False)
-    if quant.is_quantized(model):     # its float view drives the synthetic inputs (a KV cache's head size)
-        view, qv = quant.view(model, external_dir)
+    view, qv = quant.float_view(model, external_dir)
+    if qv is not None:     # its float view drives the synthetic inputs (a KV cache's head size)
         overrides, masked, model = None, quant.masked(qv, view, list(result.blocks), result.kept), view
     else:
         overrides = masked_weights(model, list(result.blocks), result.kept, external_dir)

@@ -85,16 +85,9 @@ def run_stages(stages, state: State, options: PruneOptions) -> State:
 
 
 # ------------------------------------------------------------------ stages
-UNSUPPORTED_OPS: dict[str, str] = {}
-
-
 def match(state: State, options: PruneOptions) -> State:
     """Probe ``state.model`` on ONNX Runtime and match its attention blocks."""
     model = state.model
-    for node in model.graph.node:     # said at once, before any work, for ops that cannot be rewritten yet
-        why = UNSUPPORTED_OPS.get(node.op_type)
-        if why:
-            raise MatchError(f"{node.op_type} node {node.name or node.output[0]!r} is not supported yet: {why}")
     graph = to_graph(model)
     try:
         shapes, values = probe(model, state.feeds, options.external_dir)
@@ -484,15 +477,15 @@ def count_params(model: onnx.ModelProto) -> int:
     weights."""
     from .importance.initializers import IMPORTANCE_SUFFIX, IMPORTANCE_TABLE
     from .quant import quantized_sizes
-    quantized = quantized_sizes(model)
+    data, scales = quantized_sizes(model)
 
     def size(t: onnx.TensorProto) -> int:
         return int(np.prod(t.dims)) if t.data_type in FLOAT_TYPES else 0
 
     total = sum(size(t) for t in model.graph.initializer
                 if not (t.name.endswith(IMPORTANCE_SUFFIX) or t.name == IMPORTANCE_TABLE or
-                        t.name in quantized["scales"]))
-    total += sum(quantized["data"].values())
+                        t.name in scales))
+    total += sum(data.values())
     for node in model.graph.node:
         if node.op_type == "Constant":
             total += sum(size(a.t) for a in node.attribute if a.name == "value")
@@ -505,12 +498,9 @@ def start(model: onnx.ModelProto, options: PruneOptions) -> State:
     named = name_nodes(model)
     # None: synthetic, made by the probe and by verification (and said so in their errors)
     feeds = dict(options.feeds) if options.feeds is not None else None
-    from . import quant
-    quant.refuse_operator_form(named)
-    if quant.is_quantized(named):      # matched, scored and planned on its float view (quant.py)
-        view, qv = quant.view(named, options.external_dir)
-        return State(original=model, model=view, feeds=feeds, quant=qv)
-    return State(original=model, model=named, feeds=feeds)
+    from .quant import float_view
+    view, qv = float_view(named, options.external_dir)    # a quantized model: planned on its float view
+    return State(original=model, model=view, feeds=feeds, quant=qv)
 
 
 def quantized_keeps(state: State) -> dict:

@@ -12,9 +12,12 @@ the rewriter work on it as on any float model. The forms, as onnxruntime's quant
 
 After the rewrite, ``refold`` puts the quantized nodes back, each with its quantized data, scales and
 zero points cut to the positions that the float weight kept: columns with their scales, rows in whole
-quantization blocks. A ``MatMulNBits`` whose kept rows do not fill whole blocks is re-packed exactly into
-smaller blocks (each new block holds rows of one old block and takes its scale and zero point). The
-dequantized values of what is kept are the same bits as before.
+quantization blocks. Kept rows that do not fill whole blocks (``MatMulNBits``, blockwise
+``DequantizeLinear``) are re-packed exactly into smaller blocks (each new block holds rows of one old block
+and takes its scale and zero point). The dequantized values of what is kept are the same bits as before.
+
+Large float weights of the view stay placeholders (shape only) until read: matching needs shapes, scores
+and slices need the blocks' weights, and only calibration needs them all (``QuantView.materialize``).
 
 The masked reference for verification (``masked``) is the quantized model with the dropped heads' part of
 each output projection's input set to zero, where the projection reads it: a zero dequantizes to zero and
@@ -102,9 +105,16 @@ def refuse_operator_form(model: onnx.ModelProto):
                              "quantize it (onnxruntime.quantization, QDQ or dynamic)")
 
 
-def quantized_sizes(model: onnx.ModelProto) -> dict:
-    """{"data": {quantized weight: elements it dequantizes to}, "scales": names of their scales and zero
-    points}, for counting parameters."""
+def float_view(model: onnx.ModelProto, external_dir=None) -> tuple[onnx.ModelProto, QuantView | None]:
+    """(the float view of a quantized ``model`` and its ``QuantView``), or (``model``, None) for a float one.
+    A model quantized in operator form is refused."""
+    refuse_operator_form(model)
+    return view(model, external_dir) if is_quantized(model) else (model, None)
+
+
+def quantized_sizes(model: onnx.ModelProto) -> tuple[dict[str, int], set[str]]:
+    """({quantized weight: elements it dequantizes to}, names of their scales and zero points), for counting
+    parameters."""
     inits = {i.name: i for i in model.graph.initializer}
     data, scales = {}, set()
     for n in model.graph.node:
@@ -118,7 +128,7 @@ def quantized_sizes(model: onnx.ModelProto) -> dict:
             a = _attrs(n)
             data[n.input[1]] = int(a["K"]) * int(a["N"])
             scales.update(n.input[2:4])
-    return {"data": data, "scales": scales}
+    return data, scales
 
 
 # ------------------------------------------------------------------ dequantization
@@ -453,14 +463,6 @@ def _with_attrs(node, attrs: dict):
     return new
 
 
-def _whole_blocks(idx: np.ndarray, block: int, size: int) -> np.ndarray | None:
-    """The blocks of ``block`` positions that ``idx`` keeps, when it keeps whole blocks only, else None."""
-    blocks = np.unique(idx // block)
-    whole = np.concatenate([np.arange(b * block, min((b + 1) * block, size)) for b in blocks]) \
-        if len(blocks) else np.zeros(0, np.int64)
-    return blocks if np.array_equal(whole, idx) else None
-
-
 def _cut(f: Folded, keep: dict, arr) -> dict:
     """The cut initializers of ``f`` by name ({} when ``keep`` keeps all), and "__attrs__" for MatMulNBits."""
     if not keep:
@@ -472,8 +474,8 @@ def _cut(f: Folded, keep: dict, arr) -> dict:
         axis, block = a.get("axis", 1) % max(x.ndim, 1), a.get("block_size", 0)
         out = {f.data: _take(x, keep)}
         new_block = block
-        if block and axis in keep and _whole_blocks(keep[axis], block, x.shape[axis]) is None:
-            new_block = _sub_block(keep[axis], block)       # re-packed: smaller blocks, the old scales
+        if block and axis in keep:      # whole blocks, or re-packed into smaller ones with the old scales
+            new_block = _sub_block(keep[axis], block)
             if new_block is None:
                 raise PlanError(f"quantized weight {f.data!r}: its kept rows do not split into blocks of 16 or "
                                 f"more that each lie in one block of {block}; prune the float model, then "
@@ -487,13 +489,7 @@ def _cut(f: Folded, keep: dict, arr) -> dict:
             if not block:
                 out[name] = s[keep[axis]] if axis in keep else s
                 continue
-            cut = {}
-            for ax, idx in keep.items():
-                if ax != axis:
-                    cut[ax] = idx
-                    continue
-                cut[ax] = idx[::new_block] // block
-            out[name] = _take(s, cut)
+            out[name] = _take(s, {ax: idx[::new_block] // block if ax == axis else idx for ax, idx in keep.items()})
         out = {k: _typed(v, arr(k)) for k, v in out.items()}
         if new_block != block:
             out["__attrs__"] = {"block_size": int(new_block)}
@@ -541,10 +537,11 @@ def _cut(f: Folded, keep: dict, arr) -> dict:
 
 
 def _sub_block(rows: np.ndarray, block: int) -> int | None:
-    """The largest block size (a power of two, 16 to ``block``) whose blocks of ``rows`` each lie in one
-    block of ``block`` original rows, contiguously (so that one old scale serves each)."""
+    """The largest block size (``block`` itself when ``rows`` keep whole blocks, else a power of two down to
+    16) whose blocks of ``rows`` each lie in one block of ``block`` original rows, contiguously (so that one
+    old scale serves each); only the last may be short."""
     size = block
-    while size >= 16:
+    while size >= min(16, block):
         ok = True
         for j in range(0, len(rows), size):
             part = rows[j:j + size]

@@ -96,8 +96,8 @@ def masked_reference(model: onnx.ModelProto, blocks: list[AttentionBlock], kept:
     """What a model pruned to ``kept`` must equal: ``masked_model`` for a float model; for a quantized one,
     the model with the dropped heads' part of each output projection's input zeroed (``quant.masked``)."""
     from . import quant
-    if quant.is_quantized(model):
-        view, qv = quant.view(model, external_dir)
+    view, qv = quant.float_view(model, external_dir)
+    if qv is not None:
         return quant.masked(qv, view, blocks, kept)
     return masked_model(model, blocks, kept, external_dir)
 
