@@ -389,7 +389,7 @@ def rewrite(state: State, options: PruneOptions) -> State:
     with contextlib.chdir(options.external_dir or "."):   # the checker finds external data files from there
         pruned = export(graph, state.model, dead)
         if state.quant is not None:       # the float view, pruned: back to the quantized form
-            pruned = refold(pruned, state.quant, quantized_keeps(state))
+            pruned = refold(pruned, state.quant, rewriter.cuts)
         pruned = check_model(pruned, state.quant.real if state.quant is not None else state.model)
     carry_importance(state.model, pruned, state.blocks, state.plans)
     io_keep = rewriter.io_keep
@@ -501,19 +501,6 @@ def start(model: onnx.ModelProto, options: PruneOptions) -> State:
     from .quant import float_view
     view, qv = float_view(named, options.external_dir)    # a quantized model: planned on its float view
     return State(original=model, model=view, feeds=feeds, quant=qv)
-
-
-def quantized_keeps(state: State) -> dict:
-    """{float weight of the view: {axis: kept positions}} for the quantized weights that lose heads."""
-    from .rewrite import _layouts
-    keeps = {}
-    for b in state.blocks:
-        if state.plans[b.index] == tuple(range(b.num_heads)):
-            continue
-        for name, lay in _layouts(b, state.plans[b.index], state.shapes).items():
-            if name in state.quant.folded:
-                keeps[name] = {ax: idx for ax, idx in lay.keep.items() if len(idx) != state.shapes[name][ax]}
-    return keeps
 
 
 def _calib_feeds(model: onnx.ModelProto, calib: dict) -> dict:

@@ -384,7 +384,8 @@ def _integer_group(n, producer, readers, inits):
 def refold(pruned_view: onnx.ModelProto, qv: QuantView, keeps: dict[str, dict[int, np.ndarray]]
            ) -> onnx.ModelProto:
     """The pruned quantized model: ``pruned_view`` with each folded weight back in its quantized form, cut
-    to ``keeps[weight]`` ({axis of the float weight: kept positions}; absent: unchanged)."""
+    to ``keeps[weight]`` ({axis of the float weight that shrinks: kept positions}; absent: unchanged; other
+    names are ignored: the rewriter's ``cuts``)."""
     real = qv.real
     base = str(qv.external_dir or "")
     real_inits = {i.name: i for i in real.graph.initializer}

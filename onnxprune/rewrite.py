@@ -147,6 +147,7 @@ class Rewriter:
         self.changed_initializers: set[str] = set()
         self.io_keep: dict[str, dict[int, np.ndarray]] = {}   # graph inputs/outputs that lose heads
         self._slices: dict[tuple, gs.Constant] = {}    # (shared weight, kept positions) -> its one slice
+        self.cuts: dict[str, dict[int, np.ndarray]] = {}   # constant -> {axis that shrinks: kept positions}
 
     # ------------------------------------------------------------------ planning (no mutation)
     def plan(self, block: AttentionBlock, kept_heads):
@@ -165,6 +166,8 @@ class Rewriter:
             tensor = self.tensors[t.name]
             if t.constant:
                 self._plan_constant(tensor, lay, block_nodes)
+                self.cuts[t.name] = {ax: idx for ax, idx in lay.keep.items()
+                                     if len(idx) != self.shapes[t.name][ax]}
             elif t.cut:
                 self._plan_cut(tensor, lay, block_nodes)
             elif t.io:
