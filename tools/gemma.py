@@ -195,24 +195,27 @@ def generate(folder: Path, prompt: str = PROMPT, tokens: int = 24) -> str:
 def folder_feeds(folder: Path, ids: np.ndarray) -> dict[str, np.ndarray]:
     """Inputs of a GenAI folder's model.onnx for prompts ``ids`` [n, length] with an empty KV cache: the
     sliding-window cache is a buffer of its full window, zeros, and the mask covers the prompt only."""
+    import json
+
     import onnx
     model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+    decoder = json.loads((folder / "genai_config.json").read_text())["model"]["decoder"]
+    window = next((a.i for n in model.graph.node if n.op_type == "GroupQueryAttention"
+                   for a in n.attribute if a.name == "local_window_size"), 0)
+    cache = np.zeros((len(ids), decoder["num_key_value_heads"], max(window, 0), decoder["head_size"]), np.float32)
     feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
-    for i in model.graph.input:
-        if i.name.startswith("past_key_values."):
-            dims = [d.dim_value for d in i.type.tensor_type.shape.dim]
-            window = next((a.i for n in model.graph.node if n.op_type == "GroupQueryAttention"
-                           for a in n.attribute if a.name == "local_window_size"), 0)
-            heads = next(a.i for n in model.graph.node if n.op_type == "GroupQueryAttention"
-                         for a in n.attribute if a.name == "kv_num_heads")
-            size = json_head_size(folder)
-            feeds[i.name] = np.zeros((len(ids), heads or dims[1], max(window, 0), size), np.float32)
+    feeds.update({i.name: cache for i in model.graph.input if i.name.startswith("past_key_values.")})
     return feeds
 
 
-def json_head_size(folder: Path) -> int:
-    import json
-    return json.loads((folder / "genai_config.json").read_text())["model"]["decoder"]["head_size"]
+def next_token_nll(logits: np.ndarray, ids: np.ndarray) -> tuple[float, int, np.ndarray]:
+    """(summed negative log-likelihood of ``ids[:, 1:]`` under ``logits[:, :-1]``, tokens counted, top-1
+    predictions)."""
+    logits = logits[:, :-1].astype(np.float64)
+    m = logits.max(axis=-1, keepdims=True)
+    logz = (m + np.log(np.exp(logits - m).sum(axis=-1, keepdims=True)))[..., 0]
+    picked = np.take_along_axis(logits, ids[:, 1:, None], axis=-1)[..., 0]
+    return float((logz - picked).sum()), picked.size, logits.argmax(axis=-1)
 
 
 def folder_calib(folder: Path, out: Path, count: int = 16) -> Path:
@@ -232,14 +235,10 @@ def folder_perplexity(folder: Path, count: int = 32) -> tuple[float, np.ndarray]
     sess = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
     nll, n, top = 0.0, 0, []
     for k in range(len(ids)):
-        feeds = folder_feeds(folder, ids[k:k + 1])
-        logits = sess.run(["logits"], feeds)[0][:, :-1].astype(np.float64)
-        m = logits.max(axis=-1, keepdims=True)
-        logz = (m + np.log(np.exp(logits - m).sum(axis=-1, keepdims=True)))[..., 0]
-        picked = np.take_along_axis(logits, ids[k:k + 1, 1:, None], axis=-1)[..., 0]
-        nll += float((logz - picked).sum())
-        n += picked.size
-        top.append(logits.argmax(axis=-1))
+        x = ids[k:k + 1]
+        total, count, best = next_token_nll(sess.run(["logits"], folder_feeds(folder, x))[0], x)
+        nll, n = nll + total, n + count
+        top.append(best)
     return float(np.exp(nll / n)), np.concatenate(top)
 
 

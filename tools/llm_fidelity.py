@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gemma import export, windows  # noqa: E402
+from gemma import export, next_token_nll, windows  # noqa: E402
 from texts import calibration_text, evaluation_text  # noqa: E402
 
 CONFIGS = {    # name: the prune command's options (DATA: the calibration file; SCORED: prune the model that
@@ -48,15 +48,9 @@ def perplexity(path, ids: np.ndarray, batch: int = 4) -> tuple[float, np.ndarray
     nll, count, top = 0.0, 0, []
     for i in range(0, len(ids), batch):
         x = ids[i:i + batch]
-        logits = sess.run(["logits"], {"input_ids": x, "attention_mask": np.ones_like(x)})[0][:, :-1]
-        logits = logits.astype(np.float64)
-        m = logits.max(axis=-1, keepdims=True)
-        logz = (m + np.log(np.exp(logits - m).sum(axis=-1, keepdims=True)))[..., 0]
-        picked = np.take_along_axis(logits, x[:, 1:, None], axis=-1)[..., 0]
-        nll += float((logz - picked).sum())
-        count += picked.size
-        top.append(logits.argmax(axis=-1))
-        del logits
+        total, n, best = next_token_nll(sess.run(["logits"], {"input_ids": x, "attention_mask": np.ones_like(x)})[0], x)
+        nll, count = nll + total, count + n
+        top.append(best)
     return float(np.exp(nll / count)), np.concatenate(top)
 
 

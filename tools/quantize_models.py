@@ -60,7 +60,9 @@ class _Reader:
         return next(self.it, None)
 
 
-def quantize(src: Path, form: str, out: Path):
+def quantize(src: Path, form: str, out: Path, reader=None):
+    """``src`` quantized in ``form`` into ``out``; ``reader``: the static quantizer's calibration batches
+    (default: random token ids)."""
     import onnx
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
@@ -69,7 +71,8 @@ def quantize(src: Path, form: str, out: Path):
         quantize_dynamic(str(src), str(out), weight_type=QuantType.QInt8)
     elif form.startswith("qdq") or form == "qop":
         fmt = QuantFormat.QOperator if form == "qop" else QuantFormat.QDQ
-        quantize_static(str(src), str(out), _Reader(inputs), quant_format=fmt, per_channel=form == "qdq-pc")
+        quantize_static(str(src), str(out), reader or _Reader(inputs), quant_format=fmt,
+                        per_channel=form == "qdq-pc")
     elif form.startswith("nbits"):
         q = MatMulNBitsQuantizer(onnx.load(str(src)), block_size=int(form[5:]), is_symmetric=False)
         q.process()

@@ -30,25 +30,17 @@ FORMS = ("dyn", "qdq", "qdq-pc", "nbits32", "nbits128")
 
 
 def quantize(src: Path, form: str, out: Path, calib: dict[str, np.ndarray]) -> Path:
-    import onnx
-    from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+    """``quantize_models.quantize``, the static quantizer calibrated on ``calib`` (32 sentences a batch)."""
+    from quantize_models import quantize as by_form
 
     class Reader:
         def __init__(self):
-            self.it = iter([{k: v[i:i + 32] for k, v in calib.items()} for i in range(0, len(calib["input_ids"]), 32)])
+            n = len(calib["input_ids"])
+            self.it = iter([{k: v[i:i + 32] for k, v in calib.items()} for i in range(0, n, 32)])
 
         def get_next(self):
             return next(self.it, None)
-
-    if form == "dyn":
-        quantize_dynamic(str(src), str(out), weight_type=QuantType.QInt8)
-    elif form.startswith("qdq"):
-        quantize_static(str(src), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=form == "qdq-pc")
-    elif form.startswith("nbits"):
-        q = MatMulNBitsQuantizer(onnx.load(str(src)), block_size=int(form[5:]), is_symmetric=False)
-        q.process()
-        q.model.save_model_to_file(str(out))
+    by_form(src, form, out, Reader())
     return out
 
 
