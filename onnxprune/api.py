@@ -8,10 +8,13 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import onnx
 
-from . import inline, pipeline, quant
+from .model import inline
+from . import pipeline, quant
 from .block import AttentionBlock, MatchResult
 from .errors import OnnxPruneError, PlanError
-from .io import as_model, name_nodes, to_graph
+from .model.load import as_model
+from .model.proto import name_nodes
+from .model.graph import to_graph
 from .match import match_graph
 from .options import PruneOptions, tolerance
 from .probe import probe
@@ -111,7 +114,7 @@ def prune_model(model, ratio=None, *, kept: dict[int, list[int]] | None = None,
 
     ``external_dir``: the folder of the data files of a model loaded with ``load_external_data=False``.
     Only the attention weights are then read into memory; every other tensor stays a reference to the
-    original data file (``io.save_model_atomic`` copies those bytes by streaming)."""
+    original data file (``model.save.save_model_atomic`` copies those bytes by streaming)."""
     if options is None:
         options = PruneOptions(ratio=ratio, threshold=threshold, kept=kept, heads_to_prune=heads_to_prune,
                                min_heads=min_heads, scope=scope, importance=importance,

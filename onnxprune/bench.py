@@ -151,7 +151,7 @@ def inputs_for(model: onnx.ModelProto, batch: int, seq: int,
                data: dict[str, np.ndarray] | None) -> dict[str, np.ndarray]:
     """Synthetic inputs at ``batch`` x ``seq``, or the arrays of ``data`` checked against the declared
     inputs: every one present, numeric, of the declared rank and fixed sizes."""
-    from .probe import checked_array, synth_inputs
+    from .inputs import checked_array, synth_inputs
     inits = {t.name for t in model.graph.initializer}
     declared = [i for i in model.graph.input if i.name not in inits]
     if data is None:
@@ -226,8 +226,8 @@ def bench(original, pruned, provider: str = "cpu", batch: int = 1, seq: int | No
     Without ``seq``, the length is 128, or the longest of 64, 32, 16, 8 at which both models run (a short
     position table), and the result's note says so. ``graphs``: the two models already loaded without
     their external data (else they are loaded and checked here). Errors are one-line ``InputError``s."""
-    from .io import load_model
-    from .probe import ort_reason
+    from .model.load import load_model
+    from .runtime import ort_reason
     if runs < 1 or warmup < 0 or batch < 1 or (seq is not None and seq < 1):
         raise InputError("--runs, --batch and --seq must be at least 1, --warmup at least 0")
     paths = [Path(original), Path(pruned)]

@@ -18,8 +18,9 @@ from onnx import helper, numpy_helper
 
 from .block import AttentionBlock
 from .errors import InputError, PlanError
-from .io import Progress, consumers as graph_consumers, own_constant, own_weights
-from .probe import checked_array
+from .progress import Progress
+from .model.proto import consumers as graph_consumers, own_constant, own_weights
+from .inputs import checked_array
 
 BATCH = 16
 
@@ -161,7 +162,7 @@ class Calibrator:
 
     def __init__(self, model: onnx.ModelProto, blocks, data: list[dict[str, np.ndarray]], external_dir=None,
                  progress: bool = True, outputs: bool = True):
-        from .probe import session
+        from .runtime import session
         self.model = model
         self.blocks = list(blocks)
         self.data = data
@@ -199,7 +200,7 @@ class Calibrator:
 
     # ------------------------------------------------------------------ running
     def run(self, feeds: dict, weights: dict | None = None, contexts: bool = False):
-        from .probe import ort_reason
+        from .runtime import ort_reason
         names = self.outputs + ([s.context for s in self.sites] if contexts else [])
         try:
             got = self.session.run(names, {**feeds, **self.weights, **(weights or {})})

@@ -220,7 +220,10 @@ def _bench_parser() -> argparse.ArgumentParser:
 
 def run_bench(argv) -> int:
     from .bench import bench, format_bench
-    from .io import Progress, StagedFile, check_output_path, check_writes, input_files, load_model
+    from .progress import Progress
+    from .files import StagedFile, check_output_path, check_writes
+    from .model.external import input_files
+    from .model.load import load_model
     from .report import json_bytes
     args = _bench_parser().parse_args(argv)
     if args.json:
@@ -254,7 +257,8 @@ def np_load(path):
 
 def run_inspect(argv) -> int:
     from .api import inspect_model
-    from .io import has_external_data, load_model
+    from .model.external import has_external_data
+    from .model.load import load_model
     from .report import format_inspect, inspect_json
     args = _inspect_parser().parse_args(argv)
     model = load_model(args.model, external_data=False)      # external weights stay on disk, unread
@@ -271,8 +275,11 @@ def _calib(args, model):
 def run_score(argv) -> int:
     from .api import score_model
     from .importance import default_calibrated
-    from . import inline
-    from .io import StagedFile, check_output_path, check_writes, has_external_data, input_files, load_model, stage_model
+    from .model import inline
+    from .files import StagedFile, check_output_path, check_writes
+    from .model.external import has_external_data, input_files
+    from .model.load import load_model
+    from .model.save import stage_model
     from .report import json_bytes
     args = _score_parser().parse_args(argv)
     check_output_path(args.model, args.output, args.force)
@@ -314,11 +321,14 @@ def run_score(argv) -> int:
 
 def run_prune(argv) -> int:
     args = _prune_parser().parse_args(argv)
-    from . import inline
+    from .model import inline
     from .api import count_result_macs, prune_model, verify_saved
     from .options import PruneOptions
     from .config import configs_beside, plan_folder, stage_folder
-    from .io import StagedFile, check_output_path, check_writes, has_external_data, input_files, load_model, stage_model
+    from .files import StagedFile, check_output_path, check_writes
+    from .model.external import has_external_data, input_files
+    from .model.load import load_model
+    from .model.save import stage_model
     from .report import build_report, format_table, json_bytes
     from .plan import load_heads_to_prune
     import onnx

@@ -12,7 +12,8 @@ import json
 from pathlib import Path
 
 from .errors import InputError, PlanError
-from .io import StagedFile, ours
+from .files import StagedFile
+from .model.save import ours
 
 GENAI = "genai_config.json"
 HF = "config.json"

@@ -19,8 +19,9 @@ from dataclasses import dataclass
 import onnx
 from onnx import helper
 
-from .io import consumers
-from .probe import _light_copy, probe, synth_inputs
+from .model.proto import consumers
+from .probe import light_copy, probe
+from .inputs import synth_inputs
 
 PRODUCT_OPS = {"MatMul", "Gemm", "Conv", "Einsum", "FusedMatMul", "Attention", "MultiHeadAttention",
                "GroupQueryAttention"}
@@ -50,7 +51,7 @@ def human(n: int | None, sep: str = "") -> str:
 
 def _fixed_inputs(model: onnx.ModelProto, batch: int, seq: int) -> tuple[onnx.ModelProto, dict]:
     """``model``'s light copy (no large weights) with every graph input's shape made concrete."""
-    light, _ = _light_copy(model)
+    light, _ = light_copy(model)
     feeds = synth_inputs(model, batch=batch, seq=seq, past=0)
     for inp in light.graph.input:
         if inp.name in feeds:
@@ -199,7 +200,7 @@ def count_macs(model: onnx.ModelProto, blocks, batch: int = 1, seq: int = 128, e
     ``block_node_names`` (block index -> node names, from ``block_nodes`` on the original) lets a pruned
     model, whose node names the rewrite keeps, be counted per block without matching it again.
     """
-    from .probe import fixed_sizes
+    from .inputs import fixed_sizes
     fixed_batch, fixed_seq = fixed_sizes(model)       # a model with fixed sizes runs at those only
     batch, seq = fixed_batch or batch, fixed_seq or seq
     shapes = _shapes(model, batch, seq, external_dir)

@@ -22,11 +22,14 @@ from . import plan as planning
 from .block import AttentionBlock, MatchResult
 from .errors import InputError, MatchError, OnnxPruneError, PlanError, RewriteError, VerifyError
 from .importance import ImportanceContext, choose, scores_for
-from .io import FLOAT_TYPES, attach_external, name_nodes, to_graph
+from .model.dtypes import FLOAT_TYPES
+from .model.graph import attach_external, to_graph
+from .model.proto import name_nodes
 from .match import match_graph
-from .match.headflow import identity_source
+from .model.graph import identity_source
 from .options import PruneOptions
-from .probe import probe, synth_inputs
+from .probe import probe
+from .inputs import synth_inputs
 
 
 @dataclass(frozen=True)
@@ -163,7 +166,7 @@ def calibration(state: State, options: PruneOptions, outputs: bool = True):
     ``outputs`` it computes the heads' contexts only (activation scores, compensation): an LLM's output
     head, its logits and the transposed embedding that a tied head makes are then never computed."""
     from .calibrate import Calibrator, batches
-    from .probe import fixed_sizes
+    from .inputs import fixed_sizes
     if state.quant is not None:      # calibration runs the whole float view: every weight dequantized
         state.quant.materialize(state.model)
     data = options.calib if options.calib is not None else synth_inputs(state.model, seed=7, batch=32, seq=16)
@@ -506,6 +509,6 @@ def start(model: onnx.ModelProto, options: PruneOptions) -> State:
 def _calib_feeds(model: onnx.ModelProto, calib: dict) -> dict:
     """The first samples of the calibration data, for a probe that synthetic inputs cannot drive: two, or
     the model's fixed batch. (Few, since the probe keeps every intermediate tensor of its run.)"""
-    from .probe import fixed_sizes
+    from .inputs import fixed_sizes
     size = fixed_sizes(model)[0] or min(2, len(next(iter(calib.values()))))
     return {k: v[:size] for k, v in calib.items()}

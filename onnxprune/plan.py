@@ -17,7 +17,7 @@ from typing import Sequence
 import numpy as np
 
 from .errors import InputError, PlanError
-from .io import read_json
+from .files import read_json
 
 
 def exact_ratio(ratio: float | str | Fraction | Decimal) -> Fraction:

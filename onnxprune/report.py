@@ -9,7 +9,7 @@ import numpy as np
 
 from .api import PruneResult
 from .block import MatchResult
-from .io import StagedFile
+from .files import StagedFile
 from .macs import human as _count
 
 

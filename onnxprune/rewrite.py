@@ -18,10 +18,11 @@ import onnx_graphsurgeon as gs
 
 from .block import AttentionBlock
 from .errors import PlanError, RewriteError
-from . import probe as probe_module
-from .io import copy_without_initializers, large_weights
+from .model import dtypes
+from .model.proto import copy_without_initializers, large_weights
 from .match import shape_expr
-from .match.headflow import _norm_axis, const_value, identity_source
+from .match.headflow import _norm_axis
+from .model.graph import const_value, identity_source, set_values
 
 _fresh = itertools.count()
 
@@ -116,11 +117,6 @@ def _period(keep: np.ndarray, size: int) -> int | None:
     return None
 
 
-def _set_values(const: gs.Constant, values: np.ndarray):
-    const.values = values
-    const.data_location = None      # now in memory, even if the original sat in an external file
-
-
 def _declare_shape(tensor, new_shape):
     """A graph input/output keeps its symbolic sizes; only the fixed sizes that changed are rewritten."""
     if tensor.shape is None:
@@ -182,7 +178,7 @@ class Rewriter:
         shared = any(c.name not in block_nodes for c in consumers) or tensor in self.graph.outputs
         if isinstance(tensor, gs.Constant) and not shared:
             self.changed_initializers.add(tensor.name)
-            self.edits.append(lambda t=tensor, v=_take(const_value(tensor), lay.keep): _set_values(t, v))
+            self.edits.append(lambda t=tensor, v=_take(const_value(tensor), lay.keep): set_values(t, v))
             return
         # a weight that several blocks share (ALBERT's one layer, TorchScript's Identity of equal weights):
         # blocks that keep the same heads of it share one slice, so the model shrinks as much as it should
@@ -546,7 +542,7 @@ def _weightless(model: onnx.ModelProto) -> onnx.ModelProto:
     memory of the graph, not of the weights (and works for models above 2 GB)."""
     light = copy_without_initializers(model)
     light.graph.node.extend(model.graph.node)
-    weights = large_weights(model, probe_module.STAND_IN_BYTES)
+    weights = large_weights(model, dtypes.STAND_IN_BYTES)
     for init in model.graph.initializer:
         if init.name in weights:
             light.graph.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))

@@ -12,8 +12,9 @@ from onnx.external_data_helper import uses_external_data
 
 from .block import AttentionBlock
 from .errors import VerifyError
-from .io import own_constant, own_weights, read_external
-from .probe import session
+from .model.proto import own_constant, own_weights
+from .model.external import read_external
+from .runtime import session
 
 
 def _masked_o(block: AttentionBlock, kept: dict[int, tuple], proto: onnx.TensorProto, external_dir=None

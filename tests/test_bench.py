@@ -13,7 +13,7 @@ from onnxprune.api import count_result_macs, inspect_model
 from onnxprune.cli import main
 from onnxprune.macs import count_macs
 from onnxprune.plan import align_heads
-from onnxprune.probe import synth_inputs
+from onnxprune.inputs import synth_inputs
 
 from conftest import MODELS
 

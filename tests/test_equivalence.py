@@ -11,7 +11,7 @@ from onnx import numpy_helper
 from onnxprune import prune_model
 from onnxprune.api import inspect_model
 from onnxprune.errors import PlanError
-from onnxprune.probe import synth_inputs
+from onnxprune.inputs import synth_inputs
 from onnxprune.verify import compare, masked_reference, max_abs_diff, run
 
 

@@ -11,7 +11,7 @@ import onnx
 import pytest
 
 from onnxprune import prune_model
-from onnxprune.probe import synth_inputs
+from onnxprune.inputs import synth_inputs
 from onnxprune.verify import kept_heads_only, max_abs_diff, run
 
 optimizer = pytest.importorskip("onnxruntime.transformers.optimizer")

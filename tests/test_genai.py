@@ -12,7 +12,8 @@ import onnx
 import pytest
 
 from onnxprune import prune_model
-from onnxprune.io import data_files, save_model_atomic
+from onnxprune.model.external import data_files
+from onnxprune.model.save import save_model_atomic
 from onnxprune.verify import masked_reference
 
 og = pytest.importorskip("onnxruntime_genai")
@@ -139,7 +140,7 @@ def test_a_sliding_window_cache_and_a_normed_query_give_the_probe_its_sizes():
     """The cache's head size is the query width over num_heads, found through the q norm and the Split of
     the packed QKV (1024 / 4 = 256); a sliding-window cache gets its full local_window_size of entries,
     which ONNX Runtime demands; and no prompt row is padded, which such a cache does not take."""
-    from onnxprune.probe import _cache_hints, synth_inputs
+    from onnxprune.inputs import _cache_hints, synth_inputs
     model = _gemma_like_attention()
     assert _cache_hints(model) == {"kv_cache_dim": 256, "past_sliding_length": 512}
     feeds = synth_inputs(model)
@@ -150,7 +151,7 @@ def test_one_kv_head_of_group_query_attention_is_one_group():
     """kv_num_heads=1: K and V carry no head axis (every query head reads them), so only the op's attributes
     say that the four heads form one KV group; a plan then removes query heads one by one."""
     import numpy as np
-    from onnxprune.probe import synth_inputs
+    from onnxprune.inputs import synth_inputs
     model = _gemma_like_attention()
     feeds = synth_inputs(model)
     feeds["seqlens"], feeds["total"] = np.full(2, 4, np.int32), np.array(5, np.int32)

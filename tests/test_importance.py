@@ -13,7 +13,7 @@ from onnxprune.calibrate import Calibrator, batches, load_calib
 from onnxprune.cli import main
 from onnxprune.errors import InputError, PlanError
 from onnxprune.plan import plan_model
-from onnxprune.probe import synth_inputs
+from onnxprune.inputs import synth_inputs
 from onnxprune.importance.initializers import initializer_importance
 from onnxprune.verify import max_abs_diff, run
 

@@ -9,10 +9,11 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from onnxprune import inline, prune_model
+from onnxprune.model import inline
+from onnxprune import prune_model
 from onnxprune.cli import main
 from onnxprune.errors import InputError
-from onnxprune.probe import synth_inputs
+from onnxprune.inputs import synth_inputs
 from onnxprune.verify import run
 
 from conftest import MODELS

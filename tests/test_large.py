@@ -11,9 +11,11 @@ import numpy as np
 import onnx
 import pytest
 
-from onnxprune import probe as probe_module
-from onnxprune.io import data_files
-from onnxprune.probe import probe, session, synth_inputs
+from onnxprune.model import dtypes as probe_module
+from onnxprune.model.external import data_files
+from onnxprune.probe import probe
+from onnxprune.runtime import session
+from onnxprune.inputs import synth_inputs
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tools"))

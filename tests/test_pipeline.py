@@ -15,7 +15,7 @@ from onnxprune.api import count_result_macs, inspect_model
 from onnxprune.cli import main
 from onnxprune.errors import PlanError, VerifyError
 from onnxprune.importance import NAMED, SOURCES, help_lines
-from onnxprune.probe import synth_inputs
+from onnxprune.inputs import synth_inputs
 
 from conftest import MODELS, gated as _gated, plant_in_rewrite
 
@@ -153,7 +153,7 @@ def test_a_mask_length_written_as_a_sum_is_read(name, mask_dim):
     """Optimum's decoders name the mask's length "past_sequence_length + sequence_length"; the probe used to
     give it the past length alone (0), and ONNX Runtime failed on the Gather of the mask. The same decoders
     with their mask so renamed prune exactly, prompt and decode step (past 3) both."""
-    from onnxprune.probe import synth_inputs
+    from onnxprune.inputs import synth_inputs
     model = onnx.load(str(MODELS / name))
     mask = next(i for i in model.graph.input if i.name == "attention_mask")
     dim = next(d for d in mask.type.tensor_type.shape.dim if d.dim_param == mask_dim)

@@ -13,7 +13,7 @@ from onnx import numpy_helper
 
 from onnxprune import prune_model, quant
 from onnxprune.errors import PlanError, VerifyError
-from onnxprune.probe import synth_inputs
+from onnxprune.inputs import synth_inputs
 from onnxprune.verify import max_abs_diff, run
 
 from conftest import MODELS  # noqa: E402
@@ -198,7 +198,7 @@ def test_weights_outside_the_blocks_are_never_dequantized(monkeypatch, name):
     placeholders (shapes only; reading one fails) and dequantizes the blocks' weights alone, or all of them
     for calibration. Here every weight matrix counts as large: the pruned model is the same, byte for byte, and
     the MLP weights are never read."""
-    from onnxprune import probe
+    from onnxprune.model import dtypes as probe
     model = _load(name)
     eager = prune_model(model, 0.5)
     monkeypatch.setattr(quant, "LAZY_FROM", 1024)          # every weight matrix here; no scale or bias

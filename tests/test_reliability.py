@@ -19,8 +19,8 @@ from onnxprune import prune_model
 from onnxprune.api import count_result_macs, inspect_model, score_model
 from onnxprune.cli import main
 from onnxprune.errors import InputError, ModelTypeError, PlanError
-from onnxprune.io import data_files
-from onnxprune.probe import synth_inputs
+from onnxprune.model.external import data_files
+from onnxprune.inputs import synth_inputs
 from onnxprune.verify import max_abs_diff, run, worst_of
 
 from conftest import MODELS, cli, plant_in_rewrite
@@ -48,7 +48,7 @@ def inproc(capsys):
 DRIVER = """
 import errno, os, signal, sys
 import onnx
-import onnxprune.io as io
+import onnxprune.files as io     # the files written into place (the model's too) are published through it
 {patch}
 from onnxprune.cli import main
 sys.exit(main(sys.argv[1:]))
@@ -309,7 +309,7 @@ def test_a_signal_while_writing_leaves_nothing(work, ext, sig, code, external):
     out.mkdir()
     before, src = snapshot(work), snapshot(ext.parent)
     patch = (f"real = onnx.save\ndef save(*a, **k):\n    real(*a, **k)\n    os.kill(os.getpid(), {int(sig)})\n"
-             "    import time; time.sleep(5)\nio.onnx.save = save")
+             "    import time; time.sleep(5)\nonnx.save = save")
     r = driven(patch, model, "--ratio", "0.5", "-o", out / "m.onnx")
     assert r.returncode == code, r.stderr
     assert "nothing written" in r.stderr and "Traceback" not in r.stderr
@@ -322,7 +322,7 @@ def test_a_full_disk_is_one_line_and_leaves_nothing(work, ext, external):
     model = ext if external else work / "bert.onnx"
     out = work / "out"
     out.mkdir()
-    full = ("def save(*a, **k):\n    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))\nio.onnx.save = save")
+    full = ("def save(*a, **k):\n    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))\nonnx.save = save")
     r = driven(full, model, "--ratio", "0.5", "-o", out / "m.onnx")
     one_line_error(r, 7, "No space left on device", "nothing written")
     assert list(out.iterdir()) == []

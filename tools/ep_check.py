@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from onnxprune import prune_model  # noqa: E402
-from onnxprune.probe import synth_inputs  # noqa: E402
+from onnxprune.inputs import synth_inputs  # noqa: E402
 from onnxprune.verify import kept_heads_only, masked_model  # noqa: E402
 
 MODELS = ["bert-ts.onnx", "bert-d23-sdpa.onnx", "bert-ort-attention.onnx", "bert-ort-attention-fp16.onnx",

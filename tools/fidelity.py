@@ -84,7 +84,7 @@ def tokenize(folder: Path, texts: list[str]) -> dict[str, np.ndarray]:
 
 
 def embed(model, data: dict[str, np.ndarray], batch: int = 64) -> np.ndarray:
-    from onnxprune.probe import session
+    from onnxprune.runtime import session
     sess = session(model)
     out = []
     for i in range(0, len(data["input_ids"]), batch):

@@ -73,7 +73,7 @@ def _check_against_source(path: Path, source: Path, atol: float):
     import onnxruntime as ort
 
     sys.path.insert(0, str(MODELS.parent))
-    from onnxprune.probe import synth_inputs
+    from onnxprune.inputs import synth_inputs
 
     feeds = synth_inputs(onnx.load(str(source)))
     runs = [ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, feeds) for p in (source, path)]

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError
-from ..io import read_json
+from ..files import read_json
 from . import Source
 
 

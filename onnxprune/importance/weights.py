@@ -6,7 +6,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..block import AttentionBlock
-from ..match.headflow import const_value
+from ..model.graph import const_value
 from . import Source
 
 

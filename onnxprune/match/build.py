@@ -6,7 +6,8 @@ import numpy as np
 
 from ..block import AttentionBlock, HeadTensor, Projection, Site
 from . import shape_expr
-from .headflow import SHAPE_READERS, Flow, FlowFail, is_const
+from .headflow import SHAPE_READERS, Flow, FlowFail
+from ..model.graph import is_const
 
 
 def _ancestors(flow: Flow, t) -> list:

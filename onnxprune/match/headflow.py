@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from ..model.graph import const_value, is_const
+
 
 class FlowFail(Exception):
     def __init__(self, node, reason: str):
@@ -60,38 +62,6 @@ MOVERS = {"Transpose", "Identity", "Cast"}
 SELECTORS = {"Gather", "GatherND", "Slice"}
 # ops that carry a KV cache, unchanged, from the attention to a ``present`` graph output
 STACKERS = MOVERS | {"Unsqueeze", "Concat"}
-
-
-def identity_source(t):
-    """The tensor behind a chain of Identity nodes (TorchScript shares equal weights through them)."""
-    while len(t.inputs) == 1 and t.inputs[0].op == "Identity" and t.inputs[0].inputs:
-        t = t.inputs[0].inputs[0]
-    return t
-
-
-def const_value(t) -> np.ndarray | None:
-    """The value of a constant tensor: an initializer or the output of a Constant node, also through
-    Identity. Data in an external file (``io.attach_external``) is read from disk each time, never kept."""
-    t = identity_source(t)
-    if isinstance(t, gs.Constant):
-        lazy = getattr(t, "_values", None)
-        if getattr(lazy, "base_dir", None):
-            from ..io import read_external
-            return read_external(lazy.tensor, lazy.base_dir)
-        return np.asarray(t.values)
-    if len(t.inputs) == 1 and t.inputs[0].op == "Constant":
-        attrs = t.inputs[0].attrs
-        if "value" in attrs:
-            return np.asarray(attrs["value"].values)
-        for key in ("value_ints", "value_floats", "value_int", "value_float"):
-            if key in attrs:
-                return np.asarray(attrs[key])
-    return None
-
-
-def is_const(t) -> bool:
-    t = identity_source(t)
-    return isinstance(t, gs.Constant) or (len(t.inputs) == 1 and t.inputs[0].op == "Constant")
 
 
 def _as_set(role) -> set:

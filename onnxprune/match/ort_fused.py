@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .headflow import Flow, FlowFail, HeadMap, is_const
+from .headflow import Flow, FlowFail, HeadMap
+from ..model.graph import is_const
 
 FAMILY = "ort-fused"
 OPS = ("Attention", "MultiHeadAttention", "GroupQueryAttention")

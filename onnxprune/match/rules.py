@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .headflow import ELEMENTWISE, NORMS, FlowFail, HeadMap, _norm_axis, const_value, is_const
+from .headflow import ELEMENTWISE, NORMS, FlowFail, HeadMap, _norm_axis
+from ..model.graph import const_value, is_const
 
 
 def elementwise(flow, node, direction, trigger):

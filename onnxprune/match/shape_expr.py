@@ -17,7 +17,7 @@ from fractions import Fraction
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .headflow import const_value
+from ..model.graph import const_value
 
 _fresh = itertools.count()
 

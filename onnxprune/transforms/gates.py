@@ -17,7 +17,7 @@ import onnx
 from onnx import numpy_helper
 
 from ..block import AttentionBlock
-from ..io import constant_array, consumers as graph_consumers, find_constant, own_constant, own_weights
+from ..model.proto import constant_array, consumers as graph_consumers, find_constant, own_constant, own_weights
 
 
 @dataclass(frozen=True)

@@ -24,8 +24,11 @@ from pathlib import Path
 import onnx
 from google.protobuf.message import DecodeError
 
+from .external import copy_bytes
+from .proto import copy_without_initializers
+
 LARGE = 1 << 20                 # tensors of this many bytes or more stay in the file
-SKELETON_FROM = 256 << 20       # files from this size on are read as a skeleton (``io.load_model``)
+SKELETON_FROM = 256 << 20       # files from this size on are read as a skeleton (``load.load_model``)
 _MODEL_GRAPH, _GRAPH_INITIALIZER, _TENSOR_RAW_DATA = 7, 5, 9
 
 
@@ -146,7 +149,6 @@ def write_inline(model: onnx.ModelProto, path: str | os.PathLike, src_dir: str |
     """Write ``model`` to ``path`` as one file, every external tensor's bytes copied in from its file under
     ``src_dir`` in chunks (see the module docstring)."""
     from onnx.external_data_helper import uses_external_data
-    from .io import copy_bytes, copy_without_initializers
     body = copy_without_initializers(model)
     body.graph.node.extend(model.graph.node)
     external = []
