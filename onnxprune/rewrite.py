@@ -21,7 +21,7 @@ from .errors import PlanError, RewriteError
 from .model import dtypes
 from .model.proto import copy_without_initializers, large_weights
 from .match import shape_expr
-from .match.headflow import _norm_axis
+from .match.headmap import norm_axis
 from .model.graph import const_value, identity_source, set_values
 
 _fresh = itertools.count()
@@ -317,7 +317,7 @@ class Rewriter:
         x = node.inputs[0]
         lay = layouts.get(x.name)
         rank = len(self.shapes[x.name])
-        axis = _norm_axis(node.attrs.get("axis", 0), rank)
+        axis = norm_axis(node.attrs.get("axis", 0), rank)
         if lay is None or axis not in lay.keep:
             return
         sizes = [self.shapes[o.name][axis] for o in node.outputs]
@@ -365,7 +365,7 @@ class Rewriter:
             np.ones(len(starts), dtype=np.int64)
         new_starts, new_ends, touched = np.array(starts).copy(), np.array(ends).copy(), False
         for k, (s, e, a, st) in enumerate(zip(starts, ends, axes, steps)):
-            a = _norm_axis(int(a), len(in_shape))
+            a = norm_axis(int(a), len(in_shape))
             if a not in lay.keep:
                 continue
             old = np.arange(in_shape[a])[slice(int(s), int(e), int(st))]
@@ -386,7 +386,7 @@ class Rewriter:
     def _plan_gather(self, node, block, layouts, kept_heads):
         data, idx = node.inputs[:2]
         lay = layouts.get(data.name)
-        axis = _norm_axis(node.attrs.get("axis", 0), len(self.shapes[data.name]))
+        axis = norm_axis(node.attrs.get("axis", 0), len(self.shapes[data.name]))
         if lay is None or axis not in lay.keep:
             return
         old = const_value(idx)
@@ -423,7 +423,7 @@ class Rewriter:
         heads go; an input cut across is sliced by its own layout."""
         y = node.outputs[0]
         lay = layouts.get(y.name)
-        axis = _norm_axis(node.attrs["axis"], len(self.shapes[y.name]))
+        axis = norm_axis(node.attrs["axis"], len(self.shapes[y.name]))
         if lay is None or axis not in lay.keep:
             return
         kept = set(lay.keep[axis].tolist())

@@ -11,7 +11,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxprune.match import rules, shape_expr
-from onnxprune.match.headflow import Flow, FlowFail, HeadMap
+from onnxprune.match.headflow import Flow
+from onnxprune.match.headmap import FlowFail, HeadMap
 
 H, D, F = 4, 8, 32
 HEADS = np.arange(H)                     # owner over a [.., H, ..] axis: unit h is head h
@@ -38,7 +39,7 @@ def make_flow(nodes, inputs: dict, inits: dict | None = None, shapes: dict | Non
     for k, v in inits.items():
         known[k] = tuple(np.shape(v))
     graph = gs.import_onnx(model)
-    flow = Flow(graph, known, {})
+    flow = Flow(graph, known, {}, rules.RULES)
     for h in range(H):
         flow.unit({h})
     return flow, graph.tensors()

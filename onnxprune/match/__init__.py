@@ -10,8 +10,10 @@ from dataclasses import replace
 import onnx_graphsurgeon as gs
 
 from ..block import MatchResult, Miss
+from . import rules
 from .build import build_block
-from .headflow import Flow, FlowFail
+from .headflow import Flow
+from .headmap import FlowFail
 
 
 def _families() -> tuple:
@@ -36,7 +38,7 @@ def match_graph(graph: gs.Graph, shapes: dict, values: dict, model=None) -> Matc
     order = {id(n): i for i, n in enumerate(graph.nodes)}
     anchors = sorted(((order[id(n)], fam, n) for fam in FAMILIES for n in fam.cores(graph)), key=lambda x: x[0])
     for _, fam, node in anchors:
-        flow = Flow(graph, shapes, values)
+        flow = Flow(graph, shapes, values, rules.RULES)
         try:
             num_heads = fam.start(flow, node)
             block = build_block(flow, fam.FAMILY, node, len(found), num_heads)
@@ -60,7 +62,6 @@ def match_graph(graph: gs.Graph, shapes: dict, values: dict, model=None) -> Matc
 def head_attrs(node, block, kept_heads, width: tuple[int, int]) -> dict | None:
     """The new head-count attributes of ``node`` (a family's core, or an op rule's site) when ``block``
     keeps ``kept_heads``; ``width``: its input's last axis before and after. None when no one knows."""
-    from . import rules
     for owner in FAMILIES + (rules,):
         new = owner.head_attrs(node, block, kept_heads, width)
         if new is not None:

@@ -6,7 +6,8 @@ import numpy as np
 
 from ..block import AttentionBlock, HeadTensor, Projection, Site
 from . import shape_expr
-from .headflow import SHAPE_READERS, Flow, FlowFail
+from .headmap import SHAPE_READERS, FlowFail
+from .headflow import Flow
 from ..model.graph import is_const
 
 

@@ -24,44 +24,14 @@ becomes the explained miss that ``onnxprune inspect`` prints.
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..model.graph import const_value, is_const
+from . import shape_expr
+from .headmap import MOVERS, SELECTORS, SHAPE_READERS, STACKERS, FlowFail, HeadMap, broadcast_owner, norm_axis
 
-
-class FlowFail(Exception):
-    def __init__(self, node, reason: str):
-        super().__init__(reason)
-        self.node = node
-        self.reason = reason
-
-
-@dataclass(frozen=True)
-class HeadMap:
-    axes: tuple[int, ...]
-    owner: np.ndarray = field(compare=False)
-
-    def __post_init__(self):
-        assert self.owner.ndim == len(self.axes), (self.axes, self.owner.shape)
-
-
-ELEMENTWISE = {
-    "Add", "Sub", "Mul", "Div", "Pow", "Where", "Cast", "CastLike", "Neg", "Sqrt", "Reciprocal", "Exp",
-    "Log", "Tanh", "Erf", "Relu", "Sigmoid", "Identity", "Abs", "Equal", "Less", "LessOrEqual", "Greater",
-    "GreaterOrEqual", "Not", "And", "Or", "IsNaN", "IsInf", "Max", "Min", "Mod", "Sign", "Floor", "Ceil",
-    "Round", "Sin", "Cos", "Softmax", "LogSoftmax", "Dropout", "Clip", "Gelu", "FastGelu", "BiasGelu",
-}
-NORMS = {"LayerNormalization", "SimplifiedLayerNormalization", "RMSNormalization"}
-SHAPE_READERS = {"Shape", "Size"}
-# ops that move the head axis without mixing heads, and ops that pick positions out of it; used to follow a
-# reader of a block tensor that sits outside the flow (Falcon's K/V columns of the fused QKV view)
-MOVERS = {"Transpose", "Identity", "Cast"}
-SELECTORS = {"Gather", "GatherND", "Slice"}
-# ops that carry a KV cache, unchanged, from the attention to a ``present`` graph output
-STACKERS = MOVERS | {"Unsqueeze", "Concat"}
 
 
 def _as_set(role) -> set:
@@ -70,49 +40,13 @@ def _as_set(role) -> set:
     return {role} if isinstance(role, str) else set(role)
 
 
-def _norm_axis(axis: int, rank: int) -> int:
-    return axis + rank if axis < 0 else axis
-
-
-def _full(hm: HeadMap, shape, axes) -> np.ndarray:
-    """Owner over ``axes`` (a superset of hm.axes), broadcast along the axes hm does not hold."""
-    owner = hm.owner
-    cur = list(hm.axes)
-    for ax in axes:
-        if ax not in cur:
-            pos = sum(1 for c in cur if c < ax)
-            owner = np.repeat(np.expand_dims(owner, pos), shape[ax], axis=pos)
-            cur.insert(pos, ax)
-    order = [cur.index(a) for a in axes]
-    return np.transpose(owner, order)
-
-
-def reshape_groups(in_shape, out_shape):
-    """Pair up runs of axes with equal products: [B,S,F] -> [B,S,H,D] gives (0)(0), (1)(1), (2)(2,3)."""
-    groups, i, j = [], 0, 0
-    n, m = len(in_shape), len(out_shape)
-    while i < n or j < m:
-        gi, gj, pi, pj = [], [], 1, 1
-        if i < n:
-            gi.append(i); pi *= in_shape[i]; i += 1
-        if j < m:
-            gj.append(j); pj *= out_shape[j]; j += 1
-        while pi != pj:
-            if pi < pj and i < n:
-                gi.append(i); pi *= in_shape[i]; i += 1
-            elif pj < pi and j < m:
-                gj.append(j); pj *= out_shape[j]; j += 1
-            else:
-                return None
-        groups.append((gi, gj))
-    return groups
-
-
 class Flow:
-    """One attention block's head flow. Call ``start_*`` once, then ``run()``."""
+    """One attention block's head flow: the walk from a core along the head axis, op by op, with the rule
+    of each op taken from ``rules``. Call ``start_*`` once, then ``run()``."""
 
-    def __init__(self, graph: gs.Graph, shapes: dict[str, tuple], values: dict[str, np.ndarray]):
+    def __init__(self, graph: gs.Graph, shapes: dict[str, tuple], values: dict[str, np.ndarray], rules: dict):
         self.graph = graph
+        self.rules = rules                              # op type -> rule (``rules.RULES``)
         self.shapes = shapes
         self.values = values
         self.maps: dict[str, HeadMap] = {}
@@ -155,7 +89,7 @@ class Flow:
     def _merge(self, t, a: HeadMap, b: HeadMap, node) -> HeadMap:
         shape = self.shape(t)
         axes = tuple(sorted(set(a.axes) | set(b.axes)))
-        oa, ob = _full(a, shape, axes), _full(b, shape, axes)
+        oa, ob = broadcast_owner(a, shape, axes), broadcast_owner(b, shape, axes)
         clash = (oa != -1) & (ob != -1) & (oa != ob)
         if clash.any():
             raise FlowFail(node, f"tensor {t.name!r} is reached with two different head layouts")
@@ -332,7 +266,7 @@ class Flow:
         ax, rank = hm.axes[0], len(self.shape(x))
         if node.op == "Gather":
             idx = const_value(node.inputs[1])
-            if idx is None or _norm_axis(node.attrs.get("axis", 0), rank) != ax:
+            if idx is None or norm_axis(node.attrs.get("axis", 0), rank) != ax:
                 return None
             picked = np.asarray(idx).reshape(-1)
         elif node.op == "GatherND":
@@ -360,8 +294,7 @@ class Flow:
                 uses = self.const_uses.setdefault(inp.name, [])
                 if (node, i) not in uses:
                     uses.append((node, i))
-        from .rules import rule_for
-        rule = rule_for(node.op)
+        rule = self.rules.get(node.op)
         if rule is None:
             raise FlowFail(node, f"{node.op} node {node.name!r} touches a tensor with the head axis "
                                  f"({trigger.name!r}); no rule for {node.op}")
@@ -393,65 +326,15 @@ class Flow:
             return node.inputs[:1], node.outputs[:1]
         return [t for t in node.inputs if t is not None and t.name], node.outputs[:1]
 
-    def regroup(self, node, src, dst, hm: HeadMap) -> HeadMap:
-        src_shape, dst_shape = self.shape(src), self.shape(dst)
-        groups = reshape_groups(src_shape, dst_shape)
-        if groups is None:
-            raise FlowFail(node, f"cannot pair the axes of {list(src_shape)} and {list(dst_shape)}")
-        owners, axes = [], []
-        for gi, gj in groups:
-            if not any(a in hm.axes for a in gi):
-                continue
-            if not gj:
-                raise FlowFail(node, "head axis reshaped away")
-            full = _full(hm, src_shape, tuple(sorted(set(hm.axes) | set(gi))))
-            # take this group's slice: index 0 along hm axes outside the group (they stay where they are)
-            outside = [a for a in sorted(set(hm.axes) | set(gi)) if a not in gi]
-            if outside:
-                raise FlowFail(node, "head axes fall in several reshape groups")
-            owners.append(full.reshape([dst_shape[a] for a in gj]))
-            axes.append(tuple(gj))
-        if len(owners) != 1:
-            raise FlowFail(node, "head axes fall in several reshape groups")
-        return HeadMap(axes[0], owners[0])
-
     def axes_arg(self, node, rank):
         if len(node.inputs) > 1 and node.inputs[1] is not None and node.inputs[1].name:
             val = const_value(node.inputs[1])
             if val is None:
                 raise FlowFail(node, f"{node.op} axes are computed at run time")
-            return [_norm_axis(int(a), rank) for a in np.atleast_1d(val)]
+            return [norm_axis(int(a), rank) for a in np.atleast_1d(val)]
         if "axes" in node.attrs:
-            return [_norm_axis(int(a), rank) for a in node.attrs["axes"]]
+            return [norm_axis(int(a), rank) for a in node.attrs["axes"]]
         return None
-
-    def embed(self, node, out_map: HeadMap, out_shape, in_shape, positions: dict[int, np.ndarray],
-               dropped: dict[int, int] | None = None) -> HeadMap:
-        """Input map of a selecting op (Split, Slice, Gather): out index i sits at positions[axis][i].
-
-        ``dropped`` maps an input axis removed by a scalar Gather to its index.
-        """
-        dropped = dropped or {}
-        in_rank = len(in_shape)
-        out_axes_of_in = [a for a in range(in_rank) if a not in dropped]   # input axis of each output axis
-        in_axes = sorted({out_axes_of_in[a] for a in out_map.axes} | set(positions) | set(dropped))
-        out_axes_needed = [out_axes_of_in.index(a) for a in in_axes if a not in dropped]
-        full = _full(out_map, out_shape, tuple(sorted(out_axes_needed)))
-        owner = np.full([in_shape[a] for a in in_axes], -1, dtype=np.int64)
-        index = []
-        for a in in_axes:
-            if a in dropped:
-                index.append(np.array([dropped[a]]))
-            elif a in positions:
-                index.append(positions[a])
-            else:
-                index.append(np.arange(in_shape[a]))
-        src = full
-        for pos, a in enumerate(in_axes):
-            if a in dropped:
-                src = np.expand_dims(src, pos)
-        owner[np.ix_(*index)] = src
-        return HeadMap(tuple(in_axes), owner)
 
     def graph_tensors(self) -> dict:
         if self._graph_tensors is None:
@@ -460,7 +343,6 @@ class Flow:
 
     def bound_value(self, t):
         """A Slice bound: constant, or computed from fixed sizes only (see ``shape_expr.bound_value``)."""
-        from . import shape_expr
         return shape_expr.bound_value(t, self.shapes, self.values, self.graph_tensors())
 
     def slice_positions(self, node, relevant=None) -> dict[int, np.ndarray]:
@@ -475,7 +357,7 @@ class Flow:
             if axes is None and len(node.inputs) > 3 and node.inputs[3] is not None and node.inputs[3].name:
                 raise FlowFail(node, "Slice axes are computed at run time")
             axes = range(len(self.shape(node.inputs[1]))) if axes is None else axes
-            if relevant is not None and not any(_norm_axis(int(a), len(in_shape)) in relevant for a in axes):
+            if relevant is not None and not any(norm_axis(int(a), len(in_shape)) in relevant for a in axes):
                 return {}       # runtime bounds off the head axes: the slice leaves the heads as they are
             # on a head axis, bounds computed from fixed sizes only are as good as constants
             args = [self.bound_value(t) if t is not None and t.name else None for t in node.inputs[1:5]]
@@ -487,7 +369,7 @@ class Flow:
         steps = np.ones(len(starts), dtype=np.int64) if steps is None else steps
         out = {}
         for s, e, a, st in zip(starts, ends, axes, steps):
-            a = _norm_axis(int(a), len(in_shape))
+            a = norm_axis(int(a), len(in_shape))
             out[a] = np.arange(in_shape[a])[slice(int(s), int(e), int(st))]
         return out
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .headflow import FlowFail, HeadMap
+from .headmap import FlowFail, HeadMap
 
 FAMILY = "onnx-attention"
 

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .headflow import Flow, FlowFail, HeadMap
+from .headflow import Flow
+from .headmap import FlowFail, HeadMap
 from ..model.graph import is_const
 
 FAMILY = "ort-fused"

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .headflow import ELEMENTWISE, NORMS, FlowFail, HeadMap, _norm_axis
 from ..model.graph import const_value, is_const
+from .headmap import ELEMENTWISE, NORMS, FlowFail, HeadMap, embed, norm_axis, regroup
 
 
 def elementwise(flow, node, direction, trigger):
@@ -33,7 +33,7 @@ def elementwise(flow, node, direction, trigger):
     if hm is None:
         return
     if node.op in ("Softmax", "LogSoftmax"):
-        axis = _norm_axis(node.attrs.get("axis", -1), len(out_shape))
+        axis = norm_axis(node.attrs.get("axis", -1), len(out_shape))
         if axis in hm.axes:
             raise FlowFail(node, f"{node.op} normalises over the head axis")
     for t in ins:
@@ -45,7 +45,7 @@ def elementwise(flow, node, direction, trigger):
 def norm(flow, node, direction, trigger):
     x = node.inputs[0]
     rank = len(flow.shape(x))
-    axis = _norm_axis(node.attrs.get("axis", -1), rank)
+    axis = norm_axis(node.attrs.get("axis", -1), rank)
     known = flow.maps.get(trigger.name)
     if known and any(a >= axis for a in known.axes):
         if not _one_head_per_group(known, axis, partial=True):
@@ -94,9 +94,9 @@ def reshape(flow, node, direction, trigger):
     if trigger is not x and direction == "down":
         raise FlowFail(node, "Reshape shape input carries the head axis")
     if direction == "up":
-        flow.assign(x, flow.regroup(node, y, x, flow.maps[y.name]), "up", node, flow.role_of(y))
+        flow.assign(x, regroup(node, flow.shape(y), flow.shape(x), flow.maps[y.name]), "up", node, flow.role_of(y))
     else:
-        flow.assign(y, flow.regroup(node, x, y, flow.maps[x.name]), "down", node, flow.role_of(x))
+        flow.assign(y, regroup(node, flow.shape(x), flow.shape(y), flow.maps[x.name]), "down", node, flow.role_of(x))
     if ("reshape", node) not in flow.sites:
         flow.sites.append(("reshape", node))
 
@@ -166,7 +166,7 @@ def expand(flow, node, direction, trigger):
 def split(flow, node, direction, trigger):
     x = node.inputs[0]
     in_shape = flow.shape(x)
-    axis = _norm_axis(node.attrs.get("axis", 0), len(in_shape))
+    axis = norm_axis(node.attrs.get("axis", 0), len(in_shape))
     sizes = [flow.shape(o)[axis] for o in node.outputs]
     if direction == "down":
         raise FlowFail(node, "Split of a tensor that already carries the head axis")
@@ -174,7 +174,7 @@ def split(flow, node, direction, trigger):
     for k, out in enumerate(node.outputs):
         if out.name in flow.maps:
             pos = {axis: np.arange(offsets[k], offsets[k + 1])}
-            flow.assign(x, flow.embed(node, flow.maps[out.name], flow.shape(out), in_shape, pos),
+            flow.assign(x, embed(node, flow.maps[out.name], flow.shape(out), in_shape, pos),
                         "up", node, flow.role_of(out))
     if ("split", node) not in flow.sites:
         flow.sites.append(("split", node))
@@ -189,7 +189,7 @@ def slice_(flow, node, direction, trigger):
         out_map = flow.maps[y.name]
         pos = flow.slice_positions(node, set(out_map.axes))
         pos = {a: p for a, p in pos.items() if a in out_map.axes or len(p) != flow.shape(x)[a]}
-        flow.assign(x, flow.embed(node, out_map, flow.shape(y), flow.shape(x), pos), "up", node,
+        flow.assign(x, embed(node, out_map, flow.shape(y), flow.shape(x), pos), "up", node,
                     flow.role_of(y))
     else:
         hm = flow.maps[x.name]
@@ -206,7 +206,7 @@ def slice_(flow, node, direction, trigger):
 def gather(flow, node, direction, trigger):
     data, idx, y = node.inputs[0], node.inputs[1], node.outputs[0]
     in_shape, idx_shape = flow.shape(data), flow.shape(idx)
-    axis = _norm_axis(node.attrs.get("axis", 0), len(in_shape))
+    axis = norm_axis(node.attrs.get("axis", 0), len(in_shape))
     if trigger is idx:
         raise FlowFail(node, "Gather indices carry the head axis")
     k = len(idx_shape)
@@ -226,7 +226,7 @@ def gather(flow, node, direction, trigger):
         val = const_value(idx)
         if val is not None and k == 0:
             dropped = {axis: int(val) % in_shape[axis]}
-            flow.assign(data, flow.embed(node, hm, flow.shape(y), in_shape, {}, dropped), "up", node,
+            flow.assign(data, embed(node, hm, flow.shape(y), in_shape, {}, dropped), "up", node,
                         flow.role_of(y))
         else:
             flow.assign(data, HeadMap(tuple(out_to_in(a) for a in hm.axes), hm.owner), "up", node,
@@ -246,7 +246,7 @@ def gather(flow, node, direction, trigger):
 def concat(flow, node, direction, trigger):
     y = node.outputs[0]
     out_shape = flow.shape(y)
-    axis = _norm_axis(node.attrs["axis"], len(out_shape))
+    axis = norm_axis(node.attrs["axis"], len(out_shape))
     if direction == "down":
         hm = flow.maps[trigger.name]
         if axis in hm.axes:
@@ -387,7 +387,7 @@ def gather_elements(flow, node, direction, trigger):
     too."""
     data, idx, y = node.inputs[0], node.inputs[1], node.outputs[0]
     sd, si = flow.shape(data), flow.shape(idx)
-    axis = _norm_axis(node.attrs.get("axis", 0), len(sd))
+    axis = norm_axis(node.attrs.get("axis", 0), len(sd))
     if direction == "down" and trigger is idx:
         raise FlowFail(node, "GatherElements indices carry the head axis")
     hm = flow.maps[data.name] if direction == "down" else flow.maps[y.name]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .headflow import FlowFail, HeadMap, _norm_axis
+from .headmap import FlowFail, HeadMap, norm_axis
 
 FAMILY = "torch-export"
 
@@ -28,7 +28,7 @@ def start(flow, node):
     rank = len(shape)
     if rank not in (3, 4):
         raise FlowFail(node, f"attention scores are {rank}-D {list(shape)}; expected [B, H, S, T] or [B*H, S, T]")
-    if _norm_axis(node.attrs.get("axis", -1), rank) != rank - 1:
+    if norm_axis(node.attrs.get("axis", -1), rank) != rank - 1:
         raise FlowFail(node, "Softmax is not over the last axis")
     if rank == 4:
         hm = HeadMap((1,), np.array([flow.unit({h}) for h in range(shape[1])]))
