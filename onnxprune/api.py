@@ -125,7 +125,7 @@ def prune_model(model, ratio=None, *, kept: dict[int, list[int]] | None = None,
     if external_dir != options.external_dir:
         options = replace(options, external_dir=external_dir)
     state = pipeline.run_stages(pipeline.STAGES, pipeline.start(model, options), options)
-    return PruneResult(state.pruned, state.blocks, state.plans, state.applied, state.scores,
+    return PruneResult(state.pruned, state.blocks, state.kept, {i: p.min_heads_applied for i, p in state.plans.items()}, state.scores,
                        pipeline.count_params(state.original), pipeline.count_params(state.pruned),
                        max_error=state.max_error, misses=state.matched.misses, gqa=state.gqa,
                        io_keep=state.io_keep, kv_cache=state.kv_cache,

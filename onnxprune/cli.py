@@ -237,7 +237,7 @@ def run_bench(argv) -> int:
             with np_load(args.inputs) as z:
                 data = {k: z[k] for k in z.files}
         except (OSError, ValueError, EOFError) as exc:
-            from .calibrate import npz_reason
+            from .calibration.data import npz_reason
             raise InputError(f"{args.inputs}: not a readable .npz file ({npz_reason(exc)})") from None
     with Progress(args.runs, "timing", min_total=1, unit="runs") as progress:
         result = bench(args.original, args.pruned, args.provider, args.batch, args.seq, args.threads,
@@ -268,7 +268,7 @@ def run_inspect(argv) -> int:
 
 
 def _calib(args, model):
-    from .calibrate import load_calib
+    from .calibration.data import load_calib
     return load_calib(args.calib, model) if args.calib else None
 
 

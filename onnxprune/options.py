@@ -11,10 +11,12 @@ from typing import Mapping
 import numpy as np
 
 from .errors import PlanError
+from .importance import check_source
+from .plan import exact_ratio
+from .transforms.compensate import COMPENSATE_MODES
 
 SCOPES = ("layer", "global")
 GQA_MODES = ("group", "uniform")
-COMPENSATE_MODES = ("auto", "bias", "scale", "refit")
 ATOL = 1e-4             # pruned == masked, fp32
 ATOL_FP16 = 1e-2        # fp16 weights: ORT's fp16 kernels differ by this much on the same math
 
@@ -49,7 +51,6 @@ class PruneOptions:
     external_dir: str | os.PathLike | None = None
 
     def __post_init__(self):
-        from .plan import exact_ratio
         chosen = [n for n in ("ratio", "threshold", "kept", "heads_to_prune") if getattr(self, n) is not None]
         if len(chosen) != 1:
             raise PlanError("give exactly one of ratio, threshold, kept, heads_to_prune"
@@ -76,7 +77,6 @@ class PruneOptions:
             raise PlanError(f"unknown compensation {self.compensate!r}; use one of {', '.join(COMPENSATE_MODES)}")
         if self.atol is not None and not (finite_number(self.atol) and self.atol >= 0):
             raise PlanError(f"atol must be a finite number >= 0, got {self.atol!r}")
-        from .importance import check_source
         check_source(self.importance)
 
     @property

@@ -26,10 +26,11 @@ from .model.dtypes import FLOAT_TYPES
 from .model.graph import attach_external, to_graph
 from .model.proto import name_nodes
 from .match import match_graph
-from .model.graph import identity_source
 from .options import PruneOptions
 from .probe import probe
 from .inputs import synth_inputs
+from .calibration.session import open_session
+from .transforms.compensate import compensation, with_weights
 
 
 @dataclass(frozen=True)
@@ -48,8 +49,7 @@ class State:
     scores: dict = field(default_factory=dict)
     source: str = "given"
     calibration: object = field(default=None, repr=False)
-    plans: dict = field(default_factory=dict)
-    applied: dict = field(default_factory=dict)
+    plans: dict = field(default_factory=dict)     # block index -> plan.BlockPlan
     compensated: str | None = None
     fits: tuple = ()                          # what --compensate auto chose per block (transforms.compensate)
     pruned: onnx.ModelProto | None = None
@@ -62,8 +62,13 @@ class State:
         return self.matched.blocks if self.matched is not None else ()
 
     @property
+    def kept(self) -> dict[int, tuple[int, ...]]:
+        """The heads each block keeps."""
+        return {i: p.kept_heads for i, p in self.plans.items()}
+
+    @property
     def changes(self) -> bool:
-        return any(self.plans[b.index] != tuple(range(b.num_heads)) for b in self.blocks)
+        return any(self.plans[b.index].kept_heads != tuple(range(b.num_heads)) for b in self.blocks)
 
 
 @dataclass(frozen=True)
@@ -158,197 +163,19 @@ def score(state: State, options: PruneOptions) -> State:
         from .importance.initializers import stored_method
         method = stored_method(state.model)
         source = f"initializers ({method})" if method else "initializers"
-    return replace(state, scores=scores, source=source, calibration=ctx._calibration)
+    return replace(state, scores=scores, source=source, calibration=ctx.session)
 
 
 def calibration(state: State, options: PruneOptions, outputs: bool = True):
-    """The shared calibration session on ``state.model``: ``options.calib``, or synthetic inputs. Without
-    ``outputs`` it computes the heads' contexts only (activation scores, compensation): an LLM's output
-    head, its logits and the transposed embedding that a tied head makes are then never computed."""
-    from .calibrate import Calibrator, batches
-    from .inputs import fixed_sizes
+    """The shared calibration session on ``state.model`` (``calibration.session.open_session``)."""
     if state.quant is not None:      # calibration runs the whole float view: every weight dequantized
         state.quant.materialize(state.model)
-    data = options.calib if options.calib is not None else synth_inputs(state.model, seed=7, batch=32, seq=16)
-    fixed_batch, _ = fixed_sizes(state.model)          # a model whose batch is fixed takes batches of that size
-    if fixed_batch and len(next(iter(data.values()))) % fixed_batch:
-        raise InputError(f"the model's batch is fixed at {fixed_batch}; the calibration data's "
-                         f"{len(next(iter(data.values())))} samples are not a multiple of it")
-    size = fixed_batch or calibration_batch(state, data)
-    return Calibrator(state.model, state.blocks, batches(data, size), options.external_dir, outputs=outputs)
-
-
-OUTPUT_BUDGET = 256 << 20     # calibration batches are cut so that the model's outputs of one stay below this
-
-
-def calibration_batch(state: State, data: dict) -> int:
-    """Samples per calibration batch: ``calibrate.BATCH``, fewer when the model's outputs of that many would
-    pass ``OUTPUT_BUDGET`` (an LLM's logits: [16, 128, 262144] floats are 2 GB, and ONNX Runtime keeps a few
-    tensors of that size alive while it computes them). Sizes from the probe, scaled to the data's length."""
-    from .calibrate import BATCH
-    graph_inputs = [i.name for i in state.model.graph.input if i.name in state.shapes]
-    probe_shape = state.shapes[graph_inputs[0]] if graph_inputs else ()
-    sample = next(iter(data.values()))
-    if len(probe_shape) < 2 or sample.ndim < 2:
-        return BATCH
-    probe_tokens = max(probe_shape[0] * probe_shape[1], 1)
-    per_token = sum(4 * int(np.prod(state.shapes[o.name])) for o in state.model.graph.output
-                    if o.name in state.shapes) / probe_tokens
-    per_sample = per_token * sample.shape[1]
-    return int(max(1, min(BATCH, OUTPUT_BUDGET // max(per_sample, 1))))
+    return open_session(state.model, state.blocks, state.shapes, options.calib, options.external_dir, outputs)
 
 
 def make_plan(state: State, options: PruneOptions) -> State:
-    """Which heads every block keeps."""
-    shared = shared_blocks(state.blocks, state.graph)
-    blocks, scores, gqa = state.blocks, _shared_scores(state.blocks, shared, state.scores), state.gqa
-    plans, applied = {}, {}
-    if options.heads_to_prune is not None:
-        from .plan import check_heads_to_prune
-        check_heads_to_prune(options.heads_to_prune, blocks)
-    if options.threshold is not None or (options.ratio is not None and options.scope == "global"):
-        try:
-            joint = planning.plan_model(scores, {b.index: b.kv_groups for b in blocks}, ratio=options.ratio,
-                                        threshold=options.threshold, min_heads=options.min_heads, gqa=gqa)
-        except ValueError as exc:
-            raise PlanError(str(exc)) from None
-        for b in blocks:
-            plans[b.index], applied[b.index] = joint[b.index].kept_heads, joint[b.index].min_heads_applied
-    for b in blocks:
-        if b.index in plans:
-            continue
-        if options.ratio is not None:
-            try:
-                bp = planning.plan_block(scores[b.index], options.ratio, b.kv_groups, options.min_heads, gqa)
-            except ValueError as exc:
-                raise PlanError(f"block {b.index} ({b.name}): {exc}") from None
-            plans[b.index], applied[b.index] = bp.kept_heads, bp.min_heads_applied
-        elif options.kept is not None:
-            plans[b.index], applied[b.index] = tuple(sorted(set(options.kept.get(b.index, range(b.num_heads))))), False
-        else:
-            drop = set(options.heads_to_prune.get(b.index, ()))
-            plans[b.index], applied[b.index] = tuple(h for h in range(b.num_heads) if h not in drop), False
-    if options.selects_by_score:
-        plans, applied = _tie_shared(blocks, shared, plans, applied)
-        for b in blocks:
-            rows = head_grid(b)
-            if rows is not None:
-                plans[b.index] = fit_grid(plans[b.index], rows, scores[b.index])
-    if options.multiple_of is not None:
-        for b in blocks:
-            try:
-                plans[b.index] = planning.align_heads(plans[b.index], scores[b.index], b.kv_groups, b.head_dim,
-                                                      options.multiple_of, gqa)
-            except (PlanError, ValueError) as exc:
-                raise PlanError(f"--multiple-of {options.multiple_of}: block {b.index} ({b.name}): {exc}") from None
-    return replace(state, plans=plans, applied=applied)
-
-
-def head_grid(block) -> list[list[int]] | None:
-    """The heads as rows of a grid, when a tensor of ``block`` holds them on two axes (CodeGen packs q, k and
-    v per shard: shards x heads of a shard). The kept heads must then be a rectangle of it: the same
-    positions in every kept row. None for every other layout."""
-    for t in block.tensors:
-        if len(t.axes) != 2 or t.copies:
-            continue
-        rows = []
-        for row in np.asarray(t.owner):
-            heads = []
-            for u in row:
-                if u < 0 or len(block.units[u]) != 1:
-                    continue
-                h = next(iter(block.units[u]))
-                if h not in heads:
-                    heads.append(h)
-            rows.append(heads)
-        if len(rows) > 1 and len(rows[0]) > 1 and all(len(r) == len(rows[0]) for r in rows) \
-                and sorted(h for r in rows for h in r) == list(range(block.num_heads)):
-            return rows
-    return None
-
-
-def fit_grid(kept: tuple, rows: list[list[int]], scores) -> tuple:
-    """``kept`` if it is a rectangle of the grid ``rows``; else the rectangle of the same size (or, where
-    none has it, of the next size that one has) with the highest total score, ties to the lower heads."""
-    import itertools
-    kept_rows = [r for r in rows if set(r) & set(kept)]
-    cols = [tuple(i for i, h in enumerate(r) if h in kept) for r in kept_rows]
-    if len(set(cols)) == 1 and sum(len(c) for c in cols) == len(kept):
-        return kept
-    n_rows, n_cols = len(rows), len(rows[0])
-    for size in range(len(kept), n_rows * n_cols + 1):
-        best = None
-        for r in range(1, n_rows + 1):
-            if size % r or size // r > n_cols:
-                continue
-            for rs in itertools.combinations(range(n_rows), r):
-                for cs in itertools.combinations(range(n_cols), size // r):
-                    heads = tuple(sorted(rows[i][j] for i in rs for j in cs))
-                    key = (-sum(float(scores[h]) for h in heads), heads)
-                    if best is None or key < best[0]:
-                        best = (key, heads)
-        if best is not None:
-            return best[1]
-    return tuple(range(n_rows * n_cols))
-
-
-def shared_blocks(blocks, graph) -> list[list[int]]:
-    """Groups of blocks (indices) that read one weight or bias between them (ALBERT shares one layer across
-    all of them; TorchScript shares equal weights through Identity), each group with at least two."""
-    if graph is None:
-        return []
-    tensors = graph.tensors()
-    owner: dict[str, int] = {}
-    parent = {b.index: b.index for b in blocks}
-
-    def find(i):
-        while parent[i] != i:
-            i = parent[i]
-        return i
-
-    for b in blocks:
-        for t in b.tensors:
-            if not t.constant or t.name not in tensors:
-                continue
-            src = identity_source(tensors[t.name])
-            if src.name in owner:
-                parent[find(b.index)] = find(owner[src.name])
-            else:
-                owner[src.name] = b.index
-    groups: dict[int, list[int]] = {}
-    for b in blocks:
-        groups.setdefault(find(b.index), []).append(b.index)
-    return [g for g in groups.values() if len(g) > 1]
-
-
-def _shared_scores(blocks, shared: list[list[int]], scores: dict) -> dict:
-    """Blocks that share weights will keep the same heads: each is planned on the mean of their scores
-    (each block's scores normalised first), so that every layer that runs the weights has its say."""
-    if not scores:
-        return scores
-    out = dict(scores)
-    by_index = {b.index: b for b in blocks}
-    for group in shared:
-        same = [i for i in group if by_index[i].num_heads == by_index[group[0]].num_heads]
-        if len(same) > 1:
-            mean = np.mean([scores[i] / (np.linalg.norm(scores[i]) or 1.0) for i in same], axis=0)
-            for i in same:
-                out[i] = mean
-    return out
-
-
-def _tie_shared(blocks, shared: list[list[int]], plans, applied):
-    """Blocks that share weights keep the same heads, so that one slice of the shared weights serves them
-    all: each takes the plan of the first block of its group, made on the group's mean scores
-    (``_shared_scores``). (Lists of heads given by hand stay as given;
-    blocks that keep different heads then each get a slice of their own.)"""
-    by_index = {b.index: b for b in blocks}
-    for group in shared:
-        first = by_index[group[0]]
-        for i in group[1:]:
-            if by_index[i].num_heads == first.num_heads and by_index[i].kv_groups == first.kv_groups:
-                plans[i], applied[i] = plans[first.index], applied[first.index]
-    return plans, applied
+    """What every block keeps (``plan.plan_blocks``)."""
+    return replace(state, plans=planning.plan_blocks(state.blocks, state.scores, state.graph, options, state.gqa))
 
 
 def compensate(state: State, options: PruneOptions) -> State:
@@ -365,7 +192,7 @@ def compensate(state: State, options: PruneOptions) -> State:
                         "(the model reuses one layer's weights), and one refit cannot serve both; prune "
                         "without --compensate")
     fits: list = []
-    edited = cal.edited_model(state.model, cal.compensate(state.plans, options.compensate, fits))
+    edited = with_weights(state.model, cal, compensation(cal, state.kept, options.compensate, report=fits))
     cal.session = None          # its weights, in ONNX Runtime, would sit beside the next probe's: let them go
     release_memory()
     again = match(replace(state, model=edited, graph=None, calibration=None), options)
@@ -387,14 +214,14 @@ def rewrite(state: State, options: PruneOptions) -> State:
     dead = dead_nodes(graph)
     rewriter = Rewriter(graph, state.shapes, state.values)
     for b in state.blocks:
-        rewriter.plan(b, state.plans[b.index])       # every check first ...
+        rewriter.plan(b, state.plans[b.index].kept_heads)       # every check first ...
     rewriter.commit()                                 # ... then every edit
     with contextlib.chdir(options.external_dir or "."):   # the checker finds external data files from there
         pruned = export(graph, state.model, dead)
         if state.quant is not None:       # the float view, pruned: back to the quantized form
             pruned = refold(pruned, state.quant, rewriter.cuts)
         pruned = check_model(pruned, state.quant.real if state.quant is not None else state.model)
-    carry_importance(state.model, pruned, state.blocks, state.plans)
+    carry_importance(state.model, pruned, state.blocks, state.kept)
     io_keep = rewriter.io_keep
     del graph, rewriter, dead        # the sliced weights now live in ``pruned`` only: free the graph's copies
     state = replace(state, pruned=pruned, graph=None, io_keep=io_keep)
@@ -409,10 +236,10 @@ def verify(state: State, options: PruneOptions) -> State:
         return state
     if state.quant is not None:
         from .quant import masked as masked_quantized
-        masked = masked_quantized(state.quant, state.model, state.blocks, state.plans)
+        masked = masked_quantized(state.quant, state.model, state.blocks, state.kept)
     else:
         from .verify import masked_model
-        masked = masked_model(state.model, list(state.blocks), state.plans, options.external_dir)
+        masked = masked_model(state.model, list(state.blocks), state.kept, options.external_dir)
     error = prove_equal(masked, state.pruned, state.model, state.feeds, state.io_keep, options.external_dir,
                         options.tolerance(is_fp16(state.original)))
     return replace(state, max_error=error)

@@ -7,6 +7,7 @@ Keep counts are computed in exact rational arithmetic. ``ratio`` is read the way
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
@@ -18,6 +19,7 @@ import numpy as np
 
 from .errors import InputError, PlanError
 from .files import read_json
+from .model.graph import identity_source
 
 
 def exact_ratio(ratio: float | str | Fraction | Decimal) -> Fraction:
@@ -276,3 +278,157 @@ def check_heads_to_prune(heads_to_prune: dict[int, list[int]], blocks):
         bad = [h for h in heads if not 0 <= h < blocks[b].num_heads]
         if bad:
             raise InputError(f"heads to prune: block {b} has {blocks[b].num_heads} heads; no head {bad[0]}")
+
+
+def plan_blocks(blocks, scores: dict, graph, options, gqa: str) -> dict[int, BlockPlan]:
+    """Every block's plan from ``options`` (a ratio, a threshold, lists of heads to keep or to remove):
+    planned per layer or globally, blocks that share weights tied, heads held in a grid kept as a rectangle
+    of it, and counts rounded to ``options.multiple_of``. ``graph``: the model's graphsurgeon graph (which
+    blocks share weights); ``gqa``: ``uniform`` or ``group``."""
+    shared = shared_blocks(blocks, graph)
+    scores = _shared_scores(blocks, shared, scores)
+    plans, applied = {}, {}
+    if options.heads_to_prune is not None:
+        check_heads_to_prune(options.heads_to_prune, blocks)
+    if options.threshold is not None or (options.ratio is not None and options.scope == "global"):
+        try:
+            joint = plan_model(scores, {b.index: b.kv_groups for b in blocks}, ratio=options.ratio,
+                            threshold=options.threshold, min_heads=options.min_heads, gqa=gqa)
+        except ValueError as exc:
+            raise PlanError(str(exc)) from None
+        for b in blocks:
+            plans[b.index], applied[b.index] = joint[b.index].kept_heads, joint[b.index].min_heads_applied
+    for b in blocks:
+        if b.index in plans:
+            continue
+        if options.ratio is not None:
+            try:
+                bp = plan_block(scores[b.index], options.ratio, b.kv_groups, options.min_heads, gqa)
+            except ValueError as exc:
+                raise PlanError(f"block {b.index} ({b.name}): {exc}") from None
+            plans[b.index], applied[b.index] = bp.kept_heads, bp.min_heads_applied
+        elif options.kept is not None:
+            plans[b.index], applied[b.index] = tuple(sorted(set(options.kept.get(b.index, range(b.num_heads))))), False
+        else:
+            drop = set(options.heads_to_prune.get(b.index, ()))
+            plans[b.index], applied[b.index] = tuple(h for h in range(b.num_heads) if h not in drop), False
+    if options.selects_by_score:
+        plans, applied = _tie_shared(blocks, shared, plans, applied)
+        for b in blocks:
+            rows = head_grid(b)
+            if rows is not None:
+                plans[b.index] = fit_grid(plans[b.index], rows, scores[b.index])
+    if options.multiple_of is not None:
+        for b in blocks:
+            try:
+                plans[b.index] = align_heads(plans[b.index], scores[b.index], b.kv_groups, b.head_dim,
+                                        options.multiple_of, gqa)
+            except (PlanError, ValueError) as exc:
+                raise PlanError(f"--multiple-of {options.multiple_of}: block {b.index} ({b.name}): {exc}") from None
+    return {b.index: BlockPlan(plans[b.index], applied[b.index]) for b in blocks}
+
+
+def head_grid(block) -> list[list[int]] | None:
+    """The heads as rows of a grid, when a tensor of ``block`` holds them on two axes (CodeGen packs q, k and
+    v per shard: shards x heads of a shard). The kept heads must then be a rectangle of it: the same
+    positions in every kept row. None for every other layout."""
+    for t in block.tensors:
+        if len(t.axes) != 2 or t.copies:
+            continue
+        rows = []
+        for row in np.asarray(t.owner):
+            heads = []
+            for u in row:
+                if u < 0 or len(block.units[u]) != 1:
+                    continue
+                h = next(iter(block.units[u]))
+                if h not in heads:
+                    heads.append(h)
+            rows.append(heads)
+        if len(rows) > 1 and len(rows[0]) > 1 and all(len(r) == len(rows[0]) for r in rows) \
+                and sorted(h for r in rows for h in r) == list(range(block.num_heads)):
+            return rows
+    return None
+
+
+def fit_grid(kept: tuple, rows: list[list[int]], scores) -> tuple:
+    """``kept`` if it is a rectangle of the grid ``rows``; else the rectangle of the same size (or, where
+    none has it, of the next size that one has) with the highest total score, ties to the lower heads."""
+    kept_rows = [r for r in rows if set(r) & set(kept)]
+    cols = [tuple(i for i, h in enumerate(r) if h in kept) for r in kept_rows]
+    if len(set(cols)) == 1 and sum(len(c) for c in cols) == len(kept):
+        return kept
+    n_rows, n_cols = len(rows), len(rows[0])
+    for size in range(len(kept), n_rows * n_cols + 1):
+        best = None
+        for r in range(1, n_rows + 1):
+            if size % r or size // r > n_cols:
+                continue
+            for rs in itertools.combinations(range(n_rows), r):
+                for cs in itertools.combinations(range(n_cols), size // r):
+                    heads = tuple(sorted(rows[i][j] for i in rs for j in cs))
+                    key = (-sum(float(scores[h]) for h in heads), heads)
+                    if best is None or key < best[0]:
+                        best = (key, heads)
+        if best is not None:
+            return best[1]
+    return tuple(range(n_rows * n_cols))
+
+
+def shared_blocks(blocks, graph) -> list[list[int]]:
+    """Groups of blocks (indices) that read one weight or bias between them (ALBERT shares one layer across
+    all of them; TorchScript shares equal weights through Identity), each group with at least two."""
+    if graph is None:
+        return []
+    tensors = graph.tensors()
+    owner: dict[str, int] = {}
+    parent = {b.index: b.index for b in blocks}
+
+    def find(i):
+        while parent[i] != i:
+            i = parent[i]
+        return i
+
+    for b in blocks:
+        for t in b.tensors:
+            if not t.constant or t.name not in tensors:
+                continue
+            src = identity_source(tensors[t.name])
+            if src.name in owner:
+                parent[find(b.index)] = find(owner[src.name])
+            else:
+                owner[src.name] = b.index
+    groups: dict[int, list[int]] = {}
+    for b in blocks:
+        groups.setdefault(find(b.index), []).append(b.index)
+    return [g for g in groups.values() if len(g) > 1]
+
+
+def _shared_scores(blocks, shared: list[list[int]], scores: dict) -> dict:
+    """Blocks that share weights will keep the same heads: each is planned on the mean of their scores
+    (each block's scores normalised first), so that every layer that runs the weights has its say."""
+    if not scores:
+        return scores
+    out = dict(scores)
+    by_index = {b.index: b for b in blocks}
+    for group in shared:
+        same = [i for i in group if by_index[i].num_heads == by_index[group[0]].num_heads]
+        if len(same) > 1:
+            mean = np.mean([scores[i] / (np.linalg.norm(scores[i]) or 1.0) for i in same], axis=0)
+            for i in same:
+                out[i] = mean
+    return out
+
+
+def _tie_shared(blocks, shared: list[list[int]], plans, applied):
+    """Blocks that share weights keep the same heads, so that one slice of the shared weights serves them
+    all: each takes the plan of the first block of its group, made on the group's mean scores
+    (``_shared_scores``). (Lists of heads given by hand stay as given;
+    blocks that keep different heads then each get a slice of their own.)"""
+    by_index = {b.index: b for b in blocks}
+    for group in shared:
+        first = by_index[group[0]]
+        for i in group[1:]:
+            if by_index[i].num_heads == first.num_heads and by_index[i].kv_groups == first.kv_groups:
+                plans[i], applied[i] = plans[first.index], applied[first.index]
+    return plans, applied

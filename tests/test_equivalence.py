@@ -96,7 +96,7 @@ def _shares_weights(model):
 def _random_keep(block, rng):
     """A random keep set that every layout accepts: the same count in every KV group, a rectangle of a grid
     of heads (CodeGen)."""
-    from onnxprune.pipeline import head_grid
+    from onnxprune.plan import head_grid
     rows = head_grid(block)
     if rows is not None:
         rs = rng.choice(len(rows), size=int(rng.integers(1, len(rows) + 1)), replace=False)
@@ -312,11 +312,13 @@ def test_shared_blocks_are_calibrated_one_by_one(name):
     """Calibrated importance masks each block's heads through a copy of the shared output projection of its
     own: removing a head in block 0 does not change it in block 1, so the two blocks' ablation scores differ,
     then the plan ties them. One refit cannot serve two blocks: --compensate says so."""
-    from onnxprune.calibrate import Calibrator, batches
+    from onnxprune.importance import calibrated_scores
+    from onnxprune.calibration.session import Calibrator
+    from onnxprune.calibration.data import batches
     model = _load(name)
     feeds = synth_inputs(model, batch=4)
     cal = Calibrator(model, inspect_model(model).blocks, batches(feeds), progress=False)
-    scores = cal.importance("ablation")
+    scores = calibrated_scores(cal, "ablation")
     assert cal.shared == {1} and not np.allclose(scores[0], scores[1])
     result = prune_model(model, 0.5, importance="ablation", calib=feeds)
     assert result.max_error <= ATOL and result.params_before - result.params_after == 2096

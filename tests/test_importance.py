@@ -9,7 +9,10 @@ from onnx import numpy_helper
 
 from onnxprune import prune_model
 from onnxprune.api import inspect_model, score_model
-from onnxprune.calibrate import Calibrator, batches, load_calib
+from onnxprune.importance import calibrated_scores
+from onnxprune.transforms.compensate import compensation
+from onnxprune.calibration.session import Calibrator
+from onnxprune.calibration.data import batches, load_calib
 from onnxprune.cli import main
 from onnxprune.errors import InputError, PlanError
 from onnxprune.plan import plan_model
@@ -91,7 +94,7 @@ def test_ablation_scores_a_silent_head_zero(method):
     block = inspect_model(model).blocks[1]
     silent = _zero_head(model, block, 2)
     cal = Calibrator(silent, inspect_model(silent).blocks, batches(_calib(silent), 8), progress=False)
-    scores = cal.importance(method)
+    scores = calibrated_scores(cal, method)
     assert scores[1][2] == pytest.approx(0.0, abs=1e-12)
     assert np.all(np.delete(scores[1], 2) > 1e-6) and np.all(scores[0] > 1e-6)
 
@@ -100,7 +103,7 @@ def test_activation_scores_match_a_direct_computation():
     model = _bert()
     blocks = inspect_model(model).blocks
     data = _calib(model)
-    scores = Calibrator(model, blocks, batches(data, 8), progress=False).importance("activation")
+    scores = calibrated_scores(Calibrator(model, blocks, batches(data, 8), progress=False), "activation")
     # the context read by block 0's output projection, captured directly, split into its 4 heads of 8
     cal = Calibrator(model, blocks, [data], progress=False)
     ctx = cal.run(data, contexts=True)[cal.sites[0].context]
@@ -130,11 +133,11 @@ def test_residual_finds_a_head_that_another_can_replace():
     model = _bert()
     twin = _copy_head(model, inspect_model(model).blocks[0], 0, 1)
     cal = Calibrator(twin, inspect_model(twin).blocks, batches(_calib(twin), 8), progress=False)
-    res = cal.importance("residual")[0]
+    res = calibrated_scores(cal, "residual")[0]
     first, second = np.sort(res)[:2]
     assert np.argmin(res) in (0, 1) and first < 0.1 * second    # one twin goes first, nearly free
     assert res.max() == 1.0 and len(set(res)) == 4              # a strict order ending at the whole output
-    act = cal.importance("activation")[0]
+    act = calibrated_scores(cal, "activation")[0]
     assert act[0] == pytest.approx(act[1])                       # the activation norm cannot tell
 
 
@@ -208,15 +211,16 @@ def test_calibration_batches_shrink_when_the_outputs_are_large(monkeypatch):
     """An LLM's logits make a batch of 16 samples gigabytes: batches are cut so that one batch's outputs stay
     under the budget (here lowered to three samples' worth of BERT's [S, 32] hidden states)."""
     from onnxprune import pipeline
+    from onnxprune.calibration import session
     from onnxprune.options import PruneOptions
     model, options = _bert(), PruneOptions(ratio=0.5)
     data = _calib(model, n=32, seq=9)
     state = pipeline.match(pipeline.start(model, options), options)
-    assert pipeline.calibration_batch(state, data) == 16
-    monkeypatch.setattr(pipeline, "OUTPUT_BUDGET", 3 * 4 * 9 * 32)
-    assert pipeline.calibration_batch(state, data) == 3
-    monkeypatch.setattr(pipeline, "OUTPUT_BUDGET", 1)
-    assert pipeline.calibration_batch(state, data) == 1
+    assert session.batch_size(state.model, state.shapes, data) == 16
+    monkeypatch.setattr(session, "OUTPUT_BUDGET", 3 * 4 * 9 * 32)
+    assert session.batch_size(state.model, state.shapes, data) == 3
+    monkeypatch.setattr(session, "OUTPUT_BUDGET", 1)
+    assert session.batch_size(state.model, state.shapes, data) == 1
 
 
 def test_compensation_gives_a_bias_free_projection_a_bias():
@@ -364,7 +368,7 @@ def test_a_language_models_logits_are_judged_by_next_token_kl():
     """Ablation judges an LLM on what its users see: the next-token distributions. Adding a constant to
     every logit changes none of them (KL 0, though the squared error is large); moving probability from
     one token to another does."""
-    from onnxprune.calibrate import Calibrator, is_logits, next_token_kl
+    from onnxprune.calibration.session import Calibrator, is_logits, next_token_kl
     rng = np.random.default_rng(0)
     ref = rng.normal(size=(2, 3, 1200)).astype(np.float32)
     assert is_logits("logits", ref) and not is_logits("last_hidden_state", ref)
@@ -391,10 +395,10 @@ def test_contexts_only_calibration_skips_the_outputs_and_compensates_the_same():
     lean = Calibrator(model, blocks, data, progress=False, outputs=False)
     assert lean.outputs == [] and full.outputs == ["last_hidden_state"]
     assert [o.name for o in lean.session.get_outputs()] == [s.context for s in lean.sites]
-    for b, s in full.importance("activation").items():
-        assert np.allclose(s, lean.importance("activation")[b])
+    for b, s in calibrated_scores(full, "activation").items():
+        assert np.allclose(s, calibrated_scores(lean, "activation")[b])
     kept = {b.index: (0, 3, 4, 7) for b in blocks}
-    a, b = full.compensate(kept, "auto"), lean.compensate(kept, "auto")
+    a, b = compensation(full, kept, "auto"), compensation(lean, kept, "auto")
     assert a.keys() == b.keys() and all(np.allclose(a[k], b[k], atol=1e-6) for k in a)
     with pytest.raises(PlanError, match="contexts only"):
         lean.loss({}, {})

@@ -167,7 +167,7 @@ def test_a_mask_length_written_as_a_sum_is_read(name, mask_dim):
 def test_plans_in_a_grid_of_heads_are_rectangles():
     """CodeGen holds its 8 heads as 4 shards x 2: a plan must keep the same heads of every kept shard. The
     best-scoring rectangle of the planned size is taken; a size no rectangle has rounds up."""
-    from onnxprune.pipeline import fit_grid
+    from onnxprune.plan import fit_grid
     rows = [[0, 1], [2, 3], [4, 5], [6, 7]]
     scores = np.array([9, 1, 8, 2, 7, 3, 1, 9], float)
     assert fit_grid((0, 1, 2, 3), rows, scores) == (0, 1, 2, 3)          # already a rectangle: kept

@@ -120,7 +120,8 @@ def main(argv=None) -> int:
 
     from onnxprune import prune_model
     from onnxprune.api import inspect_model
-    from onnxprune.calibrate import Calibrator, batches
+    from onnxprune.calibration.session import Calibrator
+    from onnxprune.calibration.data import batches
 
     path, folder = export_minilm()
     model = onnx.load(str(path))

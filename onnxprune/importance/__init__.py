@@ -15,40 +15,11 @@ from __future__ import annotations
 import importlib
 import os
 import pkgutil
-from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 
 from ..errors import PlanError
-
-
-@dataclass(frozen=True)
-class Source:
-    name: str
-    help: str                  # one line for --help: what the score measures
-    score: Callable            # (ImportanceContext) -> {block index: np.ndarray [H]}
-    calibrated: bool = False   # runs the model on calibration data (``--calib``, or synthetic inputs)
-    outputs: bool = True       # calibrated: reads the model's outputs (a loss), not only the heads' contexts
-    order: int = 50            # where it is listed in --help
-
-
-@dataclass
-class ImportanceContext:
-    model: object                       # onnx.ModelProto
-    blocks: tuple
-    options: object                     # PruneOptions (importance_initializer, the file, ...)
-    graph: object = None                # onnx_graphsurgeon.Graph of ``model``, external data attached
-    gate_scores: dict | None = None     # head gates folded into the projections: their values per block
-    make_calibration: Callable | None = field(default=None, repr=False)
-    _calibration: object = field(default=None, repr=False)
-
-    @property
-    def calibration(self):
-        """The shared calibration session, made on first use."""
-        if self._calibration is None:
-            self._calibration = self.make_calibration()
-        return self._calibration
+from .source import ImportanceContext, Source
 
 
 def _discover() -> dict[str, Source]:
@@ -141,3 +112,15 @@ def help_lines(width: int = 15, columns: int = 104) -> str:
                            "--calib the best calibrated method (ablation; activation with --compensate), else "
                            "weights", columns, initial_indent="  ", subsequent_indent="  ")
     return "\n".join(lines)
+
+
+def calibrated_scores(cal, method: str) -> dict[int, np.ndarray]:
+    """The scores of calibrated method ``method`` on calibration session ``cal`` (tools, tests), each checked
+    finite."""
+    from ..calibration.session import finite
+    if method not in CALIBRATED:
+        raise PlanError(f"unknown calibration method {method!r}; use one of {', '.join(CALIBRATED)}")
+    scores = SOURCES[method].score(ImportanceContext(cal.model, tuple(cal.blocks), None, session=cal))
+    for s in cal.sites:
+        finite(scores[s.block.index], f"block {s.block.index} ({s.block.name}): its {method} scores")
+    return scores

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import Source
+from .source import Source
 
 
 def ablation_scores(cal, mean: bool) -> dict[int, np.ndarray]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import Source
+from .source import Source
 
 
 def _score(ctx):

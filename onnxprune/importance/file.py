@@ -8,7 +8,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..files import read_json
-from . import Source
+from .source import Source
 
 
 def load_importance_file(path: str | Path, blocks) -> dict[int, np.ndarray]:
@@ -23,7 +23,7 @@ def load_importance_file(path: str | Path, blocks) -> dict[int, np.ndarray]:
         try:
             arr = np.load(path, allow_pickle=False)
         except (ValueError, OSError, EOFError) as exc:
-            from ..calibrate import npz_reason
+            from ..calibration.data import npz_reason
             raise InputError(f"{path}: not a .npy array ({npz_reason(exc)})") from None
         if arr.ndim != 2 or arr.shape[0] != len(blocks):
             raise InputError(f"{path}: shape {list(arr.shape)}; expected [{len(blocks)} blocks, heads]")

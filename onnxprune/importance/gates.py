@@ -5,7 +5,7 @@ scores, and no other source is named."""
 from __future__ import annotations
 
 from ..errors import PlanError
-from . import Source
+from .source import Source
 
 
 def _score(ctx):

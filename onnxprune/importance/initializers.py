@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import InputError, PlanError
-from . import Source
+from .source import Source
 
 IMPORTANCE_SUFFIX = ".head_importance"     # "<block name>.head_importance": [H], one per block
 IMPORTANCE_TABLE = "onnxprune.head_importance"   # or one [num_blocks, H] table for all blocks

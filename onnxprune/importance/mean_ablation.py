@@ -4,7 +4,7 @@ a head's contribution, not its size, is what pruning loses)."""
 
 from __future__ import annotations
 
-from . import Source
+from .source import Source
 from .ablation import ablation_scores
 
 SOURCE = Source("mean-ablation", "calibration: the same, with the head replaced by its mean (what "

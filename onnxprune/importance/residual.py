@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import Source
+from .source import Source
 
 RIDGE = 1e-2      # relative to the mean eigenvalue of the kept heads' covariance, as the refit uses
 

@@ -7,7 +7,7 @@ import onnx_graphsurgeon as gs
 
 from ..block import AttentionBlock
 from ..model.graph import const_value
-from . import Source
+from .source import Source
 
 
 def _norms(block: AttentionBlock, graph_tensors, weight: str, heads_of_unit) -> np.ndarray:

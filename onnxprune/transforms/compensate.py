@@ -1,5 +1,5 @@
 """Recovery without retraining (``--compensate``), layer by layer in graph order, each block seeing the
-already-recovered blocks before it, on the shared calibration session (``calibrate.Calibrator``). Each
+already-recovered blocks before it, on the shared calibration session (``calibration.session.Calibrator``). Each
 block's target is what its output projection gave in the original model (``y = x_ref W``); the kept heads'
 context in the model recovered so far (``x``) is what it gets now.
 
@@ -26,10 +26,11 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from ..calibrate import _add_bias, _find_sites, _initializer, finite
+from ..calibration.sites import add_bias as _add_bias, find_sites as _find_sites, own_initializer as _initializer
+from ..calibration.session import finite
 from ..errors import PlanError
-from ..options import COMPENSATE_MODES
 
+COMPENSATE_MODES = ("auto", "bias", "scale", "refit")
 RIDGE = 1e-2      # refit: ridge strength relative to the mean eigenvalue of the kept heads' Gram matrix
 RIDGES = (1e-3, 1e-2, 1e-1, 1.0, 10.0)      # auto: the strengths tried on the held-out quarter
 HELD_OUT = 4      # auto: every 4th calibration batch (or the last quarter of the tokens of one) is held out

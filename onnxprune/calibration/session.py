@@ -1,0 +1,201 @@
+"""The one instrumented ONNX Runtime session that the calibrated importance methods (``importance/activation.py``,
+``ablation.py``, ``mean_ablation.py``, ``residual.py``) and compensation (``transforms/compensate.py``) share.
+
+The output-projection weights and biases become graph inputs of a working copy, so that a head is masked,
+or a block's projection refitted, by feeding other arrays, never by building a model per head. The context
+that each output projection reads (the concatenated heads) is captured by adding it as a graph output.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from ..errors import InputError, PlanError
+from ..inputs import fixed_sizes, synth_inputs
+from ..model.proto import own_weights
+from ..progress import Progress
+from ..runtime import ort_reason, session
+from .data import BATCH, batches
+from .sites import ProjectionSite, add_bias, find_sites, head_columns, own_initializer, private_copy
+
+class Calibrator:
+    """Runs ``model`` on calibration batches with the output projections as inputs. ``outputs=False``: the
+    heads' contexts only (what activation scores and compensation read), never the model's outputs."""
+
+    def __init__(self, model: onnx.ModelProto, blocks, data: list[dict[str, np.ndarray]], external_dir=None,
+                 progress: bool = True, outputs: bool = True):
+        self.model = model
+        self.blocks = list(blocks)
+        self.data = data
+        self.progress = progress
+        work = onnx.ModelProto()
+        work.CopyFrom(model)
+        own_weights(work, [b.o_proj.weight for b in self.blocks])   # shared through Identity: a copy each
+        self.sites = find_sites(work, self.blocks)
+        self.weights: dict[str, np.ndarray] = {}
+        self.shared = set()         # blocks whose output projection another block reads too (ALBERT)
+        for s in self.sites:
+            if s.bias is None:
+                s.bias = add_bias(work, s)
+            for name in (s.weight, s.bias):
+                if name in self.weights:        # shared by blocks: this block reads a copy of its own here
+                    self.shared.add(s.block.index)
+                    name = private_copy(work, s, name, self.weights[name])
+                proto = own_initializer(work, name)
+                self.weights[name] = numpy_helper.to_array(proto, base_dir=str(external_dir or ""))
+                work.graph.initializer.remove(proto)
+                work.graph.input.append(helper.make_tensor_value_info(name, proto.data_type, list(proto.dims)))
+        if not outputs:       # contexts only: ONNX Runtime drops what only the outputs needed
+            del work.graph.output[:]
+        self.outputs = [o.name for o in work.graph.output]
+        known = set(self.outputs)
+        for s in self.sites:
+            if s.context not in known:
+                work.graph.output.append(helper.make_empty_tensor_value_info(s.context))
+                known.add(s.context)
+        self.work = work
+        # graph optimizations on: calibration reads statistics, not an exact proof, and runs many times
+        self.session = session(work, external_dir=external_dir, optimize=True)
+        self.mask_input = next((i.name for i in model.graph.input if "attention_mask" in i.name
+                                and len(i.type.tensor_type.shape.dim) == 2), None)
+
+    # ------------------------------------------------------------------ running
+    def run(self, feeds: dict, weights: dict | None = None, contexts: bool = False):
+        names = self.outputs + ([s.context for s in self.sites] if contexts else [])
+        try:
+            got = self.session.run(names, {**feeds, **self.weights, **(weights or {})})
+        except Exception as exc:   # onnxruntime's own types: token ids out of range, wrong sizes
+            raise InputError(f"onnxruntime could not run the model on the calibration data: {ort_reason(exc)}") \
+                from None
+        return dict(zip(names, got))
+
+    def rows(self, feeds: dict, ctx: np.ndarray, site: ProjectionSite) -> np.ndarray:
+        """The context as [tokens, features], the padding tokens left out where the mask says so."""
+        ax = site.block.tensor(site.context).axes
+        if len(ax) != 1:
+            raise PlanError(f"block {site.block.index}: its context carries heads on several axes")
+        x = np.moveaxis(ctx, ax[0], -1)
+        rows = x.reshape(-1, x.shape[-1]).astype(np.float64)
+        if self.mask_input is not None and self.mask_input in feeds:
+            mask = np.asarray(feeds[self.mask_input]).reshape(-1) != 0
+            if mask.size == rows.shape[0]:
+                rows = rows[mask]
+        return rows
+
+    def loss(self, ref: dict, got: dict) -> float:
+        """How far ``got`` is from ``ref``: for a language model's logits, the mean KL divergence of the
+        next-token distributions (what its users judge: a shift of every logit changes nothing); for any
+        other output, the relative squared error."""
+        if not self.outputs:
+            raise PlanError("this calibration session computes the heads' contexts only, not the outputs a loss "
+                            "needs")
+        total = 0.0
+        for name in self.outputs:
+            r = ref[name]
+            if r.dtype.kind != "f" or not r.size:
+                continue
+            if is_logits(name, r):
+                total += next_token_kl(r, got[name])
+                continue
+            d = got[name].astype(np.float64) - r
+            total += float(np.sum(d * d)) / max(float(np.sum(r.astype(np.float64) ** 2)), 1e-30)
+        return total
+
+    def bar(self, total: int, what: str):
+        return Progress(total, what, min_total=1 if self.progress else total + 1, unit="runs")
+
+    # ------------------------------------------------------------------ what the methods share
+    head_columns = staticmethod(head_columns)
+
+    def context_covariances(self) -> dict[int, np.ndarray]:
+        """Each block's context covariance (centred) over the calibration tokens, [width, width]."""
+        sums, grams, n = {}, {}, {}
+        with self.bar(len(self.data), "calibrating") as bar:
+            for feeds in self.data:
+                out = self.run(feeds, contexts=True)
+                for s in self.sites:
+                    rows = self.rows(feeds, out[s.context], s)
+                    b = s.block.index
+                    sums[b] = sums.get(b, 0) + rows.sum(axis=0)
+                    grams[b] = grams.get(b, 0) + rows.T @ rows
+                    n[b] = n.get(b, 0) + len(rows)
+                bar.update()
+        return {b: (grams[b] - np.outer(sums[b], sums[b]) / max(n[b], 1)) / max(n[b], 1) for b in grams}
+
+    def context_means(self, weights: dict | None = None) -> dict[int, np.ndarray]:
+        """The mean context vector of every block over the calibration tokens."""
+        acc, n = {}, {}
+        for feeds in self.data:
+            out = self.run(feeds, weights, contexts=True)
+            for s in self.sites:
+                rows = self.rows(feeds, out[s.context], s)
+                acc[s.block.index] = acc.get(s.block.index, 0) + rows.sum(axis=0)
+                n[s.block.index] = n.get(s.block.index, 0) + len(rows)
+        return {b: acc[b] / max(n[b], 1) for b in acc}
+
+
+VOCABULARY = 1000      # an output [B, S, V] named like logits with V this large is a language model's
+
+
+def is_logits(name: str, value: np.ndarray) -> bool:
+    return "logit" in name.lower() and value.ndim == 3 and value.shape[-1] >= VOCABULARY
+
+
+def next_token_kl(ref: np.ndarray, got: np.ndarray) -> float:
+    """Mean over positions of KL(softmax(ref) || softmax(got)), 32 positions at a time (a vocabulary of
+    262144 makes whole batches large in float64)."""
+    r2, g2 = ref.reshape(-1, ref.shape[-1]), got.reshape(-1, got.shape[-1])
+    total = 0.0
+    for i in range(0, len(r2), 32):
+        lr = _log_softmax(r2[i:i + 32].astype(np.float64))
+        lg = _log_softmax(g2[i:i + 32].astype(np.float64))
+        total += float(np.sum(np.exp(lr) * (lr - lg)))
+    return total / max(len(r2), 1)
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x - x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+
+def finite(values: np.ndarray, what: str):
+    """Calibration must give numbers: a NaN or inf (from data the model overflows on, say) stops the run."""
+    if not np.all(np.isfinite(values)):
+        raise InputError(f"{what}: not finite (NaN or inf) on the calibration data, which the model "
+                         "overflows or divides by zero on; check the data")
+
+
+OUTPUT_BUDGET = 256 << 20     # calibration batches are cut so that the model's outputs of one stay below this
+
+
+def open_session(model: onnx.ModelProto, blocks, shapes: dict, data: dict | None, external_dir=None,
+                 outputs: bool = True) -> Calibrator:
+    """The shared calibration session on ``model``: ``data`` ({graph input: samples on axis 0}), or synthetic
+    inputs when None. Without ``outputs`` it computes the heads' contexts only (activation scores,
+    compensation): an LLM's output head, its logits and the transposed embedding that a tied head makes are
+    then never computed. ``shapes``: the probe's, to size the batches."""
+    data = data if data is not None else synth_inputs(model, seed=7, batch=32, seq=16)
+    fixed_batch, _ = fixed_sizes(model)          # a model whose batch is fixed takes batches of that size
+    if fixed_batch and len(next(iter(data.values()))) % fixed_batch:
+        raise InputError(f"the model's batch is fixed at {fixed_batch}; the calibration data's "
+                         f"{len(next(iter(data.values())))} samples are not a multiple of it")
+    size = fixed_batch or batch_size(model, shapes, data)
+    return Calibrator(model, blocks, batches(data, size), external_dir, outputs=outputs)
+
+
+def batch_size(model: onnx.ModelProto, shapes: dict, data: dict) -> int:
+    """Samples per calibration batch: ``data.BATCH``, fewer when the model's outputs of that many would
+    pass ``OUTPUT_BUDGET`` (an LLM's logits: [16, 128, 262144] floats are 2 GB, and ONNX Runtime keeps a few
+    tensors of that size alive while it computes them). Sizes from the probe, scaled to the data's length."""
+    graph_inputs = [i.name for i in model.graph.input if i.name in shapes]
+    probe_shape = shapes[graph_inputs[0]] if graph_inputs else ()
+    sample = next(iter(data.values()))
+    if len(probe_shape) < 2 or sample.ndim < 2:
+        return BATCH
+    probe_tokens = max(probe_shape[0] * probe_shape[1], 1)
+    per_token = sum(4 * int(np.prod(shapes[o.name])) for o in model.graph.output
+                    if o.name in shapes) / probe_tokens
+    per_sample = per_token * sample.shape[1]
+    return int(max(1, min(BATCH, OUTPUT_BUDGET // max(per_sample, 1))))
