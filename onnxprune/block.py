@@ -28,6 +28,9 @@ class HeadTensor:
     cut: bool = False          # shared with other blocks: select the kept heads with a Gather before use
     copies: tuple[int, ...] = ()   # axes whose entries are broadcast copies (repeat_kv): only counts matter
     io: bool = False           # a graph input or output (a KV cache): its declared shape changes
+    roles: frozenset = frozenset()   # where it is in the block: q, k, v (above the core), s (scores), o (context)
+    dim_axis: int | None = None      # the head-size axis: one of ``axes`` when merged (F = H * D, each head's D
+    # positions the run it owns), an axis of its own ([B, H, S, D]), or None (scores, probabilities)
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,7 @@ from .probe import probe
 from .inputs import synth_inputs
 from .calibration.session import open_session
 from .transforms.compensate import compensation, with_weights
+from .verify import reference
 
 
 @dataclass(frozen=True)
@@ -68,7 +69,8 @@ class State:
 
     @property
     def changes(self) -> bool:
-        return any(self.plans[b.index].kept_heads != tuple(range(b.num_heads)) for b in self.blocks)
+        return any(self.plans[b.index].kept_heads != tuple(range(b.num_heads)) or self.plans[b.index].dims
+                   for b in self.blocks)
 
 
 @dataclass(frozen=True)
@@ -214,7 +216,7 @@ def rewrite(state: State, options: PruneOptions) -> State:
     dead = dead_nodes(graph)
     rewriter = Rewriter(graph, state.shapes, state.values)
     for b in state.blocks:
-        rewriter.plan(b, state.plans[b.index].kept_heads)       # every check first ...
+        rewriter.plan(b, state.plans[b.index].kept_heads, state.plans[b.index].dims)       # every check first ...
     rewriter.commit()                                 # ... then every edit
     with contextlib.chdir(options.external_dir or "."):   # the checker finds external data files from there
         pruned = export(graph, state.model, dead)
@@ -234,12 +236,7 @@ def verify(state: State, options: PruneOptions) -> State:
     """Pruned == masked original on ONNX Runtime CPU; beyond the tolerance, or NaN, is a ``VerifyError``."""
     if not options.verify:
         return state
-    if state.quant is not None:
-        from .quant import masked as masked_quantized
-        masked = masked_quantized(state.quant, state.model, state.blocks, state.kept)
-    else:
-        from .verify import masked_model
-        masked = masked_model(state.model, list(state.blocks), state.kept, options.external_dir)
+    masked = reference(state.model, state.blocks, state.plans, state.quant, options.external_dir)
     error = prove_equal(masked, state.pruned, state.model, state.feeds, state.io_keep, options.external_dir,
                         options.tolerance(is_fp16(state.original)))
     return replace(state, max_error=error)

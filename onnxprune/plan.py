@@ -101,6 +101,7 @@ class BlockPlan:
 
     kept_heads: tuple[int, ...]
     min_heads_applied: bool = False   # True when min_heads overrode the ratio
+    dims: tuple = ()                  # maps inside the kept heads (``cut.HeadDims``), one per circuit
 
 
 GQA_MODES = ("uniform", "group")

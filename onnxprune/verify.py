@@ -11,7 +11,10 @@ from onnx import numpy_helper
 from onnx.external_data_helper import uses_external_data
 
 from .block import AttentionBlock
-from .errors import VerifyError
+from . import quant
+from .cut import reference_rows
+from .errors import PlanError, VerifyError
+from .plan import BlockPlan
 from .model.proto import own_constant, own_weights
 from .model.external import read_external
 from .runtime import session
@@ -94,13 +97,50 @@ def masked_model(model: onnx.ModelProto, blocks: list[AttentionBlock], kept: dic
 
 def masked_reference(model: onnx.ModelProto, blocks: list[AttentionBlock], kept: dict[int, tuple],
                      external_dir=None) -> onnx.ModelProto:
-    """What a model pruned to ``kept`` must equal: ``masked_model`` for a float model; for a quantized one,
-    the model with the dropped heads' part of each output projection's input zeroed (``quant.masked``)."""
-    from . import quant
+    """What a model pruned to ``kept`` must equal, for a model as given (float or quantized)."""
     view, qv = quant.float_view(model, external_dir)
+    return reference(view, blocks, {i: BlockPlan(tuple(k)) for i, k in kept.items()}, qv, external_dir)
+
+
+def reference(model: onnx.ModelProto, blocks, plans: dict, qv=None, external_dir=None) -> onnx.ModelProto:
+    """The one place that chooses what a pruned model must equal. ``plans``: block index -> ``plan.BlockPlan``.
+    A float model: ``masked_model``, or with maps inside the heads ``projected_model``. A quantized one
+    (``qv``, its ``quant.QuantView``; ``model`` its float view): the model with the dropped heads' part of each
+    output projection's input zeroed (``quant.masked``)."""
+    kept = {i: p.kept_heads for i, p in plans.items()}
+    if any(p.dims for p in plans.values()):
+        if qv is not None:
+            raise PlanError(f"a cut inside the heads would re-quantize this {qv.describe()} model's weights; cut "
+                            "the float model, then quantize it")
+        return projected_model(model, list(blocks), plans, external_dir)
     if qv is not None:
-        return quant.masked(qv, view, blocks, kept)
-    return masked_model(model, blocks, kept, external_dir)
+        return quant.masked(qv, model, blocks, kept)
+    return masked_model(model, list(blocks), kept, external_dir)
+
+
+def projected_model(model: onnx.ModelProto, blocks: list[AttentionBlock], plans: dict, external_dir=None
+                    ) -> onnx.ModelProto:
+    """The reference of a cut inside the heads: ``masked_model``, with each kept head's rows of the output
+    projection replaced by ``A_g B_hᵀ W_o,h`` (``cut.reference_rows``; ``A_g`` of its KV head, ``B_h`` its own):
+    the same maps that the rewriter applies, written into the original's weights."""
+    masked = masked_model(model, blocks, {i: p.kept_heads for i, p in plans.items()}, external_dir)
+    for block in blocks:
+        plan = plans.get(block.index)
+        dims = plan.dims[0] if plan is not None and plan.dims else None
+        if dims is None:
+            continue
+        if dims.circuit != "ov":
+            raise PlanError(f"block {block.index} ({block.name}): no reference for circuit {dims.circuit!r}")
+        o = block.o_proj
+        proto = own_constant(masked, o.weight)
+        arr = np.moveaxis(numpy_helper.to_array(proto, base_dir=str(external_dir or "")).copy(), o.head_axis, 0)
+        owner = block.tensor(o.weight).owner
+        for h in plan.kept_heads:
+            rows = np.flatnonzero(owner == block.units.index(frozenset({h})))
+            group = next(g for g, hs in enumerate(block.kv_groups) if h in hs)
+            arr[rows] = reference_rows(arr[rows], dims.a[group], dims.b[h])
+        proto.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(np.moveaxis(arr, 0, o.head_axis)), proto.name))
+    return masked
 
 
 def run(model: onnx.ModelProto, feeds: dict, external_dir=None, overrides=None) -> dict[str, np.ndarray]:

@@ -1,5 +1,5 @@
 """Large models that hold their weights in the .onnx file: read as a skeleton of their own file and written
-back whole, streaming the weights (``onnxprune/inline.py``). The thresholds are lowered so that the small
+back whole, streaming the weights (``onnxprune/model/inline.py``). The thresholds are lowered so that the small
 models of ``models/`` take this path."""
 
 import shutil

@@ -7,6 +7,7 @@ import numpy as np
 from ..block import AttentionBlock, HeadTensor, Projection, Site
 from . import shape_expr
 from .headmap import SHAPE_READERS, FlowFail
+from .headdim import head_dim_axes
 from .headflow import Flow
 from ..model.graph import is_const
 
@@ -162,8 +163,10 @@ def build_block(flow: Flow, family: str, core, index: int, num_heads: int) -> At
         groups = [(h,) for h in range(num_heads)] if len(covered) == num_heads else groups
         if sorted(h for g in groups for h in g) != list(range(num_heads)):
             raise FlowFail(core, f"KV heads serve overlapping or missing query heads: {groups}")
+    dims = head_dim_axes(flow, head_dim)
     tensors = tuple(HeadTensor(name, hm.axes, hm.owner, is_const(flow.tensors[name]), name in cuts,
-                               tuple(a for a in flow.copy_axes.get(name, ()) if a in hm.axes), name in flow.io)
+                               tuple(a for a in flow.copy_axes.get(name, ()) if a in hm.axes), name in flow.io,
+                               frozenset(flow.roles.get(name, ())), dims.get(name))
                     for name, hm in flow.maps.items())
     nodes = tuple(n.name for n in flow.node_order if id(n) in flow.nodes)
     name = _block_name(o_name, core, index)

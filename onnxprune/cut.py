@@ -1,0 +1,140 @@
+"""A cut as linear algebra: what one block keeps, written as maps on the axes of its tensors.
+
+A rewrite keeps, on each head axis of each tensor, a linear image of it: ``new[..., j, ...] = sum_i old[..., i,
+...] * M[i, j]``. Keeping heads is the special case of a selection (one 1 per column of ``M``), stored as the
+kept positions; a cut inside heads adds a per-head matrix on the head-size positions. ``AxisMap`` holds such a
+map as pieces, each a run of old positions and the matrix applied to them (None: kept as they are), so that a
+block-diagonal map never becomes a dense one. The rewriter applies these maps to weights, and the reference
+that proves the rewrite is built from the same maps (``reference_rows``).
+
+Key: H heads of size D, F = H * D; a head's positions on a merged F axis are the run that it owns.
+
+    V weight [E, F], heads (0, 2) kept of 4, head-size map A_h [D, r] each:
+        AxisMap(pieces=((cols of head 0, A_0), (cols of head 2, A_2)))     -> [E, 2r]
+    O weight [F, E], the matching rows, B_h [D, r] each:   rows_h -> B_hᵀ W_o,h -> [2r, E]
+    the reference: the original, with W_o,h <- A_h B_hᵀ W_o,h (dropped heads: zero), V untouched.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+CIRCUITS = ("ov",)      # head-size maps that the rewriter applies (qk: with issue 22's rotary and scale rules)
+
+
+@dataclass(frozen=True)
+class AxisMap:
+    """A linear map on one axis, as pieces: (old positions, matrix [len(positions), width] or None to keep
+    them as they are). The new axis is the pieces' outputs side by side."""
+
+    pieces: tuple
+
+    @staticmethod
+    def select(keep) -> "AxisMap":
+        return AxisMap(((np.asarray(keep, dtype=np.int64), None),))
+
+    @property
+    def is_selection(self) -> bool:
+        return all(m is None for _, m in self.pieces)
+
+    @property
+    def keep(self) -> np.ndarray:
+        """The kept positions of a selection."""
+        assert self.is_selection
+        return np.concatenate([p for p, _ in self.pieces]) if self.pieces else np.zeros(0, np.int64)
+
+    @property
+    def new_size(self) -> int:
+        return sum(len(p) if m is None else m.shape[1] for p, m in self.pieces)
+
+    def apply(self, arr: np.ndarray, axis: int) -> np.ndarray:
+        """``arr`` with this map applied along ``axis`` (same dtype)."""
+        if self.is_selection:
+            return np.take(arr, self.keep, axis=axis)
+        parts = []
+        for pos, m in self.pieces:
+            part = np.take(arr, pos, axis=axis)
+            if m is not None:
+                moved = np.moveaxis(part, axis, -1).astype(np.float64) @ m.astype(np.float64)
+                part = np.moveaxis(moved, -1, axis).astype(arr.dtype)
+            parts.append(part)
+        return np.concatenate(parts, axis=axis)
+
+    def matrix(self, size: int) -> np.ndarray:
+        """The map as one dense matrix [size, new_size] (tests, small tensors)."""
+        out = np.zeros((size, self.new_size))
+        col = 0
+        for pos, m in self.pieces:
+            width = len(pos) if m is None else m.shape[1]
+            out[pos, col:col + width] = np.eye(len(pos)) if m is None else m
+            col += width
+        return out
+
+
+@dataclass(frozen=True)
+class HeadDims:
+    """A map inside the heads of one circuit: ``a[kv head]`` [D, r] on the first side (V for ``ov``), and
+    ``b[head]`` [D, r] on the second (the output projection's rows for ``ov``). Every head keeps the same r:
+    a tensor that holds the head size on an axis of its own ([B, H, S, D]) has one size for all heads."""
+
+    circuit: str
+    a: dict = field(compare=False)
+    b: dict = field(compare=False)
+
+    @property
+    def rank(self) -> int:
+        return int(next(iter(self.a.values())).shape[1])
+
+
+@dataclass(frozen=True)
+class BlockCut:
+    """What one block keeps: heads (the plan), and optionally a map inside them per circuit."""
+
+    kept_heads: tuple
+    dims: tuple = ()          # HeadDims, at most one per circuit
+
+    def circuit(self, name: str) -> HeadDims | None:
+        return next((d for d in self.dims if d.circuit == name), None)
+
+
+SIDES = {"ov": ({"v"}, {"o"})}      # the roles of the first and the second side of a circuit
+
+
+def side_of(roles, circuit: str) -> int | None:
+    """0 or 1 for a tensor whose roles lie on one side of ``circuit`` only, else None."""
+    first, second = SIDES[circuit]
+    roles = set(roles)
+    if roles and roles <= first:
+        return 0
+    if roles and roles <= second:
+        return 1
+    return None
+
+
+def runs(owner: np.ndarray) -> list[tuple[int, np.ndarray]]:
+    """(unit, positions) of each contiguous run of one unit along a 1-D owner: [0,0,1,1,-1] gives
+    (0, [0,1]), (1, [2,3]), (-1, [4])."""
+    owner = np.asarray(owner).reshape(-1)
+    starts = np.flatnonzero(np.diff(owner, prepend=owner[0] - 1))
+    ends = list(starts[1:]) + [len(owner)]
+    return [(int(owner[s]), np.arange(s, e)) for s, e in zip(starts, ends)]
+
+
+def merged_map(owner: np.ndarray, kept_units: set, matrix_of) -> AxisMap:
+    """The map of a merged head axis (every head's D positions in one run): each kept unit's run times its
+    matrix (``matrix_of(unit)``), positions of no head kept as they are, dropped units gone."""
+    pieces = []
+    for unit, pos in runs(owner):
+        if unit == -1:
+            pieces.append((pos, None))
+        elif unit in kept_units:
+            pieces.append((pos, matrix_of(unit)))
+    return AxisMap(tuple(pieces))
+
+
+def reference_rows(rows: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """The second side's rows of one head with the circuit's projection written in: ``A Bᵀ W`` (a
+    selection's ``A = B = I[:, keep]`` gives the rows of the kept positions, zeros elsewhere)."""
+    return ((a.astype(np.float64) @ b.astype(np.float64).T) @ rows.astype(np.float64)).astype(rows.dtype)

@@ -1,0 +1,182 @@
+"""What a cut does to each tensor of a block: its map per head axis and its new shape (``Layout``), and the
+small array helpers the rewriter and its site planners share."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..block import AttentionBlock
+from ..cut import SIDES, AxisMap, BlockCut, HeadDims, merged_map, side_of
+from ..errors import PlanError, RewriteError
+
+fresh = itertools.count()
+
+
+@dataclass
+class Layout:
+    """Per tensor: the map on each head axis (``cut.AxisMap``: a selection of the kept positions, or with a
+    cut inside the heads a projection), and the new shape (a head-size axis of its own changes size only)."""
+
+    maps: dict[int, AxisMap]
+    new_shape: tuple
+    fixed: frozenset = frozenset()   # head axes whose size is the same at any batch size (no B*H merge)
+
+    @property
+    def keep(self) -> dict[int, np.ndarray]:
+        """The kept positions of every selected head axis: what sites that pick positions read."""
+        return {ax: m.keep for ax, m in self.maps.items() if m.is_selection}
+
+    @property
+    def projected(self) -> set[int]:
+        """Head axes mapped by a projection inside the heads (no positions to pick there)."""
+        return {ax for ax, m in self.maps.items() if not m.is_selection}
+
+
+def kept_units(block: AttentionBlock, kept_heads) -> set[int]:
+    kept = set(kept_heads)
+    return {u for u, heads in enumerate(block.units) if heads & kept}
+
+
+def layouts(block: AttentionBlock, cut: BlockCut, shapes) -> dict[str, Layout]:
+    """Every head tensor's ``Layout`` under ``cut``: the kept heads' positions, and each circuit's map inside
+    them on the tensors of its two sides."""
+    kept_heads = cut.kept_heads
+    units = kept_units(block, kept_heads)
+    out = {}
+    for t in block.tensors:
+        mask = (t.owner == -1) | np.isin(t.owner, list(units))
+        keep, ok = {}, True
+        for pos, ax in enumerate(t.axes):
+            if ax in t.copies and mask.ndim > 1:
+                # entries along a broadcast axis are copies: keep as many as each row needs. Rows that keep
+                # nothing (a whole KV group dropped) go along the other axes, so only kept rows must agree
+                sums = mask.sum(axis=pos)
+                counts = np.unique(sums[sums > 0])
+                ok &= len(counts) == 1
+                keep[ax] = np.arange(int(counts[0]) if len(counts) else 0)
+                continue
+            # a single head axis keeps its heads' own positions, copies or not: on a B*H axis they repeat
+            # with period H, which lets a Gather outside the block hold at every batch size (DeBERTa-v2's
+            # relative-position indices, expanded to B*H and shared by the blocks)
+            other = tuple(i for i in range(mask.ndim) if i != pos)
+            keep[ax] = np.flatnonzero(mask.any(axis=other) if other else mask)
+        proj = mask
+        for pos in sorted((t.axes.index(a) for a in t.copies), reverse=True):
+            proj = proj.any(axis=pos)
+        plain = [ax for ax in t.axes if ax not in t.copies]
+        grid = np.zeros(proj.shape, dtype=bool)
+        if plain:
+            grid[np.ix_(*[keep[ax] for ax in plain])] = True
+        if not ok or (plain and not np.array_equal(grid, proj)):
+            if 1 < block.num_kv_heads < block.num_heads:
+                hint = "in grouped-query attention keep the same number of query heads in every KV group"
+            else:
+                hint = (f"it holds the heads in a {' x '.join(str(n) for n in np.shape(t.owner))} grid (CodeGen "
+                        "packs them so): keep the same heads in every row of it")
+            raise PlanError(f"block {block.index} ({block.name}): the kept heads {list(kept_heads)} cannot be "
+                            f"cut out of {t.name!r} as a rectangle; {hint}")
+        shape = list(shapes[t.name])
+        for ax, idx in keep.items():
+            shape[ax] = len(idx)
+        maps = {ax: AxisMap.select(idx) for ax, idx in keep.items()}
+        for dims in cut.dims:
+            _inside_heads(block, t, dims, units, maps, shape)
+        fixed = frozenset(t.axes) if len(t.axes) == 1 and one_run_per_unit(t.owner) else frozenset()
+        out[t.name] = Layout(maps, tuple(shape), fixed)
+    return out
+
+
+def _inside_heads(block: AttentionBlock, t, dims: HeadDims, units: set, maps: dict, shape: list):
+    """Add ``dims``'s map to tensor ``t``'s ``maps`` and ``shape`` when ``t`` lies on one side of its circuit:
+    on a merged head axis each kept head's run times its matrix; on a head-size axis of its own, the rank."""
+    first, second = SIDES[dims.circuit]
+    side = side_of(t.roles, dims.circuit)
+    if side is None:
+        if t.constant and set(t.roles) & (first | second) and t.dim_axis is not None:
+            raise RewriteError(f"block {block.index} ({block.name}): {t.name!r} holds {'/'.join(sorted(t.roles))} "
+                               f"together (a packed projection); a cut inside its heads is not supported")
+        return
+    if t.dim_axis is None:
+        if t.constant:
+            raise RewriteError(f"block {block.index} ({block.name}): no head-size axis known for {t.name!r}")
+        return
+    if t.dim_axis not in t.axes:          # [B, H, S, D]: one size for every head
+        if t.constant:
+            raise RewriteError(f"block {block.index} ({block.name}): {t.name!r} holds the head size on an axis "
+                               "of its own, which one map per head cannot be written into")
+        shape[t.dim_axis] = dims.rank
+        return
+
+    def matrix(unit: int) -> np.ndarray:
+        heads = block.units[unit]
+        if side == 0:
+            group = next((g for g, hs in enumerate(block.kv_groups) if set(hs) == set(heads)), None)
+            if group is None or group not in dims.a:
+                raise RewriteError(f"block {block.index} ({block.name}): no map for the KV head of heads "
+                                   f"{sorted(heads)} in {t.name!r}")
+            m = dims.a[group]
+        else:
+            if len(heads) != 1 or next(iter(heads)) not in dims.b:
+                raise RewriteError(f"block {block.index} ({block.name}): no map for heads {sorted(heads)} in "
+                                   f"{t.name!r}")
+            m = dims.b[next(iter(heads))]
+        if m.shape[0] != block.head_dim or m.shape[1] != dims.rank:
+            raise RewriteError(f"block {block.index} ({block.name}): a head-size map must be [{block.head_dim}, "
+                               f"{dims.rank}], got {list(m.shape)}")
+        return m
+
+    ax = t.dim_axis
+    maps[ax] = merged_map(t.owner, units, matrix)
+    shape[ax] = maps[ax].new_size
+
+
+def one_run_per_unit(owner: np.ndarray) -> bool:
+    """Every unit's entries sit in one contiguous run: [0,0,1,1,2,2] yes; B*H's [0,1,0,1] no."""
+    starts = np.flatnonzero(np.diff(owner, prepend=owner[0] - 1))
+    units = owner[starts]
+    units = units[units != -1]
+    return len(units) == len(np.unique(units))
+
+
+def apply_maps(arr: np.ndarray, maps: dict[int, AxisMap]) -> np.ndarray:
+    """``arr`` with each axis's map applied (a selection takes the kept positions)."""
+    for ax, m in maps.items():
+        arr = m.apply(arr, ax)
+    return np.ascontiguousarray(arr)
+
+
+def reroute(old, new, node_names):
+    """Make the named consumers of ``old`` read ``new`` instead."""
+    for consumer in list(old.outputs):
+        if consumer.name in node_names:
+            for i, inp in enumerate(consumer.inputs):
+                if inp is old:
+                    consumer.inputs[i] = new
+
+
+def period(keep: np.ndarray, size: int) -> int | None:
+    """The shortest period P < size with which the kept positions repeat along the axis, else None."""
+    mask = np.zeros(size, dtype=bool)
+    mask[keep] = True
+    for p in range(1, size):
+        if size % p == 0 and mask[:p].any() and np.array_equal(np.tile(mask[:p], size // p), mask):
+            return p
+    return None
+
+
+def declare_shape(tensor, new_shape):
+    """A graph input/output keeps its symbolic sizes; only the fixed sizes that changed are rewritten."""
+    if tensor.shape is None:
+        return
+    tensor.shape = [new if isinstance(old, int) and old != new else old
+                    for old, new in zip(tensor.shape, new_shape)]
+
+
+def new_positions(keep: np.ndarray, size: int) -> np.ndarray:
+    """old index -> new index after keeping ``keep`` (-1 where dropped)."""
+    pos = np.full(size, -1, dtype=np.int64)
+    pos[keep] = np.arange(len(keep))
+    return pos

@@ -1,0 +1,168 @@
+"""Apply a plan to the graph: check everything first, then commit all edits at once.
+
+Nothing that other nodes still read is changed in place: a constant that is shared is copied, a shape
+expression is rebuilt beside the original, and a per-head tensor shared between blocks (T5's position
+bias) is narrowed by a Gather in front of each block. Every initializer not cut keeps its bytes. The unit
+of edit is a map on an axis of a tensor (``cut.AxisMap``): keeping heads selects positions, a cut inside the
+heads multiplies each head's positions by its matrix.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from ..block import AttentionBlock
+from ..cut import CIRCUITS, BlockCut
+from ..errors import PlanError, RewriteError
+from ..match import shape_expr
+from ..model.graph import const_value, identity_source, set_values
+from .layouts import Layout, apply_maps, declare_shape, fresh, layouts, period, reroute
+from .sites import SITE_PLANNERS
+
+# sites that rewrite a size only: they hold for an axis that a cut inside the heads projects
+SIZE_SITES = {"reshape", "expand", "resize", "tile"}
+
+
+class Rewriter:
+    def __init__(self, graph: gs.Graph, shapes: dict, values: dict):
+        self.graph = graph
+        self.shapes = shapes
+        self.values = values
+        self.nodes = {n.name: n for n in graph.nodes}
+        self.tensors = graph.tensors()
+        self.edits: list[Callable[[], None]] = []
+        self.changed_initializers: set[str] = set()
+        self.io_keep: dict[str, dict[int, np.ndarray]] = {}   # graph inputs/outputs that lose heads
+        self._slices: dict[tuple, gs.Constant] = {}    # (shared weight, kept positions) -> its one slice
+        self.cuts: dict[str, dict[int, np.ndarray]] = {}   # constant -> {axis that shrinks: kept positions}
+
+    def plan(self, block: AttentionBlock, kept_heads, dims=()):
+        """Queue every edit that keeping ``kept_heads`` of ``block`` needs, with ``dims`` (``cut.HeadDims``, one
+        per circuit) mapped inside the kept heads; nothing is changed until ``commit``."""
+        kept_heads = tuple(sorted(kept_heads))
+        if not kept_heads:
+            raise PlanError(f"block {block.index} ({block.name}): no head left")
+        if any(h < 0 or h >= block.num_heads for h in kept_heads):
+            raise PlanError(f"block {block.index} ({block.name}) has {block.num_heads} heads; "
+                            f"cannot keep {list(kept_heads)}")
+        cut = BlockCut(kept_heads, tuple(dims))
+        if kept_heads == tuple(range(block.num_heads)) and not cut.dims:
+            return
+        self._check_dims(block, cut)
+        lays = layouts(block, cut, self.shapes)
+        block_nodes = {self.nodes[n].name for n in block.nodes}
+        for t in block.tensors:
+            lay = lays[t.name]
+            tensor = self.tensors[t.name]
+            if t.constant:
+                self._plan_constant(tensor, lay, block_nodes)
+                self.cuts[t.name] = {ax: idx for ax, idx in lay.keep.items()
+                                     if len(idx) != self.shapes[t.name][ax]}
+            elif t.cut:
+                self._plan_cut(tensor, lay, block_nodes)
+            elif t.io:
+                self.io_keep[t.name] = dict(lay.keep)
+                self.edits.append(lambda v=tensor, shape=lay.new_shape: declare_shape(v, shape))
+        for site in block.sites:
+            node = self.nodes[site.node]
+            if site.kind not in SIZE_SITES and any(lays[v.name].projected for v in list(node.inputs) + list(node.outputs)
+                                                   if v is not None and v.name in lays):
+                raise RewriteError(f"{node.op} {node.name!r} picks positions of an axis that a cut inside the "
+                                   "heads projects; not supported")
+            SITE_PLANNERS[site.kind](self, node, block, lays, kept_heads)
+
+    @staticmethod
+    def _check_dims(block: AttentionBlock, cut: BlockCut):
+        """What a cut inside the heads cannot be written into yet, refused with the reason."""
+        for d in cut.dims:
+            if d.circuit not in CIRCUITS:
+                raise PlanError(f"block {block.index} ({block.name}): no cut inside the heads of circuit "
+                                f"{d.circuit!r}; known: {', '.join(CIRCUITS)}")
+            where = next((t.name for t in block.tensors if t.io or t.cut), None)
+            if where is not None:
+                raise RewriteError(f"block {block.index} ({block.name}): {where!r} carries the heads out of the "
+                                   "block (a KV cache or a shared table); a cut inside its heads is not supported")
+            if any(s.kind == "attr" for s in block.sites):
+                raise RewriteError(f"block {block.index} ({block.name}): a fused attention op; a cut inside its "
+                                   "heads is not supported")
+
+    def _plan_constant(self, tensor, lay: Layout, block_nodes):
+        consumers = list(tensor.outputs)
+        shared = any(c.name not in block_nodes for c in consumers) or tensor in self.graph.outputs
+        if isinstance(tensor, gs.Constant) and not shared:
+            self.changed_initializers.add(tensor.name)
+            self.edits.append(lambda t=tensor, v=apply_maps(const_value(tensor), lay.maps): set_values(t, v))
+            return
+        # a weight that several blocks share (ALBERT's one layer, TorchScript's Identity of equal weights):
+        # blocks that keep the same heads of it share one slice, so the model shrinks as much as it should
+        key = (identity_source(tensor).name, tuple((ax, tuple(map(int, idx))) for ax, idx in sorted(lay.keep.items())))
+        replacement = None if lay.projected else self._slices.get(key)
+        if replacement is None:
+            replacement = gs.Constant(f"{tensor.name}__pruned{next(fresh)}", apply_maps(const_value(tensor), lay.maps))
+            self._slices[key] = replacement
+        self.edits.append(lambda t=tensor, r=replacement: reroute(t, r, block_nodes))
+
+    def _plan_cut(self, tensor, lay: Layout, block_nodes):
+        size = self.shapes[tensor.name]
+        plan = [(ax, idx, period(idx, size[ax])) for ax, idx in lay.keep.items()]
+        self.edits.append(lambda t=tensor, plan=plan: reroute(t, self._narrow(t, plan), block_nodes))
+
+    def _narrow(self, t, plan):
+        """Gather the kept heads of ``t`` along each head axis.
+
+        An axis whose kept positions repeat with a period P shorter than the axis (the ``B*H`` axis of
+        Bloom's ALiBi tensor) is viewed as [N/P, P] and gathered along P, so that the result is right for
+        any batch size, not only the probed one.
+        """
+        def add(op, inputs, attrs=None):
+            dtype = np.int64 if op in ("Shape", "Concat") else t.dtype
+            out = gs.Variable(f"{t.name}__{op.lower()}{next(fresh)}", dtype=dtype)
+            self.graph.nodes.append(gs.Node(op, name=f"{t.name}__{op.lower()}{next(fresh)}", attrs=attrs or {},
+                                            inputs=inputs, outputs=[out]))
+            return out
+
+        def const(values):
+            return gs.Constant(f"{t.name}__c{next(fresh)}", np.asarray(values, dtype=np.int64))
+
+        cur, rank = t, len(self.shapes[t.name])
+        for ax, idx, every in plan:
+            if every is None:
+                cur = add("Gather", [cur, const(idx)], {"axis": int(ax)})
+                continue
+            parts = [const([-1, every])]
+            if ax:
+                parts.insert(0, add("Shape", [cur], {"start": 0, "end": int(ax)}))
+            if ax + 1 < rank:
+                parts.append(add("Shape", [cur], {"start": int(ax) + 1}))
+            split = add("Reshape", [cur, add("Concat", parts, {"axis": 0})])
+            picked = add("Gather", [split, const(idx[idx < every])], {"axis": int(ax) + 1})
+            back = ([parts[0]] if ax else []) + [const([-1])] + ([parts[-1]] if ax + 1 < rank else [])
+            cur = add("Reshape", [picked, add("Concat", back, {"axis": 0})])
+        return cur
+
+    def dim_change(self, layouts, dim) -> tuple[int, int] | None:
+        """(old, new) size of a runtime size Shape(t)[axis] that shrinks with the heads, else None."""
+        lay = layouts.get(dim.tensor)
+        if lay is None:
+            return None
+        old, new = self.shapes[dim.tensor][dim.axis], lay.new_shape[dim.axis]
+        return None if old == new else (old, new)
+
+    def swap_vector(self, node, index: int, changes: dict):
+        """Rebuild ``node``'s shape-like input ``index`` with ``changes`` now (new nodes only); swap it in
+        at commit."""
+        if not changes:
+            return
+        try:
+            new_vec = shape_expr.rebuild(self.graph, node.inputs[index], changes, self.shapes, self.values)
+        except ValueError as exc:
+            raise RewriteError(f"{node.op} {node.name!r}: {exc}") from None
+        self.edits.append(lambda n=node, v=new_vec, i=index: n.inputs.__setitem__(i, v))
+
+    def commit(self):
+        for edit in self.edits:
+            edit()
+        self.edits.clear()

@@ -1,0 +1,255 @@
+"""One planner per kind of rewrite site (``block.Site.kind``, recorded by the op rules): a node whose attribute
+or shape-like input encodes a head count. Each ``plan_<kind>(rewriter, node, block, layouts, kept_heads)``
+checks and queues its edits on the rewriter (``rewriter.edits``) and changes nothing itself. A new kind is a
+function here with ``@site(kind)``; a kind registered twice fails at import."""
+
+from __future__ import annotations
+
+from fractions import Fraction
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from ..errors import RewriteError
+from ..match import head_attrs, shape_expr
+from ..match.headmap import norm_axis
+from ..model.graph import const_value
+from .layouts import fresh, new_positions
+
+SITE_PLANNERS: dict = {}
+
+
+def site(kind: str):
+    """Register the planner of site kind ``kind``."""
+    def register(fn):
+        if kind in SITE_PLANNERS:
+            raise ValueError(f"rewrite site kind {kind!r} is registered twice")
+        SITE_PLANNERS[kind] = fn
+        return fn
+    return register
+
+
+@site("reshape")
+def plan_reshape(rw, node, block, layouts, kept_heads, expand=False, index=1):
+    out = node.outputs[0]
+    if out.name not in layouts:
+        return
+    vec = node.inputs[index]
+    new_shape, old_shape = layouts[out.name].new_shape, rw.shapes[out.name]
+    length = rw.shapes[vec.name][0]
+    offset = len(old_shape) - length if expand else 0
+    changes = {}
+    for j in range(length):
+        ax = j + offset
+        src = shape_expr.locate(vec, j, rw.shapes)
+        base, ops = shape_expr.leaf(src)
+        moved = rw.dim_change(layouts, base) if isinstance(base, shape_expr.Dim) else None
+        if new_shape[ax] == old_shape[ax]:
+            if moved is None:
+                continue
+            if "Div" not in ops:        # matched only when a Div can absorb the change
+                raise RewriteError(f"{node.op} {node.name!r}: element {j} follows a size that shrinks "
+                                   "with the heads but must not change")
+            changes[j] = shape_expr.Keep(Fraction(moved[1], moved[0]))
+            continue
+        if isinstance(src, shape_expr.Const):
+            if src.value == 0 or (expand and src.value == 1):
+                continue
+            if src.value == -1 and (expand or ax not in layouts[out.name].fixed):
+                continue
+            # an inferred -1 head count becomes explicit: ONNX Runtime's attention fusion reads the head
+            # count from this constant, and blocks may now differ in it
+            changes[j] = new_shape[ax]
+        elif moved is not None:
+            if shape_expr.evaluate(src, moved[1]) != new_shape[ax]:
+                raise RewriteError(f"{node.op} {node.name!r}: element {j} follows {base.tensor} axis "
+                                   f"{base.axis}, which does not shrink to {new_shape[ax]}")
+        elif isinstance(src, shape_expr.Arith):
+            changes[j] = new_shape[ax]
+        elif isinstance(src, shape_expr.Dim) and shape_expr.is_fixed(src, rw.shapes, rw.tensors):
+            changes[j] = shape_expr.Fixed(new_shape[ax])    # e.g. view(-1, x.size(-1)): a fixed width
+        elif isinstance(src, shape_expr.Dim):
+            raise RewriteError(f"{node.op} {node.name!r}: element {j} follows {src.tensor} axis "
+                               f"{src.axis}, which does not shrink with the heads")
+        else:
+            raise RewriteError(f"{node.op} {node.name!r}: element {j} is {shape_expr.describe(src)}")
+    rw.swap_vector(node, index, changes)
+
+
+@site("expand")
+def plan_expand(rw, node, block, layouts, kept_heads):
+    plan_reshape(rw, node, block, layouts, kept_heads, expand=True)
+
+
+@site("tile")
+def plan_tile(rw, node, block, layouts, kept_heads):
+    """Tile repeats keep their values; one computed from a size that shrinks with the heads, as
+    DeBERTa-v2's (B*H)/H, gets its divisor scaled (``Keep``)."""
+    vec = node.inputs[1]
+    changes = {}
+    for j in range(rw.shapes[vec.name][0]):
+        src = shape_expr.locate(vec, j, rw.shapes)
+        base, ops = shape_expr.leaf(src)
+        moved = rw.dim_change(layouts, base) if isinstance(base, shape_expr.Dim) else None
+        if moved is None:
+            continue
+        if "Div" not in ops:
+            raise RewriteError(f"Tile {node.name!r}: repeat {j} follows a size that shrinks with the heads")
+        changes[j] = shape_expr.Keep(Fraction(moved[1], moved[0]))
+    rw.swap_vector(node, 1, changes)
+
+
+@site("split")
+def plan_split(rw, node, block, layouts, kept_heads):
+    x = node.inputs[0]
+    lay = layouts.get(x.name)
+    rank = len(rw.shapes[x.name])
+    axis = norm_axis(node.attrs.get("axis", 0), rank)
+    if lay is None or axis not in lay.keep:
+        return
+    sizes = [rw.shapes[o.name][axis] for o in node.outputs]
+    kept = set(lay.keep[axis].tolist())
+    bounds = np.cumsum([0] + sizes)
+    new_sizes = np.array([sum(1 for i in range(bounds[k], bounds[k + 1]) if i in kept)
+                          for k in range(len(sizes))], dtype=np.int64)
+    empty = [node.outputs[k] for k in np.flatnonzero(new_sizes == 0)]
+    block_nodes = set(block.nodes)
+    for out in empty:       # a part of dropped heads only (StableLM splits q per head): it goes
+        outside = [c for c in out.outputs if c.name not in block_nodes]
+        if outside or out.name not in layouts:
+            raise RewriteError(f"Split {node.name!r}: part {out.name!r} would be empty but is read outside "
+                               "the block")
+    if len(empty) == len(sizes):
+        raise RewriteError(f"Split {node.name!r}: every part would be empty")
+    new_sizes = new_sizes[new_sizes > 0]
+
+    def apply(n=node, s=new_sizes, gone=tuple(empty)):
+        for out in gone:
+            n.outputs.remove(out)
+        n.attrs.pop("num_outputs", None)
+        if "split" in n.attrs:
+            n.attrs["split"] = [int(v) for v in s]
+        elif len(n.inputs) > 1:
+            n.inputs[1] = gs.Constant(f"{n.name}__split{next(fresh)}", s)
+        else:
+            n.inputs.append(gs.Constant(f"{n.name}__split{next(fresh)}", s))
+    rw.edits.append(apply)
+
+
+@site("slice")
+def plan_slice(rw, node, block, layouts, kept_heads):
+    x = node.inputs[0]
+    lay = layouts.get(x.name)
+    if lay is None:
+        return
+    in_shape = rw.shapes[x.name]
+    def bound(t):
+        return shape_expr.bound_value(t, rw.shapes, rw.values, rw.tensors)
+    starts, ends = bound(node.inputs[1]), bound(node.inputs[2])
+    if starts is None or ends is None:     # runtime bounds: only allowed off the head axes (matcher)
+        return
+    axes = bound(node.inputs[3]) if len(node.inputs) > 3 and node.inputs[3].name else \
+        np.arange(len(starts))
+    steps = bound(node.inputs[4]) if len(node.inputs) > 4 and node.inputs[4].name else \
+        np.ones(len(starts), dtype=np.int64)
+    new_starts, new_ends, touched = np.array(starts).copy(), np.array(ends).copy(), False
+    for k, (s, e, a, st) in enumerate(zip(starts, ends, axes, steps)):
+        a = norm_axis(int(a), len(in_shape))
+        if a not in lay.keep:
+            continue
+        old = np.arange(in_shape[a])[slice(int(s), int(e), int(st))]
+        newpos = new_positions(lay.keep[a], in_shape[a])[old]
+        newpos = newpos[newpos >= 0]
+        if len(newpos) == 0 or int(st) != 1 or not np.array_equal(newpos, np.arange(newpos[0], newpos[-1] + 1)):
+            raise RewriteError(f"Slice {node.name!r}: the kept part is not one contiguous range")
+        new_starts[k], new_ends[k], touched = newpos[0], newpos[-1] + 1, True
+    if touched:
+        cs = gs.Constant(f"{node.name}__starts{next(fresh)}", new_starts.astype(np.asarray(starts).dtype))
+        ce = gs.Constant(f"{node.name}__ends{next(fresh)}", new_ends.astype(np.asarray(ends).dtype))
+
+        def apply(n=node, cs=cs, ce=ce):
+            n.inputs[1] = cs
+            n.inputs[2] = ce
+        rw.edits.append(apply)
+
+
+@site("gather")
+def plan_gather(rw, node, block, layouts, kept_heads):
+    data, idx = node.inputs[:2]
+    lay = layouts.get(data.name)
+    axis = norm_axis(node.attrs.get("axis", 0), len(rw.shapes[data.name]))
+    if lay is None or axis not in lay.keep:
+        return
+    old = const_value(idx)
+    if old is None:
+        raise RewriteError(f"Gather {node.name!r}: runtime indices along the head axis")
+    size = rw.shapes[data.name][axis]
+    new = new_positions(lay.keep[axis], size)[np.asarray(old) % size]
+    if (new < 0).any():
+        raise RewriteError(f"Gather {node.name!r} reads a pruned head")
+    c = gs.Constant(f"{node.name}__indices{next(fresh)}", np.asarray(new, dtype=np.asarray(old).dtype))
+    rw.edits.append(lambda n=node, c=c: n.inputs.__setitem__(1, c))
+
+
+@site("gathernd")
+def plan_gathernd(rw, node, block, layouts, kept_heads):
+    data, idx = node.inputs[:2]
+    lay = layouts.get(data.name)
+    if lay is None:
+        return
+    old = const_value(idx)
+    if old is None:
+        raise RewriteError(f"GatherND {node.name!r}: runtime indices along the head axis")
+    new = np.array(old, dtype=np.int64)
+    for ax, keep in lay.keep.items():
+        if ax >= new.shape[-1]:
+            raise RewriteError(f"GatherND {node.name!r} does not index the head axis {ax}")
+        size = rw.shapes[data.name][ax]
+        new[..., ax] = new_positions(keep, size)[new[..., ax] % size]
+    if (new < 0).any():
+        raise RewriteError(f"GatherND {node.name!r} reads a pruned head")
+    c = gs.Constant(f"{node.name}__indices{next(fresh)}", new.astype(np.asarray(old).dtype))
+    rw.edits.append(lambda n=node, c=c: n.inputs.__setitem__(1, c))
+
+
+@site("concat")
+def plan_concat(rw, node, block, layouts, kept_heads):
+    """A Concat along the head axis (a mask repeated once per head): inputs that only hold dropped
+    heads go; an input cut across is sliced by its own layout."""
+    y = node.outputs[0]
+    lay = layouts.get(y.name)
+    axis = norm_axis(node.attrs["axis"], len(rw.shapes[y.name]))
+    if lay is None or axis not in lay.keep:
+        return
+    kept = set(lay.keep[axis].tolist())
+    inputs, offset = [], 0
+    for t in node.inputs:
+        size = rw.shapes[t.name][axis]
+        here = kept & set(range(offset, offset + size))
+        offset += size
+        if len(here) == size:
+            inputs.append(t)
+        elif here:
+            if t.name not in layouts or axis not in layouts[t.name].keep:
+                raise RewriteError(f"Concat {node.name!r}: input {t.name!r} is cut across its heads")
+            inputs.append(t)
+    def apply(n=node, ins=tuple(inputs)):
+        n.inputs.clear()
+        n.inputs.extend(ins)
+    rw.edits.append(apply)
+
+
+@site("attr")
+def plan_attr(rw, node, block, layouts, kept_heads):
+    x = node.inputs[0]
+    width = (rw.shapes[x.name][-1], layouts[x.name].new_shape[-1] if x.name in layouts
+             else rw.shapes[x.name][-1])
+    new = head_attrs(node, block, kept_heads, width)
+    if new is None:
+        raise RewriteError(f"{node.op} node {node.name!r}: no family knows its head-count attributes")
+    rw.edits.append(lambda n=node, new=new: n.attrs.update(new))
+
+
+@site("resize")
+def plan_resize(rw, node, block, layouts, kept_heads):
+    plan_reshape(rw, node, block, layouts, kept_heads, index=3)     # Resize(X, roi, scales, sizes)

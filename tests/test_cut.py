@@ -1,0 +1,123 @@
+"""A cut as a linear map (cut.py): keeping heads is a selection, and a map inside the heads (a d x r matrix on
+the head-size axis of V, and the matching rows of the output projection) is applied by the same rewriter;
+the result equals the original with that map's projection written into its weights."""
+
+from dataclasses import replace
+
+import numpy as np
+import onnx
+import pytest
+
+from onnxprune import pipeline
+from onnxprune.cut import AxisMap, HeadDims, merged_map, reference_rows
+from onnxprune.errors import PlanError, RewriteError, VerifyError
+from onnxprune.inputs import synth_inputs
+from onnxprune.options import PruneOptions
+from onnxprune.plan import BlockPlan
+from onnxprune.verify import compare, max_abs_diff, reference, run
+
+from conftest import MODELS
+
+
+def test_a_selection_is_a_matrix_of_ones():
+    x = np.random.default_rng(0).standard_normal((3, 8, 2))
+    m = AxisMap.select([1, 4, 5])
+    assert np.array_equal(m.apply(x, 1), np.take(x, [1, 4, 5], axis=1))
+    dense = m.matrix(8)
+    assert dense.shape == (8, 3) and dense.sum() == 3
+    assert np.allclose(np.einsum("aib,ij->ajb", x, dense), m.apply(x, 1))
+
+
+def test_a_merged_map_is_block_diagonal():
+    """Heads 0 and 2 of 3 (D = 2) kept, each times its own [2, 1] matrix; position 6 belongs to no head."""
+    owner = np.array([0, 0, 1, 1, 2, 2, -1])
+    mats = {0: np.array([[1.0], [2.0]]), 2: np.array([[3.0], [-1.0]])}
+    m = merged_map(owner, {0, 2}, mats.__getitem__)
+    assert m.new_size == 3 and not m.is_selection
+    x = np.arange(14, dtype=np.float64).reshape(2, 7)
+    dense = m.matrix(7)
+    assert np.allclose(x @ dense, m.apply(x, 1))
+    assert np.allclose(m.apply(x, 1)[:, 0], x[:, 0] + 2 * x[:, 1])
+    assert np.allclose(m.apply(x, 1)[:, 2], x[:, 6])
+
+
+def _state(name):
+    model = onnx.load(str(MODELS / name))
+    options = PruneOptions(ratio=0)
+    return pipeline.match(pipeline.start(model, options), options), options
+
+
+def _random_dims(block, rank, seed):
+    rng = np.random.default_rng(seed)
+    d = block.head_dim
+    a = {g: rng.standard_normal((d, rank)).astype(np.float32) for g in range(block.num_kv_heads)}
+    b = {h: rng.standard_normal((d, rank)).astype(np.float32) for h in range(block.num_heads)}
+    return HeadDims("ov", a, b)
+
+
+def _cut(state, options, kept, rank, seed=0):
+    plans = {b.index: BlockPlan(tuple(kept), dims=(_random_dims(b, rank, seed + b.index),)) for b in state.blocks}
+    state = replace(state, plans=plans)
+    return pipeline.verify(pipeline.rewrite(state, options), options)
+
+
+@pytest.mark.parametrize("name", ["bert-ts.onnx", "bert-d18.onnx", "llama-ts.onnx", "llama-gqa4-d18.onnx"])
+@pytest.mark.parametrize("rank,kept", [(5, None), (3, "some"), (8, None)])
+def test_a_map_inside_the_heads_equals_its_projection_written_into_the_weights(name, rank, kept):
+    """Random d x r maps on V's head-size axis (one per KV head) and the output projection's rows (one per
+    query head), with all or some heads kept: the pruned model (full checker, strict shape inference) equals
+    the original with W_o,h <- A B^T W_o,h, also at other batch sizes and lengths."""
+    state, options = _state(name)
+    block = state.blocks[0]
+    heads = tuple(range(block.num_heads))
+    if kept == "some":     # whole KV groups, so that GQA stays valid
+        heads = tuple(h for g in block.kv_groups[::2] for h in g)
+    cut = _cut(state, options, heads, rank)
+    assert cut.max_error is not None and cut.max_error <= 1e-4
+    v = block.projection("v")
+    widths = {i.name: list(i.dims) for i in cut.pruned.graph.initializer}
+    assert widths[v.weight][v.head_axis] == len(block.kept_kv_heads(heads)) * rank
+    ref = reference(state.model, state.blocks, cut.plans)
+    feeds = synth_inputs(state.model, seed=4, batch=3, seq=7)
+    assert compare(ref, cut.pruned, feeds, {}) <= 1e-4
+    # the projection really changes the model: the reference is not the original (nor the plain mask)
+    assert max_abs_diff(run(state.model, feeds), run(ref, feeds)) > 1e-3
+
+
+def test_a_map_applied_on_one_side_only_fails_the_proof(monkeypatch):
+    """A planted fault: the reference written with A alone (B taken as A) is not what the rewrite computes."""
+    from onnxprune import verify
+    state, options = _state("bert-ts.onnx")
+    monkeypatch.setattr(verify, "reference_rows", lambda rows, a, b: reference_rows(rows, a, a))
+    with pytest.raises(VerifyError, match="differs from the masked original"):
+        _cut(state, options, range(state.blocks[0].num_heads), 5)
+
+
+def test_a_selection_map_inside_the_heads_is_the_plain_cut():
+    """The identity's columns as A = B: keeping head-size positions 0..7 of 8 changes nothing."""
+    state, options = _state("bert-ts.onnx")
+    eye = {i: np.eye(8, dtype=np.float32) for i in range(4)}
+    plans = {b.index: BlockPlan((0, 1, 2, 3), dims=(HeadDims("ov", eye, eye),)) for b in state.blocks}
+    cut = pipeline.verify(pipeline.rewrite(replace(state, plans=plans), options), options)
+    feeds = synth_inputs(state.model)
+    assert max_abs_diff(run(state.model, feeds), run(cut.pruned, feeds)) <= 1e-5
+
+
+@pytest.mark.parametrize("name,words", [
+    ("gpt2-ts.onnx", "packed projection"),                    # c_attn holds q, k and v together
+    ("optimum-llama-past.onnx", "KV cache"),
+    ("bert-ort-attention.onnx", "fused attention op"),
+])
+def test_what_a_map_inside_the_heads_cannot_be_written_into_is_refused(name, words):
+    state, options = _state(name)
+    with pytest.raises(RewriteError, match=words):
+        _cut(state, options, range(state.blocks[0].num_heads), 4)
+
+
+def test_an_unknown_circuit_is_refused():
+    state, options = _state("bert-ts.onnx")
+    b = state.blocks[0]
+    dims = replace(_random_dims(b, 4, 0), circuit="qk")
+    plans = {x.index: BlockPlan(tuple(range(x.num_heads)), dims=(dims,)) for x in state.blocks}
+    with pytest.raises(PlanError, match="circuit 'qk'"):
+        pipeline.rewrite(replace(state, plans=plans), options)
