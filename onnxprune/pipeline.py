@@ -19,19 +19,24 @@ import numpy as np
 import onnx
 
 from . import plan as planning
+from . import rewrite as rewriting
 from .block import AttentionBlock, MatchResult
+from .calibration.session import open_session
 from .errors import InputError, MatchError, OnnxPruneError, PlanError, RewriteError, VerifyError
-from .importance import ImportanceContext, choose, scores_for
+from .importance import SOURCES, ImportanceContext, choose, scores_for
+from .importance.initializers import (IMPORTANCE_SUFFIX, IMPORTANCE_TABLE, carry_importance, initializer_importance,
+                                      stored_method)
+from .inputs import fixed_sizes, synth_inputs
+from .match import match_graph
 from .model.dtypes import FLOAT_TYPES
 from .model.graph import attach_external, to_graph
 from .model.proto import name_nodes
-from .match import match_graph
 from .options import PruneOptions
 from .probe import probe
-from .inputs import synth_inputs
-from .calibration.session import open_session
+from .quant import float_view, quantized_sizes, refold
 from .transforms.compensate import compensation, with_weights
-from .verify import reference
+from .transforms.gates import find_gates, fold_gates as fold
+from .verify import compare, reference, worst_of
 
 
 @dataclass(frozen=True)
@@ -133,7 +138,6 @@ def match(state: State, options: PruneOptions) -> State:
 def fold_gates(state: State, options: PruneOptions) -> State:
     """Head gates are folded into the output projections (outputs unchanged); their values are kept as a
     source of importance. The folded model is matched again."""
-    from .transforms.gates import find_gates, fold_gates as fold
     gates = find_gates(state.model, state.blocks)
     if not gates:
         return state
@@ -152,17 +156,14 @@ def score(state: State, options: PruneOptions) -> State:
     needs scores)."""
     if not options.selects_by_score:
         return state
-    from .importance.initializers import initializer_importance
     has_stored = options.importance is None and initializer_importance(
         state.model, state.blocks, options.importance_initializer) is not None
     source = choose(options, has_stored, bool(state.gate_scores))
-    from .importance import SOURCES
     outputs = SOURCES[source].outputs if source in SOURCES else True
     ctx = ImportanceContext(state.model, state.blocks, options, graph=state.graph, gate_scores=state.gate_scores,
                             make_calibration=lambda: calibration(state, options, outputs))
     scores = scores_for(source, ctx)
     if source == "initializers":
-        from .importance.initializers import stored_method
         method = stored_method(state.model)
         source = f"initializers ({method})" if method else "initializers"
     return replace(state, scores=scores, source=source, calibration=ctx.session)
@@ -206,23 +207,20 @@ def compensate(state: State, options: PruneOptions) -> State:
 def rewrite(state: State, options: PruneOptions) -> State:
     """Slice every tensor with a head axis and commit all edits at once; an unchanged plan returns the
     model as it is."""
-    from .quant import refold
-    from .rewrite import Rewriter, check_model, dead_nodes, export
-    from .importance.initializers import carry_importance
     if not state.changes:            # the model as given, unless a transform made a new one
         transformed = state.gates or state.compensated
         return replace(state, pruned=state.model if transformed else state.original, graph=None)
     graph = state.graph
-    dead = dead_nodes(graph)
-    rewriter = Rewriter(graph, state.shapes, state.values)
+    dead = rewriting.dead_nodes(graph)
+    rewriter = rewriting.Rewriter(graph, state.shapes, state.values)
     for b in state.blocks:
         rewriter.plan(b, state.plans[b.index].kept_heads, state.plans[b.index].dims)       # every check first ...
     rewriter.commit()                                 # ... then every edit
     with contextlib.chdir(options.external_dir or "."):   # the checker finds external data files from there
-        pruned = export(graph, state.model, dead)
+        pruned = rewriting.export(graph, state.model, dead)
         if state.quant is not None:       # the float view, pruned: back to the quantized form
             pruned = refold(pruned, state.quant, rewriter.cuts)
-        pruned = check_model(pruned, state.quant.real if state.quant is not None else state.model)
+        pruned = rewriting.check_model(pruned, state.quant.real if state.quant is not None else state.model)
     carry_importance(state.model, pruned, state.blocks, state.kept)
     io_keep = rewriter.io_keep
     del graph, rewriter, dead        # the sliced weights now live in ``pruned`` only: free the graph's copies
@@ -246,7 +244,6 @@ def prove_equal(masked, pruned, model, feeds, io_keep, external_dir, atol, prune
                 ) -> float:
     """The largest difference between the masked original and the pruned model, on ``feeds`` (synthetic
     when None) and, with a KV cache, on a decode step too; a ``VerifyError`` beyond ``atol`` or on NaN."""
-    from .verify import compare, worst_of
     error = worst_of(compare(masked, pruned, f, io_keep, external_dir, pruned_dir=pruned_dir,
                              masked_overrides=overrides)
                      for f in verification_feeds(model, feeds, io_keep))
@@ -302,8 +299,6 @@ def count_params(model: onnx.ModelProto) -> int:
     dequantize to floats (the data of DequantizeLinear and MatMulInteger, K x N of MatMulNBits, not their
     scales); integer shape and index constants are not parameters, and stored importance scores are not
     weights."""
-    from .importance.initializers import IMPORTANCE_SUFFIX, IMPORTANCE_TABLE
-    from .quant import quantized_sizes
     data, scales = quantized_sizes(model)
 
     def size(t: onnx.TensorProto) -> int:
@@ -325,7 +320,6 @@ def start(model: onnx.ModelProto, options: PruneOptions) -> State:
     named = name_nodes(model)
     # None: synthetic, made by the probe and by verification (and said so in their errors)
     feeds = dict(options.feeds) if options.feeds is not None else None
-    from .quant import float_view
     view, qv = float_view(named, options.external_dir)    # a quantized model: planned on its float view
     return State(original=model, model=view, feeds=feeds, quant=qv)
 
@@ -333,6 +327,5 @@ def start(model: onnx.ModelProto, options: PruneOptions) -> State:
 def _calib_feeds(model: onnx.ModelProto, calib: dict) -> dict:
     """The first samples of the calibration data, for a probe that synthetic inputs cannot drive: two, or
     the model's fixed batch. (Few, since the probe keeps every intermediate tensor of its run.)"""
-    from .inputs import fixed_sizes
     size = fixed_sizes(model)[0] or min(2, len(next(iter(calib.values()))))
     return {k: v[:size] for k, v in calib.items()}

@@ -1,19 +1,6 @@
 """Head-axis flow: find every tensor of an attention block that carries the head axis, and how.
 
-Shape key used in comments: B batch, S query length, T key length, H query heads, Hkv KV heads,
-G = H / Hkv query heads per KV head, D head size, F = H * D.
-
-A *head map* says, for a tensor, which of its axes carry heads and which head owns each index there::
-
-    q_BHSD   axes (1,)   owner [0, 1, 2, 3]                      # H = 4
-    q_BSF    axes (2,)   owner [0]*D + [1]*D + [2]*D + [3]*D       # after the Reshape, merged
-    qkv_BS3F axes (2,)   owner q-part, k-part, v-part side by side # packed projection before Split
-
-Owner values index a table of *units*: a unit is the set of attention heads that one index serves. For
-plain multi-head attention unit u = {u}. Where K/V are broadcast to the query heads (repeat_kv's
-Expand, or GQA inside the Attention op), a KV head serves a whole group: unit = {g*G, ..., g*G + G-1}.
-An index is kept after pruning when its unit meets the kept heads. -1 marks an index that belongs to no
-head of this block (it is always kept).
+What a head map is, and the shape key of the comments, are in ``headmap.py``.
 
 The flow starts at an attention core (Softmax between two MatMuls, or an ``Attention`` op) and runs
 op by op, upward to the weights and downward to the output projection, with one rule per op type. A rule
