@@ -105,6 +105,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _prune_parser() -> argparse.ArgumentParser:
+    from .options import COMPENSATE_MODES, GQA_MODES, SCOPES, PruneOptions      # choices and defaults: options.py's
     from .importance import help_lines
     p = _Parser(prog="onnxprune", description=PRUNE_HELP.replace("{importance}", help_lines()), formatter_class=argparse.RawDescriptionHelpFormatter,
                 usage="onnxprune MODEL (--ratio R | --threshold T | --heads-to-prune FILE) [options]\n"
@@ -121,21 +122,22 @@ def _prune_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", help="output path (default: <stem>.pruned.onnx beside MODEL); DIR/ writes a "
                                           "pruned model folder: the model, updated config files, tokenizer...")
     p.add_argument("--report", type=Path, metavar="REPORT.json", help="write the per-block report as JSON")
-    p.add_argument("--min-heads", type=_at_least(0), default=1, metavar="N", help="keep at least N heads per block (1)")
+    p.add_argument("--min-heads", type=_at_least(0), default=PruneOptions.min_heads, metavar="N",
+                   help=f"keep at least N heads per block ({PruneOptions.min_heads})")
     p.add_argument("--dry-run", action="store_true", help="match, plan and verify, but write no file")
     p.add_argument("--force", action="store_true", help="allow the pruned model to replace the input model")
     p.add_argument("--no-verify", action="store_true", help="skip the pruning-equals-masking check")
     p.add_argument("--strict", action="store_true",
                    help="refuse a model in which some attention-like node is not matched (exit 3), instead of "
                         "pruning the blocks that are and reporting the others")
-    p.add_argument("--gqa", choices=("group", "uniform"), default=None,
+    p.add_argument("--gqa", choices=GQA_MODES, default=PruneOptions.gqa,
                    help="grouped-query attention: remove whole KV groups (group; the default when the model "
                         "has a KV cache, which then shrinks) or the same query heads from every group (uniform)")
     _importance_options(p)
-    p.add_argument("--scope", choices=("layer", "global"), default="layer",
+    p.add_argument("--scope", choices=SCOPES, default=PruneOptions.scope,
                    help="layer: the same fraction in every block (default); global: rank all heads together")
-    p.add_argument("--compensate", nargs="?", const="auto", choices=("auto", "bias", "scale", "refit"),
-                   default=None,
+    p.add_argument("--compensate", nargs="?", const=COMPENSATE_MODES[0], choices=COMPENSATE_MODES,
+                   default=PruneOptions.compensate,
                    help="recover the dropped heads' contribution on the calibration data: auto (the default) "
                         "picks per block, on a quarter of the data held out, among none, bias, scale and refit; "
                         "bias adds their mean to the output bias; scale fits one factor per kept head; refit "
