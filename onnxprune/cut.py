@@ -88,15 +88,9 @@ class HeadDims:
         return int(next(iter(self.a.values())).shape[1])
 
 
-@dataclass(frozen=True)
-class BlockCut:
-    """What one block keeps: heads (the plan), and optionally a map inside them per circuit."""
-
-    kept_heads: tuple
-    dims: tuple = ()          # HeadDims, at most one per circuit
-
-    def circuit(self, name: str) -> HeadDims | None:
-        return next((d for d in self.dims if d.circuit == name), None)
+def circuit(dims, name: str) -> HeadDims | None:
+    """The map of circuit ``name`` among a plan's ``dims`` (``plan.BlockPlan.dims``), or None."""
+    return next((d for d in dims if d.circuit == name), None)
 
 
 SIDES = {"ov": ({"v"}, {"o"})}      # the roles of the first and the second side of a circuit

@@ -12,7 +12,7 @@ from onnx.external_data_helper import uses_external_data
 
 from .block import AttentionBlock
 from . import quant
-from .cut import reference_rows
+from .cut import circuit, reference_rows
 from .errors import PlanError, VerifyError
 from .plan import BlockPlan
 from .model.proto import own_constant, own_weights
@@ -126,11 +126,12 @@ def projected_model(model: onnx.ModelProto, blocks: list[AttentionBlock], plans:
     masked = masked_model(model, blocks, {i: p.kept_heads for i, p in plans.items()}, external_dir)
     for block in blocks:
         plan = plans.get(block.index)
-        dims = plan.dims[0] if plan is not None and plan.dims else None
-        if dims is None:
+        if plan is None or not plan.dims:
             continue
-        if dims.circuit != "ov":
-            raise PlanError(f"block {block.index} ({block.name}): no reference for circuit {dims.circuit!r}")
+        unknown = [d.circuit for d in plan.dims if d.circuit != "ov"]
+        if unknown:
+            raise PlanError(f"block {block.index} ({block.name}): no reference for circuit {unknown[0]!r}")
+        dims = circuit(plan.dims, "ov")
         o = block.o_proj
         proto = own_constant(masked, o.weight)
         arr = np.moveaxis(numpy_helper.to_array(proto, base_dir=str(external_dir or "")).copy(), o.head_axis, 0)

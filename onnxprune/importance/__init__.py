@@ -18,6 +18,7 @@ import pkgutil
 
 import numpy as np
 
+from ..calibration.session import finite
 from ..errors import PlanError
 from .source import ImportanceContext, Source
 
@@ -117,7 +118,6 @@ def help_lines(width: int = 15, columns: int = 104) -> str:
 def calibrated_scores(cal, method: str) -> dict[int, np.ndarray]:
     """The scores of calibrated method ``method`` on calibration session ``cal`` (tools, tests), each checked
     finite."""
-    from ..calibration.session import finite
     if method not in CALIBRATED:
         raise PlanError(f"unknown calibration method {method!r}; use one of {', '.join(CALIBRATED)}")
     scores = SOURCES[method].score(ImportanceContext(cal.model, tuple(cal.blocks), None, session=cal))

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..block import AttentionBlock
-from ..cut import SIDES, AxisMap, BlockCut, HeadDims, merged_map, side_of
+from ..cut import SIDES, AxisMap, HeadDims, merged_map, side_of
 from ..errors import PlanError, RewriteError
 
 fresh = itertools.count()
@@ -40,10 +40,9 @@ def kept_units(block: AttentionBlock, kept_heads) -> set[int]:
     return {u for u, heads in enumerate(block.units) if heads & kept}
 
 
-def layouts(block: AttentionBlock, cut: BlockCut, shapes) -> dict[str, Layout]:
-    """Every head tensor's ``Layout`` under ``cut``: the kept heads' positions, and each circuit's map inside
-    them on the tensors of its two sides."""
-    kept_heads = cut.kept_heads
+def layouts(block: AttentionBlock, kept_heads, dims: tuple, shapes) -> dict[str, Layout]:
+    """Every head tensor's ``Layout`` when ``block`` keeps ``kept_heads``: their positions, and each circuit's
+    map inside them (``dims``: ``cut.HeadDims``) on the tensors of its two sides."""
     units = kept_units(block, kept_heads)
     out = {}
     for t in block.tensors:
@@ -82,8 +81,8 @@ def layouts(block: AttentionBlock, cut: BlockCut, shapes) -> dict[str, Layout]:
         for ax, idx in keep.items():
             shape[ax] = len(idx)
         maps = {ax: AxisMap.select(idx) for ax, idx in keep.items()}
-        for dims in cut.dims:
-            _inside_heads(block, t, dims, units, maps, shape)
+        for d in dims:
+            _inside_heads(block, t, d, units, maps, shape)
         fixed = frozenset(t.axes) if len(t.axes) == 1 and one_run_per_unit(t.owner) else frozenset()
         out[t.name] = Layout(maps, tuple(shape), fixed)
     return out

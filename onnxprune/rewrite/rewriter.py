@@ -15,7 +15,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..block import AttentionBlock
-from ..cut import CIRCUITS, BlockCut
+from ..cut import CIRCUITS
 from ..errors import PlanError, RewriteError
 from ..match import shape_expr
 from ..model.graph import const_value, identity_source, set_values
@@ -48,11 +48,11 @@ class Rewriter:
         if any(h < 0 or h >= block.num_heads for h in kept_heads):
             raise PlanError(f"block {block.index} ({block.name}) has {block.num_heads} heads; "
                             f"cannot keep {list(kept_heads)}")
-        cut = BlockCut(kept_heads, tuple(dims))
-        if kept_heads == tuple(range(block.num_heads)) and not cut.dims:
+        dims = tuple(dims)
+        if kept_heads == tuple(range(block.num_heads)) and not dims:
             return
-        self._check_dims(block, cut)
-        lays = layouts(block, cut, self.shapes)
+        self._check_dims(block, dims)
+        lays = layouts(block, kept_heads, dims, self.shapes)
         block_nodes = {self.nodes[n].name for n in block.nodes}
         for t in block.tensors:
             lay = lays[t.name]
@@ -75,9 +75,9 @@ class Rewriter:
             SITE_PLANNERS[site.kind](self, node, block, lays, kept_heads)
 
     @staticmethod
-    def _check_dims(block: AttentionBlock, cut: BlockCut):
+    def _check_dims(block: AttentionBlock, dims: tuple):
         """What a cut inside the heads cannot be written into yet, refused with the reason."""
-        for d in cut.dims:
+        for d in dims:
             if d.circuit not in CIRCUITS:
                 raise PlanError(f"block {block.index} ({block.name}): no cut inside the heads of circuit "
                                 f"{d.circuit!r}; known: {', '.join(CIRCUITS)}")
