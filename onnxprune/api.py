@@ -49,7 +49,7 @@ class PruneResult:
     # the transformed original, whose masked form the pruned model equals (None: the original as given)
     feeds: dict | None = field(default=None, repr=False)   # inputs the run was checked on, where synthetic
     # ones could not drive the model (a few calibration samples); None: synthetic
-    quantized: str | None = None         # the quantized forms of its weights (quant.py), cut as they are
+    quantized: str | None = None         # the quantized forms of its weights (quant/), cut as they are
 
 
 def count_result_macs(model: onnx.ModelProto, result: PruneResult, batch: int = 1, seq: int = 128,

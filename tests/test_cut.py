@@ -121,3 +121,9 @@ def test_an_unknown_circuit_is_refused():
     plans = {x.index: BlockPlan(tuple(range(x.num_heads)), dims=(dims,)) for x in state.blocks}
     with pytest.raises(PlanError, match="circuit 'qk'"):
         pipeline.rewrite(replace(state, plans=plans), options)
+
+
+def test_a_rewrite_site_kind_registered_twice_is_refused():
+    from onnxprune.rewrite import sites
+    with pytest.raises(ValueError, match="'reshape' is registered twice"):
+        sites.site("reshape")(lambda *a: None)

@@ -1,4 +1,4 @@
-"""Quantized models pruned in their quantized form (quant.py): made by onnxruntime's own quantizers
+"""Quantized models pruned in their quantized form (quant/): made by onnxruntime's own quantizers
 (tools/quantize_models.py) from a BERT with 4 heads of 64 and a Llama with 8 heads of 32 on 4 KV heads.
 The exactness and shape checks of every form run with the other exports (test_equivalence.py), and so
 does the check that masking the wrong heads fails; here: a wrong cut fails, what is kept stays byte for byte, blocks are cut or re-packed exactly, and what cannot be
@@ -12,6 +12,7 @@ import pytest
 from onnx import numpy_helper
 
 from onnxprune import prune_model, quant
+from onnxprune.quant import codes
 from onnxprune.errors import PlanError, VerifyError
 from onnxprune.inputs import synth_inputs
 from onnxprune.verify import max_abs_diff, run
@@ -120,20 +121,20 @@ def test_blocks_that_line_up_with_heads_are_kept_whole():
 def test_rows_that_no_block_of_16_can_hold_are_refused():
     """A kept range that does not split into blocks of 16 or more inside old blocks cannot be re-packed
     exactly: refused, never re-quantized."""
-    assert quant._sub_block(np.concatenate([np.arange(0, 64), np.arange(192, 256)]), 128) == 64
-    assert quant._sub_block(np.arange(64, 128), 128) == 128        # one part-block: the last block may be short
-    assert quant._sub_block(np.concatenate([np.arange(0, 32), np.arange(96, 128)]), 128) == 32
-    assert quant._sub_block(np.arange(24, 40), 32) is None         # 8 rows on each side of a block boundary
-    assert quant._sub_block(np.arange(8, 40), 32) is None          # 32 rows, but over two old blocks
+    assert codes.sub_block(np.concatenate([np.arange(0, 64), np.arange(192, 256)]), 128) == 64
+    assert codes.sub_block(np.arange(64, 128), 128) == 128        # one part-block: the last block may be short
+    assert codes.sub_block(np.concatenate([np.arange(0, 32), np.arange(96, 128)]), 128) == 32
+    assert codes.sub_block(np.arange(24, 40), 32) is None         # 8 rows on each side of a block boundary
+    assert codes.sub_block(np.arange(8, 40), 32) is None          # 32 rows, but over two old blocks
 
 
 def test_int4_packing_round_trips():
     rng = np.random.default_rng(0)
-    codes = rng.integers(0, 16, (5, 3, 32)).astype(np.uint8)
-    packed = quant._pack(codes, 4)
+    values = rng.integers(0, 16, (5, 3, 32)).astype(np.uint8)
+    packed = codes.pack(values, 4)
     assert packed.shape == (5, 3, 16)
-    assert np.array_equal(quant._unpack(packed, 4, 32), codes)
-    assert np.array_equal(quant._pack(np.array([[1, 2, 3]], np.uint8), 4), np.array([[0x21, 0x03]], np.uint8))
+    assert np.array_equal(codes.unpack(packed, 4, 32), values)
+    assert np.array_equal(codes.pack(np.array([[1, 2, 3]], np.uint8), 4), np.array([[0x21, 0x03]], np.uint8))
 
 
 def test_an_int8_model_saved_after_ort_optimizations_is_refused_with_the_way_out(tmp_path):
@@ -228,3 +229,18 @@ def test_head_gates_in_a_quantized_model_are_refused():
     from conftest import gated
     with pytest.raises(PlanError, match="head gates .* would re-quantize them; fold or prune the float model"):
         prune_model(gated(_load("bert-dyn.onnx")), 0.5)
+
+
+def test_the_forms_are_found_by_themselves_and_a_kind_declared_twice_fails(monkeypatch):
+    """Each quantized form is one module of quant/forms/ declaring FORM; the registry finds them, and a second
+    module declaring a kind already taken is refused when the registry is built."""
+    from types import SimpleNamespace
+
+    from onnxprune.quant import forms
+    assert {k: f.label for k, f in forms.FORMS.items()} == {
+        "dq": "QDQ", "integer": "int8 dynamic (MatMulInteger)", "nbits": "MatMulNBits"}
+    real = forms.importlib.import_module
+    monkeypatch.setattr(forms.importlib, "import_module", lambda name: SimpleNamespace(FORM=forms.FORMS["dq"])
+                        if name.endswith(".nbits") else real(name))
+    with pytest.raises(ValueError, match="'dq' is declared twice"):
+        forms._discover()
