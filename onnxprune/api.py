@@ -18,7 +18,7 @@ from .model.graph import to_graph
 from .match import match_graph
 from .options import PruneOptions, tolerance
 from .probe import probe
-from .verify import masked_model, masked_weights
+from .verify import masked_model, masked_weights, reference
 
 
 @dataclass(frozen=True)
@@ -50,6 +50,9 @@ class PruneResult:
     feeds: dict | None = field(default=None, repr=False)   # inputs the run was checked on, where synthetic
     # ones could not drive the model (a few calibration samples); None: synthetic
     quantized: str | None = None         # the quantized forms of its weights (quant/), cut as they are
+    plans: dict = field(default_factory=dict, repr=False)   # block index -> plan.BlockPlan (with maps inside)
+    dim_fits: tuple = ()                 # cuts inside the heads: each block's circuit, rank, held-out error
+    dims_source: str | None = None       # what they were fitted from (calibration or weights)
 
 
 def count_result_macs(model: onnx.ModelProto, result: PruneResult, batch: int = 1, seq: int = 128,
@@ -99,7 +102,8 @@ def prune_model(model, ratio=None, *, kept: dict[int, list[int]] | None = None,
                 threshold: float | None = None, calib: dict[str, np.ndarray] | None = None,
                 compensate: str | None = None, importance_initializer: str | None = None,
                 external_dir: str | os.PathLike | None = None, multiple_of: int | None = None,
-                atol: float | None = None, options: PruneOptions | None = None) -> PruneResult:
+                atol: float | None = None, qk_dims=None, v_dims=None, attention_ratio=None,
+                options: PruneOptions | None = None) -> PruneResult:
     """Prune ``model``: an ``onnx.ModelProto``, a path to an .onnx file (loaded and checked; external data
     stays on disk and is read from beside it) or the bytes of a model; anything else raises
     ``ModelTypeError`` (an ``InputError`` and a ``TypeError``).
@@ -120,20 +124,27 @@ def prune_model(model, ratio=None, *, kept: dict[int, list[int]] | None = None,
                                min_heads=min_heads, scope=scope, importance=importance,
                                importance_initializer=importance_initializer, calib=calib, compensate=compensate,
                                gqa=gqa, multiple_of=multiple_of, verify=verify, atol=atol, feeds=feeds,
-                               external_dir=external_dir)
+                               external_dir=external_dir, qk_dims=qk_dims, v_dims=v_dims,
+                               attention_ratio=attention_ratio)
     model, external_dir = as_model(model, options.external_dir)
     if external_dir != options.external_dir:
         options = replace(options, external_dir=external_dir)
     state = pipeline.run_stages(pipeline.STAGES, pipeline.start(model, options), options)
-    return PruneResult(state.pruned, state.blocks, state.kept, {i: p.min_heads_applied for i, p in state.plans.items()}, state.scores,
-                       pipeline.count_params(state.original), pipeline.count_params(state.pruned),
+    return result_of(state, options)
+
+
+def result_of(state: pipeline.State, options: PruneOptions) -> PruneResult:
+    """The ``PruneResult`` of a finished run: the one place that reads the final state."""
+    return PruneResult(state.pruned, state.blocks, state.kept, {i: p.min_heads_applied for i, p in state.plans.items()},
+                       state.scores, pipeline.count_params(state.original), pipeline.count_params(state.pruned),
                        max_error=state.max_error, misses=state.matched.misses, gqa=state.gqa,
                        io_keep=state.io_keep, kv_cache=state.kv_cache,
                        importance_source=state.source if options.selects_by_score else "given",
                        compensate=state.compensated, fits=state.fits, gates=state.gates, multiple_of=options.multiple_of,
                        options=options, feeds=state.feeds,
                        reference=state.model if (state.gates or state.compensated) else None,
-                       quantized=state.quant.describe() if state.quant is not None else None)
+                       quantized=state.quant.describe() if state.quant is not None else None,
+                       plans=dict(state.plans), dim_fits=state.dim_fits, dims_source=state.dims_source)
 
 
 def verify_saved(model: onnx.ModelProto, result: PruneResult, path: str | os.PathLike,
@@ -152,7 +163,9 @@ def verify_saved(model: onnx.ModelProto, result: PruneResult, path: str | os.Pat
     if pruned is None:
         pruned = onnx.load(str(path), load_external_data=False)
     view, qv = quant.float_view(model, external_dir)
-    if qv is not None:     # its float view drives the synthetic inputs (a KV cache's head size)
+    if any(p.dims for p in result.plans.values()):      # cut inside the heads: the projected original
+        overrides, masked, model = None, reference(view, list(result.blocks), result.plans, qv, external_dir), view
+    elif qv is not None:     # its float view drives the synthetic inputs (a KV cache's head size)
         overrides, masked, model = None, quant.masked(qv, view, list(result.blocks), result.kept), view
     else:
         overrides = masked_weights(model, list(result.blocks), result.kept, external_dir)

@@ -108,12 +108,13 @@ def _prune_parser() -> argparse.ArgumentParser:
     from .options import COMPENSATE_MODES, GQA_MODES, SCOPES, PruneOptions      # choices and defaults: options.py's
     from .importance import help_lines
     p = _Parser(prog="onnxprune", description=PRUNE_HELP.replace("{importance}", help_lines()), formatter_class=argparse.RawDescriptionHelpFormatter,
-                usage="onnxprune MODEL (--ratio R | --threshold T | --heads-to-prune FILE) [options]\n"
+                usage="onnxprune MODEL (--ratio R | --threshold T | --heads-to-prune FILE) [--qk-dims R] [--v-dims R] "
+                      "[options]\n"
                       "       onnxprune score MODEL [--importance METHOD] [--calib DATA.npz] -o SCORED.onnx\n"
                       "       onnxprune inspect MODEL [--json]\n"
                       "       onnxprune bench ORIGINAL PRUNED [--provider cpu|cuda|tensorrt] [--batch B] [--seq S]")
     p.add_argument("model", type=Path, help="the .onnx file to prune")
-    how = p.add_mutually_exclusive_group(required=True)
+    how = p.add_mutually_exclusive_group()
     how.add_argument("--ratio", type=_ratio, help="fraction of heads to remove in every block, in [0, 1]")
     how.add_argument("--threshold", type=_threshold, metavar="T",
                      help="keep the heads whose importance is at least T (stored gate values, for instance)")
@@ -144,7 +145,20 @@ def _prune_parser() -> argparse.ArgumentParser:
                         "refits the kept rows of the output projection")
     p.add_argument("--multiple-of", type=_at_least(1), default=None, metavar="N",
                    help="round each block's kept heads up (adding its next best) so that kept heads x head size "
-                        "is a multiple of N, for hardware that wants aligned widths")
+                        "is a multiple of N, for hardware that wants aligned widths; with --qk-dims/--v-dims, "
+                        "each kept rank is rounded up to a multiple of N")
+    dims = p.add_argument_group("cutting inside the heads (every head stays, each gets smaller)")
+    dims.add_argument("--qk-dims", type=_ratio, metavar="R",
+                      help="remove the fraction R of each head's QK rank: queries and keys keep floor(D x (1 - R)) "
+                           "dimensions, a rotation that keeps the scores best on --calib (from the weights alone "
+                           "without it). Not through rotary embeddings or q/k norms")
+    dims.add_argument("--v-dims", type=_ratio, metavar="R",
+                      help="remove the fraction R of each head's OV rank: V (and its cache) and the output "
+                           "projection's rows keep floor(D x (1 - R)), fitted the same way")
+    dims.add_argument("--attention-ratio", type=_ratio, metavar="R",
+                      help="remove the fraction R of the attention MACs, spent where it costs least: each block's "
+                           "QK and OV ranks lowered step by step (D/8, or --multiple-of) where the loss measured "
+                           "on held-out --calib batches grows least per MAC saved. Needs --calib")
     p.add_argument("--seq", type=_at_least(1), default=None,
                    help="sequence length for the MAC count in the report (128, or less if the model's "
                         "position table is shorter)")
@@ -322,7 +336,12 @@ def run_score(argv) -> int:
 
 
 def run_prune(argv) -> int:
-    args = _prune_parser().parse_args(argv)
+    parser = _prune_parser()
+    args = parser.parse_args(argv)
+    if args.ratio is None and args.threshold is None and args.heads_to_prune is None \
+            and args.qk_dims is None and args.v_dims is None and args.attention_ratio is None:
+        parser.error("one of the arguments --ratio --threshold --heads-to-prune --qk-dims --v-dims "
+                     "--attention-ratio is required")
     from .model import inline
     from .api import count_result_macs, prune_model, verify_saved
     from .options import PruneOptions
@@ -360,7 +379,8 @@ def run_prune(argv) -> int:
         heads_to_prune=load_heads_to_prune(args.heads_to_prune) if args.heads_to_prune else None,
         scope=args.scope, importance=args.importance, importance_initializer=args.importance_initializer,
         calib=_calib(args, model), compensate=args.compensate, gqa=args.gqa, multiple_of=args.multiple_of,
-        verify=not args.no_verify and not verify_saved_copy, atol=args.atol, external_dir=where)
+        verify=not args.no_verify and not verify_saved_copy, atol=args.atol, external_dir=where,
+        qk_dims=args.qk_dims, v_dims=args.v_dims, attention_ratio=args.attention_ratio)
     result = prune_model(model, options=options)
     missed = [m for m in result.misses if m.node]
     if args.strict and missed:

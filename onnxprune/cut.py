@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-CIRCUITS = ("ov",)      # head-size maps that the rewriter applies (qk: with issue 22's rotary and scale rules)
+CIRCUITS = ("ov", "qk")      # the circuits whose head-size maps the rewriter applies
 
 
 @dataclass(frozen=True)
@@ -75,9 +75,11 @@ class AxisMap:
 
 @dataclass(frozen=True)
 class HeadDims:
-    """A map inside the heads of one circuit: ``a[kv head]`` [D, r] on the first side (V for ``ov``), and
-    ``b[head]`` [D, r] on the second (the output projection's rows for ``ov``). Every head keeps the same r:
-    a tensor that holds the head size on an axis of its own ([B, H, S, D]) has one size for all heads."""
+    """A map inside the heads of one circuit: ``a[kv head]`` [D, r] on the first side, the one a KV head shares
+    with its query heads (V for ``ov``, K for ``qk``), and ``b[head]`` [D, r] on the second (the output
+    projection's rows for ``ov``, Q for ``qk``). What the circuit computes becomes ``x A Bᵀ y``: ``v A Bᵀ W_o``,
+    and the scores ``q B Aᵀ kᵀ``. Every head keeps the same r: a tensor that holds the head size on an axis of
+    its own ([B, H, S, D]) has one size for all heads."""
 
     circuit: str
     a: dict = field(compare=False)
@@ -93,7 +95,8 @@ def circuit(dims, name: str) -> HeadDims | None:
     return next((d for d in dims if d.circuit == name), None)
 
 
-SIDES = {"ov": ({"v"}, {"o"})}      # the roles of the first and the second side of a circuit
+SIDES = {"ov": ({"v"}, {"o"}), "qk": ({"k"}, {"q"})}    # the roles of the first and the second side of a circuit
+WRITTEN = {"ov": "o", "qk": "q"}    # the projection whose weights the reference writes the circuit's A Bᵀ into
 
 
 def side_of(roles, circuit: str) -> int | None:
@@ -132,3 +135,24 @@ def reference_rows(rows: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray
     """The second side's rows of one head with the circuit's projection written in: ``A Bᵀ W`` (a
     selection's ``A = B = I[:, keep]`` gives the rows of the kept positions, zeros elsewhere)."""
     return ((a.astype(np.float64) @ b.astype(np.float64).T) @ rows.astype(np.float64)).astype(rows.dtype)
+
+
+def project_heads(arr: np.ndarray, axis: int, owner: np.ndarray, units, kv_groups, kept_heads, dims: HeadDims
+                  ) -> np.ndarray:
+    """``arr`` (the second side's weight or bias of ``dims``'s circuit; heads along ``axis``, ``owner`` the unit
+    of each position, ``units`` the unit table) with each kept head's positions replaced by ``A_g B_hᵀ`` times
+    them: the circuit's map written into the original weights (a copy)."""
+    moved = np.moveaxis(np.array(arr, copy=True), axis, 0)
+    owner = np.asarray(owner).reshape(-1)
+    for h in kept_heads:
+        rows = np.flatnonzero(owner == list(units).index(frozenset({h})))
+        group = next(g for g, hs in enumerate(kv_groups) if h in hs)
+        moved[rows] = reference_rows(moved[rows], dims.a[group], dims.b[h])
+    return np.ascontiguousarray(np.moveaxis(moved, 0, axis))
+
+
+def qk_passes(block) -> bool:
+    """Whether a map of the QK circuit can pass every query and key tensor of ``block``: each has a head-size
+    axis that the matcher followed (a rotary embedding or a norm over the head size mixes its positions)."""
+    return all(t.constant or t.dim_axis is not None for t in block.tensors
+               if t.roles and set(t.roles) <= {"q", "k"})

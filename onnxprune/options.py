@@ -31,7 +31,10 @@ class PruneOptions:
     on axis 0} for the calibrated sources and ``compensate``. ``gqa``: None picks ``group`` for a model with
     a KV cache, else ``uniform``. ``verify``: prune == masked is checked on ``feeds`` (synthetic when None)
     and a difference beyond ``atol`` (None: 1e-4, 1e-2 for fp16 weights) raises ``VerifyError``.
-    ``external_dir``: the folder of the model's external data, when it was loaded without it."""
+    ``external_dir``: the folder of the model's external data, when it was loaded without it. ``qk_dims`` and
+    ``v_dims``: cut inside every kept head, its QK circuit (scores) or its OV circuit (V's head size and the
+    output projection's rows) to ``floor(D * (1 - share))`` of its D dimensions, fitted from ``calib`` (from
+    the weights alone without it); given alone, every head stays."""
 
     ratio: object = None
     threshold: float | None = None
@@ -49,9 +52,31 @@ class PruneOptions:
     atol: float | None = None
     feeds: Mapping[str, np.ndarray] | None = field(default=None, compare=False, repr=False)
     external_dir: str | os.PathLike | None = None
+    qk_dims: object = None        # share of each head's QK rank to remove (floor arithmetic, like ratio)
+    v_dims: object = None         # share of each head's OV rank (V's head size) to remove
+    attention_ratio: object = None   # share of the attention MACs to remove, spent by ``budget.plan_budget``
 
     def __post_init__(self):
         chosen = [n for n in ("ratio", "threshold", "kept", "heads_to_prune") if getattr(self, n) is not None]
+        if not chosen and any(getattr(self, n) is not None for n in ("qk_dims", "v_dims", "attention_ratio")):
+            # dims alone: every head stays
+            object.__setattr__(self, "ratio", 0)
+            chosen = ["ratio"]
+        if self.attention_ratio is not None:
+            if self.qk_dims is not None or self.v_dims is not None:
+                raise PlanError("--attention-ratio chooses the ranks itself; give it without --qk-dims/--v-dims")
+            if chosen != ["ratio"] or str(self.ratio).strip() not in ("0", "0.0"):
+                raise PlanError("--attention-ratio keeps every head and spends the budget inside them; give it "
+                                "without --ratio, --threshold or --heads-to-prune")
+            if self.calib is None:
+                raise PlanError("--attention-ratio measures each cut on calibration data; give --calib DATA.npz")
+        for name in ("qk_dims", "v_dims", "attention_ratio"):
+            value = getattr(self, name)
+            if value is not None:
+                try:
+                    exact_ratio(value)
+                except ValueError as exc:
+                    raise PlanError(f"{name.replace('_', '-')}: {exc}") from None
         if len(chosen) != 1:
             raise PlanError("give exactly one of ratio, threshold, kept, heads_to_prune"
                             + (f" (got {', '.join(chosen)})" if chosen else ""))
@@ -78,6 +103,11 @@ class PruneOptions:
         if self.atol is not None and not (finite_number(self.atol) and self.atol >= 0):
             raise PlanError(f"atol must be a finite number >= 0, got {self.atol!r}")
         check_source(self.importance)
+
+    @property
+    def cuts_dims(self) -> bool:
+        """Whether the run cuts inside the heads (``qk_dims`` or ``v_dims``)."""
+        return any(getattr(self, n) not in (None, 0) for n in ("qk_dims", "v_dims", "attention_ratio"))
 
     @property
     def selects_by_score(self) -> bool:

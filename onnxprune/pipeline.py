@@ -1,6 +1,6 @@
 """The prune pipeline: a list of stages, each ``(state, options) -> state``, over a frozen ``State``.
 
-    match -> fold gates -> score -> plan -> compensate -> rewrite -> verify
+    match -> fold gates -> score -> plan -> fit dims -> compensate -> rewrite -> verify
 
 A stage that makes a new model (gate folding, compensation) matches its blocks again itself: there is no
 recursion. Each stage names the typed error that a stray exception inside it becomes, so that every
@@ -22,6 +22,9 @@ from . import plan as planning
 from . import rewrite as rewriting
 from .block import AttentionBlock, MatchResult
 from .calibration.session import open_session
+from .budget import plan_budget
+from .calibration.sites import projection_output
+from .cut import qk_passes
 from .errors import InputError, MatchError, OnnxPruneError, PlanError, RewriteError, VerifyError
 from .importance import SOURCES, ImportanceContext, choose, scores_for
 from .importance.initializers import (IMPORTANCE_SUFFIX, IMPORTANCE_TABLE, carry_importance, initializer_importance,
@@ -36,6 +39,7 @@ from .probe import probe
 from .quant import float_view, quantized_sizes, refold
 from .transforms.compensate import compensation, with_weights
 from .transforms.gates import find_gates, fold_gates as fold
+from .transforms.subspace import Moments
 from .verify import compare, reference, worst_of
 
 
@@ -62,6 +66,8 @@ class State:
     io_keep: dict = field(default_factory=dict)
     max_error: float | None = None
     quant: object = field(default=None, repr=False)   # quant.QuantView of a quantized model (``model`` is its view)
+    dim_fits: tuple = ()                      # the cuts inside the heads (``DimFit``), block by block
+    dims_source: str | None = None            # what they were fitted from: calibration or weights
 
     @property
     def blocks(self) -> tuple[AttentionBlock, ...]:
@@ -156,6 +162,9 @@ def score(state: State, options: PruneOptions) -> State:
     needs scores)."""
     if not options.selects_by_score:
         return state
+    if options.cuts_dims and options.ratio is not None and planning.exact_ratio(options.ratio) == 0 \
+            and options.multiple_of is None:
+        return state           # dims alone: every head stays, nothing to rank
     has_stored = options.importance is None and initializer_importance(
         state.model, state.blocks, options.importance_initializer) is not None
     source = choose(options, has_stored, bool(state.gate_scores))
@@ -179,6 +188,63 @@ def calibration(state: State, options: PruneOptions, outputs: bool = True):
 def make_plan(state: State, options: PruneOptions) -> State:
     """What every block keeps (``plan.plan_blocks``)."""
     return replace(state, plans=planning.plan_blocks(state.blocks, state.scores, state.graph, options, state.gqa))
+
+
+def fit_dims(state: State, options: PruneOptions) -> State:
+    """Maps inside the kept heads (``--qk-dims``, ``--v-dims``), fitted per block from calibration moments, or
+    from the weights alone without data (``transforms.subspace``), into each block's plan."""
+    if not options.cuts_dims:
+        return state
+    if state.quant is not None:
+        raise PlanError(f"--qk-dims/--v-dims rotate each head's weights, which this {state.quant.describe()} model "
+                        "would have to re-quantize; cut the float model, then quantize it")
+    if options.compensate is not None:
+        raise PlanError("--compensate after a cut inside the heads is not supported yet; the OV cut's output "
+                        "projection is already a least-squares fit")
+    budget = options.attention_ratio is not None
+    if budget:          # both circuits where the QK one can be cut (no rotary, no q/k norm), else OV only
+        circuits = ("qk", "ov") if all(qk_passes(b) for b in state.blocks) else ("ov",)
+        wanted = dict.fromkeys(circuits)
+    else:
+        wanted = {c: r for c, r in (("qk", options.qk_dims), ("ov", options.v_dims)) if r not in (None, 0)}
+    cal = None
+    if options.calib is not None:
+        taps = tuple(n for b in state.blocks for role in ("q", "k") if "qk" in wanted
+                     for n in [projection_output(state.model, b, role)] if n is not None)
+        fed = tuple(n for b in state.blocks if budget and "qk" in wanted
+                    for n in (b.projection("q").weight, b.projection("q").bias) if n is not None)
+        cal = open_session(state.model, state.blocks, state.shapes, options.calib, options.external_dir,
+                           outputs=budget, taps=taps, fed=fed)
+    moments = Moments(state.model, state.blocks, cal, tuple(wanted), options.external_dir)
+    ranks = {}
+    if budget:
+        seq = next(iter(options.calib.values())).shape[1] if next(iter(options.calib.values())).ndim > 1 else 128
+        step = options.multiple_of
+        for choice in plan_budget(cal, moments, state.blocks, options.attention_ratio, tuple(wanted), step, seq):
+            ranks.update({(choice.block, c): r for c, r in choice.ranks.items()})
+    plans, fits = dict(state.plans), []
+    for b in state.blocks:
+        dims = []
+        for name, share in wanted.items():
+            rank = ranks[(b.index, name)] if budget else planning.keep_rank(b.head_dim, share, options.multiple_of)
+            if rank >= b.head_dim:
+                continue
+            fit = moments.fit_circuit(b.index, name, rank)
+            dims.append(fit.dims)
+            fits.append(DimFit(b.index, name, b.head_dim, rank, fit.error))
+        plans[b.index] = replace(plans[b.index], dims=tuple(dims))
+    return replace(state, plans=plans, dim_fits=tuple(fits), dims_source=moments.source)
+
+
+@dataclass(frozen=True)
+class DimFit:
+    """One circuit of one block cut inside its heads: its rank of the head size and the held-out error."""
+
+    block: int
+    circuit: str
+    head_dim: int
+    rank: int
+    error: float
 
 
 def compensate(state: State, options: PruneOptions) -> State:
@@ -253,7 +319,7 @@ def prove_equal(masked, pruned, model, feeds, io_keep, external_dir, atol, prune
 
 STAGES = (Stage("match", match, MatchError), Stage("fold gates", fold_gates, RewriteError),
           Stage("score", score, PlanError), Stage("plan", make_plan, PlanError),
-          Stage("compensate", compensate, PlanError), Stage("rewrite", rewrite, RewriteError),
+          Stage("fit dims", fit_dims, PlanError), Stage("compensate", compensate, PlanError), Stage("rewrite", rewrite, RewriteError),
           Stage("verify", verify, VerifyError))
 
 

@@ -107,6 +107,15 @@ class BlockPlan:
 GQA_MODES = ("uniform", "group")
 
 
+def keep_rank(head_dim: int, ratio, multiple_of: int | None = None) -> int:
+    """Head-size positions a circuit keeps when ``ratio`` of them go: ``floor(D * (1 - ratio))``, at least 1,
+    rounded up to a multiple of ``multiple_of`` (at most D); the same arithmetic as heads."""
+    r = max(1, math.floor(head_dim * (1 - exact_ratio(ratio))))
+    if multiple_of:
+        r = min(head_dim, -(-r // multiple_of) * multiple_of)
+    return r
+
+
 def plan_block(importance, ratio, groups: Sequence[Sequence[int]], min_heads: int = 1,
                gqa: str = "uniform") -> BlockPlan:
     """Plan one block. ``groups`` lists the query heads of each KV head (one group per head for MHA).
@@ -286,6 +295,8 @@ def plan_blocks(blocks, scores: dict, graph, options, gqa: str) -> dict[int, Blo
     planned per layer or globally, blocks that share weights tied, heads held in a grid kept as a rectangle
     of it, and counts rounded to ``options.multiple_of``. ``graph``: the model's graphsurgeon graph (which
     blocks share weights); ``gqa``: ``uniform`` or ``group``."""
+    if not scores and options.ratio is not None and exact_ratio(options.ratio) == 0:
+        return {b.index: BlockPlan(tuple(range(b.num_heads))) for b in blocks}    # unscored (dims alone)
     shared = shared_blocks(blocks, graph)
     scores = _shared_scores(blocks, shared, scores)
     plans, applied = {}, {}

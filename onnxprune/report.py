@@ -17,19 +17,24 @@ def build_report(result: PruneResult, model: str, output: str | None, ratio) -> 
     blocks = []
     for b in result.blocks:
         kept = list(result.kept[b.index])
+        fits = {f.circuit: f for f in result.dim_fits if f.block == b.index}
+        ranks = {c: (fits[c].rank if c in fits else b.head_dim) for c in ("qk", "ov")}
         blocks.append({
             "name": b.name, "family": b.family, "num_heads": b.num_heads, "num_kv_heads": b.num_kv_heads,
             "head_dim": b.head_dim, "kept_heads": kept, "kept_kv_heads": b.kept_kv_heads(kept),
             "o_proj": {"initializer": b.o_proj.weight, "head_axis": b.o_proj.head_axis},
             "min_heads_applied": bool(result.min_heads_applied.get(b.index, False)),
             "importance": [float(v) for v in result.importance[b.index]] if b.index in result.importance else None,
+            "qk_rank": ranks["qk"], "ov_rank": ranks["ov"],
+            "held_out_error": {c: f.error for c, f in fits.items()},
             "macs": None if result.macs is None else {"before": result.macs[0].blocks.get(b.index),
                                                       "after": result.macs[1].blocks.get(b.index)},
         })
     from .pipeline import is_fp16
     width = 2 if is_fp16(result.model) else 4
+    # K and V of every kept KV head per token: K keeps the QK rank, V the OV rank
     kv_bytes = {"before": sum(2 * b["num_kv_heads"] * b["head_dim"] * width for b in blocks),
-                "after": sum(2 * len(b["kept_kv_heads"]) * b["head_dim"] * width for b in blocks)}
+                "after": sum(len(b["kept_kv_heads"]) * (b["qk_rank"] + b["ov_rank"]) * width for b in blocks)}
     macs = None
     if result.macs is not None:
         before, after = result.macs
@@ -47,16 +52,26 @@ def build_report(result: PruneResult, model: str, output: str | None, ratio) -> 
             "compensation": [{"block": f.block, "mode": f.mode, "held_out_error_before": f.error_before,
                               "held_out_error_after": f.error_after} for f in result.fits],
             "gates_folded": result.gates, "multiple_of": result.multiple_of, "macs": macs,
-            "macs_note": result.macs_note, "kv_cache_bytes_per_token": kv_bytes, "blocks": blocks,
+            "macs_note": result.macs_note, "kv_cache_bytes_per_token": kv_bytes,
+            "qk_dims": None if opts is None or opts.qk_dims is None else float(opts.qk_dims),
+            "v_dims": None if opts is None or opts.v_dims is None else float(opts.v_dims),
+            "dims_source": result.dims_source, "blocks": blocks,
             "misses": [{"node": m.node, "op": m.op, "reason": m.reason} for m in result.misses if m.node]}
 
 
 def format_table(report: dict) -> str:
-    rows = [("#", "block", "family", "H", "kept", "kept heads")]
+    dims = report.get("dims_source") is not None
+    rows = [("#", "block", "family", "H", "kept", "kept heads")
+            + (("D", "QK", "OV", "held-out error") if dims else ())]
     for i, b in enumerate(report["blocks"]):
         note = " (min-heads)" if b.get("min_heads_applied") else ""
-        rows.append((str(i), b["name"][-48:], b["family"], str(b["num_heads"]), str(len(b["kept_heads"])) + note,
-                     ",".join(map(str, b["kept_heads"]))))
+        row = (str(i), b["name"][-48:], b["family"], str(b["num_heads"]), str(len(b["kept_heads"])) + note,
+               ",".join(map(str, b["kept_heads"])))
+        if dims:
+            err = b.get("held_out_error") or {}
+            row += (str(b["head_dim"]), str(b["qk_rank"]), str(b["ov_rank"]),
+                    " ".join(f"{c} {e:.3f}" for c, e in sorted(err.items())))
+        rows.append(row)
     widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
     before, after = report["params_before"], report["params_after"]
@@ -72,7 +87,8 @@ def format_table(report: dict) -> str:
         lines.append(f"quantized weights ({report['quantized']}): cut in their quantized form, with their scales "
                      "and zero points; nothing re-quantized")
     kv = report.get("kv_cache_bytes_per_token")
-    if kv and (report.get("kv_cache") or any(b["num_kv_heads"] < b["num_heads"] for b in report["blocks"])):
+    if kv and (report.get("kv_cache") or (dims and kv["before"] != kv["after"])
+               or any(b["num_kv_heads"] < b["num_heads"] for b in report["blocks"])):
         lines.append(f"KV cache per token: {kv['before']:,} -> {kv['after']:,} bytes")
     if report.get("importance") not in (None, "given"):
         lines.append(f"importance: {report['importance']}"
@@ -103,7 +119,14 @@ def format_table(report: dict) -> str:
         lines.append(report["macs_note"])
     if report.get("max_error") is not None:
         lines.append(f"pruned == masked original: max abs error {report['max_error']:.2e}")
-    if all(len(b["kept_heads"]) == b["num_heads"] for b in report["blocks"]):
+    if dims:
+        source = report["dims_source"]
+        lines.append("cut inside the heads: QK and OV ranks of each head's D dimensions, fitted from "
+                     + ("the calibration data; the error is relative, on held-out calibration batches"
+                        if source == "calibration" else
+                        "the weights alone (no --calib: expect more loss; give calibration data)"))
+    if all(len(b["kept_heads"]) == b["num_heads"] and b.get("qk_rank", b["head_dim"]) == b["head_dim"]
+           and b.get("ov_rank", b["head_dim"]) == b["head_dim"] for b in report["blocks"]):
         lines.append("nothing removed: every block keeps all its heads")
     misses = report.get("misses") or []
     if misses:

@@ -12,7 +12,7 @@ from onnx.external_data_helper import uses_external_data
 
 from .block import AttentionBlock
 from . import quant
-from .cut import circuit, reference_rows
+from .cut import WRITTEN, project_heads
 from .errors import PlanError, VerifyError
 from .plan import BlockPlan
 from .model.proto import own_constant, own_weights
@@ -120,28 +120,37 @@ def reference(model: onnx.ModelProto, blocks, plans: dict, qv=None, external_dir
 
 def projected_model(model: onnx.ModelProto, blocks: list[AttentionBlock], plans: dict, external_dir=None
                     ) -> onnx.ModelProto:
-    """The reference of a cut inside the heads: ``masked_model``, with each kept head's rows of the output
-    projection replaced by ``A_g B_hᵀ W_o,h`` (``cut.reference_rows``; ``A_g`` of its KV head, ``B_h`` its own):
+    """The reference of a cut inside the heads: ``masked_model``, with the circuit's map written into the
+    second side's projection (``cut.WRITTEN``): each kept head's positions of it become ``A_g B_hᵀ`` times
+    them (``cut.reference_rows``; ``A_g`` of its KV head, ``B_h`` its own). For ``ov`` those are the output
+    projection's rows (``W_o,h <- A Bᵀ W_o,h``), for ``qk`` Q's columns and bias (``W_q,h <- W_q,h B Aᵀ``):
     the same maps that the rewriter applies, written into the original's weights."""
     masked = masked_model(model, blocks, {i: p.kept_heads for i, p in plans.items()}, external_dir)
     for block in blocks:
         plan = plans.get(block.index)
         if plan is None or not plan.dims:
             continue
-        unknown = [d.circuit for d in plan.dims if d.circuit != "ov"]
-        if unknown:
-            raise PlanError(f"block {block.index} ({block.name}): no reference for circuit {unknown[0]!r}")
-        dims = circuit(plan.dims, "ov")
-        o = block.o_proj
-        proto = own_constant(masked, o.weight)
-        arr = np.moveaxis(numpy_helper.to_array(proto, base_dir=str(external_dir or "")).copy(), o.head_axis, 0)
-        owner = block.tensor(o.weight).owner
-        for h in plan.kept_heads:
-            rows = np.flatnonzero(owner == block.units.index(frozenset({h})))
-            group = next(g for g, hs in enumerate(block.kv_groups) if h in hs)
-            arr[rows] = reference_rows(arr[rows], dims.a[group], dims.b[h])
-        proto.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(np.moveaxis(arr, 0, o.head_axis)), proto.name))
+        for dims in plan.dims:
+            if dims.circuit not in WRITTEN:
+                raise PlanError(f"block {block.index} ({block.name}): no reference for circuit {dims.circuit!r}")
+            proj = block.projection(WRITTEN[dims.circuit])
+            for name in (proj.weight, proj.bias):
+                if name is None or not any(t.name == name for t in block.tensors):
+                    continue        # the output projection's bias: no heads in it
+                _write_projection(masked, block, plan.kept_heads, dims, name, external_dir)
     return masked
+
+
+def _write_projection(model: onnx.ModelProto, block: AttentionBlock, kept_heads, dims, name: str, external_dir):
+    """Replace each kept head's positions of ``name`` (on its head axis) by ``A_g B_hᵀ`` times them."""
+    t = block.tensor(name)
+    if len(t.axes) != 1 or t.dim_axis != t.axes[0]:
+        raise PlanError(f"block {block.index} ({block.name}): {name!r} does not hold each head's positions in one "
+                        "run of one axis; no reference for a cut inside its heads")
+    proto = own_constant(model, name)
+    arr = numpy_helper.to_array(proto, base_dir=str(external_dir or ""))
+    arr = project_heads(arr, t.axes[0], t.owner, block.units, block.kv_groups, kept_heads, dims)
+    proto.CopyFrom(numpy_helper.from_array(arr, proto.name))
 
 
 def run(model: onnx.ModelProto, feeds: dict, external_dir=None, overrides=None) -> dict[str, np.ndarray]:

@@ -86,9 +86,9 @@ def test_a_map_inside_the_heads_equals_its_projection_written_into_the_weights(n
 
 def test_a_map_applied_on_one_side_only_fails_the_proof(monkeypatch):
     """A planted fault: the reference written with A alone (B taken as A) is not what the rewrite computes."""
-    from onnxprune import verify
+    from onnxprune import cut as cutting
     state, options = _state("bert-ts.onnx")
-    monkeypatch.setattr(verify, "reference_rows", lambda rows, a, b: reference_rows(rows, a, a))
+    monkeypatch.setattr(cutting, "reference_rows", lambda rows, a, b: reference_rows(rows, a, a))
     with pytest.raises(VerifyError, match="differs from the masked original"):
         _cut(state, options, range(state.blocks[0].num_heads), 5)
 
@@ -117,9 +117,9 @@ def test_what_a_map_inside_the_heads_cannot_be_written_into_is_refused(name, wor
 def test_an_unknown_circuit_is_refused():
     state, options = _state("bert-ts.onnx")
     b = state.blocks[0]
-    dims = replace(_random_dims(b, 4, 0), circuit="qk")
+    dims = replace(_random_dims(b, 4, 0), circuit="sv")
     plans = {x.index: BlockPlan(tuple(range(x.num_heads)), dims=(dims,)) for x in state.blocks}
-    with pytest.raises(PlanError, match="circuit 'qk'"):
+    with pytest.raises(PlanError, match="circuit 'sv'"):
         pipeline.rewrite(replace(state, plans=plans), options)
 
 

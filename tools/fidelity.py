@@ -16,7 +16,6 @@ sentence's nearest other sentence stays the same).
 from __future__ import annotations
 
 import argparse
-import itertools
 import sys
 import time
 from pathlib import Path
@@ -106,58 +105,62 @@ def fidelity(ref: np.ndarray, got: np.ndarray) -> tuple[float, float]:
     return cos, float(np.mean(nearest(ref) == nearest(got)))
 
 
+# rows at 25% and 50% of the attention MACs: (label, prune_model keywords). Each block's attention MACs are
+# Q, K, V, O projections plus scores and context; a QK rank r_q and an OV rank r_v of D keep (r_q + r_v) / 2D
+# of them, heads at ratio p keep 1 - p
+ROWS = {
+    0.25: [("heads, --calib (activation), no compensation", dict(ratio=0.25, importance="activation")),
+           ("heads, --calib --compensate (the tool's default)", dict(ratio=0.25, compensate="auto")),
+           ("heads, mean-ablation --scope global --compensate", dict(ratio=0.25, importance="mean-ablation",
+                                                                     scope="global", compensate="auto")),
+           ("dims: --qk-dims 0.5 (QK 16 of 32)", dict(qk_dims=0.5)),
+           ("dims: --qk-dims 0.25 --v-dims 0.25 (QK 24 + OV 24)", dict(qk_dims=0.25, v_dims=0.25)),
+           ("dims: --qk-dims 0.375 --v-dims 0.125 (QK 20 + OV 28)", dict(qk_dims=0.375, v_dims=0.125)),
+           ("dims: --v-dims 0.5 (OV 16 of 32)", dict(v_dims=0.5)),
+           ("budget: --attention-ratio 0.25 --calib", dict(attention_ratio=0.25))],
+    0.5: [("heads, --calib (activation), no compensation", dict(ratio=0.5, importance="activation")),
+          ("heads, --calib --compensate (the tool's default)", dict(ratio=0.5, compensate="auto")),
+          ("heads, mean-ablation --scope global --compensate", dict(ratio=0.5, importance="mean-ablation",
+                                                                    scope="global", compensate="auto")),
+          ("dims: --qk-dims 0.75 --v-dims 0.25 (QK 8 + OV 24)", dict(qk_dims=0.75, v_dims=0.25)),
+          ("dims: --qk-dims 0.5 --v-dims 0.5 (QK 16 + OV 16)", dict(qk_dims=0.5, v_dims=0.5)),
+          ("dims: --qk-dims 0.875 --v-dims 0.125 (QK 4 + OV 28)", dict(qk_dims=0.875, v_dims=0.125)),
+          ("dims, weights only (no --calib): --qk-dims 0.75 --v-dims 0.25", dict(qk_dims=0.75, v_dims=0.25,
+                                                                                  calib=None)),
+          ("budget: --attention-ratio 0.5 --calib", dict(attention_ratio=0.5))],
+}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--ratios", type=float, nargs="+", default=[0.25, 0.5])
+    ap.add_argument("--macs", type=float, nargs="+", default=[0.25, 0.5], help="shares of attention MACs removed")
     ap.add_argument("--calib", type=int, default=512, help="calibration sentences")
     ap.add_argument("--eval", type=int, default=256, help="held-out evaluation sentences")
-    ap.add_argument("--methods", nargs="+", default=["weights", "activation", "ablation", "mean-ablation", "residual"])
-    ap.add_argument("--compensate", nargs="+", default=["none", "bias", "refit"])
-    ap.add_argument("--scopes", nargs="+", default=["layer", "global"])
+    ap.add_argument("--only", default=None, help="rows whose label contains this text")
     args = ap.parse_args(argv)
 
     import onnx
 
     from onnxprune import prune_model
-    from onnxprune.api import inspect_model
-    from onnxprune.calibration.session import Calibrator
-    from onnxprune.calibration.data import batches
 
     path, folder = export_minilm()
     model = onnx.load(str(path))
     calib_text, eval_text = split_sentences(args.calib, args.eval)
     calib, held_out = tokenize(folder, calib_text), tokenize(folder, eval_text)
     reference = embed(model, held_out)
-    blocks = inspect_model(model).blocks
-    cal = Calibrator(model, blocks, batches(calib, 32))
-    t0 = time.perf_counter()
-    scores = {"weights": None}
-    for method in args.methods:
-        if method != "weights":
-            scores[method] = cal.importance(method)
-    print(f"# all-MiniLM-L6-v2, {len(blocks)} blocks x {blocks[0].num_heads} heads; {args.calib} calibration "
-          f"(Python docs) and {args.eval} held-out sentences (licences); scoring took {time.perf_counter() - t0:.0f} s")
-    print("| ratio | importance | scope | compensate | mean cosine | top-1 agreement |")
-    print("| --- | --- | --- | --- | --- | --- |")
-    for ratio in args.ratios:
-        rng = np.random.default_rng(0)
-        cos, top = [], []
-        for _ in range(5):
-            imp = {b.index: rng.random(b.num_heads) for b in blocks}
-            r = prune_model(model, ratio, importance=imp, verify=False)
+    print(f"# all-MiniLM-L6-v2; {args.calib} calibration (Python docs) and {args.eval} held-out sentences "
+          "(licences); attention MACs at the calibration length")
+    print("| attention MACs removed | cut | mean cosine | top-1 agreement | seconds |")
+    print("| --- | --- | --- | --- | --- |")
+    for share in args.macs:
+        for label, kw in ROWS.get(share, []):
+            if args.only and args.only not in label:
+                continue
+            kw = {"calib": calib, **kw}
+            t0 = time.perf_counter()
+            r = prune_model(model, verify=False, **kw)
             c, t = fidelity(reference, embed(r.model, held_out))
-            cos.append(c)
-            top.append(t)
-        print(f"| {ratio} | random (mean of 5) | layer | none | {np.mean(cos):.3f} | {np.mean(top):.3f} |")
-        for method, scope, comp in itertools.product(args.methods, args.scopes, args.compensate):
-            imp = scores[method]
-            plan = prune_model(model, ratio, importance=imp, scope=scope, verify=False)
-            work = model
-            if comp != "none":
-                work = cal.edited_model(model, cal.compensate(plan.kept, comp))
-            r = prune_model(work, kept=plan.kept, verify=False)
-            c, t = fidelity(reference, embed(r.model, held_out))
-            print(f"| {ratio} | {method} | {scope} | {comp} | {c:.3f} | {t:.3f} |", flush=True)
+            print(f"| {share:.0%} | {label} | {c:.3f} | {t:.3f} | {time.perf_counter() - t0:.0f} |", flush=True)
     return 0
 
 

@@ -25,7 +25,7 @@ class Calibrator:
     heads' contexts only (what activation scores and compensation read), never the model's outputs."""
 
     def __init__(self, model: onnx.ModelProto, blocks, data: list[dict[str, np.ndarray]], external_dir=None,
-                 progress: bool = True, outputs: bool = True):
+                 progress: bool = True, outputs: bool = True, taps: tuple = (), fed: tuple = ()):
         self.model = model
         self.blocks = list(blocks)
         self.data = data
@@ -47,14 +47,24 @@ class Calibrator:
                 self.weights[name] = numpy_helper.to_array(proto, base_dir=str(external_dir or ""))
                 work.graph.initializer.remove(proto)
                 work.graph.input.append(helper.make_tensor_value_info(name, proto.data_type, list(proto.dims)))
+        if fed:               # more weights fed as inputs (the Q projections that a QK cut rewrites)
+            own_weights(work, [n for n in fed if n not in self.weights])
+        for name in fed:
+            if name in self.weights:
+                continue
+            proto = own_initializer(work, name)
+            self.weights[name] = numpy_helper.to_array(proto, base_dir=str(external_dir or ""))
+            work.graph.initializer.remove(proto)
+            work.graph.input.append(helper.make_tensor_value_info(name, proto.data_type, list(proto.dims)))
         if not outputs:       # contexts only: ONNX Runtime drops what only the outputs needed
             del work.graph.output[:]
         self.outputs = [o.name for o in work.graph.output]
         known = set(self.outputs)
-        for s in self.sites:
-            if s.context not in known:
-                work.graph.output.append(helper.make_empty_tensor_value_info(s.context))
-                known.add(s.context)
+        for name in [s.context for s in self.sites] + list(taps):     # taps: more tensors to read (grams)
+            if name not in known:
+                work.graph.output.append(helper.make_empty_tensor_value_info(name))
+                known.add(name)
+        self.taps = tuple(taps)
         self.work = work
         # graph optimizations on: calibration reads statistics, not an exact proof, and runs many times
         self.session = session(work, external_dir=external_dir, optimize=True)
@@ -63,7 +73,8 @@ class Calibrator:
 
     # ------------------------------------------------------------------ running
     def run(self, feeds: dict, weights: dict | None = None, contexts: bool = False):
-        names = self.outputs + ([s.context for s in self.sites] if contexts else [])
+        names = list(dict.fromkeys(self.outputs + ([s.context for s in self.sites] + list(self.taps)
+                                                    if contexts else [])))
         try:
             got = self.session.run(names, {**feeds, **self.weights, **(weights or {})})
         except Exception as exc:   # onnxruntime's own types: token ids out of range, wrong sizes
@@ -73,10 +84,14 @@ class Calibrator:
 
     def rows(self, feeds: dict, ctx: np.ndarray, site: ProjectionSite) -> np.ndarray:
         """The context as [tokens, features], the padding tokens left out where the mask says so."""
-        ax = site.block.tensor(site.context).axes
+        return self.token_rows(feeds, ctx, site.block, site.context)
+
+    def token_rows(self, feeds: dict, value: np.ndarray, block, name: str) -> np.ndarray:
+        """``name``'s ``value`` (a head tensor of ``block``) as [tokens, features], padding left out."""
+        ax = block.tensor(name).axes
         if len(ax) != 1:
-            raise PlanError(f"block {site.block.index}: its context carries heads on several axes")
-        x = np.moveaxis(ctx, ax[0], -1)
+            raise PlanError(f"block {block.index}: {name!r} carries heads on several axes")
+        x = np.moveaxis(value, ax[0], -1)
         rows = x.reshape(-1, x.shape[-1]).astype(np.float64)
         if self.mask_input is not None and self.mask_input in feeds:
             mask = np.asarray(feeds[self.mask_input]).reshape(-1) != 0
@@ -123,6 +138,22 @@ class Calibrator:
                     n[b] = n.get(b, 0) + len(rows)
                 bar.update()
         return {b: (grams[b] - np.outer(sums[b], sums[b]) / max(n[b], 1)) / max(n[b], 1) for b in grams}
+
+    def grams(self, names: dict, held_out=frozenset()) -> tuple[dict, dict]:
+        """Moments over the calibration tokens: ``names`` is {key: (block, tensor name)} of head tensors that
+        this session computes (contexts or ``taps``); returns ({key: (sum of x xᵀ, sum of x, tokens)} of the
+        batches not in ``held_out``, the same of those in it)."""
+        fit, held = {}, {}
+        with self.bar(len(self.data), "calibrating") as bar:
+            for i, feeds in enumerate(self.data):
+                out = self.run(feeds, contexts=True)
+                acc = held if i in held_out else fit
+                for key, (block, name) in names.items():
+                    rows = self.token_rows(feeds, out[name], block, name)
+                    gram, total, n = acc.get(key, (0.0, 0.0, 0))
+                    acc[key] = (gram + rows.T @ rows, total + rows.sum(axis=0), n + len(rows))
+                bar.update()
+        return fit, held
 
     def context_means(self, weights: dict | None = None) -> dict[int, np.ndarray]:
         """The mean context vector of every block over the calibration tokens."""
@@ -171,7 +202,7 @@ OUTPUT_BUDGET = 256 << 20     # calibration batches are cut so that the model's 
 
 
 def open_session(model: onnx.ModelProto, blocks, shapes: dict, data: dict | None, external_dir=None,
-                 outputs: bool = True) -> Calibrator:
+                 outputs: bool = True, taps: tuple = (), fed: tuple = ()) -> Calibrator:
     """The shared calibration session on ``model``: ``data`` ({graph input: samples on axis 0}), or synthetic
     inputs when None. Without ``outputs`` it computes the heads' contexts only (activation scores,
     compensation): an LLM's output head, its logits and the transposed embedding that a tied head makes are
@@ -182,7 +213,7 @@ def open_session(model: onnx.ModelProto, blocks, shapes: dict, data: dict | None
         raise InputError(f"the model's batch is fixed at {fixed_batch}; the calibration data's "
                          f"{len(next(iter(data.values())))} samples are not a multiple of it")
     size = fixed_batch or batch_size(model, shapes, data)
-    return Calibrator(model, blocks, batches(data, size), external_dir, outputs=outputs)
+    return Calibrator(model, blocks, batches(data, size), external_dir, outputs=outputs, taps=taps, fed=fed)
 
 
 def batch_size(model: onnx.ModelProto, shapes: dict, data: dict) -> int:

@@ -95,3 +95,24 @@ def head_columns(block: AttentionBlock, name: str, heads) -> np.ndarray:
     t = next((t for t in block.tensors if t.name == name), None) or block.tensor(block.o_proj.weight)
     units = [u for u, hs in enumerate(block.units) if len(hs) == 1 and next(iter(hs)) in set(heads)]
     return np.flatnonzero(np.isin(t.owner, units))
+
+
+def projection_output(model: onnx.ModelProto, block: AttentionBlock, role: str) -> str | None:
+    """The tensor that ``block``'s ``role`` projection (q or k) computes, its bias added: the queries or keys of
+    every head side by side ([..., H * D]). None where the block has no such projection of its own, or its
+    output is not one of the block's head tensors with each head's positions in one run."""
+    proj = block.projection(role)
+    if proj is None:
+        return None
+    consumers = graph_consumers(model)
+    readers = [n for n in consumers.get(proj.weight, []) if n.op_type in ("MatMul", "Gemm")]
+    if len(readers) != 1:
+        return None
+    out = readers[0].output[0]
+    adds = consumers.get(out, [])
+    if readers[0].op_type == "MatMul" and len(adds) == 1 and adds[0].op_type == "Add" and proj.bias in adds[0].input:
+        out = adds[0].output[0]
+    t = next((t for t in block.tensors if t.name == out), None)
+    if t is None or len(t.axes) != 1 or t.dim_axis != t.axes[0]:
+        return None
+    return out

@@ -99,6 +99,10 @@ def _inside_heads(block: AttentionBlock, t, dims: HeadDims, units: set, maps: di
                                f"together (a packed projection); a cut inside its heads is not supported")
         return
     if t.dim_axis is None:
+        if dims.circuit == "qk" and not t.constant:
+            raise RewriteError(f"block {block.index} ({block.name}): {t.name!r} has no head-size axis that "
+                               "the matcher could follow (a rotary embedding or a norm over the head size mixes its "
+                               "positions); its QK circuit cannot be cut by a map (cut --v-dims only)")
         if t.constant:
             raise RewriteError(f"block {block.index} ({block.name}): no head-size axis known for {t.name!r}")
         return

@@ -57,6 +57,10 @@ class Rewriter:
         for t in block.tensors:
             lay = lays[t.name]
             tensor = self.tensors[t.name]
+            if t.constant and lay.projected and any(c.name not in block_nodes for c in tensor.outputs):
+                raise RewriteError(f"block {block.index} ({block.name}): {t.name!r} is shared with other blocks "
+                                   "(one layer's weights used by several, as ALBERT does); a cut inside its heads "
+                                   "is not supported")
             if t.constant:
                 self._plan_constant(tensor, lay, block_nodes)
                 self.cuts[t.name] = {ax: idx for ax, idx in lay.keep.items()
@@ -81,7 +85,9 @@ class Rewriter:
             if d.circuit not in CIRCUITS:
                 raise PlanError(f"block {block.index} ({block.name}): no cut inside the heads of circuit "
                                 f"{d.circuit!r}; known: {', '.join(CIRCUITS)}")
-            where = next((t.name for t in block.tensors if t.io or t.cut), None)
+            # a table shared with other blocks (T5's position bias) holds heads, not their sizes: it is narrowed
+            # as before. A KV cache, or a shared tensor with a head size, would need its size cut outside the block
+            where = next((t.name for t in block.tensors if (t.io or t.cut) and (t.io or t.dim_axis is not None)), None)
             if where is not None:
                 raise RewriteError(f"block {block.index} ({block.name}): {where!r} carries the heads out of the "
                                    "block (a KV cache or a shared table); a cut inside its heads is not supported")

@@ -1,0 +1,203 @@
+"""Cuts inside the heads, fitted: each kept head's QK and OV circuits kept at rank r, chosen from second
+moments of its activations (or of its weights alone), as ``cut.HeadDims`` for the rewriter.
+
+For one circuit ``x A Bᵀ y`` (``cut.HeadDims``), with ``C_x`` and ``C_y`` the second moments of the two sides
+over calibration tokens, the error of keeping rank r is ``E|x (I - X) y|² = tr((I - X)ᵀ C_x (I - X) C_y)``
+with ``X = A Bᵀ``; the best X of rank r comes from the SVD of ``C_x^½ C_y^½`` (reduced-rank regression):
+
+* **QK**, the scores ``q X kᵀ``: x = q (per query head), y = k (shared by a KV group). With the right
+  singular vectors V_r of the query heads' ``C_q^½ C_k^½`` stacked, ``A = C_k^-½ V_r`` on K (one per KV head)
+  and ``B = C_k^½ V_r`` on Q: the best rank-r scores for every head of the group at once.
+* **OV**, each head's output ``z X W_o,h``: x = the head's context z (``C_z``), y = its output-projection rows
+  (``G = W_o,h W_o,hᵀ``). ``A = C^-½ U_r`` on V (one per KV head, from its query heads' pooled ``C_z`` and
+  ``G``), then each query head's ``B`` by least squares given ``A``: ``Bᵀ = (Aᵀ C_z A)⁻¹ Aᵀ C_z``. With one
+  head per KV head this is the optimum.
+
+The error is judged on held-out calibration batches (moments of batches the fit did not see) and reported
+relative to the circuit's energy, ``tr(C_x C_y)`` for QK and ``tr(C_z G)`` for OV. Written by hand: it is
+a few lines of numpy linear algebra per head, which no library offers in this form.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..calibration.sites import projection_output
+from ..cut import HeadDims
+from ..errors import PlanError
+from ..model.proto import constant_array
+
+RIDGE = 1e-6          # relative to the largest eigenvalue: directions the data never visits stay invertible
+HELD_OUT_EVERY = 4    # every 4th calibration batch judges the fit (with fewer than 2 batches: the fit's own)
+
+
+@dataclass(frozen=True)
+class CircuitFit:
+    """One block's fitted circuit: the maps and their relative error on held-out batches."""
+
+    dims: HeadDims
+    error: float
+
+
+def roots(c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``c^½`` and ``c^-½`` of a symmetric positive semi-definite ``c``, its small eigenvalues lifted."""
+    w, v = np.linalg.eigh((c + c.T) / 2)
+    w = np.maximum(w, RIDGE * max(float(w.max()), 1e-30))
+    return (v * np.sqrt(w)) @ v.T, (v / np.sqrt(w)) @ v.T
+
+
+def fit_qk(cq: dict, ck: dict, groups, rank: int) -> HeadDims:
+    """``cq``: {head: C_q}, ``ck``: {kv head: C_k}, ``groups``: the query heads of each KV head."""
+    a, b = {}, {}
+    for g, heads in enumerate(groups):
+        ks, ki = roots(ck[g])
+        m = np.vstack([roots(cq[h])[0] @ ks for h in heads])
+        v = np.linalg.svd(m)[2][:rank].T
+        a[g] = (ki @ v).astype(np.float32)
+        for h in heads:
+            b[h] = (ks @ v).astype(np.float32)
+    return HeadDims("qk", a, b)
+
+
+def fit_ov(cz: dict, gram_o: dict, groups, rank: int) -> HeadDims:
+    """``cz``: {head: C_z}, ``gram_o``: {head: W_o,h W_o,hᵀ}, ``groups`` as in ``fit_qk``."""
+    a, b = {}, {}
+    for g, heads in enumerate(groups):
+        cs, ci = roots(sum(cz[h] for h in heads))
+        gs = roots(sum(gram_o[h] for h in heads))[0]
+        u = np.linalg.svd(cs @ gs)[0][:, :rank]
+        ag = ci @ u
+        a[g] = ag.astype(np.float32)
+        for h in heads:
+            lhs = ag.T @ cz[h] @ ag
+            lhs += np.eye(rank) * RIDGE * max(float(np.trace(lhs)) / rank, 1e-30)
+            b[h] = np.linalg.solve(lhs, ag.T @ cz[h]).T.astype(np.float32)
+    return HeadDims("ov", a, b)
+
+
+def circuit_error(dims: HeadDims, cx: dict, cy: dict, groups) -> float:
+    """The relative error of ``dims`` on moments ``cx`` (per head: C_q or C_z) and ``cy`` (QK: per KV head
+    C_k; OV: per head G): ``Σ tr(Eᵀ C_x E C_y) / Σ tr(C_x C_y)`` over the heads, ``E = I - X``."""
+    num = den = 0.0
+    for g, heads in enumerate(groups):
+        for h in heads:
+            ag, bh = dims.a[g].astype(np.float64), dims.b[h].astype(np.float64)
+            x = bh @ ag.T if dims.circuit == "qk" else ag @ bh.T
+            e = np.eye(len(x)) - x
+            y = cy[g] if dims.circuit == "qk" else cy[h]
+            num += float(np.trace(e.T @ cx[h] @ e @ y))
+            den += float(np.trace(cx[h] @ y))
+    return num / den if den > 0 else 0.0
+
+
+# ------------------------------------------------------------------ the moments of one model
+class Moments:
+    """Per block, the D x D second moments that the fits read: q of each query head, k of each KV head, the
+    context z of each head (from calibration, fit and held-out batches apart, or from the weights alone)
+    and ``G = W_o,h W_o,hᵀ`` of each head (always from the weights)."""
+
+    def __init__(self, model, blocks, cal=None, circuits=("qk", "ov"), external_dir=None):
+        self.blocks = {b.index: b for b in blocks}
+        self.fit: dict = {}
+        self.held: dict = {}
+        self.gram_o: dict = {}
+        self.source = "calibration" if cal is not None else "weights"
+        self.held_batches: frozenset = frozenset()
+        for b in blocks:
+            self.gram_o[b.index] = self._gram_o(model, b, external_dir)
+        if cal is None:
+            for b in blocks:
+                self.fit[b.index] = self.held[b.index] = self._from_weights(model, b, circuits, external_dir)
+            return
+        names = {}
+        for b in blocks:
+            if "qk" in circuits:
+                for role in ("q", "k"):
+                    out = projection_output(cal.work, b, role)
+                    if out is None:
+                        raise PlanError(f"block {b.index} ({b.name}): its {role} projection's output is not one "
+                                        "tensor of its own (a packed or fused projection); --qk-dims cannot be fitted")
+                    names[(b.index, role)] = (b, out)
+            if "ov" in circuits:
+                names[(b.index, "z")] = (b, next(s.context for s in cal.sites if s.block.index == b.index))
+        held_out = {i for i in range(len(cal.data)) if i % HELD_OUT_EVERY == HELD_OUT_EVERY - 1} \
+            if len(cal.data) >= 2 else set()
+        self.held_batches = frozenset(held_out)
+        fit, held = cal.grams(names, self.held_batches)
+        held = held or fit
+        for b in blocks:
+            self.fit[b.index] = self._split(b, fit, names)
+            self.held[b.index] = self._split(b, held, names)
+
+    @staticmethod
+    def _columns(block, name: str, unit: frozenset) -> np.ndarray:
+        t = block.tensor(name)
+        return np.flatnonzero(np.asarray(t.owner).reshape(-1) == block.units.index(unit))
+
+    def _split(self, block, grams: dict, names: dict) -> dict:
+        """{"q": {head: C}, "k": {kv head: C}, "z": {head: C}} from the whole-width grams of one block."""
+        out = {}
+        for role in ("q", "k", "z"):
+            key = (block.index, role)
+            if key not in grams:
+                continue
+            gram, total, n = grams[key]
+            gram = gram / max(n, 1)
+            if role == "k":     # a shift of every key adds one number per query to its scores: softmax drops it
+                mean = total / max(n, 1)
+                gram = gram - np.outer(mean, mean)
+            name = names[key][1]
+            units = ([frozenset(g) for g in block.kv_groups] if role == "k"
+                     else [frozenset({h}) for h in range(block.num_heads)])
+            out[role] = {i: gram[np.ix_(c, c)] for i, c in
+                         enumerate(self._columns(block, name, u) for u in units)}
+        return out
+
+    def _gram_o(self, model, block, external_dir) -> dict:
+        o = block.o_proj
+        w = np.moveaxis(constant_array(model, o.weight, external_dir).astype(np.float64), o.head_axis, 0)
+        w = w.reshape(w.shape[0], -1)
+        return {h: w[c] @ w[c].T for h, c in
+                enumerate(self._columns(block, o.weight, frozenset({h})) for h in range(block.num_heads))}
+
+    def _from_weights(self, model, block, circuits, external_dir) -> dict:
+        """Moments of a white input: ``Wᵀ W + b bᵀ`` per head of each projection; the context of a head as
+        its V head's (the attention mixes tokens, not the head's positions)."""
+        def per(role, units):
+            p = block.projection(role)
+            if p is None:
+                raise PlanError(f"block {block.index} ({block.name}): no {role} projection of its own; a cut "
+                                "inside its heads needs calibration data (--calib)")
+            w = np.moveaxis(constant_array(model, p.weight, external_dir).astype(np.float64), p.head_axis, 0)
+            w = w.reshape(w.shape[0], -1)
+            bias = constant_array(model, p.bias, external_dir).astype(np.float64) if p.bias else None
+            out = {}
+            for i, u in enumerate(units):
+                c = self._columns(block, p.weight, u)
+                m = w[c] @ w[c].T
+                if bias is not None:
+                    m += np.outer(bias[c], bias[c])
+                out[i] = m
+            return out
+        heads = [frozenset({h}) for h in range(block.num_heads)]
+        groups = [frozenset(g) for g in block.kv_groups]
+        out = {}
+        if "qk" in circuits:
+            out["q"], out["k"] = per("q", heads), per("k", groups)
+        if "ov" in circuits:
+            v = per("v", groups)
+            out["z"] = {h: v[g] for g, hs in enumerate(block.kv_groups) for h in hs}
+        return out
+
+    # ------------------------------------------------------------------ fits
+    def fit_circuit(self, index: int, circuit: str, rank: int) -> CircuitFit:
+        block = self.blocks[index]
+        fit, held = self.fit[index], self.held[index]
+        if circuit == "qk":
+            dims = fit_qk(fit["q"], fit["k"], block.kv_groups, rank)
+            return CircuitFit(dims, circuit_error(dims, held["q"], held["k"], block.kv_groups))
+        dims = fit_ov(fit["z"], self.gram_o[index], block.kv_groups, rank)
+        return CircuitFit(dims, circuit_error(dims, held["z"], self.gram_o[index], block.kv_groups))

@@ -1,0 +1,198 @@
+"""Cutting inside the heads (issue 22): the QK circuit through a rank-r map on Q and K, the OV circuit on V and the
+output projection's rows, fitted from calibration moments or from the weights; each proved equal to the original
+with the map's projection written into its weights."""
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import onnx
+import pytest
+
+from onnxprune import pipeline, prune_model
+from onnxprune.cut import HeadDims, reference_rows
+from onnxprune.errors import PlanError, RewriteError, VerifyError
+from onnxprune.inputs import synth_inputs
+from onnxprune.options import PruneOptions
+from onnxprune.plan import BlockPlan, keep_rank
+from onnxprune.transforms.subspace import circuit_error, fit_ov, fit_qk
+from onnxprune.verify import compare, max_abs_diff, reference, run
+
+from conftest import MODELS, cli
+
+
+def _state(name):
+    model = onnx.load(str(MODELS / name))
+    options = PruneOptions(ratio=0)
+    return pipeline.match(pipeline.start(model, options), options), options
+
+
+def _random(block, circuit, rank, rng):
+    d = block.head_dim
+    return HeadDims(circuit, {g: rng.standard_normal((d, rank)).astype(np.float32) for g in range(block.num_kv_heads)},
+                    {h: rng.standard_normal((d, rank)).astype(np.float32) for h in range(block.num_heads)})
+
+
+def _cut(state, options, plans):
+    return pipeline.verify(pipeline.rewrite(replace(state, plans=plans), options), options)
+
+
+# BERT (TorchScript, dynamo, opset 23 SDPA), DistilBERT, RoBERTa, BART, ViT, CLIP, Swin, T5's position bias, Whisper
+QK_FAMILIES = ["bert-ts.onnx", "bert-d18.onnx", "bert-d23-sdpa.onnx", "distilbert-ts.onnx", "roberta-d18.onnx",
+               "bart-ts.onnx", "vit-ts.onnx", "clip-vision-d18.onnx", "swin-ts.onnx", "t5-encoder-ts.onnx",
+               "whisper-d18.onnx"]
+
+
+@pytest.mark.parametrize("name", QK_FAMILIES)
+@pytest.mark.parametrize("qk,ov,some", [(3, None, False), (5, 2, True), (1, 7, False)])
+def test_random_maps_inside_the_heads_equal_the_projected_original(name, qk, ov, some):
+    """Random d x r maps on Q and K (and V and W_o): the pruned model (full checker, strict shape inference in
+    the rewrite) equals the original with W_q,h <- W_q,h B Aᵀ (and W_o,h <- A Bᵀ W_o,h), at other batch sizes and
+    lengths too, and that projected original really differs from the original."""
+    state, options = _state(name)
+    rng = np.random.default_rng(qk)
+    plans = {}
+    for b in state.blocks:
+        heads = tuple(range(b.num_heads))[::2] if some else tuple(range(b.num_heads))
+        dims = (_random(b, "qk", min(qk, b.head_dim), rng),) + ((_random(b, "ov", ov, rng),) if ov else ())
+        plans[b.index] = BlockPlan(heads, dims=dims)
+    cut = _cut(state, options, plans)
+    assert cut.max_error is not None and cut.max_error <= 1e-4
+    block = state.blocks[0]
+    q = block.projection("q")
+    widths = {i.name: list(i.dims) for i in cut.pruned.graph.initializer}
+    assert widths[q.weight][q.head_axis] == len(plans[0].kept_heads) * min(qk, block.head_dim)
+    ref = reference(state.model, state.blocks, cut.plans)
+    feeds = synth_inputs(state.model, seed=5, batch=3, seq=7)
+    assert compare(ref, cut.pruned, feeds, {}) <= 1e-4
+    assert max_abs_diff(run(state.model, feeds), run(ref, feeds)) > 1e-3
+
+
+def test_a_qk_map_on_one_side_only_fails_the_proof(monkeypatch):
+    """Planted fault: the reference written with A alone (B taken as A) is not what the cut computes."""
+    from onnxprune import cut as cutting
+    state, options = _state("bert-ts.onnx")
+    rng = np.random.default_rng(0)
+    plans = {b.index: BlockPlan(tuple(range(b.num_heads)), dims=(_random(b, "qk", 4, rng),)) for b in state.blocks}
+    monkeypatch.setattr(cutting, "reference_rows", lambda rows, a, b: reference_rows(rows, a, a))
+    with pytest.raises(VerifyError, match="differs from the masked original"):
+        _cut(state, options, plans)
+
+
+def test_a_qk_map_written_into_k_instead_of_q_fails_the_proof(monkeypatch):
+    """Planted fault: the reference writes the circuit's map into the wrong projection."""
+    from onnxprune import cut, verify
+    state, options = _state("bert-d18.onnx")
+    rng = np.random.default_rng(1)
+    plans = {b.index: BlockPlan(tuple(range(b.num_heads)), dims=(_random(b, "qk", 4, rng),)) for b in state.blocks}
+    monkeypatch.setitem(verify.WRITTEN, "qk", "k")
+    with pytest.raises(VerifyError, match="differs from the masked original"):
+        _cut(state, options, plans)
+    assert cut.WRITTEN["qk"] == "k"      # the same table: the fault was really planted
+
+
+@pytest.mark.parametrize("name,circuit,words", [
+    ("llama-ts.onnx", "qk", "no head-size axis that the matcher could follow"),     # rotary
+    ("qwen3-ts.onnx", "qk", "no head-size axis that the matcher could follow"),     # q/k norm, rotary
+    ("albert-ts.onnx", "ov", "shared with other blocks"),
+    ("bert-ort-attention.onnx", "ov", "fused attention op"),
+    ("optimum-llama-past.onnx", "ov", "KV cache"),
+])
+def test_what_a_cut_inside_the_heads_cannot_pass_is_refused(name, circuit, words):
+    state, options = _state(name)
+    rng = np.random.default_rng(0)
+    plans = {b.index: BlockPlan(tuple(range(b.num_heads)), dims=(_random(b, circuit, 2, rng),)) for b in state.blocks}
+    with pytest.raises(RewriteError, match=words):
+        pipeline.rewrite(replace(state, plans=plans), options)
+
+
+def test_a_quantized_model_is_refused_with_the_reason():
+    with pytest.raises(PlanError, match="re-quantize"):
+        prune_model(onnx.load(str(MODELS / "bert-qdq.onnx")), v_dims=0.5)
+
+
+def test_compensation_after_a_cut_is_refused_for_now():
+    with pytest.raises(PlanError, match="--compensate after a cut inside the heads"):
+        prune_model(onnx.load(str(MODELS / "bert-ts.onnx")), v_dims=0.5, compensate="bias",
+                    calib=synth_inputs(onnx.load(str(MODELS / "bert-ts.onnx")), seed=1, batch=8, seq=8))
+
+
+# ------------------------------------------------------------------ the fits
+def _psd(rng, d, rank=None):
+    x = rng.standard_normal((d, rank or d))
+    return x @ x.T
+
+
+def test_the_ov_fit_of_one_head_is_the_best_rank_r():
+    """One head per KV head: the OV fit reaches the reduced-rank optimum, the tail of the singular values of
+    C_z^½ G^½, and no random subspace of the same rank does better."""
+    rng = np.random.default_rng(0)
+    d, r = 12, 5
+    cz, g = {0: _psd(rng, d)}, {0: _psd(rng, d)}
+    dims = fit_ov(cz, g, ((0,),), r)
+    w, v = np.linalg.eigh(cz[0])
+    cs = (v * np.sqrt(w)) @ v.T
+    w, v = np.linalg.eigh(g[0])
+    gs = (v * np.sqrt(np.maximum(w, 0))) @ v.T
+    s = np.linalg.svd(cs @ gs, compute_uv=False)
+    best = float(np.sum(s[r:] ** 2) / np.sum(s ** 2))
+    assert circuit_error(dims, cz, g, ((0,),)) == pytest.approx(best, rel=1e-4)
+    for seed in range(5):
+        rand = HeadDims("ov", {0: np.random.default_rng(seed).standard_normal((d, r))},
+                        {0: np.random.default_rng(seed + 9).standard_normal((d, r))})
+        assert circuit_error(rand, cz, g, ((0,),)) > best
+
+
+def test_the_qk_fit_is_exact_at_the_scores_rank_and_shared_by_a_group():
+    """Keys that live in a 4-dimensional subspace: rank 4 keeps every score of both query heads of the group
+    exactly (one A for the KV head), rank 3 does not."""
+    rng = np.random.default_rng(1)
+    d = 10
+    cq = {0: _psd(rng, d), 1: _psd(rng, d)}
+    ck = {0: _psd(rng, d, 4)}
+    groups = ((0, 1),)
+    assert circuit_error(fit_qk(cq, ck, groups, 4), cq, ck, groups) < 1e-5
+    assert circuit_error(fit_qk(cq, ck, groups, 3), cq, ck, groups) > 1e-3
+
+
+def test_keep_rank_is_the_floor_arithmetic_of_ratio():
+    assert [keep_rank(32, r) for r in (0, 0.25, 0.5, 0.75, "0.9")] == [32, 24, 16, 8, 3]
+    assert keep_rank(32, 0.99) == 1
+    assert keep_rank(32, 0.75, multiple_of=16) == 16 and keep_rank(30, 0.1, multiple_of=8) == 30
+
+
+def test_fitted_cuts_beat_the_weights_fallback_on_held_out_data_and_are_exact():
+    """bert-ts with calibration data: the pruned model equals its projected original, and the fitted maps'
+    output is closer to the original on other inputs than the weights-only fallback's."""
+    model = onnx.load(str(MODELS / "bert-ts.onnx"))
+    calib = synth_inputs(model, seed=3, batch=48, seq=16)
+    fitted = prune_model(model, qk_dims=0.5, v_dims=0.5, calib=calib)
+    weights = prune_model(model, qk_dims=0.5, v_dims=0.5)
+    assert fitted.max_error <= 1e-4 and weights.max_error <= 1e-4
+    assert fitted.dims_source == "calibration" and weights.dims_source == "weights"
+    assert {(f.circuit, f.rank) for f in fitted.dim_fits} == {("qk", 4), ("ov", 4)}
+    feeds = synth_inputs(model, seed=11, batch=4, seq=16)
+    ref = run(model, feeds)
+    err_fit = max_abs_diff(ref, run(fitted.model, feeds))
+    err_weights = max_abs_diff(ref, run(weights.model, feeds))
+    assert 0 < err_fit < err_weights
+
+
+def test_options_dims_alone_keep_every_head_and_bad_shares_are_refused():
+    assert PruneOptions(v_dims=0.5).ratio == 0
+    with pytest.raises(PlanError, match="qk-dims"):
+        PruneOptions(qk_dims=1.5)
+
+
+def test_the_cli_cuts_dims_and_reports_ranks_and_the_cache(tmp_path):
+    out, report = tmp_path / "cut.onnx", tmp_path / "r.json"
+    proc = cli(MODELS / "llama-gqa4-ts.onnx", "--v-dims", "0.5", "-o", out, "--report", report)
+    assert proc.returncode == 0, proc.stderr
+    assert "QK" in proc.stdout and "the weights alone" in proc.stdout
+    rep = json.loads(report.read_text())
+    b = rep["blocks"][0]
+    assert (b["qk_rank"], b["ov_rank"]) == (b["head_dim"], b["head_dim"] // 2)
+    kv = rep["kv_cache_bytes_per_token"]
+    assert kv["after"] * 4 == kv["before"] * 3          # V at half its size, K as it was
+    assert "KV cache per token" in proc.stdout
+    onnx.checker.check_model(onnx.load(str(out)), full_check=True)
