@@ -1,7 +1,7 @@
 """One attention budget: remove a share of the attention MACs, spent where it costs least.
 
-Each block's attention MACs are, per kept head and per dimension of its circuits, the same on both sides: a rank r
-of the QK circuit costs Q and K projections and the scores (``S (2E + S) r``), a rank r of the OV circuit V, the
+Each block's attention MACs are, per dimension of its circuits, the same on both sides: a rank r of the QK circuit
+costs the Q and K projections and the scores (``S r (E (H + H_kv) + S H)``), a rank r of the OV circuit V, the
 output projection and the context (the same). The planner lowers ranks step by step, each time where the next
 step adds the least loss per MAC saved, until the share is reached. The loss of a step is measured, not
 assumed: the block's circuit fitted at that rank on the calibration batches (``transforms.subspace``) and written
@@ -32,8 +32,10 @@ class BudgetChoice:
 
 
 def unit_macs(block, seq: int, width: int) -> int:
-    """MACs of one head and one dimension of one circuit at length ``seq``: ``seq * (2 * width + seq)``."""
-    return seq * (2 * width + seq)
+    """MACs of one dimension of one circuit of ``block`` at length ``seq``, every head kept: the query heads'
+    projection (Q, or the output projection) and the KV heads' (K, or V), ``seq * width * (H + H_kv)``, and
+    the scores (or the context), ``seq² * H``."""
+    return seq * width * (block.num_heads + block.num_kv_heads) + seq * seq * block.num_heads
 
 
 def plan_budget(cal, moments, blocks, share, circuits=("qk", "ov"), step=None, seq: int = 128,
@@ -49,7 +51,7 @@ def plan_budget(cal, moments, blocks, share, circuits=("qk", "ov"), step=None, s
     cost = {}
     total = 0
     for b in blocks:
-        cost[b.index] = unit_macs(b, seq, widths(cal, b)) * b.num_heads
+        cost[b.index] = unit_macs(b, seq, widths(cal, b))
         total += cost[b.index] * b.head_dim * 2
     target = share * total
     ranks = {(b.index, c): b.head_dim for b in blocks for c in circuits}

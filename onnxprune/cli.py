@@ -50,6 +50,14 @@ default) tries no change, the dropped heads' mean added to the bias (bias; FLAP)
 what reconstructs the held-out quarter best (the report gives that error). --scope global ranks
 all heads of all blocks together; --threshold T keeps the heads scoring at least T (learned gates).
 
+Cutting inside the heads keeps every head and makes each smaller, a better use of the same MACs:
+  onnxprune model.onnx --qk-dims 0.5 --calib data.npz            # queries and keys keep D/2 dimensions
+  onnxprune model.onnx --v-dims 0.25 --calib data.npz            # V (and its cache) and W_o keep 3D/4
+  onnxprune model.onnx --attention-ratio 0.5 --calib data.npz    # half the attention MACs, spent per block
+Each head's circuit is kept at rank r by a rotation fitted to the calibration data (to the weights alone
+without --calib); the proof is then against the original with those maps written into its weights. QK cuts
+do not pass rotary embeddings or q/k norms (Llama, Gemma, Qwen): there --v-dims only.
+
 Nothing is written unless pruned == masked holds; no output ever replaces a file of the input (the model,
 its external data) or another output; a model and its data file appear together or not at all. --force
 only lets the pruned model replace the input model.

@@ -276,6 +276,9 @@ def rewrite(state: State, options: PruneOptions) -> State:
     if not state.changes:            # the model as given, unless a transform made a new one
         transformed = state.gates or state.compensated
         return replace(state, pruned=state.model if transformed else state.original, graph=None)
+    if state.quant is not None and any(p.dims for p in state.plans.values()):
+        raise PlanError(f"a cut inside the heads would re-quantize this {state.quant.describe()} model's weights; "
+                        "cut the float model, then quantize it")
     graph = state.graph
     dead = rewriting.dead_nodes(graph)
     rewriter = rewriting.Rewriter(graph, state.shapes, state.values)

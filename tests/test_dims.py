@@ -97,6 +97,10 @@ def test_a_qk_map_written_into_k_instead_of_q_fails_the_proof(monkeypatch):
     ("albert-ts.onnx", "ov", "shared with other blocks"),
     ("bert-ort-attention.onnx", "ov", "fused attention op"),
     ("optimum-llama-past.onnx", "ov", "KV cache"),
+    ("gemma3-mqa-d18.onnx", "ov", "multi-query attention"),        # one KV head: no head axis recorded on V
+    ("gpt-neox-ts.onnx", "ov", "head-size positions are not known"),   # q, k, v interleaved per head
+    ("gpt2-ts.onnx", "ov", "packed projection"),
+    ("siglip-vision-ts.onnx", "ov", "packed projection"),
 ])
 def test_what_a_cut_inside_the_heads_cannot_pass_is_refused(name, circuit, words):
     state, options = _state(name)
@@ -106,9 +110,15 @@ def test_what_a_cut_inside_the_heads_cannot_pass_is_refused(name, circuit, words
         pipeline.rewrite(replace(state, plans=plans), options)
 
 
-def test_a_quantized_model_is_refused_with_the_reason():
+@pytest.mark.parametrize("name", ["bert-qdq.onnx", "llama-nbits32.onnx", "bert-dyn.onnx"])
+def test_a_quantized_model_is_refused_with_the_reason(name):
     with pytest.raises(PlanError, match="re-quantize"):
-        prune_model(onnx.load(str(MODELS / "bert-qdq.onnx")), v_dims=0.5)
+        prune_model(onnx.load(str(MODELS / name)), v_dims=0.5)
+    state, options = _state(name)       # a plan with maps reaching the rewrite is refused there too
+    rng = np.random.default_rng(0)
+    plans = {b.index: BlockPlan(tuple(range(b.num_heads)), dims=(_random(b, "ov", 2, rng),)) for b in state.blocks}
+    with pytest.raises(PlanError, match="re-quantize"):
+        pipeline.rewrite(replace(state, plans=plans), options)
 
 
 def test_compensation_after_a_cut_is_refused_for_now():
@@ -196,3 +206,36 @@ def test_the_cli_cuts_dims_and_reports_ranks_and_the_cache(tmp_path):
     assert kv["after"] * 4 == kv["before"] * 3          # V at half its size, K as it was
     assert "KV cache per token" in proc.stdout
     onnx.checker.check_model(onnx.load(str(out)), full_check=True)
+
+
+# ------------------------------------------------------------------ the attention budget
+def test_the_budget_removes_its_share_of_the_attention_macs_where_the_loss_is_least():
+    """--attention-ratio 0.5 on bert-ts: the ranks it keeps remove at least half of every circuit dimension
+    of the model (each costs the same MACs here), the cut is exact, and the counted attention MACs fall by at
+    least that much; a block whose outputs are cheap to cut loses more there than uniform ranks would."""
+    from onnxprune.api import count_result_macs
+    model = onnx.load(str(MODELS / "bert-ts.onnx"))
+    calib = synth_inputs(model, seed=3, batch=64, seq=16)
+    r = prune_model(model, attention_ratio=0.5, calib=calib)
+    assert r.max_error <= 1e-4
+    blocks = r.blocks
+    full = sum(2 * b.head_dim for b in blocks)
+    kept = sum(b.head_dim for b in blocks for _ in ("qk", "ov")) - sum(b.head_dim - f.rank for f in r.dim_fits
+                                                                      for b in blocks if b.index == f.block)
+    assert kept <= full / 2
+    counted = count_result_macs(model, r, seq=16)
+    before = sum(counted.macs[0].blocks.values())
+    after = sum(counted.macs[1].blocks.values())
+    assert after <= 0.5 * before + 1e-9 * before
+    ranks = {(f.block, f.circuit): f.rank for f in r.dim_fits}
+    assert len(set(ranks.values())) > 1 or len(ranks) < 2 * len(blocks)     # not one uniform rank everywhere
+
+
+@pytest.mark.parametrize("kw,words", [
+    (dict(attention_ratio=0.5), "give --calib"),
+    (dict(attention_ratio=0.5, v_dims=0.5, calib={}), "without --qk-dims/--v-dims"),
+    (dict(attention_ratio=0.5, ratio=0.25, calib={}), "without --ratio"),
+])
+def test_the_budget_refuses_what_it_cannot_combine(kw, words):
+    with pytest.raises(PlanError, match=words):
+        PruneOptions(**kw)

@@ -38,7 +38,20 @@ CONFIGS = {    # name: the prune command's options (DATA: the calibration file; 
     "--compensate refit": ["--calib", "DATA", "--compensate", "refit"],
     "global, --compensate": ["--calib", "DATA", "--compensate", "--scope", "global"],
     "weights, --no-verify": ["--importance", "weights", "--no-verify"],
+    # inside the heads (every head kept: --ratio 0): MACS is the share of attention MACs that --ratio R removes
+    "--v-dims 0.5 (V cache halved)": ["NOHEADS", "--v-dims", "0.5", "--calib", "DATA"],
+    "--v-dims 0.5, weights only": ["NOHEADS", "--v-dims", "0.5"],
+    "budget: --attention-ratio MACS": ["NOHEADS", "--attention-ratio", "MACS", "--calib", "DATA"],
 }
+
+
+def head_macs_share(ratio: float, heads: int = 4, kv_heads: int = 1, width: int = 640, seq: int = 128) -> float:
+    """The share of Gemma 3 270M's attention MACs (per block, at ``seq``) that removing ``ratio`` of its query
+    heads removes: Q, O, scores and context lose them; K and V (one KV head) stay."""
+    keep = int(np.floor(heads * (1 - ratio)))
+    per_head = 2 * seq * width + 2 * seq * seq        # Q and O projections, scores and context, per dimension
+    total = heads * per_head + 2 * kv_heads * seq * width
+    return (heads - keep) * per_head / total
 
 
 def perplexity(path, ids: np.ndarray, batch: int = 4) -> tuple[float, np.ndarray]:
@@ -112,9 +125,14 @@ def main(argv=None) -> int:
             print(f"| {ratio} | {kept} of 4 | random heads (mean of {args.random}) | {np.mean(ppls):.1f} | "
                   f"{np.mean(ppls) / base:.2f} | {np.mean(agree):.3f} | | |", flush=True)
         for name in args.configs:
-            opts = [str(work / "calib.npz") if o == "DATA" else o for o in CONFIGS[name] if o != "SCORED"]
+            macs = f"{head_macs_share(ratio):.3f}"
+            opts = [str(work / "calib.npz") if o == "DATA" else macs if o == "MACS" else o
+                    for o in CONFIGS[name] if o not in ("SCORED", "NOHEADS")]
             out = work / "pruned.onnx"
-            seconds, peak, _ = prune(scored if "SCORED" in CONFIGS[name] else model, out, ratio, opts)
+            if "NOHEADS" in CONFIGS[name] and "MACS" not in CONFIGS[name] and ratio != args.ratios[0]:
+                continue            # the same cut at every ratio: once
+            seconds, peak, _ = prune(scored if "SCORED" in CONFIGS[name] else model, out,
+                                     0 if "NOHEADS" in CONFIGS[name] else ratio, opts)
             p, top = perplexity(out, held)
             print(f"| {ratio} | {kept} of 4 | {name} | {p:.1f} | {p / base:.2f} | {np.mean(top == base_top):.3f} | "
                   f"{seconds:.0f} | {peak:.1f} |", flush=True)

@@ -94,7 +94,7 @@ def _inside_heads(block: AttentionBlock, t, dims: HeadDims, units: set, maps: di
     first, second = SIDES[dims.circuit]
     side = side_of(t.roles, dims.circuit)
     if side is None:
-        if t.constant and set(t.roles) & (first | second) and t.dim_axis is not None:
+        if set(t.roles) & (first | second) and len(set(t.roles) & {"q", "k", "v"}) > 1:
             raise RewriteError(f"block {block.index} ({block.name}): {t.name!r} holds {'/'.join(sorted(t.roles))} "
                                f"together (a packed projection); a cut inside its heads is not supported")
         return

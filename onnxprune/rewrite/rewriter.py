@@ -15,7 +15,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..block import AttentionBlock
-from ..cut import CIRCUITS
+from ..cut import CIRCUITS, SIDES
 from ..errors import PlanError, RewriteError
 from ..match import shape_expr
 from ..model.graph import const_value, identity_source, set_values
@@ -91,6 +91,16 @@ class Rewriter:
             if where is not None:
                 raise RewriteError(f"block {block.index} ({block.name}): {where!r} carries the heads out of the "
                                    "block (a KV cache or a shared table); a cut inside its heads is not supported")
+            for role in sorted(set().union(*SIDES[d.circuit])):
+                proj = block.projection(role)
+                t = next((t for t in block.tensors if proj is not None and t.name == proj.weight), None)
+                if t is None or t.dim_axis is None:
+                    why = ("one KV head serves every query head (multi-query attention), and its V and K carry no "
+                           "head axis that the matcher records" if block.num_kv_heads == 1 and role in "kv"
+                           else "its weight's head-size positions are not known")
+                    raise RewriteError(f"block {block.index} ({block.name}): a cut inside the heads of its "
+                                       f"{d.circuit.upper()} circuit needs the {role} projection's head-size axis; "
+                                       f"{why}")
             if any(s.kind == "attr" for s in block.sites):
                 raise RewriteError(f"block {block.index} ({block.name}): a fused attention op; a cut inside its "
                                    "heads is not supported")
