@@ -87,7 +87,7 @@ def row(name: str, key: str, model: Path, args, extra=()) -> None:
     r = bench(model, pruned, args.provider, args.batch, args.seq, args.threads, args.warmup, args.runs,
               memory=False)
     flags = f" --provider {args.provider}" if args.provider != "cpu" else ""
-    flags += " --align" if extra else ""
+    flags += " --align" if extra and "--multiple-of" in extra or extra == ("--ratio", "0.58") else ""
     flags += " --fp16" if "fp16" in model.name else ""
     realised = "-" if r.realised is None else f"{100 * r.realised:.0f}%"
     ideal = "-" if r.ideal is None else f"{r.ideal:.3f}"
@@ -107,6 +107,8 @@ def main(argv=None) -> int:
     ap.add_argument("--runs", type=int, default=100)
     ap.add_argument("--fp16", action="store_true", help="also fp16 MiniLM rows (for GPU providers)")
     ap.add_argument("--align", action="store_true", help="also the --multiple-of rows")
+    ap.add_argument("--dims", action="store_true", help="also MiniLM cut inside the heads to 50%% of the "
+                    "attention MACs (ranks of 8 + 24, and 9 + 22, not multiples of 8)")
     ap.add_argument("--only", nargs="+", help="minilm, minilm-fused, or names from models/")
     args = ap.parse_args(argv)
     wanted = set(args.only or ["minilm", "minilm-fused", *SMALL])
@@ -122,6 +124,11 @@ def main(argv=None) -> int:
                 ("--ratio", "0.58", "--multiple-of", "64"))
         if args.fp16:
             row("MiniLM-L6 export fp16", "minilm", fp16_of(base), args)
+        if args.dims:
+            row("MiniLM-L6 export, dims: --qk-dims 0.75 --v-dims 0.25 (QK 8 + OV 24)", "minilm --dims", base, args,
+                ("--ratio", "0", "--qk-dims", "0.75", "--v-dims", "0.25"))
+            row("MiniLM-L6 export, dims: --qk-dims 0.7 --v-dims 0.3 (QK 9 + OV 22)", "minilm --dims", base, args,
+                ("--ratio", "0", "--qk-dims", "0.7", "--v-dims", "0.3"))
     if "minilm-fused" in wanted:
         row("MiniLM-L6 ORT-fused Attention", "minilm-fused", fused(base, False), args)
         if args.align:
