@@ -20,7 +20,6 @@ a few lines of numpy linear algebra per head, which no library offers in this fo
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
