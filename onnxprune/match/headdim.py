@@ -22,7 +22,8 @@ import numpy as np
 
 from .headmap import ELEMENTWISE, NORMS, reshape_groups
 
-_KEEP_AXES = ELEMENTWISE | NORMS | {"RotaryEmbedding", "Identity", "Cast", "Dropout"}
+_KEEP_AXES = ELEMENTWISE | NORMS | {"RotaryEmbedding", "Identity", "Cast", "Dropout", "Expand"}   # Expand: broadcast
+# aligns axes from the end, and a head-size axis (of size D, not 1) is never the one it broadcasts
 
 
 def merged(owner: np.ndarray, head_dim: int) -> bool:

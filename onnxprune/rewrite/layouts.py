@@ -99,6 +99,10 @@ def _inside_heads(block: AttentionBlock, t, dims: HeadDims, units: set, maps: di
                                f"together (a packed projection); a cut inside its heads is not supported")
         return
     if t.dim_axis is None:
+        if dims.circuit == "ov" and not t.constant:
+            raise RewriteError(f"block {block.index} ({block.name}): {t.name!r} carries values (or their context) "
+                               "with no head-size axis that the matcher could follow; its OV circuit cannot be cut "
+                               "by a map")
         if dims.circuit == "qk" and not t.constant:
             raise RewriteError(f"block {block.index} ({block.name}): {t.name!r} has no head-size axis that "
                                "the matcher could follow (a rotary embedding or a norm over the head size mixes its "
