@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .cut import WRITTEN, project_heads
+from .cut import WRITTEN, project_heads, written
 from .errors import PlanError
 from .plan import exact_ratio
 from .progress import Progress
@@ -65,14 +65,8 @@ def plan_budget(cal, moments, blocks, share, circuits=("qk", "ov"), step=None, s
         if key not in measured:
             block = by_index[index]
             dims = moments.fit_circuit(index, circuit, rank).dims
-            weights = {}
-            proj = block.projection(WRITTEN[circuit])
-            for name in (proj.weight, proj.bias):
-                if name is None or name not in cal.weights or not any(t.name == name for t in block.tensors):
-                    continue
-                t = block.tensor(name)
-                weights[name] = project_heads(cal.weights[name], t.axes[0], t.owner, block.units, block.kv_groups,
-                                              range(block.num_heads), dims)
+            weights = {t.name: project_heads(cal.weights[t.name], block, t, range(block.num_heads), dims)
+                       for t in written(block, circuit) if t.name in cal.weights}
             if not weights:
                 raise PlanError(f"block {index} ({block.name}): the {WRITTEN[circuit]} projection is not fed by the "
                                 "calibration session; the budget cannot measure its cut")

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .errors import PlanError
+
 CIRCUITS = ("ov", "qk")      # the circuits whose head-size maps the rewriter applies
 
 
@@ -90,11 +92,6 @@ class HeadDims:
         return int(next(iter(self.a.values())).shape[1])
 
 
-def circuit(dims, name: str) -> HeadDims | None:
-    """The map of circuit ``name`` among a plan's ``dims`` (``plan.BlockPlan.dims``), or None."""
-    return next((d for d in dims if d.circuit == name), None)
-
-
 SIDES = {"ov": ({"v"}, {"o"}), "qk": ({"k"}, {"q"})}    # the roles of the first and the second side of a circuit
 WRITTEN = {"ov": "o", "qk": "q"}    # the projection whose weights the reference writes the circuit's A Bᵀ into
 
@@ -137,16 +134,32 @@ def reference_rows(rows: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray
     return ((a.astype(np.float64) @ b.astype(np.float64).T) @ rows.astype(np.float64)).astype(rows.dtype)
 
 
-def project_heads(arr: np.ndarray, axis: int, owner: np.ndarray, units, kv_groups, kept_heads, dims: HeadDims
-                  ) -> np.ndarray:
-    """``arr`` (the second side's weight or bias of ``dims``'s circuit; heads along ``axis``, ``owner`` the unit
-    of each position, ``units`` the unit table) with each kept head's positions replaced by ``A_g B_hᵀ`` times
-    them: the circuit's map written into the original weights (a copy)."""
+def written(block, circuit: str) -> list:
+    """The head tensors that a reference writes ``circuit``'s map into: the weight of its second side's
+    projection (``WRITTEN``) and its bias where that holds heads (the output projection's does not). Each must
+    hold every head's positions in one run of one axis."""
+    proj = block.projection(WRITTEN[circuit])
+    out = []
+    for name in (proj.weight, proj.bias):
+        t = next((t for t in block.tensors if t.name == name), None) if name is not None else None
+        if t is None:
+            continue
+        if len(t.axes) != 1 or t.dim_axis != t.axes[0]:
+            raise PlanError(f"block {block.index} ({block.name}): {name!r} does not hold each head's positions in "
+                            "one run of one axis; no reference for a cut inside its heads")
+        out.append(t)
+    return out
+
+
+def project_heads(arr: np.ndarray, block, t, kept_heads, dims: HeadDims) -> np.ndarray:
+    """``arr``, the value of ``block``'s head tensor ``t`` (one of ``written``), with each kept head's positions
+    replaced by ``A_g B_hᵀ`` times them: the circuit's map written into the original weights (a copy)."""
+    axis = t.axes[0]
     moved = np.moveaxis(np.array(arr, copy=True), axis, 0)
-    owner = np.asarray(owner).reshape(-1)
+    owner = np.asarray(t.owner).reshape(-1)
     for h in kept_heads:
-        rows = np.flatnonzero(owner == list(units).index(frozenset({h})))
-        group = next(g for g, hs in enumerate(kv_groups) if h in hs)
+        rows = np.flatnonzero(owner == block.units.index(frozenset({h})))
+        group = next(g for g, hs in enumerate(block.kv_groups) if h in hs)
         moved[rows] = reference_rows(moved[rows], dims.a[group], dims.b[h])
     return np.ascontiguousarray(np.moveaxis(moved, 0, axis))
 

@@ -62,14 +62,6 @@ class PruneOptions:
             # dims alone: every head stays
             object.__setattr__(self, "ratio", 0)
             chosen = ["ratio"]
-        if self.attention_ratio is not None:
-            if self.qk_dims is not None or self.v_dims is not None:
-                raise PlanError("--attention-ratio chooses the ranks itself; give it without --qk-dims/--v-dims")
-            if chosen != ["ratio"] or str(self.ratio).strip() not in ("0", "0.0"):
-                raise PlanError("--attention-ratio keeps every head and spends the budget inside them; give it "
-                                "without --ratio, --threshold or --heads-to-prune")
-            if self.calib is None:
-                raise PlanError("--attention-ratio measures each cut on calibration data; give --calib DATA.npz")
         for name in ("qk_dims", "v_dims", "attention_ratio"):
             value = getattr(self, name)
             if value is not None:
@@ -85,6 +77,14 @@ class PruneOptions:
                 exact_ratio(self.ratio)
             except ValueError as exc:
                 raise PlanError(str(exc)) from None
+        if self.attention_ratio is not None:
+            if self.qk_dims is not None or self.v_dims is not None:
+                raise PlanError("--attention-ratio chooses the ranks itself; give it without --qk-dims/--v-dims")
+            if chosen != ["ratio"] or exact_ratio(self.ratio) != 0:
+                raise PlanError("--attention-ratio keeps every head and spends the budget inside them; give it "
+                                "without --ratio, --threshold or --heads-to-prune")
+            if self.calib is None:
+                raise PlanError("--attention-ratio measures each cut on calibration data; give --calib DATA.npz")
         if self.threshold is not None and not finite_number(self.threshold):
             raise PlanError(f"threshold must be a finite number, got {self.threshold!r}")
         if self.multiple_of is not None:
@@ -106,7 +106,7 @@ class PruneOptions:
 
     @property
     def cuts_dims(self) -> bool:
-        """Whether the run cuts inside the heads (``qk_dims`` or ``v_dims``)."""
+        """Whether the run cuts inside the heads (``qk_dims``, ``v_dims`` or ``attention_ratio``)."""
         return any(getattr(self, n) not in (None, 0) for n in ("qk_dims", "v_dims", "attention_ratio"))
 
     @property

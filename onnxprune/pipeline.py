@@ -195,9 +195,7 @@ def fit_dims(state: State, options: PruneOptions) -> State:
     from the weights alone without data (``transforms.subspace``), into each block's plan."""
     if not options.cuts_dims:
         return state
-    if state.quant is not None:
-        raise PlanError(f"--qk-dims/--v-dims rotate each head's weights, which this {state.quant.describe()} model "
-                        "would have to re-quantize; cut the float model, then quantize it")
+    refuse_requantizing(state)            # before any calibration runs
     if options.compensate is not None:
         raise PlanError("--compensate after a cut inside the heads is not supported yet; the OV cut's output "
                         "projection is already a least-squares fit")
@@ -209,18 +207,22 @@ def fit_dims(state: State, options: PruneOptions) -> State:
         wanted = {c: r for c, r in (("qk", options.qk_dims), ("ov", options.v_dims)) if r not in (None, 0)}
     cal = None
     if options.calib is not None:
-        taps = tuple(n for b in state.blocks for role in ("q", "k") if "qk" in wanted
-                     for n in [projection_output(state.model, b, role)] if n is not None)
-        fed = tuple(n for b in state.blocks if budget and "qk" in wanted
-                    for n in (b.projection("q").weight, b.projection("q").bias) if n is not None)
+        taps, fed = (), ()        # QK: the queries and keys to read; the budget: the Q weights it rewrites
+        if "qk" in wanted:
+            taps = tuple(n for b in state.blocks for role in ("q", "k")
+                         for n in [projection_output(state.model, b, role)] if n is not None)
+            if budget:
+                fed = tuple(n for b in state.blocks for n in (b.projection("q").weight, b.projection("q").bias)
+                            if n is not None)
         cal = open_session(state.model, state.blocks, state.shapes, options.calib, options.external_dir,
                            outputs=budget, taps=taps, fed=fed)
     moments = Moments(state.model, state.blocks, cal, tuple(wanted), options.external_dir)
     ranks = {}
     if budget:
-        seq = next(iter(options.calib.values())).shape[1] if next(iter(options.calib.values())).ndim > 1 else 128
-        step = options.multiple_of
-        for choice in plan_budget(cal, moments, state.blocks, options.attention_ratio, tuple(wanted), step, seq):
+        sample = next(iter(options.calib.values()))
+        seq = sample.shape[1] if sample.ndim > 1 else 128
+        for choice in plan_budget(cal, moments, state.blocks, options.attention_ratio, tuple(wanted),
+                                  options.multiple_of, seq):
             ranks.update({(choice.block, c): r for c, r in choice.ranks.items()})
     plans, fits = dict(state.plans), []
     for b in state.blocks:
@@ -231,9 +233,16 @@ def fit_dims(state: State, options: PruneOptions) -> State:
                 continue
             fit = moments.fit_circuit(b.index, name, rank)
             dims.append(fit.dims)
-            fits.append(DimFit(b.index, name, b.head_dim, rank, fit.error))
+            fits.append(DimFit(b.index, name, rank, fit.error))
         plans[b.index] = replace(plans[b.index], dims=tuple(dims))
     return replace(state, plans=plans, dim_fits=tuple(fits), dims_source=moments.source)
+
+
+def refuse_requantizing(state: State):
+    """A cut inside the heads rotates weights: a quantized model would have to be quantized again."""
+    if state.quant is not None:
+        raise PlanError(f"a cut inside the heads would re-quantize this {state.quant.describe()} model's weights; "
+                        "cut the float model, then quantize it")
 
 
 @dataclass(frozen=True)
@@ -242,7 +251,6 @@ class DimFit:
 
     block: int
     circuit: str
-    head_dim: int
     rank: int
     error: float
 
@@ -276,9 +284,8 @@ def rewrite(state: State, options: PruneOptions) -> State:
     if not state.changes:            # the model as given, unless a transform made a new one
         transformed = state.gates or state.compensated
         return replace(state, pruned=state.model if transformed else state.original, graph=None)
-    if state.quant is not None and any(p.dims for p in state.plans.values()):
-        raise PlanError(f"a cut inside the heads would re-quantize this {state.quant.describe()} model's weights; "
-                        "cut the float model, then quantize it")
+    if any(p.dims for p in state.plans.values()):
+        refuse_requantizing(state)
     graph = state.graph
     dead = rewriting.dead_nodes(graph)
     rewriter = rewriting.Rewriter(graph, state.shapes, state.values)

@@ -12,7 +12,7 @@ from onnx.external_data_helper import uses_external_data
 
 from .block import AttentionBlock
 from . import quant
-from .cut import WRITTEN, project_heads
+from .cut import WRITTEN, project_heads, written
 from .errors import PlanError, VerifyError
 from .plan import BlockPlan
 from .model.proto import own_constant, own_weights
@@ -133,24 +133,12 @@ def projected_model(model: onnx.ModelProto, blocks: list[AttentionBlock], plans:
         for dims in plan.dims:
             if dims.circuit not in WRITTEN:
                 raise PlanError(f"block {block.index} ({block.name}): no reference for circuit {dims.circuit!r}")
-            proj = block.projection(WRITTEN[dims.circuit])
-            for name in (proj.weight, proj.bias):
-                if name is None or not any(t.name == name for t in block.tensors):
-                    continue        # the output projection's bias: no heads in it
-                _write_projection(masked, block, plan.kept_heads, dims, name, external_dir)
+            for t in written(block, dims.circuit):
+                proto = own_constant(masked, t.name)
+                arr = project_heads(numpy_helper.to_array(proto, base_dir=str(external_dir or "")), block, t,
+                                    plan.kept_heads, dims)
+                proto.CopyFrom(numpy_helper.from_array(arr, proto.name))
     return masked
-
-
-def _write_projection(model: onnx.ModelProto, block: AttentionBlock, kept_heads, dims, name: str, external_dir):
-    """Replace each kept head's positions of ``name`` (on its head axis) by ``A_g B_hᵀ`` times them."""
-    t = block.tensor(name)
-    if len(t.axes) != 1 or t.dim_axis != t.axes[0]:
-        raise PlanError(f"block {block.index} ({block.name}): {name!r} does not hold each head's positions in one "
-                        "run of one axis; no reference for a cut inside its heads")
-    proto = own_constant(model, name)
-    arr = numpy_helper.to_array(proto, base_dir=str(external_dir or ""))
-    arr = project_heads(arr, t.axes[0], t.owner, block.units, block.kv_groups, kept_heads, dims)
-    proto.CopyFrom(numpy_helper.from_array(arr, proto.name))
 
 
 def run(model: onnx.ModelProto, feeds: dict, external_dir=None, overrides=None) -> dict[str, np.ndarray]:

@@ -21,6 +21,24 @@ def cli(*args, cwd=None) -> subprocess.CompletedProcess:
                           text=True, cwd=cwd)
 
 
+def matched(name: str):
+    """(the pipeline state of ``models/NAME`` matched, every head kept; its options): what the tests of cuts
+    inside the heads give their own plans to."""
+    from onnxprune import pipeline
+    from onnxprune.options import PruneOptions
+    options = PruneOptions(ratio=0)
+    return pipeline.match(pipeline.start(onnx.load(str(MODELS / name)), options), options), options
+
+
+def random_dims(block, circuit: str, rank: int, rng):
+    """A random ``cut.HeadDims`` of ``circuit`` for ``block``: [D, rank] per KV head (A), then per head (B)."""
+    from onnxprune.cut import HeadDims
+    d = block.head_dim
+    a = {g: rng.standard_normal((d, rank)).astype(np.float32) for g in range(block.num_kv_heads)}
+    b = {h: rng.standard_normal((d, rank)).astype(np.float32) for h in range(block.num_heads)}
+    return HeadDims(circuit, a, b)
+
+
 GATES = [[0.9, 0.0, 1.3, 0.4], [0.2, 1.1, 0.0, 0.7]]
 
 

@@ -18,19 +18,7 @@ from onnxprune.plan import BlockPlan, keep_rank
 from onnxprune.transforms.subspace import circuit_error, fit_ov, fit_qk
 from onnxprune.verify import compare, max_abs_diff, reference, run
 
-from conftest import MODELS, cli
-
-
-def _state(name):
-    model = onnx.load(str(MODELS / name))
-    options = PruneOptions(ratio=0)
-    return pipeline.match(pipeline.start(model, options), options), options
-
-
-def _random(block, circuit, rank, rng):
-    d = block.head_dim
-    return HeadDims(circuit, {g: rng.standard_normal((d, rank)).astype(np.float32) for g in range(block.num_kv_heads)},
-                    {h: rng.standard_normal((d, rank)).astype(np.float32) for h in range(block.num_heads)})
+from conftest import MODELS, cli, matched, random_dims
 
 
 def _cut(state, options, plans):
@@ -49,12 +37,12 @@ def test_random_maps_inside_the_heads_equal_the_projected_original(name, qk, ov,
     """Random d x r maps on Q and K (and V and W_o): the pruned model (full checker, strict shape inference in
     the rewrite) equals the original with W_q,h <- W_q,h B Aᵀ (and W_o,h <- A Bᵀ W_o,h), at other batch sizes and
     lengths too, and that projected original really differs from the original."""
-    state, options = _state(name)
+    state, options = matched(name)
     rng = np.random.default_rng(qk)
     plans = {}
     for b in state.blocks:
         heads = tuple(range(b.num_heads))[::2] if some else tuple(range(b.num_heads))
-        dims = (_random(b, "qk", min(qk, b.head_dim), rng),) + ((_random(b, "ov", ov, rng),) if ov else ())
+        dims = (random_dims(b, "qk", min(qk, b.head_dim), rng),) + ((random_dims(b, "ov", ov, rng),) if ov else ())
         plans[b.index] = BlockPlan(heads, dims=dims)
     cut = _cut(state, options, plans)
     assert cut.max_error is not None and cut.max_error <= 1e-4
@@ -79,13 +67,13 @@ OV_FAMILIES = ["llama-ts.onnx", "llama-gqa4-ts.onnx", "llama-gqa4-d23-sdpa.onnx"
 @pytest.mark.parametrize("name", OV_FAMILIES)
 @pytest.mark.parametrize("rank", [1, 5])
 def test_random_ov_maps_in_decoders_equal_the_projected_original(name, rank):
-    state, options = _state(name)
+    state, options = matched(name)
     rng = np.random.default_rng(rank)
     plans = {}
     for b in state.blocks:
         heads = tuple(h for g in b.kv_groups[:max(1, len(b.kv_groups) // 2)] for h in g) if rank == 1 \
             else tuple(range(b.num_heads))
-        plans[b.index] = BlockPlan(heads, dims=(_random(b, "ov", rank, rng),))
+        plans[b.index] = BlockPlan(heads, dims=(random_dims(b, "ov", rank, rng),))
     cut = _cut(state, options, plans)
     assert cut.max_error is not None and cut.max_error <= 1e-4
     ref = reference(state.model, state.blocks, cut.plans)
@@ -94,12 +82,14 @@ def test_random_ov_maps_in_decoders_equal_the_projected_original(name, rank):
     assert max_abs_diff(run(state.model, feeds), run(ref, feeds)) > 1e-4
 
 
-def test_a_qk_map_on_one_side_only_fails_the_proof(monkeypatch):
+@pytest.mark.parametrize("circuit", ["ov", "qk"])
+def test_a_map_on_one_side_only_fails_the_proof(monkeypatch, circuit):
     """Planted fault: the reference written with A alone (B taken as A) is not what the cut computes."""
     from onnxprune import cut as cutting
-    state, options = _state("bert-ts.onnx")
+    state, options = matched("bert-ts.onnx")
     rng = np.random.default_rng(0)
-    plans = {b.index: BlockPlan(tuple(range(b.num_heads)), dims=(_random(b, "qk", 4, rng),)) for b in state.blocks}
+    plans = {b.index: BlockPlan(tuple(range(b.num_heads)), dims=(random_dims(b, circuit, 4, rng),))
+             for b in state.blocks}
     monkeypatch.setattr(cutting, "reference_rows", lambda rows, a, b: reference_rows(rows, a, a))
     with pytest.raises(VerifyError, match="differs from the masked original"):
         _cut(state, options, plans)
@@ -108,9 +98,9 @@ def test_a_qk_map_on_one_side_only_fails_the_proof(monkeypatch):
 def test_a_qk_map_written_into_k_instead_of_q_fails_the_proof(monkeypatch):
     """Planted fault: the reference writes the circuit's map into the wrong projection."""
     from onnxprune import cut, verify
-    state, options = _state("bert-d18.onnx")
+    state, options = matched("bert-d18.onnx")
     rng = np.random.default_rng(1)
-    plans = {b.index: BlockPlan(tuple(range(b.num_heads)), dims=(_random(b, "qk", 4, rng),)) for b in state.blocks}
+    plans = {b.index: BlockPlan(tuple(range(b.num_heads)), dims=(random_dims(b, "qk", 4, rng),)) for b in state.blocks}
     monkeypatch.setitem(verify.WRITTEN, "qk", "k")
     with pytest.raises(VerifyError, match="differs from the masked original"):
         _cut(state, options, plans)
@@ -129,9 +119,9 @@ def test_a_qk_map_written_into_k_instead_of_q_fails_the_proof(monkeypatch):
     ("siglip-vision-ts.onnx", "ov", "no head-size axis that the matcher could follow"),   # k/v packed
 ])
 def test_what_a_cut_inside_the_heads_cannot_pass_is_refused(name, circuit, words):
-    state, options = _state(name)
+    state, options = matched(name)
     rng = np.random.default_rng(0)
-    plans = {b.index: BlockPlan(tuple(range(b.num_heads)), dims=(_random(b, circuit, 2, rng),)) for b in state.blocks}
+    plans = {b.index: BlockPlan(tuple(range(b.num_heads)), dims=(random_dims(b, circuit, 2, rng),)) for b in state.blocks}
     with pytest.raises(RewriteError, match=words):
         pipeline.rewrite(replace(state, plans=plans), options)
 
@@ -140,9 +130,9 @@ def test_what_a_cut_inside_the_heads_cannot_pass_is_refused(name, circuit, words
 def test_a_quantized_model_is_refused_with_the_reason(name):
     with pytest.raises(PlanError, match="re-quantize"):
         prune_model(onnx.load(str(MODELS / name)), v_dims=0.5)
-    state, options = _state(name)       # a plan with maps reaching the rewrite is refused there too
+    state, options = matched(name)       # a plan with maps reaching the rewrite is refused there too
     rng = np.random.default_rng(0)
-    plans = {b.index: BlockPlan(tuple(range(b.num_heads)), dims=(_random(b, "ov", 2, rng),)) for b in state.blocks}
+    plans = {b.index: BlockPlan(tuple(range(b.num_heads)), dims=(random_dims(b, "ov", 2, rng),)) for b in state.blocks}
     with pytest.raises(PlanError, match="re-quantize"):
         pipeline.rewrite(replace(state, plans=plans), options)
 

@@ -12,6 +12,12 @@ from ..errors import InputError
 from ..inputs import checked_array
 
 BATCH = 16
+HELD_OUT = 4      # every 4th calibration batch judges a fit made on the others (compensation, cuts inside heads)
+
+
+def held_out_batches(batches: int) -> set[int]:
+    """The batches that judge a fit: every ``HELD_OUT``-th; none with fewer than 2 (the fit judges itself)."""
+    return set(range(HELD_OUT - 1, batches, HELD_OUT)) if batches >= 2 else set()
 
 
 def npz_reason(exc: Exception) -> str:

@@ -43,19 +43,12 @@ class Calibrator:
                 if name in self.weights:        # shared by blocks: this block reads a copy of its own here
                     self.shared.add(s.block.index)
                     name = private_copy(work, s, name, self.weights[name])
-                proto = own_initializer(work, name)
-                self.weights[name] = numpy_helper.to_array(proto, base_dir=str(external_dir or ""))
-                work.graph.initializer.remove(proto)
-                work.graph.input.append(helper.make_tensor_value_info(name, proto.data_type, list(proto.dims)))
-        if fed:               # more weights fed as inputs (the Q projections that a QK cut rewrites)
-            own_weights(work, [n for n in fed if n not in self.weights])
+                self._feed(work, name, external_dir)
+        fed = [n for n in fed if n not in self.weights]   # more weights as inputs (the Q that a QK cut rewrites)
+        if fed:
+            own_weights(work, fed)
         for name in fed:
-            if name in self.weights:
-                continue
-            proto = own_initializer(work, name)
-            self.weights[name] = numpy_helper.to_array(proto, base_dir=str(external_dir or ""))
-            work.graph.initializer.remove(proto)
-            work.graph.input.append(helper.make_tensor_value_info(name, proto.data_type, list(proto.dims)))
+            self._feed(work, name, external_dir)
         if not outputs:       # contexts only: ONNX Runtime drops what only the outputs needed
             del work.graph.output[:]
         self.outputs = [o.name for o in work.graph.output]
@@ -70,6 +63,13 @@ class Calibrator:
         self.session = session(work, external_dir=external_dir, optimize=True)
         self.mask_input = next((i.name for i in model.graph.input if "attention_mask" in i.name
                                 and len(i.type.tensor_type.shape.dim) == 2), None)
+
+    def _feed(self, work: onnx.ModelProto, name: str, external_dir):
+        """Make weight ``name`` of ``work`` a graph input, its value kept in ``weights``."""
+        proto = own_initializer(work, name)
+        self.weights[name] = numpy_helper.to_array(proto, base_dir=str(external_dir or ""))
+        work.graph.initializer.remove(proto)
+        work.graph.input.append(helper.make_tensor_value_info(name, proto.data_type, list(proto.dims)))
 
     # ------------------------------------------------------------------ running
     def run(self, feeds: dict, weights: dict | None = None, contexts: bool = False):
@@ -126,18 +126,8 @@ class Calibrator:
 
     def context_covariances(self) -> dict[int, np.ndarray]:
         """Each block's context covariance (centred) over the calibration tokens, [width, width]."""
-        sums, grams, n = {}, {}, {}
-        with self.bar(len(self.data), "calibrating") as bar:
-            for feeds in self.data:
-                out = self.run(feeds, contexts=True)
-                for s in self.sites:
-                    rows = self.rows(feeds, out[s.context], s)
-                    b = s.block.index
-                    sums[b] = sums.get(b, 0) + rows.sum(axis=0)
-                    grams[b] = grams.get(b, 0) + rows.T @ rows
-                    n[b] = n.get(b, 0) + len(rows)
-                bar.update()
-        return {b: (grams[b] - np.outer(sums[b], sums[b]) / max(n[b], 1)) / max(n[b], 1) for b in grams}
+        moments, _ = self.grams({s.block.index: (s.block, s.context) for s in self.sites})
+        return {b: (gram - np.outer(total, total) / max(n, 1)) / max(n, 1) for b, (gram, total, n) in moments.items()}
 
     def grams(self, names: dict, held_out=frozenset()) -> tuple[dict, dict]:
         """Moments over the calibration tokens: ``names`` is {key: (block, tensor name)} of head tensors that

@@ -88,6 +88,15 @@ def layouts(block: AttentionBlock, kept_heads, dims: tuple, shapes) -> dict[str,
     return out
 
 
+# why a tensor on a side of a circuit has no head-size axis, as the refusal says it
+UNFOLLOWED = {
+    "ov": "carries values (or their context) with no head-size axis that the matcher could follow; its OV circuit "
+          "cannot be cut by a map",
+    "qk": "has no head-size axis that the matcher could follow (a rotary embedding or a norm over the head size "
+          "mixes its positions); its QK circuit cannot be cut by a map (cut --v-dims only)",
+}
+
+
 def _inside_heads(block: AttentionBlock, t, dims: HeadDims, units: set, maps: dict, shape: list):
     """Add ``dims``'s map to tensor ``t``'s ``maps`` and ``shape`` when ``t`` lies on one side of its circuit:
     on a merged head axis each kept head's run times its matrix; on a head-size axis of its own, the rank."""
@@ -99,17 +108,9 @@ def _inside_heads(block: AttentionBlock, t, dims: HeadDims, units: set, maps: di
                                f"together (a packed projection); a cut inside its heads is not supported")
         return
     if t.dim_axis is None:
-        if dims.circuit == "ov" and not t.constant:
-            raise RewriteError(f"block {block.index} ({block.name}): {t.name!r} carries values (or their context) "
-                               "with no head-size axis that the matcher could follow; its OV circuit cannot be cut "
-                               "by a map")
-        if dims.circuit == "qk" and not t.constant:
-            raise RewriteError(f"block {block.index} ({block.name}): {t.name!r} has no head-size axis that "
-                               "the matcher could follow (a rotary embedding or a norm over the head size mixes its "
-                               "positions); its QK circuit cannot be cut by a map (cut --v-dims only)")
         if t.constant:
             raise RewriteError(f"block {block.index} ({block.name}): no head-size axis known for {t.name!r}")
-        return
+        raise RewriteError(f"block {block.index} ({block.name}): {t.name!r} {UNFOLLOWED[dims.circuit]}")
     if t.dim_axis not in t.axes:          # [B, H, S, D]: one size for every head
         if t.constant:
             raise RewriteError(f"block {block.index} ({block.name}): {t.name!r} holds the head size on an axis "

@@ -27,13 +27,14 @@ import onnx
 from onnx import numpy_helper
 
 from ..calibration.sites import add_bias as _add_bias, find_sites as _find_sites, own_initializer as _initializer
+from ..calibration.data import HELD_OUT, held_out_batches
 from ..calibration.session import finite
 from ..errors import PlanError
 
 COMPENSATE_MODES = ("auto", "bias", "scale", "refit")
 RIDGE = 1e-2      # refit: ridge strength relative to the mean eigenvalue of the kept heads' Gram matrix
 RIDGES = (1e-3, 1e-2, 1e-1, 1.0, 10.0)      # auto: the strengths tried on the held-out quarter
-HELD_OUT = 4      # auto: every 4th calibration batch (or the last quarter of the tokens of one) is held out
+# auto: every HELD_OUT-th calibration batch (or the last quarter of the tokens of one) is held out
 
 
 @dataclass(frozen=True)
@@ -65,7 +66,7 @@ def compensation(cal, kept: dict[int, tuple], mode: str, ridge: float = RIDGE,
         out = cal.run(feeds, contexts=True)
         original.append({s.context: out[s.context] for s in cal.sites})
         del out
-    held = _held_out(len(cal.data))
+    held = held_out_batches(len(cal.data))
     new: dict[str, np.ndarray] = {}
     with cal.bar(len(cal.sites), "compensating") as bar:
         for s in cal.sites:
@@ -110,10 +111,6 @@ def compensation(cal, kept: dict[int, tuple], mode: str, ridge: float = RIDGE,
                 report.append(BlockFit(b.index, chosen, before, after))
             bar.update()
     return new
-
-
-def _held_out(batches: int) -> set[int]:
-    return set(range(HELD_OUT - 1, batches, HELD_OUT)) if batches >= 2 else set()
 
 
 def _fit_mode(mode: str, x, y, w_kept, heads_of_row, ridge: float):

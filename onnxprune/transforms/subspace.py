@@ -24,13 +24,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..calibration.data import held_out_batches
 from ..calibration.sites import projection_output
 from ..cut import HeadDims
 from ..errors import PlanError
 from ..model.proto import constant_array
 
 RIDGE = 1e-6          # relative to the largest eigenvalue: directions the data never visits stay invertible
-HELD_OUT_EVERY = 4    # every 4th calibration batch judges the fit (with fewer than 2 batches: the fit's own)
 
 
 @dataclass(frozen=True)
@@ -105,6 +105,7 @@ class Moments:
         self.gram_o: dict = {}
         self.source = "calibration" if cal is not None else "weights"
         self.held_batches: frozenset = frozenset()
+        self.fits: dict = {}          # (block, circuit, rank) -> CircuitFit
         for b in blocks:
             self.gram_o[b.index] = self._gram_o(model, b, external_dir)
         if cal is None:
@@ -122,9 +123,7 @@ class Moments:
                     names[(b.index, role)] = (b, out)
             if "ov" in circuits:
                 names[(b.index, "z")] = (b, next(s.context for s in cal.sites if s.block.index == b.index))
-        held_out = {i for i in range(len(cal.data)) if i % HELD_OUT_EVERY == HELD_OUT_EVERY - 1} \
-            if len(cal.data) >= 2 else set()
-        self.held_batches = frozenset(held_out)
+        self.held_batches = frozenset(held_out_batches(len(cal.data)))
         fit, held = cal.grams(names, self.held_batches)
         held = held or fit
         for b in blocks:
@@ -156,31 +155,30 @@ class Moments:
         return out
 
     def _gram_o(self, model, block, external_dir) -> dict:
-        o = block.o_proj
-        w = np.moveaxis(constant_array(model, o.weight, external_dir).astype(np.float64), o.head_axis, 0)
+        return self._weight_grams(model, block, "o", [frozenset({h}) for h in range(block.num_heads)], external_dir,
+                                  bias=False)
+
+    def _weight_grams(self, model, block, role: str, units, external_dir, bias: bool = True) -> dict:
+        """{i: W_u W_uᵀ (+ b_u b_uᵀ)} of the ``role`` projection's positions of each unit ``units[i]``, its
+        weight (and bias) rows on the head axis."""
+        p = block.projection(role)
+        if p is None:
+            raise PlanError(f"block {block.index} ({block.name}): no {role} projection of its own; a cut "
+                            "inside its heads needs calibration data (--calib)")
+        w = np.moveaxis(constant_array(model, p.weight, external_dir).astype(np.float64), p.head_axis, 0)
         w = w.reshape(w.shape[0], -1)
-        return {h: w[c] @ w[c].T for h, c in
-                enumerate(self._columns(block, o.weight, frozenset({h})) for h in range(block.num_heads))}
+        b = constant_array(model, p.bias, external_dir).astype(np.float64) if bias and p.bias else None
+        out = {}
+        for i, u in enumerate(units):
+            c = self._columns(block, p.weight, u)
+            out[i] = w[c] @ w[c].T + (np.outer(b[c], b[c]) if b is not None else 0)
+        return out
 
     def _from_weights(self, model, block, circuits, external_dir) -> dict:
         """Moments of a white input: ``Wᵀ W + b bᵀ`` per head of each projection; the context of a head as
         its V head's (the attention mixes tokens, not the head's positions)."""
         def per(role, units):
-            p = block.projection(role)
-            if p is None:
-                raise PlanError(f"block {block.index} ({block.name}): no {role} projection of its own; a cut "
-                                "inside its heads needs calibration data (--calib)")
-            w = np.moveaxis(constant_array(model, p.weight, external_dir).astype(np.float64), p.head_axis, 0)
-            w = w.reshape(w.shape[0], -1)
-            bias = constant_array(model, p.bias, external_dir).astype(np.float64) if p.bias else None
-            out = {}
-            for i, u in enumerate(units):
-                c = self._columns(block, p.weight, u)
-                m = w[c] @ w[c].T
-                if bias is not None:
-                    m += np.outer(bias[c], bias[c])
-                out[i] = m
-            return out
+            return self._weight_grams(model, block, role, units, external_dir)
         heads = [frozenset({h}) for h in range(block.num_heads)]
         groups = [frozenset(g) for g in block.kv_groups]
         out = {}
@@ -193,6 +191,13 @@ class Moments:
 
     # ------------------------------------------------------------------ fits
     def fit_circuit(self, index: int, circuit: str, rank: int) -> CircuitFit:
+        """Block ``index``'s ``circuit`` fitted at ``rank`` (once: the budget tries ranks that the plan keeps)."""
+        key = (index, circuit, rank)
+        if key not in self.fits:
+            self.fits[key] = self._fit(index, circuit, rank)
+        return self.fits[key]
+
+    def _fit(self, index: int, circuit: str, rank: int) -> CircuitFit:
         block = self.blocks[index]
         fit, held = self.fit[index], self.held[index]
         if circuit == "qk":
