@@ -24,7 +24,7 @@ from .block import AttentionBlock, MatchResult
 from .calibration.session import open_session
 from .budget import plan_budget
 from .calibration.sites import projection_output
-from .cut import qk_passes
+from .cut import project_heads, qk_passes, written
 from .errors import InputError, MatchError, OnnxPruneError, PlanError, RewriteError, VerifyError
 from .importance import SOURCES, ImportanceContext, choose, scores_for
 from .importance.initializers import (IMPORTANCE_SUFFIX, IMPORTANCE_TABLE, carry_importance, initializer_importance,
@@ -196,9 +196,6 @@ def fit_dims(state: State, options: PruneOptions) -> State:
     if not options.cuts_dims:
         return state
     refuse_requantizing(state)            # before any calibration runs
-    if options.compensate is not None:
-        raise PlanError("--compensate after a cut inside the heads is not supported yet; the OV cut's output "
-                        "projection is already a least-squares fit")
     budget = options.attention_ratio is not None
     if budget:          # both circuits where the QK one can be cut (no rotary, no q/k norm), else OV only
         circuits = ("qk", "ov") if all(qk_passes(b) for b in state.blocks) else ("ov",)
@@ -263,13 +260,24 @@ def compensate(state: State, options: PruneOptions) -> State:
     if state.quant is not None:
         raise PlanError(f"--compensate writes new output-projection weights, which this {state.quant.describe()} "
                         "model would have to re-quantize; compensate the float model, then quantize it")
-    cal = state.calibration or calibration(state, options, outputs=False)
+    dims = {b.index: {d.circuit: d for d in state.plans[b.index].dims} for b in state.blocks
+            if state.plans[b.index].dims}
+    if dims:     # the cut model's Q weights are fed: its QK cuts are written into them
+        fed = tuple(t.name for b in state.blocks for d in dims.get(b.index, {}).values() if d.circuit == "qk"
+                    for t in written(b, "qk"))
+        cal = open_session(state.model, state.blocks, state.shapes, options.calib, options.external_dir,
+                           outputs=False, fed=fed)
+    else:
+        cal = state.calibration or calibration(state, options, outputs=False)
     if cal.shared:
         raise PlanError(f"--compensate: block {min(cal.shared)} shares its output projection with another block "
                         "(the model reuses one layer's weights), and one refit cannot serve both; prune "
                         "without --compensate")
     fits: list = []
-    edited = with_weights(state.model, cal, compensation(cal, state.kept, options.compensate, report=fits))
+    cut = {t.name: project_heads(cal.weights[t.name], b, t, state.plans[b.index].kept_heads, d)
+           for b in state.blocks for d in dims.get(b.index, {}).values() for t in written(b, d.circuit)}
+    edited = with_weights(state.model, cal, compensation(cal, state.kept, options.compensate, report=fits,
+                                                         dims=dims, cut=cut))
     cal.session = None          # its weights, in ONNX Runtime, would sit beside the next probe's: let them go
     release_memory()
     again = match(replace(state, model=edited, graph=None, calibration=None), options)

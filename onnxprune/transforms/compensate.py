@@ -55,11 +55,19 @@ def _error(x, y, rows, shift) -> float:
 
 
 def compensation(cal, kept: dict[int, tuple], mode: str, ridge: float = RIDGE,
-                 report: list | None = None) -> dict[str, np.ndarray]:
+                 report: list | None = None, dims: dict | None = None, cut: dict | None = None
+                 ) -> dict[str, np.ndarray]:
     """New values for the output-projection weights and biases (see the module docstring). ``report``:
-    a list that gets one ``BlockFit`` per compensated block."""
+    a list that gets one ``BlockFit`` per compensated block.
+
+    After a cut inside the heads (``dims``: {block: {circuit: cut.HeadDims}}), the model recovered is the cut
+    one: ``cut`` holds the weights it runs with ({name: array}, the QK and OV maps written in, as
+    ``cut.project_heads`` writes them), and a head whose OV circuit is cut to ``z A`` has that rank-r context;
+    its fitted rows ``M_h`` (starting from ``Bᵀ W_o,h``) go into the original as ``W_o,h = B (BᵀB)⁻¹ M_h``, which
+    the OV map's ``Bᵀ`` turns back into ``M_h`` (and the reference's ``A Bᵀ`` into ``A M_h``)."""
     if mode not in COMPENSATE_MODES:
         raise PlanError(f"unknown compensation {mode!r}; use one of {', '.join(COMPENSATE_MODES)}")
+    dims, fed = dims or {}, dict(cut or {})
     # only the contexts of the original run are kept, not every output (an LLM's logits are large)
     original = []
     for feeds in cal.data:
@@ -72,23 +80,21 @@ def compensation(cal, kept: dict[int, tuple], mode: str, ridge: float = RIDGE,
         for s in cal.sites:
             b = s.block
             keep = tuple(kept.get(b.index, range(b.num_heads)))
-            if keep == tuple(range(b.num_heads)):
+            circuits = dims.get(b.index, {})
+            if keep == tuple(range(b.num_heads)) and not circuits:
                 bar.update()
                 continue
             w = cal.weights[s.weight].astype(np.float64)
             w2 = np.moveaxis(w, s.head_axis, 0)                   # [features, width]
             bias = cal.weights[s.bias].astype(np.float64)
-            kept_rows = cal.head_columns(b, s.weight, keep)
-            kept_cols = cal.head_columns(b, s.context, keep)
-            heads_of_row = np.zeros(len(kept_rows), dtype=np.int64)    # which kept head each kept row is
-            for i, h in enumerate(keep):
-                heads_of_row[np.isin(kept_rows, cal.head_columns(b, s.weight, [h]))] = i
+            pieces = _pieces(cal, b, s, keep, circuits.get("ov"))
             xs, ys, part = [], [], []
             for k, (feeds, ref) in enumerate(zip(cal.data, original)):
-                now = cal.run(feeds, new, contexts=True) if new else ref
+                now = cal.run(feeds, fed, contexts=True) if fed else ref
                 x_now = cal.rows(feeds, now[s.context], s)
                 x_ref = cal.rows(feeds, ref[s.context], s)
-                xs.append(x_now[:, kept_cols])
+                xs.append(np.hstack([x_now[:, cols] if a is None else x_now[:, cols] @ a
+                                     for cols, _, a, _ in pieces]))
                 ys.append(x_ref @ w2)                             # the original projection, before bias
                 part.append(np.full(len(x_now), k in held))
             x, y, part = np.concatenate(xs), np.concatenate(ys), np.concatenate(part)
@@ -96,21 +102,58 @@ def compensation(cal, kept: dict[int, tuple], mode: str, ridge: float = RIDGE,
             finite(y, f"block {b.index} ({b.name}): the output projection on the calibration data")
             if not held:        # one batch: its last quarter of tokens is the held-out part
                 part = np.arange(len(x)) >= len(x) - max(len(x) // HELD_OUT, 1)
-            w_kept = w2[kept_rows]
+            w_kept = np.vstack([w2[rows] if bh is None else bh.T.astype(np.float64) @ w2[rows]
+                                for _, rows, _, bh in pieces])
+            heads_of_row = np.concatenate([of for *_, of in _row_heads(cal, b, s, keep, pieces)])
             chosen, before, after = mode, None, None
             if mode == "auto":
                 chosen, before, after = _choose(x, y, w_kept, heads_of_row, part)
             rows, shift = _fit_mode(chosen, x, y, w_kept, heads_of_row, ridge)
-            out = np.zeros_like(w2)
-            out[kept_rows] = rows
-            new[s.weight] = np.moveaxis(out, 0, s.head_axis).astype(cal.weights[s.weight].dtype)
+            out, now_rows = np.zeros_like(w2), np.zeros_like(w2)
+            start = 0
+            for _, at, a, bh in pieces:
+                m = rows[start:start + (len(at) if bh is None else bh.shape[1])]
+                start += len(m)
+                if bh is None:
+                    out[at] = now_rows[at] = m
+                else:       # W_o,h = B (BᵀB)⁻¹ M: the map's Bᵀ gives M back; the cut model runs with A M
+                    bh = bh.astype(np.float64)
+                    out[at] = bh @ np.linalg.solve(bh.T @ bh, m)
+                    now_rows[at] = a.astype(np.float64) @ m
+            dtype = cal.weights[s.weight].dtype
+            new[s.weight] = np.moveaxis(out, 0, s.head_axis).astype(dtype)
             new[s.bias] = (bias + shift).astype(cal.weights[s.bias].dtype)
+            fed[s.weight] = np.moveaxis(now_rows, 0, s.head_axis).astype(dtype)
+            fed[s.bias] = new[s.bias]
             finite(new[s.weight], f"block {b.index} ({b.name}): the compensated output projection")
             finite(new[s.bias], f"block {b.index} ({b.name}): the compensated output bias")
             if report is not None and before is not None:
                 report.append(BlockFit(b.index, chosen, before, after))
             bar.update()
     return new
+
+
+def _pieces(cal, block, site, keep, ov) -> list[tuple]:
+    """(context columns, output-projection rows, A or None, B or None) of the kept heads: one piece of every
+    kept head's positions without an OV cut, else one per head with its maps."""
+    if ov is None:
+        return [(cal.head_columns(block, site.context, keep), cal.head_columns(block, site.weight, keep), None, None)]
+    group = {h: g for g, hs in enumerate(block.kv_groups) for h in hs}
+    return [(cal.head_columns(block, site.context, [h]), cal.head_columns(block, site.weight, [h]),
+             ov.a[group[h]], ov.b[h]) for h in keep]
+
+
+def _row_heads(cal, block, site, keep, pieces):
+    """Per piece, (piece, which kept head each of its fitted rows belongs to) (for ``scale``)."""
+    for i, piece in enumerate(pieces):
+        cols, rows, a, bh = piece
+        if bh is not None:
+            yield piece, np.full(bh.shape[1], i, dtype=np.int64)
+            continue
+        of = np.zeros(len(rows), dtype=np.int64)
+        for j, h in enumerate(keep):
+            of[np.isin(rows, cal.head_columns(block, site.weight, [h]))] = j
+        yield piece, of
 
 
 def _fit_mode(mode: str, x, y, w_kept, heads_of_row, ridge: float):
