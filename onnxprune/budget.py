@@ -1,13 +1,16 @@
 """One attention budget: remove a share of the attention MACs, spent where it costs least.
 
-Each block's attention MACs are, per dimension of its circuits, the same on both sides: a rank r of the QK circuit
-costs the Q and K projections and the scores (``S r (E (H + H_kv) + S H)``), a rank r of the OV circuit V, the
-output projection and the context (the same). The planner lowers ranks step by step, each time where the next
-step adds the least loss per MAC saved, until the share is reached. The loss of a step is measured, not
-assumed: the block's circuit fitted at that rank on the calibration batches (``transforms.subspace``) and written
-into the weights that the calibration session feeds (the output projection for OV, Q for QK), the model run on
-the held-out batches, and its outputs compared with the original's (``Calibrator.loss``). Steps of different
-blocks are taken as if their losses added up.
+A block's attention MACs are, per dimension of its circuits, the same on both sides: a rank r of the QK circuit
+costs the Q and K projections and the scores (``S r (E (n + n_kv) + S n)`` with n query and n_kv KV heads kept),
+a rank r of the OV circuit V, the output projection and the context (the same). The planner takes steps, each
+where it adds the least loss per MAC saved, until the share is reached: lower a block's QK or OV rank by a step,
+or drop one of its heads (the one whose output carries the least energy, ``tr(C_z W_o,h W_o,hᵀ)``, in
+multi-head and multi-query blocks; with grouped KV heads the rectangle that the rewrite needs is the ``--ratio``
+planner's job). The loss of a step is measured, not assumed: the block at its new ranks and heads, its circuits
+fitted on the calibration batches (``transforms.subspace``) and written into the weights that the calibration
+session feeds (Q, and the output projection with the dropped heads' rows zero), the model run on the held-out
+batches and its outputs compared with the original's (``Calibrator.loss``). Blocks' losses are taken as if they
+added up.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .calibration.sites import head_columns
 from .cut import WRITTEN, project_heads, written
 from .errors import PlanError
 from .plan import exact_ratio
@@ -24,78 +28,122 @@ from .progress import Progress
 
 @dataclass(frozen=True)
 class BudgetChoice:
-    """What the budget chose for one block: its ranks and the held-out loss measured at them one by one."""
+    """What the budget chose for one block: the heads it keeps, its ranks and the held-out loss measured at
+    that choice (the block alone cut)."""
 
     block: int
+    heads: tuple         # the heads kept
     ranks: dict          # circuit -> rank kept
-    losses: dict         # circuit -> held-out loss of that circuit's cut alone
+    loss: float
 
 
-def unit_macs(block, seq: int, width: int) -> int:
-    """MACs of one dimension of one circuit of ``block`` at length ``seq``, every head kept: the query heads'
-    projection (Q, or the output projection) and the KV heads' (K, or V), ``seq * width * (H + H_kv)``, and
-    the scores (or the context), ``seq² * H``."""
-    return seq * width * (block.num_heads + block.num_kv_heads) + seq * seq * block.num_heads
+def unit_macs(block, seq: int, width: int, heads: int | None = None, kv_heads: int | None = None) -> int:
+    """MACs of one dimension of one circuit of ``block`` at length ``seq`` with ``heads`` query heads and
+    ``kv_heads`` KV heads kept (all by default): the query heads' projection (Q, or the output projection) and
+    the KV heads' (K, or V), ``seq * width * (n + n_kv)``, and the scores (or the context), ``seq² * n``."""
+    n = block.num_heads if heads is None else heads
+    n_kv = block.num_kv_heads if kv_heads is None else kv_heads
+    return seq * width * (n + n_kv) + seq * seq * n
 
 
 def plan_budget(cal, moments, blocks, share, circuits=("qk", "ov"), step=None, seq: int = 128,
-                progress: bool = True) -> list[BudgetChoice]:
-    """Ranks per block and circuit that remove ``share`` of the attention MACs (every head kept), chosen by
-    measured held-out loss per MAC saved. ``cal``: a calibration session that feeds the written projections
-    (``fed``) and computes the model's outputs; ``moments``: ``transforms.subspace.Moments`` of it; ``step``:
-    ranks move by this many dimensions (``D // 8`` when None)."""
+                progress: bool = True, heads: bool = True) -> list[BudgetChoice]:
+    """Heads and ranks per block that remove ``share`` of the attention MACs, chosen by measured held-out loss
+    per MAC saved. ``cal``: a calibration session that feeds the written projections (``fed``) and computes
+    the model's outputs; ``moments``: ``transforms.subspace.Moments`` of it; ``step``: ranks move by this many
+    dimensions (``D // 8`` when None); ``heads``: whether dropping a head is a step too."""
     share = float(exact_ratio(share))
     held = sorted(moments.held_batches) or list(range(len(cal.data)))
     feeds = [cal.data[i] for i in held]
     base = [cal.run(f) for f in feeds]
-    cost = {}
-    total = 0
-    for b in blocks:
-        cost[b.index] = unit_macs(b, seq, widths(cal, b))
-        total += cost[b.index] * b.head_dim * 2
-    target = share * total
-    ranks = {(b.index, c): b.head_dim for b in blocks for c in circuits}
-    steps = {b.index: max(1, step or b.head_dim // 8) for b in blocks}
-    loss = {key: 0.0 for key in ranks}
     by_index = {b.index: b for b in blocks}
+    width = {b.index: widths(cal, b) for b in blocks}
+    steps = {b.index: max(1, step or b.head_dim // 8) for b in blocks}
+    order = {b.index: _head_order(moments, b) if heads and "ov" in circuits and _drops_heads(b) else ()
+             for b in blocks}
+
+    def macs(index, config) -> float:
+        b, (kept, ranks) = by_index[index], config
+        n_kv = len(b.kept_kv_heads(kept))
+        per = unit_macs(b, seq, width[index], len(kept), n_kv)
+        return per * sum(ranks.get(c, b.head_dim) for c in ("qk", "ov"))
+
+    state = {b.index: (tuple(range(b.num_heads)), {c: b.head_dim for c in circuits}) for b in blocks}
+    total = sum(macs(i, c) for i, c in state.items())
+    target = share * total
+    loss = {i: 0.0 for i in state}
     measured: dict = {}
 
-    def measure(index, circuit, rank) -> float:
-        key = (index, circuit, rank)
+    def measure(index, config) -> float:
+        kept, ranks = config
+        key = (index, kept, tuple(sorted(ranks.items())))
         if key not in measured:
             block = by_index[index]
-            dims = moments.fit_circuit(index, circuit, rank).dims
-            weights = {t.name: project_heads(cal.weights[t.name], block, t, range(block.num_heads), dims)
-                       for t in written(block, circuit) if t.name in cal.weights}
-            if not weights:
-                raise PlanError(f"block {index} ({block.name}): the {WRITTEN[circuit]} projection is not fed by the "
-                                "calibration session; the budget cannot measure its cut")
+            weights = {}
+            if kept != tuple(range(block.num_heads)):      # the dropped heads' output rows zero
+                o = block.o_proj
+                w = np.array(cal.weights[o.weight], copy=True)
+                np.moveaxis(w, o.head_axis, 0)[head_columns(block, o.weight, set(range(block.num_heads)) -
+                                                            set(kept))] = 0
+                weights[o.weight] = w
+            for circuit, rank in ranks.items():
+                if rank >= block.head_dim:
+                    continue
+                dims = moments.fit_circuit(index, circuit, rank).dims
+                found = {t.name: project_heads(weights.get(t.name, cal.weights[t.name]), block, t, kept, dims)
+                         for t in written(block, circuit) if t.name in cal.weights}
+                if not found:
+                    raise PlanError(f"block {index} ({block.name}): the {WRITTEN[circuit]} projection is not fed "
+                                    "by the calibration session; the budget cannot measure its cut")
+                weights.update(found)
             measured[key] = float(np.mean([cal.loss(ref, cal.run(f, weights)) for ref, f in zip(base, feeds)]))
             bar.update()
         return measured[key]
 
+    def moves(index):
+        kept, ranks = state[index]
+        for circuit, rank in ranks.items():
+            if rank - steps[index] >= 1:
+                yield kept, {**ranks, circuit: rank - steps[index]}
+        rest = [h for h in order[index] if h in kept]
+        if len(rest) > 1:
+            yield tuple(h for h in kept if h != rest[0]), ranks
+
     saved = 0.0
-    with Progress(len(ranks) * 8, "planning the attention budget", unit="fits",
+    with Progress(len(state) * 12, "planning the attention budget", unit="fits",
                   min_total=1 if progress else 10 ** 9) as bar:
         while saved < target:
             best = None
-            for (index, circuit), rank in ranks.items():
-                new = rank - steps[index]
-                if new < 1:
-                    continue
-                gain = (rank - new) * cost[index]
-                price = (measure(index, circuit, new) - loss[(index, circuit)]) / gain
-                if best is None or price < best[0]:
-                    best = (price, index, circuit, new, gain)
+            for index in state:
+                now = macs(index, state[index])
+                for config in moves(index):
+                    gain = now - macs(index, config)
+                    if gain <= 0:
+                        continue
+                    price = (measure(index, config) - loss[index]) / gain
+                    if best is None or price < best[0]:
+                        best = (price, index, config, gain)
             if best is None:
                 raise PlanError(f"the attention budget cannot remove {share:.0%} of the attention MACs with every "
                                 "circuit at rank 1")
-            _, index, circuit, new, gain = best
-            ranks[(index, circuit)] = new
-            loss[(index, circuit)] = measured[(index, circuit, new)]
+            _, index, config, gain = best
+            state[index] = config
+            loss[index] = measure(index, config)
             saved += gain
-    return [BudgetChoice(b.index, {c: ranks[(b.index, c)] for c in circuits},
-                         {c: loss[(b.index, c)] for c in circuits}) for b in blocks]
+    return [BudgetChoice(i, kept, {c: ranks[c] for c in circuits}, loss[i]) for i, (kept, ranks) in state.items()]
+
+
+def _drops_heads(block) -> bool:
+    """Whether any one head can go alone: one head per KV head, or one KV head for all."""
+    return block.num_heads > 1 and block.num_kv_heads in (1, block.num_heads)
+
+
+def _head_order(moments, block) -> tuple:
+    """The heads of ``block``, the one whose output carries the least energy on the calibration batches
+    (``tr(C_z,h G_h)``) first."""
+    cz, gram = moments.fit[block.index]["z"], moments.gram_o[block.index]
+    energy = {h: float(np.trace(cz[h] @ gram[h])) for h in range(block.num_heads)}
+    return tuple(sorted(energy, key=lambda h: (energy[h], h)))
 
 
 def widths(cal, block) -> int:

@@ -150,7 +150,8 @@ def _prune_parser() -> argparse.ArgumentParser:
                    help="recover the dropped heads' contribution on the calibration data: auto (the default) "
                         "picks per block, on a quarter of the data held out, among none, bias, scale and refit; "
                         "bias adds their mean to the output bias; scale fits one factor per kept head; refit "
-                        "refits the kept rows of the output projection")
+                        "refits the kept rows of the output projection (the cut rows after --qk-dims/--v-dims); --attention-ratio "
+                        "compensates (auto) unless given --compensate none")
     p.add_argument("--multiple-of", type=_at_least(1), default=None, metavar="N",
                    help="round each block's kept heads up (adding its next best) so that kept heads x head size "
                         "is a multiple of N, for hardware that wants aligned widths; with --qk-dims/--v-dims, "

@@ -85,6 +85,8 @@ class PruneOptions:
                                 "without --ratio, --threshold or --heads-to-prune")
             if self.calib is None:
                 raise PlanError("--attention-ratio measures each cut on calibration data; give --calib DATA.npz")
+            if self.compensate is None:       # the budget's cuts are recovered unless told otherwise
+                object.__setattr__(self, "compensate", "auto")
         if self.threshold is not None and not finite_number(self.threshold):
             raise PlanError(f"threshold must be a finite number, got {self.threshold!r}")
         if self.multiple_of is not None:

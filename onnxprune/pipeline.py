@@ -214,14 +214,14 @@ def fit_dims(state: State, options: PruneOptions) -> State:
         cal = open_session(state.model, state.blocks, state.shapes, options.calib, options.external_dir,
                            outputs=budget, taps=taps, fed=fed)
     moments = Moments(state.model, state.blocks, cal, tuple(wanted), options.external_dir)
-    ranks = {}
+    ranks, plans, fits = {}, dict(state.plans), []
     if budget:
         sample = next(iter(options.calib.values()))
         seq = sample.shape[1] if sample.ndim > 1 else 128
         for choice in plan_budget(cal, moments, state.blocks, options.attention_ratio, tuple(wanted),
                                   options.multiple_of, seq):
             ranks.update({(choice.block, c): r for c, r in choice.ranks.items()})
-    plans, fits = dict(state.plans), []
+            plans[choice.block] = replace(plans[choice.block], kept_heads=choice.heads)
     for b in state.blocks:
         dims = []
         for name, share in wanted.items():
@@ -255,7 +255,7 @@ class DimFit:
 def compensate(state: State, options: PruneOptions) -> State:
     """Write the recovered output projections into the model, which is then matched again: the pruned
     model is proved equal to the compensated original with the dropped heads masked."""
-    if options.compensate is None or not state.changes:
+    if options.compensate in (None, "none") or not state.changes:
         return state
     if state.quant is not None:
         raise PlanError(f"--compensate writes new output-projection weights, which this {state.quant.describe()} "

@@ -55,6 +55,7 @@ def build_report(result: PruneResult, model: str, output: str | None, ratio) -> 
             "macs_note": result.macs_note, "kv_cache_bytes_per_token": kv_bytes,
             "qk_dims": None if opts is None or opts.qk_dims is None else float(opts.qk_dims),
             "v_dims": None if opts is None or opts.v_dims is None else float(opts.v_dims),
+            "attention_ratio": None if opts is None or opts.attention_ratio is None else float(opts.attention_ratio),
             "dims_source": result.dims_source, "blocks": blocks,
             "misses": [{"node": m.node, "op": m.op, "reason": m.reason} for m in result.misses if m.node]}
 
@@ -125,6 +126,9 @@ def format_table(report: dict) -> str:
                      + ("the calibration data; the error is relative, on held-out calibration batches"
                         if source == "calibration" else
                         "the weights alone (no --calib: expect more loss; give calibration data)"))
+        if report.get("attention_ratio") is not None:
+            lines.append(f"attention budget: {report['attention_ratio']:.0%} of the attention MACs removed where the "
+                         "held-out loss per MAC was least (whole heads, QK ranks, OV ranks)")
     if all(len(b["kept_heads"]) == b["num_heads"] and b.get("qk_rank", b["head_dim"]) == b["head_dim"]
            and b.get("ov_rank", b["head_dim"]) == b["head_dim"] for b in report["blocks"]):
         lines.append("nothing removed: every block keeps all its heads")

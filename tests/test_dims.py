@@ -287,6 +287,26 @@ def test_the_budget_removes_its_share_of_the_attention_macs_where_the_loss_is_le
     assert len(set(ranks.values())) > 1 or len(ranks) < 2 * len(blocks)     # not one uniform rank everywhere
 
 
+def test_the_budget_drops_a_head_that_gives_nothing_and_compensates_unless_told_not_to():
+    """A head whose output rows are zero costs nothing to drop: the budget drops it (a head is one of its
+    steps), and the cut is exact. The budget compensates (auto) by default; ``--compensate none`` turns it off."""
+    from onnx import numpy_helper
+    model = onnx.load(str(MODELS / "bert-ts.onnx"))
+    state, _ = matched("bert-ts.onnx")
+    b = state.blocks[1]
+    o = next(i for i in model.graph.initializer if i.name == b.o_proj.weight)
+    w = numpy_helper.to_array(o).copy()
+    np.moveaxis(w, b.o_proj.head_axis, 0)[:b.head_dim * 2] = 0       # heads 0 and 1 write nothing
+    o.CopyFrom(numpy_helper.from_array(w, o.name))
+    calib = synth_inputs(model, seed=3, batch=64, seq=16)
+    r = prune_model(model, attention_ratio=0.25, calib=calib)
+    assert r.max_error <= 1e-4
+    assert 0 not in r.kept[1] and 1 not in r.kept[1]
+    assert r.compensate == "auto" and r.reference is not None
+    off = prune_model(model, attention_ratio=0.25, calib=calib, compensate="none")
+    assert off.compensate is None and off.reference is None and off.max_error <= 1e-4
+
+
 @pytest.mark.parametrize("kw,words", [
     (dict(attention_ratio=0.5), "give --calib"),
     (dict(attention_ratio=0.5, v_dims=0.5, calib={}), "without --qk-dims/--v-dims"),

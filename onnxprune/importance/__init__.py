@@ -55,7 +55,7 @@ def check_source(importance):
 def default_calibrated(compensate: str | None) -> str:
     """The default with calibration data: what tools/fidelity.py measured best (README, Fidelity): the
     activation norm when the output projections are then compensated, the ablation score when they are not."""
-    return "activation" if compensate else "ablation"
+    return "activation" if compensate not in (None, "none") else "ablation"
 
 
 def choose(options, has_stored: bool, has_gates: bool) -> str:

@@ -31,7 +31,7 @@ from ..calibration.data import HELD_OUT, held_out_batches
 from ..calibration.session import finite
 from ..errors import PlanError
 
-COMPENSATE_MODES = ("auto", "bias", "scale", "refit")
+COMPENSATE_MODES = ("auto", "bias", "scale", "refit", "none")   # none: off (the budget compensates by default)
 RIDGE = 1e-2      # refit: ridge strength relative to the mean eigenvalue of the kept heads' Gram matrix
 RIDGES = (1e-3, 1e-2, 1e-1, 1.0, 10.0)      # auto: the strengths tried on the held-out quarter
 # auto: every HELD_OUT-th calibration batch (or the last quarter of the tokens of one) is held out
