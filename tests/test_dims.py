@@ -58,10 +58,11 @@ def test_random_maps_inside_the_heads_equal_the_projected_original(name, qk, ov,
 
 # decoders whose QK circuit a map cannot pass (rotary, q/k norms): their OV circuit, with GQA (4 KV groups),
 # rotary half-split (Llama), interleaved (GPT-J) and partial (Phi, StableLM), q/k norms (Qwen3, Gemma 3), the
-# ONNX Attention op of opset 23, an Optimum export without cache
+# ONNX Attention op of opset 23, an Optimum export without cache, multi-query (Gemma 3 270M's one KV head, its V
+# followed above the broadcast up to its projection)
 OV_FAMILIES = ["llama-ts.onnx", "llama-gqa4-ts.onnx", "llama-gqa4-d23-sdpa.onnx", "gptj-ts.onnx", "phi-ts.onnx",
                "stablelm-ts.onnx", "qwen3-d18.onnx", "gemma3-ts.onnx", "gemma3-d23-sdpa.onnx", "cohere-d18.onnx",
-               "optimum-qwen3-nopast.onnx"]
+               "optimum-qwen3-nopast.onnx", "gemma3-mqa-d18.onnx", "gemma3-mqa-ts.onnx"]
 
 
 @pytest.mark.parametrize("name", OV_FAMILIES)
@@ -113,7 +114,7 @@ def test_a_qk_map_written_into_k_instead_of_q_fails_the_proof(monkeypatch):
     ("albert-ts.onnx", "ov", "shared with other blocks"),
     ("bert-ort-attention.onnx", "ov", "fused attention op"),
     ("optimum-llama-past.onnx", "ov", "KV cache"),
-    ("gemma3-mqa-d18.onnx", "ov", "multi-query attention"),        # one KV head: no head axis recorded on V
+    ("falcon-d18.onnx", "ov", "multi-query attention"),    # one KV head, in one packed QKV projection
     ("gpt-neox-ts.onnx", "ov", "head-size positions are not known"),   # q, k, v interleaved per head
     ("gpt2-ts.onnx", "ov", "packed projection"),
     ("siglip-vision-ts.onnx", "ov", "no head-size axis that the matcher could follow"),   # k/v packed
@@ -262,6 +263,21 @@ def test_the_cli_cuts_dims_and_reports_ranks_and_the_cache(tmp_path):
     assert kv["after"] * 4 == kv["before"] * 3          # V at half its size, K as it was
     assert "KV cache per token" in proc.stdout
     onnx.checker.check_model(onnx.load(str(out)), full_check=True)
+
+
+def test_multi_query_v_dims_shrink_the_one_kv_heads_projection_and_cache(tmp_path):
+    """Gemma 3 270M's form (one KV head for four query heads): --v-dims 0.5 halves its V projection's columns
+    and the V part of the KV cache per token; K stays whole (q/k norms and rotary)."""
+    out, report = tmp_path / "cut.onnx", tmp_path / "r.json"
+    proc = cli(MODELS / "gemma3-mqa-d18.onnx", "--v-dims", "0.5", "-o", out, "--report", report)
+    assert proc.returncode == 0, proc.stderr
+    rep = json.loads(report.read_text())
+    kv = rep["kv_cache_bytes_per_token"]
+    assert kv["after"] * 4 == kv["before"] * 3
+    state, _ = matched("gemma3-mqa-d18.onnx")
+    v = state.blocks[0].projection("v")
+    widths = {i.name: list(i.dims) for i in onnx.load(str(out)).graph.initializer}
+    assert widths[v.weight][v.head_axis] == state.blocks[0].head_dim // 2
 
 
 # ------------------------------------------------------------------ the attention budget

@@ -41,6 +41,8 @@ CONFIGS = {    # name: the prune command's options (DATA: the calibration file; 
     # inside the heads (every head kept: --ratio 0): MACS is the share of attention MACs that --ratio R removes
     "--v-dims 0.5 (V cache halved)": ["NOHEADS", "--v-dims", "0.5", "--calib", "DATA"],
     "--v-dims 0.5, weights only": ["NOHEADS", "--v-dims", "0.5"],
+    "--v-dims 0.5 --compensate": ["NOHEADS", "--v-dims", "0.5", "--calib", "DATA", "--compensate"],
+    "--v-dims 0.25 --compensate": ["NOHEADS", "--v-dims", "0.25", "--calib", "DATA", "--compensate"],
     "budget: --attention-ratio MACS": ["NOHEADS", "--attention-ratio", "MACS", "--calib", "DATA"],
 }
 

@@ -7,7 +7,7 @@ import numpy as np
 from ..block import AttentionBlock, HeadTensor, Projection, Site
 from . import shape_expr
 from .headmap import SHAPE_READERS, FlowFail
-from .headdim import head_dim_axes
+from .headdim import broadcast_chains, head_dim_axes
 from .headflow import Flow
 from ..model.graph import is_const
 
@@ -169,12 +169,39 @@ def build_block(flow: Flow, family: str, core, index: int, num_heads: int) -> At
                                frozenset(flow.roles.get(name, ())), dims.get(name))
                     for name, hm in flow.maps.items())
     nodes = tuple(n.name for n in flow.node_order if id(n) in flow.nodes)
+    sites = [Site(k, n.name) for k, n in flow.sites]
+    if len(groups) == 1 and num_heads > 1:      # one KV head for all: its head size up to its projection
+        extra = _multi_query(flow, dims, head_dim, units.index(frozenset(groups[0])), {t.name for t in tensors})
+        tensors += extra[0]
+        projections += extra[1]
+        nodes += extra[2]
+        sites += extra[3]
     name = _block_name(o_name, core, index)
     return AttentionBlock(
         index=index, name=name, family=family, core=core.name, num_heads=num_heads,
         num_kv_heads=len(groups), head_dim=head_dim, kv_groups=tuple(groups), units=units,
         projections=tuple(projections), tensors=tensors,
-        sites=tuple(Site(k, n.name) for k, n in flow.sites), nodes=nodes)
+        sites=tuple(sites), nodes=nodes)
+
+
+def _multi_query(flow: Flow, dims: dict, head_dim: int, unit: int, known: set) -> tuple:
+    """The K and V tensors of a multi-query block above the broadcast (``headdim.broadcast_chains``), as head
+    tensors of its one KV head (its D positions a merged axis of one unit), with their projections, nodes and
+    Reshape sites: what a cut inside the heads needs, while keeping heads leaves them as they are."""
+    tensors, projections, nodes, sites = [], [], [], []
+    for role, chain, chain_nodes, weight, bias in broadcast_chains(flow, dims, head_dim, is_const):
+        names = [t.name for t, _ in chain]
+        if any(n in known for n in names):
+            continue
+        known.update(names)
+        for t, axis in chain:
+            tensors.append(HeadTensor(t.name, (axis,), np.full(head_dim, unit), is_const(t), roles=frozenset({role}),
+                                      dim_axis=axis))
+        projections.append(Projection(role, weight.name, bias.name if bias is not None else None,
+                                      next(a for t, a in chain if t is weight)))
+        nodes += [n.name for n in chain_nodes]
+        sites += [Site("reshape", n.name) for n in chain_nodes if n.op == "Reshape"]
+    return tuple(tensors), tuple(projections), tuple(nodes), sites
 
 
 def _block_name(o_weight: str, core, index: int) -> str:

@@ -132,3 +132,83 @@ def _through_reshape(flow, src, dst, axis: int, head_dim: int) -> int | None:
             return gj[0]                 # merged back into F
         return None
     return None
+
+
+# ------------------------------------------------------------------ one KV head for all (multi-query)
+_PASS = {"Transpose", "Unsqueeze", "Squeeze", "Reshape", "Identity", "Cast", "Add"}
+
+
+def broadcast_chains(flow, found: dict, head_dim: int, is_const) -> list[tuple]:
+    """Where one K/V head is broadcast to every query head (multi-query attention: the flow's head maps stop
+    at the broadcast, as nothing above it carries heads), the head-size axis still runs up to the projection:
+    [B, 1, S, D] <- Transpose <- [B, S, 1, D] <- Reshape <- [B, S, D] <- MatMul(x, W [E, D]). Returns one
+    (role, [(tensor, its head-size axis)], [nodes], projection weight, bias or None) per chain that reaches a
+    constant weight; a chain that meets anything else (a norm or rotary over the head size) is left out."""
+    chains = []
+    for node in flow.node_order:
+        if id(node) not in flow.nodes or not node.outputs:
+            continue
+        y = node.outputs[0]
+        start = None
+        if node.op == "Expand" and y.name in found and node.inputs[0].name not in flow.maps:
+            x = node.inputs[0]
+            start = (x, found[y.name] - (len(flow.shape(y)) - len(flow.shape(x))), flow.role_of(y))
+        elif node.op == "MatMul" and len(node.inputs) == 2 and node.inputs[1].name not in flow.maps \
+                and not is_const(node.inputs[1]):
+            a, x = node.inputs
+            if y.name in found and found[y.name] == len(flow.shape(y)) - 1:          # probabilities x V
+                start = (x, len(flow.shape(x)) - 1, frozenset({"v"}))
+            elif a.name in found and found[a.name] == len(flow.shape(a)) - 1:        # Q x Kᵀ
+                start = (x, len(flow.shape(x)) - 2, frozenset({"k"}))
+        if start is None or len(start[2]) != 1 or not start[2] <= {"k", "v"}:
+            continue
+        chain = _walk_up(flow, start[0], start[1], head_dim, is_const)
+        if chain is not None:
+            chains.append((next(iter(start[2])),) + chain)
+    return chains
+
+
+def _walk_up(flow, t, axis: int, head_dim: int, is_const):
+    tensors, nodes, bias = [(t, axis)], [], None
+    for _ in range(12):
+        if not t.inputs or flow.shape(t) is None or flow.shape(t)[axis] != head_dim:
+            return None
+        node = t.inputs[0]
+        nodes.append(node)
+        x = node.inputs[0] if node.inputs else None
+        if node.op in ("MatMul", "Gemm") and len(node.inputs) >= 2 and is_const(node.inputs[1]) \
+                and axis == len(flow.shape(t)) - 1:
+            w = node.inputs[1]
+            w_axis = 0 if node.op == "Gemm" and node.attrs.get("transB", 0) else len(flow.shape(w)) - 1
+            if node.op == "Gemm" and len(node.inputs) > 2 and node.inputs[2] is not None:
+                if bias is not None:
+                    return None
+                bias = node.inputs[2]
+                tensors.append((bias, len(flow.shape(bias)) - 1))
+            tensors.append((w, w_axis))
+            return tensors, nodes, w, bias
+        if node.op not in _PASS or x is None or flow.shape(x) is None:
+            return None
+        sx, sy = flow.shape(x), flow.shape(t)
+        if node.op == "Add":
+            consts = [i for i in node.inputs if is_const(i)]
+            data = [i for i in node.inputs if not is_const(i)]
+            if len(consts) != 1 or len(data) != 1 or bias is not None or len(flow.shape(consts[0])) != 1:
+                return None
+            bias, x = consts[0], data[0]
+            tensors.append((bias, 0))
+            sx = flow.shape(x)
+            new = axis - (len(sy) - len(sx))
+        elif node.op == "Transpose":
+            new = list(node.attrs.get("perm", list(range(len(sy)))[::-1]))[axis]
+        elif node.op == "Reshape":
+            groups = reshape_groups(sx, sy) or []
+            gi = next((gi for gi, gj in groups if axis in gj and gj[-1] == axis), None)
+            new = gi[-1] if gi else None
+        else:                   # Unsqueeze, Squeeze, Identity, Cast: the head size stays the last axis
+            new = len(sx) - 1 if axis == len(sy) - 1 else (axis if len(sx) == len(sy) else None)
+        if new is None or new < 0 or sx[new] != head_dim:
+            return None
+        t, axis = x, new
+        tensors.append((t, axis))
+    return None

@@ -95,8 +95,9 @@ class Rewriter:
                 proj = block.projection(role)
                 t = next((t for t in block.tensors if proj is not None and t.name == proj.weight), None)
                 if t is None or t.dim_axis is None:
-                    why = ("one KV head serves every query head (multi-query attention), and its V and K carry no "
-                           "head axis that the matcher records" if block.num_kv_heads == 1 and role in ("k", "v")
+                    why = ("one KV head serves every query head (multi-query attention), and its head size could "
+                           "not be followed up to a projection of its own (one packed QKV projection, as Falcon's, or "
+                           "a norm or rotary embedding on the way)" if block.num_kv_heads == 1 and role in ("k", "v")
                            else "its weight's head-size positions are not known")
                     raise RewriteError(f"block {block.index} ({block.name}): a cut inside the heads of its "
                                        f"{d.circuit.upper()} circuit needs the {role} projection's head-size axis; "
