@@ -202,6 +202,8 @@ def fit_dims(state: State, options: PruneOptions) -> State:
         wanted = dict.fromkeys(circuits)
     else:
         wanted = {c: r for c, r in (("qk", options.qk_dims), ("ov", options.v_dims)) if r not in (None, 0)}
+    for b in state.blocks:          # what the rewrite would refuse, refused before anything is fitted
+        rewriting.check_cut(b, tuple(wanted), state.shapes)
     cal = None
     if options.calib is not None:
         taps, fed = (), ()        # QK: the queries and keys to read; the budget: the Q weights it rewrites

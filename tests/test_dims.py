@@ -127,6 +127,18 @@ def test_what_a_cut_inside_the_heads_cannot_pass_is_refused(name, circuit, words
         pipeline.rewrite(replace(state, plans=plans), options)
 
 
+@pytest.mark.parametrize("name,kw,words", [
+    ("llama-genai/model.onnx", dict(v_dims=0.5), "fused attention op"),      # GroupQueryAttention, packed QKV
+    ("bert-ort-attention.onnx", dict(qk_dims=0.5), "fused attention op"),
+    ("gpt2-ts.onnx", dict(v_dims=0.5), "packed projection"),
+    ("llama-ts.onnx", dict(qk_dims=0.5), "no head-size axis that the matcher could follow"),
+])
+def test_a_cut_the_rewrite_cannot_carry_is_refused_before_anything_is_fitted(name, kw, words):
+    """The rewrite's refusals come first, in one line: no fit (weights-only here) runs on what it cannot carry."""
+    with pytest.raises((PlanError, RewriteError), match=words):
+        prune_model(onnx.load(str(MODELS / name)), **kw)
+
+
 @pytest.mark.parametrize("name", ["bert-qdq.onnx", "llama-nbits32.onnx", "bert-dyn.onnx"])
 def test_a_quantized_model_is_refused_with_the_reason(name):
     with pytest.raises(PlanError, match="re-quantize"):

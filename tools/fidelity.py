@@ -117,7 +117,10 @@ ROWS = {
            ("dims: --qk-dims 0.25 --v-dims 0.25 (QK 24 + OV 24)", dict(qk_dims=0.25, v_dims=0.25)),
            ("dims: --qk-dims 0.375 --v-dims 0.125 (QK 20 + OV 28)", dict(qk_dims=0.375, v_dims=0.125)),
            ("dims: --v-dims 0.5 (OV 16 of 32)", dict(v_dims=0.5)),
-           ("budget: --attention-ratio 0.25 --calib", dict(attention_ratio=0.25))],
+           ("dims: --qk-dims 0.5 --compensate", dict(qk_dims=0.5, compensate="auto")),
+           ("dims: --qk-dims 0.375 --v-dims 0.125 --compensate", dict(qk_dims=0.375, v_dims=0.125, compensate="auto")),
+           ("budget: --attention-ratio 0.25 --calib --compensate none", dict(attention_ratio=0.25, compensate="none")),
+           ("budget: --attention-ratio 0.25 --calib (compensates)", dict(attention_ratio=0.25))],
     0.5: [("heads, --calib (activation), no compensation", dict(ratio=0.5, importance="activation")),
           ("heads, --calib --compensate (the tool's default)", dict(ratio=0.5, compensate="auto")),
           ("heads, mean-ablation --scope global --compensate", dict(ratio=0.5, importance="mean-ablation",
@@ -127,7 +130,9 @@ ROWS = {
           ("dims: --qk-dims 0.875 --v-dims 0.125 (QK 4 + OV 28)", dict(qk_dims=0.875, v_dims=0.125)),
           ("dims, weights only (no --calib): --qk-dims 0.75 --v-dims 0.25", dict(qk_dims=0.75, v_dims=0.25,
                                                                                   calib=None)),
-          ("budget: --attention-ratio 0.5 --calib", dict(attention_ratio=0.5))],
+          ("dims: --qk-dims 0.75 --v-dims 0.25 --compensate", dict(qk_dims=0.75, v_dims=0.25, compensate="auto")),
+          ("budget: --attention-ratio 0.5 --calib --compensate none", dict(attention_ratio=0.5, compensate="none")),
+          ("budget: --attention-ratio 0.5 --calib (compensates)", dict(attention_ratio=0.5))],
 }
 
 

@@ -15,7 +15,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..block import AttentionBlock
-from ..cut import CIRCUITS, SIDES
+from ..cut import CIRCUITS, SIDES, HeadDims
 from ..errors import PlanError, RewriteError
 from ..match import shape_expr
 from ..model.graph import const_value, identity_source, set_values
@@ -51,7 +51,7 @@ class Rewriter:
         dims = tuple(dims)
         if kept_heads == tuple(range(block.num_heads)) and not dims:
             return
-        self._check_dims(block, dims)
+        check_dims(block, dims)
         lays = layouts(block, kept_heads, dims, self.shapes)
         block_nodes = {self.nodes[n].name for n in block.nodes}
         for t in block.tensors:
@@ -77,34 +77,6 @@ class Rewriter:
                 raise RewriteError(f"{node.op} {node.name!r} picks positions of an axis that a cut inside the "
                                    "heads projects; not supported")
             SITE_PLANNERS[site.kind](self, node, block, lays, kept_heads)
-
-    @staticmethod
-    def _check_dims(block: AttentionBlock, dims: tuple):
-        """What a cut inside the heads cannot be written into yet, refused with the reason."""
-        for d in dims:
-            if d.circuit not in CIRCUITS:
-                raise PlanError(f"block {block.index} ({block.name}): no cut inside the heads of circuit "
-                                f"{d.circuit!r}; known: {', '.join(CIRCUITS)}")
-            # a table shared with other blocks (T5's position bias) holds heads, not their sizes: it is narrowed
-            # as before. A KV cache, or a shared tensor with a head size, would need its size cut outside the block
-            where = next((t.name for t in block.tensors if (t.io or t.cut) and (t.io or t.dim_axis is not None)), None)
-            if where is not None:
-                raise RewriteError(f"block {block.index} ({block.name}): {where!r} carries the heads out of the "
-                                   "block (a KV cache or a shared table); a cut inside its heads is not supported")
-            for role in sorted(set().union(*SIDES[d.circuit])):
-                proj = block.projection(role)
-                t = next((t for t in block.tensors if proj is not None and t.name == proj.weight), None)
-                if t is None or t.dim_axis is None:
-                    why = ("one KV head serves every query head (multi-query attention), and its head size could "
-                           "not be followed up to a projection of its own (one packed QKV projection, as Falcon's, or "
-                           "a norm or rotary embedding on the way)" if block.num_kv_heads == 1 and role in ("k", "v")
-                           else "its weight's head-size positions are not known")
-                    raise RewriteError(f"block {block.index} ({block.name}): a cut inside the heads of its "
-                                       f"{d.circuit.upper()} circuit needs the {role} projection's head-size axis; "
-                                       f"{why}")
-            if any(s.kind == "attr" for s in block.sites):
-                raise RewriteError(f"block {block.index} ({block.name}): a fused attention op; a cut inside its "
-                                   "heads is not supported")
 
     def _plan_constant(self, tensor, lay: Layout, block_nodes):
         consumers = list(tensor.outputs)
@@ -183,3 +155,46 @@ class Rewriter:
         for edit in self.edits:
             edit()
         self.edits.clear()
+
+
+def check_dims(block: AttentionBlock, dims: tuple):
+    """What a cut inside the heads cannot be written into yet, refused with the reason (``dims``: ``cut.HeadDims``
+    of the block, or the names of its circuits, before anything is fitted)."""
+    for d in dims:
+        circuit = getattr(d, "circuit", d)
+        if circuit not in CIRCUITS:
+            raise PlanError(f"block {block.index} ({block.name}): no cut inside the heads of circuit "
+                            f"{circuit!r}; known: {', '.join(CIRCUITS)}")
+        if any(s.kind == "attr" for s in block.sites):
+            raise RewriteError(f"block {block.index} ({block.name}): a fused attention op (ONNX Runtime's Attention, "
+                               "MultiHeadAttention or GroupQueryAttention: one head size for Q, K and V, its "
+                               "attributes and KV cache); a cut inside its heads is not supported there yet")
+        # a table shared with other blocks (T5's position bias) holds heads, not their sizes: it is narrowed
+        # as before. A KV cache, or a shared tensor with a head size, would need its size cut outside the block
+        where = next((t.name for t in block.tensors if (t.io or t.cut) and (t.io or t.dim_axis is not None)), None)
+        if where is not None:
+            raise RewriteError(f"block {block.index} ({block.name}): {where!r} carries the heads out of the "
+                               "block (a KV cache or a shared table); a cut inside its heads is not supported")
+        for role in sorted(set().union(*SIDES[circuit])):
+            proj = block.projection(role)
+            t = next((t for t in block.tensors if proj is not None and t.name == proj.weight), None)
+            if t is None or t.dim_axis is None:
+                why = ("one KV head serves every query head (multi-query attention), and its head size could "
+                       "not be followed up to a projection of its own (one packed QKV projection, as Falcon's, or "
+                       "a norm or rotary embedding on the way)" if block.num_kv_heads == 1 and role in ("k", "v")
+                       else "its weight's head-size positions are not known")
+                raise RewriteError(f"block {block.index} ({block.name}): a cut inside the heads of its "
+                                   f"{circuit.upper()} circuit needs the {role} projection's head-size axis; "
+                                   f"{why}")
+
+
+def check_cut(block: AttentionBlock, circuits, shapes: dict):
+    """Refuse, before anything is fitted, a cut inside the heads of ``circuits`` that the rewrite of ``block``
+    could not carry: ``check_dims`` and the tensors' layouts under placeholder maps (the first r = D - 1
+    positions of every head)."""
+    check_dims(block, circuits)
+    rank = max(1, block.head_dim - 1)
+    eye = np.eye(block.head_dim, rank, dtype=np.float32)
+    placeholders = tuple(HeadDims(c, {g: eye for g in range(len(block.kv_groups))},
+                                  {h: eye for h in range(block.num_heads)}) for c in circuits)
+    layouts(block, tuple(range(block.num_heads)), placeholders, shapes)
