@@ -163,7 +163,8 @@ def verify_saved(model: onnx.ModelProto, result: PruneResult, path: str | os.Pat
     if pruned is None:
         pruned = onnx.load(str(path), load_external_data=False)
     view, qv = quant.float_view(model, external_dir)
-    if any(p.dims for p in result.plans.values()):      # cut inside the heads: the projected original
+    scaled = any(p.dims for p in result.plans.values())
+    if scaled:      # cut inside the heads: the projected original
         overrides, masked, model = None, reference(view, list(result.blocks), result.plans, qv, external_dir), view
     elif qv is not None:     # its float view drives the synthetic inputs (a KV cache's head size)
         overrides, masked, model = None, quant.masked(qv, view, list(result.blocks), result.kept), view
@@ -176,7 +177,7 @@ def verify_saved(model: onnx.ModelProto, result: PruneResult, path: str | os.Pat
     feeds = feeds if feeds is not None else result.feeds     # the run's own inputs, where it needed them
     error = pipeline.prove_equal(masked, pruned, model, feeds, result.io_keep, external_dir,
                                  tolerance(atol, pipeline.is_fp16(model)), pruned_dir=os.path.dirname(path),
-                                 overrides=overrides)
+                                 overrides=overrides, scaled=scaled)
     return replace(result, max_error=error)
 
 

@@ -56,7 +56,8 @@ Cutting inside the heads keeps every head and makes each smaller, a better use o
   onnxprune model.onnx --attention-ratio 0.5 --calib data.npz    # half the attention MACs, spent per block
 Each head's circuit is kept at rank r by a rotation fitted to the calibration data (to the weights alone
 without --calib); the proof is then against the original with those maps written into its weights. QK cuts
-do not pass rotary embeddings or q/k norms (Llama, Gemma, Qwen): there --v-dims only.
+do not pass rotary embeddings or q/k norms (Llama, Gemma, Qwen): there --v-dims only, which also shrinks
+the V cache (Gemma 3's one KV head too). --compensate refits the cut output projections; the budget does.
 
 Nothing is written unless pruned == masked holds; no output ever replaces a file of the input (the model,
 its external data) or another output; a model and its data file appear together or not at all. --force
@@ -166,8 +167,9 @@ def _prune_parser() -> argparse.ArgumentParser:
                            "projection's rows keep floor(D x (1 - R)), fitted the same way")
     dims.add_argument("--attention-ratio", type=_ratio, metavar="R",
                       help="remove the fraction R of the attention MACs, spent where it costs least: each block's "
-                           "QK and OV ranks lowered step by step (D/8, or --multiple-of) where the loss measured "
-                           "on held-out --calib batches grows least per MAC saved. Needs --calib")
+                           "QK and OV ranks lowered step by step (D/8, or --multiple-of), or a head dropped, where "
+                           "the loss measured on held-out --calib batches grows least per MAC saved; then "
+                           "compensated (auto; --compensate none: not). Needs --calib")
     p.add_argument("--seq", type=_at_least(1), default=None,
                    help="sequence length for the MAC count in the report (128, or less if the model's "
                         "position table is shorter)")

@@ -322,16 +322,18 @@ def verify(state: State, options: PruneOptions) -> State:
         return state
     masked = reference(state.model, state.blocks, state.plans, state.quant, options.external_dir)
     error = prove_equal(masked, state.pruned, state.model, state.feeds, state.io_keep, options.external_dir,
-                        options.tolerance(is_fp16(state.original)))
+                        options.tolerance(is_fp16(state.original)),
+                        scaled=any(p.dims for p in state.plans.values()))
     return replace(state, max_error=error)
 
 
-def prove_equal(masked, pruned, model, feeds, io_keep, external_dir, atol, pruned_dir=None, overrides=None
-                ) -> float:
+def prove_equal(masked, pruned, model, feeds, io_keep, external_dir, atol, pruned_dir=None, overrides=None,
+                scaled: bool = False) -> float:
     """The largest difference between the masked original and the pruned model, on ``feeds`` (synthetic
-    when None) and, with a KV cache, on a decode step too; a ``VerifyError`` beyond ``atol`` or on NaN."""
+    when None) and, with a KV cache, on a decode step too; a ``VerifyError`` beyond ``atol`` or on NaN.
+    ``scaled``: relative to outputs larger than 1 (a projected reference, ``verify.max_abs_diff``)."""
     error = worst_of(compare(masked, pruned, f, io_keep, external_dir, pruned_dir=pruned_dir,
-                             masked_overrides=overrides)
+                             masked_overrides=overrides, scaled=scaled)
                      for f in verification_feeds(model, feeds, io_keep))
     check_error(error, atol)
     return error

@@ -81,9 +81,11 @@ def format_table(report: dict) -> str:
         how = "whole KV groups removed" if report.get("gqa") == "group" else "same query heads per KV group"
         lines.append(f"grouped-query attention: --gqa {report.get('gqa')} ({how})")
     if any(b["num_kv_heads"] == 1 < b["num_heads"] for b in report["blocks"]):
+        v_cut = any(b.get("ov_rank", b["head_dim"]) < b["head_dim"] for b in report["blocks"])
         lines.append("multi-query attention: one KV head serves every query head, so query heads go one by one "
-                     "and K, V and their cache keep their size" + (" (--gqa group does not apply)"
-                                                                   if report.get("gqa") == "group" else ""))
+                     + ("and V and its cache shrink only by its OV rank" if v_cut else
+                        "and K, V and their cache keep their size")
+                     + (" (--gqa group does not apply)" if report.get("gqa") == "group" else ""))
     if report.get("quantized"):
         lines.append(f"quantized weights ({report['quantized']}): cut in their quantized form, with their scales "
                      "and zero points; nothing re-quantized")
@@ -119,7 +121,9 @@ def format_table(report: dict) -> str:
     elif report.get("macs_note"):
         lines.append(report["macs_note"])
     if report.get("max_error") is not None:
-        lines.append(f"pruned == masked original: max abs error {report['max_error']:.2e}")
+        lines.append(f"pruned == masked original: max abs error {report['max_error']:.2e}" if not dims else
+                     f"pruned == projected original: max error {report['max_error']:.2e} (relative to each "
+                     "output's largest magnitude where it is above 1)")
     if dims:
         source = report["dims_source"]
         lines.append("cut inside the heads: QK and OV ranks of each head's D dimensions, fitted from "

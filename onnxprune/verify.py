@@ -147,10 +147,12 @@ def run(model: onnx.ModelProto, feeds: dict, external_dir=None, overrides=None) 
     return dict(zip(names, sess.run(names, feeds)))
 
 
-def max_abs_diff(reference: dict, candidate: dict) -> float:
+def max_abs_diff(reference: dict, candidate: dict, scaled: bool = False) -> float:
     """The largest absolute difference over all outputs: ``inf`` when shapes differ or one side is
     infinite where the other is not, ``nan`` when either side holds a NaN. Equal infinities agree. Anything
-    but a finite number fails every tolerance (``not error <= atol``)."""
+    but a finite number fails every tolerance (``not error <= atol``). ``scaled``: each output's difference
+    divided by its largest magnitude where that is above 1 (a cut inside the heads multiplies in another
+    order, and fp32 rounds that relative to the values: an LLM's logits of 30 differ by 2e-4)."""
     worst = 0.0
     for name, ref in reference.items():
         got = candidate[name]
@@ -163,6 +165,9 @@ def max_abs_diff(reference: dict, candidate: dict) -> float:
             return float("nan")
         with np.errstate(invalid="ignore"):          # inf - inf where both agree: replaced by 0
             diff = np.abs(np.where(r == g, 0.0, r - g))
+        if scaled:
+            finite = np.abs(r[np.isfinite(r)])
+            diff = diff / max(1.0, float(finite.max()) if finite.size else 1.0)
         worst = max(worst, float(diff.max()))
     return worst
 
@@ -189,19 +194,20 @@ def kept_heads_only(arrays: dict, io_keep: dict) -> dict:
 
 
 def compare(masked: onnx.ModelProto, pruned: onnx.ModelProto, feeds: dict, io_keep: dict,
-            external_dir=None, pruned_dir=None, masked_overrides=None) -> float:
+            external_dir=None, pruned_dir=None, masked_overrides=None, scaled: bool = False) -> float:
     """Largest difference between the masked original and the pruned model. Inputs and outputs whose head
     dimension shrank (a KV cache) are compared on the kept heads: the pruned model gets those heads of the
     inputs, and its outputs are set against those heads of the reference's. ``external_dir`` and
     ``pruned_dir``: where the two models' external data files are. ``masked_overrides``: masked weights
-    that replace the named initializers of ``masked`` (see ``masked_weights``)."""
+    that replace the named initializers of ``masked`` (see ``masked_weights``); ``scaled``: see
+    ``max_abs_diff``."""
     reference = kept_heads_only(run(masked, feeds, external_dir, masked_overrides), io_keep)
     try:
         candidate = run(pruned, kept_heads_only(feeds, io_keep), pruned_dir or external_dir)
     except Exception as exc:   # onnxruntime raises its own types; report one line, write nothing
         raise VerifyError(f"the pruned model does not run on onnxruntime: {str(exc).splitlines()[0][:240]}") \
             from None
-    return max_abs_diff(filled_cache(reference, feeds), filled_cache(candidate, feeds))
+    return max_abs_diff(filled_cache(reference, feeds), filled_cache(candidate, feeds), scaled)
 
 
 def filled_cache(outputs: dict, feeds: dict) -> dict:

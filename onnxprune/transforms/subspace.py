@@ -55,10 +55,18 @@ def fit_qk(cq: dict, ck: dict, groups, rank: int) -> HeadDims:
         ks, ki = roots(ck[g])
         m = np.vstack([roots(cq[h])[0] @ ks for h in heads])
         v = np.linalg.svd(m)[2][:rank].T
-        a[g] = (ki @ v).astype(np.float32)
+        a[g], r = orthonormal(ki @ v)
         for h in heads:
-            b[h] = (ks @ v).astype(np.float32)
+            b[h] = (ks @ v @ r.T).astype(np.float32)
     return HeadDims("qk", a, b)
+
+
+def orthonormal(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``a = Q R``: (Q as float32, R). The shared side of a circuit is written as ``Q`` and the other side's
+    ``B`` as ``B Rᵀ``: the same ``A Bᵀ``, but the cut model's K or V are an orthonormal projection, not a
+    whitening that can scale some directions by 10³ (fp32 error grows with that, as an LLM's logits show)."""
+    q, r = np.linalg.qr(a)
+    return q.astype(np.float32), r
 
 
 def fit_ov(cz: dict, gram_o: dict, groups, rank: int) -> HeadDims:
@@ -68,8 +76,8 @@ def fit_ov(cz: dict, gram_o: dict, groups, rank: int) -> HeadDims:
         cs, ci = roots(sum(cz[h] for h in heads))
         gs = roots(sum(gram_o[h] for h in heads))[0]
         u = np.linalg.svd(cs @ gs)[0][:, :rank]
-        ag = ci @ u
-        a[g] = ag.astype(np.float32)
+        a[g], _ = orthonormal(ci @ u)       # the same subspace, so the same least-squares B below
+        ag = a[g].astype(np.float64)
         for h in heads:
             lhs = ag.T @ cz[h] @ ag
             lhs += np.eye(rank) * RIDGE * max(float(np.trace(lhs)) / rank, 1e-30)
