@@ -56,8 +56,11 @@ sys.exit(main(sys.argv[1:]))
 
 
 def driven(patch: str, *args):
+    # SIGINT as a terminal sends it: a suite started in the background (``cmd &`` in a script) hands its
+    # children SIGINT ignored, which Python then keeps ignoring, so Ctrl-C could not be tested there
     return subprocess.run([sys.executable, "-c", DRIVER.format(patch=patch), *map(str, args)],
-                          capture_output=True, text=True)
+                          capture_output=True, text=True,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def snapshot(folder: Path) -> dict:
