@@ -335,6 +335,29 @@ def test_the_budget_drops_a_head_that_gives_nothing_and_compensates_unless_told_
     assert off.compensate is None and off.reference is None and off.max_error <= 1e-4
 
 
+def test_the_budget_prices_a_cut_with_its_mean_put_back():
+    """A head whose context is a constant (its V weight zero, its V bias not) writes one fixed vector: dropped with
+    that vector put into the output bias, it costs nothing, and the budget drops it (without the shift it
+    would cost the whole vector)."""
+    from onnx import numpy_helper
+    model = onnx.load(str(MODELS / "bert-ts.onnx"))
+    state, _ = matched("bert-ts.onnx")
+    b = state.blocks[1]
+    v = b.projection("v")
+    assert v.bias is not None
+    init = {i.name: i for i in model.graph.initializer}
+    w = numpy_helper.to_array(init[v.weight]).copy()
+    np.moveaxis(w, v.head_axis, 0)[b.head_dim * 2:b.head_dim * 3] = 0           # head 2 reads nothing
+    init[v.weight].CopyFrom(numpy_helper.from_array(w, v.weight))
+    bias = numpy_helper.to_array(init[v.bias]).copy()
+    bias[b.head_dim * 2:b.head_dim * 3] = 3.0
+    init[v.bias].CopyFrom(numpy_helper.from_array(bias, v.bias))
+    calib = synth_inputs(model, seed=3, batch=64, seq=16)
+    r = prune_model(model, attention_ratio=0.15, calib=calib)
+    assert r.max_error <= 1e-4
+    assert 2 not in r.kept[1]
+
+
 @pytest.mark.parametrize("kw,words", [
     (dict(attention_ratio=0.5), "give --calib"),
     (dict(attention_ratio=0.5, v_dims=0.5, calib={}), "without --qk-dims/--v-dims"),

@@ -152,14 +152,18 @@ class Moments:
                 continue
             gram, total, n = grams[key]
             gram = gram / max(n, 1)
+            if role == "z":     # the mean context, whole width: what a bias shift puts back (the budget)
+                out["z_mean"] = total / max(n, 1)
             if role == "k":     # a shift of every key adds one number per query to its scores: softmax drops it
                 mean = total / max(n, 1)
                 gram = gram - np.outer(mean, mean)
             name = names[key][1]
             units = ([frozenset(g) for g in block.kv_groups] if role == "k"
                      else [frozenset({h}) for h in range(block.num_heads)])
-            out[role] = {i: gram[np.ix_(c, c)] for i, c in
-                         enumerate(self._columns(block, name, u) for u in units)}
+            columns = [self._columns(block, name, u) for u in units]
+            out[role] = {i: gram[np.ix_(c, c)] for i, c in enumerate(columns)}
+            if role == "z":
+                out["z_heads_mean"] = {i: out["z_mean"][c] for i, c in enumerate(columns)}
         return out
 
     def _gram_o(self, model, block, external_dir) -> dict:
