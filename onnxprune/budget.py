@@ -81,14 +81,13 @@ def plan_budget(cal, moments, blocks, share, circuits=("qk", "ov"), step=None, s
         kept, ranks = config
         key = (index, kept, tuple(sorted(ranks.items())))
         if key not in measured:
-            block = by_index[index]
+            block, site = by_index[index], sites[index]
             weights = {}
             if kept != tuple(range(block.num_heads)):      # the dropped heads' output rows zero
-                o = block.o_proj
-                w = np.array(cal.weights[o.weight], copy=True)
-                np.moveaxis(w, o.head_axis, 0)[head_columns(block, o.weight, set(range(block.num_heads)) -
-                                                            set(kept))] = 0
-                weights[o.weight] = w
+                w = np.array(cal.weights[site.weight], copy=True)
+                np.moveaxis(w, site.head_axis, 0)[head_columns(block, site.weight, set(range(block.num_heads)) -
+                                                               set(kept))] = 0
+                weights[site.weight] = w
             for circuit, rank in ranks.items():
                 if rank >= block.head_dim:
                     continue
@@ -99,7 +98,6 @@ def plan_budget(cal, moments, blocks, share, circuits=("qk", "ov"), step=None, s
                     raise PlanError(f"block {index} ({block.name}): the {WRITTEN[circuit]} projection is not fed "
                                     "by the calibration session; the budget cannot measure its cut")
                 weights.update(found)
-            site = sites[index]
             if site.weight in weights and "z_mean" in moments.fit[index]:
                 # what the compensation's bias shift gives back at least: the lost part of the mean context
                 before = np.moveaxis(cal.weights[site.weight], site.head_axis, 0).astype(np.float64)

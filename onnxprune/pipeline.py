@@ -211,8 +211,7 @@ def fit_dims(state: State, options: PruneOptions) -> State:
             taps = tuple(n for b in state.blocks for role in ("q", "k")
                          for n in [projection_output(state.model, b, role)] if n is not None)
             if budget:
-                fed = tuple(n for b in state.blocks for n in (b.projection("q").weight, b.projection("q").bias)
-                            if n is not None)
+                fed = tuple(t.name for b in state.blocks for t in written(b, "qk"))
         cal = open_session(state.model, state.blocks, state.shapes, options.calib, options.external_dir,
                            outputs=budget, taps=taps, fed=fed)
     moments = Moments(state.model, state.blocks, cal, tuple(wanted), options.external_dir)

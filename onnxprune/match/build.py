@@ -189,7 +189,7 @@ def _multi_query(flow: Flow, dims: dict, head_dim: int, unit: int, known: set) -
     tensors of its one KV head (its D positions a merged axis of one unit), with their projections, nodes and
     Reshape sites: what a cut inside the heads needs, while keeping heads leaves them as they are."""
     tensors, projections, nodes, sites = [], [], [], []
-    for role, chain, chain_nodes, weight, bias in broadcast_chains(flow, dims, head_dim, is_const):
+    for role, chain, chain_nodes, weight, bias in broadcast_chains(flow, dims, head_dim):
         names = [t.name for t, _ in chain]
         if any(n in known for n in names):
             continue

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..model.graph import is_const
 from .headmap import ELEMENTWISE, NORMS, reshape_groups
 
 _KEEP_AXES = ELEMENTWISE | NORMS | {"RotaryEmbedding", "Identity", "Cast", "Dropout", "Expand"}   # Expand: broadcast
@@ -138,7 +139,7 @@ def _through_reshape(flow, src, dst, axis: int, head_dim: int) -> int | None:
 _PASS = {"Transpose", "Unsqueeze", "Squeeze", "Reshape", "Identity", "Cast", "Add"}
 
 
-def broadcast_chains(flow, found: dict, head_dim: int, is_const) -> list[tuple]:
+def broadcast_chains(flow, found: dict, head_dim: int) -> list[tuple]:
     """Where one K/V head is broadcast to every query head (multi-query attention: the flow's head maps stop
     at the broadcast, as nothing above it carries heads), the head-size axis still runs up to the projection:
     [B, 1, S, D] <- Transpose <- [B, S, 1, D] <- Reshape <- [B, S, D] <- MatMul(x, W [E, D]). Returns one
@@ -162,13 +163,13 @@ def broadcast_chains(flow, found: dict, head_dim: int, is_const) -> list[tuple]:
                 start = (x, len(flow.shape(x)) - 2, frozenset({"k"}))
         if start is None or len(start[2]) != 1 or not start[2] <= {"k", "v"}:
             continue
-        chain = _walk_up(flow, start[0], start[1], head_dim, is_const)
+        chain = _walk_up(flow, start[0], start[1], head_dim)
         if chain is not None:
             chains.append((next(iter(start[2])),) + chain)
     return chains
 
 
-def _walk_up(flow, t, axis: int, head_dim: int, is_const):
+def _walk_up(flow, t, axis: int, head_dim: int):
     tensors, nodes, bias = [(t, axis)], [], None
     for _ in range(12):
         if not t.inputs or flow.shape(t) is None or flow.shape(t)[axis] != head_dim:

@@ -104,7 +104,7 @@ def compensation(cal, kept: dict[int, tuple], mode: str, ridge: float = RIDGE,
                 part = np.arange(len(x)) >= len(x) - max(len(x) // HELD_OUT, 1)
             w_kept = np.vstack([w2[rows] if bh is None else bh.T.astype(np.float64) @ w2[rows]
                                 for _, rows, _, bh in pieces])
-            heads_of_row = np.concatenate([of for *_, of in _row_heads(cal, b, s, keep, pieces)])
+            heads_of_row = _row_heads(cal, b, s, keep, pieces)
             chosen, before, after = mode, None, None
             if mode == "auto":
                 chosen, before, after = _choose(x, y, w_kept, heads_of_row, part)
@@ -143,17 +143,18 @@ def _pieces(cal, block, site, keep, ov) -> list[tuple]:
              ov.a[group[h]], ov.b[h]) for h in keep]
 
 
-def _row_heads(cal, block, site, keep, pieces):
-    """Per piece, (piece, which kept head each of its fitted rows belongs to) (for ``scale``)."""
-    for i, piece in enumerate(pieces):
-        cols, rows, a, bh = piece
+def _row_heads(cal, block, site, keep, pieces) -> np.ndarray:
+    """Which kept head each fitted row belongs to (for ``scale``): a piece with maps is one head's r rows."""
+    out = []
+    for i, (_, rows, _, bh) in enumerate(pieces):
         if bh is not None:
-            yield piece, np.full(bh.shape[1], i, dtype=np.int64)
+            out.append(np.full(bh.shape[1], i, dtype=np.int64))
             continue
         of = np.zeros(len(rows), dtype=np.int64)
         for j, h in enumerate(keep):
             of[np.isin(rows, cal.head_columns(block, site.weight, [h]))] = j
-        yield piece, of
+        out.append(of)
+    return np.concatenate(out)
 
 
 def _fit_mode(mode: str, x, y, w_kept, heads_of_row, ridge: float):
