@@ -31,6 +31,19 @@ class HeadTensor:
     roles: frozenset = frozenset()   # where it is in the block: q, k, v (above the core), s (scores), o (context)
     dim_axis: int | None = None      # the head-size axis: one of ``axes`` when merged (F = H * D, each head's D
     # positions the run it owns), an axis of its own ([B, H, S, D]), or None (scores, probabilities)
+    dim_pos: np.ndarray | None = field(default=None, compare=False, repr=False)   # on an axis of its own: the
+    # head-size position each index holds, where that is not 0..D-1 (a half of it sliced off for a rotary
+    # embedding: 4..7; its halves swapped: 4..7, 0..3)
+
+
+@dataclass(frozen=True)
+class Table:
+    """A tensor without heads that a node of the block multiplies (or adds) position by position along the head
+    size: a rotary embedding's cos or sin. A cut that keeps some positions takes the same positions of it."""
+
+    node: str
+    input: int        # which input of ``node``
+    axis: int         # the table's axis that lines up with the head size
 
 
 @dataclass(frozen=True)
@@ -57,6 +70,14 @@ class AttentionBlock:
     tensors: tuple[HeadTensor, ...]
     sites: tuple[Site, ...]
     nodes: tuple[str, ...]
+    tables: tuple[Table, ...] = ()          # cos/sin tables over the head size (rotary embeddings)
+    pairs: tuple[tuple[int, ...], ...] = ()  # head-size positions that a node mixes (a rotary embedding's pairs):
+    # a cut keeps each whole or none of it, and cannot rotate them
+
+    @property
+    def selects_dims(self) -> bool:
+        """Whether a cut of the QK circuit can only keep positions, not rotate them (a rotary embedding)."""
+        return bool(self.tables or self.pairs)
 
     def kept_kv_heads(self, kept_heads) -> list[int]:
         """Indices of the KV heads that still serve at least one of ``kept_heads``."""

@@ -112,8 +112,11 @@ def plan_budget(cal, moments, blocks, share, circuits=("qk", "ov"), step=None, s
     def moves(index):
         kept, ranks = state[index]
         for circuit, rank in ranks.items():
-            if rank - steps[index] >= 1:
-                yield kept, {**ranks, circuit: rank - steps[index]}
+            new = rank - steps[index]
+            if new >= 1 and circuit == "qk" and by_index[index].selects_dims:
+                new = moments.fit_circuit(index, circuit, new).dims.rank     # whole rotary pairs: what it reaches
+            if 1 <= new < rank:
+                yield kept, {**ranks, circuit: new}
         rest = [h for h in order[index] if h in kept]
         if len(rest) > 1:
             yield tuple(h for h in kept if h != rest[0]), ranks

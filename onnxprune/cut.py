@@ -91,6 +91,31 @@ class HeadDims:
     def rank(self) -> int:
         return int(next(iter(self.a.values())).shape[1])
 
+    @staticmethod
+    def select(circuit: str, head_dim: int, keep, num_kv_heads: int, num_heads: int) -> "HeadDims":
+        """The same positions ``keep`` of every head, on both sides: what passes a rotary embedding (whole pairs
+        of positions, which it only turns within)."""
+        eye = np.eye(head_dim, dtype=np.float32)[:, np.sort(np.asarray(keep, dtype=np.int64))]
+        return HeadDims(circuit, {g: eye for g in range(num_kv_heads)}, {h: eye for h in range(num_heads)})
+
+    @property
+    def keep(self) -> np.ndarray | None:
+        """The positions kept when every map is the same selection (``select``), else None (a projection)."""
+        rows = [selected(m) for m in list(self.a.values()) + list(self.b.values())]
+        if any(r is None for r in rows) or any(not np.array_equal(r, rows[0]) for r in rows):
+            return None
+        return rows[0]
+
+
+def selected(m) -> np.ndarray | None:
+    """The rows that a selection matrix [D, r] keeps (one 1 per column, on ascending rows, zeros elsewhere),
+    else None."""
+    m = np.asarray(m)
+    if m.ndim != 2 or m.shape[1] == 0 or not np.all((m == 0) | (m == 1)) or not np.all(m.sum(axis=0) == 1):
+        return None
+    rows = m.argmax(axis=0)
+    return rows if np.all(np.diff(rows) > 0) else None
+
 
 SIDES = {"ov": ({"v"}, {"o"}), "qk": ({"k"}, {"q"})}    # the roles of the first and the second side of a circuit
 WRITTEN = {"ov": "o", "qk": "q"}    # the projection whose weights the reference writes the circuit's A Bᵀ into
@@ -124,7 +149,9 @@ def merged_map(owner: np.ndarray, kept_units: set, matrix_of) -> AxisMap:
         if unit == -1:
             pieces.append((pos, None))
         elif unit in kept_units:
-            pieces.append((pos, matrix_of(unit)))
+            m = matrix_of(unit)
+            rows = selected(m)
+            pieces.append((pos, m) if rows is None else (pos[rows], None))
     return AxisMap(tuple(pieces))
 
 
@@ -166,6 +193,7 @@ def project_heads(arr: np.ndarray, block, t, kept_heads, dims: HeadDims) -> np.n
 
 def qk_passes(block) -> bool:
     """Whether a map of the QK circuit can pass every query and key tensor of ``block``: each has a head-size
-    axis that the matcher followed (a rotary embedding or a norm over the head size mixes its positions)."""
+    axis that the matcher followed (a norm over the head size mixes its positions). Through a rotary embedding
+    only a selection passes (``block.selects_dims``)."""
     return all(t.constant or t.dim_axis is not None for t in block.tensors
                if t.roles and set(t.roles) <= {"q", "k"})

@@ -195,13 +195,10 @@ def fit_dims(state: State, options: PruneOptions) -> State:
     from the weights alone without data (``transforms.subspace``), into each block's plan."""
     if not options.cuts_dims:
         return state
-    refuse_requantizing(state)            # before any calibration runs
+    refuse_requantizing(state, wanted_circuits(state, options))      # before any calibration runs
     budget = options.attention_ratio is not None
-    if budget:          # both circuits where the QK one can be cut (no rotary, no q/k norm), else OV only
-        circuits = ("qk", "ov") if all(qk_passes(b) for b in state.blocks) else ("ov",)
-        wanted = dict.fromkeys(circuits)
-    else:
-        wanted = {c: r for c, r in (("qk", options.qk_dims), ("ov", options.v_dims)) if r not in (None, 0)}
+    shares = {"qk": options.qk_dims, "ov": options.v_dims}
+    wanted = {c: None if budget else shares[c] for c in wanted_circuits(state, options)}
     for b in state.blocks:          # what the rewrite would refuse, refused before anything is fitted
         rewriting.check_cut(b, tuple(wanted), state.shapes)
     cal = None
@@ -231,16 +228,34 @@ def fit_dims(state: State, options: PruneOptions) -> State:
                 continue
             fit = moments.fit_circuit(b.index, name, rank)
             dims.append(fit.dims)
-            fits.append(DimFit(b.index, name, rank, fit.error))
+            keep = fit.dims.keep
+            fits.append(DimFit(b.index, name, fit.dims.rank, fit.error,
+                               tuple(int(i) for i in keep) if keep is not None else None))
         plans[b.index] = replace(plans[b.index], dims=tuple(dims))
     return replace(state, plans=plans, dim_fits=tuple(fits), dims_source=moments.source)
 
 
-def refuse_requantizing(state: State):
-    """A cut inside the heads rotates weights: a quantized model would have to be quantized again."""
-    if state.quant is not None:
-        raise PlanError(f"a cut inside the heads would re-quantize this {state.quant.describe()} model's weights; "
-                        "cut the float model, then quantize it")
+def wanted_circuits(state: State, options: PruneOptions) -> tuple:
+    """The circuits that ``fit_dims`` cuts: the budget's both where QK can be cut (no q/k norm), else OV only."""
+    if options.attention_ratio is not None:
+        return ("qk", "ov") if all(qk_passes(b) for b in state.blocks) else ("ov",)
+    return tuple(c for c, r in (("qk", options.qk_dims), ("ov", options.v_dims)) if r not in (None, 0))
+
+
+def refuse_requantizing(state: State, circuits=None):
+    """A cut inside the heads that rotates weights: a quantized model would have to be quantized again. One that
+    keeps positions (QK through a rotary embedding: whole pairs) cuts the quantized weights as heads are cut.
+    ``circuits``: those about to be fitted; else the plans' maps."""
+    if state.quant is None:
+        return
+    if circuits is not None:
+        rotates = any(c != "qk" or not b.selects_dims for c in circuits for b in state.blocks)
+    else:
+        rotates = any(d.keep is None for p in state.plans.values() for d in p.dims)
+    if rotates:
+        raise PlanError(f"a cut inside the heads would re-quantize this {state.quant.describe()} model's weights "
+                        "(a rotation of the head size); cut the float model, then quantize it, or keep whole "
+                        "positions: --qk-dims through a rotary embedding does")
 
 
 @dataclass(frozen=True)
@@ -251,6 +266,7 @@ class DimFit:
     circuit: str
     rank: int
     error: float
+    positions: tuple | None = None      # the head-size positions kept, where the cut keeps positions (rotary)
 
 
 def compensate(state: State, options: PruneOptions) -> State:

@@ -27,6 +27,7 @@ def build_report(result: PruneResult, model: str, output: str | None, ratio) -> 
             "importance": [float(v) for v in result.importance[b.index]] if b.index in result.importance else None,
             "qk_rank": ranks["qk"], "ov_rank": ranks["ov"],
             "held_out_error": {c: f.error for c, f in fits.items()},
+            "kept_positions": {c: list(f.positions) for c, f in fits.items() if f.positions is not None},
             "macs": None if result.macs is None else {"before": result.macs[0].blocks.get(b.index),
                                                       "after": result.macs[1].blocks.get(b.index)},
         })
@@ -130,6 +131,9 @@ def format_table(report: dict) -> str:
                      + ("the calibration data; the error is relative, on held-out calibration batches"
                         if source == "calibration" else
                         "the weights alone (no --calib: expect more loss; give calibration data)"))
+        if any(b.get("kept_positions") for b in report["blocks"]):
+            lines.append("through a rotary embedding the QK cut keeps whole pairs of head-size positions, the same in "
+                         "every head of a block (kept_positions in the report), and the cos/sin tables keep the same")
         if report.get("attention_ratio") is not None:
             lines.append(f"attention budget: {report['attention_ratio']:.0%} of the attention MACs removed where the "
                          "held-out loss per MAC was least (whole heads, QK ranks, OV ranks)")

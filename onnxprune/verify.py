@@ -12,7 +12,8 @@ from onnx.external_data_helper import uses_external_data
 
 from .block import AttentionBlock
 from . import quant
-from .cut import WRITTEN, project_heads, written
+from .calibration.sites import projection_output
+from .cut import WRITTEN, project_heads, runs, written
 from .errors import PlanError, VerifyError
 from .plan import BlockPlan
 from .model.proto import own_constant, own_weights
@@ -110,12 +111,35 @@ def reference(model: onnx.ModelProto, blocks, plans: dict, qv=None, external_dir
     kept = {i: p.kept_heads for i, p in plans.items()}
     if any(p.dims for p in plans.values()):
         if qv is not None:
-            raise PlanError(f"a cut inside the heads would re-quantize this {qv.describe()} model's weights; cut "
-                            "the float model, then quantize it")
+            return quant.masked(qv, model, blocks, kept, zeroed_queries(model, blocks, plans, qv))
         return projected_model(model, list(blocks), plans, external_dir)
     if qv is not None:
         return quant.masked(qv, model, blocks, kept)
     return masked_model(model, list(blocks), kept, external_dir)
+
+
+def zeroed_queries(model, blocks, plans: dict, qv) -> dict:
+    """{the Q projection's output: 0/1 over its heads' positions} of every block whose cut keeps positions (QK
+    through a rotary embedding): on a quantized model the reference zeroes the queries, not the weights, which
+    stay quantized as they are. Any other map would need the weights re-quantized: refused."""
+    out = {}
+    for block in blocks:
+        plan = plans.get(block.index)
+        for dims in plan.dims if plan is not None else ():
+            keep = dims.keep
+            q = projection_output(model, block, "q") if dims.circuit == "qk" else None
+            if keep is None or q is None:
+                raise PlanError(f"a cut inside the heads would re-quantize this {qv.describe()} model's weights; "
+                                "cut the float model, then quantize it")
+            owner = np.asarray(block.tensor(q).owner).reshape(-1)
+            mask = np.ones(len(owner), np.float32)
+            for unit, pos in runs(owner):
+                if unit >= 0:
+                    inside = np.zeros(len(pos), bool)
+                    inside[keep] = True
+                    mask[pos[~inside]] = 0
+            out[q] = mask
+    return out
 
 
 def projected_model(model: onnx.ModelProto, blocks: list[AttentionBlock], plans: dict, external_dir=None

@@ -109,8 +109,8 @@ def test_a_qk_map_written_into_k_instead_of_q_fails_the_proof(monkeypatch):
 
 
 @pytest.mark.parametrize("name,circuit,words", [
-    ("llama-ts.onnx", "qk", "no head-size axis that the matcher could follow"),     # rotary
-    ("qwen3-ts.onnx", "qk", "no head-size axis that the matcher could follow"),     # q/k norm, rotary
+    ("llama-ts.onnx", "qk", "cannot pass a rotary embedding"),     # a rotation through rotary: pairs only
+    ("qwen3-ts.onnx", "qk", "a norm over the head size"),          # q/k norm, rotary
     ("albert-ts.onnx", "ov", "shared with other blocks"),
     ("bert-ort-attention.onnx", "ov", "fused attention op"),
     ("optimum-llama-past.onnx", "ov", "KV cache"),
@@ -131,7 +131,7 @@ def test_what_a_cut_inside_the_heads_cannot_pass_is_refused(name, circuit, words
     ("llama-genai/model.onnx", dict(v_dims=0.5), "fused attention op"),      # GroupQueryAttention, packed QKV
     ("bert-ort-attention.onnx", dict(qk_dims=0.5), "fused attention op"),
     ("gpt2-ts.onnx", dict(v_dims=0.5), "packed projection"),
-    ("llama-ts.onnx", dict(qk_dims=0.5), "no head-size axis that the matcher could follow"),
+    ("qwen3-ts.onnx", dict(qk_dims=0.5), "no head-size axis that the matcher could follow"),
 ])
 def test_a_cut_the_rewrite_cannot_carry_is_refused_before_anything_is_fitted(name, kw, words):
     """The rewrite's refusals come first, in one line: no fit (weights-only here) runs on what it cannot carry."""

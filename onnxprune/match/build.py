@@ -7,7 +7,7 @@ import numpy as np
 from ..block import AttentionBlock, HeadTensor, Projection, Site
 from . import shape_expr
 from .headmap import SHAPE_READERS, FlowFail
-from .headdim import broadcast_chains, head_dim_axes
+from .headdim import broadcast_chains, dim_positions, head_dim_axes
 from .headflow import Flow
 from ..model.graph import is_const
 
@@ -163,10 +163,12 @@ def build_block(flow: Flow, family: str, core, index: int, num_heads: int) -> At
         groups = [(h,) for h in range(num_heads)] if len(covered) == num_heads else groups
         if sorted(h for g in groups for h in g) != list(range(num_heads)):
             raise FlowFail(core, f"KV heads serve overlapping or missing query heads: {groups}")
-    dims = head_dim_axes(flow, head_dim)
+    positions: dict = {}
+    dims = head_dim_axes(flow, head_dim, positions)
+    pairs, tables = dim_positions(flow, dims, positions, head_dim)
     tensors = tuple(HeadTensor(name, hm.axes, hm.owner, is_const(flow.tensors[name]), name in cuts,
                                tuple(a for a in flow.copy_axes.get(name, ()) if a in hm.axes), name in flow.io,
-                               frozenset(flow.roles.get(name, ())), dims.get(name))
+                               frozenset(flow.roles.get(name, ())), dims.get(name), positions.get(name))
                     for name, hm in flow.maps.items())
     nodes = tuple(n.name for n in flow.node_order if id(n) in flow.nodes)
     sites = [Site(k, n.name) for k, n in flow.sites]
@@ -181,7 +183,7 @@ def build_block(flow: Flow, family: str, core, index: int, num_heads: int) -> At
         index=index, name=name, family=family, core=core.name, num_heads=num_heads,
         num_kv_heads=len(groups), head_dim=head_dim, kv_groups=tuple(groups), units=units,
         projections=tuple(projections), tensors=tensors,
-        sites=tuple(sites), nodes=nodes)
+        sites=tuple(sites), nodes=nodes, tables=tables, pairs=pairs)
 
 
 def _multi_query(flow: Flow, dims: dict, head_dim: int, unit: int, known: set) -> tuple:

@@ -14,14 +14,25 @@ and tensors no rule reaches have none (``None``).
     v_BHSD   (2, 4, 5, 8)  Transpose perm (0, 2, 1, 3)            -> 3
     k_BHDT   (2, 4, 8, 5)  Transpose perm (0, 2, 3, 1)            -> 2
     ctx_BHSD (2, 4, 5, 8)  MatMul(probs, v_BHSD)                  -> 3
+
+A rotary embedding slices the head size and puts it back together (Llama's rotate-half: ``x[..., :D/2]``,
+``x[..., D/2:]``, ``Concat(-x2, x1)``): a Slice or Concat along the axis keeps it, and each such tensor records
+which head-size positions its indices hold (``dim_positions``). An elementwise node that meets two orders of
+them (``x * cos + rotate_half(x) * sin``) ties positions together, the rotary pairs ``(i, i + D/2)``; its
+operand without heads but with the head size (cos, sin) is a table that a cut takes the same positions of.
+
+    q_half  (2, 4, 5, 4)   Slice 4..8 of q_BHSD              -> 3, positions 4..7
+    rot     (2, 4, 5, 8)   Concat(Neg(q_half), q[..., :4])   -> 3, positions 4..7, 0..3
+    q * cos + rot * sin                                      -> pairs (0, 4), (1, 5), (2, 6), (3, 7); tables cos, sin
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from ..model.graph import is_const
-from .headmap import ELEMENTWISE, NORMS, reshape_groups
+from ..block import Table
+from ..model.graph import const_value, is_const
+from .headmap import ELEMENTWISE, NORMS, norm_axis, reshape_groups
 
 _KEEP_AXES = ELEMENTWISE | NORMS | {"RotaryEmbedding", "Identity", "Cast", "Dropout", "Expand"}   # Expand: broadcast
 # aligns axes from the end, and a head-size axis (of size D, not 1) is never the one it broadcasts
@@ -36,42 +47,189 @@ def merged(owner: np.ndarray, head_dim: int) -> bool:
     return head_dim > 1 and bool(np.all(lengths[units >= 0] == head_dim))
 
 
-def head_dim_axes(flow, head_dim: int) -> dict[str, int]:
+def head_dim_axes(flow, head_dim: int, positions: dict | None = None) -> dict[str, int]:
     """{tensor name: its head-size axis} for the tensors of ``flow`` that have one (see the module
-    docstring)."""
+    docstring); ``positions``, when given, gets {name: head-size positions} of those whose indices are not
+    0..D-1 in order."""
     found: dict[str, int] = {}
+    pos = {} if positions is None else positions
     for name, hm in flow.maps.items():
         if len(hm.axes) == 1 and hm.owner.ndim == 1 and merged(hm.owner, head_dim):
             found[name] = hm.axes[0]
-    nodes = [n for n in flow.node_order if id(n) in flow.nodes]
+    nodes = topological(flow)
     for _ in range(4):         # both ways until nothing changes (a block is a short chain)
         before = len(found)
         for node in nodes + nodes[::-1]:
-            _step(flow, node, found, head_dim)
+            _step(flow, node, found, head_dim, pos)
         if len(found) == before:
             break
     return found
+
+
+def dim_positions(flow, found: dict, positions: dict, head_dim: int) -> tuple[tuple, tuple]:
+    """(the groups of head-size positions that the block's nodes tie together, the tables they read): see the
+    module docstring. A group of one position is left out; no group and no table is the plain case."""
+    parent = list(range(head_dim))
+
+    def root(i):
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    def tie(p, q):
+        for i, j in zip(p, q):
+            parent[root(int(i))] = root(int(j))
+
+    def at(t):
+        return positions.get(t.name, np.arange(flow.shape(t)[found[t.name]])).reshape(-1)
+
+    def own(t):         # the head size on an axis of its own (a merged F axis is the heads' map's business)
+        return t is not None and t.name in found and found[t.name] not in flow.maps[t.name].axes
+
+    tables = []
+    for node in topological(flow):
+        if not node.outputs or not own(node.outputs[0]):
+            continue
+        y = node.outputs[0]
+        ry = len(flow.shape(y))
+        if node.op == "MatMul" and len(node.inputs) == 2:          # Q x Kᵀ: the contracted positions meet
+            a, b = node.inputs
+            if own(a) and own(b) and found[a.name] == len(flow.shape(a)) - 1 \
+                    and found[b.name] == len(flow.shape(b)) - 2:
+                tie(at(a), at(b))
+            continue
+        if node.op not in ELEMENTWISE:
+            continue
+        size = flow.shape(y)[found[y.name]]
+        mine = [x for x in node.inputs if own(x)]
+        for x in mine[1:]:
+            tie(at(mine[0]), at(x))
+        for i, x in enumerate(node.inputs):
+            if x is None or x.name in flow.maps or flow.shape(x) is None or np.ndim(positions.get(y.name)) == 2:
+                continue
+            axis = found[y.name] - (ry - len(flow.shape(x)))
+            if axis >= 0 and flow.shape(x)[axis] == size and size > 1:
+                tables.append(Table(node.name, i, axis))
+    groups = {}
+    for i in range(head_dim):
+        groups.setdefault(root(i), []).append(i)
+    return tuple(tuple(g) for g in groups.values() if len(g) > 1), tuple(tables)
+
+
+def _sliced(flow, node) -> dict | None:
+    """{axis: the input positions that the output keeps} of a Slice, its bounds constant or as probed (a bound
+    read at run time from the head size, ``Shape(x)[-1] // 2``, follows a cut by itself)."""
+    x = node.inputs[0]
+    args = []
+    for t in node.inputs[1:5]:
+        if t is None or not t.name:
+            args.append(None)
+            continue
+        value = const_value(t)
+        value = flow.values.get(t.name) if value is None else value
+        if value is None:
+            return None
+        args.append(np.asarray(value).reshape(-1))
+    args += [None] * (4 - len(args))
+    starts, ends, axes, steps = args
+    shape = _shape(flow, x)
+    axes = np.arange(len(starts)) if axes is None else axes
+    steps = np.ones(len(starts), dtype=np.int64) if steps is None else steps
+    return {norm_axis(int(a), len(shape)): np.arange(shape[norm_axis(int(a), len(shape))])[slice(int(s), int(e), int(st))]
+            for s, e, a, st in zip(starts, ends, axes, steps)}
+
+
+def _kept_axes(flow, node, rx: int, ry: int) -> dict | None:
+    """{input axis: output axis} of an Unsqueeze or Squeeze, from its axes (input or attribute)."""
+    axes = node.attrs.get("axes")
+    if axes is None and len(node.inputs) > 1 and node.inputs[1] is not None and node.inputs[1].name:
+        axes = const_value(node.inputs[1])
+        axes = flow.values.get(node.inputs[1].name) if axes is None else axes
+    if node.op == "Squeeze" and axes is None:
+        shape = _shape(flow, node.inputs[0])
+        axes = [i for i, n in enumerate(shape) if n == 1]
+    if axes is None:
+        return None
+    if node.op == "Unsqueeze":
+        added = {norm_axis(int(a), ry) for a in np.asarray(axes).reshape(-1)}
+        rest = [j for j in range(ry) if j not in added]
+        return dict(zip(range(rx), rest)) if len(rest) == rx else None
+    gone = {norm_axis(int(a), rx) for a in np.asarray(axes).reshape(-1)}
+    rest = [i for i in range(rx) if i not in gone]
+    return dict(zip(rest, range(ry))) if len(rest) == ry else None
+
+
+def topological(flow) -> list:
+    """The block's nodes in graph order (the flow visits them from the attention outwards): positions are
+    derived forwards, a part of the head size from the whole."""
+    rank = {id(n): i for i, n in enumerate(flow.graph.nodes)}
+    return sorted((n for n in flow.node_order if id(n) in flow.nodes), key=lambda n: rank.get(id(n), len(rank)))
 
 
 def _shape(flow, t):
     return flow.shapes.get(t.name) if t is not None else None
 
 
-def _step(flow, node, found: dict, head_dim: int):
+def _step(flow, node, found: dict, head_dim: int, pos: dict):
     ins = [t for t in node.inputs if t is not None and t.name in flow.maps]
     outs = [t for t in node.outputs if t.name in flow.maps]
     if not ins or not outs:
         return
     y = outs[0]
+
+    def carry(src, dst):          # the head-size positions go along with the axis
+        if src.name in pos:
+            pos[dst.name] = pos[src.name]
+    if node.op == "Slice":          # a part of the head size (forward only: the rest of it is elsewhere)
+        x = node.inputs[0]
+        if x.name in found and y.name not in found and (x.name not in pos or pos[x.name].ndim == 1):
+            picked = _sliced(flow, node)
+            ax = found[x.name]
+            if picked is not None and set(picked) == {ax}:
+                found[y.name] = ax
+                pos[y.name] = pos.get(x.name, np.arange(_shape(flow, x)[ax]))[picked[ax]]
+        return
+    if node.op == "Concat":         # parts of the head size put back together along it, or stacked after it
+        rank = len(_shape(flow, y) or ())
+        axis = norm_axis(node.attrs.get("axis", 0), rank) if rank else None
+        parts = [t for t in node.inputs if t is not None and t.name]
+        if y.name in found or not parts or not all(t.name in found for t in parts):
+            return
+        at = {found[t.name] for t in parts}
+        if at == {axis}:
+            found[y.name] = axis
+            pos[y.name] = np.concatenate([pos.get(t.name, np.arange(_shape(flow, t)[axis])) for t in parts])
+        elif at == {axis - 1} and all(t.name in pos and pos[t.name].ndim == 2 for t in parts):
+            found[y.name] = axis - 1          # GPT-J's interleave: [..., D/2, 1] parts side by side on a new axis
+            pos[y.name] = np.concatenate([pos[t.name] for t in parts], axis=1)
+        return
+    if node.op in NORMS:            # a norm over the head size mixes its positions
+        rank = len(_shape(flow, y) or ())
+        first = norm_axis(node.attrs.get("axis", -1), rank) if rank else 0
+        x = node.inputs[0]
+        if (x.name in found and found[x.name] >= first) or (y.name in found and found[y.name] >= first):
+            return
     if node.op in ("Reshape", "Flatten"):
         x = node.inputs[0]
         if x.name not in flow.maps:
             return
+        if x.name in found and y.name not in found and x.name in pos and pos[x.name].ndim == 2:
+            sx, sy, ax = _shape(flow, x), _shape(flow, y), found[x.name]
+            if len(sy) == len(sx) - 1 and tuple(sy[:ax]) == tuple(sx[:ax]) and sy[ax] == sx[ax] * sx[ax + 1] \
+                    and tuple(sy[ax + 1:]) == tuple(sx[ax + 2:]):
+                found[y.name] = ax            # the interleave merged: positions pair by pair
+                pos[y.name] = pos[x.name].reshape(-1)
+            return
         for src, dst in ((x, y), (y, x)):
             if src.name in found and dst.name not in found:
                 axis = _through_reshape(flow, src, dst, found[src.name], head_dim)
-                if axis is not None:
-                    found[dst.name] = axis
+                if axis is None:
+                    continue
+                if src.name in pos and _shape(flow, dst)[axis] != len(pos[src.name]):
+                    continue        # reordered positions merged with the heads: no longer one run per head
+                found[dst.name] = axis
+                carry(src, dst)
         return
     if node.op == "Transpose":
         x = node.inputs[0]
@@ -79,37 +237,66 @@ def _step(flow, node, found: dict, head_dim: int):
         perm = list(node.attrs.get("perm", list(range(rank))[::-1]))
         if x.name in found and y.name not in found:
             found[y.name] = perm.index(found[x.name])
+            carry(x, y)
         elif y.name in found and x.name not in found:
             found[x.name] = perm[found[y.name]]
+            carry(y, x)
         return
     if node.op == "MatMul" and len(node.inputs) == 2:
         a, b = node.inputs
         ra, rb, ry = len(_shape(flow, a) or ()), len(_shape(flow, b) or ()), len(_shape(flow, y) or ())
         if b.name in found and found[b.name] == rb - 1 and y.name not in found and a.name not in found:
             found[y.name] = ry - 1                      # probabilities x V: V's columns are the output's
+            carry(b, y)
         elif y.name in found and found[y.name] == ry - 1 and b.name in flow.maps and b.name not in found \
                 and a.name not in found:
             found[b.name] = rb - 1
+            carry(y, b)
         elif a.name in found and found[a.name] == ra - 2 and y.name not in found:
             found[y.name] = ry - 2
+            carry(a, y)
         return
-    if node.op in ("Unsqueeze", "Squeeze"):       # an axis added or removed in front of the head size
+    if node.op in ("Unsqueeze", "Squeeze"):       # axes added or removed around the head size
         x = node.inputs[0]
         rx, ry = len(_shape(flow, x) or ()), len(_shape(flow, y) or ())
-        if x.name in found and y.name not in found and found[x.name] == rx - 1:
-            found[y.name] = ry - 1
-        elif y.name in found and x.name not in found and found[y.name] == ry - 1:
-            found[x.name] = rx - 1
+        kept = _kept_axes(flow, node, rx, ry)       # x's axis -> y's axis
+        if kept is None:
+            return
+        back = {j: i for i, j in kept.items()}
+        if x.name in found and y.name not in found and found[x.name] in kept:
+            found[y.name] = kept[found[x.name]]
+            if node.op == "Unsqueeze" and found[y.name] + 1 < ry and found[y.name] + 1 not in back:
+                # a new axis right after the head size: the first step of an interleave (GPT-J's stack)
+                pos[y.name] = pos.get(x.name, np.arange(_shape(flow, x)[found[x.name]]))[:, None]
+            else:
+                carry(x, y)
+        elif y.name in found and x.name not in found and found[y.name] in back:
+            found[x.name] = back[found[y.name]]
+            carry(y, x)
+        return
+    if node.op in ("QuantizeLinear", "DequantizeLinear"):   # a static QDQ model's activations, one scale each
+        x = node.inputs[0]
+        scalar = all(flow.shape(t) is not None and int(np.prod(flow.shape(t))) == 1
+                     for t in node.inputs[1:] if t is not None and t.name)
+        if scalar and x.name in found and y.name not in found:
+            found[y.name] = found[x.name]
+            carry(x, y)
+        elif scalar and y.name in found and x.name not in found and x.name in flow.maps:
+            found[x.name] = found[y.name]
+            carry(y, x)
         return
     if node.op in _KEEP_AXES:
         ry = len(_shape(flow, y) or ())
         for x in ins:
             rx = len(_shape(flow, x) or ())
-            if x.name in found and y.name not in found and _shape(flow, x)[found[x.name]] == head_dim:
+            if x.name in found and y.name not in found and _shape(flow, x)[found[x.name]] > 1 and \
+                    _shape(flow, y)[found[x.name] + (ry - rx)] == _shape(flow, x)[found[x.name]]:
                 found[y.name] = found[x.name] + (ry - rx)
+                carry(x, y)
             elif y.name in found and x.name not in found and rx == ry and _shape(flow, x)[found[y.name]] == \
                     _shape(flow, y)[found[y.name]]:
                 found[x.name] = found[y.name]
+                carry(y, x)
 
 
 def _through_reshape(flow, src, dst, axis: int, head_dim: int) -> int | None:

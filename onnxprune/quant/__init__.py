@@ -313,11 +313,20 @@ def _cut(f: Folded, keep: dict, arr) -> dict:
 
 
 # ------------------------------------------------------------------ the masked reference
-def masked(qv: QuantView, view_model: onnx.ModelProto, blocks, kept: dict) -> onnx.ModelProto:
+def masked(qv: QuantView, view_model: onnx.ModelProto, blocks, kept: dict, zeroed: dict | None = None
+           ) -> onnx.ModelProto:
     """The quantized model with the dropped heads' inputs of each output projection zeroed (a Mul by a
-    0/1 vector), where the projection reads them."""
+    0/1 vector), where the projection reads them; and each tensor of ``zeroed`` ({name: 0/1 vector over its
+    last axis}: the queries of a cut that keeps positions) multiplied by its vector for every reader."""
     out = onnx.ModelProto()
     out.CopyFrom(qv.real)
+    for x, mask in (zeroed or {}).items():
+        name = f"{x}.onnxprune_zeroed"
+        out.graph.initializer.append(numpy_helper.from_array(np.asarray(mask, np.float32), f"{name}.value"))
+        for n in out.graph.node:
+            n.input[:] = [name if i == x else i for i in n.input]
+        at = next(i for i, n in enumerate(out.graph.node) if x in n.output) + 1
+        out.graph.node.insert(at, helper.make_node("Mul", [x, f"{name}.value"], [name], name=name))
     anchors = {f.anchor: f for f in qv.folded.values() if f.anchor}
     for b in blocks:
         keep = set(kept.get(b.index, range(b.num_heads)))

@@ -44,6 +44,8 @@ def layouts(block: AttentionBlock, kept_heads, dims: tuple, shapes) -> dict[str,
     """Every head tensor's ``Layout`` when ``block`` keeps ``kept_heads``: their positions, and each circuit's
     map inside them (``dims``: ``cut.HeadDims``) on the tensors of its two sides."""
     units = kept_units(block, kept_heads)
+    for d in dims:
+        check_positions(block, d)
     out = {}
     for t in block.tensors:
         mask = (t.owner == -1) | np.isin(t.owner, list(units))
@@ -92,8 +94,8 @@ def layouts(block: AttentionBlock, kept_heads, dims: tuple, shapes) -> dict[str,
 UNFOLLOWED = {
     "ov": "carries values (or their context) with no head-size axis that the matcher could follow; its OV circuit "
           "cannot be cut by a map",
-    "qk": "has no head-size axis that the matcher could follow (a rotary embedding or a norm over the head size "
-          "mixes its positions); its QK circuit cannot be cut by a map (cut --v-dims only)",
+    "qk": "has no head-size axis that the matcher could follow (a norm over the head size mixes its positions, as "
+          "q/k norms do); its QK circuit cannot be cut by a map (cut --v-dims only)",
 }
 
 
@@ -115,7 +117,23 @@ def _inside_heads(block: AttentionBlock, t, dims: HeadDims, units: set, maps: di
         if t.constant:
             raise RewriteError(f"block {block.index} ({block.name}): {t.name!r} holds the head size on an axis "
                                "of its own, which one map per head cannot be written into")
-        shape[t.dim_axis] = dims.rank
+        keep = dims.keep
+        if keep is None:
+            if t.dim_pos is not None:
+                raise RewriteError(f"block {block.index} ({block.name}): {t.name!r} is a part of the head size "
+                                   f"(a rotary embedding's half); {ROTATION}")
+            shape[t.dim_axis] = dims.rank
+            return
+        pos = np.arange(shape[t.dim_axis]) if t.dim_pos is None else np.asarray(t.dim_pos)
+        inside = np.isin(pos.reshape(len(pos), -1), keep)
+        if not np.all(inside.all(axis=1) | ~inside.any(axis=1)):
+            raise RewriteError(f"block {block.index} ({block.name}): {t.name!r} interleaves head-size positions "
+                               "that the cut keeps with ones that it drops")
+        maps[t.dim_axis] = AxisMap.select(np.flatnonzero(inside.all(axis=1)))
+        shape[t.dim_axis] = int(inside.all(axis=1).sum())
+        if shape[t.dim_axis] == 0:
+            raise RewriteError(f"block {block.index} ({block.name}): the cut keeps none of the head-size positions "
+                               f"of {t.name!r} (a rotary embedding's part of the head size); keep some of each part")
         return
 
     def matrix(unit: int) -> np.ndarray:
@@ -139,6 +157,30 @@ def _inside_heads(block: AttentionBlock, t, dims: HeadDims, units: set, maps: di
     ax = t.dim_axis
     maps[ax] = merged_map(t.owner, units, matrix)
     shape[ax] = maps[ax].new_size
+
+
+ROTATION = ("a map that mixes head-size positions cannot pass a rotary embedding, which turns them pair by pair; "
+            "only whole positions (its pairs) can be kept there")
+
+
+def check_positions(block: AttentionBlock, dims: HeadDims):
+    """A cut of a circuit that a rotary embedding turns keeps whole pairs of positions, and no projection."""
+    side = SIDES[dims.circuit][0] | SIDES[dims.circuit][1]
+    mine = [t for t in block.tensors if t.roles and set(t.roles) <= side]
+    lost = next((t for t in mine if t.dim_axis is None and not t.constant), None)
+    if lost is not None:     # a norm over the head size on the way: no map passes, whatever it is
+        raise RewriteError(f"block {block.index} ({block.name}): {lost.name!r} {UNFOLLOWED[dims.circuit]}")
+    turned = any(t.dim_pos is not None for t in mine)
+    if not (turned or (dims.circuit == "qk" and block.selects_dims)):
+        return
+    keep = dims.keep
+    if keep is None:
+        raise RewriteError(f"block {block.index} ({block.name}): its {dims.circuit.upper()} circuit: {ROTATION}")
+    kept = set(keep.tolist())
+    split = next((p for p in block.pairs if kept & set(p) and not set(p) <= kept), None)
+    if split is not None:
+        raise RewriteError(f"block {block.index} ({block.name}): the cut keeps part of the rotary pair "
+                           f"{list(split)} of head-size positions; keep both or neither")
 
 
 def one_run_per_unit(owner: np.ndarray) -> bool:

@@ -19,7 +19,7 @@ from ..cut import CIRCUITS, SIDES, HeadDims
 from ..errors import PlanError, RewriteError
 from ..match import shape_expr
 from ..model.graph import const_value, identity_source, set_values
-from .layouts import Layout, apply_maps, declare_shape, fresh, layouts, period, reroute
+from .layouts import ROTATION, Layout, apply_maps, declare_shape, fresh, layouts, period, reroute
 from .sites import SITE_PLANNERS
 
 # sites that rewrite a size only: they hold for an axis that a cut inside the heads projects
@@ -38,6 +38,7 @@ class Rewriter:
         self.io_keep: dict[str, dict[int, np.ndarray]] = {}   # graph inputs/outputs that lose heads
         self._slices: dict[tuple, gs.Constant] = {}    # (shared weight, kept positions) -> its one slice
         self.cuts: dict[str, dict[int, np.ndarray]] = {}   # constant -> {axis that shrinks: kept positions}
+        self._tables: dict[tuple, gs.Variable] = {}    # (table, axis, kept positions) -> its one Gather
 
     def plan(self, block: AttentionBlock, kept_heads, dims=()):
         """Queue every edit that keeping ``kept_heads`` of ``block`` needs, with ``dims`` (``cut.HeadDims``, one
@@ -70,6 +71,8 @@ class Rewriter:
             elif t.io:
                 self.io_keep[t.name] = dict(lay.keep)
                 self.edits.append(lambda v=tensor, shape=lay.new_shape: declare_shape(v, shape))
+        for table in block.tables:
+            self._plan_table(block, table, lays)
         for site in block.sites:
             node = self.nodes[site.node]
             if site.kind not in SIZE_SITES and any(lays[v.name].projected for v in list(node.inputs) + list(node.outputs)
@@ -93,6 +96,31 @@ class Rewriter:
             replacement = gs.Constant(f"{tensor.name}__pruned{next(fresh)}", apply_maps(const_value(tensor), lay.maps))
             self._slices[key] = replacement
         self.edits.append(lambda t=tensor, r=replacement: reroute(t, r, block_nodes))
+
+    def _plan_table(self, block: AttentionBlock, table, lays: dict):
+        """A cos/sin table that a node of the block multiplies along the head size: the same positions of it
+        as the node's output keeps, by a Gather in front of the node (one per table and positions: blocks that
+        keep the same positions share it)."""
+        node = self.nodes[table.node]
+        y = node.outputs[0]
+        t, lay = block.tensor(y.name), lays.get(y.name)
+        if lay is None or t.dim_axis is None or lay.new_shape[t.dim_axis] == self.shapes[y.name][t.dim_axis]:
+            return
+        src = node.inputs[table.input]
+        if t.dim_axis not in lay.keep:
+            raise RewriteError(f"block {block.index} ({block.name}): {node.op} {node.name!r} reads {src.name!r} "
+                               f"over the head size (a rotary embedding's cos or sin); {ROTATION}")
+        keep = lay.keep[t.dim_axis]
+        key = (src.name, table.axis, tuple(int(i) for i in keep))
+        out = self._tables.get(key)
+        if out is None:
+            out = gs.Variable(f"{src.name}__kept{next(fresh)}", dtype=src.dtype)
+            self._tables[key] = out
+            gather = gs.Node("Gather", name=f"{src.name}__gather{next(fresh)}", attrs={"axis": int(table.axis)},
+                             inputs=[src, gs.Constant(f"{src.name}__positions{next(fresh)}",
+                                                      np.asarray(keep, dtype=np.int64))], outputs=[out])
+            self.edits.append(lambda g=gather: self.graph.nodes.append(g))
+        self.edits.append(lambda n=node, i=table.input, v=out: n.inputs.__setitem__(i, v))
 
     def _plan_cut(self, tensor, lay: Layout, block_nodes):
         size = self.shapes[tensor.name]
@@ -193,8 +221,15 @@ def check_cut(block: AttentionBlock, circuits, shapes: dict):
     could not carry: ``check_dims`` and the tensors' layouts under placeholder maps (the first r = D - 1
     positions of every head)."""
     check_dims(block, circuits)
-    rank = max(1, block.head_dim - 1)
-    eye = np.eye(block.head_dim, rank, dtype=np.float32)
-    placeholders = tuple(HeadDims(c, {g: eye for g in range(len(block.kv_groups))},
-                                  {h: eye for h in range(block.num_heads)}) for c in circuits)
-    layouts(block, tuple(range(block.num_heads)), placeholders, shapes)
+    placeholders = []
+    for c in circuits:
+        if c == "qk" and block.selects_dims:        # whole positions: all but the last rotary pair
+            drop = set(block.pairs[-1]) if block.pairs else {block.head_dim - 1}
+            placeholders.append(HeadDims.select(c, block.head_dim, [i for i in range(block.head_dim) if i not in drop],
+                                                len(block.kv_groups), block.num_heads))
+            continue
+        rank = max(1, block.head_dim - 1)
+        eye = np.eye(block.head_dim, rank, dtype=np.float32) * 0.5       # a projection, not a selection
+        placeholders.append(HeadDims(c, {g: eye for g in range(len(block.kv_groups))},
+                                     {h: eye for h in range(block.num_heads)}))
+    layouts(block, tuple(range(block.num_heads)), tuple(placeholders), shapes)

@@ -160,7 +160,9 @@ def plan_slice(rw, node, block, layouts, kept_heads):
         old = np.arange(in_shape[a])[slice(int(s), int(e), int(st))]
         newpos = new_positions(lay.keep[a], in_shape[a])[old]
         newpos = newpos[newpos >= 0]
-        if len(newpos) == 0 or int(st) != 1 or not np.array_equal(newpos, np.arange(newpos[0], newpos[-1] + 1)):
+        # a step of 2 picks one of each interleaved rotary pair (GPT-J): the kept ones are still every other
+        if len(newpos) == 0 or int(st) < 1 or \
+                not np.array_equal(newpos, np.arange(newpos[0], newpos[-1] + 1, int(st))):
             raise RewriteError(f"Slice {node.name!r}: the kept part is not one contiguous range")
         new_starts[k], new_ends[k], touched = newpos[0], newpos[-1] + 1, True
     if touched:

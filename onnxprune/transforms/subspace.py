@@ -13,6 +13,13 @@ with ``X = A Bᵀ``; the best X of rank r comes from the SVD of ``C_x^½ C_y^½`
   ``G``), then each query head's ``B`` by least squares given ``A``: ``Bᵀ = (Aᵀ C_z A)⁻¹ Aᵀ C_z``. With one
   head per KV head this is the optimum.
 
+Through a rotary embedding (Llama, GPT-J, Phi) the QK circuit can only keep whole positions, its pairs
+``(i, j)`` that the embedding turns by an angle that depends on the distance between query and key. Averaged
+over the angle, a pair's share of the scores is ``½ tr(C_q,pair) tr(C_k,pair)`` (the cross terms turn at
+other speeds and average out), summed over the heads of the block: ``fit_qk_select`` keeps the pairs (and
+unturned positions, ``C_q,ii C_k,ii``) with the largest shares, the same for every head, as the cos/sin
+tables they all read must be cut once.
+
 The error is judged on held-out calibration batches (moments of batches the fit did not see) and reported
 relative to the circuit's energy, ``tr(C_x C_y)`` for QK and ``tr(C_z G)`` for OV. Written by hand: it is
 a few lines of numpy linear algebra per head, which no library offers in this form.
@@ -59,6 +66,36 @@ def fit_qk(cq: dict, ck: dict, groups, rank: int) -> HeadDims:
         for h in heads:
             b[h] = (ks @ v @ r.T).astype(np.float32)
     return HeadDims("qk", a, b)
+
+
+def fit_qk_select(cq: dict, ck: dict, groups, pairs, head_dim: int, rank: int, parts=()) -> HeadDims:
+    """Whole positions of the QK circuit, ``rank`` or (a pair being two) one fewer, the same for every head:
+    the units (``pairs``, and every other position alone) with the largest shares of the scores, at least one
+    of each of ``parts`` (position sets that a Slice cuts out, which must not be left empty)."""
+    paired = {i for p in pairs for i in p}
+    units = [tuple(p) for p in pairs] + [(i,) for i in range(head_dim) if i not in paired]
+    share = {}
+    for u in units:
+        idx = list(u)
+        total = 0.0
+        for g, heads in enumerate(groups):
+            k = ck[g][np.ix_(idx, idx)]
+            for h in heads:
+                q = cq[h][np.ix_(idx, idx)]
+                total += float(np.trace(q) * np.trace(k)) / len(u) if len(u) > 1 else float(q[0, 0] * k[0, 0])
+        share[u] = total
+    kept, size = [], 0
+    for part in parts:          # the best unit of every part first, so that no Slice is left empty
+        best = max((u for u in units if set(u) <= set(part)), key=lambda u: share[u], default=None)
+        if best is not None and best not in kept:
+            kept.append(best)
+            size += len(best)
+    for u in sorted(units, key=lambda u: (-share[u], u)):
+        if u not in kept and size + len(u) <= rank:
+            kept.append(u)
+            size += len(u)
+    keep = sorted(i for u in kept for i in u)
+    return HeadDims.select("qk", head_dim, keep, len(groups), sum(len(g) for g in groups))
 
 
 def orthonormal(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -154,7 +191,9 @@ class Moments:
             gram = gram / max(n, 1)
             if role == "z":     # the mean context, whole width: what a bias shift puts back (the budget)
                 out["z_mean"] = total / max(n, 1)
-            if role == "k":     # a shift of every key adds one number per query to its scores: softmax drops it
+            if role == "k" and not block.selects_dims:
+                # a shift of every key adds one number per query to its scores: softmax drops it (not once a
+                # rotary embedding turns it by position)
                 mean = total / max(n, 1)
                 gram = gram - np.outer(mean, mean)
             name = names[key][1]
@@ -212,6 +251,12 @@ class Moments:
     def _fit(self, index: int, circuit: str, rank: int) -> CircuitFit:
         block = self.blocks[index]
         fit, held = self.fit[index], self.held[index]
+        if circuit == "qk" and block.selects_dims:
+            parts = {tuple(np.unique(t.dim_pos).tolist()) for t in block.tensors
+                     if t.dim_pos is not None and t.roles and set(t.roles) <= {"q", "k"}}
+            dims = fit_qk_select(fit["q"], fit["k"], block.kv_groups, block.pairs, block.head_dim, rank,
+                                 sorted(parts))
+            return CircuitFit(dims, circuit_error(dims, held["q"], held["k"], block.kv_groups))
         if circuit == "qk":
             dims = fit_qk(fit["q"], fit["k"], block.kv_groups, rank)
             return CircuitFit(dims, circuit_error(dims, held["q"], held["k"], block.kv_groups))

@@ -1,0 +1,235 @@
+"""The QK circuit cut through a rotary embedding (issue 22): whole pairs of head-size positions kept, the same in
+every head of a block, the cos/sin tables cut to the same positions; proved equal to the original with the
+dropped positions of every query head zeroed in its Q weights."""
+
+from dataclasses import replace
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from onnxprune import pipeline, prune_model
+from onnxprune.cut import HeadDims
+from onnxprune.errors import PlanError, RewriteError, VerifyError
+from onnxprune.inputs import synth_inputs
+from onnxprune.plan import BlockPlan
+from onnxprune.rewrite import rewriter as rewriting
+from onnxprune.transforms.subspace import fit_qk_select
+from onnxprune.verify import compare, max_abs_diff, reference, run
+
+from conftest import MODELS, cli, matched, random_dims
+
+# half-split (Llama: TorchScript, dynamo, SDPA, opset 23; Mistral; Qwen2), 4 KV groups, partial half-split (Phi),
+# partial interleaved (GPT-J)
+ROTARY = ["llama-ts.onnx", "llama-d18.onnx", "llama-ts-sdpa.onnx", "llama-d23-sdpa.onnx", "mistral-d18.onnx",
+          "qwen2-ts.onnx", "llama-gqa4-ts.onnx", "llama-gqa4-d18.onnx", "phi-ts.onnx", "phi-d18.onnx",
+          "gptj-ts.onnx", "gptj-d18.onnx"]
+PAIRS = {"llama-ts.onnx": [(0, 4), (1, 5), (2, 6), (3, 7)], "phi-ts.onnx": [(0, 2), (1, 3)],
+         "gptj-ts.onnx": [(0, 1), (2, 3)], "llama-gqa4-ts.onnx": [(0, 2), (1, 3)]}
+
+
+def _units(block):
+    paired = {i for p in block.pairs for i in p}
+    return [tuple(p) for p in block.pairs] + [(i,) for i in range(block.head_dim) if i not in paired]
+
+
+def _random_keep(block, rng):
+    """Some whole units (pairs, and unturned positions alone), at least one of the first and the last, fewer
+    than all."""
+    units = _units(block)
+    pick = set(rng.permutation(len(units))[: max(1, len(units) // 2)].tolist()) | {0}
+    if len(units) > 2:
+        pick |= {len(units) - 1}
+    if len(pick) == len(units):
+        pick.discard(int(rng.integers(1, len(units))))
+    return sorted(i for u in pick for i in units[u])
+
+
+def _select(block, keep):
+    return HeadDims.select("qk", block.head_dim, keep, block.num_kv_heads, block.num_heads)
+
+
+def _cut(state, options, plans):
+    return pipeline.verify(pipeline.rewrite(replace(state, plans=plans), options), options)
+
+
+def test_the_matcher_finds_the_rotary_pairs_and_tables():
+    """Half-split pairs (i, i + D/2), partial rotary pairs inside its part, interleaved pairs (2i, 2i + 1); the
+    cos and sin that the queries and the keys are multiplied by, in every block."""
+    for name, pairs in PAIRS.items():
+        state, _ = matched(name)
+        for b in state.blocks:
+            assert [tuple(p) for p in b.pairs] == pairs, name
+            assert len(b.tables) == 4 and b.selects_dims       # cos and sin, for Q and for K
+    bert, _ = matched("bert-ts.onnx")
+    assert not any(b.selects_dims for b in bert.blocks)
+
+
+@pytest.mark.parametrize("name", ROTARY)
+@pytest.mark.parametrize("seed,some", [(0, False), (1, True), (2, False)])
+def test_random_pair_selections_equal_the_zeroed_original(name, seed, some):
+    """Random whole-pair selections (with random OV maps and dropped heads on one seed): the pruned model (full
+    checker, strict shape inference) equals the original with the dropped positions of Q zeroed, at other batch
+    sizes and lengths too; that reference really differs from the original, and Q and K shrink."""
+    state, options = matched(name)
+    rng = np.random.default_rng(seed)
+    plans, keeps = {}, {}
+    for b in state.blocks:
+        keeps[b.index] = _random_keep(b, rng)
+        heads = tuple(h for g in b.kv_groups[: max(1, len(b.kv_groups) // 2)] for h in g) if some \
+            else tuple(range(b.num_heads))
+        dims = (_select(b, keeps[b.index]),) + ((random_dims(b, "ov", 3, rng),) if some else ())
+        plans[b.index] = BlockPlan(heads, dims=dims)
+    cut = _cut(state, options, plans)
+    assert cut.max_error is not None and cut.max_error <= 1e-4
+    ref = reference(state.model, state.blocks, cut.plans)
+    feeds = synth_inputs(state.model, seed=7, batch=3, seq=11)
+    assert compare(ref, cut.pruned, feeds, {}) <= 1e-4
+    assert max_abs_diff(run(state.model, feeds), run(ref, feeds)) > 1e-4
+    widths = {i.name: list(i.dims) for i in cut.pruned.graph.initializer}
+    for b in state.blocks:
+        for role in ("q", "k"):
+            p = b.projection(role)
+            n = len(plans[b.index].kept_heads) if role == "q" else len(b.kept_kv_heads(plans[b.index].kept_heads))
+            assert widths[p.weight][p.head_axis] == n * len(keeps[b.index]), (role, b.index)
+
+
+@pytest.mark.parametrize("name", ["llama-d18.onnx", "gptj-ts.onnx"])
+def test_half_a_rotary_pair_is_refused(name):
+    state, options = matched(name)
+    plans = {}
+    for b in state.blocks:
+        pair = b.pairs[0]
+        keep = [i for i in range(b.head_dim) if i != pair[1]]
+        plans[b.index] = BlockPlan(tuple(range(b.num_heads)), dims=(_select(b, keep),))
+    with pytest.raises(RewriteError, match=r"part of the rotary pair \[%d, %d\]" % tuple(state.blocks[0].pairs[0])):
+        pipeline.rewrite(replace(state, plans=plans), options)
+
+
+def test_a_rotation_through_a_rotary_embedding_is_refused_with_the_reason():
+    state, options = matched("phi-ts.onnx")
+    rng = np.random.default_rng(0)
+    plans = {b.index: BlockPlan(tuple(range(b.num_heads)), dims=(random_dims(b, "qk", 4, rng),)) for b in state.blocks}
+    with pytest.raises(RewriteError, match="cannot pass a rotary embedding"):
+        pipeline.rewrite(replace(state, plans=plans), options)
+
+
+@pytest.mark.parametrize("fault", ["shifted", "uncut"])
+def test_a_rotary_table_cut_wrongly_or_left_uncut_fails(monkeypatch, fault):
+    """Planted faults: the cos/sin tables gathered at positions shifted by one (the proof fails), or left whole
+    (the rewrite's strict shape inference refuses the model before any proof)."""
+    state, options = matched("llama-d18.onnx")
+    rng = np.random.default_rng(3)
+    plans = {b.index: BlockPlan(tuple(range(b.num_heads)), dims=(_select(b, _random_keep(b, rng)),))
+             for b in state.blocks}
+    original = rewriting.Rewriter._plan_table
+
+    def planted(self, block, table, lays):
+        if fault == "uncut":
+            return
+        lay = lays[self.nodes[table.node].outputs[0].name]
+        ax = block.tensor(self.nodes[table.node].outputs[0].name).dim_axis
+        size = self.shapes[self.nodes[table.node].outputs[0].name][ax]
+        shifted = {**lay.keep, ax: (lay.keep[ax] + 1) % size}
+        original(self, block, table, {**lays, self.nodes[table.node].outputs[0].name:
+                                      replace(lay, maps={**lay.maps, ax: type(lay.maps[ax]).select(shifted[ax])})})
+    monkeypatch.setattr(rewriting.Rewriter, "_plan_table", planted)
+    with pytest.raises(VerifyError if fault == "shifted" else RewriteError):
+        _cut(state, options, plans)
+
+
+def test_the_fit_drops_the_pair_that_carries_nothing_and_keeps_the_busy_one():
+    """Every query head's W_q columns at positions 1 and 5 of block 0 zeroed: that pair adds nothing to the scores,
+    so a fit that keeps 6 of 8 positions drops it; the pair the fit keeps first is the one with the most energy.
+    The same fit on the unchanged model keeps another set."""
+    model = onnx.load(str(MODELS / "llama-d18.onnx"))
+    state, _ = matched("llama-d18.onnx")
+    b = state.blocks[0]
+    q = b.projection("q")
+    init = next(i for i in model.graph.initializer if i.name == q.weight)
+    w = numpy_helper.to_array(init).copy()
+    cols = [h * b.head_dim + i for h in range(b.num_heads) for i in (1, 5)]
+    np.moveaxis(w, q.head_axis, 0)[cols] = 0
+    init.CopyFrom(numpy_helper.from_array(w, init.name))
+    calib = synth_inputs(model, seed=2, batch=32, seq=16)
+    r = prune_model(model, qk_dims=0.25, calib=calib)
+    assert r.max_error <= 1e-4
+    fit = next(f for f in r.dim_fits if f.block == 0 and f.circuit == "qk")
+    assert fit.rank == 6 and fit.positions == (0, 2, 3, 4, 6, 7)
+
+
+def test_fit_qk_select_ranks_pairs_by_their_share_and_keeps_every_part():
+    """Units ranked by their share (a pair ½ tr(C_q) tr(C_k) per head, an unturned position C_q,ii C_k,ii), taken
+    while they fit in the rank; a part that a Slice cuts out keeps its best unit first; with pairs only, an odd
+    rank keeps one fewer."""
+    d = 8
+    cq = {0: np.diag([1.0, 9, 1, 1, 1, 9, 1, 0.5])}
+    ck = {0: np.diag([1.0, 1, 1, 1, 1, 1, 1, 0.5])}
+    pairs = [(0, 4), (1, 5), (2, 6)]          # 3 and 7 turn with nothing (a partial rotary's rest)
+    assert fit_qk_select(cq, ck, [(0,)], pairs, d, 3).keep.tolist() == [1, 3, 5]   # (1, 5): 18; 3: 1; 7: 0.25
+    assert fit_qk_select(cq, ck, [(0,)], pairs, d, 4).keep.tolist() == [0, 1, 4, 5]      # (0, 4): 2
+    assert fit_qk_select(cq, ck, [(0,)], pairs, d, 2, parts=[(7,)]).keep.tolist() == [3, 7]
+    four = {0: np.diag([1.0, 2, 1, 2])}
+    assert fit_qk_select(four, four, [(0,)], [(0, 2), (1, 3)], 4, 3).keep.tolist() == [1, 3]
+
+
+def test_the_cli_cuts_qk_through_rotary_and_reports_the_pairs(tmp_path):
+    """--qk-dims on a Llama export: the K cache shrinks, the report says which positions were kept, and the
+    summary says that whole pairs were kept and the tables cut."""
+    import json
+    data = tmp_path / "calib.npz"
+    model = onnx.load(str(MODELS / "llama-ts.onnx"))
+    np.savez(data, **synth_inputs(model, seed=1, batch=16, seq=16))
+    out, rep = tmp_path / "out.onnx", tmp_path / "r.json"
+    res = cli(str(MODELS / "llama-ts.onnx"), "--qk-dims", "0.5", "--calib", str(data), "-o", str(out), "--report",
+              str(rep))
+    assert res.returncode == 0, res.stderr
+    assert "whole pairs of head-size positions" in res.stdout
+    report = json.loads(rep.read_text())
+    for b in report["blocks"]:
+        kept = b["kept_positions"]["qk"]
+        assert len(kept) == b["qk_rank"] == 4
+        assert all((i in kept) == (i + 4 in kept) for i in range(4))      # whole half-split pairs
+    assert report["kv_cache_bytes_per_token"]["after"] < report["kv_cache_bytes_per_token"]["before"]
+
+
+def test_the_budget_cuts_qk_through_rotary_and_stays_exact():
+    """The attention budget on Llama now has QK steps too (whole pairs): it takes some at 50%, every QK rank it
+    keeps is even, and the compensated cut is proved."""
+    model = onnx.load(str(MODELS / "llama-ts.onnx"))
+    calib = synth_inputs(model, seed=3, batch=32, seq=16)
+    r = prune_model(model, attention_ratio=0.5, calib=calib)
+    assert r.max_error <= 1e-4
+    qk = [f for f in r.dim_fits if f.circuit == "qk"]
+    assert qk and all(f.rank % 2 == 0 and f.positions is not None for f in qk)
+
+
+# MatMulNBits (blocks of 32 and 128), int4 QDQ, int8 QDQ with quantized activations (per tensor and per channel)
+QUANTIZED = ["llama-nbits32.onnx", "llama-nbits128.onnx", "llama-int4qdq32.onnx", "llama-qdq.onnx", "llama-qdq-pc.onnx"]
+
+
+@pytest.mark.parametrize("name", QUANTIZED)
+def test_quantized_models_keep_rotary_pairs_in_their_form(name):
+    """A selection needs no re-quantization: Q and K keep their quantized form (the same quantized ops, fewer
+    output features), the reference zeroes the dropped queries, and the proof holds on ONNX Runtime; a
+    rotation (--v-dims) is still refused with the reason."""
+    from collections import Counter
+    model = onnx.load(str(MODELS / name))
+    r = prune_model(model, qk_dims=0.5, calib=synth_inputs(model, seed=4, batch=8, seq=16))
+    assert r.max_error is not None and r.max_error <= 1e-4
+    assert all(f.positions is not None and f.rank < 32 for f in r.dim_fits)
+    ops = lambda m: Counter(n.op_type for n in m.graph.node if n.op_type not in ("Constant", "Gather"))
+    assert ops(r.model) == ops(model)
+    assert r.model.ByteSize() < model.ByteSize()
+    with pytest.raises(PlanError, match="re-quantize"):
+        prune_model(model, v_dims=0.5)
+
+
+def test_a_quantized_reference_that_misses_the_queries_fails_the_proof(monkeypatch):
+    """Planted fault: the quantized reference leaves the queries whole (nothing zeroed): the proof fails."""
+    from onnxprune import verify
+    model = onnx.load(str(MODELS / "llama-nbits32.onnx"))
+    monkeypatch.setattr(verify, "zeroed_queries", lambda *a, **k: {})
+    with pytest.raises(VerifyError, match="differs"):
+        prune_model(model, qk_dims=0.5)
