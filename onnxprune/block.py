@@ -53,6 +53,7 @@ class Site:
 
     kind: str
     node: str
+    op: str = ""        # the node's op type, its domain in front where it has one: com.microsoft.Attention
 
 
 @dataclass(frozen=True)

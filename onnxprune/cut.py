@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import PlanError
+from .errors import PlanError, RewriteError
 
 CIRCUITS = ("ov", "qk")      # the circuits whose head-size maps the rewriter applies
 
@@ -141,6 +141,45 @@ def runs(owner: np.ndarray) -> list[tuple[int, np.ndarray]]:
     return [(int(owner[s]), np.arange(s, e)) for s, e in zip(starts, ends)]
 
 
+def packed_runs(block, t) -> list[tuple[int, np.ndarray, str | None]]:
+    """(unit, positions, role) of each run of a merged head axis; a packed projection ([Q | K | V], or Q, K and
+    V of each head side by side) holds a unit's runs in the order q, k, v: three runs of a head of multi-head
+    attention, two (k, v) of a KV head serving a group, one (q) of a query head. Role None: no head's, or a
+    tensor of one role (its own)."""
+    roles = [r for r in ("q", "k", "v") if r in t.roles]
+    found = runs(t.owner)
+    if len(roles) < 2:
+        own = next(iter(t.roles)) if len(t.roles) == 1 else None
+        return [(u, pos, own if u >= 0 else None) for u, pos in found]
+    seen: dict = {}
+    for u, _ in found:
+        seen[u] = seen.get(u, 0) + 1
+    out, at = [], {}
+    for u, pos in found:
+        if u < 0:
+            out.append((u, pos, None))
+            continue
+        k = at.get(u, 0)
+        at[u] = k + 1
+        n = seen[u]
+        heads = block.units[u]
+        if n == len(roles):
+            order = roles
+        elif n == 2 and {"k", "v"} <= set(roles):
+            order = ["k", "v"]
+        elif n == 1 and "q" in roles and len(heads) == 1 and tuple(heads) not in block.kv_groups:
+            order = ["q"]
+        elif n == 1:
+            raise RewriteError(f"block {block.index} ({block.name}): {t.name!r} holds {'/'.join(roles)} on an axis of "
+                            "their own (stacked, as torch's nn.MultiheadAttention does); a cut inside its heads is not "
+                            "supported")
+        else:
+            raise RewriteError(f"block {block.index} ({block.name}): {t.name!r} holds {'/'.join(roles)} together in "
+                            "an order that is not q, k, v per head; a cut inside its heads is not supported")
+        out.append((u, pos, order[k]))
+    return out
+
+
 def merged_map(owner: np.ndarray, kept_units: set, matrix_of) -> AxisMap:
     """The map of a merged head axis (every head's D positions in one run): each kept unit's run times its
     matrix (``matrix_of(unit)``), positions of no head kept as they are, dropped units gone."""
@@ -183,9 +222,10 @@ def project_heads(arr: np.ndarray, block, t, kept_heads, dims: HeadDims) -> np.n
     replaced by ``A_g B_hᵀ`` times them: the circuit's map written into the original weights (a copy)."""
     axis = t.axes[0]
     moved = np.moveaxis(np.array(arr, copy=True), axis, 0)
-    owner = np.asarray(t.owner).reshape(-1)
+    role = WRITTEN[dims.circuit]
+    rows_of = {u: pos for u, pos, r in packed_runs(block, t) if r == role}
     for h in kept_heads:
-        rows = np.flatnonzero(owner == block.units.index(frozenset({h})))
+        rows = rows_of[block.units.index(frozenset({h}))]
         group = next(g for g, hs in enumerate(block.kv_groups) if h in hs)
         moved[rows] = reference_rows(moved[rows], dims.a[group], dims.b[h])
     return np.ascontiguousarray(np.moveaxis(moved, 0, axis))

@@ -28,7 +28,7 @@ def _cut(state, options, plans):
 # BERT (TorchScript, dynamo, opset 23 SDPA), DistilBERT, RoBERTa, BART, ViT, CLIP, Swin, T5's position bias, Whisper
 QK_FAMILIES = ["bert-ts.onnx", "bert-d18.onnx", "bert-d23-sdpa.onnx", "distilbert-ts.onnx", "roberta-d18.onnx",
                "bart-ts.onnx", "vit-ts.onnx", "clip-vision-d18.onnx", "swin-ts.onnx", "t5-encoder-ts.onnx",
-               "whisper-d18.onnx"]
+               "whisper-d18.onnx", "gpt2-ts.onnx", "gpt2-d18.onnx"]      # GPT-2: one packed c_attn, split
 
 
 @pytest.mark.parametrize("name", QK_FAMILIES)
@@ -49,7 +49,9 @@ def test_random_maps_inside_the_heads_equal_the_projected_original(name, qk, ov,
     block = state.blocks[0]
     q = block.projection("q")
     widths = {i.name: list(i.dims) for i in cut.pruned.graph.initializer}
-    assert widths[q.weight][q.head_axis] == len(plans[0].kept_heads) * min(qk, block.head_dim)
+    n, r = len(plans[0].kept_heads), min(qk, block.head_dim)
+    packed = len(block.tensor(q.weight).roles) > 1          # GPT-2's c_attn: Q, K and V side by side
+    assert widths[q.weight][q.head_axis] == (n * (2 * r + (ov or block.head_dim)) if packed else n * r)
     ref = reference(state.model, state.blocks, cut.plans)
     feeds = synth_inputs(state.model, seed=5, batch=3, seq=7)
     assert compare(ref, cut.pruned, feeds, {}) <= 1e-4
@@ -62,7 +64,7 @@ def test_random_maps_inside_the_heads_equal_the_projected_original(name, qk, ov,
 # followed above the broadcast up to its projection)
 OV_FAMILIES = ["llama-ts.onnx", "llama-gqa4-ts.onnx", "llama-gqa4-d23-sdpa.onnx", "gptj-ts.onnx", "phi-ts.onnx",
                "stablelm-ts.onnx", "qwen3-d18.onnx", "gemma3-ts.onnx", "gemma3-d23-sdpa.onnx", "cohere-d18.onnx",
-               "optimum-qwen3-nopast.onnx", "gemma3-mqa-d18.onnx", "gemma3-mqa-ts.onnx"]
+               "optimum-qwen3-nopast.onnx", "gemma3-mqa-d18.onnx", "gemma3-mqa-ts.onnx", "phi3-ts.onnx", "phi3-d18.onnx"]
 
 
 @pytest.mark.parametrize("name", OV_FAMILIES)
@@ -112,11 +114,11 @@ def test_a_qk_map_written_into_k_instead_of_q_fails_the_proof(monkeypatch):
     ("llama-ts.onnx", "qk", "cannot pass a rotary embedding"),     # a rotation through rotary: pairs only
     ("qwen3-ts.onnx", "qk", "a norm over the head size"),          # q/k norm, rotary
     ("albert-ts.onnx", "ov", "shared with other blocks"),
-    ("bert-ort-attention.onnx", "ov", "fused attention op"),
+    ("bert-ort-mha.onnx", "ov", r"fused attention op \(MultiHeadAttention"),
     ("optimum-llama-past.onnx", "ov", "KV cache"),
     ("falcon-d18.onnx", "ov", "multi-query attention"),    # one KV head, in one packed QKV projection
     ("gpt-neox-ts.onnx", "ov", "head-size positions are not known"),   # q, k, v interleaved per head
-    ("gpt2-ts.onnx", "ov", "packed projection"),
+    ("torch-encoder-ts.onnx", "ov", "on an axis of their own"),     # nn.MultiheadAttention's [3, ...] stack
     ("siglip-vision-ts.onnx", "ov", "no head-size axis that the matcher could follow"),   # k/v packed
 ])
 def test_what_a_cut_inside_the_heads_cannot_pass_is_refused(name, circuit, words):
@@ -128,9 +130,9 @@ def test_what_a_cut_inside_the_heads_cannot_pass_is_refused(name, circuit, words
 
 
 @pytest.mark.parametrize("name,kw,words", [
-    ("llama-genai/model.onnx", dict(v_dims=0.5), "fused attention op"),      # GroupQueryAttention, packed QKV
-    ("bert-ort-attention.onnx", dict(qk_dims=0.5), "fused attention op"),
-    ("gpt2-ts.onnx", dict(v_dims=0.5), "packed projection"),
+    ("llama-genai/model.onnx", dict(v_dims=0.5), r"fused attention op \(GroupQueryAttention"),   # packed QKV
+    ("bert-ort-mha.onnx", dict(qk_dims=0.5), "fused attention op"),
+    ("torch-encoder-d18.onnx", dict(v_dims=0.5), "on an axis of their own"),
     ("qwen3-ts.onnx", dict(qk_dims=0.5), "no head-size axis that the matcher could follow"),
 ])
 def test_a_cut_the_rewrite_cannot_carry_is_refused_before_anything_is_fitted(name, kw, words):

@@ -21,10 +21,10 @@ from onnxprune.verify import compare, max_abs_diff, reference, run
 from conftest import MODELS, cli, matched, random_dims
 
 # half-split (Llama: TorchScript, dynamo, SDPA, opset 23; Mistral; Qwen2), 4 KV groups, partial half-split (Phi),
-# partial interleaved (GPT-J)
+# partial interleaved (GPT-J), a packed QKV projection sliced into its parts (Phi-3)
 ROTARY = ["llama-ts.onnx", "llama-d18.onnx", "llama-ts-sdpa.onnx", "llama-d23-sdpa.onnx", "mistral-d18.onnx",
           "qwen2-ts.onnx", "llama-gqa4-ts.onnx", "llama-gqa4-d18.onnx", "phi-ts.onnx", "phi-d18.onnx",
-          "gptj-ts.onnx", "gptj-d18.onnx"]
+          "gptj-ts.onnx", "gptj-d18.onnx", "phi3-ts.onnx", "phi3-d18.onnx"]      # Phi-3: packed qkv_proj, sliced
 PAIRS = {"llama-ts.onnx": [(0, 4), (1, 5), (2, 6), (3, 7)], "phi-ts.onnx": [(0, 2), (1, 3)],
          "gptj-ts.onnx": [(0, 1), (2, 3)], "llama-gqa4-ts.onnx": [(0, 2), (1, 3)]}
 
@@ -91,6 +91,8 @@ def test_random_pair_selections_equal_the_zeroed_original(name, seed, some):
     for b in state.blocks:
         for role in ("q", "k"):
             p = b.projection(role)
+            if len(b.tensor(p.weight).roles) > 1:         # packed: Q, K and V in one weight
+                continue
             n = len(plans[b.index].kept_heads) if role == "q" else len(b.kept_kv_heads(plans[b.index].kept_heads))
             assert widths[p.weight][p.head_axis] == n * len(keeps[b.index]), (role, b.index)
 
@@ -233,3 +235,84 @@ def test_a_quantized_reference_that_misses_the_queries_fails_the_proof(monkeypat
     monkeypatch.setattr(verify, "zeroed_queries", lambda *a, **k: {})
     with pytest.raises(VerifyError, match="differs"):
         prune_model(model, qk_dims=0.5)
+
+
+# ---------------------------------------------------------------- ONNX Runtime's fused Attention (packed QKV)
+ORT_ATTENTION = ["bert-ort-attention.onnx", "clip-vision-ort-attention.onnx", "bert-ort-attention-fp16.onnx"]
+
+
+@pytest.mark.parametrize("name", ORT_ATTENTION)
+@pytest.mark.parametrize("qk,ov,some", [(3, None, False), (None, 5, True), (2, 6, True), (4, 4, False)])
+def test_ort_attention_takes_its_own_qk_and_v_widths(name, qk, ov, some):
+    """ORT's Attention with one packed QKV weight and bias: the Q, K and V sections mapped each by its side of
+    its circuit, ``qkv_hidden_sizes`` set to the new widths and the scale pinned to the original head size (also
+    where Q/K and V keep one width, and the op's default would take 1/sqrt of it); equal to the projected original
+    (fp16 to its tolerance), at other batch sizes and lengths too."""
+    state, options = matched(name)
+    rng = np.random.default_rng(7)
+    plans = {}
+    for b in state.blocks:
+        dims = tuple(random_dims(b, c, r, rng) for c, r in (("qk", qk), ("ov", ov)) if r)
+        heads = tuple(range(b.num_heads))[::2] if some else tuple(range(b.num_heads))
+        plans[b.index] = BlockPlan(heads, dims=dims)
+    cut = _cut(state, options, plans)
+    assert cut.max_error is not None and cut.max_error <= options.tolerance("fp16" in name)
+    n = len(plans[0].kept_heads)
+    for node in (x for x in cut.pruned.graph.node if x.op_type == "Attention"):
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        assert list(attrs["qkv_hidden_sizes"]) == [n * (qk or 8), n * (qk or 8), n * (ov or 8)]
+        assert attrs["scale"] == pytest.approx(1 / np.sqrt(8))
+    if "fp16" not in name:
+        ref = reference(state.model, state.blocks, cut.plans)
+        feeds = synth_inputs(state.model, seed=8, batch=3, seq=9)
+        assert compare(ref, cut.pruned, feeds, {}) <= 1e-4
+
+
+def test_ort_attention_without_the_pinned_scale_fails_the_proof(monkeypatch):
+    """Planted fault: the scale left to the op's default, 1/sqrt of the new Q head size."""
+    from onnxprune.rewrite import sites
+    state, options = matched("bert-ort-attention.onnx")
+    rng = np.random.default_rng(1)
+    plans = {b.index: BlockPlan(tuple(range(b.num_heads)), dims=(random_dims(b, "qk", 3, rng),)) for b in state.blocks}
+    real = sites.head_attrs
+
+    def no_scale(node, block, kept, width):
+        new = real(node, block, kept, width)
+        return {**new, "scale": 1 / np.sqrt(3)}
+    monkeypatch.setattr(sites, "head_attrs", no_scale)
+    with pytest.raises(VerifyError, match="differs"):
+        _cut(state, options, plans)
+
+
+def test_qk_moments_through_the_projection_input_equal_the_queries_own():
+    """Where the queries are not a tensor of their own (ORT's Attention projects them inside), their moments
+    come from the input's and the weights: on an unfused BERT both ways agree."""
+    from onnxprune.calibration.session import open_session
+    from onnxprune.calibration.sites import projection_input, projection_output
+    from onnxprune.transforms import subspace
+    state, _ = matched("bert-ts.onnx")
+    calib = synth_inputs(state.model, seed=1, batch=16, seq=8)
+    taps = tuple(n for b in state.blocks for r in ("q", "k")
+                 for n in (projection_output(state.model, b, r), projection_input(state.model, b, r)))
+    cal = open_session(state.model, state.blocks, state.shapes, calib, None, outputs=False, taps=taps)
+    direct = subspace.Moments(state.model, state.blocks, cal, ("qk",))
+    real = subspace.projection_output
+    subspace.projection_output = lambda *a: None
+    try:
+        through = subspace.Moments(state.model, state.blocks, cal, ("qk",))
+    finally:
+        subspace.projection_output = real
+    for b in state.blocks:
+        for role in ("q", "k"):
+            for i, c in direct.fit[b.index][role].items():
+                assert np.allclose(through.fit[b.index][role][i], c, rtol=1e-6, atol=1e-6 * np.abs(c).max())
+
+
+def test_the_cli_fits_and_budgets_a_fused_attention_model(tmp_path):
+    """--qk-dims with --calib and the budget on ORT's Attention: fitted from the input's moments, proved."""
+    model = onnx.load(str(MODELS / "bert-ort-attention.onnx"))
+    calib = synth_inputs(model, seed=2, batch=32, seq=16)
+    r = prune_model(model, qk_dims=0.5, calib=calib)
+    assert r.max_error <= 1e-4 and {f.rank for f in r.dim_fits} == {4} and r.dims_source == "calibration"
+    b = prune_model(model, attention_ratio=0.5, calib=calib)
+    assert b.max_error <= 1e-4 and any(f.circuit == "qk" for f in b.dim_fits)

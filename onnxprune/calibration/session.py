@@ -87,8 +87,10 @@ class Calibrator:
         return self.token_rows(feeds, ctx, site.block, site.context)
 
     def token_rows(self, feeds: dict, value: np.ndarray, block, name: str) -> np.ndarray:
-        """``name``'s ``value`` (a head tensor of ``block``) as [tokens, features], padding left out."""
-        ax = block.tensor(name).axes
+        """``name``'s ``value`` (a head tensor of ``block``, or the input of its projections, features last) as
+        [tokens, features], padding left out."""
+        t = next((t for t in block.tensors if t.name == name), None)
+        ax = t.axes if t is not None else (value.ndim - 1,)
         if len(ax) != 1:
             raise PlanError(f"block {block.index}: {name!r} carries heads on several axes")
         x = np.moveaxis(value, ax[0], -1)

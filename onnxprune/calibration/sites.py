@@ -116,3 +116,17 @@ def projection_output(model: onnx.ModelProto, block: AttentionBlock, role: str) 
     if t is None or len(t.axes) != 1 or t.dim_axis != t.axes[0]:
         return None
     return out
+
+
+def projection_input(model: onnx.ModelProto, block: AttentionBlock, role: str) -> str | None:
+    """The tensor that ``block``'s ``role`` projection reads ([..., E]), where its weight has one reader that
+    takes the data first (a MatMul, or ORT's Attention with its packed QKV weight): the queries' and keys'
+    moments follow from its moments and the weight when their own tensor is not there to read."""
+    proj = block.projection(role)
+    if proj is None:
+        return None
+    readers = graph_consumers(model).get(proj.weight, [])
+    if len(readers) != 1 or readers[0].op_type not in ("MatMul", "Attention") or list(readers[0].input).index(
+            proj.weight) != 1:
+        return None
+    return readers[0].input[0]

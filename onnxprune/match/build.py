@@ -150,6 +150,11 @@ def build_block(flow: Flow, family: str, core, index: int, num_heads: int) -> At
                 for role in flow.roles.get(name, set()) & {"q", "k", "v"}:
                     projections = [Projection(p.role, p.weight, name if p.role == role else p.bias, p.head_axis)
                                    for p in projections]
+    for node in flow.node_order:      # Gemm and ORT's Attention add their bias themselves (input 2), no Add node
+        if node.op in ("Attention", "Gemm") and id(node) in flow.nodes and len(node.inputs) > 2 and node.inputs[2].name \
+                and node.inputs[2].name in flow.maps:
+            projections = [Projection(p.role, p.weight, node.inputs[2].name, p.head_axis)
+                           if p.weight == node.inputs[1].name and p.bias is None else p for p in projections]
     if not any(p.role == "q" for p in projections):
         raise FlowFail(core, "no query projection weight found above the attention")
     kv_units = {int(u) for name, hm in flow.maps.items()
@@ -171,7 +176,8 @@ def build_block(flow: Flow, family: str, core, index: int, num_heads: int) -> At
                                frozenset(flow.roles.get(name, ())), dims.get(name), positions.get(name))
                     for name, hm in flow.maps.items())
     nodes = tuple(n.name for n in flow.node_order if id(n) in flow.nodes)
-    sites = [Site(k, n.name) for k, n in flow.sites]
+    sites = [Site(k, n.name, f"{n.domain}.{n.op}" if n.domain and n.domain != "ai.onnx" else n.op)
+             for k, n in flow.sites]
     if len(groups) == 1 and num_heads > 1:      # one KV head for all: its head size up to its projection
         extra = _multi_query(flow, dims, head_dim, units.index(frozenset(groups[0])), {t.name for t in tensors})
         tensors += extra[0]

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..block import AttentionBlock
-from ..cut import SIDES, AxisMap, HeadDims, merged_map, side_of
+from ..cut import SIDES, AxisMap, HeadDims, merged_map, packed_runs, selected, side_of
 from ..errors import PlanError, RewriteError
 
 fresh = itertools.count()
@@ -83,8 +83,12 @@ def layouts(block: AttentionBlock, kept_heads, dims: tuple, shapes) -> dict[str,
         for ax, idx in keep.items():
             shape[ax] = len(idx)
         maps = {ax: AxisMap.select(idx) for ax, idx in keep.items()}
-        for d in dims:
-            _inside_heads(block, t, d, units, maps, shape)
+        if len(set(t.roles) & {"q", "k", "v"}) > 1 and t.dim_axis is not None and t.dim_axis in t.axes \
+                and dims:
+            _inside_packed(block, t, dims, units, maps, shape)
+        else:
+            for d in dims:
+                _inside_heads(block, t, d, units, maps, shape)
         fixed = frozenset(t.axes) if len(t.axes) == 1 and one_run_per_unit(t.owner) else frozenset()
         out[t.name] = Layout(maps, tuple(shape), fixed)
     return out
@@ -95,8 +99,41 @@ UNFOLLOWED = {
     "ov": "carries values (or their context) with no head-size axis that the matcher could follow; its OV circuit "
           "cannot be cut by a map",
     "qk": "has no head-size axis that the matcher could follow (a norm over the head size mixes its positions, as "
-          "q/k norms do); its QK circuit cannot be cut by a map (cut --v-dims only)",
+          "q/k norms do, or an op it does not follow); its QK circuit cannot be cut by a map (cut --v-dims only)",
 }
+
+
+def _inside_packed(block: AttentionBlock, t, dims: tuple, units: set, maps: dict, shape: list):
+    """A packed projection's merged axis (``cut.packed_runs``): each kept run of a role on a side of a circuit
+    times that side's matrix (K and V: their KV head's ``A``; Q: its head's ``B``), the other runs as they are."""
+    by_role = {}
+    for d in dims:
+        first, second = SIDES[d.circuit]
+        for role in first:
+            by_role[role] = (d, 0)
+        for role in second:
+            by_role[role] = (d, 1)
+    ax = t.dim_axis
+    pieces = []
+    for unit, pos, role in packed_runs(block, t):
+        if unit != -1 and unit not in units:
+            continue
+        if role not in by_role:
+            pieces.append((pos, None))
+            continue
+        d, side = by_role[role]
+        heads = block.units[unit]
+        if side == 0:
+            group = next((g for g, hs in enumerate(block.kv_groups) if set(hs) == set(heads)), None)
+            m = d.a.get(group) if group is not None else None
+        else:
+            m = d.b.get(next(iter(heads))) if len(heads) == 1 else None
+        if m is None:
+            raise RewriteError(f"block {block.index} ({block.name}): no map for heads {sorted(heads)} in {t.name!r}")
+        rows = selected(m)
+        pieces.append((pos, m) if rows is None else (pos[rows], None))
+    maps[ax] = AxisMap(tuple(pieces))
+    shape[ax] = maps[ax].new_size
 
 
 def _inside_heads(block: AttentionBlock, t, dims: HeadDims, units: set, maps: dict, shape: list):
@@ -125,6 +162,8 @@ def _inside_heads(block: AttentionBlock, t, dims: HeadDims, units: set, maps: di
             shape[t.dim_axis] = dims.rank
             return
         pos = np.arange(shape[t.dim_axis]) if t.dim_pos is None else np.asarray(t.dim_pos)
+        if pos.size == 0:          # an empty part (a full rotary's pass-through, x[..., D:]): stays empty
+            return
         inside = np.isin(pos.reshape(len(pos), -1), keep)
         if not np.all(inside.all(axis=1) | ~inside.any(axis=1)):
             raise RewriteError(f"block {block.index} ({block.name}): {t.name!r} interleaves head-size positions "

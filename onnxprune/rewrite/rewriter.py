@@ -22,6 +22,8 @@ from ..model.graph import const_value, identity_source, set_values
 from .layouts import ROTATION, Layout, apply_maps, declare_shape, fresh, layouts, period, reroute
 from .sites import SITE_PLANNERS
 
+ORT_ATTENTION = "com.microsoft.Attention"     # the fused op whose qkv_hidden_sizes lets Q/K and V widths differ
+
 # sites that rewrite a size only: they hold for an axis that a cut inside the heads projects
 SIZE_SITES = {"reshape", "expand", "resize", "tile"}
 
@@ -75,7 +77,8 @@ class Rewriter:
             self._plan_table(block, table, lays)
         for site in block.sites:
             node = self.nodes[site.node]
-            if site.kind not in SIZE_SITES and any(lays[v.name].projected for v in list(node.inputs) + list(node.outputs)
+            if site.kind not in SIZE_SITES and not (site.kind == "attr" and site.op == ORT_ATTENTION) \
+                    and site.kind not in ("split", "slice") and any(lays[v.name].projected for v in list(node.inputs) + list(node.outputs)
                                                    if v is not None and v.name in lays):
                 raise RewriteError(f"{node.op} {node.name!r} picks positions of an axis that a cut inside the "
                                    "heads projects; not supported")
@@ -193,10 +196,11 @@ def check_dims(block: AttentionBlock, dims: tuple):
         if circuit not in CIRCUITS:
             raise PlanError(f"block {block.index} ({block.name}): no cut inside the heads of circuit "
                             f"{circuit!r}; known: {', '.join(CIRCUITS)}")
-        if any(s.kind == "attr" for s in block.sites):
-            raise RewriteError(f"block {block.index} ({block.name}): a fused attention op (ONNX Runtime's Attention, "
-                               "MultiHeadAttention or GroupQueryAttention: one head size for Q, K and V, its "
-                               "attributes and KV cache); a cut inside its heads is not supported there yet")
+        fused = sorted({s.op.rsplit(".", 1)[-1] for s in block.sites if s.kind == "attr" and s.op != ORT_ATTENTION})
+        if fused:
+            raise RewriteError(f"block {block.index} ({block.name}): a fused attention op ({', '.join(fused)}: one "
+                               "head size for Q, K and V, its attributes and KV cache); a cut inside its heads is "
+                               "not supported there yet (ONNX Runtime's Attention is: its qkv_hidden_sizes)")
         # a table shared with other blocks (T5's position bias) holds heads, not their sizes: it is narrowed
         # as before. A KV cache, or a shared tensor with a head size, would need its size cut outside the block
         where = next((t.name for t in block.tensors if (t.io or t.cut) and (t.io or t.dim_axis is not None)), None)

@@ -12,6 +12,7 @@ import onnx_graphsurgeon as gs
 
 from ..errors import RewriteError
 from ..match import head_attrs, shape_expr
+from ..cut import packed_runs
 from ..match.headmap import norm_axis
 from ..model.graph import const_value
 from .layouts import fresh, new_positions
@@ -105,23 +106,20 @@ def plan_split(rw, node, block, layouts, kept_heads):
     lay = layouts.get(x.name)
     rank = len(rw.shapes[x.name])
     axis = norm_axis(node.attrs.get("axis", 0), rank)
-    if lay is None or axis not in lay.keep:
+    if lay is not None and axis in lay.projected:
+        # a packed projection's output cut inside its heads (GPT-2's c_attn): each part as wide as its layout
+        if not all(o.name in layouts for o in node.outputs):
+            raise RewriteError(f"Split {node.name!r}: a part of a packed projection cut inside its heads is not "
+                               "a head tensor of the block")
+        new_sizes = np.array([layouts[o.name].new_shape[axis] for o in node.outputs], dtype=np.int64)
+        if int(new_sizes.sum()) != lay.new_shape[axis]:
+            raise RewriteError(f"Split {node.name!r}: its parts ({list(new_sizes)}) do not add up to the cut "
+                               f"width {lay.new_shape[axis]}")
+        empty = ()
+    elif lay is None or axis not in lay.keep:
         return
-    sizes = [rw.shapes[o.name][axis] for o in node.outputs]
-    kept = set(lay.keep[axis].tolist())
-    bounds = np.cumsum([0] + sizes)
-    new_sizes = np.array([sum(1 for i in range(bounds[k], bounds[k + 1]) if i in kept)
-                          for k in range(len(sizes))], dtype=np.int64)
-    empty = [node.outputs[k] for k in np.flatnonzero(new_sizes == 0)]
-    block_nodes = set(block.nodes)
-    for out in empty:       # a part of dropped heads only (StableLM splits q per head): it goes
-        outside = [c for c in out.outputs if c.name not in block_nodes]
-        if outside or out.name not in layouts:
-            raise RewriteError(f"Split {node.name!r}: part {out.name!r} would be empty but is read outside "
-                               "the block")
-    if len(empty) == len(sizes):
-        raise RewriteError(f"Split {node.name!r}: every part would be empty")
-    new_sizes = new_sizes[new_sizes > 0]
+    else:
+        new_sizes, empty = _split_kept(rw, node, block, layouts, lay, axis)
 
     def apply(n=node, s=new_sizes, gone=tuple(empty)):
         for out in gone:
@@ -136,6 +134,25 @@ def plan_split(rw, node, block, layouts, kept_heads):
     rw.edits.append(apply)
 
 
+def _split_kept(rw, node, block, layouts, lay, axis):
+    """The sizes of a Split's parts that keep whole heads, and the parts that keep none."""
+    sizes = [rw.shapes[o.name][axis] for o in node.outputs]
+    kept = set(lay.keep[axis].tolist())
+    bounds = np.cumsum([0] + sizes)
+    new_sizes = np.array([sum(1 for i in range(bounds[k], bounds[k + 1]) if i in kept)
+                          for k in range(len(sizes))], dtype=np.int64)
+    empty = [node.outputs[k] for k in np.flatnonzero(new_sizes == 0)]
+    block_nodes = set(block.nodes)
+    for out in empty:       # a part of dropped heads only (StableLM splits q per head): it goes
+        outside = [c for c in out.outputs if c.name not in block_nodes]
+        if outside or out.name not in layouts:
+            raise RewriteError(f"Split {node.name!r}: part {out.name!r} would be empty but is read outside "
+                               "the block")
+    if len(empty) == len(sizes):
+        raise RewriteError(f"Split {node.name!r}: every part would be empty")
+    return new_sizes[new_sizes > 0], empty
+
+
 @site("slice")
 def plan_slice(rw, node, block, layouts, kept_heads):
     x = node.inputs[0]
@@ -148,6 +165,9 @@ def plan_slice(rw, node, block, layouts, kept_heads):
     starts, ends = bound(node.inputs[1]), bound(node.inputs[2])
     if starts is None or ends is None:     # runtime bounds: only allowed off the head axes (matcher)
         return
+    if lay.projected:
+        _slice_projected(rw, node, lay, starts, ends, bound)
+        return
     axes = bound(node.inputs[3]) if len(node.inputs) > 3 and node.inputs[3].name else \
         np.arange(len(starts))
     steps = bound(node.inputs[4]) if len(node.inputs) > 4 and node.inputs[4].name else \
@@ -158,6 +178,10 @@ def plan_slice(rw, node, block, layouts, kept_heads):
         if a not in lay.keep:
             continue
         old = np.arange(in_shape[a])[slice(int(s), int(e), int(st))]
+        if len(old) == 0:           # an empty part (a full rotary's pass-through, x[..., D:]) stays empty
+            new_starts[k] = new_ends[k] = len(lay.keep[a])
+            touched = True
+            continue
         newpos = new_positions(lay.keep[a], in_shape[a])[old]
         newpos = newpos[newpos >= 0]
         # a step of 2 picks one of each interleaved rotary pair (GPT-J): the kept ones are still every other
@@ -173,6 +197,40 @@ def plan_slice(rw, node, block, layouts, kept_heads):
             n.inputs[1] = cs
             n.inputs[2] = ce
         rw.edits.append(apply)
+
+
+def _slice_projected(rw, node, lay, starts, ends, bound):
+    """A Slice of a packed projection's output that a cut inside the heads maps (Phi-3's qkv_proj cut into q, k
+    and v): its bounds on that axis become those of the same pieces, now of their new widths."""
+    x = node.inputs[0]
+    shape = rw.shapes[x.name]
+    axes = bound(node.inputs[3]) if len(node.inputs) > 3 and node.inputs[3].name else np.arange(len(starts))
+    steps = bound(node.inputs[4]) if len(node.inputs) > 4 and node.inputs[4].name else np.ones(len(starts), np.int64)
+    new_starts, new_ends = np.array(starts).copy(), np.array(ends).copy()
+    for k, (s, e, a, st) in enumerate(zip(starts, ends, axes, steps)):
+        a = norm_axis(int(a), len(shape))
+        if a not in lay.projected:
+            continue
+        picked = set(np.arange(shape[a])[slice(int(s), int(e), int(st))].tolist())
+        at, span = 0, []
+        for pos, m in lay.maps[a].pieces:
+            width = len(pos) if m is None else m.shape[1]
+            inside = {int(p) for p in pos} & picked
+            if inside and (int(st) != 1 or len(inside) != len(pos)):
+                raise RewriteError(f"Slice {node.name!r}: it cuts across a head that a cut inside the heads maps")
+            if inside:
+                span.append((at, at + width))
+            at += width
+        if not span or any(b[0] != a_[1] for a_, b in zip(span, span[1:])):
+            raise RewriteError(f"Slice {node.name!r}: the kept part is not one contiguous range")
+        new_starts[k], new_ends[k] = span[0][0], span[-1][1]
+    cs = gs.Constant(f"{node.name}__starts{next(fresh)}", new_starts.astype(np.asarray(starts).dtype))
+    ce = gs.Constant(f"{node.name}__ends{next(fresh)}", new_ends.astype(np.asarray(ends).dtype))
+
+    def apply(n=node, cs=cs, ce=ce):
+        n.inputs[1] = cs
+        n.inputs[2] = ce
+    rw.edits.append(apply)
 
 
 @site("gather")
@@ -249,7 +307,36 @@ def plan_attr(rw, node, block, layouts, kept_heads):
     new = head_attrs(node, block, kept_heads, width)
     if new is None:
         raise RewriteError(f"{node.op} node {node.name!r}: no family knows its head-count attributes")
+    w = node.inputs[1] if node.op == "Attention" and node.domain == "com.microsoft" and len(node.inputs) > 1 \
+        else None
+    widths = section_widths(block, w.name, layouts[w.name], kept_heads) if w is not None and w.name in layouts \
+        and block.tensor(w.name).dim_axis is not None else None
+    if widths is not None:
+        sizes = node.attrs.get("qkv_hidden_sizes") or [rw.shapes[w.name][1] // 3] * 3
+        if widths == [s // node.attrs["num_heads"] * len(kept_heads) for s in sizes]:
+            widths = None                   # whole heads only: head_attrs has said it all
+    if widths is not None:
+        # a cut inside the heads: Q/K and V sections of their own widths, the scale of the original head size
+        new["qkv_hidden_sizes"] = widths
+        new.setdefault("scale", float(node.attrs.get("scale") or 1.0 / np.sqrt(sizes[0] // node.attrs["num_heads"])))
     rw.edits.append(lambda n=node, new=new: n.attrs.update(new))
+
+
+def section_widths(block, name: str, lay, kept_heads) -> list[int]:
+    """The new widths of the q, k and v sections of a packed weight: one piece of its map per kept run."""
+    kept = {u for u, hs in enumerate(block.units) if hs & set(kept_heads)}
+    t = block.tensor(name)
+    runs_kept = [(u, pos, r) for u, pos, r in packed_runs(block, t) if u == -1 or u in kept]
+    axis_map = lay.maps.get(t.dim_axis)
+    widths = {"q": 0, "k": 0, "v": 0, None: 0}
+    if axis_map is None or axis_map.is_selection:         # positions kept: count them run by run
+        keep = set(axis_map.keep.tolist()) if axis_map is not None else None
+        for _, pos, role in runs_kept:
+            widths[role] += len(pos) if keep is None else len(keep & set(pos.tolist()))
+    else:                                   # one piece per kept run (``layouts._inside_packed``)
+        for (pos, m), (_, _, role) in zip(axis_map.pieces, runs_kept):
+            widths[role] += len(pos) if m is None else m.shape[1]
+    return [widths["q"], widths["k"], widths["v"]]
 
 
 @site("resize")

@@ -32,8 +32,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..calibration.data import held_out_batches
-from ..calibration.sites import projection_output
-from ..cut import HeadDims
+from ..calibration.sites import projection_input, projection_output
+from ..cut import HeadDims, packed_runs
 from ..errors import PlanError
 from ..model.proto import constant_array
 
@@ -162,9 +162,13 @@ class Moments:
             if "qk" in circuits:
                 for role in ("q", "k"):
                     out = projection_output(cal.work, b, role)
+                    if out is None:        # a fused projection (ORT's Attention): from its input and weights
+                        out = projection_input(cal.work, b, role)
+                        role = "x"
                     if out is None:
                         raise PlanError(f"block {b.index} ({b.name}): its {role} projection's output is not one "
-                                        "tensor of its own (a packed or fused projection); --qk-dims cannot be fitted")
+                                        "tensor of its own, nor its input (a packed or fused projection); --qk-dims "
+                                        "cannot be fitted")
                     names[(b.index, role)] = (b, out)
             if "ov" in circuits:
                 names[(b.index, "z")] = (b, next(s.context for s in cal.sites if s.block.index == b.index))
@@ -172,17 +176,24 @@ class Moments:
         fit, held = cal.grams(names, self.held_batches)
         held = held or fit
         for b in blocks:
-            self.fit[b.index] = self._split(b, fit, names)
-            self.held[b.index] = self._split(b, held, names)
+            self.fit[b.index] = self._split(b, fit, names, model, external_dir)
+            self.held[b.index] = self._split(b, held, names, model, external_dir)
 
     @staticmethod
-    def _columns(block, name: str, unit: frozenset) -> np.ndarray:
+    def _columns(block, name: str, unit: frozenset, role: str | None = None) -> np.ndarray:
+        """The positions of ``unit`` in ``name``; of its ``role`` run alone in a packed projection."""
         t = block.tensor(name)
-        return np.flatnonzero(np.asarray(t.owner).reshape(-1) == block.units.index(unit))
+        u = block.units.index(unit)
+        if role is not None and len(set(t.roles) & {"q", "k", "v"}) > 1:
+            return np.concatenate([pos for w, pos, r in packed_runs(block, t) if w == u and r == role])
+        return np.flatnonzero(np.asarray(t.owner).reshape(-1) == u)
 
-    def _split(self, block, grams: dict, names: dict) -> dict:
-        """{"q": {head: C}, "k": {kv head: C}, "z": {head: C}} from the whole-width grams of one block."""
+    def _split(self, block, grams: dict, names: dict, model=None, external_dir=None) -> dict:
+        """{"q": {head: C}, "k": {kv head: C}, "z": {head: C}} from the whole-width grams of one block (of its
+        projections' input ``x`` for q and k where they have no tensor of their own: ``_through``)."""
         out = {}
+        if (block.index, "x") in grams:
+            out.update(self._through(block, grams[(block.index, "x")], model, external_dir))
         for role in ("q", "k", "z"):
             key = (block.index, role)
             if key not in grams:
@@ -205,6 +216,31 @@ class Moments:
                 out["z_heads_mean"] = {i: out["z_mean"][c] for i, c in enumerate(columns)}
         return out
 
+    def _through(self, block, gram_x, model, external_dir) -> dict:
+        """q and k moments from the moments of the input x they are projected from: with ``y = x W + b``,
+        ``E yyᵀ = Wᵀ E[xxᵀ] W + Wᵀ μ bᵀ + b μᵀ W + b bᵀ`` per head (k centred: ``Wᵀ Σ_x W``, as ``_split``)."""
+        gram, total, n = gram_x
+        exx, mu = gram / max(n, 1), total / max(n, 1)
+        out = {}
+        for role in ("q", "k"):
+            p = block.projection(role)
+            w = np.moveaxis(constant_array(model, p.weight, external_dir).astype(np.float64), p.head_axis, -1)
+            b = constant_array(model, p.bias, external_dir).astype(np.float64) if p.bias else None
+            units = ([frozenset(g) for g in block.kv_groups] if role == "k"
+                     else [frozenset({h}) for h in range(block.num_heads)])
+            centred = role == "k" and not block.selects_dims
+            moments = exx - np.outer(mu, mu) if centred else exx
+            out[role] = {}
+            for i, u in enumerate(units):
+                wc = w[:, self._columns(block, p.weight, u, role)]
+                c = wc.T @ moments @ wc
+                if b is not None and not centred:
+                    bc = b[self._columns(block, p.bias, u, role)]
+                    m = wc.T @ mu
+                    c = c + np.outer(m, bc) + np.outer(bc, m) + np.outer(bc, bc)
+                out[role][i] = c
+        return out
+
     def _gram_o(self, model, block, external_dir) -> dict:
         return self._weight_grams(model, block, "o", [frozenset({h}) for h in range(block.num_heads)], external_dir,
                                   bias=False)
@@ -221,8 +257,9 @@ class Moments:
         b = constant_array(model, p.bias, external_dir).astype(np.float64) if bias and p.bias else None
         out = {}
         for i, u in enumerate(units):
-            c = self._columns(block, p.weight, u)
-            out[i] = w[c] @ w[c].T + (np.outer(b[c], b[c]) if b is not None else 0)
+            c = self._columns(block, p.weight, u, role)
+            cb = self._columns(block, p.bias, u, role) if b is not None else None
+            out[i] = w[c] @ w[c].T + (np.outer(b[cb], b[cb]) if b is not None else 0)
         return out
 
     def _from_weights(self, model, block, circuits, external_dir) -> dict:
