@@ -44,6 +44,8 @@ class Table:
     node: str
     input: int        # which input of ``node``
     axis: int         # the table's axis that lines up with the head size
+    pairs: str = ""   # a rotary op's cos/sin cache, one entry per pair of the first ``2 x size`` positions:
+    # "half" (pairs i, i + size) or "interleaved" (pairs 2i, 2i + 1); "": one entry per position
 
 
 @dataclass(frozen=True)

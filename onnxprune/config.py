@@ -28,7 +28,12 @@ def head_counts(result) -> tuple[int, int, int]:
     counts = set()
     for b in result.blocks:
         kept = result.kept[b.index]
-        counts.add((len(kept), len(b.kept_kv_heads(kept)), b.head_dim))
+        ranks = {f.rank for f in getattr(result, "dim_fits", ()) if f.block == b.index}
+        if len(ranks) > 1 or (ranks and len([f for f in result.dim_fits if f.block == b.index]) == 1):
+            raise PlanError(f"the config files hold one head size, but block {b.index} keeps K and V at different "
+                            "sizes (a cut inside its heads of one circuit, or of both at other ranks); write a "
+                            "single model file (-o FILE.onnx) instead of a folder")
+        counts.add((len(kept), len(b.kept_kv_heads(kept)), ranks.pop() if ranks else b.head_dim))
     if len(counts) != 1:
         per = ", ".join(f"{b.index}: {len(result.kept[b.index])}" for b in result.blocks)
         raise PlanError(f"the config files hold one head count for all layers, but this plan keeps different "

@@ -117,6 +117,21 @@ def selected(m) -> np.ndarray | None:
     return rows if np.all(np.diff(rows) > 0) else None
 
 
+@dataclass(frozen=True)
+class HeadwiseMap:
+    """The head-size axis of a KV cache [B, H_kv, T, D] mapped by each KV head's own matrix (``HeadDims.a``):
+    what a cut inside the heads does to the cache that a graph input or output carries. ``matrices``: one
+    [D, r] per head left on ``head_axis``, in order."""
+
+    head_axis: int
+    matrices: tuple = field(compare=False)
+
+    def apply(self, arr: np.ndarray, axis: int) -> np.ndarray:
+        parts = [np.moveaxis(np.moveaxis(np.take(arr, [g], axis=self.head_axis), axis, -1).astype(np.float64) @ m,
+                             -1, axis) for g, m in enumerate(self.matrices)]
+        return np.concatenate(parts, axis=self.head_axis).astype(arr.dtype)
+
+
 SIDES = {"ov": ({"v"}, {"o"}), "qk": ({"k"}, {"q"})}    # the roles of the first and the second side of a circuit
 WRITTEN = {"ov": "o", "qk": "q"}    # the projection whose weights the reference writes the circuit's A Bᵀ into
 

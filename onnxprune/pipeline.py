@@ -201,6 +201,10 @@ def fit_dims(state: State, options: PruneOptions) -> State:
     wanted = {c: None if budget else shares[c] for c in wanted_circuits(state, options)}
     for b in state.blocks:          # what the rewrite would refuse, refused before anything is fitted
         rewriting.check_cut(b, tuple(wanted), state.shapes)
+        if budget and one_head_size(b):
+            raise PlanError(f"block {b.index} ({b.name}): GroupQueryAttention has one head size for Q, K and V, "
+                            "which the budget's separate QK and OV steps do not keep; use --qk-dims and --v-dims "
+                            "alike")
     cal = None
     if options.calib is not None:
         taps, fed = (), ()        # QK: the queries and keys to read; the budget: the Q weights it rewrites
@@ -225,6 +229,8 @@ def fit_dims(state: State, options: PruneOptions) -> State:
         dims = []
         for name, share in wanted.items():
             rank = ranks[(b.index, name)] if budget else planning.keep_rank(b.head_dim, share, options.multiple_of)
+            if name == "ov" and dims and one_head_size(b):      # GroupQueryAttention: V at the QK rank
+                rank = dims[0].rank
             if rank >= b.head_dim:
                 continue
             fit = moments.fit_circuit(b.index, name, rank)
@@ -234,6 +240,11 @@ def fit_dims(state: State, options: PruneOptions) -> State:
                                tuple(int(i) for i in keep) if keep is not None else None))
         plans[b.index] = replace(plans[b.index], dims=tuple(dims))
     return replace(state, plans=plans, dim_fits=tuple(fits), dims_source=moments.source)
+
+
+def one_head_size(block) -> bool:
+    """Whether the block's fused op has one head size for Q, K and V (GroupQueryAttention)."""
+    return any(s.op == "com.microsoft.GroupQueryAttention" for s in block.sites)
 
 
 def wanted_circuits(state: State, options: PruneOptions) -> tuple:

@@ -13,7 +13,7 @@ from onnx.external_data_helper import uses_external_data
 from .block import AttentionBlock
 from . import quant
 from .calibration.sites import projection_output
-from .cut import WRITTEN, project_heads, runs, written
+from .cut import WRITTEN, HeadwiseMap, project_heads, runs, written
 from .errors import PlanError, VerifyError
 from .plan import BlockPlan
 from .model.proto import own_constant, own_weights
@@ -211,8 +211,8 @@ def kept_heads_only(arrays: dict, io_keep: dict) -> dict:
     (a KV cache): what the pruned model takes, or should give."""
     out = {}
     for name, arr in arrays.items():
-        for ax, idx in io_keep.get(name, {}).items():
-            arr = np.take(arr, idx, axis=ax)
+        for ax, idx in io_keep.get(name, {}).items():       # the kept heads first, then a map of their sizes
+            arr = idx.apply(arr, ax) if isinstance(idx, HeadwiseMap) else np.take(arr, idx, axis=ax)
         out[name] = arr
     return out
 

@@ -80,9 +80,9 @@ def test_a_selection_map_inside_the_heads_is_the_plain_cut():
 
 
 @pytest.mark.parametrize("name,words", [
-    ("gpt2-ts.onnx", "packed projection"),                    # c_attn holds q, k and v together
-    ("optimum-llama-past.onnx", "KV cache"),
-    ("bert-ort-attention.onnx", "fused attention op"),
+    ("torch-encoder-ts.onnx", "on an axis of their own"),     # nn.MultiheadAttention stacks q, k and v
+    ("gpt2-ort-past.onnx", "KV cache"),                        # K and V stacked in one past tensor
+    ("bert-ort-mha.onnx", "fused attention op"),
 ])
 def test_what_a_map_inside_the_heads_cannot_be_written_into_is_refused(name, words):
     state, options = matched(name)

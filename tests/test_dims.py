@@ -115,7 +115,7 @@ def test_a_qk_map_written_into_k_instead_of_q_fails_the_proof(monkeypatch):
     ("qwen3-ts.onnx", "qk", "a norm over the head size"),          # q/k norm, rotary
     ("albert-ts.onnx", "ov", "shared with other blocks"),
     ("bert-ort-mha.onnx", "ov", r"fused attention op \(MultiHeadAttention"),
-    ("optimum-llama-past.onnx", "ov", "KV cache"),
+    ("gpt2-ort-past.onnx", "ov", "KV cache"),        # K and V stacked in one past tensor
     ("falcon-d18.onnx", "ov", "multi-query attention"),    # one KV head, in one packed QKV projection
     ("gpt-neox-ts.onnx", "ov", "head-size positions are not known"),   # q, k, v interleaved per head
     ("torch-encoder-ts.onnx", "ov", "on an axis of their own"),     # nn.MultiheadAttention's [3, ...] stack
@@ -130,7 +130,7 @@ def test_what_a_cut_inside_the_heads_cannot_pass_is_refused(name, circuit, words
 
 
 @pytest.mark.parametrize("name,kw,words", [
-    ("llama-genai/model.onnx", dict(v_dims=0.5), r"fused attention op \(GroupQueryAttention"),   # packed QKV
+    ("llama-genai/model.onnx", dict(v_dims=0.5), "one head size for Q, K and V"),   # GroupQueryAttention
     ("bert-ort-mha.onnx", dict(qk_dims=0.5), "fused attention op"),
     ("torch-encoder-d18.onnx", dict(v_dims=0.5), "on an axis of their own"),
     ("qwen3-ts.onnx", dict(qk_dims=0.5), "no head-size axis that the matcher could follow"),

@@ -127,7 +127,7 @@ def test_a_rotary_table_cut_wrongly_or_left_uncut_fails(monkeypatch, fault):
              for b in state.blocks}
     original = rewriting.Rewriter._plan_table
 
-    def planted(self, block, table, lays):
+    def planted(self, block, table, lays, dims=()):
         if fault == "uncut":
             return
         lay = lays[self.nodes[table.node].outputs[0].name]
@@ -135,7 +135,8 @@ def test_a_rotary_table_cut_wrongly_or_left_uncut_fails(monkeypatch, fault):
         size = self.shapes[self.nodes[table.node].outputs[0].name][ax]
         shifted = {**lay.keep, ax: (lay.keep[ax] + 1) % size}
         original(self, block, table, {**lays, self.nodes[table.node].outputs[0].name:
-                                      replace(lay, maps={**lay.maps, ax: type(lay.maps[ax]).select(shifted[ax])})})
+                                      replace(lay, maps={**lay.maps, ax: type(lay.maps[ax]).select(shifted[ax])})},
+                 dims)
     monkeypatch.setattr(rewriting.Rewriter, "_plan_table", planted)
     with pytest.raises(VerifyError if fault == "shifted" else RewriteError):
         _cut(state, options, plans)

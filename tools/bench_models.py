@@ -120,8 +120,8 @@ def main(argv=None) -> int:
     ap.add_argument("--runs", type=int, default=100)
     ap.add_argument("--fp16", action="store_true", help="also fp16 MiniLM rows (for GPU providers)")
     ap.add_argument("--align", action="store_true", help="also the --multiple-of rows")
-    ap.add_argument("--dims", action="store_true", help="also MiniLM cut inside the heads to 50%% of the "
-                    "attention MACs (ranks of 8 + 24, and 9 + 22, not multiples of 8)")
+    ap.add_argument("--dims", action="store_true", help="also MiniLM (the export and the fused one) cut inside the "
+                    "heads to 50%% of the attention MACs (ranks of 8 + 24, and 9 + 22, not multiples of 8; the budget)")
     ap.add_argument("--only", nargs="+", help="minilm, minilm-fused, or names from models/")
     args = ap.parse_args(argv)
     wanted = set(args.only or ["minilm", "minilm-fused", *SMALL])
@@ -153,6 +153,13 @@ def main(argv=None) -> int:
                 ("--ratio", "0.58", "--multiple-of", "64"))
         if args.fp16:
             row("MiniLM-L6 ORT-fused Attention fp16", "minilm-fused", fused(base, True), args)
+        if args.dims:       # the fused op takes Q/K and V widths of their own (qkv_hidden_sizes)
+            row("MiniLM-L6 fused, dims: --qk-dims 0.75 --v-dims 0.25 (QK 8 + OV 24)", "minilm-fused --dims",
+                fused(base, False), args, ("--ratio", "0", "--qk-dims", "0.75", "--v-dims", "0.25"))
+            row("MiniLM-L6 fused, the budget: --attention-ratio 0.5 --calib", "minilm-fused --dims",
+                fused(base, False), args, ("--ratio", "0", "--attention-ratio", "0.5", "--calib",
+                                           str(minilm_calib())))
+            row("MiniLM-L6 fused, heads 0.5 (the same run)", "minilm-fused --dims", fused(base, False), args)
     small = argparse.Namespace(**{**vars(args), "seq": args.small_seq})
     for name in SMALL:
         if name in wanted:

@@ -88,6 +88,15 @@ def dim_positions(flow, found: dict, positions: dict, head_dim: int) -> tuple[tu
         return t is not None and t.name in found and found[t.name] not in flow.maps[t.name].axes
 
     tables = []
+    for node in topological(flow):       # rotary ops: ONNX Runtime's (and GQA's own), ONNX's (opset 23)
+        table = _rotary_caches(flow, node)
+        if table is not None:
+            kind, inputs, half = table
+            if 2 * half > head_dim:
+                continue
+            for i in range(half):
+                tie([i], [i + half]) if kind == "half" else tie([2 * i], [2 * i + 1])
+            tables += [Table(node.name, i, len(flow.shape(node.inputs[i])) - 1, kind) for i in inputs]
     for node in topological(flow):
         if not node.outputs or not own(node.outputs[0]):
             continue
@@ -138,6 +147,26 @@ def _sliced(flow, node) -> dict | None:
     steps = np.ones(len(starts), dtype=np.int64) if steps is None else steps
     return {norm_axis(int(a), len(shape)): np.arange(shape[norm_axis(int(a), len(shape))])[slice(int(s), int(e), int(st))]
             for s, e, a, st in zip(starts, ends, axes, steps)}
+
+
+# the cos/sin cache inputs of the rotary ops that turn Q and K inside one node
+ROTARY_CACHES = {("com.microsoft", "RotaryEmbedding"): (2, 3), ("", "RotaryEmbedding"): (1, 2),
+                 ("com.microsoft", "GroupQueryAttention"): (7, 8)}
+
+
+def _rotary_caches(flow, node):
+    """("half" or "interleaved", the cos/sin inputs, pairs: their last size) of a node that turns the head size
+    by rotary caches of its own inputs, else None."""
+    inputs = ROTARY_CACHES.get((node.domain if node.domain not in (None, "ai.onnx") else "", node.op))
+    if inputs is None or (node.op == "GroupQueryAttention" and not node.attrs.get("do_rotary", 0)):
+        return None
+    if len(node.inputs) <= max(inputs) or any(not node.inputs[i].name for i in inputs):
+        return None
+    shape = flow.shapes.get(node.inputs[inputs[0]].name)
+    if not shape:
+        return None
+    interleaved = node.attrs.get("rotary_interleaved" if node.op == "GroupQueryAttention" else "interleaved", 0)
+    return ("interleaved" if interleaved else "half"), inputs, int(shape[-1])
 
 
 def _kept_axes(flow, node, rx: int, ry: int) -> dict | None:
@@ -194,6 +223,17 @@ def _step(flow, node, found: dict, head_dim: int, pos: dict):
         rank = len(_shape(flow, y) or ())
         axis = norm_axis(node.attrs.get("axis", 0), rank) if rank else None
         parts = [t for t in node.inputs if t is not None and t.name]
+        known = [t for t in parts + [y] if t.name in found]
+        stacked = all(t.name in pos and pos[t.name].ndim == 2 for t in parts)    # GPT-J's interleave, below
+        if known and axis is not None and found[known[0].name] != axis and not stacked and \
+                all(t.name in flow.maps and len(_shape(flow, t)) == rank for t in parts):
+            # along another axis (a KV cache's past and new entries, along the sequence): the head size is
+            # the same axis in every part
+            for t in parts + [y]:
+                if t.name not in found:
+                    found[t.name] = found[known[0].name]
+                    carry(known[0], t)
+            return
         if y.name in found or not parts or not all(t.name in found for t in parts):
             return
         at = {found[t.name] for t in parts}
@@ -273,6 +313,12 @@ def _step(flow, node, found: dict, head_dim: int, pos: dict):
         elif y.name in found and x.name not in found and found[y.name] in back:
             found[x.name] = back[found[y.name]]
             carry(y, x)
+        return
+    if node.op == "GroupQueryAttention":          # its KV cache in and out: [B, H_kv, T, D]
+        for t in [node.inputs[i] for i in (3, 4) if i < len(node.inputs)] + list(node.outputs[1:3]):
+            shape = _shape(flow, t) if t is not None and t.name in flow.maps else None
+            if shape and len(shape) == 4 and shape[-1] == head_dim and t.name not in found:
+                found[t.name] = 3
         return
     if node.op in ("QuantizeLinear", "DequantizeLinear"):   # a static QDQ model's activations, one scale each
         x = node.inputs[0]

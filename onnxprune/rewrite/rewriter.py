@@ -15,7 +15,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..block import AttentionBlock
-from ..cut import CIRCUITS, SIDES, HeadDims
+from ..cut import CIRCUITS, SIDES, HeadDims, HeadwiseMap
 from ..errors import PlanError, RewriteError
 from ..match import shape_expr
 from ..model.graph import const_value, identity_source, set_values
@@ -23,6 +23,7 @@ from .layouts import ROTATION, Layout, apply_maps, declare_shape, fresh, layouts
 from .sites import SITE_PLANNERS
 
 ORT_ATTENTION = "com.microsoft.Attention"     # the fused op whose qkv_hidden_sizes lets Q/K and V widths differ
+GQA = "com.microsoft.GroupQueryAttention"     # one head size for Q, K and V: both circuits at one rank
 
 # sites that rewrite a size only: they hold for an axis that a cut inside the heads projects
 SIZE_SITES = {"reshape", "expand", "resize", "tile"}
@@ -72,12 +73,15 @@ class Rewriter:
                 self._plan_cut(tensor, lay, block_nodes)
             elif t.io:
                 self.io_keep[t.name] = dict(lay.keep)
+                if t.dim_axis is not None and t.dim_axis not in lay.keep and \
+                        lay.new_shape[t.dim_axis] != self.shapes[t.name][t.dim_axis]:
+                    self.io_keep[t.name][t.dim_axis] = cache_map(block, t, kept_heads, dims)
                 self.edits.append(lambda v=tensor, shape=lay.new_shape: declare_shape(v, shape))
         for table in block.tables:
-            self._plan_table(block, table, lays)
+            self._plan_table(block, table, lays, dims)
         for site in block.sites:
             node = self.nodes[site.node]
-            if site.kind not in SIZE_SITES and not (site.kind == "attr" and site.op == ORT_ATTENTION) \
+            if site.kind not in SIZE_SITES and not (site.kind == "attr" and site.op in (ORT_ATTENTION, GQA)) \
                     and site.kind not in ("split", "slice") and any(lays[v.name].projected for v in list(node.inputs) + list(node.outputs)
                                                    if v is not None and v.name in lays):
                 raise RewriteError(f"{node.op} {node.name!r} picks positions of an axis that a cut inside the "
@@ -100,20 +104,34 @@ class Rewriter:
             self._slices[key] = replacement
         self.edits.append(lambda t=tensor, r=replacement: reroute(t, r, block_nodes))
 
-    def _plan_table(self, block: AttentionBlock, table, lays: dict):
+    def _plan_table(self, block: AttentionBlock, table, lays: dict, dims=()):
         """A cos/sin table that a node of the block multiplies along the head size: the same positions of it
         as the node's output keeps, by a Gather in front of the node (one per table and positions: blocks that
-        keep the same positions share it)."""
+        keep the same positions share it). A rotary op's cache holds one entry per pair: the kept pairs'."""
         node = self.nodes[table.node]
+        src = node.inputs[table.input]
+        if table.pairs:
+            qk = next((d for d in dims if d.circuit == "qk"), None)
+            if qk is None:
+                return
+            if qk.keep is None:
+                raise RewriteError(f"block {block.index} ({block.name}): {node.op} {node.name!r} turns the queries "
+                                   f"and keys by {src.name!r}; {ROTATION}")
+            size = self.shapes[src.name][table.axis]
+            keep = np.array([i for i in qk.keep if i < size] if table.pairs == "half" else
+                            [i // 2 for i in qk.keep if i % 2 == 0 and i < 2 * size], dtype=np.int64)
+            self._gather_table(node, table, src, keep)
+            return
         y = node.outputs[0]
         t, lay = block.tensor(y.name), lays.get(y.name)
         if lay is None or t.dim_axis is None or lay.new_shape[t.dim_axis] == self.shapes[y.name][t.dim_axis]:
             return
-        src = node.inputs[table.input]
         if t.dim_axis not in lay.keep:
             raise RewriteError(f"block {block.index} ({block.name}): {node.op} {node.name!r} reads {src.name!r} "
                                f"over the head size (a rotary embedding's cos or sin); {ROTATION}")
-        keep = lay.keep[t.dim_axis]
+        self._gather_table(node, table, src, lay.keep[t.dim_axis])
+
+    def _gather_table(self, node, table, src, keep):
         key = (src.name, table.axis, tuple(int(i) for i in keep))
         out = self._tables.get(key)
         if out is None:
@@ -196,17 +214,25 @@ def check_dims(block: AttentionBlock, dims: tuple):
         if circuit not in CIRCUITS:
             raise PlanError(f"block {block.index} ({block.name}): no cut inside the heads of circuit "
                             f"{circuit!r}; known: {', '.join(CIRCUITS)}")
-        fused = sorted({s.op.rsplit(".", 1)[-1] for s in block.sites if s.kind == "attr" and s.op != ORT_ATTENTION})
+        if any(s.op == GQA for s in block.sites) and {getattr(x, "circuit", x) for x in dims} != {"qk", "ov"}:
+            raise RewriteError(f"block {block.index} ({block.name}): GroupQueryAttention has one head size for Q, K "
+                               "and V (and its KV cache): cut both circuits to one rank (--qk-dims and --v-dims "
+                               "alike)")
+        fused = sorted({s.op.rsplit(".", 1)[-1] for s in block.sites
+                        if s.kind == "attr" and s.op not in (ORT_ATTENTION, GQA)})
         if fused:
             raise RewriteError(f"block {block.index} ({block.name}): a fused attention op ({', '.join(fused)}: one "
                                "head size for Q, K and V, its attributes and KV cache); a cut inside its heads is "
                                "not supported there yet (ONNX Runtime's Attention is: its qkv_hidden_sizes)")
         # a table shared with other blocks (T5's position bias) holds heads, not their sizes: it is narrowed
-        # as before. A KV cache, or a shared tensor with a head size, would need its size cut outside the block
-        where = next((t.name for t in block.tensors if (t.io or t.cut) and (t.io or t.dim_axis is not None)), None)
+        # as before. A shared tensor with a head size would need its size cut outside the block; a KV cache
+        # (a graph input or output) changes its declared size, and the proof maps it (``cache_map``)
+        where = next((t.name for t in block.tensors if (t.cut and t.dim_axis is not None) or
+                      (t.io and t.dim_axis is None and set(t.roles) & set().union(*SIDES[circuit]))), None)
         if where is not None:
             raise RewriteError(f"block {block.index} ({block.name}): {where!r} carries the heads out of the "
-                               "block (a KV cache or a shared table); a cut inside its heads is not supported")
+                               "block (a shared table, or a KV cache whose head size the matcher could not "
+                               "follow); a cut inside its heads is not supported")
         for role in sorted(set().union(*SIDES[circuit])):
             proj = block.projection(role)
             t = next((t for t in block.tensors if proj is not None and t.name == proj.weight), None)
@@ -218,6 +244,18 @@ def check_dims(block: AttentionBlock, dims: tuple):
                 raise RewriteError(f"block {block.index} ({block.name}): a cut inside the heads of its "
                                    f"{circuit.upper()} circuit needs the {role} projection's head-size axis; "
                                    f"{why}")
+
+
+def cache_map(block: AttentionBlock, t, kept_heads, dims) -> HeadwiseMap:
+    """The map of a KV cache input or output of ``block`` (K or V of each kept KV head) under ``dims``: its
+    circuit's first side, ``A`` of each KV head, as the cut's K and V are ``k A`` and ``v A``."""
+    role = next(iter(t.roles & {"k", "v"}), None)
+    d = next((d for d in dims if role in SIDES[d.circuit][0]), None)
+    if d is None or len(t.axes) != 1:
+        raise RewriteError(f"block {block.index} ({block.name}): the KV cache {t.name!r} changes its head size, "
+                           "but no cut of K or V says how")
+    kept = block.kept_kv_heads(kept_heads)
+    return HeadwiseMap(t.axes[0], tuple(np.asarray(d.a[g], np.float64) for g in kept))
 
 
 def check_cut(block: AttentionBlock, circuits, shapes: dict):
@@ -233,6 +271,8 @@ def check_cut(block: AttentionBlock, circuits, shapes: dict):
                                                 len(block.kv_groups), block.num_heads))
             continue
         rank = max(1, block.head_dim - 1)
+        if any(s.op == GQA for s in block.sites) and placeholders:       # one head size: the QK one's
+            rank = placeholders[0].rank
         eye = np.eye(block.head_dim, rank, dtype=np.float32) * 0.5       # a projection, not a selection
         placeholders.append(HeadDims(c, {g: eye for g in range(len(block.kv_groups))},
                                      {h: eye for h in range(block.num_heads)}))

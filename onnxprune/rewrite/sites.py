@@ -319,7 +319,29 @@ def plan_attr(rw, node, block, layouts, kept_heads):
         # a cut inside the heads: Q/K and V sections of their own widths, the scale of the original head size
         new["qkv_hidden_sizes"] = widths
         new.setdefault("scale", float(node.attrs.get("scale") or 1.0 / np.sqrt(sizes[0] // node.attrs["num_heads"])))
+    if node.op == "GroupQueryAttention" and node.domain == "com.microsoft":
+        new.update(_gqa_scale(rw, node, block, layouts, kept_heads))
     rw.edits.append(lambda n=node, new=new: n.attrs.update(new))
+
+
+def _gqa_scale(rw, node, block, layouts, kept_heads) -> dict:
+    """GroupQueryAttention cut inside its heads: Q, K and V must come out at one head size (the op has one),
+    and the scale stays that of the original head size (its default would take the new one)."""
+    n, n_kv = len(kept_heads), len(block.kept_kv_heads(kept_heads))
+    widths = []
+    for i, heads in ((0, n), (1, n_kv), (2, n_kv)):
+        t = node.inputs[i] if i < len(node.inputs) else None
+        if t is None or not t.name:
+            continue
+        width = layouts[t.name].new_shape[-1] if t.name in layouts else rw.shapes[t.name][-1]
+        widths.append(width / (n + 2 * n_kv) if i == 0 and len(widths) == 0 and not (
+            len(node.inputs) > 1 and node.inputs[1].name) else width / heads)
+    if len(set(widths)) != 1:
+        raise RewriteError(f"GroupQueryAttention {node.name!r}: Q, K and V would come out at head sizes "
+                           f"{sorted(set(widths))}; it has one: cut QK and OV to the same rank")
+    if widths[0] == block.head_dim:
+        return {}
+    return {} if node.attrs.get("scale") else {"scale": float(1.0 / np.sqrt(block.head_dim))}
 
 
 def section_widths(block, name: str, lay, kept_heads) -> list[int]:
