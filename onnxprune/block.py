@@ -31,6 +31,8 @@ class HeadTensor:
     roles: frozenset = frozenset()   # where it is in the block: q, k, v (above the core), s (scores), o (context)
     dim_axis: int | None = None      # the head-size axis: one of ``axes`` when merged (F = H * D, each head's D
     # positions the run it owns), an axis of its own ([B, H, S, D]), or None (scores, probabilities)
+    before_cut: bool = False        # above a norm over the head size (q/k norms): a QK cut keeps it whole and
+    # starts below the norm (``AttentionBlock.cut_points``)
     dim_pos: np.ndarray | None = field(default=None, compare=False, repr=False)   # on an axis of its own: the
     # head-size position each index holds, where that is not 0..D-1 (a half of it sliced off for a rotary
     # embedding: 4..7; its halves swapped: 4..7, 0..3)
@@ -76,11 +78,13 @@ class AttentionBlock:
     tables: tuple[Table, ...] = ()          # cos/sin tables over the head size (rotary embeddings)
     pairs: tuple[tuple[int, ...], ...] = ()  # head-size positions that a node mixes (a rotary embedding's pairs):
     # a cut keeps each whole or none of it, and cannot rotate them
+    cut_points: tuple[tuple[str, int], ...] = ()   # (node, input) where a QK cut starts, below a q/k norm: the
+    # norm sees every position, the node gets the kept ones (a Gather in front)
 
     @property
     def selects_dims(self) -> bool:
         """Whether a cut of the QK circuit can only keep positions, not rotate them (a rotary embedding)."""
-        return bool(self.tables or self.pairs)
+        return bool(self.tables or self.pairs or self.cut_points)
 
     def kept_kv_heads(self, kept_heads) -> list[int]:
         """Indices of the KV heads that still serve at least one of ``kept_heads``."""

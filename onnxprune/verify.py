@@ -127,7 +127,7 @@ def zeroed_queries(model, blocks, plans: dict, qv) -> dict:
         plan = plans.get(block.index)
         for dims in plan.dims if plan is not None else ():
             keep = dims.keep
-            q = projection_output(model, block, "q") if dims.circuit == "qk" else None
+            q = projection_output(model, block, "q") if dims.circuit == "qk" and not block.cut_points else None
             if keep is None or q is None:
                 raise PlanError(f"a cut inside the heads would re-quantize this {qv.describe()} model's weights; "
                                 "cut the float model, then quantize it")
@@ -157,12 +157,47 @@ def projected_model(model: onnx.ModelProto, blocks: list[AttentionBlock], plans:
         for dims in plan.dims:
             if dims.circuit not in WRITTEN:
                 raise PlanError(f"block {block.index} ({block.name}): no reference for circuit {dims.circuit!r}")
+            if dims.circuit == "qk" and query_cut_points(masked, block):
+                mask_queries(masked, block, dims.keep)       # below a q/k norm: the queries zeroed there
+                continue
             for t in written(block, dims.circuit):
                 proto = own_constant(masked, t.name)
                 arr = project_heads(numpy_helper.to_array(proto, base_dir=str(external_dir or "")), block, t,
                                     plan.kept_heads, dims)
                 proto.CopyFrom(numpy_helper.from_array(arr, proto.name))
     return masked
+
+
+def query_cut_points(model: onnx.ModelProto, block) -> list[tuple]:
+    """The block's cut points below a q/k norm (``block.cut_points``) on the queries' side: (node, input)."""
+    nodes = {n.name: n for n in model.graph.node}
+    roles = {t.name: t.roles for t in block.tensors}
+    return [(nodes[n], i) for n, i in block.cut_points if n in nodes and "q" in roles.get(nodes[n].output[0], ())]
+
+
+def mask_queries(model: onnx.ModelProto, block, keep) -> None:
+    """The reference of a QK cut below a q/k norm: the queries that the cut point reads multiplied by 0/1 over
+    the head size (1 where ``keep`` keeps), the norm above it as it was."""
+    from onnx import helper
+    for node, i in query_cut_points(model, block):
+        x = node.input[i]
+        t = block.tensor(x)
+        pos = np.asarray(t.dim_pos).reshape(-1) if t.dim_pos is not None else np.arange(block.head_dim)
+        trailing, dtype = _trailing_axes(model, x, t.dim_axis)
+        mask = np.isin(pos, keep).astype(dtype)
+        name = f"{x}.onnxprune_kept{block.index}"
+        model.graph.initializer.append(numpy_helper.from_array(mask.reshape((-1,) + (1,) * trailing), f"{name}.value"))
+        at = list(model.graph.node).index(node)
+        model.graph.node.insert(at, helper.make_node("Mul", [x, f"{name}.value"], [name], name=name))
+        node.input[i] = name
+
+
+def _trailing_axes(model, name: str, axis: int) -> tuple[int, type]:
+    """(how many axes follow ``axis`` in tensor ``name``, its numpy dtype), from shape inference."""
+    inferred = onnx.shape_inference.infer_shapes(model)
+    vi = next(v for v in list(inferred.graph.value_info) + list(inferred.graph.input) if v.name == name)
+    t = vi.type.tensor_type
+    return len(t.shape.dim) - 1 - axis, onnx.helper.tensor_dtype_to_np_dtype(t.elem_type)
 
 
 def run(model: onnx.ModelProto, feeds: dict, external_dir=None, overrides=None) -> dict[str, np.ndarray]:

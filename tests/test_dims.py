@@ -133,7 +133,7 @@ def test_what_a_cut_inside_the_heads_cannot_pass_is_refused(name, circuit, words
     ("llama-genai/model.onnx", dict(v_dims=0.5), "one head size for Q, K and V"),   # GroupQueryAttention
     ("bert-ort-mha.onnx", dict(qk_dims=0.5), "fused attention op"),
     ("torch-encoder-d18.onnx", dict(v_dims=0.5), "on an axis of their own"),
-    ("qwen3-ts.onnx", dict(qk_dims=0.5), "no head-size axis that the matcher could follow"),
+    ("cohere-d18.onnx", dict(qk_dims=0.5), "no head-size axis known"),      # a q/k norm weight per head, [H, D]
 ])
 def test_a_cut_the_rewrite_cannot_carry_is_refused_before_anything_is_fitted(name, kw, words):
     """The rewrite's refusals come first, in one line: no fit (weights-only here) runs on what it cannot carry."""

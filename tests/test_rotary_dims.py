@@ -97,6 +97,59 @@ def test_random_pair_selections_equal_the_zeroed_original(name, seed, some):
             assert widths[p.weight][p.head_axis] == n * len(keeps[b.index]), (role, b.index)
 
 
+# q/k norms over the head size (Qwen3, Gemma 3; their multi-query form; opset 23; Optimum): the cut starts below
+NORMED = ["qwen3-ts.onnx", "qwen3-d18.onnx", "qwen3-d23-sdpa.onnx", "gemma3-ts.onnx", "gemma3-d18.onnx",
+          "gemma3-d23-sdpa.onnx", "gemma3-mqa-ts.onnx", "gemma3-mqa-d18.onnx", "optimum-qwen3-nopast.onnx",
+          "optimum-gemma3-nopast.onnx"]
+
+
+@pytest.mark.parametrize("name", NORMED)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_a_qk_cut_below_the_q_k_norms_equals_the_original_with_the_queries_zeroed_there(name, seed):
+    """Whole rotary pairs kept below the q/k norms: the norms (and the Q/K projections) see every position,
+    a Gather at each cut point (and at the broadcast of a multi-query K) keeps the pairs; equal to the original
+    with the queries zeroed at the same place, at other sizes too; the projections keep their widths."""
+    state, options = matched(name)
+    rng = np.random.default_rng(seed)
+    plans = {b.index: BlockPlan(tuple(range(b.num_heads)), dims=(_select(b, _random_keep(b, rng)),))
+             for b in state.blocks}
+    assert all(b.cut_points for b in state.blocks)
+    cut = _cut(state, options, plans)
+    assert cut.max_error is not None and cut.max_error <= 1e-4
+    ref = reference(state.model, state.blocks, cut.plans)
+    feeds = synth_inputs(state.model, seed=9, batch=2, seq=6)
+    assert compare(ref, cut.pruned, feeds, {}) <= 1e-4
+    assert max_abs_diff(run(state.model, feeds), run(ref, feeds)) > 1e-4
+    before = {i.name: list(i.dims) for i in state.model.graph.initializer}
+    after = {i.name: list(i.dims) for i in cut.pruned.graph.initializer}
+    q = state.blocks[0].projection("q")
+    assert after[q.weight] == before[q.weight]
+
+
+def test_zeroing_the_queries_above_the_norm_fails_the_proof(monkeypatch):
+    """Planted fault: the reference written into W_q (above the norm, which then sees other values)."""
+    from onnxprune import verify
+    state, options = matched("qwen3-d18.onnx")
+    rng = np.random.default_rng(0)
+    plans = {b.index: BlockPlan(tuple(range(b.num_heads)), dims=(_select(b, _random_keep(b, rng)),))
+             for b in state.blocks}
+    monkeypatch.setattr(verify, "query_cut_points", lambda model, block: [])
+    with pytest.raises(VerifyError, match="differs"):
+        _cut(state, options, plans)
+
+
+def test_a_rotation_below_a_q_k_norm_and_compensation_after_it_are_refused():
+    from onnxprune.errors import PlanError as Plan
+    state, options = matched("gemma3-ts.onnx")
+    rng = np.random.default_rng(0)
+    plans = {b.index: BlockPlan(tuple(range(b.num_heads)), dims=(random_dims(b, "qk", 4, rng),)) for b in state.blocks}
+    with pytest.raises(RewriteError, match="keeps whole positions below the norm"):
+        pipeline.rewrite(replace(state, plans=plans), options)
+    model = onnx.load(str(MODELS / "gemma3-ts.onnx"))
+    with pytest.raises(Plan, match="below the q/k norms"):
+        prune_model(model, qk_dims=0.5, calib=synth_inputs(model, seed=1, batch=8, seq=8), compensate="auto")
+
+
 @pytest.mark.parametrize("name", ["llama-d18.onnx", "gptj-ts.onnx"])
 def test_half_a_rotary_pair_is_refused(name):
     state, options = matched(name)

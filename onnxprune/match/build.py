@@ -7,7 +7,7 @@ import numpy as np
 from ..block import AttentionBlock, HeadTensor, Projection, Site
 from . import shape_expr
 from .headmap import SHAPE_READERS, FlowFail
-from .headdim import broadcast_chains, dim_positions, head_dim_axes
+from .headdim import below_norms, broadcast_chains, dim_positions, head_dim_axes
 from .headflow import Flow
 from ..model.graph import is_const
 
@@ -171,9 +171,11 @@ def build_block(flow: Flow, family: str, core, index: int, num_heads: int) -> At
     positions: dict = {}
     dims = head_dim_axes(flow, head_dim, positions)
     pairs, tables = dim_positions(flow, dims, positions, head_dim)
+    above, cut_points = below_norms(flow, dims, head_dim) or (frozenset(), ())
     tensors = tuple(HeadTensor(name, hm.axes, hm.owner, is_const(flow.tensors[name]), name in cuts,
                                tuple(a for a in flow.copy_axes.get(name, ()) if a in hm.axes), name in flow.io,
-                               frozenset(flow.roles.get(name, ())), dims.get(name), positions.get(name))
+                               frozenset(flow.roles.get(name, ())), dims.get(name), name in above,
+                               positions.get(name))
                     for name, hm in flow.maps.items())
     nodes = tuple(n.name for n in flow.node_order if id(n) in flow.nodes)
     sites = [Site(k, n.name, f"{n.domain}.{n.op}" if n.domain and n.domain != "ai.onnx" else n.op)
@@ -189,7 +191,7 @@ def build_block(flow: Flow, family: str, core, index: int, num_heads: int) -> At
         index=index, name=name, family=family, core=core.name, num_heads=num_heads,
         num_kv_heads=len(groups), head_dim=head_dim, kv_groups=tuple(groups), units=units,
         projections=tuple(projections), tensors=tensors,
-        sites=tuple(sites), nodes=nodes, tables=tables, pairs=pairs)
+        sites=tuple(sites), nodes=nodes, tables=tables, pairs=pairs, cut_points=cut_points)
 
 
 def _multi_query(flow: Flow, dims: dict, head_dim: int, unit: int, known: set) -> tuple:

@@ -141,11 +141,15 @@ def _inside_heads(block: AttentionBlock, t, dims: HeadDims, units: set, maps: di
     on a merged head axis each kept head's run times its matrix; on a head-size axis of its own, the rank."""
     first, second = SIDES[dims.circuit]
     side = side_of(t.roles, dims.circuit)
+    if t.before_cut and dims.circuit == "qk" and dims.keep is not None:
+        return                  # above a q/k norm: whole; the cut starts below it (``block.cut_points``)
     if side is None:
         if set(t.roles) & (first | second) and len(set(t.roles) & {"q", "k", "v"}) > 1:
             raise RewriteError(f"block {block.index} ({block.name}): {t.name!r} holds {'/'.join(sorted(t.roles))} "
                                f"together (a packed projection); a cut inside its heads is not supported")
         return
+    if t.dim_axis is None and dims.circuit == "qk" and block.cut_points and not t.constant:
+        return                  # a q/k norm's mean square ([..., 1]): as it is
     if t.dim_axis is None:
         if t.constant:
             raise RewriteError(f"block {block.index} ({block.name}): no head-size axis known for {t.name!r}")
@@ -207,6 +211,12 @@ def check_positions(block: AttentionBlock, dims: HeadDims):
     side = SIDES[dims.circuit][0] | SIDES[dims.circuit][1]
     mine = [t for t in block.tensors if t.roles and set(t.roles) <= side]
     lost = next((t for t in mine if t.dim_axis is None and not t.constant), None)
+    if lost is not None and dims.circuit == "qk" and block.cut_points:
+        if dims.keep is None:
+            raise RewriteError(f"block {block.index} ({block.name}): its queries and keys pass a norm over the head "
+                               "size (q/k norms): a QK cut there keeps whole positions below the norm; a rotation "
+                               "cannot pass it")
+        lost = None          # a norm's own tensors ([..., 1]): the cut starts below the norm
     if lost is not None:     # a norm over the head size on the way: no map passes, whatever it is
         raise RewriteError(f"block {block.index} ({block.name}): {lost.name!r} {UNFOLLOWED[dims.circuit]}")
     turned = any(t.dim_pos is not None for t in mine)

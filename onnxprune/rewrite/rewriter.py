@@ -79,6 +79,9 @@ class Rewriter:
                 self.edits.append(lambda v=tensor, shape=lay.new_shape: declare_shape(v, shape))
         for table in block.tables:
             self._plan_table(block, table, lays, dims)
+        qk = next((d for d in dims if d.circuit == "qk"), None)
+        for node_name, i in block.cut_points if qk is not None else ():
+            self._plan_cut_point(block, self.nodes[node_name], i, qk)
         for site in block.sites:
             node = self.nodes[site.node]
             if site.kind not in SIZE_SITES and not (site.kind == "attr" and site.op in (ORT_ATTENTION, GQA)) \
@@ -130,6 +133,27 @@ class Rewriter:
             raise RewriteError(f"block {block.index} ({block.name}): {node.op} {node.name!r} reads {src.name!r} "
                                f"over the head size (a rotary embedding's cos or sin); {ROTATION}")
         self._gather_table(node, table, src, lay.keep[t.dim_axis])
+
+    def _plan_cut_point(self, block: AttentionBlock, node, i: int, qk):
+        """Where a QK cut starts below a q/k norm (or at the broadcast of one K head): ``node`` reads the kept
+        positions of its input ``i`` (a Gather in front), which stays whole above."""
+        if qk.keep is None:
+            raise RewriteError(f"block {block.index} ({block.name}): the queries and keys pass a norm over the "
+                               f"head size; {ROTATION}")
+        x = node.inputs[i]
+        t = next((t for t in block.tensors if t.name == x.name), None)
+        axis = t.dim_axis if t is not None and t.dim_axis is not None else None
+        if axis is None:        # the one K head above a broadcast: its head size is its last axis
+            axis = len(self.shapes[x.name]) - 1
+        pos = np.asarray(t.dim_pos).reshape(-1) if t is not None and t.dim_pos is not None else \
+            np.arange(self.shapes[x.name][axis])
+        keep = np.flatnonzero(np.isin(pos, qk.keep))
+        out = gs.Variable(f"{x.name}__kept{next(fresh)}", dtype=x.dtype)
+        gather = gs.Node("Gather", name=f"{x.name}__gather{next(fresh)}", attrs={"axis": int(axis)},
+                         inputs=[x, gs.Constant(f"{x.name}__positions{next(fresh)}", keep.astype(np.int64))],
+                         outputs=[out])
+        self.edits.append(lambda g=gather: self.graph.nodes.append(g))
+        self.edits.append(lambda n=node, i=i, v=out: n.inputs.__setitem__(i, v))
 
     def _gather_table(self, node, table, src, keep):
         key = (src.name, table.axis, tuple(int(i) for i in keep))
@@ -234,6 +258,8 @@ def check_dims(block: AttentionBlock, dims: tuple):
                                "block (a shared table, or a KV cache whose head size the matcher could not "
                                "follow); a cut inside its heads is not supported")
         for role in sorted(set().union(*SIDES[circuit])):
+            if circuit == "qk" and block.cut_points:
+                continue            # the cut starts below the q/k norms: the projections stay whole
             proj = block.projection(role)
             t = next((t for t in block.tensors if proj is not None and t.name == proj.weight), None)
             if t is None or t.dim_axis is None:
