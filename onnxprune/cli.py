@@ -56,9 +56,11 @@ Cutting inside the heads keeps every head and makes each smaller, a better use o
   onnxprune model.onnx --attention-ratio 0.5 --calib data.npz    # half the attention MACs, spent per block
 Each head's circuit is kept at rank r by a rotation fitted to the calibration data (to the weights alone
 without --calib); the proof is then against the original with those maps written into its weights. Through
-a rotary embedding (Llama, Mistral, Qwen2, Phi, GPT-J) QK keeps whole pairs of positions instead, chosen by
-their share of the scores, and the cos/sin tables are cut to match; QK cuts do not pass q/k norms (Gemma 3,
-Qwen3): there --v-dims only, which also shrinks the V cache (Gemma 3's one KV head too). --compensate
+a rotary embedding (Llama, Mistral, Qwen2, Phi, GPT-J, GenAI folders) QK keeps whole pairs of positions
+instead, chosen by their share of the scores, and the cos/sin tables are cut to match; below q/k norms
+(Gemma 3, Qwen3) the pairs are kept after the norms, so the scores and the K cache shrink but not the Q/K
+projections. --v-dims shrinks the V cache (Gemma 3's one KV head too). GroupQueryAttention has one head
+size: give --qk-dims and --v-dims alike. A quantized model takes whole pairs of QK only. --compensate
 refits the cut output projections; the budget does.
 
 Nothing is written unless pruned == masked holds; no output ever replaces a file of the input (the model,
@@ -163,8 +165,8 @@ def _prune_parser() -> argparse.ArgumentParser:
     dims.add_argument("--qk-dims", type=_ratio, metavar="R",
                       help="remove the fraction R of each head's QK rank: queries and keys keep floor(D x (1 - R)) "
                            "dimensions, a rotation that keeps the scores best on --calib (from the weights alone "
-                           "without it); through a rotary embedding, whole pairs of positions. Not through q/k "
-                           "norms")
+                           "without it); through a rotary embedding, whole pairs of positions (below q/k norms: "
+                           "after them)")
     dims.add_argument("--v-dims", type=_ratio, metavar="R",
                       help="remove the fraction R of each head's OV rank: V (and its cache) and the output "
                            "projection's rows keep floor(D x (1 - R)), fitted the same way")

@@ -28,6 +28,7 @@ def build_report(result: PruneResult, model: str, output: str | None, ratio) -> 
             "qk_rank": ranks["qk"], "ov_rank": ranks["ov"],
             "held_out_error": {c: f.error for c, f in fits.items()},
             "kept_positions": {c: list(f.positions) for c, f in fits.items() if f.positions is not None},
+            "qk_below_norms": bool(b.cut_points) and "qk" in fits,
             "macs": None if result.macs is None else {"before": result.macs[0].blocks.get(b.index),
                                                       "after": result.macs[1].blocks.get(b.index)},
         })
@@ -131,6 +132,9 @@ def format_table(report: dict) -> str:
                      + ("the calibration data; the error is relative, on held-out calibration batches"
                         if source == "calibration" else
                         "the weights alone (no --calib: expect more loss; give calibration data)"))
+        if any(b.get("qk_below_norms") for b in report["blocks"]):
+            lines.append("below the q/k norms the QK cut keeps its pairs after the norms: the scores and the K cache "
+                         "shrink, the Q and K projections keep their widths")
         if any(b.get("kept_positions") for b in report["blocks"]):
             lines.append("through a rotary embedding the QK cut keeps whole pairs of head-size positions, the same in "
                          "every head of a block (kept_positions in the report), and the cos/sin tables keep the same")

@@ -35,6 +35,7 @@ EXPECTED_BLOCKS = {
     "Falcon": [(4, 1)] * 2,                          # multi-query: one KV head
     "Phi-3": _GQA2, "Llama": _GQA2, "Qwen2": _GQA2, "Mistral": _GQA2,
     "Llama, 4 KV groups": [(16, 4)] * 2,             # 16 heads of 4, 4 KV heads: groups of 4 query heads
+    "Llama, GenAI heads of 32": [(4, 2)] * 2,        # the GenAI folder that a cut inside the heads can halve
     "Gemma 3, multi-query": [(4, 1)] * 2,            # like Gemma 3 270M: one KV head, copied by repeat_kv
     "Qwen3": _GQA2, "Gemma 3": _GQA2,                # q/k RMSNorm over the head size (ReduceMean) inside
     "StableLM": _GQA2,                               # a LayerNorm per head: Split, H x LayerNorm, Concat

@@ -89,7 +89,7 @@ def main(argv=None) -> int:
             opset = next(o.version for o in onnx.load(str(dest / "model.onnx"), load_external_data=False).opset_import
                          if o.domain in ("", "ai.onnx"))
             entries[f"{name}/model.onnx"] = {
-                "family": "Llama", "exporter": "genai-builder", "attention": "GroupQueryAttention", "opset": opset,
+                "family": "Llama, GenAI heads of 32" if wide else "Llama", "exporter": "genai-builder", "attention": "GroupQueryAttention", "opset": opset,
                 "command": "python tools/export_genai.py", "builder_options": " ".join(["-p", precision, "-e", ep, *extra]),
                 "onnxruntime-genai": onnxruntime_genai.__version__, "kv_cache": True,
             }
