@@ -78,3 +78,16 @@ def plant_in_rewrite(monkeypatch, fault):
         return out
 
     monkeypatch.setattr(rewrite, "check_model", planted)
+
+
+def genai_generate(folder, prompt=(1, 5, 7, 9, 11), steps: int = 12) -> list[int]:
+    """Greedy tokens that onnxruntime-genai generates from a model folder (the caller skips without it)."""
+    import onnxruntime_genai as og
+    model = og.Model(str(folder))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(prompt) + steps, do_sample=False)
+    gen = og.Generator(model, params)
+    gen.append_tokens([list(prompt)])
+    while not gen.is_done():
+        gen.generate_next_token()
+    return [int(t) for t in gen.get_sequence(0)]

@@ -97,17 +97,10 @@ def test_the_cli_cuts_an_optimum_past_model_and_its_cache(tmp_path):
 
 
 # ---------------------------------------------------------------- ORT GenAI folders (GroupQueryAttention)
-def _genai_generate(folder, steps=12):
-    og = pytest.importorskip("onnxruntime_genai")
-    prompt = [1, 5, 7, 9, 11]
-    model = og.Model(str(folder))
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(prompt) + steps, do_sample=False)
-    gen = og.Generator(model, params)
-    gen.append_tokens([prompt])
-    while not gen.is_done():
-        gen.generate_next_token()
-    return [int(t) for t in gen.get_sequence(0)]
+def _genai_generate(folder):
+    pytest.importorskip("onnxruntime_genai")
+    from conftest import genai_generate
+    return genai_generate(folder)
 
 
 def test_a_genai_folder_cut_inside_its_heads_generates_what_the_projected_original_does(tmp_path):

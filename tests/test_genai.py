@@ -18,7 +18,7 @@ from onnxprune.verify import masked_reference
 
 og = pytest.importorskip("onnxruntime_genai")
 
-from conftest import MODELS  # noqa: E402
+from conftest import MODELS, genai_generate  # noqa: E402
 SRC = MODELS / "llama-genai"                      # packed QKV
 # packed and separate Q/K/V projections, and int4 (MatMulNBits with blocks of 32 rows: two heads of 16)
 FOLDERS = ["llama-genai", "llama-genai-separate", "llama-genai-int4"]
@@ -30,14 +30,7 @@ def cli(*args):
 
 
 def generate(folder: Path, steps: int = 12) -> list[int]:
-    model = og.Model(str(folder))
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(PROMPT) + steps, do_sample=False)
-    gen = og.Generator(model, params)
-    gen.append_tokens([PROMPT])
-    while not gen.is_done():
-        gen.generate_next_token()
-    return [int(t) for t in gen.get_sequence(0)]
+    return genai_generate(folder, PROMPT, steps)
 
 
 def masked_folder(tmp_path: Path, src: Path, blocks, kept) -> Path:

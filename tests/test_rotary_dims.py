@@ -54,6 +54,18 @@ def _cut(state, options, plans):
     return pipeline.verify(pipeline.rewrite(replace(state, plans=plans), options), options)
 
 
+def _proved(state, options, plans, seed: int, batch: int, seq: int, atol: float = 1e-4):
+    """The cut of ``plans``, proved in the pipeline and again at ``batch`` x ``seq``; its reference differs from
+    the original (the cut does something)."""
+    cut = _cut(state, options, plans)
+    assert cut.max_error is not None and cut.max_error <= atol
+    ref = reference(state.model, state.blocks, cut.plans)
+    feeds = synth_inputs(state.model, seed=seed, batch=batch, seq=seq)
+    assert compare(ref, cut.pruned, feeds, {}) <= atol
+    assert max_abs_diff(run(state.model, feeds), run(ref, feeds)) > 1e-4
+    return cut
+
+
 def test_the_matcher_finds_the_rotary_pairs_and_tables():
     """Half-split pairs (i, i + D/2), partial rotary pairs inside its part, interleaved pairs (2i, 2i + 1); the
     cos and sin that the queries and the keys are multiplied by, in every block."""
@@ -81,12 +93,7 @@ def test_random_pair_selections_equal_the_zeroed_original(name, seed, some):
             else tuple(range(b.num_heads))
         dims = (_select(b, keeps[b.index]),) + ((random_dims(b, "ov", 3, rng),) if some else ())
         plans[b.index] = BlockPlan(heads, dims=dims)
-    cut = _cut(state, options, plans)
-    assert cut.max_error is not None and cut.max_error <= 1e-4
-    ref = reference(state.model, state.blocks, cut.plans)
-    feeds = synth_inputs(state.model, seed=7, batch=3, seq=11)
-    assert compare(ref, cut.pruned, feeds, {}) <= 1e-4
-    assert max_abs_diff(run(state.model, feeds), run(ref, feeds)) > 1e-4
+    cut = _proved(state, options, plans, seed=7, batch=3, seq=11)
     widths = {i.name: list(i.dims) for i in cut.pruned.graph.initializer}
     for b in state.blocks:
         for role in ("q", "k"):
@@ -114,12 +121,7 @@ def test_a_qk_cut_below_the_q_k_norms_equals_the_original_with_the_queries_zeroe
     plans = {b.index: BlockPlan(tuple(range(b.num_heads)), dims=(_select(b, _random_keep(b, rng)),))
              for b in state.blocks}
     assert all(b.cut_points for b in state.blocks)
-    cut = _cut(state, options, plans)
-    assert cut.max_error is not None and cut.max_error <= 1e-4
-    ref = reference(state.model, state.blocks, cut.plans)
-    feeds = synth_inputs(state.model, seed=9, batch=2, seq=6)
-    assert compare(ref, cut.pruned, feeds, {}) <= 1e-4
-    assert max_abs_diff(run(state.model, feeds), run(ref, feeds)) > 1e-4
+    cut = _proved(state, options, plans, seed=9, batch=2, seq=6)
     before = {i.name: list(i.dims) for i in state.model.graph.initializer}
     after = {i.name: list(i.dims) for i in cut.pruned.graph.initializer}
     q = state.blocks[0].projection("q")

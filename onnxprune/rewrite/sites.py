@@ -190,13 +190,18 @@ def plan_slice(rw, node, block, layouts, kept_heads):
             raise RewriteError(f"Slice {node.name!r}: the kept part is not one contiguous range")
         new_starts[k], new_ends[k], touched = newpos[0], newpos[-1] + 1, True
     if touched:
-        cs = gs.Constant(f"{node.name}__starts{next(fresh)}", new_starts.astype(np.asarray(starts).dtype))
-        ce = gs.Constant(f"{node.name}__ends{next(fresh)}", new_ends.astype(np.asarray(ends).dtype))
+        _swap_bounds(rw, node, new_starts.astype(np.asarray(starts).dtype), new_ends.astype(np.asarray(ends).dtype))
 
-        def apply(n=node, cs=cs, ce=ce):
-            n.inputs[1] = cs
-            n.inputs[2] = ce
-        rw.edits.append(apply)
+
+def _swap_bounds(rw, node, starts, ends):
+    """Queue new constant starts and ends for a Slice."""
+    cs = gs.Constant(f"{node.name}__starts{next(fresh)}", starts)
+    ce = gs.Constant(f"{node.name}__ends{next(fresh)}", ends)
+
+    def apply(n=node, cs=cs, ce=ce):
+        n.inputs[1] = cs
+        n.inputs[2] = ce
+    rw.edits.append(apply)
 
 
 def _slice_projected(rw, node, lay, starts, ends, bound):
@@ -224,13 +229,7 @@ def _slice_projected(rw, node, lay, starts, ends, bound):
         if not span or any(b[0] != a_[1] for a_, b in zip(span, span[1:])):
             raise RewriteError(f"Slice {node.name!r}: the kept part is not one contiguous range")
         new_starts[k], new_ends[k] = span[0][0], span[-1][1]
-    cs = gs.Constant(f"{node.name}__starts{next(fresh)}", new_starts.astype(np.asarray(starts).dtype))
-    ce = gs.Constant(f"{node.name}__ends{next(fresh)}", new_ends.astype(np.asarray(ends).dtype))
-
-    def apply(n=node, cs=cs, ce=ce):
-        n.inputs[1] = cs
-        n.inputs[2] = ce
-    rw.edits.append(apply)
+    _swap_bounds(rw, node, new_starts.astype(np.asarray(starts).dtype), new_ends.astype(np.asarray(ends).dtype))
 
 
 @site("gather")
