@@ -23,7 +23,7 @@ from . import rewrite as rewriting
 from .block import AttentionBlock, MatchResult
 from .calibration.session import open_session
 from .budget import plan_budget
-from .calibration.sites import projection_input, projection_output
+from .calibration.sites import broadcast_key, projection_input, projection_output
 from .cut import project_heads, qk_passes, written
 from .errors import InputError, MatchError, OnnxPruneError, PlanError, RewriteError, VerifyError
 from .importance import SOURCES, ImportanceContext, choose, scores_for
@@ -210,7 +210,8 @@ def fit_dims(state: State, options: PruneOptions) -> State:
         taps, fed = (), ()        # QK: the queries and keys to read; the budget: the Q weights it rewrites
         if "qk" in wanted:
             taps = tuple(n for b in state.blocks for role in ("q", "k")
-                         for n in [projection_output(state.model, b, role) or projection_input(state.model, b, role)]
+                         for n in [projection_output(state.model, b, role) or projection_input(state.model, b, role)
+                                   or (broadcast_key(state.model, b) if role == "k" else None)]
                          if n is not None)
             if budget:
                 fed = tuple(t.name for b in state.blocks for t in written(b, "qk"))

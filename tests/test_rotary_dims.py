@@ -372,3 +372,13 @@ def test_the_cli_fits_and_budgets_a_fused_attention_model(tmp_path):
     assert r.max_error <= 1e-4 and {f.rank for f in r.dim_fits} == {4} and r.dims_source == "calibration"
     b = prune_model(model, attention_ratio=0.5, calib=calib)
     assert b.max_error <= 1e-4 and any(f.circuit == "qk" for f in b.dim_fits)
+
+
+def test_a_multi_query_key_below_its_norm_is_fitted_where_it_is_broadcast():
+    """Gemma 3's one K head has no projection that the block follows (its norm and RoPE lie above the broadcast):
+    the fit reads it at the broadcast, the cut keeps the same pairs there, and the cut with V dims is proved."""
+    model = onnx.load(str(MODELS / "gemma3-mqa-d18.onnx"))
+    r = prune_model(model, qk_dims=0.5, v_dims=0.5, calib=synth_inputs(model, seed=1, batch=16, seq=16))
+    assert r.max_error <= 1e-4 and r.dims_source == "calibration"
+    qk = [f for f in r.dim_fits if f.circuit == "qk"]
+    assert qk and all(f.rank == 4 and all((i in f.positions) == (i + 4 in f.positions) for i in range(4)) for f in qk)

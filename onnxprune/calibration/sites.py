@@ -130,3 +130,16 @@ def projection_input(model: onnx.ModelProto, block: AttentionBlock, role: str) -
             proj.weight) != 1:
         return None
     return readers[0].input[0]
+
+
+def broadcast_key(model: onnx.ModelProto, block: AttentionBlock) -> str | None:
+    """The one key head that a multi-query block broadcasts to its query heads, read where a QK cut below the q/k
+    norms starts (``block.cut_points``; its last axis the head size): the keys' moments when they have no
+    projection of their own that the block knows."""
+    names = {t.name for t in block.tensors}
+    nodes = {n.name: n for n in model.graph.node}
+    for name, i in block.cut_points:
+        node = nodes.get(name)
+        if node is not None and node.input[i] not in names:
+            return node.input[i]
+    return None

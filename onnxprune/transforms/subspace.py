@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..calibration.data import held_out_batches
-from ..calibration.sites import projection_input, projection_output
+from ..calibration.sites import broadcast_key, projection_input, projection_output
 from ..cut import HeadDims, packed_runs
 from ..errors import PlanError
 from ..model.proto import constant_array
@@ -162,6 +162,9 @@ class Moments:
             if "qk" in circuits:
                 for role in ("q", "k"):
                     out = projection_output(cal.work, b, role)
+                    if out is None and role == "k" and b.projection("k") is None:
+                        out = broadcast_key(cal.work, b)      # one K head below its norm: read it there
+                        role = "kb"
                     if out is None:        # a fused projection (ORT's Attention): from its input and weights
                         out = projection_input(cal.work, b, role)
                         role = "x"
@@ -194,6 +197,9 @@ class Moments:
         out = {}
         if (block.index, "x") in grams:
             out.update(self._through(block, grams[(block.index, "x")], model, external_dir))
+        if (block.index, "kb") in grams:          # the one broadcast K head: its moments as they are
+            gram, total, n = grams[(block.index, "kb")]
+            out["k"] = {0: gram / max(n, 1)}
         for role in ("q", "k", "z"):
             key = (block.index, role)
             if key not in grams:
