@@ -249,6 +249,7 @@ def project_heads(arr: np.ndarray, block, t, kept_heads, dims: HeadDims) -> np.n
 def qk_passes(block) -> bool:
     """Whether a map of the QK circuit can pass every query and key tensor of ``block``: each has a head-size
     axis that the matcher followed (a norm over the head size mixes its positions). Through a rotary embedding
-    only a selection passes (``block.selects_dims``)."""
-    return all(t.constant or t.dim_axis is not None for t in block.tensors
-               if t.roles and set(t.roles) <= {"q", "k"})
+    only a selection passes (``block.selects_dims``); below q/k norms it starts there (``block.cut_points``), where
+    a cut written into W_q cannot stand for it."""
+    return not block.cut_points and all(t.constant or t.dim_axis is not None for t in block.tensors
+                                        if t.roles and set(t.roles) <= {"q", "k"})
