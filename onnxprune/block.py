@@ -78,8 +78,8 @@ class AttentionBlock:
     tables: tuple[Table, ...] = ()          # cos/sin tables over the head size (rotary embeddings)
     pairs: tuple[tuple[int, ...], ...] = ()  # head-size positions that a node mixes (a rotary embedding's pairs):
     # a cut keeps each whole or none of it, and cannot rotate them
-    cut_points: tuple[tuple[str, int], ...] = ()   # (node, input) where a QK cut starts, below a q/k norm: the
-    # norm sees every position, the node gets the kept ones (a Gather in front)
+    cut_points: tuple[tuple[str, int, int], ...] = ()   # (node, input, axes after its head size) where a QK cut
+    # starts, below a q/k norm: the norm sees every position, the node gets the kept ones (a Gather in front)
 
     @property
     def selects_dims(self) -> bool:

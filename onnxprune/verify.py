@@ -169,21 +169,26 @@ def projected_model(model: onnx.ModelProto, blocks: list[AttentionBlock], plans:
 
 
 def query_cut_points(model: onnx.ModelProto, block) -> list[tuple]:
-    """The block's cut points below a q/k norm (``block.cut_points``) on the queries' side: (node, input)."""
+    """The block's cut points below a q/k norm (``block.cut_points``) on the queries' side: (node, input, axes
+    after the head size)."""
     nodes = {n.name: n for n in model.graph.node}
     roles = {t.name: t.roles for t in block.tensors}
-    return [(nodes[n], i) for n, i in block.cut_points if n in nodes and "q" in roles.get(nodes[n].output[0], ())]
+    return [(nodes[n], i, after) for n, i, after in block.cut_points
+            if n in nodes and "q" in roles.get(nodes[n].output[0], ())]
 
 
 def mask_queries(model: onnx.ModelProto, block, keep) -> None:
     """The reference of a QK cut below a q/k norm: the queries that the cut point reads multiplied by 0/1 over
     the head size (1 where ``keep`` keeps), the norm above it as it was."""
     from onnx import helper
-    for node, i in query_cut_points(model, block):
+    q = block.projection("q")          # the queries' type: their projection's
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(next(
+        (i.data_type for i in model.graph.initializer if q is not None and i.name == q.weight and i.data_type in FLOATS),
+        onnx.TensorProto.FLOAT))
+    for node, i, trailing in query_cut_points(model, block):
         x = node.input[i]
         t = block.tensor(x)
         pos = np.asarray(t.dim_pos).reshape(-1) if t.dim_pos is not None else np.arange(block.head_dim)
-        trailing, dtype = _trailing_axes(model, x, t.dim_axis)
         mask = np.isin(pos, keep).astype(dtype)
         name = f"{x}.onnxprune_kept{block.index}"
         model.graph.initializer.append(numpy_helper.from_array(mask.reshape((-1,) + (1,) * trailing), f"{name}.value"))
@@ -192,12 +197,7 @@ def mask_queries(model: onnx.ModelProto, block, keep) -> None:
         node.input[i] = name
 
 
-def _trailing_axes(model, name: str, axis: int) -> tuple[int, type]:
-    """(how many axes follow ``axis`` in tensor ``name``, its numpy dtype), from shape inference."""
-    inferred = onnx.shape_inference.infer_shapes(model)
-    vi = next(v for v in list(inferred.graph.value_info) + list(inferred.graph.input) if v.name == name)
-    t = vi.type.tensor_type
-    return len(t.shape.dim) - 1 - axis, onnx.helper.tensor_dtype_to_np_dtype(t.elem_type)
+FLOATS = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
 
 
 def run(model: onnx.ModelProto, feeds: dict, external_dir=None, overrides=None) -> dict[str, np.ndarray]:

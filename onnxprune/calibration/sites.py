@@ -138,7 +138,7 @@ def broadcast_key(model: onnx.ModelProto, block: AttentionBlock) -> str | None:
     projection of their own that the block knows."""
     names = {t.name for t in block.tensors}
     nodes = {n.name: n for n in model.graph.node}
-    for name, i in block.cut_points:
+    for name, i, _ in block.cut_points:
         node = nodes.get(name)
         if node is not None and node.input[i] not in names:
             return node.input[i]

@@ -95,7 +95,10 @@ def dim_positions(flow, found: dict, positions: dict, head_dim: int) -> tuple[tu
             if 2 * half > head_dim:
                 continue
             for i in range(half):
-                tie([i], [i + half]) if kind == "half" else tie([2 * i], [2 * i + 1])
+                if kind == "half":
+                    tie([i], [i + half])
+                else:
+                    tie([2 * i], [2 * i + 1])
             tables += [Table(node.name, i, len(flow.shape(node.inputs[i])) - 1, kind) for i in inputs]
     for node in topological(flow):
         if not node.outputs or not own(node.outputs[0]):
@@ -491,17 +494,17 @@ def below_norms(flow, found: dict, head_dim: int):
                 if axis < 0 or shape[axis] != 1:
                     return None          # a tensor without the head size reaches the queries at full size
             elif x.name in above and x.name in found:
-                points.append((n.name, i))
+                points.append((n.name, i, len(flow.shape(x)) - 1 - found[x.name]))
         x = n.inputs[0] if n.inputs else None
         if n.op not in ELEMENTWISE and x is not None and x.name and x.name not in flow.maps and not is_const(x) \
                 and n.op in _PASS | {"Expand"} and (lost or n.op == "Expand"):
             shape, ys = flow.shape(x), flow.shape(y)      # one K head broadcast to all (multi-query), its
             axis = found[y.name] - (len(ys) - len(shape))  # head size not followed above: cut it here
             if 0 <= axis < len(shape) and shape[axis] == ys[found[y.name]]:
-                points.append((n.name, 0))
+                points.append((n.name, 0, len(shape) - 1 - axis))
     if not lost and not points:
         return None
-    sides = {r for name, _ in points for r in flow.roles.get(next(n for n in nodes if n.name == name).outputs[0].name, ())}
+    sides = {r for name, *_ in points for r in flow.roles.get(next(n for n in nodes if n.name == name).outputs[0].name, ())}
     if lost and not {"q", "k"} <= sides:
         return None
     return (frozenset(above), tuple(points)) if points else None

@@ -80,7 +80,7 @@ class Rewriter:
         for table in block.tables:
             self._plan_table(block, table, lays, dims)
         qk = next((d for d in dims if d.circuit == "qk"), None)
-        for node_name, i in block.cut_points if qk is not None else ():
+        for node_name, i, _ in block.cut_points if qk is not None else ():
             self._plan_cut_point(block, self.nodes[node_name], i, qk)
         for site in block.sites:
             node = self.nodes[site.node]
