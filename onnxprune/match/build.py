@@ -7,7 +7,9 @@ import numpy as np
 from ..block import AttentionBlock, HeadTensor, Projection, Site
 from . import shape_expr
 from .headmap import SHAPE_READERS, FlowFail
-from .headdim import below_norms, broadcast_chains, dim_positions, head_dim_axes
+from .headdim import broadcast_chains, head_dim_axes
+from .qknorm import below_norms
+from .rotary import dim_positions
 from .headflow import Flow
 from ..model.graph import is_const
 

@@ -17,9 +17,8 @@ and tensors no rule reaches have none (``None``).
 
 A rotary embedding slices the head size and puts it back together (Llama's rotate-half: ``x[..., :D/2]``,
 ``x[..., D/2:]``, ``Concat(-x2, x1)``): a Slice or Concat along the axis keeps it, and each such tensor records
-which head-size positions its indices hold (``dim_positions``). An elementwise node that meets two orders of
-them (``x * cos + rotate_half(x) * sin``) ties positions together, the rotary pairs ``(i, i + D/2)``; its
-operand without heads but with the head size (cos, sin) is a table that a cut takes the same positions of.
+which head-size positions its indices hold. ``rotary.dim_positions`` reads from those the rotary pairs and the
+cos/sin tables; ``qknorm.below_norms`` where a QK cut starts below q/k norms.
 
     q_half  (2, 4, 5, 4)   Slice 4..8 of q_BHSD              -> 3, positions 4..7
     rot     (2, 4, 5, 8)   Concat(Neg(q_half), q[..., :4])   -> 3, positions 4..7, 0..3
@@ -30,7 +29,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..block import Table
 from ..model.graph import const_value, is_const
 from .headmap import ELEMENTWISE, NORMS, norm_axis, reshape_groups
 
@@ -66,69 +64,6 @@ def head_dim_axes(flow, head_dim: int, positions: dict | None = None) -> dict[st
     return found
 
 
-def dim_positions(flow, found: dict, positions: dict, head_dim: int) -> tuple[tuple, tuple]:
-    """(the groups of head-size positions that the block's nodes tie together, the tables they read): see the
-    module docstring. A group of one position is left out; no group and no table is the plain case."""
-    parent = list(range(head_dim))
-
-    def root(i):
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    def tie(p, q):
-        for i, j in zip(p, q):
-            parent[root(int(i))] = root(int(j))
-
-    def at(t):
-        return positions.get(t.name, np.arange(flow.shape(t)[found[t.name]])).reshape(-1)
-
-    def own(t):         # the head size on an axis of its own (a merged F axis is the heads' map's business)
-        return t is not None and t.name in found and found[t.name] not in flow.maps[t.name].axes
-
-    tables = []
-    for node in topological(flow):       # rotary ops: ONNX Runtime's (and GQA's own), ONNX's (opset 23)
-        table = _rotary_caches(flow, node)
-        if table is not None:
-            kind, inputs, half = table
-            if 2 * half > head_dim:
-                continue
-            for i in range(half):
-                if kind == "half":
-                    tie([i], [i + half])
-                else:
-                    tie([2 * i], [2 * i + 1])
-            tables += [Table(node.name, i, len(flow.shape(node.inputs[i])) - 1, kind) for i in inputs]
-    for node in topological(flow):
-        if not node.outputs or not own(node.outputs[0]):
-            continue
-        y = node.outputs[0]
-        ry = len(flow.shape(y))
-        if node.op == "MatMul" and len(node.inputs) == 2:          # Q x Kᵀ: the contracted positions meet
-            a, b = node.inputs
-            if own(a) and own(b) and found[a.name] == len(flow.shape(a)) - 1 \
-                    and found[b.name] == len(flow.shape(b)) - 2:
-                tie(at(a), at(b))
-            continue
-        if node.op not in ELEMENTWISE:
-            continue
-        size = flow.shape(y)[found[y.name]]
-        mine = [x for x in node.inputs if own(x)]
-        for x in mine[1:]:
-            tie(at(mine[0]), at(x))
-        for i, x in enumerate(node.inputs):
-            if x is None or x.name in flow.maps or flow.shape(x) is None or np.ndim(positions.get(y.name)) == 2:
-                continue
-            axis = found[y.name] - (ry - len(flow.shape(x)))
-            if axis >= 0 and flow.shape(x)[axis] == size and size > 1:
-                tables.append(Table(node.name, i, axis))
-    groups = {}
-    for i in range(head_dim):
-        groups.setdefault(root(i), []).append(i)
-    return tuple(tuple(g) for g in groups.values() if len(g) > 1), tuple(tables)
-
-
 def _sliced(flow, node) -> dict | None:
     """{axis: the input positions that the output keeps} of a Slice, its bounds constant or as probed (a bound
     read at run time from the head size, ``Shape(x)[-1] // 2``, follows a cut by itself)."""
@@ -150,26 +85,6 @@ def _sliced(flow, node) -> dict | None:
     steps = np.ones(len(starts), dtype=np.int64) if steps is None else steps
     return {norm_axis(int(a), len(shape)): np.arange(shape[norm_axis(int(a), len(shape))])[slice(int(s), int(e), int(st))]
             for s, e, a, st in zip(starts, ends, axes, steps)}
-
-
-# the cos/sin cache inputs of the rotary ops that turn Q and K inside one node
-ROTARY_CACHES = {("com.microsoft", "RotaryEmbedding"): (2, 3), ("", "RotaryEmbedding"): (1, 2),
-                 ("com.microsoft", "GroupQueryAttention"): (7, 8)}
-
-
-def _rotary_caches(flow, node):
-    """("half" or "interleaved", the cos/sin inputs, pairs: their last size) of a node that turns the head size
-    by rotary caches of its own inputs, else None."""
-    inputs = ROTARY_CACHES.get((node.domain if node.domain not in (None, "ai.onnx") else "", node.op))
-    if inputs is None or (node.op == "GroupQueryAttention" and not node.attrs.get("do_rotary", 0)):
-        return None
-    if len(node.inputs) <= max(inputs) or any(not node.inputs[i].name for i in inputs):
-        return None
-    shape = flow.shapes.get(node.inputs[inputs[0]].name)
-    if not shape:
-        return None
-    interleaved = node.attrs.get("rotary_interleaved" if node.op == "GroupQueryAttention" else "interleaved", 0)
-    return ("interleaved" if interleaved else "half"), inputs, int(shape[-1])
 
 
 def _kept_axes(flow, node, rx: int, ry: int) -> dict | None:
@@ -376,7 +291,7 @@ def _through_reshape(flow, src, dst, axis: int, head_dim: int) -> int | None:
 
 
 # ------------------------------------------------------------------ one KV head for all (multi-query)
-_PASS = {"Transpose", "Unsqueeze", "Squeeze", "Reshape", "Identity", "Cast", "Add"}
+PASSING = {"Transpose", "Unsqueeze", "Squeeze", "Reshape", "Identity", "Cast", "Add"}
 
 
 def broadcast_chains(flow, found: dict, head_dim: int) -> list[tuple]:
@@ -428,7 +343,7 @@ def _walk_up(flow, t, axis: int, head_dim: int):
                 tensors.append((bias, len(flow.shape(bias)) - 1))
             tensors.append((w, w_axis))
             return tensors, nodes, w, bias
-        if node.op not in _PASS or x is None or flow.shape(x) is None:
+        if node.op not in PASSING or x is None or flow.shape(x) is None:
             return None
         sx, sy = flow.shape(x), flow.shape(t)
         if node.op == "Add":
@@ -453,58 +368,3 @@ def _walk_up(flow, t, axis: int, head_dim: int):
         t, axis = x, new
         tensors.append((t, axis))
     return None
-
-
-# ------------------------------------------------------------------ a QK cut below a q/k norm
-def below_norms(flow, found: dict, head_dim: int):
-    """(the q/k tensors above a norm over the head size, the (node, input) points below it where a QK cut can
-    start) of a block whose queries or keys pass such a norm (Qwen3, Gemma 3: RMS over each head's D). The norm's
-    own tensors (its mean square, [..., 1]) have no head-size axis: every q/k tensor they are computed from is
-    above the cut; the first nodes that read one of those and give a tensor below are the cut points. None when
-    a tensor without a head-size axis reaches one below other than by broadcasting (size 1 there)."""
-    def qk(t):
-        return t is not None and t.name in flow.maps and flow.roles.get(t.name) and \
-            set(flow.roles[t.name]) <= {"q", "k"} and not is_const(t)
-    nodes = topological(flow)
-    lost = {t.name for n in nodes for t in n.outputs if qk(t) and t.name not in found}
-    above, todo, seen = set(), list(lost), set(lost)
-    while todo:                 # every q/k tensor the norm's own tensors are computed from
-        t = flow.tensors.get(todo.pop())
-        producer = t.inputs[0] if t is not None and t.inputs else None
-        if producer is None or id(producer) not in flow.nodes:
-            continue
-        for x in producer.inputs:     # the projections' weights and biases too: they stay whole
-            if (qk(x) or (x is not None and is_const(x) and x.name in flow.maps and flow.roles.get(x.name) and
-                          set(flow.roles[x.name]) <= {"q", "k"})) and x.name not in seen:
-                seen.add(x.name)
-                todo.append(x.name)
-                if x.name not in lost:
-                    above.add(x.name)
-    points = []
-    for n in nodes:
-        y = n.outputs[0] if n.outputs else None
-        if not qk(y) or y.name not in found or y.name in above:
-            continue
-        for i, x in enumerate(n.inputs):
-            if not qk(x):
-                continue
-            if x.name in lost:
-                shape, ys = flow.shape(x), flow.shape(y)
-                axis = found[y.name] - (len(ys) - len(shape))
-                if axis < 0 or shape[axis] != 1:
-                    return None          # a tensor without the head size reaches the queries at full size
-            elif x.name in above and x.name in found:
-                points.append((n.name, i, len(flow.shape(x)) - 1 - found[x.name]))
-        x = n.inputs[0] if n.inputs else None
-        if n.op not in ELEMENTWISE and x is not None and x.name and x.name not in flow.maps and not is_const(x) \
-                and n.op in _PASS | {"Expand"} and (lost or n.op == "Expand"):
-            shape, ys = flow.shape(x), flow.shape(y)      # one K head broadcast to all (multi-query), its
-            axis = found[y.name] - (len(ys) - len(shape))  # head size not followed above: cut it here
-            if 0 <= axis < len(shape) and shape[axis] == ys[found[y.name]]:
-                points.append((n.name, 0, len(shape) - 1 - axis))
-    if not lost and not points:
-        return None
-    sides = {r for name, *_ in points for r in flow.roles.get(next(n for n in nodes if n.name == name).outputs[0].name, ())}
-    if lost and not {"q", "k"} <= sides:
-        return None
-    return (frozenset(above), tuple(points)) if points else None
