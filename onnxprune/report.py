@@ -80,12 +80,16 @@ def format_table(report: dict) -> str:
     before, after = report["params_before"], report["params_after"]
     lines.append(f"parameters: {before:,} -> {after:,} ({100 * (before - after) / max(before, 1):.1f}% fewer)")
     if any(b["num_kv_heads"] not in (1, b["num_heads"]) for b in report["blocks"]):
-        how = "whole KV groups removed" if report.get("gqa") == "group" else "same query heads per KV group"
+        dropped = any(len(b["kept_kv_heads"]) < b["num_kv_heads"] for b in report["blocks"])
+        how = ("same query heads per KV group" if report.get("gqa") != "group" else
+               "whole KV groups removed" if dropped else "whole KV groups; none removed")
         lines.append(f"grouped-query attention: --gqa {report.get('gqa')} ({how})")
     if any(b["num_kv_heads"] == 1 < b["num_heads"] for b in report["blocks"]):
         v_cut = any(b.get("ov_rank", b["head_dim"]) < b["head_dim"] for b in report["blocks"])
+        k_cut = any(b.get("qk_rank", b["head_dim"]) < b["head_dim"] for b in report["blocks"])
+        shrink = " and ".join(x for x, cut in (("K by its QK pairs", k_cut), ("V by its OV rank", v_cut)) if cut)
         lines.append("multi-query attention: one KV head serves every query head, so query heads go one by one "
-                     + ("and V and its cache shrink only by its OV rank" if v_cut else
+                     + (f"and the cache shrinks only inside the head: {shrink}" if shrink else
                         "and K, V and their cache keep their size")
                      + (" (--gqa group does not apply)" if report.get("gqa") == "group" else ""))
     if report.get("quantized"):

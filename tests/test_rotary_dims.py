@@ -382,3 +382,15 @@ def test_a_multi_query_key_below_its_norm_is_fitted_where_it_is_broadcast():
     assert r.max_error <= 1e-4 and r.dims_source == "calibration"
     qk = [f for f in r.dim_fits if f.circuit == "qk"]
     assert qk and all(f.rank == 4 and all((i in f.positions) == (i + 4 in f.positions) for i in range(4)) for f in qk)
+
+
+def test_the_summary_says_what_shrinks_in_a_multi_query_cache(tmp_path):
+    """One KV head: the summary names the K cut (pairs) and the V cut (rank) that shrink its cache."""
+    data = tmp_path / "calib.npz"
+    model = onnx.load(str(MODELS / "gemma3-mqa-d18.onnx"))
+    np.savez(data, **synth_inputs(model, seed=1, batch=16, seq=16))
+    res = cli(str(MODELS / "gemma3-mqa-d18.onnx"), "--qk-dims", "0.5", "--v-dims", "0.5", "--calib", str(data),
+              "-o", str(tmp_path / "m.onnx"))
+    assert res.returncode == 0, res.stderr
+    assert "the cache shrinks only inside the head: K by its QK pairs and V by its OV rank" in res.stdout
+    assert "below the q/k norms" in res.stdout
