@@ -203,10 +203,15 @@ def merged_map(owner: np.ndarray, kept_units: set, matrix_of) -> AxisMap:
         if unit == -1:
             pieces.append((pos, None))
         elif unit in kept_units:
-            m = matrix_of(unit)
-            rows = selected(m)
-            pieces.append((pos, m) if rows is None else (pos[rows], None))
+            pieces.append(piece(pos, matrix_of(unit)))
     return AxisMap(tuple(pieces))
+
+
+def piece(pos: np.ndarray, m: np.ndarray) -> tuple:
+    """One piece of an ``AxisMap``: the run ``pos`` times ``m``, or where ``m`` is a selection, the positions it
+    keeps as they are (no multiplication, so quantized and shared weights are only sliced)."""
+    rows = selected(m)
+    return (pos, m) if rows is None else (pos[rows], None)
 
 
 def reference_rows(rows: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -182,7 +182,7 @@ def test_a_rotary_table_cut_wrongly_or_left_uncut_fails(monkeypatch, fault):
              for b in state.blocks}
     original = rewriting.Rewriter._plan_table
 
-    def planted(self, block, table, lays, dims=()):
+    def planted(self, block, table, lays, qk=None):
         if fault == "uncut":
             return
         lay = lays[self.nodes[table.node].outputs[0].name]
@@ -191,7 +191,7 @@ def test_a_rotary_table_cut_wrongly_or_left_uncut_fails(monkeypatch, fault):
         shifted = {**lay.keep, ax: (lay.keep[ax] + 1) % size}
         original(self, block, table, {**lays, self.nodes[table.node].outputs[0].name:
                                       replace(lay, maps={**lay.maps, ax: type(lay.maps[ax]).select(shifted[ax])})},
-                 dims)
+                 qk)
     monkeypatch.setattr(rewriting.Rewriter, "_plan_table", planted)
     with pytest.raises(VerifyError if fault == "shifted" else RewriteError):
         _cut(state, options, plans)

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..block import AttentionBlock
-from ..cut import SIDES, AxisMap, HeadDims, merged_map, packed_runs, selected, side_of
+from ..cut import SIDES, AxisMap, HeadDims, merged_map, packed_runs, piece, side_of
 from ..errors import PlanError, RewriteError
 
 fresh = itertools.count()
@@ -122,16 +122,7 @@ def _inside_packed(block: AttentionBlock, t, dims: tuple, units: set, maps: dict
             pieces.append((pos, None))
             continue
         d, side = by_role[role]
-        heads = block.units[unit]
-        if side == 0:
-            group = next((g for g, hs in enumerate(block.kv_groups) if set(hs) == set(heads)), None)
-            m = d.a.get(group) if group is not None else None
-        else:
-            m = d.b.get(next(iter(heads))) if len(heads) == 1 else None
-        if m is None:
-            raise RewriteError(f"block {block.index} ({block.name}): no map for heads {sorted(heads)} in {t.name!r}")
-        rows = selected(m)
-        pieces.append((pos, m) if rows is None else (pos[rows], None))
+        pieces.append(piece(pos, unit_matrix(block, t, d, side, unit)))
     maps[ax] = AxisMap(tuple(pieces))
     shape[ax] = maps[ax].new_size
 
@@ -179,27 +170,30 @@ def _inside_heads(block: AttentionBlock, t, dims: HeadDims, units: set, maps: di
                                f"of {t.name!r} (a rotary embedding's part of the head size); keep some of each part")
         return
 
-    def matrix(unit: int) -> np.ndarray:
-        heads = block.units[unit]
-        if side == 0:
-            group = next((g for g, hs in enumerate(block.kv_groups) if set(hs) == set(heads)), None)
-            if group is None or group not in dims.a:
-                raise RewriteError(f"block {block.index} ({block.name}): no map for the KV head of heads "
-                                   f"{sorted(heads)} in {t.name!r}")
-            m = dims.a[group]
-        else:
-            if len(heads) != 1 or next(iter(heads)) not in dims.b:
-                raise RewriteError(f"block {block.index} ({block.name}): no map for heads {sorted(heads)} in "
-                                   f"{t.name!r}")
-            m = dims.b[next(iter(heads))]
-        if m.shape[0] != block.head_dim or m.shape[1] != dims.rank:
-            raise RewriteError(f"block {block.index} ({block.name}): a head-size map must be [{block.head_dim}, "
-                               f"{dims.rank}], got {list(m.shape)}")
-        return m
-
     ax = t.dim_axis
-    maps[ax] = merged_map(t.owner, units, matrix)
+    maps[ax] = merged_map(t.owner, units, lambda unit: unit_matrix(block, t, dims, side, unit))
     shape[ax] = maps[ax].new_size
+
+
+def unit_matrix(block: AttentionBlock, t, dims: HeadDims, side: int, unit: int) -> np.ndarray:
+    """The matrix of ``dims`` for the run of ``unit`` in tensor ``t``: on the first side its KV head's ``A``,
+    on the second its head's ``B``."""
+    heads = block.units[unit]
+    if side == 0:
+        group = next((g for g, hs in enumerate(block.kv_groups) if set(hs) == set(heads)), None)
+        if group is None or group not in dims.a:
+            raise RewriteError(f"block {block.index} ({block.name}): no map for the KV head of heads "
+                               f"{sorted(heads)} in {t.name!r}")
+        m = dims.a[group]
+    else:
+        if len(heads) != 1 or next(iter(heads)) not in dims.b:
+            raise RewriteError(f"block {block.index} ({block.name}): no map for heads {sorted(heads)} in "
+                               f"{t.name!r}")
+        m = dims.b[next(iter(heads))]
+    if m.shape[0] != block.head_dim or m.shape[1] != dims.rank:
+        raise RewriteError(f"block {block.index} ({block.name}): a head-size map must be [{block.head_dim}, "
+                           f"{dims.rank}], got {list(m.shape)}")
+    return m
 
 
 ROTATION = ("a map that mixes head-size positions cannot pass a rotary embedding, which turns them pair by pair; "

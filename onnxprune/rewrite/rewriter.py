@@ -41,7 +41,7 @@ class Rewriter:
         self.io_keep: dict[str, dict[int, np.ndarray]] = {}   # graph inputs/outputs that lose heads
         self._slices: dict[tuple, gs.Constant] = {}    # (shared weight, kept positions) -> its one slice
         self.cuts: dict[str, dict[int, np.ndarray]] = {}   # constant -> {axis that shrinks: kept positions}
-        self._tables: dict[tuple, gs.Variable] = {}    # (table, axis, kept positions) -> its one Gather
+        self._gathers: dict[tuple, gs.Variable] = {}   # (tensor, axis, kept positions) -> its one Gather
 
     def plan(self, block: AttentionBlock, kept_heads, dims=()):
         """Queue every edit that keeping ``kept_heads`` of ``block`` needs, with ``dims`` (``cut.HeadDims``, one
@@ -77,9 +77,9 @@ class Rewriter:
                         lay.new_shape[t.dim_axis] != self.shapes[t.name][t.dim_axis]:
                     self.io_keep[t.name][t.dim_axis] = cache_map(block, t, kept_heads, dims)
                 self.edits.append(lambda v=tensor, shape=lay.new_shape: declare_shape(v, shape))
-        for table in block.tables:
-            self._plan_table(block, table, lays, dims)
         qk = next((d for d in dims if d.circuit == "qk"), None)
+        for table in block.tables:
+            self._plan_table(block, table, lays, qk)
         for node_name, i, _ in block.cut_points if qk is not None else ():
             self._plan_cut_point(block, self.nodes[node_name], i, qk)
         for site in block.sites:
@@ -107,14 +107,13 @@ class Rewriter:
             self._slices[key] = replacement
         self.edits.append(lambda t=tensor, r=replacement: reroute(t, r, block_nodes))
 
-    def _plan_table(self, block: AttentionBlock, table, lays: dict, dims=()):
+    def _plan_table(self, block: AttentionBlock, table, lays: dict, qk=None):
         """A cos/sin table that a node of the block multiplies along the head size: the same positions of it
         as the node's output keeps, by a Gather in front of the node (one per table and positions: blocks that
         keep the same positions share it). A rotary op's cache holds one entry per pair: the kept pairs'."""
         node = self.nodes[table.node]
         src = node.inputs[table.input]
         if table.pairs:
-            qk = next((d for d in dims if d.circuit == "qk"), None)
             if qk is None:
                 return
             if qk.keep is None:
@@ -123,7 +122,7 @@ class Rewriter:
             size = self.shapes[src.name][table.axis]
             keep = np.array([i for i in qk.keep if i < size] if table.pairs == "half" else
                             [i // 2 for i in qk.keep if i % 2 == 0 and i < 2 * size], dtype=np.int64)
-            self._gather_table(node, table, src, keep)
+            self._gather_input(node, table.input, table.axis, keep)
             return
         y = node.outputs[0]
         t, lay = block.tensor(y.name), lays.get(y.name)
@@ -132,7 +131,7 @@ class Rewriter:
         if t.dim_axis not in lay.keep:
             raise RewriteError(f"block {block.index} ({block.name}): {node.op} {node.name!r} reads {src.name!r} "
                                f"over the head size (a rotary embedding's cos or sin); {ROTATION}")
-        self._gather_table(node, table, src, lay.keep[t.dim_axis])
+        self._gather_input(node, table.input, table.axis, lay.keep[t.dim_axis])
 
     def _plan_cut_point(self, block: AttentionBlock, node, i: int, qk):
         """Where a QK cut starts below a q/k norm (or at the broadcast of one K head): ``node`` reads the kept
@@ -147,25 +146,22 @@ class Rewriter:
             axis = len(self.shapes[x.name]) - 1
         pos = np.asarray(t.dim_pos).reshape(-1) if t is not None and t.dim_pos is not None else \
             np.arange(self.shapes[x.name][axis])
-        keep = np.flatnonzero(np.isin(pos, qk.keep))
-        out = gs.Variable(f"{x.name}__kept{next(fresh)}", dtype=x.dtype)
-        gather = gs.Node("Gather", name=f"{x.name}__gather{next(fresh)}", attrs={"axis": int(axis)},
-                         inputs=[x, gs.Constant(f"{x.name}__positions{next(fresh)}", keep.astype(np.int64))],
-                         outputs=[out])
-        self.edits.append(lambda g=gather: self.graph.nodes.append(g))
-        self.edits.append(lambda n=node, i=i, v=out: n.inputs.__setitem__(i, v))
+        self._gather_input(node, i, axis, np.flatnonzero(np.isin(pos, qk.keep)))
 
-    def _gather_table(self, node, table, src, keep):
-        key = (src.name, table.axis, tuple(int(i) for i in keep))
-        out = self._tables.get(key)
+    def _gather_input(self, node, i: int, axis: int, keep):
+        """``node`` reads positions ``keep`` of its input ``i`` along ``axis``: one Gather per tensor, axis and
+        positions (blocks that keep the same positions of a shared table share it)."""
+        src = node.inputs[i]
+        key = (src.name, axis, tuple(int(k) for k in keep))
+        out = self._gathers.get(key)
         if out is None:
             out = gs.Variable(f"{src.name}__kept{next(fresh)}", dtype=src.dtype)
-            self._tables[key] = out
-            gather = gs.Node("Gather", name=f"{src.name}__gather{next(fresh)}", attrs={"axis": int(table.axis)},
+            self._gathers[key] = out
+            gather = gs.Node("Gather", name=f"{src.name}__gather{next(fresh)}", attrs={"axis": int(axis)},
                              inputs=[src, gs.Constant(f"{src.name}__positions{next(fresh)}",
                                                       np.asarray(keep, dtype=np.int64))], outputs=[out])
             self.edits.append(lambda g=gather: self.graph.nodes.append(g))
-        self.edits.append(lambda n=node, i=table.input, v=out: n.inputs.__setitem__(i, v))
+        self.edits.append(lambda n=node, i=i, v=out: n.inputs.__setitem__(i, v))
 
     def _plan_cut(self, tensor, lay: Layout, block_nodes):
         size = self.shapes[tensor.name]
