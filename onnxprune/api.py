@@ -53,6 +53,7 @@ class PruneResult:
     plans: dict = field(default_factory=dict, repr=False)   # block index -> plan.BlockPlan (with maps inside)
     dim_fits: tuple = ()                 # cuts inside the heads: each block's circuit, rank, held-out error
     dims_source: str | None = None       # what they were fitted from (calibration or weights)
+    budget: object = None                # --attention-ratio: the budget's plan (``budget.BudgetPlan``)
 
 
 def count_result_macs(model: onnx.ModelProto, result: PruneResult, batch: int = 1, seq: int = 128,
@@ -144,7 +145,8 @@ def result_of(state: pipeline.State, options: PruneOptions) -> PruneResult:
                        options=options, feeds=state.feeds,
                        reference=state.model if (state.gates or state.compensated) else None,
                        quantized=state.quant.describe() if state.quant is not None else None,
-                       plans=dict(state.plans), dim_fits=state.dim_fits, dims_source=state.dims_source)
+                       plans=dict(state.plans), dim_fits=state.dim_fits, dims_source=state.dims_source,
+                       budget=state.budget)
 
 
 def verify_saved(model: onnx.ModelProto, result: PruneResult, path: str | os.PathLike,

@@ -68,6 +68,7 @@ class State:
     quant: object = field(default=None, repr=False)   # quant.QuantView of a quantized model (``model`` is its view)
     dim_fits: tuple = ()                      # the cuts inside the heads (``DimFit``), block by block
     dims_source: str | None = None            # what they were fitted from: calibration or weights
+    budget: object = None                     # the attention budget's plan (``budget.BudgetPlan``)
 
     @property
     def blocks(self) -> tuple[AttentionBlock, ...]:
@@ -218,12 +219,13 @@ def fit_dims(state: State, options: PruneOptions) -> State:
         cal = open_session(state.model, state.blocks, state.shapes, options.calib, options.external_dir,
                            outputs=budget, taps=taps, fed=fed)
     moments = Moments(state.model, state.blocks, cal, tuple(wanted), options.external_dir)
-    ranks, plans, fits = {}, dict(state.plans), []
+    ranks, plans, fits, spent = {}, dict(state.plans), [], None
     if budget:
         sample = next(iter(options.calib.values()))
         seq = sample.shape[1] if sample.ndim > 1 else 128
-        for choice in plan_budget(cal, moments, state.blocks, options.attention_ratio, tuple(wanted),
-                                  options.multiple_of, seq):
+        spent = plan_budget(cal, moments, state.blocks, options.attention_ratio, tuple(wanted),
+                            options.multiple_of, seq)
+        for choice in spent.choices:
             ranks.update({(choice.block, c): r for c, r in choice.ranks.items()})
             plans[choice.block] = replace(plans[choice.block], kept_heads=choice.heads)
     for b in state.blocks:
@@ -240,7 +242,8 @@ def fit_dims(state: State, options: PruneOptions) -> State:
             fits.append(DimFit(b.index, name, fit.dims.rank, fit.error,
                                tuple(int(i) for i in keep) if keep is not None else None))
         plans[b.index] = replace(plans[b.index], dims=tuple(dims))
-    return replace(state, plans=plans, dim_fits=tuple(fits), dims_source=moments.source)
+    return replace(state, plans=plans, dim_fits=tuple(fits), dims_source=moments.source,
+                   budget=spent)
 
 
 def one_head_size(block) -> bool:

@@ -10,11 +10,12 @@ import onnx
 import pytest
 
 from onnxprune import pipeline, prune_model
-from onnxprune.cut import HeadDims, reference_rows
+from onnxprune.cut import HeadDims, reference_rows, written
 from onnxprune.errors import PlanError, RewriteError, VerifyError
 from onnxprune.inputs import synth_inputs
 from onnxprune.options import PruneOptions
 from onnxprune.plan import BlockPlan, keep_rank
+from onnxprune.report import build_report, format_table
 from onnxprune.transforms.subspace import circuit_error, fit_ov, fit_qk
 from onnxprune.verify import compare, max_abs_diff, reference, run
 
@@ -358,6 +359,36 @@ def test_the_budget_prices_a_cut_with_its_mean_put_back():
     r = prune_model(model, attention_ratio=0.15, calib=calib)
     assert r.max_error <= 1e-4
     assert 2 not in r.kept[1]
+
+
+def test_the_budget_prices_its_plan_whole_and_takes_heads_where_blocks_cuts_do_not_add_up(monkeypatch):
+    """The greedy steps price each block alone; the plan is priced again with every block cut at once, against
+    whole heads alone at the same MACs. Planted: cuts inside the heads of two blocks that, together (and only
+    together), spoil the outputs; the budget then takes whole heads, says so, and is still exact."""
+    from onnxprune.calibration.session import Calibrator
+    model = onnx.load(str(MODELS / "bert-ts.onnx"))
+    state, _ = matched("bert-ts.onnx")
+    calib = synth_inputs(model, seed=3, batch=64, seq=16)
+    honest = prune_model(model, attention_ratio=0.5, calib=calib)
+    assert honest.budget.chosen == "mixed" and honest.budget.loss < honest.budget.heads_loss
+    assert build_report(honest, "m", None, 0)["budget"]["whole_heads_loss"] == honest.budget.heads_loss
+
+    inside = {b.index: {t.name for c in ("qk", "ov") for t in written(b, c)} - {b.o_proj.weight}
+              for b in state.blocks}
+    run_ = Calibrator.run
+
+    def run(self, feeds, weights=None, contexts=False):
+        got = run_(self, feeds, weights, contexts)
+        if sum(bool(inside[i] & set(weights or {})) for i in inside) > 1:     # two blocks cut inside at once
+            got = {n: v + 1.0 if v.dtype.kind == "f" else v for n, v in got.items()}
+        return got
+
+    monkeypatch.setattr(Calibrator, "run", run)
+    r = prune_model(model, attention_ratio=0.5, calib=calib)
+    assert r.budget.chosen == "heads" and r.budget.heads_loss < honest.budget.heads_loss * 10
+    assert all(len(k) == 2 for k in r.kept.values())       # half of each block's 4 heads
+    assert not r.dim_fits and r.max_error <= 1e-4
+    assert "by whole heads alone" in format_table(build_report(r, "m", None, 0))
 
 
 @pytest.mark.parametrize("kw,words", [
