@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import resource
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -181,12 +180,10 @@ def _child_memory(path: str, provider: str, threads, feeds, queue):
 
 
 def _rss() -> int:
-    """The resident memory of this process now (Linux), else its peak so far."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    """The resident memory of this process now, on every platform (psutil: /proc on Linux, the task's working
+    set on Windows, mach on macOS; the standard library has no portable call for it)."""
+    import psutil
+    return int(psutil.Process().memory_info().rss)
 
 
 def _gpu_bytes() -> int | None:

@@ -67,6 +67,9 @@ Nothing is written unless pruned == masked holds; no output ever replaces a file
 its external data) or another output; a model and its data file appear together or not at all. --force
 only lets the pruned model replace the input model.
 
+everywhere: -q (no progress bars or tables: only what was written, and errors), -v (every unmatched node),
+--version, `onnxprune help [COMMAND]`, `python -m onnxprune` where the script is not on PATH.
+
 exit codes: 0 ok, 2 bad input, 3 no attention matched, 4 plan impossible, 5 rewrite failed, 6 verification
 failed (NaN included), 7 an output could not be written (a full disk), 1 another system error; 130 Ctrl-C,
 143 SIGTERM, 129 SIGHUP. Errors are one line on stderr, and leave no file behind.
@@ -135,7 +138,8 @@ def _prune_parser() -> argparse.ArgumentParser:
                      help='JSON {"<block index>": [head, ...]} of heads to remove, blocks numbered as inspect lists')
     p.add_argument("-o", "--output", help="output path (default: <stem>.pruned.onnx beside MODEL); DIR/ writes a "
                                           "pruned model folder: the model, updated config files, tokenizer...")
-    p.add_argument("--report", type=Path, metavar="REPORT.json", help="write the per-block report as JSON")
+    p.add_argument("--report", type=Path, metavar="REPORT.json", help="write the per-block report as JSON (-: on "
+                   "stdout, the summary then on stderr)")
     p.add_argument("--min-heads", type=_at_least(0), default=PruneOptions.min_heads, metavar="N",
                    help=f"keep at least N heads per block ({PruneOptions.min_heads})")
     p.add_argument("--dry-run", action="store_true", help="match, plan and verify, but write no file")
@@ -275,7 +279,7 @@ def run_bench(argv) -> int:
         result = bench(args.original, args.pruned, args.provider, args.batch, args.seq, args.threads,
                        args.warmup, args.runs, data, memory=not args.no_memory, progress=progress, graphs=graphs)
     staged = StagedFile(args.json, json_bytes(result.as_dict())) if args.json else None
-    say(format_bench(result))
+    say(format_bench(result), detail=True)
     if staged is not None:
         staged.publish()
         say(f"wrote {args.json}")
@@ -335,7 +339,7 @@ def run_score(argv) -> int:
             table = StagedFile(args.json, json_bytes({"method": method, "blocks": {
                 b.name: [float(v) for v in scores[b.index]] for b in blocks}}))
         for b in blocks:
-            say(f"{b.index:>2}  {b.name:<40} " + " ".join(f"{v:.3g}" for v in scores[b.index]))
+            say(f"{b.index:>2}  {b.name:<40} " + " ".join(f"{v:.3g}" for v in scores[b.index]), detail=True)
         staged.publish()
         if table is not None:
             table.publish()
@@ -369,6 +373,10 @@ def run_prune(argv) -> int:
     from .report import build_report, format_table, json_bytes
     from .plan import load_heads_to_prune
     import onnx
+    global TO_STDERR
+    to_stdout = args.report is not None and str(args.report) == "-"     # --report -: the JSON on stdout,
+    if to_stdout:                                                          # the rest on stderr
+        args.report, TO_STDERR = None, True
     if args.output is not None and not args.output.strip():
         raise InputError("-o: the output path is empty")
     folder_mode = bool(args.output) and (args.output.endswith(("/", os.sep)) or Path(args.output).is_dir())
@@ -422,10 +430,14 @@ def run_prune(argv) -> int:
         if verify_saved_copy:
             result = verify_saved(model, result, staged.path, where, atol=args.atol)
         report = build_report(result, str(args.model), None if args.dry_run else str(out), args.ratio)
+        if staged is not None:       # the bytes on disk, before and after (external data included)
+            written = [staged.path] + ([staged.dir / staged.data] if staged.data else [])
+            report["file_bytes"] = [sum(f.stat().st_size for f in inputs), sum(f.stat().st_size for f in written)]
+            report["external_data"] = bool(staged.data)
         extra = stage_folder(folder)       # staged with the model: all are written, or none
         if args.report:
             extra.append(StagedFile(args.report, json_bytes(report)))
-        say(format_table(report))
+        say(format_table(report, every_miss=VERBOSE), detail=True)
         # every byte is written by now (a full disk has stopped the run, leaving nothing); only renames follow
         if staged is not None:
             staged.publish()
@@ -446,11 +458,24 @@ def run_prune(argv) -> int:
                 "original; write to another folder (-o DIR/) for a runnable pruned folder")
     if args.report:
         say(f"wrote {args.report}")
+    if to_stdout:
+        TO_STDERR = False
+        say(json_bytes(report).decode().rstrip())
     return 0
 
 
-def say(text: str):
-    """Print to stdout; a reader that went away (``| head -1``) does not stop the run or what it writes."""
+QUIET = VERBOSE = False     # -q: no progress bars or tables, only what was written; -v: every detail
+TO_STDERR = False           # stdout holds something else (--report -)
+
+
+def say(text: str, detail: bool = False):
+    """Print to stdout; a reader that went away (``| head -1``) does not stop the run or what it writes.
+    ``detail``: a table or summary, left out with ``-q``."""
+    if detail and QUIET:
+        return
+    if TO_STDERR:
+        _error(text)
+        return
     try:
         print(text, flush=True)
     except BrokenPipeError:
@@ -476,8 +501,10 @@ def _terminate(signum, frame):
 
 
 def _catch_signals() -> dict:
-    previous = {}
-    for sig in (signal.SIGTERM, signal.SIGHUP):
+    previous = {}       # SIGHUP does not exist on Windows
+    for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+        if sig is None:
+            continue
         try:
             previous[sig] = signal.signal(sig, _terminate)
         except (ValueError, OSError):       # not the main thread: leave the handlers alone
@@ -485,17 +512,50 @@ def _catch_signals() -> dict:
     return previous
 
 
+COMMANDS = {"prune": "run_prune", "score": "run_score", "inspect": "run_inspect", "bench": "run_bench"}
+
+
+def version() -> str:
+    """``onnxprune X (onnx Y, onnxruntime Z)``: what a bug report needs, read from the installed metadata
+    (importing onnxruntime would take a second)."""
+    from importlib import metadata
+    from . import __version__
+    found = []
+    for name in ("onnx", "onnxruntime", "onnxruntime-gpu"):
+        try:
+            found.append(f"{name} {metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            pass
+    return f"onnxprune {__version__} ({', '.join(found)}; Python {sys.version.split()[0]})"
+
+
+def _dispatch(argv) -> int:
+    from .progress import Progress
+    global QUIET, VERBOSE
+    QUIET, VERBOSE = any(a in ("-q", "--quiet") for a in argv), any(a in ("-v", "--verbose") for a in argv)
+    argv = [a for a in argv if a not in ("-q", "--quiet", "-v", "--verbose")]
+    Progress.enabled = not QUIET
+    if not argv:           # a bare command: what it does and how to ask for more, not an argparse error
+        _error(_prune_parser().format_usage().rstrip() + "\n\nprune the attention heads of an ONNX "
+               "transformer; `onnxprune --help` explains every option")
+        return 2
+    if argv[0] in ("--version", "-V"):
+        say(version())
+        return 0
+    if argv[0] == "help":         # `onnxprune help [COMMAND]`
+        if len(argv) > 1 and argv[1] not in COMMANDS:
+            raise InputError(f"help: no command {argv[1]!r}; the commands are {', '.join(COMMANDS)}")
+        return _dispatch([argv[1], "--help"] if len(argv) > 1 and argv[1] != "prune" else ["--help"])
+    if argv[0] in COMMANDS:
+        return globals()[COMMANDS[argv[0]]](argv[1:])
+    return run_prune(argv)
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     previous = _catch_signals()
     try:
-        if argv and argv[0] == "inspect":
-            return run_inspect(argv[1:])
-        if argv and argv[0] == "score":
-            return run_score(argv[1:])
-        if argv and argv[0] == "bench":
-            return run_bench(argv[1:])
-        return run_prune(argv)
+        return _dispatch(argv)
     except OnnxPruneError as exc:
         _error(f"onnxprune: error: {exc}")
         return exc.exit_code
