@@ -65,7 +65,7 @@ def build_report(result: PruneResult, model: str, output: str | None, ratio) -> 
             "misses": [{"node": m.node, "op": m.op, "reason": m.reason} for m in result.misses if m.node]}
 
 
-def format_table(report: dict) -> str:
+def format_table(report: dict, every_miss: bool = False) -> str:
     dims = report.get("dims_source") is not None
     rows = [("#", "block", "family", "H", "kept", "kept heads")
             + (("D", "QK", "OV", "held-out error") if dims else ())]
@@ -82,11 +82,27 @@ def format_table(report: dict) -> str:
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
     before, after = report["params_before"], report["params_after"]
     lines.append(f"parameters: {before:,} -> {after:,} ({100 * (before - after) / max(before, 1):.1f}% fewer)")
+    if report.get("file_bytes"):
+        was, now = report["file_bytes"]
+        lines.append(f"file size: {_size(was)} -> {_size(now)}" + (" (with external data)" if report.get(
+            "external_data") else ""))
     if any(b["num_kv_heads"] not in (1, b["num_heads"]) for b in report["blocks"]):
         dropped = any(len(b["kept_kv_heads"]) < b["num_kv_heads"] for b in report["blocks"])
         how = ("same query heads per KV group" if report.get("gqa") != "group" else
                "whole KV groups removed" if dropped else "whole KV groups; none removed")
         lines.append(f"grouped-query attention: --gqa {report.get('gqa')} ({how})")
+        ratio = report.get("ratio")
+        if report.get("gqa") == "group" and ratio is not None:     # whole groups: the ratio is rounded to them
+            for b in report["blocks"]:
+                if b["num_kv_heads"] in (1, b["num_heads"]):
+                    continue
+                removed = 1 - len(b["kept_heads"]) / b["num_heads"]
+                if abs(removed - float(ratio)) > 1e-9:
+                    lines.append(f"  --ratio {float(ratio):g} removed {removed:.0%} of the query heads: --gqa group "
+                                 f"keeps floor({b['num_kv_heads']} KV groups x (1 - {float(ratio):g})) = "
+                                 f"{len(b['kept_kv_heads'])} whole group(s) of {b['num_heads'] // b['num_kv_heads']} "
+                                 "heads (--gqa uniform removes query heads inside every group)")
+                    break
     if any(b["num_kv_heads"] == 1 < b["num_heads"] for b in report["blocks"]):
         v_cut = any(b.get("ov_rank", b["head_dim"]) < b["head_dim"] for b in report["blocks"])
         k_cut = any(b.get("qk_rank", b["head_dim"]) < b["head_dim"] for b in report["blocks"])
@@ -164,10 +180,18 @@ def format_table(report: dict) -> str:
     if misses:
         lines.append(f"left whole: {len(misses)} attention-like node(s) not matched, their heads not pruned "
                      "(onnxprune inspect lists them; --strict refuses this)")
-        lines += [f"  {m['op']} {m['node']}: {m['reason']}" for m in misses[:5]]
-        if len(misses) > 5:
-            lines.append(f"  ... and {len(misses) - 5} more")
+        shown = misses if every_miss else misses[:5]
+        lines += [f"  {m['op']} {m['node']}: {m['reason']}" for m in shown]
+        if len(misses) > len(shown):
+            lines.append(f"  ... and {len(misses) - len(shown)} more (-v lists them all)")
     return "\n".join(lines)
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GB", 2 ** 30), ("MB", 2 ** 20), ("KB", 2 ** 10)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n} bytes"
 
 
 def format_inspect(result: MatchResult) -> str:

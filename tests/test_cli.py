@@ -191,3 +191,124 @@ def test_nodes_out_of_order_are_sorted_not_refused(tmp_path):
     onnx.save(model, str(tmp_path / "broken.onnx"))
     r = cli(tmp_path / "broken.onnx", "--ratio", "0.5")
     assert r.returncode == 2 and "topologically sorted" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+# ------------------------------------------------------------------ the conventions a user expects
+def test_version_module_form_and_a_bare_command():
+    """--version names the tool and what it runs on; ``python -m onnxprune`` is the same command; a bare
+    ``onnxprune`` prints its usage and where to read more (exit 2), not an argparse complaint."""
+    import subprocess
+    import sys
+    from onnxprune import __version__
+    r = cli("--version")
+    assert r.returncode == 0 and r.stdout.startswith(f"onnxprune {__version__} (onnx ") and "onnxruntime" in r.stdout
+    m = subprocess.run([sys.executable, "-m", "onnxprune", "--version"], capture_output=True, text=True)
+    assert m.returncode == 0 and m.stdout == r.stdout
+    bare = cli()
+    assert bare.returncode == 2 and bare.stderr.startswith("usage: onnxprune MODEL") and "--help" in bare.stderr
+
+
+def test_help_and_prune_are_commands(work):
+    """``onnxprune help [COMMAND]`` is --help; ``onnxprune prune MODEL`` is ``onnxprune MODEL``; an unknown
+    command after help is named with the ones there are."""
+    assert "examples:" in cli("help").stdout
+    assert cli("help", "bench").stdout.startswith("usage: onnxprune bench")
+    bad = cli("help", "nope")
+    assert bad.returncode == 2 and "no command 'nope'" in bad.stderr and "bench" in bad.stderr
+    r = cli("prune", work / "bert.onnx", "--ratio", "0.5", "-o", work / "p.onnx")
+    assert r.returncode == 0, r.stderr
+    assert (work / "p.onnx").exists()
+
+
+def test_quiet_prints_only_what_was_written_and_report_dash_is_stdout(work):
+    """-q: no table, only the line that says what was written; --report -: the JSON report on stdout (parsable
+    as it is), the summary on stderr, and no file named ``-``."""
+    q = cli(work / "bert.onnx", "--ratio", "0.5", "-q", "-o", work / "q.onnx")
+    assert q.returncode == 0 and q.stdout.strip() == f"wrote {work / 'q.onnx'}" and not q.stderr
+    r = cli(work / "bert.onnx", "--ratio", "0.5", "--report", "-", "-o", work / "r.onnx", cwd=work)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["ratio"] == 0.5 and "max abs error" in r.stderr
+    assert not (work / "-").exists()
+
+
+def test_without_sighup_or_resource_every_command_runs(monkeypatch, work):
+    """Windows has no SIGHUP and no ``resource`` module: the command line and bench run without them."""
+    import builtins
+    import signal
+    import sys
+    monkeypatch.delattr(signal, "SIGHUP")
+    real_import = builtins.__import__
+
+    def no_resource(name, *args, **kwargs):
+        if name == "resource":
+            raise ImportError("No module named 'resource'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_resource)
+    monkeypatch.delitem(sys.modules, "resource", raising=False)
+    monkeypatch.delitem(sys.modules, "onnxprune.bench", raising=False)
+    assert main([str(work / "bert.onnx"), "--ratio", "0.5", "-o", str(work / "p.onnx"), "-q"]) == 0
+    assert main(["bench", str(work / "bert.onnx"), str(work / "p.onnx"), "--runs", "2", "--warmup", "0",
+                 "--seq", "8", "-q"]) == 0
+
+
+def test_the_progress_bar_says_the_time_left_and_ends_at_100_percent(monkeypatch):
+    """On a terminal: the time left at the rate so far, never 100% before the work is done (an estimated
+    total may be passed), 100% and the time taken when it is; off with -q (``Progress.enabled``)."""
+    import io
+    from onnxprune.progress import Progress
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    clock = iter(range(0, 1000, 10))       # ten seconds a step
+    monkeypatch.setattr("sys.stderr", Terminal())
+    bar = Progress(10, "fitting", min_total=1, unit="fits")
+    bar.clock = lambda: next(clock)
+    bar.start = bar.clock()
+    for _ in range(12):                    # more steps than the estimate
+        bar.update()
+    drawn = bar.stream.getvalue()
+    assert " 99% 10/10 fits" in drawn and "100%" not in drawn
+    assert "1m30s left" in drawn           # after one step of ten seconds, nine to go
+    bar.done()
+    import re
+    assert re.search(r"100% 10/10 fits in 1m\d\ds\x1b\[K\n$", bar.stream.getvalue())
+    monkeypatch.setattr(Progress, "enabled", False)
+    assert not Progress(10, "x", min_total=1).on
+
+
+def test_the_scores_that_score_writes_are_taken_back_as_importance(work):
+    """``onnxprune score --json`` writes its scores; ``--importance`` that file prunes by them, exactly as by
+    the scored model's stored initializers."""
+    s = cli("score", work / "bert.onnx", "--importance", "weights", "-o", work / "s.onnx", "--json", work / "s.json")
+    assert s.returncode == 0, s.stderr
+    a = cli(work / "bert.onnx", "--ratio", "0.5", "--importance", work / "s.json", "-o", work / "a.onnx",
+            "--report", work / "a.json")
+    b = cli(work / "s.onnx", "--ratio", "0.5", "-o", work / "b.onnx", "--report", work / "b.json")
+    assert a.returncode == 0 and b.returncode == 0, a.stderr + b.stderr
+    kept = [[blk["kept_heads"] for blk in json.loads((work / f).read_text())["blocks"]] for f in ("a.json", "b.json")]
+    assert kept[0] == kept[1]
+    scores = json.loads((work / "s.json").read_text())["blocks"]
+    for blk, heads in zip(scores.values(), kept[0]):       # the top two of each block, ascending
+        assert heads == sorted(sorted(range(4), key=lambda h: (-blk[h], h))[:2])
+
+
+def test_the_summary_gives_the_file_size_before_and_after(work):
+    r = cli(work / "bert.onnx", "--ratio", "0.5", "-o", work / "p.onnx", "--report", work / "r.json")
+    assert r.returncode == 0, r.stderr
+    was, now = json.loads((work / "r.json").read_text())["file_bytes"]
+    assert was == (work / "bert.onnx").stat().st_size and now == (work / "p.onnx").stat().st_size and now < was
+    assert f"file size: {was / 2 ** 10:.2f} KB -> {now / 2 ** 10:.2f} KB" in r.stdout
+
+
+def test_a_ratio_that_whole_kv_groups_round_is_explained(tmp_path):
+    """--gqa group on 2 KV groups: --ratio 0.25 keeps floor(2 x 0.75) = 1 group, half the heads; the summary
+    says so and why. At 0.5 the ratio is what it removes, and nothing is said."""
+    r = cli(MODELS / "llama-d18.onnx", "--ratio", "0.25", "--gqa", "group", "--dry-run")
+    assert r.returncode == 0, r.stderr
+    assert "--ratio 0.25 removed 50% of the query heads: --gqa group keeps floor(2 KV groups x (1 - 0.25)) = 1 " \
+           "whole group(s) of 4 heads" in r.stdout
+    exact = cli(MODELS / "llama-d18.onnx", "--ratio", "0.5", "--gqa", "group", "--dry-run")
+    assert exact.returncode == 0 and "removed 50% of the query heads" not in exact.stdout

@@ -1,4 +1,5 @@
-"""A file of scores: JSON ``{"<block index or name>": [score per head]}`` or a ``[blocks, H]`` .npy array."""
+"""A file of scores: JSON ``{"<block index or name>": [score per head]}`` (or what ``onnxprune score --json``
+writes: the same under ``"blocks"``, beside its ``"method"``) or a ``[blocks, H]`` .npy array."""
 
 from __future__ import annotations
 
@@ -34,6 +35,8 @@ def load_importance_file(path: str | Path, blocks) -> dict[int, np.ndarray]:
         data = read_json(path, "an importance file")
         if not isinstance(data, dict):
             raise InputError(f'{path}: expected an object {{"<block index or name>": [score, ...]}}')
+        if set(data) == {"method", "blocks"} and isinstance(data["blocks"], dict):     # onnxprune score --json
+            data = data["blocks"]
     by_name = {b.name: b for b in blocks}
     out, named = {}, {}
     for key, scores in data.items():
