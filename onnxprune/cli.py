@@ -211,8 +211,9 @@ def _score_parser() -> argparse.ArgumentParser:
 
 
 def _inspect_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="onnxprune inspect", description="List the attention blocks of MODEL, and for every "
-                "Softmax or Attention node that was not matched, the node and the reason.")
+    p = _Parser(prog="onnxprune inspect", description="List the graph inputs of MODEL (what --calib data holds), "
+                "its attention blocks, and for every Softmax or Attention node that was not matched, the node and "
+                "the reason.")
     p.add_argument("model", type=Path)
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     return p
@@ -295,11 +296,12 @@ def run_inspect(argv) -> int:
     from .api import inspect_model
     from .model.external import has_external_data
     from .model.load import load_model
-    from .report import format_inspect, inspect_json
+    from .report import format_inspect, graph_inputs, inspect_json
     args = _inspect_parser().parse_args(argv)
     model = load_model(args.model, external_data=False)      # external weights stay on disk, unread
     result = inspect_model(model, args.model.parent if has_external_data(model) else None)
-    say(json.dumps(inspect_json(result), indent=2) if args.json else format_inspect(result))
+    inputs = graph_inputs(model)
+    say(json.dumps(inspect_json(result, inputs), indent=2) if args.json else format_inspect(result, inputs))
     return 0 if result.blocks else 3
 
 

@@ -194,8 +194,28 @@ def _size(n: int) -> str:
     return f"{n} bytes"
 
 
-def format_inspect(result: MatchResult) -> str:
-    lines = [f"{len(result.blocks)} attention blocks"]
+def graph_inputs(model) -> list[dict]:
+    """The inputs a run feeds (initializers that double as inputs left out): name, element type and dims, a
+    symbolic dim by its name (what ``--calib DATA.npz`` must hold, one array each)."""
+    import onnx
+    inits = {i.name for i in model.graph.initializer}
+    out = []
+    for i in model.graph.input:
+        if i.name in inits:
+            continue
+        t = i.type.tensor_type
+        dims = [d.dim_param or (d.dim_value if d.HasField("dim_value") else "?") for d in t.shape.dim]
+        out.append({"name": i.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name
+                    if t.elem_type else "?", "dims": dims})
+    return out
+
+
+def format_inspect(result: MatchResult, inputs: list[dict] | None = None) -> str:
+    lines = []
+    if inputs is not None:
+        lines.append(f"{len(inputs)} graph inputs (--calib DATA.npz holds one array each, samples along axis 0)")
+        lines += [f"  {i['name']}: {i['dtype']} [{', '.join(map(str, i['dims']))}]" for i in inputs]
+    lines.append(f"{len(result.blocks)} attention blocks")
     for b in result.blocks:
         gqa = f", {b.num_kv_heads} KV heads" if b.num_kv_heads != b.num_heads else ""
         roles = ", ".join(f"{p.role}={p.weight}" for p in b.projections)
@@ -207,8 +227,8 @@ def format_inspect(result: MatchResult) -> str:
     return "\n".join(lines)
 
 
-def inspect_json(result: MatchResult) -> dict:
-    return {"blocks": [{"index": b.index, "name": b.name, "family": b.family, "num_heads": b.num_heads,
+def inspect_json(result: MatchResult, inputs: list[dict] | None = None) -> dict:
+    return {"inputs": inputs or [], "blocks": [{"index": b.index, "name": b.name, "family": b.family, "num_heads": b.num_heads,
                         "num_kv_heads": b.num_kv_heads, "head_dim": b.head_dim,
                         "kv_groups": [list(g) for g in b.kv_groups],
                         "projections": [{"role": p.role, "weight": p.weight, "bias": p.bias,

@@ -312,3 +312,14 @@ def test_a_ratio_that_whole_kv_groups_round_is_explained(tmp_path):
            "whole group(s) of 4 heads" in r.stdout
     exact = cli(MODELS / "llama-d18.onnx", "--ratio", "0.5", "--gqa", "group", "--dry-run")
     assert exact.returncode == 0 and "removed 50% of the query heads" not in exact.stdout
+
+
+def test_inspect_lists_the_graph_inputs_that_calibration_data_must_hold():
+    """Every graph input with its type and dims (symbolic ones by name), in text and JSON: a GenAI folder's
+    KV-cache inputs too, which --calib data must give (empty) as well."""
+    r = cli("inspect", MODELS / "llama-genai" / "model.onnx")
+    assert r.returncode == 0 and "6 graph inputs" in r.stdout
+    assert "  past_key_values.0.key: float32 [batch_size, 2, past_sequence_length, kv_cache_dim]" in r.stdout
+    data = json.loads(cli("inspect", MODELS / "llama-genai" / "model.onnx", "--json").stdout)
+    assert data["inputs"][0] == {"name": "input_ids", "dtype": "int64", "dims": ["batch_size", "sequence_length"]}
+    assert len(data["inputs"]) == 6 and len(data["blocks"]) == 2
