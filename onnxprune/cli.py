@@ -41,7 +41,9 @@ examples:
 importance (which heads go), --importance:
 {importance}
 Calibration runs on --calib DATA.npz (one array per graph input, samples along axis 0), or on synthetic
-inputs without it. Score once, prune to many ratios:
+inputs without it. Make it from text with the model's tokenizer (see `onnxprune help calib`):
+  onnxprune calib model.onnx texts/ -o data.npz
+Score once, prune to many ratios:
   onnxprune score model.onnx --calib data.npz -o scored.onnx
   onnxprune scored.onnx --ratio 0.5 --compensate --calib data.npz
 --compensate recovers what the dropped heads gave, block by block, on the calibration data: auto (the
@@ -128,6 +130,7 @@ def _prune_parser() -> argparse.ArgumentParser:
                       "[options]\n"
                       "       onnxprune score MODEL [--importance METHOD] [--calib DATA.npz] -o SCORED.onnx\n"
                       "       onnxprune inspect MODEL [--json]\n"
+                      "       onnxprune calib MODEL TEXT... -o DATA.npz [--tokenizer PATH] [--seq S]\n"
                       "       onnxprune bench ORIGINAL PRUNED [--provider cpu|cuda|tensorrt] [--batch B] [--seq S]")
     p.add_argument("model", type=Path, help="the .onnx file to prune")
     how = p.add_mutually_exclusive_group()
@@ -217,6 +220,62 @@ def _inspect_parser() -> argparse.ArgumentParser:
     p.add_argument("model", type=Path)
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     return p
+
+
+CALIB_HELP = """\
+Make calibration data (DATA.npz, for --calib) from real text that fits MODEL's inputs.
+
+TEXT is text files or folders of them. The text is tokenized with the model's own tokenizer (tokenizer.json
+beside MODEL, as GenAI and Optimum folders hold it; else --tokenizer), cut into --samples windows of --seq
+tokens, and every graph input is made as the graph wants it: token ids, all-ones attention masks, position
+ids, zero token types, a KV cache's past inputs empty. Use text like what the model will see in
+deployment, and judge the pruned model on other text.
+
+examples:
+  onnxprune calib genai/model.onnx docs/ -o calib.npz
+  onnxprune calib model.onnx corpus.txt --tokenizer hf-folder/ --seq 256 --samples 128 -o calib.npz
+  onnxprune genai/model.onnx --attention-ratio 0.25 --calib calib.npz -o small/
+"""
+
+
+def _calib_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="onnxprune calib", description=CALIB_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", type=Path)
+    p.add_argument("text", type=Path, nargs="+", help="text files, or folders of them")
+    p.add_argument("-o", "--output", type=Path, required=True, metavar="DATA.npz")
+    p.add_argument("--tokenizer", type=Path, metavar="PATH", help="tokenizer.json, or the folder that holds it "
+                   "(default: beside MODEL)")
+    p.add_argument("--seq", type=_at_least(2), default=128, help="tokens per window (128)")
+    p.add_argument("--samples", type=_at_least(1), default=64, metavar="N", help="windows at most (64)")
+    p.add_argument("--force", action="store_true", help="allow the output to overwrite a file")
+    return p
+
+
+def run_calib(argv) -> int:
+    import io
+    import numpy as np
+    from .calibration.text import embedding_rows, find_tokenizer, text_calibration, text_files, tokenize
+    from .files import StagedFile, check_output_path, check_writes
+    from .model.external import input_files
+    from .model.load import load_model
+    args = _calib_parser().parse_args(argv)
+    if args.output.suffix != ".npz":
+        raise InputError(f"-o {args.output}: calibration data is an .npz file")
+    check_output_path(args.model, args.output, args.force)
+    model = load_model(args.model, external_data=False)
+    files = text_files(args.text)
+    check_writes(input_files(args.model, model) + [f.resolve() for f in files], {"output": args.output})
+    tokenizer = find_tokenizer(args.model, args.tokenizer)
+    ids = tokenize(tokenizer, files)
+    data = text_calibration(model, ids, args.seq, args.samples, embedding_rows(model))
+    buf = io.BytesIO()
+    np.savez(buf, **data)
+    staged = StagedFile(args.output, buf.getvalue())
+    n = len(next(iter(data.values())))
+    staged.publish()
+    say(f"wrote {args.output}: {n} windows of {args.seq} tokens from {len(files)} file(s), {len(ids):,} tokens "
+        f"({tokenizer}); inputs " + ", ".join(f"{k} {list(v.shape)}" for k, v in data.items()))
+    return 0
 
 
 BENCH_HELP = """\
@@ -514,7 +573,8 @@ def _catch_signals() -> dict:
     return previous
 
 
-COMMANDS = {"prune": "run_prune", "score": "run_score", "inspect": "run_inspect", "bench": "run_bench"}
+COMMANDS = {"prune": "run_prune", "score": "run_score", "inspect": "run_inspect", "bench": "run_bench",
+            "calib": "run_calib"}
 
 
 def version() -> str:

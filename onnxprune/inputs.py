@@ -102,6 +102,16 @@ def _cache_hints(model: onnx.ModelProto) -> dict[str, int]:
     return hints
 
 
+def input_shapes(model: onnx.ModelProto, batch: int, seq: int, past: int = 0) -> dict[str, list[int]]:
+    """The shape of every graph input at ``batch`` x ``seq`` with a past of ``past`` tokens, symbolic
+    dimensions sized as ``synth_inputs`` sizes them (a KV cache's head size read from the graph)."""
+    inits = {i.name for i in model.graph.initializer}
+    hints = _cache_hints(model)
+    return {inp.name: [_dim_value(d, batch, seq, past, hints, axis) for axis, d in
+                       enumerate(inp.type.tensor_type.shape.dim)]
+            for inp in model.graph.input if inp.name not in inits}
+
+
 def synth_inputs(model: onnx.ModelProto, seed: int = 0, batch: int = BATCH, seq: int = SEQ,
                  past: int = PAST) -> dict[str, np.ndarray]:
     """Plausible inputs for every graph input: token ids, all-ones masks, positions, random floats.
