@@ -199,6 +199,9 @@ def _importance_options(p):
                    help="calibration data: one array per graph input, samples along axis 0")
     p.add_argument("--importance-initializer", metavar="NAME_OR_GLOB",
                    help="the initializers that hold stored scores (default: *.head_importance)")
+    p.add_argument("--synthetic-calib", action="store_true",
+                   help="let calibrated scores and --compensate run on synthetic inputs (random token ids) when "
+                        "no --calib is given: a smoke test, not a fit of real data")
 
 
 def _score_parser() -> argparse.ArgumentParser:
@@ -369,6 +372,21 @@ def _calib(args, model):
     return load_calib(args.calib, model) if args.calib else None
 
 
+def _needs_data(args, model_path):
+    """Calibrated scores or --compensate without --calib: refused unless --synthetic-calib (random token ids
+    fit nothing real, and the summary would speak of calibration data)."""
+    from .importance import CALIBRATED
+    if args.calib is not None or args.synthetic_calib:
+        return
+    wants = [f"--importance {args.importance}"] if args.importance in CALIBRATED else []
+    if getattr(args, "compensate", None):
+        wants.append("--compensate")
+    if wants:
+        raise InputError(f"{' and '.join(wants)} {'needs' if len(wants) == 1 else 'need'} calibration data: make it from text with `onnxprune calib "
+                         f"{model_path} TEXT... -o data.npz` and give --calib data.npz (or --synthetic-calib for "
+                         "random inputs)")
+
+
 def run_score(argv) -> int:
     from .api import score_model
     from .importance import default_calibrated
@@ -379,6 +397,7 @@ def run_score(argv) -> int:
     from .model.save import stage_model
     from .report import json_bytes
     args = _score_parser().parse_args(argv)
+    _needs_data(args, args.model)
     check_output_path(args.model, args.output, args.force)
     if args.json:
         check_output_path(args.model, args.json, True)
@@ -434,6 +453,7 @@ def run_prune(argv) -> int:
     from .report import build_report, format_table, json_bytes
     from .plan import load_heads_to_prune
     import onnx
+    _needs_data(args, args.model)
     global TO_STDERR
     to_stdout = args.report is not None and str(args.report) == "-"     # --report -: the JSON on stdout,
     if to_stdout:                                                          # the rest on stderr
@@ -638,6 +658,10 @@ def main(argv=None) -> int:
         _error(f"onnxprune: error: {where}{exc.strerror or exc}; nothing written")
         return 1
     finally:
+        global QUIET, VERBOSE, TO_STDERR
+        from .progress import Progress
+        QUIET = VERBOSE = TO_STDERR = False          # main() called again in one process starts afresh
+        Progress.enabled = True
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         try:

@@ -349,8 +349,8 @@ def test_every_source_from_the_command_line(tmp_path):
 
     (tmp_path / "s.json").write_text(json.dumps({"0": [1, 2, 3, 4], blocks[1].name: [4, 3, 2, 1]}))
     assert prune(MODELS / "bert-ts.onnx", "--importance", str(tmp_path / "s.json")) == ("file", {0: (2, 3), 1: (0, 1)})
-    for method in ("activation", "residual"):                  # no --calib: synthetic inputs
-        assert prune(MODELS / "bert-ts.onnx", "--importance", method)[0] == method
+    for method in ("activation", "residual"):                  # no --calib: synthetic inputs, when asked
+        assert prune(MODELS / "bert-ts.onnx", "--importance", method, "--synthetic-calib")[0] == method
     tabled = _bert()
     table = np.array([[4.0, 3, 2, 1], [1.0, 2, 3, 4]], dtype=np.float32)
     for b in blocks:

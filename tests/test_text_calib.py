@@ -99,3 +99,17 @@ def test_text_cannot_give_pixels(tmp_path):
     (tmp_path / "t.txt").write_text(words(300, 2))
     r = cli("calib", tmp_path / "m.onnx", tmp_path / "t.txt", "-o", tmp_path / "c.npz", "--seq", "16")
     assert r.returncode == 2 and "text cannot give the graph input(s) pixel" in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("args", [["--compensate"], ["--importance", "activation"], ["--compensate", "bias"]])
+def test_calibrated_work_without_data_is_refused_unless_synthetic_is_asked_for(args, tmp_path):
+    """No --calib: calibrated scores and --compensate would fit random token ids; refused with how to make
+    the data, unless --synthetic-calib says that is meant. Weights-only scores need no data."""
+    r = cli(MODELS / "bert-ts.onnx", "--ratio", "0.5", *args, "-o", tmp_path / "p.onnx")
+    assert r.returncode == 2 and "needs calibration data" in r.stderr and "onnxprune calib" in r.stderr
+    assert not (tmp_path / "p.onnx").exists()
+    ok = cli(MODELS / "bert-ts.onnx", "--ratio", "0.5", *args, "--synthetic-calib", "--dry-run")
+    assert ok.returncode == 0, ok.stderr
+    assert cli(MODELS / "bert-ts.onnx", "--ratio", "0.5", "--dry-run").returncode == 0
+    s = cli("score", MODELS / "bert-ts.onnx", "--importance", "ablation", "-o", tmp_path / "s.onnx")
+    assert s.returncode == 2 and "needs calibration data" in s.stderr
