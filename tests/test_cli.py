@@ -323,3 +323,14 @@ def test_inspect_lists_the_graph_inputs_that_calibration_data_must_hold():
     data = json.loads(cli("inspect", MODELS / "llama-genai" / "model.onnx", "--json").stdout)
     assert data["inputs"][0] == {"name": "input_ids", "dtype": "int64", "dims": ["batch_size", "sequence_length"]}
     assert len(data["inputs"]) == 6 and len(data["blocks"]) == 2
+
+
+def test_the_project_ships_its_licence_and_type_marker():
+    """pyproject says Apache-2.0 and the package is typed: the files that say so are there (and packaged)."""
+    from pathlib import Path
+    root = Path(__file__).resolve().parent.parent
+    assert "Apache License" in (root / "LICENSE").read_text() and "Version 2.0" in (root / "LICENSE").read_text()
+    assert (root / "onnxprune" / "py.typed").exists()
+    text = (root / "pyproject.toml").read_text()
+    assert 'license-files = ["LICENSE"]' in text and '"py.typed"' in text
+    assert (root / "CHANGELOG.md").exists() and (root / "CONTRIBUTING.md").exists()
