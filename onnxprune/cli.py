@@ -132,7 +132,8 @@ def _prune_parser() -> argparse.ArgumentParser:
                       "       onnxprune inspect MODEL [--json]\n"
                       "       onnxprune calib MODEL TEXT... -o DATA.npz [--tokenizer PATH] [--seq S]\n"
                       "       onnxprune bench ORIGINAL PRUNED [--provider cpu|cuda|tensorrt] [--batch B] [--seq S]")
-    p.add_argument("model", type=Path, help="the .onnx file to prune")
+    p.add_argument("model", type=Path, help="the .onnx file to prune, or a model folder (GenAI, Optimum: its "
+                   "model, written as a pruned folder DIR-pruned/ unless -o says otherwise)")
     how = p.add_mutually_exclusive_group()
     how.add_argument("--ratio", type=_ratio, help="fraction of heads to remove in every block, in [0, 1]")
     how.add_argument("--threshold", type=_threshold, metavar="T",
@@ -262,6 +263,7 @@ def run_calib(argv) -> int:
     from .model.external import input_files
     from .model.load import load_model
     args = _calib_parser().parse_args(argv)
+    args.model = _model_path(args.model)
     if args.output.suffix != ".npz":
         raise InputError(f"-o {args.output}: calibration data is an .npz file")
     check_output_path(args.model, args.output, args.force)
@@ -360,11 +362,20 @@ def run_inspect(argv) -> int:
     from .model.load import load_model
     from .report import format_inspect, graph_inputs, inspect_json
     args = _inspect_parser().parse_args(argv)
+    args.model = _model_path(args.model)
     model = load_model(args.model, external_data=False)      # external weights stay on disk, unread
     result = inspect_model(model, args.model.parent if has_external_data(model) else None)
     inputs = graph_inputs(model)
     say(json.dumps(inspect_json(result, inputs), indent=2) if args.json else format_inspect(result, inputs))
     return 0 if result.blocks else 3
+
+
+def _model_path(path: Path) -> Path:
+    """MODEL as given, or the model of a model folder (``config.model_in_folder``)."""
+    if path.is_dir():
+        from .config import model_in_folder
+        return model_in_folder(path)
+    return path
 
 
 def _calib(args, model):
@@ -397,6 +408,7 @@ def run_score(argv) -> int:
     from .model.save import stage_model
     from .report import json_bytes
     args = _score_parser().parse_args(argv)
+    args.model = _model_path(args.model)
     _needs_data(args, args.model)
     check_output_path(args.model, args.output, args.force)
     if args.json:
@@ -460,6 +472,11 @@ def run_prune(argv) -> int:
         args.report, TO_STDERR = None, True
     if args.output is not None and not args.output.strip():
         raise InputError("-o: the output path is empty")
+    if args.model.is_dir():        # a model folder (GenAI, Optimum): its model, and by default a pruned folder
+        from .config import model_in_folder
+        folder_in, args.model = args.model, model_in_folder(args.model)
+        if args.output is None:
+            args.output = str(folder_in.resolve().with_name(f"{folder_in.resolve().name}-pruned")) + os.sep
     folder_mode = bool(args.output) and (args.output.endswith(("/", os.sep)) or Path(args.output).is_dir())
     out = Path(args.output) if args.output else args.model.with_name(f"{args.model.stem}.pruned.onnx")
     if folder_mode:

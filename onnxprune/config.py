@@ -19,6 +19,30 @@ GENAI = "genai_config.json"
 HF = "config.json"
 
 
+def model_in_folder(folder: Path) -> Path:
+    """The model of a model folder given as MODEL: the decoder that ``genai_config.json`` names, else
+    ``model.onnx``, else its only ``.onnx`` file; a folder with several and no config is refused, naming them."""
+    folder = Path(folder)
+    cfg = folder / GENAI
+    if cfg.is_file():
+        try:
+            name = json.loads(cfg.read_text())["model"]["decoder"]["filename"]
+        except (ValueError, KeyError, TypeError):
+            raise InputError(f"{cfg}: no model.decoder.filename in it") from None
+        if not (folder / name).is_file():
+            raise InputError(f"{cfg} names {name}, which is not in {folder}")
+        return folder / name
+    if (folder / "model.onnx").is_file():
+        return folder / "model.onnx"
+    found = sorted(folder.glob("*.onnx"))
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        raise InputError(f"{folder}: a folder with no .onnx model in it")
+    raise InputError(f"{folder}: a folder of {len(found)} models ({', '.join(f.name for f in found[:6])}); "
+                     "name the one to prune")
+
+
 def configs_beside(model_path: Path) -> list[Path]:
     return [p for p in (model_path.parent / GENAI, model_path.parent / HF) if p.is_file()]
 

@@ -334,3 +334,26 @@ def test_the_project_ships_its_licence_and_type_marker():
     text = (root / "pyproject.toml").read_text()
     assert 'license-files = ["LICENSE"]' in text and '"py.typed"' in text
     assert (root / "CHANGELOG.md").exists() and (root / "CONTRIBUTING.md").exists()
+
+
+def test_a_model_folder_given_as_model_prunes_into_a_pruned_folder(tmp_path):
+    """A GenAI folder as MODEL: its decoder (genai_config.json names it) is pruned into DIR-pruned/ beside it,
+    with the configs updated and the tokenizer copied; inspect takes the folder too; a folder of several
+    models and no config is refused, naming them."""
+    src = tmp_path / "genai"
+    shutil.copytree(MODELS / "llama-genai", src)
+    r = cli(src, "--ratio", "0.5")
+    assert r.returncode == 0, r.stderr
+    out = tmp_path / "genai-pruned"
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in src.iterdir())
+    cfg = json.loads((out / "genai_config.json").read_text())["model"]["decoder"]
+    was = json.loads((src / "genai_config.json").read_text())["model"]["decoder"]
+    assert cfg["num_key_value_heads"] == was["num_key_value_heads"] // 2
+    assert cli("inspect", src).returncode == 0
+    two = tmp_path / "two"
+    two.mkdir()
+    for n in ("bert-ts.onnx", "gpt2-ts.onnx"):
+        shutil.copy(MODELS / n, two / n)
+    bad = cli(two, "--ratio", "0.5")
+    assert bad.returncode == 2 and "a folder of 2 models (bert-ts.onnx, gpt2-ts.onnx)" in bad.stderr
+    assert sorted(p.name for p in two.iterdir()) == ["bert-ts.onnx", "gpt2-ts.onnx"]
