@@ -125,7 +125,9 @@ class _Parser(argparse.ArgumentParser):
 def _prune_parser() -> argparse.ArgumentParser:
     from .options import COMPENSATE_MODES, GQA_MODES, SCOPES, PruneOptions      # choices and defaults: options.py's
     from .importance import help_lines
-    p = _Parser(prog="onnxprune", description=PRUNE_HELP.replace("{importance}", help_lines()), formatter_class=argparse.RawDescriptionHelpFormatter,
+    text = PRUNE_HELP.replace("{importance}", help_lines())
+    first, rest = text.split("\n\n", 1)        # the options come first, the teaching after them
+    p = _Parser(prog="onnxprune", description=first, epilog=rest, formatter_class=argparse.RawDescriptionHelpFormatter,
                 usage="onnxprune MODEL (--ratio R | --threshold T | --heads-to-prune FILE) [--qk-dims R] [--v-dims R] "
                       "[options]\n"
                       "       onnxprune score MODEL [--importance METHOD] [--calib DATA.npz] -o SCORED.onnx\n"

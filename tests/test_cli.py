@@ -126,8 +126,13 @@ def test_bad_input_is_one_line_and_writes_nothing(work, case):
 
 
 def test_help_teaches():
+    """--help: usage, one line of what it does, the options at once (within the first 20 lines), then the
+    examples and the explanations."""
     r = cli("--help")
     assert r.returncode == 0 and "examples:" in r.stdout and "inspect" in r.stdout
+    lines = r.stdout.splitlines()
+    first_option = next(i for i, line in enumerate(lines) if line.startswith("options:"))
+    assert first_option < 20 and lines.index("examples:") > first_option
 
 
 def test_a_file_output_elsewhere_copies_nothing_else(work, tmp_path_factory):
