@@ -37,12 +37,12 @@ from .progress import Progress
 @dataclass(frozen=True)
 class BudgetChoice:
     """What the budget chose for one block: the heads it keeps, its ranks and the held-out loss measured at
-    that choice (the block alone cut)."""
+    that choice (the block alone cut; None when whole heads alone won, a plan priced only whole)."""
 
     block: int
     heads: tuple         # the heads kept
     ranks: dict          # circuit -> rank kept
-    loss: float
+    loss: float | None
 
 
 @dataclass(frozen=True)
@@ -182,9 +182,8 @@ def plan_budget(cal, moments, blocks, share, circuits=("qk", "ov"), step=None, s
         alone = _heads_alone(state, order, macs, total - target, {i: by_index[i].head_dim for i in state})
         heads_loss = whole(alone) if alone is not None and mixed is not None else None
         chosen = "heads" if heads_loss is not None and heads_loss < mixed else "mixed"
-        if chosen == "heads":
-            state = alone
-            loss = {i: measure(i, config) for i, config in state.items()}
+    if chosen == "heads":          # priced whole, not block by block
+        state, loss = alone, dict.fromkeys(alone)
     choices = tuple(BudgetChoice(i, kept, {c: ranks[c] for c in circuits}, loss[i])
                     for i, (kept, ranks) in state.items())
     return BudgetPlan(choices, chosen, heads_loss if chosen == "heads" else mixed, heads_loss)
