@@ -41,7 +41,7 @@ examples:
 importance (which heads go), --importance:
 {importance}
 Calibration runs on --calib DATA.npz (one array per graph input, samples along axis 0), or on synthetic
-inputs without it. Make it from text with the model's tokenizer (see `onnxprune help calib`):
+inputs where --synthetic-calib asks for them. Make it from text with the model's tokenizer (see `onnxprune help calib`):
   onnxprune calib model.onnx texts/ -o data.npz
 Score once, prune to many ratios:
   onnxprune score model.onnx --calib data.npz -o scored.onnx
@@ -467,18 +467,17 @@ def run_prune(argv) -> int:
     from .report import build_report, format_table, json_bytes
     from .plan import load_heads_to_prune
     import onnx
-    _needs_data(args, args.model)
     global TO_STDERR
     to_stdout = args.report is not None and str(args.report) == "-"     # --report -: the JSON on stdout,
     if to_stdout:                                                          # the rest on stderr
         args.report, TO_STDERR = None, True
     if args.output is not None and not args.output.strip():
         raise InputError("-o: the output path is empty")
-    if args.model.is_dir():        # a model folder (GenAI, Optimum): its model, and by default a pruned folder
-        from .config import model_in_folder
-        folder_in, args.model = args.model, model_in_folder(args.model)
-        if args.output is None:
-            args.output = str(folder_in.resolve().with_name(f"{folder_in.resolve().name}-pruned")) + os.sep
+    if args.model.is_dir() and args.output is None:     # a model folder (GenAI, Optimum): a pruned folder
+        folder_in = args.model.resolve()
+        args.output = str(folder_in.with_name(f"{folder_in.name}-pruned")) + os.sep
+    args.model = _model_path(args.model)
+    _needs_data(args, args.model)
     folder_mode = bool(args.output) and (args.output.endswith(("/", os.sep)) or Path(args.output).is_dir())
     out = Path(args.output) if args.output else args.model.with_name(f"{args.model.stem}.pruned.onnx")
     if folder_mode:
