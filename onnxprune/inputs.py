@@ -112,6 +112,21 @@ def input_shapes(model: onnx.ModelProto, batch: int, seq: int, past: int = 0) ->
             for inp in model.graph.input if inp.name not in inits}
 
 
+def plain_input(name: str, dtype, shape: list[int]) -> np.ndarray | None:
+    """What an input is whatever the data: a mask all ones, position ids ``0 .. n-1`` along the last axis and
+    token types zero (integer ones); None for any other input (token ids, features: the data's)."""
+    name = name.lower()
+    if "mask" in name:
+        return np.ones(shape, dtype=dtype)
+    if not np.issubdtype(dtype, np.integer):
+        return None
+    if "position" in name:
+        return np.broadcast_to(np.arange(shape[-1], dtype=dtype), shape).copy() if shape else np.zeros(shape, dtype)
+    if "type" in name:
+        return np.zeros(shape, dtype=dtype)
+    return None
+
+
 def synth_inputs(model: onnx.ModelProto, seed: int = 0, batch: int = BATCH, seq: int = SEQ,
                  past: int = PAST) -> dict[str, np.ndarray]:
     """Plausible inputs for every graph input: token ids, all-ones masks, positions, random floats.
@@ -143,17 +158,11 @@ def synth_inputs(model: onnx.ModelProto, seed: int = 0, batch: int = BATCH, seq:
         if tt.elem_type == TensorProto.BOOL:
             value = np.ones(shape, dtype=bool)
         elif np.issubdtype(dtype, np.integer):
-            if "mask" in name:
-                value = np.ones(shape, dtype=dtype)
-                if pad and value.ndim == 2 and shape[0] > 1 and shape[1] > 2:
-                    value[-1, -2:] = 0        # one padded row: masks are really exercised
-            elif "position" in name:
-                value = np.broadcast_to(np.arange(shape[-1], dtype=dtype), shape).copy() if shape else \
-                    np.zeros(shape, dtype)
-            elif "type" in name:
-                value = np.zeros(shape, dtype=dtype)
-            else:
+            value = plain_input(name, dtype, shape)
+            if value is None:
                 value = rng.integers(1, 16, size=shape).astype(dtype)
+            elif "mask" in name and pad and value.ndim == 2 and shape[0] > 1 and shape[1] > 2:
+                value[-1, -2:] = 0        # one padded row: masks are really exercised
         else:
             value = rng.standard_normal(shape).astype(dtype)
         feeds[inp.name] = value

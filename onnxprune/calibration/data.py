@@ -39,10 +39,10 @@ def load_calib(path: str | Path, model: onnx.ModelProto) -> dict[str, np.ndarray
     inputs = {i.name: i for i in model.graph.input}
     inits = {i.name for i in model.graph.initializer}
     needed = [n for n in inputs if n not in inits]
-    counts = {len(a) if a.ndim else 0 for a in data.values()}
+    counts, given = {len(a) if a.ndim else 0 for a in data.values()}, list(data)
     missing = [n for n in needed if n not in data]
     if missing and len(counts) == 1 and 0 not in counts:       # a KV cache's past, empty, need not be given
-        shapes = input_shapes(model, counts.pop(), 1, past=0)
+        shapes = input_shapes(model, next(iter(counts)), 1, past=0)
         for n in [n for n in missing if "past" in n.lower() and 0 in shapes[n][1:]]:
             dtype = helper.tensor_dtype_to_np_dtype(inputs[n].type.tensor_type.elem_type)
             data[n] = np.zeros(shapes[n], dtype=dtype)
@@ -51,9 +51,8 @@ def load_calib(path: str | Path, model: onnx.ModelProto) -> dict[str, np.ndarray
     if missing or extra:          # everything that does not fit, at once
         said = ([f"no array for graph input(s) {', '.join(map(repr, missing))}"] if missing else []) + \
                ([f"array(s) {', '.join(map(repr, extra))} not graph inputs"] if extra else [])
-        raise InputError(f"{path}: {'; '.join(said)} (it has {', '.join(k for k in data if k in inputs or k in extra) or 'none'}; "
-                         f"the graph takes {', '.join(needed)}; onnxprune calib makes the data from text)")
-    counts = {len(a) if a.ndim else 0 for a in data.values()}
+        raise InputError(f"{path}: {'; '.join(said)} (it has {', '.join(given) or 'none'}; the graph takes "
+                         f"{', '.join(needed)}; onnxprune calib makes the data from text)")
     if len(counts) != 1 or 0 in counts:
         raise InputError(f"{path}: arrays must share their first axis (samples); got lengths {sorted(counts)}")
     out = {}

@@ -18,7 +18,7 @@ import onnx
 from onnx import helper
 
 from ..errors import InputError
-from ..inputs import input_shapes
+from ..inputs import input_shapes, plain_input
 
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".text", ".py", ".html", ".json", ".csv", ""}
 
@@ -97,16 +97,12 @@ def text_calibration(model: onnx.ModelProto, ids: np.ndarray, seq: int, samples:
     for inp in model.graph.input:
         if inp.name in inits:
             continue
-        name, shape = inp.name.lower(), shapes[inp.name]
+        shape = shapes[inp.name]
         dtype = helper.tensor_dtype_to_np_dtype(inp.type.tensor_type.elem_type)
-        if "past" in name or 0 in shape[1:]:
+        if "past" in inp.name.lower() or 0 in shape[1:]:
             data[inp.name] = np.zeros(shape, dtype=dtype)            # an empty KV cache
-        elif "mask" in name:
-            data[inp.name] = np.ones(shape, dtype=dtype)
-        elif np.issubdtype(dtype, np.integer) and "position" in name:
-            data[inp.name] = np.broadcast_to(np.arange(shape[-1], dtype=dtype), shape).copy()
-        elif np.issubdtype(dtype, np.integer) and "type" in name:
-            data[inp.name] = np.zeros(shape, dtype=dtype)
+        elif (value := plain_input(inp.name, dtype, shape)) is not None:
+            data[inp.name] = value
         elif np.issubdtype(dtype, np.integer) and shape == [n, seq]:
             data[inp.name] = tokens.astype(dtype)
         else:
