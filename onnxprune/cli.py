@@ -611,8 +611,8 @@ def _catch_signals() -> dict:
     return previous
 
 
-COMMANDS = {"prune": "run_prune", "score": "run_score", "inspect": "run_inspect", "bench": "run_bench",
-            "calib": "run_calib"}
+COMMANDS = {"prune": run_prune, "score": run_score, "inspect": run_inspect, "bench": run_bench,
+            "calib": run_calib}
 
 
 def version() -> str:
@@ -647,7 +647,7 @@ def _dispatch(argv) -> int:
             raise InputError(f"help: no command {argv[1]!r}; the commands are {', '.join(COMMANDS)}")
         return _dispatch([argv[1], "--help"] if len(argv) > 1 and argv[1] != "prune" else ["--help"])
     if argv[0] in COMMANDS:
-        return globals()[COMMANDS[argv[0]]](argv[1:])
+        return COMMANDS[argv[0]](argv[1:])
     return run_prune(argv)
 
 
