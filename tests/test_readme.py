@@ -1,6 +1,7 @@
 """The README's promises that code can check: its first two commands and its Python API example run as
 written."""
 
+import re
 import shlex
 import shutil
 import subprocess
@@ -62,3 +63,34 @@ def test_the_python_api_example_runs(tmp_path, monkeypatch):
     assert scope["result"].kept == {0: (1, 3), 1: (0, 2)} and scope["result"].max_error == 0.0
     assert scope["again"].options.min_heads == 2 and scope["r"].ideal > 1
     assert (tmp_path / "bert-half.onnx").exists()
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor for a heading: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def _broken_links(files) -> list[str]:
+    broken = []
+    for f in files:
+        for target in re.findall(r"\]\(([^)\s]+)\)", f.read_text()):
+            if target.startswith(("http://", "https://")):
+                continue
+            path, _, anchor = target.partition("#")
+            dest = f.parent / path if path else f
+            if not dest.exists():
+                broken.append(f"{f.name}: {target} (no such file)")
+            elif anchor and dest.suffix == ".md":
+                heads = {_slug(ln.lstrip("#")) for ln in dest.read_text().splitlines() if ln.startswith("#")}
+                if anchor not in heads:
+                    broken.append(f"{f.name}: {target} (no such heading)")
+    return broken
+
+
+def test_every_link_of_the_readme_and_docs_leads_somewhere(tmp_path):
+    files = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    assert _broken_links(files) == []
+    planted = tmp_path / "a.md"                       # the check itself finds a dead anchor and a missing file
+    planted.write_text("# Title\n[ok](#title) [dead](#cutting-inside-the-heads) [gone](docs/none.md)\n")
+    assert _broken_links([planted]) == ["a.md: #cutting-inside-the-heads (no such heading)",
+                                        "a.md: docs/none.md (no such file)"]
