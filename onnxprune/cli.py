@@ -117,9 +117,18 @@ def _at_least(low: int):
     return parse
 
 
+class UsageError(InputError):
+    """A bad option or argument: argparse's message, raised rather than exiting, so that a caller other than
+    the command line (the Olive pass) gets it as an error; ``main`` prints it after the command's name."""
+
+    def __init__(self, prog: str, message: str):
+        super().__init__(message)
+        self.prog = prog
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n")
+        raise UsageError(self.prog, message)
 
 
 def _prune_parser() -> argparse.ArgumentParser:
@@ -656,10 +665,13 @@ def main(argv=None) -> int:
     previous = _catch_signals()
     try:
         return _dispatch(argv)
+    except UsageError as exc:
+        _error(f"{exc.prog}: error: {exc}")
+        return exc.exit_code
     except OnnxPruneError as exc:
         _error(f"onnxprune: error: {exc}")
         return exc.exit_code
-    except SystemExit as exc:         # argparse: --help, or a bad option (its message is printed)
+    except SystemExit as exc:         # argparse: --help, --version
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
     except KeyboardInterrupt:
         _error("onnxprune: interrupted; nothing written")
