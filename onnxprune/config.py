@@ -85,7 +85,22 @@ def update_genai(cfg: dict, result, filename: str) -> dict:
     return cfg
 
 
+# Hugging Face Optimum's ORT classes make a decoder's empty KV cache from config.json: the KV head count from
+# num_key_value_heads for these model types (else num_attention_heads), the head size from head_dim for
+# these (else hidden_size // num_attention_heads). Read in optimum-onnx 0.1, onnxruntime/modeling_decoder.py.
+OPTIMUM_HEAD_DIM = frozenset({"gemma", "gemma3_text", "gpt_oss", "nemotron"})
+OPTIMUM_KV_HEADS = frozenset({"arcee", "deepseek_v3", "cohere", "gemma", "gemma3_text", "glm", "granite", "gpt_oss",
+                              "helium", "mistral", "llama", "nemotron", "qwen2", "qwen3", "qwen3_moe", "smollm3",
+                              "stablelm"})
+
+
 def update_hf(cfg: dict, result) -> dict:
+    """``config.json`` with the pruned counts: ``num_attention_heads``, ``num_key_value_heads`` and
+    ``head_dim``, as transformers reads them. For a decoder with a KV cache whose model type Optimum sizes by
+    ``hidden_size // num_attention_heads``, that quotient must stay the cache's head size, so
+    ``num_attention_heads`` keeps it (ONNX Runtime takes the query heads from the graph, not the config) and
+    the real counts go under ``"onnxprune"``; where Optimum takes the KV count from ``num_attention_heads``
+    too, a pruned cache cannot be described and the folder is refused."""
     heads, kv, head_size = head_counts(result)
     before = _original_counts(result)
     if cfg.get("num_attention_heads") not in (None, before[0]):
@@ -96,6 +111,17 @@ def update_hf(cfg: dict, result) -> dict:
     if "num_key_value_heads" in cfg:
         cfg["num_key_value_heads"] = kv
     cfg["head_dim"] = head_size     # no longer hidden_size / num_attention_heads
+    kind, hidden = cfg.get("model_type"), cfg.get("hidden_size")
+    if result.kv_cache and kind not in OPTIMUM_HEAD_DIM and isinstance(hidden, int) \
+            and "num_attention_heads" in cfg and hidden // heads != head_size:
+        if kind not in OPTIMUM_KV_HEADS or hidden % head_size:
+            raise PlanError(f"{HF}: Optimum sizes the KV cache of a {kind!r} model as {hidden} // "
+                            f"num_attention_heads per head, which {heads} heads of {head_size} cannot give; write "
+                            "a single model file (-o FILE.onnx) instead of a folder")
+        cfg["num_attention_heads"] = hidden // head_size
+        cfg["onnxprune"] = {"num_attention_heads": heads, "num_key_value_heads": kv, "head_dim": head_size,
+                            "note": "num_attention_heads is hidden_size // head_dim, the KV cache's head size as "
+                                    "Optimum computes it; the model itself has the counts given here"}
     return cfg
 
 
