@@ -57,6 +57,22 @@ def test_calib_from_a_folder_of_text_fits_a_genai_folder_and_the_calibrated_prun
     assert "compensation chosen per block" in p.stdout
 
 
+def test_a_tokenizer_that_truncates_and_pads_for_inference_still_reads_whole_files(folder, tmp_path):
+    """sentence-transformers' tokenizer.json cuts every text at 128 tokens: a file is one text here, so that
+    would leave one window per file (8 windows of 64 from the MiniLM folder's 30k tokens of text)."""
+    import json
+    dst, texts = folder
+    cfg = json.loads((dst / "tokenizer.json").read_text())
+    cfg["truncation"] = {"direction": "Right", "max_length": 40, "strategy": "LongestFirst", "stride": 0}
+    cfg["padding"] = {"strategy": {"Fixed": 48}, "direction": "Right", "pad_to_multiple_of": None, "pad_id": 0,
+                      "pad_type_id": 0, "pad_token": "<pad>"}
+    (dst / "tokenizer.json").write_text(json.dumps(cfg))
+    r = cli("calib", dst / "model.onnx", texts, "-o", tmp_path / "c.npz", "--seq", "32", "--samples", "64")
+    assert r.returncode == 0, r.stderr
+    with np.load(tmp_path / "c.npz") as z:
+        assert z["input_ids"].shape[0] >= 30          # 1,200 words: not 2 truncated files of 40 tokens
+
+
 def test_calib_data_without_the_empty_cache_arrays_is_completed(folder, tmp_path):
     """A KV-cache model's past inputs, empty, need not be in DATA.npz: they are made."""
     dst, texts = folder

@@ -66,6 +66,10 @@ def tokenize(tokenizer_path: Path, files) -> np.ndarray:
     except Exception as exc:        # the library's own error types
         raise InputError(f"{tokenizer_path}: not a tokenizer the tokenizers library reads "
                          f"({str(exc).splitlines()[0][:120]})") from None
+    # a tokenizer.json made for inference cuts every text at its max_length (sentence-transformers ship 128 or
+    # 256) and pads it: a whole file is one text here, cut into windows later
+    tok.no_truncation()
+    tok.no_padding()
     ids = []
     for f in files:
         text = f.read_text(encoding="utf-8", errors="replace")
