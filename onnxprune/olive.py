@@ -27,12 +27,14 @@ from __future__ import annotations
 import json
 import sys
 import tempfile
+from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Optional, Union
 
 import numpy as np
 
 from .errors import InputError, OnnxPruneError
+from .options import PruneOptions
 
 try:
     from olive.data.config import DataConfig
@@ -45,7 +47,8 @@ except ImportError as exc:          # a one-line reason, not Olive's traceback
 ENTRY = Path(__file__).with_name("olive_config.json")   # {"passes": {"OnnxPrune": {...}}}
 REPORT = "onnxprune_report.json"
 
-# (name, type, default, what it does): the prune command's options, one flag each
+# (name, type, default, what it does): the prune command's options, one flag each; where the name is a
+# PruneOptions field, its default is PruneOptions' own (``_default``)
 _OPTIONS = (
     ("ratio", Optional[float], None, "share of heads to remove in every block: keeps floor(H * (1 - ratio))"),
     ("threshold", Optional[float], None, "keep the heads whose importance is at least this"),
@@ -56,29 +59,35 @@ _OPTIONS = (
     ("v_dims", Optional[float], None, "share of each head's OV rank (V's head size) to remove"),
     ("importance", Optional[str], None, "weights, activation, ablation, mean-ablation, initializers, or a "
                                         ".json/.npy file of scores"),
-    ("scope", str, "layer", "layer: the same share in every block; global: rank all heads together"),
+    ("scope", str, None, "layer: the same share in every block; global: rank all heads together"),
     ("gqa", Optional[str], None, "group: remove whole KV groups (the cache shrinks); uniform: query heads "
                                  "from every group"),
     ("compensate", Optional[str], None, "auto, bias, scale or refit: recover the dropped heads on the "
                                         "calibration data"),
-    ("min_heads", int, 1, "every block keeps at least this many heads"),
+    ("min_heads", int, None, "every block keeps at least this many heads"),
     ("multiple_of", Optional[int], None, "round kept heads x head size (or each rank) up to a multiple of this"),
     ("calib", Optional[str], None, "calibration data: a DATA.npz of graph inputs (onnxprune calib makes it)"),
     ("data_config", Optional[Union[DataConfig, dict]], None, "calibration data as an Olive data config "
                                                              "(instead of calib)"),
     ("calib_samples", int, 64, "at most this many samples are taken from data_config"),
     ("synthetic_calib", bool, False, "let calibrated scores and compensation run on synthetic inputs"),
-    ("verify", bool, True, "prove pruned == masked original on ONNX Runtime before writing"),
+    ("verify", bool, None, "prove pruned == masked original on ONNX Runtime before writing"),
     ("atol", Optional[float], None, "the proof's tolerance (1e-4 fp32, 1e-2 fp16)"),
     ("strict", bool, False, "refuse a model with attention-like nodes that were not matched"),
 )
+
+
+def _default(name: str, given):
+    """PruneOptions' default for ``name`` where it is one of its fields (one source for both), else ``given``."""
+    found = {f.name: f.default for f in fields(PruneOptions)}.get(name, MISSING)
+    return given if found is MISSING else found
 
 
 def _flags(config: dict, model_path: Path, out: str, report: Path, calib: Optional[Path]) -> list[str]:
     """The prune command's arguments for ``config`` (the pass's parameters)."""
     argv = [str(model_path), "-o", out, "--report", str(report)]
     for name, _, default, _ in _OPTIONS:
-        value = config.get(name, default)
+        value = config.get(name, _default(name, default))
         if name in ("data_config", "calib_samples", "calib", "verify") or value is None or value is False:
             continue
         flag = "--" + name.replace("_", "-")
@@ -126,7 +135,7 @@ class OnnxPrune(Pass):
 
     @classmethod
     def _default_config(cls, accelerator_spec) -> dict[str, PassConfigParam]:
-        return {name: PassConfigParam(type_=kind, default_value=default, description=text)
+        return {name: PassConfigParam(type_=kind, default_value=_default(name, default), description=text)
                 for name, kind, default, text in _OPTIONS}
 
     def _run_for_config(self, model: ONNXModelHandler, config: type[BasePassConfig],
@@ -160,9 +169,10 @@ class OnnxPrune(Pass):
             # lies beside the input (a report of an earlier prune, say), so its report is moved in after
             report = Path(tmp) / REPORT if folder else out_dir / REPORT
             run_prune(_flags(settings, source, str(out_dir) + "/" if folder else str(target), report, calib))
+            written = report.read_bytes()
             if folder:
-                (out_dir / REPORT).write_bytes(report.read_bytes())
-        external = json.loads((out_dir / REPORT).read_text()).get("external_data", False)
+                (out_dir / REPORT).write_bytes(written)
+        external = json.loads(written).get("external_data", False)
         if folder or external:
             return ONNXModelHandler(model_path=str(out_dir), onnx_file_name=target.name,
                                     model_attributes=model.model_attributes)
