@@ -101,11 +101,16 @@ def update_hf(cfg: dict, result) -> dict:
     ``num_attention_heads`` keeps it (ONNX Runtime takes the query heads from the graph, not the config) and
     the real counts go under ``"onnxprune"``; where Optimum takes the KV count from ``num_attention_heads``
     too, a pruned cache cannot be described and the folder is refused."""
-    heads, kv, head_size = head_counts(result)
     before = _original_counts(result)
     if cfg.get("num_attention_heads") not in (None, before[0]):
         raise InputError(f"{HF} says {cfg['num_attention_heads']} attention heads, but the model has "
                          f"{before[0]}: it does not describe this model")
+    if not result.kv_cache:
+        try:
+            head_counts(result)
+        except PlanError:            # nothing sizes a cache from it: the counts of each layer go beside it
+            return _per_layer(cfg, result)
+    heads, kv, head_size = head_counts(result)
     if "num_attention_heads" in cfg:
         cfg["num_attention_heads"] = heads
     if "num_key_value_heads" in cfg:
@@ -122,6 +127,27 @@ def update_hf(cfg: dict, result) -> dict:
         cfg["onnxprune"] = {"num_attention_heads": heads, "num_key_value_heads": kv, "head_dim": head_size,
                             "note": "num_attention_heads is hidden_size // head_dim, the KV cache's head size as "
                                     "Optimum computes it; the model itself has the counts given here"}
+    return cfg
+
+
+def layer_counts(result) -> list[dict]:
+    """Each block's kept query and KV heads and its Q/K and V head sizes."""
+    out = []
+    for b in result.blocks:
+        kept = result.kept[b.index]
+        ranks = {f.circuit: f.rank for f in getattr(result, "dim_fits", ()) if f.block == b.index}
+        out.append({"num_attention_heads": len(kept), "num_key_value_heads": len(b.kept_kv_heads(kept)),
+                    "qk_head_dim": ranks.get("qk", b.head_dim), "v_head_dim": ranks.get("ov", b.head_dim)})
+    return out
+
+
+def _per_layer(cfg: dict, result) -> dict:
+    """``config.json`` of a model without a KV cache whose blocks differ (the budget, --scope global, a cut of
+    one circuit): its one-size fields stay the original's, as nothing in ONNX Runtime or Optimum reads them for
+    such a model (the graph holds the sizes), and each layer's counts go under ``"onnxprune"``."""
+    cfg["onnxprune"] = {"layers": layer_counts(result),
+                        "note": "the layers differ in heads or head sizes, which this file's single fields cannot "
+                                "hold; they keep the original's, and the model itself has the counts given here"}
     return cfg
 
 

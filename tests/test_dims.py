@@ -29,7 +29,8 @@ def _cut(state, options, plans):
 # BERT (TorchScript, dynamo, opset 23 SDPA), DistilBERT, RoBERTa, BART, ViT, CLIP, Swin, T5's position bias, Whisper
 QK_FAMILIES = ["bert-ts.onnx", "bert-d18.onnx", "bert-d23-sdpa.onnx", "distilbert-ts.onnx", "roberta-d18.onnx",
                "bart-ts.onnx", "vit-ts.onnx", "clip-vision-d18.onnx", "swin-ts.onnx", "t5-encoder-ts.onnx",
-               "whisper-d18.onnx", "gpt2-ts.onnx", "gpt2-d18.onnx"]      # GPT-2: one packed c_attn, split
+               "whisper-d18.onnx", "gpt2-ts.onnx", "gpt2-d18.onnx",      # GPT-2: one packed c_attn, split
+               "sdpa-runtime-scale-ts.onnx"]      # the scale computed from Shape(q)[-1] at run time: pinned
 
 
 @pytest.mark.parametrize("name", QK_FAMILIES)
@@ -95,6 +96,30 @@ def test_a_map_on_one_side_only_fails_the_proof(monkeypatch, circuit):
     plans = {b.index: BlockPlan(tuple(range(b.num_heads)), dims=(random_dims(b, circuit, 4, rng),))
              for b in state.blocks}
     monkeypatch.setattr(cutting, "reference_rows", lambda rows, a, b: reference_rows(rows, a, a))
+    with pytest.raises(VerifyError, match="differs from the masked original"):
+        _cut(state, options, plans)
+
+
+def test_a_scale_computed_from_the_runtime_head_size_is_pinned(monkeypatch):
+    """TorchScript's SDPA without a scale (Optimum's MiniLM) computes it from Shape(q)[-1]: each block has one
+    ``head_size`` site (the Cast of that size), a QK cut makes it read the original size, and the pruned model
+    computes no scale from its new head size. Planted fault: without the pin the proof fails."""
+    from onnxprune.rewrite import sites
+    state, options = matched("sdpa-runtime-scale-ts.onnx")
+    assert [sum(s.kind == "head_size" for s in b.sites) for b in state.blocks] == [1, 1]
+    rng = np.random.default_rng(2)
+    plans = {b.index: BlockPlan(tuple(range(b.num_heads)), dims=(random_dims(b, "qk", 4, rng),)) for b in state.blocks}
+    cut = _cut(state, options, plans)
+    assert cut.max_error <= 1e-4
+    casts = {n.name: n for n in cut.pruned.graph.node if n.op_type == "Cast"}
+    pinned = [onnx.numpy_helper.to_array(i).tolist() for i in cut.pruned.graph.initializer
+              if any(i.name == casts[s.node].input[0] for b in state.blocks for s in b.sites if s.kind == "head_size")]
+    assert pinned == [[8], [8]]           # the original head size, where the cut's is 4
+    state, options = matched("sdpa-runtime-scale-ts.onnx")
+    heads = _cut(state, options, {b.index: BlockPlan((0, 2)) for b in state.blocks})
+    assert heads.max_error == 0.0        # keeping heads leaves the size as it is: nothing pinned
+    monkeypatch.setitem(sites.SITE_PLANNERS, "head_size", lambda *a: None)
+    state, options = matched("sdpa-runtime-scale-ts.onnx")
     with pytest.raises(VerifyError, match="differs from the masked original"):
         _cut(state, options, plans)
 

@@ -52,7 +52,7 @@ EXPECTED_BLOCKS = {
     "BART": [(4, 4)] * 6, "Whisper": [(4, 4)] * 6,   # 2 encoder self, 2 x (decoder self + cross)
     # ORT's Whisper exporter: cross 0, self 1, cross 1; self 0 is an expected miss (see the manifest)
     "Whisper decoder, ORT-exported": [(4, 4)] * 3,
-    "PyTorch nn.TransformerEncoder": _MHA2,
+    "PyTorch nn.TransformerEncoder": _MHA2, "SDPA, scale from the runtime head size": _MHA2,
     "GPT-2, ORT-exported": _MHA2,                    # KV cache past_i [2, B, H, P, D] in, present_i out
     "ONNX Attention, 3-D": _GQA2,                    # torch.onnx.ops.attention: q_num_heads 8, kv_num_heads 2
     # onnxruntime's quantizers (tools/quantize_models.py): BERT 4 heads of 64, Llama 8 heads of 32 on 4 KV

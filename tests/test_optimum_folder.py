@@ -75,3 +75,35 @@ def test_a_cache_that_optimum_cannot_size_is_refused_and_nothing_is_written(tmp_
     assert r.returncode == 4
     assert "Optimum sizes the KV cache of a 'gpt_neox' model as 64 // num_attention_heads" in r.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_an_encoder_folder_whose_layers_differ_keeps_its_fields_and_says_each_layers_counts(tmp_path):
+    """A feature-extraction folder (no KV cache) cut by one circuit (K and V at other sizes) or pruned per layer:
+    config.json's one-size fields cannot hold it and nothing sizes a cache from them, so they stay the
+    original's and each layer's counts go under "onnxprune"; a uniform cut still updates them."""
+    src = tmp_path / "bert"
+    src.mkdir()
+    shutil.copy(MODELS / "bert-ts.onnx", src / "model.onnx")
+    config = {"model_type": "bert", "hidden_size": 32, "num_attention_heads": 4, "vocab_size": 64}
+    (src / "config.json").write_text(json.dumps(config))
+    r = cli(src, "--v-dims", "0.5", "-o", f"{tmp_path / 'v'}/")
+    assert r.returncode == 0, r.stderr
+    cfg = json.loads((tmp_path / "v" / "config.json").read_text())
+    assert {k: cfg[k] for k in config} == config and "head_dim" not in cfg
+    assert cfg["onnxprune"]["layers"] == [{"num_attention_heads": 4, "num_key_value_heads": 4, "qk_head_dim": 8,
+                                           "v_head_dim": 4}] * 2
+    (tmp_path / "drop.json").write_text('{"0": [1], "1": [0, 2, 3]}')
+    r = cli(src, "--heads-to-prune", tmp_path / "drop.json", "-o", f"{tmp_path / 'g'}/")
+    assert r.returncode == 0, r.stderr
+    layers = json.loads((tmp_path / "g" / "config.json").read_text())["onnxprune"]["layers"]
+    assert [x["num_attention_heads"] for x in layers] == [3, 1]
+    r = cli(src, "--ratio", "0.5", "-o", f"{tmp_path / 'u'}/")
+    cfg = json.loads((tmp_path / "u" / "config.json").read_text())
+    assert r.returncode == 0 and cfg["num_attention_heads"] == 2 and "onnxprune" not in cfg
+
+
+def test_a_decoder_folder_with_a_cache_whose_layers_differ_is_still_refused(tmp_path):
+    src = _folder(tmp_path, "llama", "past", CONFIGS["llama"])
+    r = cli(src, "--v-dims", "0.5", "-o", f"{tmp_path / 'out'}/")
+    assert r.returncode == 4 and "the config files hold one head size" in r.stderr
+    assert not (tmp_path / "out").exists()

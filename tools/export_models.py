@@ -210,7 +210,7 @@ def _specs() -> list[Spec]:
         **small)
     add("albert", "ALBERT", "AlbertModel", "AlbertConfig", _text_inputs(), TEXT_DYN, vocab_size=64,
         embedding_size=16, max_position_embeddings=64, **small)
-    return specs + _seq2seq_specs() + _torch_nn_specs() + _onnx_attention_specs()
+    return specs + _seq2seq_specs() + _torch_nn_specs() + _onnx_attention_specs() + _sdpa_runtime_scale_specs()
 
 
 def quant_base_specs() -> list[Spec]:
@@ -273,6 +273,48 @@ def _onnx_attention_specs() -> list[Spec]:
 
     dyn = {"hidden_states": {0: "batch", 1: "sequence"}}
     return [Spec("onnx-attention-3d-d23", "ONNX Attention, 3-D", build, inputs, "d23", dynamic=dyn)]
+
+
+def _sdpa_runtime_scale_specs() -> list[Spec]:
+    """A BERT-shaped encoder whose attention is ``F.scaled_dot_product_attention`` without ``scale``, as
+    transformers 4.x's ``BertSdpaSelfAttention`` calls it (Optimum's exports of MiniLM): TorchScript then
+    computes the scale at run time from the queries' head size, ``sqrt(1 / sqrt(Shape(q)[-1]))`` multiplied
+    into q and k, which a cut inside the heads must pin to the original head size."""
+    def build():
+        import types
+
+        import torch
+
+        class Layer(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.q, self.k, self.v, self.o = (torch.nn.Linear(32, 32) for _ in range(4))
+                self.norm1, self.norm2 = torch.nn.LayerNorm(32), torch.nn.LayerNorm(32)
+                self.up, self.down = torch.nn.Linear(32, 64), torch.nn.Linear(64, 32)
+
+            def forward(self, x, mask):
+                b, s, _ = x.shape
+                q, k, v = (p(x).view(b, s, 4, 8).transpose(1, 2) for p in (self.q, self.k, self.v))
+                y = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+                x = self.norm1(x + self.o(y.transpose(1, 2).reshape(b, s, 32)))
+                return self.norm2(x + self.down(torch.nn.functional.gelu(self.up(x))))
+
+        class Encoder(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.embed = torch.nn.Embedding(64, 32)
+                self.layers = torch.nn.ModuleList([Layer(), Layer()])
+
+            def forward(self, input_ids, attention_mask, return_dict=True):
+                x = self.embed(input_ids)
+                mask = (1.0 - attention_mask[:, None, None, :].to(x.dtype)) * -10000.0
+                for layer in self.layers:
+                    x = layer(x, mask)
+                return types.SimpleNamespace(last_hidden_state=x)
+        return _randomize(Encoder())
+
+    return [Spec("sdpa-runtime-scale-ts", "SDPA, scale from the runtime head size", build, _text_inputs(), "ts",
+                 "sdpa", dynamic=TEXT_DYN)]
 
 
 def _torch_nn_specs() -> list[Spec]:

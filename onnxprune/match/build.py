@@ -7,7 +7,7 @@ import numpy as np
 from ..block import AttentionBlock, HeadTensor, Projection, Site
 from . import shape_expr
 from .headmap import SHAPE_READERS, FlowFail
-from .headdim import broadcast_chains, head_dim_axes
+from .headdim import broadcast_chains, head_dim_axes, head_size_readers
 from .qknorm import below_norms
 from .rotary import dim_positions
 from .headflow import Flow
@@ -182,6 +182,7 @@ def build_block(flow: Flow, family: str, core, index: int, num_heads: int) -> At
     nodes = tuple(n.name for n in flow.node_order if id(n) in flow.nodes)
     sites = [Site(k, n.name, f"{n.domain}.{n.op}" if n.domain and n.domain != "ai.onnx" else n.op)
              for k, n in flow.sites]
+    sites += [Site("head_size", n.name, n.op) for n in head_size_readers(flow, dims)]
     if len(groups) == 1 and num_heads > 1:      # one KV head for all: its head size up to its projection
         extra = _multi_query(flow, dims, head_dim, units.index(frozenset(groups[0])), {t.name for t in tensors})
         tensors += extra[0]

@@ -368,3 +368,33 @@ def _walk_up(flow, t, axis: int, head_dim: int):
         t, axis = x, new
         tensors.append((t, axis))
     return None
+
+
+_SIZE_MOVERS = {"Slice", "Gather", "Squeeze", "Unsqueeze", "Identity", "Reshape"}
+_FLOAT_TYPES = {1, 10, 11, 16}      # TensorProto FLOAT, FLOAT16, DOUBLE, BFLOAT16
+
+
+def head_size_readers(flow, dims: dict[str, int]) -> list:
+    """The Casts that turn a block tensor's runtime head size into a float: TorchScript's scaled-dot-product
+    attention without a ``scale`` computes it as ``sqrt(1 / sqrt(Cast(Shape(q)[-1])))`` and multiplies it into
+    q and k (transformers 4's ``BertSdpaSelfAttention``, hence Optimum's exports of MiniLM). A cut inside the
+    heads changes that size but not the scale the original computed, so the rewrite pins it (site
+    ``head_size``). ``dims``: {tensor: head-size axis} (``head_dim_axes``)."""
+    from . import shape_expr
+    found, seen = [], set()
+    for name, axis in dims.items():
+        t = flow.tensors.get(name)
+        for shape in [r for r in t.outputs if r.op == "Shape"] if t is not None else ():
+            stack = [shape.outputs[0]]
+            while stack:
+                x = stack.pop()
+                for reader in x.outputs:
+                    if reader.op in _SIZE_MOVERS and reader.inputs and reader.inputs[0] is x:
+                        stack.append(reader.outputs[0])
+                    elif reader.op == "Cast" and reader.attrs.get("to") in _FLOAT_TYPES and id(reader) not in seen \
+                            and tuple(flow.shapes.get(x.name, (0,))) in ((), (1,)):      # one size, not a vector
+                        src = shape_expr.locate(x, None, flow.shapes)
+                        if isinstance(src, shape_expr.Dim) and src.tensor == name and src.axis == axis:
+                            seen.add(id(reader))
+                            found.append(reader)
+    return found

@@ -26,7 +26,7 @@ ORT_ATTENTION = "com.microsoft.Attention"     # the fused op whose qkv_hidden_si
 GQA = "com.microsoft.GroupQueryAttention"     # one head size for Q, K and V: both circuits at one rank
 
 # sites that rewrite a size only: they hold for an axis that a cut inside the heads projects
-SIZE_SITES = {"reshape", "expand", "resize", "tile"}
+SIZE_SITES = {"reshape", "expand", "resize", "tile", "head_size"}
 
 
 class Rewriter:

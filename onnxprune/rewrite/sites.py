@@ -363,3 +363,19 @@ def section_widths(block, name: str, lay, kept_heads) -> list[int]:
 @site("resize")
 def plan_resize(rw, node, block, layouts, kept_heads):
     plan_reshape(rw, node, block, layouts, kept_heads, index=3)     # Resize(X, roi, scales, sizes)
+
+
+@site("head_size")
+def plan_head_size(rw, node, block, layouts, kept_heads):
+    """A runtime head size turned into a float (``match.headdim.head_size_readers``: the attention scale
+    ``1/sqrt(Shape(q)[-1])``): where a cut inside the heads changes that size, the Cast reads the original
+    size as a constant, so that the scale stays that of the original head size (the projected reference's)."""
+    vec = node.inputs[0]
+    src = shape_expr.locate(vec, None, rw.shapes)
+    change = rw.dim_change(layouts, src) if isinstance(src, shape_expr.Dim) else None
+    if change is None:
+        return
+    size = gs.Constant(f"{vec.name}__head_size{next(fresh)}",
+                       np.full(rw.shapes[vec.name], change[0], dtype=vec.dtype or np.int64))
+    rw.edits.append(lambda n=node, c=size: n.inputs.__setitem__(0, c))
+
