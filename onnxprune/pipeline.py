@@ -224,7 +224,7 @@ def fit_dims(state: State, options: PruneOptions) -> State:
         sample = next(iter(options.calib.values()))
         seq = sample.shape[1] if sample.ndim > 1 else 128
         spent = plan_budget(cal, moments, state.blocks, options.attention_ratio, tuple(wanted),
-                            options.multiple_of, seq)
+                            options.multiple_of, seq, compensate=options.compensate)
         for choice in spent.choices:
             ranks.update({(choice.block, c): r for c, r in choice.ranks.items()})
             plans[choice.block] = replace(plans[choice.block], kept_heads=choice.heads)

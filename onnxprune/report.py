@@ -61,7 +61,7 @@ def build_report(result: PruneResult, model: str, output: str | None, ratio) -> 
             "dims_source": result.dims_source, "blocks": blocks,
             "budget": None if result.budget is None else {
                 "chosen": result.budget.chosen, "held_out_loss": result.budget.loss,
-                "whole_heads_loss": result.budget.heads_loss},
+                "whole_heads_loss": result.budget.heads_loss, "compensated": result.budget.compensated},
             "misses": [{"node": m.node, "op": m.op, "reason": m.reason} for m in result.misses if m.node]}
 
 
@@ -163,16 +163,17 @@ def format_table(report: dict, every_miss: bool = False) -> str:
                          "every head of a block (kept_positions in the report), and the cos/sin tables keep the same")
         if report.get("attention_ratio") is not None:
             spent = report.get("budget") or {}
+            cut = "cut" + (f" and compensated ({spent['compensated']})" if spent.get("compensated") else "")
             if spent.get("chosen") == "heads":
                 lines.append(f"attention budget: {report['attention_ratio']:.0%} of the attention MACs removed by "
-                             f"whole heads alone: held-out loss {spent['whole_heads_loss']:.3g} with every block cut, "
+                             f"whole heads alone: held-out loss {spent['whole_heads_loss']:.3g} with every block {cut}, "
                              "less than the cut inside the heads")
             else:
                 against = ("" if spent.get("whole_heads_loss") is None else
                            f" (whole heads alone: {spent['whole_heads_loss']:.3g})")
                 lines.append(f"attention budget: {report['attention_ratio']:.0%} of the attention MACs removed where the "
                              "held-out loss per MAC was least (whole heads, QK ranks, OV ranks); held-out loss "
-                             f"{spent.get('held_out_loss', float('nan')):.3g} with every block cut" + against)
+                             f"{spent.get('held_out_loss', float('nan')):.3g} with every block {cut}" + against)
     if all(len(b["kept_heads"]) == b["num_heads"] and b.get("qk_rank", b["head_dim"]) == b["head_dim"]
            and b.get("ov_rank", b["head_dim"]) == b["head_dim"] for b in report["blocks"]):
         lines.append("nothing removed: every block keeps all its heads")

@@ -416,6 +416,32 @@ def test_the_budget_prices_its_plan_whole_and_takes_heads_where_blocks_cuts_do_n
     assert "by whole heads alone" in format_table(build_report(r, "m", None, 0))
 
 
+def test_the_budget_prices_its_candidates_as_compensated(monkeypatch):
+    """With ``--compensate`` (the budget's default) both candidates are priced after the compensation that
+    follows, fitted on the batches not held out: planted, a compensation that spoils every cut inside the heads
+    (and only those) makes the budget take whole heads, which it would not take priced before compensation."""
+    from onnxprune import budget
+    model = onnx.load(str(MODELS / "bert-ts.onnx"))
+    calib = synth_inputs(model, seed=3, batch=64, seq=16)
+    honest = prune_model(model, attention_ratio=0.5, calib=calib)
+    assert honest.budget.compensated == "auto" and honest.budget.chosen == "mixed"
+    assert build_report(honest, "m", None, 0)["budget"]["compensated"] == "auto"
+    plain = prune_model(model, attention_ratio=0.5, calib=calib, compensate="none")
+    assert plain.budget.compensated is None and plain.budget.chosen == "mixed"
+    real, seen = budget.compensation, []
+
+    def spoiled(cal, kept, mode, dims=None, cut=None, **kw):
+        new = real(cal, kept, mode, dims=dims, cut=cut, **kw)
+        seen.append((len(cal.data), bool(dims)))
+        return {n: v * 3 for n, v in new.items()} if dims else new
+
+    monkeypatch.setattr(budget, "compensation", spoiled)
+    r = prune_model(model, attention_ratio=0.5, calib=calib)
+    assert r.budget.chosen == "heads" and r.budget.loss == r.budget.heads_loss
+    assert all(len(k) == 2 for k in r.kept.values()) and not r.dim_fits and r.max_error <= 1e-4
+    assert sorted(seen) == [(3, False), (3, True)]     # 64 samples in 4 batches of 16, one held out
+
+
 @pytest.mark.parametrize("kw,words", [
     (dict(attention_ratio=0.5), "give --calib"),
     (dict(attention_ratio=0.5, v_dims=0.5, calib={}), "without --qk-dims/--v-dims"),
