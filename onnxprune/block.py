@@ -80,11 +80,18 @@ class AttentionBlock:
     # a cut keeps each whole or none of it, and cannot rotate them
     cut_points: tuple[tuple[str, int, int], ...] = ()   # (node, input, axes after its head size) where a QK cut
     # starts, below a q/k norm: the norm sees every position, the node gets the kept ones (a Gather in front)
+    norm_means: tuple[str, ...] = ()        # the ReduceMean nodes of RMS q/k norms that a QK cut passes (above
+    # them): each is multiplied by kept / D. The queries' side is then cut above its norm; the keys' too, unless
+    # ``cut_points`` remain (one K head whose norm lies above its broadcast: cut there, below its norm)
 
     @property
     def selects_dims(self) -> bool:
         """Whether a cut of the QK circuit can only keep positions, not rotate them (a rotary embedding)."""
         return bool(self.tables or self.pairs or self.cut_points)
+
+    def qk_below(self, role: str) -> bool:
+        """Whether a QK cut of ``role``'s side (q or k) starts below a q/k norm (``cut_points``), not above it."""
+        return bool(self.cut_points) and (role == "k" or not self.norm_means)
 
     def kept_kv_heads(self, kept_heads) -> list[int]:
         """Indices of the KV heads that still serve at least one of ``kept_heads``."""

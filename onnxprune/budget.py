@@ -97,6 +97,10 @@ def plan_budget(cal, moments, blocks, share, circuits=("qk", "ov"), step=None, s
     def macs(index, config) -> float:
         b, (kept, ranks) = by_index[index], config
         n_kv = len(b.kept_kv_heads(kept))
+        if b.qk_below("k"):          # one K head cut at its broadcast: its projection stays whole
+            whole = seq * width[index] * n_kv * b.head_dim
+            return whole + unit_macs(b, seq, width[index], len(kept), 0) * ranks.get("qk", b.head_dim) + \
+                unit_macs(b, seq, width[index], len(kept), n_kv) * ranks.get("ov", b.head_dim)
         per = unit_macs(b, seq, width[index], len(kept), n_kv)
         return per * sum(ranks.get(c, b.head_dim) for c in ("qk", "ov"))
 

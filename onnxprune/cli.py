@@ -59,9 +59,10 @@ Cutting inside the heads keeps every head and makes each smaller, a better use o
 Each head's circuit is kept at rank r by a rotation fitted to the calibration data (to the weights alone
 without --calib); the proof is then against the original with those maps written into its weights. Through
 a rotary embedding (Llama, Mistral, Qwen2, Phi, GPT-J, GenAI folders) QK keeps whole pairs of positions
-instead, chosen by their share of the scores, and the cos/sin tables are cut to match; below q/k norms
-(Gemma 3, Qwen3) the pairs are kept after the norms, so the scores and the K cache shrink but not the Q/K
-projections. --v-dims shrinks the V cache (Gemma 3's one KV head too). GroupQueryAttention has one head
+instead, chosen by their share of the scores, and the cos/sin tables are cut to match; through RMS q/k
+norms (Gemma 3, Qwen3) the pairs are kept in W_q, W_k and the norms' weights, each norm's mean rescaled, so
+the projections shrink too (a norm that cannot be passed: the pairs are kept after it, and only the scores
+and the K cache shrink). --v-dims shrinks the V cache (Gemma 3's one KV head too). GroupQueryAttention has one head
 size: give --qk-dims and --v-dims alike. A quantized model takes whole pairs of QK only. --compensate
 refits the cut output projections; the budget does.
 
@@ -184,8 +185,8 @@ def _prune_parser() -> argparse.ArgumentParser:
     dims.add_argument("--qk-dims", type=_ratio, metavar="R",
                       help="remove the fraction R of each head's QK rank: queries and keys keep floor(D x (1 - R)) "
                            "dimensions, a rotation that keeps the scores best on --calib (from the weights alone "
-                           "without it); through a rotary embedding, whole pairs of positions (below q/k norms: "
-                           "after them)")
+                           "without it); through a rotary embedding, whole pairs of positions (through RMS q/k "
+                           "norms too)")
     dims.add_argument("--v-dims", type=_ratio, metavar="R",
                       help="remove the fraction R of each head's OV rank: V (and its cache) and the output "
                            "projection's rows keep floor(D x (1 - R)), fitted the same way")

@@ -222,11 +222,13 @@ def reference_rows(rows: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray
 
 def written(block, circuit: str) -> list:
     """The head tensors that a reference writes ``circuit``'s map into: the weight of its second side's
-    projection (``WRITTEN``) and its bias where that holds heads (the output projection's does not). Each must
+    projection (``WRITTEN``) and its bias where that holds heads (the output projection's does not); for a QK cut
+    that passes RMS q/k norms (``block.norm_means``), K's too, since its norm sees what the cut keeps. Each must
     hold every head's positions in one run of one axis."""
-    proj = block.projection(WRITTEN[circuit])
+    roles = [WRITTEN[circuit]] + (["k"] if circuit == "qk" and block.norm_means and not block.qk_below("k") else [])
+    names = [n for r in roles for p in [block.projection(r)] for n in (p.weight, p.bias)]
     out = []
-    for name in (proj.weight, proj.bias):
+    for name in names:
         t = next((t for t in block.tensors if t.name == name), None) if name is not None else None
         if t is None:
             continue
@@ -243,6 +245,12 @@ def project_heads(arr: np.ndarray, block, t, kept_heads, dims: HeadDims) -> np.n
     axis = t.axes[0]
     moved = np.moveaxis(np.array(arr, copy=True), axis, 0)
     role = WRITTEN[dims.circuit]
+    if side_of(t.roles, dims.circuit) == 0:      # K through its norm: each kept KV head's positions A Aᵀ
+        rows_of = {u: pos for u, pos, r in packed_runs(block, t) if r in SIDES[dims.circuit][0]}
+        for g in block.kept_kv_heads(kept_heads):
+            rows = rows_of[block.units.index(frozenset(block.kv_groups[g]))]
+            moved[rows] = reference_rows(moved[rows], dims.a[g], dims.a[g])
+        return np.ascontiguousarray(np.moveaxis(moved, 0, axis))
     rows_of = {u: pos for u, pos, r in packed_runs(block, t) if r == role}
     for h in kept_heads:
         rows = rows_of[block.units.index(frozenset({h}))]
@@ -253,8 +261,9 @@ def project_heads(arr: np.ndarray, block, t, kept_heads, dims: HeadDims) -> np.n
 
 def qk_passes(block) -> bool:
     """Whether a map of the QK circuit can pass every query and key tensor of ``block``: each has a head-size
-    axis that the matcher followed (a norm over the head size mixes its positions). Through a rotary embedding
-    only a selection passes (``block.selects_dims``); below q/k norms it starts there (``block.cut_points``), where
-    a cut written into W_q cannot stand for it."""
-    return not block.cut_points and all(t.constant or t.dim_axis is not None for t in block.tensors
-                                        if t.roles and set(t.roles) <= {"q", "k"})
+    axis that the matcher followed (a norm over the head size mixes its positions), or is an RMS q/k norm's mean
+    square that the cut rescales (``block.norm_means``). Through a rotary embedding only a selection passes
+    (``block.selects_dims``); below q/k norms it starts there (``block.cut_points``), where a cut written into
+    W_q cannot stand for it."""
+    return not block.qk_below("q") and all(t.constant or t.dim_axis is not None or block.norm_means
+                                           for t in block.tensors if t.roles and set(t.roles) <= {"q", "k"})

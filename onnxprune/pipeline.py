@@ -295,7 +295,7 @@ def compensate(state: State, options: PruneOptions) -> State:
                         "model would have to re-quantize; compensate the float model, then quantize it")
     dims = {b.index: {d.circuit: d for d in state.plans[b.index].dims} for b in state.blocks
             if state.plans[b.index].dims}
-    below = next((b for b in state.blocks if "qk" in dims.get(b.index, {}) and b.cut_points), None)
+    below = next((b for b in state.blocks if "qk" in dims.get(b.index, {}) and b.qk_below("q")), None)
     if below is not None:
         raise PlanError(f"--compensate after a QK cut below the q/k norms (block {below.index}, {below.name}) is not "
                         "supported yet: its calibration would need the cut written below the norm; cut without "

@@ -28,7 +28,9 @@ def build_report(result: PruneResult, model: str, output: str | None, ratio) -> 
             "qk_rank": ranks["qk"], "ov_rank": ranks["ov"],
             "held_out_error": {c: f.error for c, f in fits.items()},
             "kept_positions": {c: list(f.positions) for c, f in fits.items() if f.positions is not None},
-            "qk_below_norms": bool(b.cut_points) and "qk" in fits,
+            "qk_below_norms": b.qk_below("q") and "qk" in fits,
+            "qk_through_norms": {"q": bool(b.norm_means), "k": bool(b.norm_means) and not b.qk_below("k")}
+            if b.norm_means and "qk" in fits else None,
             "macs": None if result.macs is None else {"before": result.macs[0].blocks.get(b.index),
                                                       "after": result.macs[1].blocks.get(b.index)},
         })
@@ -158,6 +160,14 @@ def format_table(report: dict, every_miss: bool = False) -> str:
         if any(b.get("qk_below_norms") for b in report["blocks"]):
             lines.append("below the q/k norms the QK cut keeps its pairs after the norms: the scores and the K cache "
                          "shrink, the Q and K projections keep their widths")
+        through = [b["qk_through_norms"] for b in report["blocks"] if b.get("qk_through_norms")]
+        if through:
+            lines.append("through the q/k norms (RMS) the QK cut keeps its pairs in W_q" +
+                         (" and W_k" if all(t["k"] for t in through) else "") + " and in the norms' weights, each "
+                         "norm's mean of squares scaled by kept / D: the projections, the scores and the K cache shrink"
+                         + ("" if all(t["k"] for t in through) else
+                            "; the one K head of a multi-query block is cut below its norm, at its broadcast (W_k "
+                            "whole)"))
         if any(b.get("kept_positions") for b in report["blocks"]):
             lines.append("through a rotary embedding the QK cut keeps whole pairs of head-size positions, the same in "
                          "every head of a block (kept_positions in the report), and the cos/sin tables keep the same")

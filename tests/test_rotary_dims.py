@@ -13,6 +13,7 @@ from onnxprune import pipeline, prune_model
 from onnxprune.cut import HeadDims
 from onnxprune.errors import PlanError, RewriteError, VerifyError
 from onnxprune.inputs import synth_inputs
+from onnxprune.options import PruneOptions
 from onnxprune.plan import BlockPlan
 from onnxprune.rewrite import rewriter as rewriting
 from onnxprune.transforms.subspace import fit_qk_select
@@ -104,23 +105,86 @@ def test_random_pair_selections_equal_the_zeroed_original(name, seed, some):
             assert widths[p.weight][p.head_axis] == n * len(keeps[b.index]), (role, b.index)
 
 
-# q/k norms over the head size (Qwen3, Gemma 3; their multi-query form; opset 23; Optimum): the cut starts below
+# q/k norms over the head size (Qwen3, Gemma 3; their multi-query form; opset 23; Optimum): RMS norms written out,
+# which the cut passes (the norms' means of squares rescaled); the multi-query K is cut at its broadcast
 NORMED = ["qwen3-ts.onnx", "qwen3-d18.onnx", "qwen3-d23-sdpa.onnx", "gemma3-ts.onnx", "gemma3-d18.onnx",
           "gemma3-d23-sdpa.onnx", "gemma3-mqa-ts.onnx", "gemma3-mqa-d18.onnx", "optimum-qwen3-nopast.onnx",
           "optimum-gemma3-nopast.onnx"]
 
 
+def _norm_plans(state, seed, drop: bool = False):
+    """Random whole pairs per block; ``drop``: the first head of each KV group dropped too (the norms' means are
+    then rescaled along the head size, not along the heads, which shrink as well)."""
+    rng = np.random.default_rng(seed)
+    return {b.index: BlockPlan(tuple(h for h in range(b.num_heads) if not drop or h not in [g[0] for g in b.kv_groups]),
+                               dims=(_select(b, _random_keep(b, rng)),))
+            for b in state.blocks}
+
+
+@pytest.fixture
+def below_norms(monkeypatch):
+    """The matcher as for a norm it cannot pass (a fused op, a LayerNorm that centres): the cut starts below."""
+    from onnxprune.match import build
+    monkeypatch.setattr(build, "rms_means", lambda flow, found: {})
+
+
 @pytest.mark.parametrize("name", NORMED)
 @pytest.mark.parametrize("seed", [0, 1])
-def test_a_qk_cut_below_the_q_k_norms_equals_the_original_with_the_queries_zeroed_there(name, seed):
-    """Whole rotary pairs kept below the q/k norms: the norms (and the Q/K projections) see every position,
-    a Gather at each cut point (and at the broadcast of a multi-query K) keeps the pairs; equal to the original
-    with the queries zeroed at the same place, at other sizes too; the projections keep their widths."""
+def test_a_qk_cut_through_rms_q_k_norms_equals_the_original_with_q_and_k_columns_zeroed(name, seed):
+    """Whole rotary pairs kept through RMS q/k norms: W_q and W_k (and the norms' weights, and cos/sin) keep the
+    kept positions, each norm's mean of squares is multiplied by kept / D; equal to the original with the dropped
+    columns of W_q and W_k zeroed, at other sizes too. A multi-query block's one K head, whose norm lies above
+    its broadcast, is gathered at the broadcast (its projection whole): still exact."""
     state, options = matched(name)
-    rng = np.random.default_rng(seed)
-    plans = {b.index: BlockPlan(tuple(range(b.num_heads)), dims=(_select(b, _random_keep(b, rng)),))
-             for b in state.blocks}
-    assert all(b.cut_points for b in state.blocks)
+    plans = _norm_plans(state, seed, drop=seed == 1)
+    assert all(b.norm_means for b in state.blocks)
+    cut = _proved(state, options, plans, seed=9, batch=2, seq=6)
+    after = {i.name: list(i.dims) for i in cut.pruned.graph.initializer}
+    for b in state.blocks:
+        keep = len(plans[b.index].dims[0].keep)
+        q, k = b.projection("q"), b.projection("k")
+        assert after[q.weight][q.head_axis] == len(plans[b.index].kept_heads) * keep
+        if b.num_kv_heads == 1:            # the one K head: cut below its norm, at the broadcast
+            assert b.cut_points and k is None
+        else:
+            assert not b.cut_points and after[k.weight][k.head_axis] == b.num_kv_heads * keep
+    means = sum(n.op_type == "Mul" and n.name.endswith("__kept_share") for n in cut.pruned.graph.node)
+    assert means == sum(len(b.norm_means) for b in state.blocks)
+
+
+@pytest.mark.parametrize("fault", ["mean not rescaled", "K left whole in the reference"])
+def test_a_cut_through_the_norms_without_its_rescale_or_its_k_columns_fails_the_proof(monkeypatch, fault):
+    """Planted faults: the norms' means left as they are (they then average over the kept positions only), or the
+    reference's K columns left whole (its norm then sees what the pruned one does not)."""
+    from onnxprune import verify
+    from onnxprune.rewrite.rewriter import Rewriter
+    state, options = matched("qwen3-d18.onnx")
+    if fault == "mean not rescaled":
+        monkeypatch.setattr(Rewriter, "_plan_norm_mean", lambda self, block, node, lays: None)
+    else:
+        real = verify.written
+        monkeypatch.setattr(verify, "written", lambda b, c: [t for t in real(b, c) if "k" not in t.roles])
+    with pytest.raises(VerifyError, match="differs"):
+        _cut(state, options, _norm_plans(state, 0))
+
+
+def test_a_norm_that_centres_is_cut_below_it():
+    """Cohere's q/k norms are LayerNorms (the mean taken off first): zeros do not stay zeros through them, so the
+    cut starts below them."""
+    state, _ = matched("cohere-d18.onnx")
+    assert all(b.cut_points and not b.norm_means for b in state.blocks)
+
+
+@pytest.mark.parametrize("name", NORMED)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_a_qk_cut_below_the_q_k_norms_equals_the_original_with_the_queries_zeroed_there(name, seed, below_norms):
+    """Where the norm cannot be passed: whole rotary pairs kept below the q/k norms, the norms (and the Q/K
+    projections) see every position, a Gather at each cut point (and at the broadcast of a multi-query K) keeps
+    the pairs; equal to the original with the queries zeroed at the same place, at other sizes too; the
+    projections keep their widths."""
+    state, options = matched(name)
+    plans = _norm_plans(state, seed)
+    assert all(b.cut_points and not b.norm_means for b in state.blocks)
     cut = _proved(state, options, plans, seed=9, batch=2, seq=6)
     before = {i.name: list(i.dims) for i in state.model.graph.initializer}
     after = {i.name: list(i.dims) for i in cut.pruned.graph.initializer}
@@ -128,21 +192,24 @@ def test_a_qk_cut_below_the_q_k_norms_equals_the_original_with_the_queries_zeroe
     assert after[q.weight] == before[q.weight]
 
 
-def test_zeroing_the_queries_above_the_norm_fails_the_proof(monkeypatch):
-    """Planted fault: the reference written into W_q (above the norm, which then sees other values)."""
+def test_zeroing_the_queries_above_the_norm_fails_the_proof(monkeypatch, below_norms):
+    """Planted fault: a cut below the norm, its reference written into W_q (above the norm, which then sees other
+    values)."""
     from onnxprune import verify
     state, options = matched("qwen3-d18.onnx")
-    rng = np.random.default_rng(0)
-    plans = {b.index: BlockPlan(tuple(range(b.num_heads)), dims=(_select(b, _random_keep(b, rng)),))
-             for b in state.blocks}
     monkeypatch.setattr(verify, "query_cut_points", lambda model, block: [])
     with pytest.raises(VerifyError, match="differs"):
-        _cut(state, options, plans)
+        _cut(state, options, _norm_plans(state, 0))
 
 
-@pytest.mark.parametrize("name,words", [("phi-ts.onnx", "cannot pass a rotary embedding"),
-                                        ("gemma3-ts.onnx", "keeps whole positions below the norm")])
-def test_a_rotation_through_a_rotary_embedding_or_below_a_q_k_norm_is_refused_with_the_reason(name, words):
+@pytest.mark.parametrize("name,words,below", [("phi-ts.onnx", "cannot pass a rotary embedding", False),
+                                              ("gemma3-ts.onnx", "keeps whole positions through the norm", False),
+                                              ("gemma3-ts.onnx", "keeps whole positions below the norm", True)])
+def test_a_rotation_through_a_rotary_embedding_or_a_q_k_norm_is_refused_with_the_reason(name, words, below,
+                                                                                         monkeypatch):
+    if below:
+        from onnxprune.match import build
+        monkeypatch.setattr(build, "rms_means", lambda flow, found: {})
     state, options = matched(name)
     rng = np.random.default_rng(0)
     plans = {b.index: BlockPlan(tuple(range(b.num_heads)), dims=(random_dims(b, "qk", 4, rng),)) for b in state.blocks}
@@ -150,11 +217,21 @@ def test_a_rotation_through_a_rotary_embedding_or_below_a_q_k_norm_is_refused_wi
         pipeline.rewrite(replace(state, plans=plans), options)
 
 
-def test_compensation_after_a_qk_cut_below_the_q_k_norms_is_refused():
+def test_compensation_after_a_qk_cut_below_the_q_k_norms_is_refused(below_norms):
     from onnxprune.errors import PlanError as Plan
     model = onnx.load(str(MODELS / "gemma3-ts.onnx"))
     with pytest.raises(Plan, match="below the q/k norms"):
         prune_model(model, qk_dims=0.5, calib=synth_inputs(model, seed=1, batch=8, seq=8), compensate="auto")
+
+
+@pytest.mark.parametrize("name", ["gemma3-ts.onnx", "gemma3-mqa-d18.onnx"])
+def test_compensation_after_a_qk_cut_through_the_norms_is_proved(name):
+    """Through RMS q/k norms the cut is written into W_q and W_k (the one multi-query K head: gathered at its
+    broadcast, so only W_q), so compensation calibrates the cut model and refits its output projections."""
+    model = onnx.load(str(MODELS / name))
+    r = prune_model(model, qk_dims=0.5, calib=synth_inputs(model, seed=1, batch=16, seq=8), compensate="auto")
+    assert r.max_error <= 1e-4 and r.compensate == "auto" and r.fits
+    assert all(f.rank == next(b.head_dim for b in r.blocks if b.index == f.block) // 2 for f in r.dim_fits)
 
 
 @pytest.mark.parametrize("name", ["llama-d18.onnx", "gptj-ts.onnx"])
@@ -371,6 +448,19 @@ def test_the_cli_fits_and_budgets_a_fused_attention_model(tmp_path):
     assert b.max_error <= 1e-4 and any(f.circuit == "qk" for f in b.dim_fits)
 
 
+@pytest.mark.parametrize("name", ["qwen3-d18.onnx", "gemma3-mqa-d18.onnx"])
+def test_the_budget_cuts_qk_through_rms_q_k_norms(name):
+    """Through RMS q/k norms a QK step is written into W_q (and W_k), so the budget prices and takes QK ranks
+    there (before, such blocks could only lose heads and OV rank); the plan is compensated and proved."""
+    model = onnx.load(str(MODELS / name))
+    r = prune_model(model, attention_ratio=0.5, calib=synth_inputs(model, seed=3, batch=32, seq=16))
+    assert r.max_error <= 1e-4 and r.compensate == "auto"
+    assert r.budget.chosen == "heads" or any(f.circuit == "qk" for f in r.dim_fits)
+    from onnxprune.pipeline import wanted_circuits, State
+    assert wanted_circuits(State(original=model, model=model, feeds=None, matched=r and matched(name)[0].matched),
+                           PruneOptions(attention_ratio=0.5, calib={})) == ("qk", "ov")
+
+
 def test_a_multi_query_key_below_its_norm_is_fitted_where_it_is_broadcast():
     """Gemma 3's one K head has no projection that the block follows (its norm and RoPE lie above the broadcast):
     the fit reads it at the broadcast, the cut keeps the same pairs there, and the cut with V dims is proved."""
@@ -390,4 +480,5 @@ def test_the_summary_says_what_shrinks_in_a_multi_query_cache(tmp_path):
               "-o", str(tmp_path / "m.onnx"))
     assert res.returncode == 0, res.stderr
     assert "the cache shrinks only inside the head: K by its QK pairs and V by its OV rank" in res.stdout
-    assert "below the q/k norms" in res.stdout
+    assert "through the q/k norms (RMS) the QK cut keeps its pairs in W_q and in the norms' weights" in res.stdout
+    assert "the one K head of a multi-query block is cut below its norm, at its broadcast" in res.stdout

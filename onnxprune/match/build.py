@@ -8,7 +8,7 @@ from ..block import AttentionBlock, HeadTensor, Projection, Site
 from . import shape_expr
 from .headmap import SHAPE_READERS, FlowFail
 from .headdim import broadcast_chains, head_dim_axes, head_size_readers
-from .qknorm import below_norms
+from .qknorm import below_norms, rms_means
 from .rotary import dim_positions
 from .headflow import Flow
 from ..model.graph import is_const
@@ -174,6 +174,16 @@ def build_block(flow: Flow, family: str, core, index: int, num_heads: int) -> At
     dims = head_dim_axes(flow, head_dim, positions)
     pairs, tables = dim_positions(flow, dims, positions, head_dim)
     above, cut_points = below_norms(flow, dims, head_dim) or (frozenset(), ())
+    means = rms_means(flow, dims) if cut_points else {}
+    if "q" in means and ("k" in means or not any(set(flow.roles.get(n, ())) & {"k"} for n in above)):
+        # the RMS norms let the cut pass: it starts above them (the one K head of a multi-query block, whose norm
+        # lies above its broadcast, outside the flow, is still cut at the broadcast)
+        norm_means = tuple(sorted(set(means["q"]) | set(means.get("k", ()))))
+        cut_points = tuple(p for p in cut_points if "q" not in flow.roles.get(_output_of(flow, p[0]), ())
+                           and "k" not in means)
+        above = frozenset()
+    else:
+        norm_means = ()
     tensors = tuple(HeadTensor(name, hm.axes, hm.owner, is_const(flow.tensors[name]), name in cuts,
                                tuple(a for a in flow.copy_axes.get(name, ()) if a in hm.axes), name in flow.io,
                                frozenset(flow.roles.get(name, ())), dims.get(name), name in above,
@@ -194,7 +204,12 @@ def build_block(flow: Flow, family: str, core, index: int, num_heads: int) -> At
         index=index, name=name, family=family, core=core.name, num_heads=num_heads,
         num_kv_heads=len(groups), head_dim=head_dim, kv_groups=tuple(groups), units=units,
         projections=tuple(projections), tensors=tensors,
-        sites=tuple(sites), nodes=nodes, tables=tables, pairs=pairs, cut_points=cut_points)
+        sites=tuple(sites), nodes=nodes, tables=tables, pairs=pairs, cut_points=cut_points, norm_means=norm_means)
+
+
+def _output_of(flow: Flow, node_name: str) -> str:
+    """The first output of the flow's node named ``node_name``."""
+    return next(n.outputs[0].name for n in flow.node_order if n.name == node_name)
 
 
 def _multi_query(flow: Flow, dims: dict, head_dim: int, unit: int, known: set) -> tuple:

@@ -139,7 +139,7 @@ def _inside_heads(block: AttentionBlock, t, dims: HeadDims, units: set, maps: di
             raise RewriteError(f"block {block.index} ({block.name}): {t.name!r} holds {'/'.join(sorted(t.roles))} "
                                f"together (a packed projection); a cut inside its heads is not supported")
         return
-    if t.dim_axis is None and dims.circuit == "qk" and block.cut_points and not t.constant:
+    if t.dim_axis is None and dims.circuit == "qk" and (block.cut_points or block.norm_means) and not t.constant:
         return                  # a q/k norm's mean square ([..., 1]): as it is
     if t.dim_axis is None:
         if t.constant:
@@ -205,10 +205,11 @@ def check_positions(block: AttentionBlock, dims: HeadDims):
     side = SIDES[dims.circuit][0] | SIDES[dims.circuit][1]
     mine = [t for t in block.tensors if t.roles and set(t.roles) <= side]
     lost = next((t for t in mine if t.dim_axis is None and not t.constant), None)
-    if lost is not None and dims.circuit == "qk" and block.cut_points:
+    if lost is not None and dims.circuit == "qk" and (block.cut_points or block.norm_means):
         if dims.keep is None:
+            where = "through the norm (its weight is per position)" if block.norm_means else "below the norm"
             raise RewriteError(f"block {block.index} ({block.name}): its queries and keys pass a norm over the head "
-                               "size (q/k norms): a QK cut there keeps whole positions below the norm; a rotation "
+                               f"size (q/k norms): a QK cut there keeps whole positions {where}; a rotation "
                                "cannot pass it")
         lost = None          # a norm's own tensors ([..., 1]): the cut starts below the norm
     if lost is not None:     # a norm over the head size on the way: no map passes, whatever it is

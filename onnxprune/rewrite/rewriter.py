@@ -82,6 +82,8 @@ class Rewriter:
             self._plan_table(block, table, lays, qk)
         for node_name, i, _ in block.cut_points if qk is not None else ():
             self._plan_cut_point(block, self.nodes[node_name], i, qk)
+        for node_name in block.norm_means if qk is not None else ():
+            self._plan_norm_mean(block, self.nodes[node_name], lays)
         for site in block.sites:
             node = self.nodes[site.node]
             if site.kind not in SIZE_SITES and not (site.kind == "attr" and site.op in (ORT_ATTENTION, GQA)) \
@@ -147,6 +149,24 @@ class Rewriter:
         pos = np.asarray(t.dim_pos).reshape(-1) if t is not None and t.dim_pos is not None else \
             np.arange(self.shapes[x.name][axis])
         self._gather_input(node, i, axis, np.flatnonzero(np.isin(pos, qk.keep)))
+
+    def _plan_norm_mean(self, block: AttentionBlock, node, lays: dict):
+        """An RMS norm's mean of squares over the head size that the QK cut passes: over the r positions kept it
+        is D / r times the original's over D with the dropped positions zero, so a Mul by r / D follows it."""
+        x, y = node.inputs[0], node.outputs[0]
+        lay, axis = lays.get(x.name), block.tensor(x.name).dim_axis
+        old = self.shapes[x.name]
+        if lay is None or axis is None or lay.new_shape[axis] == old[axis]:
+            return
+        dtype = np.dtype(x.dtype) if x.dtype is not None else np.dtype(np.float32)
+        factor = gs.Constant(f"{y.name}__kept_share{next(fresh)}",
+                             np.asarray(lay.new_shape[axis] / old[axis], dtype=dtype))
+
+        def apply(n=node, y=y, c=factor):
+            mean = gs.Variable(f"{y.name}__over_kept{next(fresh)}", dtype=y.dtype)
+            n.outputs[0] = mean
+            self.graph.nodes.append(gs.Node("Mul", name=f"{n.name}__kept_share", inputs=[mean, c], outputs=[y]))
+        self.edits.append(apply)
 
     def _gather_input(self, node, i: int, axis: int, keep):
         """``node`` reads positions ``keep`` of its input ``i`` along ``axis``: one Gather per tensor, axis and
@@ -254,7 +274,7 @@ def check_dims(block: AttentionBlock, dims: tuple):
                                "block (a shared table, or a KV cache whose head size the matcher could not "
                                "follow); a cut inside its heads is not supported")
         for role in sorted(set().union(*SIDES[circuit])):
-            if circuit == "qk" and block.cut_points:
+            if circuit == "qk" and block.qk_below(role):
                 continue            # the cut starts below the q/k norms: the projections stay whole
             proj = block.projection(role)
             t = next((t for t in block.tensors if proj is not None and t.name == proj.weight), None)
