@@ -13,6 +13,7 @@ top-1 next token agrees with the unpruned model's are printed. Random heads are 
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import subprocess
 import sys
@@ -74,17 +75,25 @@ def perplexity(path, ids: np.ndarray, batch: int = 4) -> tuple[float, np.ndarray
     return float(np.exp(nll / count)), np.concatenate(top)
 
 
-def prune(model: Path, out: Path, ratio: float, options: list[str]) -> tuple[float, float, str]:
-    """Run the CLI; (seconds, peak resident GB, its last line)."""
+def prune(model: Path, out: Path, ratio: float, options: list[str]) -> tuple[float, float, dict]:
+    """Run the CLI; (seconds, peak resident GB, its report)."""
+    report = out.with_suffix(".report.json")
     cmd = ["/usr/bin/time", "-v", sys.executable, "-m", "onnxprune.cli", str(model), "--ratio", str(ratio),
-           "-o", str(out), "--force", *options]
+           "-o", str(out), "--force", "--report", str(report), *options]
     t0 = time.perf_counter()
     r = subprocess.run(cmd, capture_output=True, text=True)
     seconds = time.perf_counter() - t0
     peak = re.search(r"Maximum resident set size \(kbytes\): (\d+)", r.stderr)
     if r.returncode != 0:
         raise SystemExit(f"onnxprune failed: {r.stderr.strip().splitlines()[-20:]}")
-    return seconds, int(peak.group(1)) / 1e6 if peak else float("nan"), r.stdout.strip().splitlines()[-1]
+    return seconds, int(peak.group(1)) / 1e6 if peak else float("nan"), json.loads(report.read_text())
+
+
+def attention_cut(report: dict) -> tuple[float, int]:
+    """(the share of the attention MACs removed, at the report's length; the KV cache's bytes per token after)."""
+    before = sum(b["macs"]["before"] for b in report["blocks"])
+    after = sum(b["macs"]["after"] for b in report["blocks"])
+    return 1 - after / before, report["kv_cache_bytes_per_token"]["after"]
 
 
 def main(argv=None) -> int:
@@ -111,8 +120,9 @@ def main(argv=None) -> int:
         subprocess.run([sys.executable, "-m", "onnxprune.cli", "score", str(model), "--importance", "ablation",
                         "--calib", str(work / "calib.npz"), "-o", str(scored)], check=True, capture_output=True)
         print(f"# ablation scores (onnxprune score) took {time.perf_counter() - t0:.0f} s")
-    print("| ratio | heads kept | configuration | perplexity | x unpruned | top-1 agreement | time s | peak GB |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| ratio | heads kept | configuration | attention MACs removed | KV cache bytes per token | perplexity | "
+          "x unpruned | top-1 agreement | time s | peak GB |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     from onnxprune import prune_model
     import onnx
     for ratio in args.ratios:
@@ -129,7 +139,7 @@ def main(argv=None) -> int:
                 ppls.append(p)
                 agree.append(float(np.mean(top == base_top)))
             del m, r
-            print(f"| {ratio} | {kept} of 4 | random heads (mean of {args.random}) | {np.mean(ppls):.1f} | "
+            print(f"| {ratio} | {kept} of 4 | random heads (mean of {args.random}) | | | {np.mean(ppls):.1f} | "
                   f"{np.mean(ppls) / base:.2f} | {np.mean(agree):.3f} | | |", flush=True)
         for name in args.configs:
             macs = f"{head_macs_share(ratio):.3f}"
@@ -138,11 +148,12 @@ def main(argv=None) -> int:
             out = work / "pruned.onnx"
             if "NOHEADS" in CONFIGS[name] and "MACS" not in CONFIGS[name] and ratio != args.ratios[0]:
                 continue            # the same cut at every ratio: once
-            seconds, peak, _ = prune(scored if "SCORED" in CONFIGS[name] else model, out,
-                                     0 if "NOHEADS" in CONFIGS[name] else ratio, opts)
+            seconds, peak, report = prune(scored if "SCORED" in CONFIGS[name] else model, out,
+                                          0 if "NOHEADS" in CONFIGS[name] else ratio, opts)
+            share, kv = attention_cut(report)
             p, top = perplexity(out, held)
-            print(f"| {ratio} | {kept} of 4 | {name} | {p:.1f} | {p / base:.2f} | {np.mean(top == base_top):.3f} | "
-                  f"{seconds:.0f} | {peak:.1f} |", flush=True)
+            print(f"| {ratio} | {kept} of 4 | {name} | {share:.1%} | {kv:,} | {p:.1f} | {p / base:.2f} | "
+                  f"{np.mean(top == base_top):.3f} | {seconds:.0f} | {peak:.1f} |", flush=True)
     return 0
 
 
