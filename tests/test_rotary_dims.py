@@ -414,6 +414,47 @@ def test_ort_attention_without_the_pinned_scale_fails_the_proof(monkeypatch):
         _cut(state, options, plans)
 
 
+@pytest.mark.parametrize("qk,ov,some", [(3, None, False), (None, 5, True), (2, 6, True), (4, 4, False)])
+def test_ort_multi_head_attention_takes_its_own_qk_and_v_widths(qk, ov, some):
+    """ORT's MultiHeadAttention reads Q, K and V as inputs of their own (V's width may differ from Q's) and adds
+    their packed [q | k | v] bias itself: each input and each section of the bias mapped by its side, the scale
+    pinned to the original head size where Q narrows; equal to the projected original (the packed bias's q part
+    projected too), at other sizes as well, and that reference differs from the original."""
+    state, options = matched("bert-ort-mha.onnx")
+    rng = np.random.default_rng(5)
+    plans = {b.index: BlockPlan(tuple(range(b.num_heads))[::2] if some else tuple(range(b.num_heads)),
+                                dims=tuple(random_dims(b, c, r, rng) for c, r in (("qk", qk), ("ov", ov)) if r))
+             for b in state.blocks}
+    cut = _proved(state, options, plans, seed=8, batch=3, seq=9)
+    n = len(plans[0].kept_heads)
+    widths = {i.name: list(i.dims) for i in cut.pruned.graph.initializer}
+    for node in (x for x in cut.pruned.graph.node if x.op_type == "MultiHeadAttention"):
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        assert attrs["num_heads"] == n
+        assert attrs.get("scale") == (pytest.approx(1 / np.sqrt(8)) if qk else None)
+    for b in state.blocks:
+        assert widths[b.projection("v").weight][-1] == n * (ov or 8)
+        assert widths[b.projection("q").weight][-1] == n * (qk or 8)
+
+
+@pytest.mark.parametrize("fault", ["the scale of the new head size", "the packed bias left whole"])
+def test_ort_multi_head_attention_without_its_scale_or_its_bias_fails_the_proof(monkeypatch, fault):
+    """Planted faults: the scale of the cut head size (the op's default), or the reference's q part of the packed
+    bias left unprojected."""
+    from onnxprune import verify
+    from onnxprune.rewrite import sites
+    state, options = matched("bert-ort-mha.onnx")
+    rng = np.random.default_rng(1)
+    plans = {b.index: BlockPlan(tuple(range(b.num_heads)), dims=(random_dims(b, "qk", 3, rng),)) for b in state.blocks}
+    if fault == "the scale of the new head size":
+        monkeypatch.setattr(sites, "original_scale", lambda block: float(1 / np.sqrt(3)))
+    else:
+        real = verify.written
+        monkeypatch.setattr(verify, "written", lambda b, c: [t for t in real(b, c) if len(t.roles) == 1])
+    with pytest.raises(VerifyError, match="differs"):
+        _cut(state, options, plans)
+
+
 def test_qk_moments_through_the_projection_input_equal_the_queries_own():
     """Where the queries are not a tensor of their own (ORT's Attention projects them inside), their moments
     come from the input's and the weights: on an unfused BERT both ways agree."""

@@ -24,6 +24,8 @@ from .sites import SITE_PLANNERS
 
 ORT_ATTENTION = "com.microsoft.Attention"     # the fused op whose qkv_hidden_sizes lets Q/K and V widths differ
 GQA = "com.microsoft.GroupQueryAttention"     # one head size for Q, K and V: both circuits at one rank
+MHA = "com.microsoft.MultiHeadAttention"      # Q, K and V as inputs of their own: V's width may differ
+FUSED_DIMS = (ORT_ATTENTION, GQA, MHA)        # the fused ops that a cut inside the heads passes
 
 # sites that rewrite a size only: they hold for an axis that a cut inside the heads projects
 SIZE_SITES = {"reshape", "expand", "resize", "tile", "head_size"}
@@ -86,7 +88,7 @@ class Rewriter:
             self._plan_norm_mean(block, self.nodes[node_name], lays)
         for site in block.sites:
             node = self.nodes[site.node]
-            if site.kind not in SIZE_SITES and not (site.kind == "attr" and site.op in (ORT_ATTENTION, GQA)) \
+            if site.kind not in SIZE_SITES and not (site.kind == "attr" and site.op in FUSED_DIMS) \
                     and site.kind not in ("split", "slice") and any(lays[v.name].projected for v in list(node.inputs) + list(node.outputs)
                                                    if v is not None and v.name in lays):
                 raise RewriteError(f"{node.op} {node.name!r} picks positions of an axis that a cut inside the "
@@ -259,7 +261,7 @@ def check_dims(block: AttentionBlock, dims: tuple):
                                "and V (and its KV cache): cut both circuits to one rank (--qk-dims and --v-dims "
                                "alike)")
         fused = sorted({s.op.rsplit(".", 1)[-1] for s in block.sites
-                        if s.kind == "attr" and s.op not in (ORT_ATTENTION, GQA)})
+                        if s.kind == "attr" and s.op not in FUSED_DIMS})
         if fused:
             raise RewriteError(f"block {block.index} ({block.name}): a fused attention op ({', '.join(fused)}: one "
                                "head size for Q, K and V, its attributes and KV cache); a cut inside its heads is "

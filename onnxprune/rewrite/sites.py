@@ -320,6 +320,10 @@ def plan_attr(rw, node, block, layouts, kept_heads):
         new.setdefault("scale", float(node.attrs.get("scale") or 1.0 / np.sqrt(sizes[0] // node.attrs["num_heads"])))
     if node.op == "GroupQueryAttention" and node.domain == "com.microsoft":
         new.update(_gqa_scale(rw, node, block, layouts, kept_heads))
+    if node.op == "MultiHeadAttention" and node.domain == "com.microsoft" and not node.attrs.get("scale") \
+            and width[1] != len(kept_heads) * block.head_dim:
+        # its query narrowed inside the heads: the scale of the original head size (its default takes the new)
+        new["scale"] = original_scale(block)
     rw.edits.append(lambda n=node, new=new: n.attrs.update(new))
 
 
@@ -340,7 +344,13 @@ def _gqa_scale(rw, node, block, layouts, kept_heads) -> dict:
                            f"{sorted(set(widths))}; it has one: cut QK and OV to the same rank")
     if widths[0] == block.head_dim:
         return {}
-    return {} if node.attrs.get("scale") else {"scale": float(1.0 / np.sqrt(block.head_dim))}
+    return {} if node.attrs.get("scale") else {"scale": original_scale(block)}
+
+
+def original_scale(block) -> float:
+    """The attention scale of ``block``'s original head size, ``1/sqrt(D)``: what a fused op whose default
+    scale reads its inputs' head size is given when a cut inside the heads narrows them."""
+    return float(1.0 / np.sqrt(block.head_dim))
 
 
 def section_widths(block, name: str, lay, kept_heads) -> list[int]:
