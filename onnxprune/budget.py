@@ -85,6 +85,7 @@ def plan_budget(cal, moments, blocks, share, circuits=("qk", "ov"), step=None, s
     compensation mode that follows the cut (``--compensate``), which the final candidates are priced after."""
     share = float(exact_ratio(share))
     held = sorted(moments.held_batches) or list(range(len(cal.data)))
+    held_set = set(held)
     feeds = [cal.data[i] for i in held]
     base = [cal.run(f) for f in feeds]
     by_index = {b.index: b for b in blocks}
@@ -172,7 +173,7 @@ def plan_budget(cal, moments, blocks, share, circuits=("qk", "ov"), step=None, s
         weights = {t.name: project_heads(cal.weights[t.name], by_index[i], t, kept[i], d)
                    for i, ds in dims.items() for d in ds.values() for t in written(by_index[i], d.circuit)}
         fit = copy.copy(cal)          # the same session, fitted on the batches that are not held out
-        fit.data = [f for i, f in enumerate(cal.data) if i not in set(held)] or cal.data
+        fit.data = [f for i, f in enumerate(cal.data) if i not in held_set] or cal.data
         fit.progress = False
         new = compensation(fit, kept, compensate, dims=dims, cut=weights)
         for index, ds in dims.items():       # the output projection as the cut model runs it: A Bᵀ W_o,h = A M_h

@@ -229,7 +229,7 @@ def written(block, circuit: str) -> list:
     names = [n for r in roles for p in [block.projection(r)] for n in (p.weight, p.bias)]
     if circuit == "qk":         # a packed [q | k | v] bias that a fused op adds itself (MultiHeadAttention's input 3)
         names += [t.name for t in block.tensors if t.constant and len(t.roles) > 1 and roles[0] in t.roles
-                  and len(t.axes) == 1 and t.dim_axis == t.axes[0] and len(t.axes) == np.ndim(t.owner)]
+                  and len(t.axes) == 1 and t.dim_axis == t.axes[0]]
     out = []
     for name in dict.fromkeys(names):
         t = next((t for t in block.tensors if t.name == name), None) if name is not None else None
