@@ -173,7 +173,34 @@ def block_nodes(model: onnx.ModelProto, blocks) -> dict[int, set[str]]:
     """Block index -> the names of the nodes whose products belong to it: its own nodes, and the products
     that read its projection weights (through a Transpose, Cast or dequantization on the way)."""
     readers = consumers(model)
-    return {b.index: _block_nodes(b, readers) for b in blocks}
+    return {b.index: _block_nodes(b, readers) | _broadcast_key_projection(model, b) for b in blocks}
+
+
+def _broadcast_key_projection(model: onnx.ModelProto, block, depth: int = 16) -> set[str]:
+    """The product that makes the one K head of a multi-query block whose K the block does not follow up to a
+    projection (its norm and rotary embedding lie above the broadcast, where the cut gathers it): the nearest
+    MatMul or Gemm above the broadcast with a constant weight as wide as the K head (``[E, D]``)."""
+    if block.projection("k") is not None or not block.cut_points:
+        return set()
+    nodes = {n.name: n for n in model.graph.node}
+    producers = {o: n for n in model.graph.node for o in n.output}
+    sizes = {i.name: list(i.dims) for i in model.graph.initializer}
+    width = block.head_dim * block.num_kv_heads
+    for name, i, _ in block.cut_points:
+        frontier, seen = [nodes[name].input[i]] if name in nodes else [], set()
+        for _ in range(depth):
+            nxt = []
+            for t in frontier:
+                p = producers.get(t)
+                if p is None or p.name in seen:
+                    continue
+                seen.add(p.name)
+                w = sizes.get(p.input[1]) if p.op_type in ("MatMul", "Gemm") and len(p.input) > 1 else None
+                if w is not None and len(w) == 2 and width in (w[1], w[0] if p.op_type == "Gemm" else -1):
+                    return {p.name}
+                nxt += [x for x in p.input if x and x not in sizes]
+            frontier = nxt
+    return set()
 
 
 def _block_nodes(block, readers) -> set[str]:

@@ -62,6 +62,21 @@ def test_grouped_query_macs_by_hand():
     assert count.blocks == {0: per_block, 1: per_block}
 
 
+def test_a_multi_query_block_counts_its_one_key_projection():
+    """Gemma 3's one K head is gathered at its broadcast (its norm and rotary embedding lie above it), so the
+    block does not follow it up to its projection: the count still finds that product (hidden 32, 4 query heads
+    and 1 KV head of 8), before and after a cut through the q norm."""
+    b, s = 2, 16
+    model = onnx.load(str(MODELS / "gemma3-mqa-d18.onnx"))
+    count = count_macs(model, inspect_model(model).blocks, b, s)
+    per_block = b * s * 32 * (32 + 8 + 8 + 32) + 2 * b * 4 * s * s * 8
+    assert set(count.blocks.values()) == {per_block}
+    pruned = prune_model(model, qk_dims=0.5, calib=synth_inputs(model, seed=1, batch=8, seq=8))
+    cut = count_result_macs(model, pruned, b, s)
+    per_block = b * s * 32 * (16 + 8 + 8 + 32) + b * 4 * s * s * (4 + 8)       # Q and the scores at rank 4
+    assert set(cut.macs[1].blocks.values()) == {per_block}
+
+
 def test_a_length_the_model_cannot_take_is_explained_not_fatal():
     model = onnx.load(str(MODELS / "bert-ts.onnx"))      # 64 positions
     result = count_result_macs(model, prune_model(model, 0.5, verify=False), 1, 128)
