@@ -414,13 +414,15 @@ def test_ort_attention_without_the_pinned_scale_fails_the_proof(monkeypatch):
         _cut(state, options, plans)
 
 
+@pytest.mark.parametrize("name", ["bert-ort-mha.onnx", "onnx-attention-3d-d23.onnx"])
 @pytest.mark.parametrize("qk,ov,some", [(3, None, False), (None, 5, True), (2, 6, True), (4, 4, False)])
-def test_ort_multi_head_attention_takes_its_own_qk_and_v_widths(qk, ov, some):
-    """ORT's MultiHeadAttention reads Q, K and V as inputs of their own (V's width may differ from Q's) and adds
-    their packed [q | k | v] bias itself: each input and each section of the bias mapped by its side, the scale
-    pinned to the original head size where Q narrows; equal to the projected original (the packed bias's q part
-    projected too), at other sizes as well, and that reference differs from the original."""
-    state, options = matched("bert-ort-mha.onnx")
+def test_fused_ops_with_their_own_qkv_inputs_take_their_own_qk_and_v_widths(name, qk, ov, some):
+    """ORT's MultiHeadAttention and ONNX's Attention (opset 23, 8 heads on 2 KV heads) read Q, K and V as inputs of
+    their own (V's head size may differ from Q's); MultiHeadAttention also adds their packed [q | k | v] bias
+    itself. Each input and each section of the bias mapped by its side, the scale pinned to the original head
+    size where Q narrows; equal to the projected original (the packed bias's q part projected too), at other
+    sizes as well, and that reference differs from the original."""
+    state, options = matched(name)
     rng = np.random.default_rng(5)
     plans = {b.index: BlockPlan(tuple(range(b.num_heads))[::2] if some else tuple(range(b.num_heads)),
                                 dims=tuple(random_dims(b, c, r, rng) for c, r in (("qk", qk), ("ov", ov)) if r))
@@ -428,22 +430,25 @@ def test_ort_multi_head_attention_takes_its_own_qk_and_v_widths(qk, ov, some):
     cut = _proved(state, options, plans, seed=8, batch=3, seq=9)
     n = len(plans[0].kept_heads)
     widths = {i.name: list(i.dims) for i in cut.pruned.graph.initializer}
-    for node in (x for x in cut.pruned.graph.node if x.op_type == "MultiHeadAttention"):
+    for node in (x for x in cut.pruned.graph.node if x.op_type in ("MultiHeadAttention", "Attention")):
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-        assert attrs["num_heads"] == n
+        assert attrs.get("num_heads", attrs.get("q_num_heads")) == n
         assert attrs.get("scale") == (pytest.approx(1 / np.sqrt(8)) if qk else None)
     for b in state.blocks:
-        assert widths[b.projection("v").weight][-1] == n * (ov or 8)
+        n_kv = len(b.kept_kv_heads(plans[b.index].kept_heads))
+        assert widths[b.projection("v").weight][-1] == n_kv * (ov or 8)
         assert widths[b.projection("q").weight][-1] == n * (qk or 8)
 
 
-@pytest.mark.parametrize("fault", ["the scale of the new head size", "the packed bias left whole"])
-def test_ort_multi_head_attention_without_its_scale_or_its_bias_fails_the_proof(monkeypatch, fault):
+@pytest.mark.parametrize("name,fault", [("bert-ort-mha.onnx", "the scale of the new head size"),
+                                        ("bert-ort-mha.onnx", "the packed bias left whole"),
+                                        ("onnx-attention-3d-d23.onnx", "the scale of the new head size")])
+def test_fused_ops_with_their_own_qkv_inputs_without_the_scale_or_the_bias_fail_the_proof(monkeypatch, name, fault):
     """Planted faults: the scale of the cut head size (the op's default), or the reference's q part of the packed
     bias left unprojected."""
     from onnxprune import verify
     from onnxprune.rewrite import sites
-    state, options = matched("bert-ort-mha.onnx")
+    state, options = matched(name)
     rng = np.random.default_rng(1)
     plans = {b.index: BlockPlan(tuple(range(b.num_heads)), dims=(random_dims(b, "qk", 3, rng),)) for b in state.blocks}
     if fault == "the scale of the new head size":

@@ -25,7 +25,8 @@ from .sites import SITE_PLANNERS
 ORT_ATTENTION = "com.microsoft.Attention"     # the fused op whose qkv_hidden_sizes lets Q/K and V widths differ
 GQA = "com.microsoft.GroupQueryAttention"     # one head size for Q, K and V: both circuits at one rank
 MHA = "com.microsoft.MultiHeadAttention"      # Q, K and V as inputs of their own: V's width may differ
-FUSED_DIMS = (ORT_ATTENTION, GQA, MHA)        # the fused ops that a cut inside the heads passes
+ONNX_ATTENTION = "Attention"                  # ONNX's own (opset 23): the same
+FUSED_DIMS = (ORT_ATTENTION, GQA, MHA, ONNX_ATTENTION)     # the fused ops that a cut inside the heads passes
 
 # sites that rewrite a size only: they hold for an axis that a cut inside the heads projects
 SIZE_SITES = {"reshape", "expand", "resize", "tile", "head_size"}
@@ -266,7 +267,7 @@ def check_dims(block: AttentionBlock, dims: tuple):
             raise RewriteError(f"block {block.index} ({block.name}): a fused attention op ({', '.join(fused)}: one "
                                "head size for Q, K and V, its attributes and KV cache); a cut inside its heads is "
                                "not supported there yet (ONNX Runtime's Attention, with its qkv_hidden_sizes, and "
-                               "MultiHeadAttention are)")
+                               "MultiHeadAttention are, and ONNX's Attention)")
         # a table shared with other blocks (T5's position bias) holds heads, not their sizes: it is narrowed
         # as before. A shared tensor with a head size would need its size cut outside the block; a KV cache
         # (a graph input or output) changes its declared size, and the proof maps it (``cache_map``)

@@ -320,8 +320,8 @@ def plan_attr(rw, node, block, layouts, kept_heads):
         new.setdefault("scale", float(node.attrs.get("scale") or 1.0 / np.sqrt(sizes[0] // node.attrs["num_heads"])))
     if node.op == "GroupQueryAttention" and node.domain == "com.microsoft":
         new.update(_gqa_scale(rw, node, block, layouts, kept_heads))
-    if node.op == "MultiHeadAttention" and node.domain == "com.microsoft" and not node.attrs.get("scale") \
-            and width[1] != len(kept_heads) * block.head_dim:
+    if _reads_own_qkv(node) and not node.attrs.get("scale") and \
+            width[1] != (block.head_dim if len(rw.shapes[x.name]) == 4 else len(kept_heads) * block.head_dim):
         # its query narrowed inside the heads: the scale of the original head size (its default takes the new)
         new["scale"] = original_scale(block)
     rw.edits.append(lambda n=node, new=new: n.attrs.update(new))
@@ -345,6 +345,13 @@ def _gqa_scale(rw, node, block, layouts, kept_heads) -> dict:
     if widths[0] == block.head_dim:
         return {}
     return {} if node.attrs.get("scale") else {"scale": original_scale(block)}
+
+
+def _reads_own_qkv(node) -> bool:
+    """ORT's MultiHeadAttention and ONNX's Attention (opset 23): Q, K and V as inputs of their own, V's head size
+    free, the default scale read from Q's head size."""
+    return (node.op == "MultiHeadAttention" and node.domain == "com.microsoft") or \
+        (node.op == "Attention" and node.domain in (None, "", "ai.onnx"))
 
 
 def original_scale(block) -> float:
