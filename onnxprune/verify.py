@@ -127,8 +127,7 @@ def zeroed_queries(model, blocks, plans: dict, qv) -> dict:
         plan = plans.get(block.index)
         for dims in plan.dims if plan is not None else ():
             keep = dims.keep
-            q = projection_output(model, block, "q") if dims.circuit == "qk" and not block.cut_points \
-                and not block.norm_means else None      # through q/k norms K would be zeroed too
+            q = projection_output(model, block, "q") if dims.circuit == "qk" and not block.cut_points else None
             if keep is not None and dims.circuit == "qk" and block.norm_means:
                 raise PlanError(f"block {block.index} ({block.name}): a QK cut through q/k norms on this "
                                 f"{qv.describe()} model is not supported yet (its reference would zero the keys "

@@ -266,8 +266,8 @@ def check_dims(block: AttentionBlock, dims: tuple):
         if fused:
             raise RewriteError(f"block {block.index} ({block.name}): a fused attention op ({', '.join(fused)}: one "
                                "head size for Q, K and V, its attributes and KV cache); a cut inside its heads is "
-                               "not supported there yet (ONNX Runtime's Attention, with its qkv_hidden_sizes, and "
-                               "MultiHeadAttention are, and ONNX's Attention)")
+                               "not supported there yet (ONNX Runtime's Attention, with its qkv_hidden_sizes, its "
+                               "MultiHeadAttention and ONNX's Attention are)")
         # a table shared with other blocks (T5's position bias) holds heads, not their sizes: it is narrowed
         # as before. A shared tensor with a head size would need its size cut outside the block; a KV cache
         # (a graph input or output) changes its declared size, and the proof maps it (``cache_map``)
