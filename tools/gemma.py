@@ -136,16 +136,13 @@ def export() -> Path:
     return path
 
 
-def genai(precision: str = "fp32") -> Path:
-    """``genai/``: the GenAI folder (fp32, CPU) that onnxruntime-genai's model builder makes from ``hf/``;
-    ``genai-int4/`` with ``precision="int4"``.
+def build(hf: Path, out: Path, precision: str, cache: Path, extra=()):
+    """Run onnxruntime-genai's model builder on the Hugging Face folder ``hf`` (Gemma 3 or any model it
+    knows) into ``out``, in this process.
 
     With transformers 5, Gemma 3's config gives ``rope_parameters`` per layer type, which the builder (0.18)
     does not read: its config is flattened on the way in (the full-attention RoPE as ``rope_parameters``,
     the sliding one as ``rope_local_base_freq``)."""
-    folder = CACHE / ("genai" if precision == "fp32" else f"genai-{precision}")
-    if (folder / "genai_config.json").exists():
-        return folder
     import onnxruntime_genai.models.builder as builder
     original = builder.AutoConfig.from_pretrained
 
@@ -159,18 +156,26 @@ def genai(precision: str = "fp32") -> Path:
                 config.rope_parameters = dict(rope["full_attention"])
                 config.rope_theta = rope["full_attention"]["rope_theta"]
             return config
-    tmp = folder.with_suffix(".tmp")
     source = Path(builder.__file__).read_text().replace("from transformers import AutoConfig, AutoTokenizer",
                                                        "from transformers import AutoTokenizer")
     argv = sys.argv
-    sys.argv = ["builder", "-i", str(hf_folder()), "-o", str(tmp), "-p", precision, "-e", "cpu",
-                "-c", str(CACHE / "genai-cache")]
+    sys.argv = ["builder", "-i", str(hf), "-o", str(out), "-p", precision, "-e", "cpu", "-c", str(cache), *extra]
     try:
         exec(compile(source, builder.__file__, "exec"), {"__name__": "__main__", "__file__": builder.__file__,
                                                          "__package__": "onnxruntime_genai.models",
                                                          "AutoConfig": FlatConfig})
     finally:
         sys.argv = argv
+
+
+def genai(precision: str = "fp32") -> Path:
+    """``genai/``: the GenAI folder (fp32, CPU) that onnxruntime-genai's model builder makes from ``hf/``;
+    ``genai-int4/`` with ``precision="int4"`` (``build``)."""
+    folder = CACHE / ("genai" if precision == "fp32" else f"genai-{precision}")
+    if (folder / "genai_config.json").exists():
+        return folder
+    tmp = folder.with_suffix(".tmp")
+    build(hf_folder(), tmp, precision, CACHE / "genai-cache")
     tmp.replace(folder)
     return folder
 
