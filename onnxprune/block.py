@@ -81,7 +81,8 @@ class AttentionBlock:
     cut_points: tuple[tuple[str, int, int], ...] = ()   # (node, input, axes after its head size) where a QK cut
     # starts, below a q/k norm: the norm sees every position, the node gets the kept ones (a Gather in front)
     norm_means: tuple[str, ...] = ()        # the ReduceMean nodes of RMS q/k norms that a QK cut passes (above
-    # them): each is multiplied by kept / D. The queries' side is then cut above its norm; the keys' too, unless
+    # them): each is multiplied by kept / D; or fused RMS norm ops over the head size (GenAI's Gemma 3), whose
+    # epsilon and weight are rescaled. The queries' side is then cut above its norm; the keys' too, unless
     # ``cut_points`` remain (one K head whose norm lies above its broadcast: cut there, below its norm)
 
     @property

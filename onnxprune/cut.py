@@ -166,6 +166,9 @@ def packed_runs(block, t) -> list[tuple[int, np.ndarray, str | None]]:
     if len(roles) < 2:
         own = next(iter(t.roles)) if len(t.roles) == 1 else None
         return [(u, pos, own if u >= 0 else None) for u, pos in found]
+    d = block.head_dim          # one KV head's K and V side by side ([Q | K | V] of one KV head) form one run
+    found = [(u, pos[i:i + d]) for u, pos in found for i in (range(0, len(pos), d) if u >= 0 else (0,))] \
+        if all(u < 0 or len(pos) % d == 0 for u, pos in found) else found
     seen: dict = {}
     for u, _ in found:
         seen[u] = seen.get(u, 0) + 1
@@ -248,12 +251,16 @@ def project_heads(arr: np.ndarray, block, t, kept_heads, dims: HeadDims) -> np.n
     axis = t.axes[0]
     moved = np.moveaxis(np.array(arr, copy=True), axis, 0)
     role = WRITTEN[dims.circuit]
-    if side_of(t.roles, dims.circuit) == 0:      # K through its norm: each kept KV head's positions A Aᵀ
+    side = side_of(t.roles, dims.circuit)
+    if side == 0 or (side is None and dims.circuit == "qk" and "k" in t.roles and block.norm_means
+                     and not block.qk_below("k")):
+        # K through its norm: each kept KV head's positions A Aᵀ (in a packed [Q | K | V] weight, beside Q's)
         rows_of = {u: pos for u, pos, r in packed_runs(block, t) if r in SIDES[dims.circuit][0]}
         for g in block.kept_kv_heads(kept_heads):
             rows = rows_of[block.units.index(frozenset(block.kv_groups[g]))]
             moved[rows] = reference_rows(moved[rows], dims.a[g], dims.a[g])
-        return np.ascontiguousarray(np.moveaxis(moved, 0, axis))
+        if side == 0:
+            return np.ascontiguousarray(np.moveaxis(moved, 0, axis))
     rows_of = {u: pos for u, pos, r in packed_runs(block, t) if r == role}
     for h in kept_heads:
         rows = rows_of[block.units.index(frozenset({h}))]

@@ -164,7 +164,8 @@ def format_table(report: dict, every_miss: bool = False) -> str:
         if through:
             lines.append("through the q/k norms (RMS) the QK cut keeps its pairs in W_q" +
                          (" and W_k" if all(t["k"] for t in through) else "") + " and in the norms' weights, each "
-                         "norm's mean of squares scaled by kept / D: the projections, the scores and the K cache shrink"
+                         "norm rescaled (its mean of squares by kept / D; a fused norm op's epsilon by D / kept and its "
+                         "weight by sqrt(D / kept)): the projections, the scores and the K cache shrink"
                          + ("" if all(t["k"] for t in through) else
                             "; the one K head of a multi-query block is cut below its norm, at its broadcast (W_k "
                             "whole)"))

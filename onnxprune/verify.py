@@ -264,7 +264,8 @@ def compare(masked: onnx.ModelProto, pruned: onnx.ModelProto, feeds: dict, io_ke
     ``pruned_dir``: where the two models' external data files are. ``masked_overrides``: masked weights
     that replace the named initializers of ``masked`` (see ``masked_weights``); ``scaled``: see
     ``max_abs_diff``."""
-    reference = kept_heads_only(run(masked, feeds, external_dir, masked_overrides), io_keep)
+    # the cache's unwritten entries cut off first: the maps of a cut inside the heads would else mix garbage
+    reference = kept_heads_only(filled_cache(run(masked, feeds, external_dir, masked_overrides), feeds), io_keep)
     try:
         candidate = run(pruned, kept_heads_only(feeds, io_keep), pruned_dir or external_dir)
     except Exception as exc:   # onnxruntime raises its own types; report one line, write nothing

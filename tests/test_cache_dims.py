@@ -103,29 +103,41 @@ def _genai_generate(folder):
     return genai_generate(folder)
 
 
-def test_a_genai_folder_cut_inside_its_heads_generates_what_the_projected_original_does(tmp_path):
-    """GroupQueryAttention with its RoPE inside and a packed QKV (heads of 32): --qk-dims 0.5 --v-dims 0.5 keeps
-    whole rotary pairs and 16 of V, the cos/sin caches keep the pairs, genai_config says head_size 16 (the cache
+@pytest.mark.parametrize("folder", ["llama-genai-d32", "gemma3-genai"])
+def test_a_genai_folder_cut_inside_its_heads_generates_what_the_projected_original_does(tmp_path, folder):
+    """GroupQueryAttention with its RoPE inside and a packed QKV (heads of 32; Gemma 3's of 64): --qk-dims 0.5
+    --v-dims 0.5 keeps half the rotary pairs and half of V, the cos/sin caches keep the pairs, genai_config says
+    the new head_size (the cache
     that onnxruntime-genai allocates, whose declared size is symbolic), and onnxruntime-genai generates from the
-    pruned folder exactly the tokens it generates from the original with the maps written in."""
+    pruned folder exactly the tokens it generates from the original with the maps written in. Gemma 3's folder
+    has one KV head (its K and V runs in the packed weight found through the Split), q/k norms fused as
+    SimplifiedLayerNormalization over [B, S*H, D] (their epsilon x D/r, their weight's kept positions x sqrt(D/r))
+    and a sliding window: its KV cache halves."""
     import json
     import shutil
     from onnxprune import prune_model
     from onnxprune.model.save import save_model_atomic
     from onnxprune.verify import reference
     from conftest import MODELS, cli
-    src = MODELS / "llama-genai-d32"
+    src = MODELS / folder
     out = tmp_path / "pruned"
     out.mkdir()
     model = onnx.load(str(src / "model.onnx"))
     res = cli(str(src / "model.onnx"), "--qk-dims", "0.5", "--v-dims", "0.5", "-o", f"{out}/")
     assert res.returncode == 0, res.stderr
     decoder = json.loads((out / "genai_config.json").read_text())["model"]["decoder"]
-    assert decoder["head_size"] == 16 and decoder["num_attention_heads"] == 4
+    d = json.loads((src / "genai_config.json").read_text())["model"]["decoder"]["head_size"]
+    assert decoder["head_size"] == d // 2 and decoder["num_attention_heads"] == 4
     r = prune_model(model, qk_dims=0.5, v_dims=0.5)
-    assert {(f.circuit, f.rank) for f in r.dim_fits} == {("qk", 16), ("ov", 16)}
+    assert {(f.circuit, f.rank) for f in r.dim_fits} == {("qk", d // 2), ("ov", d // 2)}
     cos = [n for n in r.model.graph.node if n.op_type == "Gather" and "cos_cache" in n.input[0]]
-    assert cos and all(n.input[0] == "cos_cache" for n in cos)
+    assert cos and all(n.input[0].startswith("cos_cache") and "__" not in n.input[0] for n in cos)
+    norms = [n for n in r.model.graph.node if n.op_type == "SimplifiedLayerNormalization" and "_norm/" in n.name]
+    before = {n.name: n for n in model.graph.node}
+    for n in norms:         # the q/k norms: epsilon x D / r (2), their weight of r
+        eps = {a.name: a.f for a in n.attribute}["epsilon"]
+        assert eps == pytest.approx(2 * {a.name: a.f for a in before[n.name].attribute}["epsilon"])
+    assert len(norms) == (4 if folder == "gemma3-genai" else 0)
     ref = tmp_path / "projected"
     shutil.copytree(src, ref)
     (ref / "model.onnx").unlink()
@@ -158,3 +170,60 @@ def test_the_int4_genai_folder_refuses_a_cut_that_would_requantize():
     from conftest import MODELS
     with pytest.raises(PlanError, match="re-quantize"):
         prune_model(onnx.load(str(MODELS / "llama-genai-int4" / "model.onnx")), qk_dims=0.5, v_dims=0.5)
+
+
+# ---------------------------------------------------------------- GenAI's Gemma 3: one KV head, fused q/k norms
+def _gemma_plans(state, rank: int, seed: int, drop: bool):
+    """Random whole rotary pairs (``rank`` positions) for QK and a random V map of the same rank (one head size in
+    GroupQueryAttention); ``drop``: query heads 0 and 2 dropped too."""
+    rng = np.random.default_rng(seed)
+    plans = {}
+    for b in state.blocks:
+        pairs = rng.permutation(len(b.pairs))[: rank // 2]
+        keep = sorted(i for p in pairs for i in b.pairs[p])
+        qk = HeadDims.select("qk", b.head_dim, keep, b.num_kv_heads, b.num_heads)
+        heads = (1, 3) if drop else tuple(range(b.num_heads))
+        plans[b.index] = BlockPlan(heads, dims=(qk, random_dims(b, "ov", rank, rng)))
+    return plans
+
+
+@pytest.mark.parametrize("rank,drop", [(16, False), (32, True), (48, False), (48, True)])
+def test_gemma3_genai_cut_inside_its_heads_equals_the_projected_original(rank, drop):
+    """GenAI's Gemma 3 (one KV head in a packed QKV, q/k norms as fused SimplifiedLayerNormalization, a sliding
+    window, local and global RoPE caches): random pairs and a random V map at several ranks, query heads dropped or
+    not, proved on a prompt and on a decode step over a filled past, and at other sizes; the packed weight, the
+    norms' weights and the cache all take the new head size."""
+    from onnxprune.inputs import synth_inputs
+    from onnxprune.verify import compare, reference, run
+    state, options = matched("gemma3-genai/model.onnx")
+    assert all(b.num_kv_heads == 1 and len(b.norm_means) == 2 and not b.cut_points for b in state.blocks)
+    plans = _gemma_plans(state, rank, rank, drop)
+    cut = _cut(state, options, plans)
+    assert cut.max_error is not None and cut.max_error <= 1e-4
+    ref = reference(state.model, state.blocks, cut.plans)
+    for batch, seq, past in ((1, 1, 5), (3, 4, 0)):        # a decode step over a past of 5; a prompt of 3 x 4
+        feeds = synth_inputs(state.model, seed=seq, batch=batch, seq=seq, past=past)
+        assert compare(ref, cut.pruned, feeds, cut.io_keep) <= 1e-4, (batch, seq)
+        assert np.abs(run(state.model, feeds)["logits"] - run(ref, feeds)["logits"]).max() > 1e-4
+    after = {i.name: list(i.dims) for i in cut.pruned.graph.initializer}
+    heads = len(plans[0].kept_heads)
+    assert after["model.layers.0.attn.qkv_proj.MatMul.weight"] == [128, (heads + 2) * rank]
+    assert sum(1 for n in after if n.startswith("model.layers.0.attn.") and "norm" in n and after[n] == [rank]) == 2
+    assert _declared(cut.pruned, "past_key_values.0.value")[-1] in (rank, "kv_cache_dim")
+
+
+@pytest.mark.parametrize("fault", ["norms left as they were", "K columns of the packed weight left whole"])
+def test_gemma3_genai_cut_without_its_norm_rescale_or_its_k_columns_fails_the_proof(monkeypatch, fault):
+    """Planted faults: the fused q/k norms keep their epsilon and weight (they then normalize over the kept positions
+    only), or the reference zeroes the dropped columns of Q but not of K in the packed [Q | K | V] weight (K's
+    norm then sees what the pruned one does not)."""
+    from onnxprune import cut as cutting
+    from onnxprune.rewrite import rewriter
+    state, options = matched("gemma3-genai/model.onnx")
+    if fault == "norms left as they were":           # the kept positions of the weight, not rescaled
+        monkeypatch.setattr(rewriter, "norm_rescale", lambda share: (1.0, 1.0))
+    else:
+        monkeypatch.setattr(cutting, "side_of", lambda roles, circuit: 1 if len(set(roles)) > 1 else
+                            ({"k": 0, "q": 1}.get(next(iter(roles))) if circuit == "qk" else None))
+    with pytest.raises(VerifyError, match="differs"):
+        _cut(state, options, _gemma_plans(state, 32, 0, False))

@@ -145,13 +145,28 @@ def test_a_qk_map_written_into_k_instead_of_q_fails_the_proof(monkeypatch):
     ("falcon-d18.onnx", "ov", "multi-query attention"),    # one KV head, in one packed QKV projection
     ("gpt-neox-ts.onnx", "ov", "head-size positions are not known"),   # q, k, v interleaved per head
     ("torch-encoder-ts.onnx", "ov", "on an axis of their own"),     # nn.MultiheadAttention's [3, ...] stack
-    ("siglip-vision-ts.onnx", "ov", "no head-size axis that the matcher could follow"),   # k/v packed
+    ("siglip-vision-ts.onnx", "ov", "on an axis of their own"),   # its pooling head: k/v stacked, as torch packs them
 ])
 def test_what_a_cut_inside_the_heads_cannot_pass_is_refused(name, circuit, words):
     state, options = matched(name)
     rng = np.random.default_rng(0)
     plans = {b.index: BlockPlan(tuple(range(b.num_heads)), dims=(random_dims(b, circuit, 2, rng),)) for b in state.blocks}
     with pytest.raises(RewriteError, match=words):
+        pipeline.rewrite(replace(state, plans=plans), options)
+
+
+def test_a_value_tensor_whose_head_size_was_not_followed_is_refused():
+    """A V tensor on the flow whose head-size axis the matcher did not find (an op it does not follow) stops an OV
+    cut, with the tensor named."""
+    state, options = matched("bert-ts.onnx")
+    b = state.blocks[0]
+    lost = next(t for t in b.tensors if t.roles == {"v"} and not t.constant and t.dim_axis is not None)
+    blocks = (replace(b, tensors=tuple(replace(t, dim_axis=None) if t is lost else t for t in b.tensors)),) + \
+        state.blocks[1:]
+    state = replace(state, matched=replace(state.matched, blocks=blocks))
+    rng = np.random.default_rng(0)
+    plans = {x.index: BlockPlan(tuple(range(x.num_heads)), dims=(random_dims(x, "ov", 2, rng),)) for x in blocks}
+    with pytest.raises(RewriteError, match=f"{lost.name}.*no head-size axis that the matcher could follow"):
         pipeline.rewrite(replace(state, plans=plans), options)
 
 

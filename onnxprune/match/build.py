@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 
 from ..block import AttentionBlock, HeadTensor, Projection, Site
 from . import shape_expr
 from .headmap import SHAPE_READERS, FlowFail
-from .headdim import broadcast_chains, head_dim_axes, head_size_readers
-from .qknorm import below_norms, rms_means
+from .headdim import broadcast_chains, fused_kv_chains, head_dim_axes, head_size_readers
+from .qknorm import below_norms, fused_rms, rms_means
 from .rotary import dim_positions
 from .headflow import Flow
 from ..model.graph import is_const
@@ -184,6 +186,7 @@ def build_block(flow: Flow, family: str, core, index: int, num_heads: int) -> At
         above = frozenset()
     else:
         norm_means = ()
+    norm_means += fused_rms(flow, dims, head_dim)
     tensors = tuple(HeadTensor(name, hm.axes, hm.owner, is_const(flow.tensors[name]), name in cuts,
                                tuple(a for a in flow.copy_axes.get(name, ()) if a in hm.axes), name in flow.io,
                                frozenset(flow.roles.get(name, ())), dims.get(name), name in above,
@@ -199,6 +202,8 @@ def build_block(flow: Flow, family: str, core, index: int, num_heads: int) -> At
         projections += extra[1]
         nodes += extra[2]
         sites += extra[3]
+        tensors, projections, nodes, sites, norm_means = _fused_kv_head(
+            flow, head_dim, units.index(frozenset(groups[0])), tensors, projections, nodes, sites, norm_means)
     name = _block_name(o_name, core, index)
     return AttentionBlock(
         index=index, name=name, family=family, core=core.name, num_heads=num_heads,
@@ -230,6 +235,40 @@ def _multi_query(flow: Flow, dims: dict, head_dim: int, unit: int, known: set) -
         nodes += [n.name for n in chain_nodes]
         sites += [Site("reshape", n.name) for n in chain_nodes if n.op == "Reshape"]
     return tuple(tensors), tuple(projections), tuple(nodes), sites
+
+
+def _fused_kv_head(flow: Flow, head_dim: int, unit: int, tensors, projections, nodes, sites, norm_means):
+    """The one K/V head of ``GroupQueryAttention(kv_num_heads=1)`` up to its projection (``headdim.fused_kv_chains``):
+    its tensors as head tensors of the one unit (D positions on a merged axis); in a packed QKV projection (and
+    its output) the K and V runs become that unit's, beside the query heads'; its KV caches; its fused k norm."""
+    by_name = {t.name: t for t in tensors}
+    projections, nodes, sites = list(projections), list(nodes), list(sites)
+    norms = list(norm_means)
+    for role, chain, chain_nodes, weight, bias, chain_norms, offsets in fused_kv_chains(flow, head_dim):
+        for t, axis in chain:
+            old = by_name.get(t.name)
+            if t.name not in offsets:
+                if old is None:
+                    by_name[t.name] = HeadTensor(t.name, (axis,), np.full(head_dim, unit), is_const(t),
+                                                 io=t.name in flow.io, roles=frozenset({role}), dim_axis=axis)
+                continue
+            start = offsets[t.name]
+            if old is None or old.axes != (axis,) or np.any(old.owner[start:start + head_dim] != -1):
+                raise FlowFail(t.inputs[0] if t.inputs else flow.graph.nodes[0],
+                               f"the K/V run of {t.name!r} overlaps the query heads' or lies on another axis")
+            owner = np.array(old.owner, copy=True)
+            owner[start:start + head_dim] = unit
+            by_name[t.name] = replace(old, owner=owner, roles=old.roles | {role}, dim_axis=axis)
+        if weight is not None and not any(p.role == role for p in projections):
+            projections.append(Projection(role, weight.name, bias.name if bias is not None else None,
+                                          next(a for t, a in chain if t is weight)))
+        for n in chain_nodes:
+            if n.name not in nodes:
+                nodes.append(n.name)
+                if n.op == "Reshape":
+                    sites.append(Site("reshape", n.name, "Reshape"))
+        norms += [n.name for n in chain_norms if n.name not in norms]
+    return tuple(by_name.values()), tuple(projections), tuple(nodes), sites, tuple(norms)
 
 
 def _block_name(o_weight: str, core, index: int) -> str:

@@ -166,6 +166,12 @@ def _step(flow, node, found: dict, head_dim: int, pos: dict):
         rank = len(_shape(flow, y) or ())
         first = norm_axis(node.attrs.get("axis", -1), rank) if rank else 0
         x = node.inputs[0]
+        if fused_rms_over(flow, node, found, head_dim):     # but an RMS one over exactly it lets a cut pass:
+            for src, dst in ((x, y), (y, x)):                 # the rewrite rescales it (``qknorm.fused_rms``)
+                if src.name in found and dst.name not in found and dst.name in flow.maps:
+                    found[dst.name] = found[src.name]
+                    carry(src, dst)
+            return
         if (x.name in found and found[x.name] >= first) or (y.name in found and found[y.name] >= first):
             return
     if node.op in ("Reshape", "Flatten"):
@@ -286,8 +292,38 @@ def _through_reshape(flow, src, dst, axis: int, head_dim: int) -> int | None:
             return inner[-1] if inner and d_shape[inner[-1]] == head_dim else None
         if len(gj) == 1 and gj[0] in d_heads and merged(flow.maps[dst.name].owner, head_dim):
             return gj[0]                 # merged back into F
+        if axis == gi[-1] and (s_shape[axis] == head_dim or axis in flow.maps[src.name].axes):
+            # the group's innermost D entries are the same ones on both sides: [B, S, H*D] <-> [B, S*H, D]
+            # (a q norm over each head's D, as GenAI's Gemma 3 writes it)
+            last = gj[-1]
+            if d_shape[last] == head_dim and last not in d_heads:
+                return last
+            if d_shape[last] % head_dim == 0 and last in d_heads and merged(flow.maps[dst.name].owner, head_dim):
+                return last
         return None
     return None
+
+
+FUSED_RMS = {"SimplifiedLayerNormalization", "RMSNormalization"}     # RMS norms in one op (no centring)
+
+
+def fused_rms_over(flow, node, found: dict, head_dim: int) -> bool:
+    """``node`` is an RMS norm op (no centring) over exactly the last axis of its input, which is a head-size
+    axis of D entries in order, with a weight of D (and no bias): a QK cut that keeps whole positions passes it
+    exactly, once its epsilon and weight are rescaled (``rewrite.rewriter``)."""
+    if node.op not in FUSED_RMS or len(node.inputs) < 2 or len(node.inputs) > 2 and node.inputs[2] is not None \
+            and node.inputs[2].name:
+        return False
+    x, w = node.inputs[0], node.inputs[1]
+    shape = _shape(flow, x)
+    if not shape or not is_const(w) or tuple(_shape(flow, w) or np.shape(const_value(w))) != (head_dim,):
+        return False
+    rank = len(shape)
+    if norm_axis(node.attrs.get("axis", -1), rank) != rank - 1 or shape[-1] != head_dim:
+        return False
+    y = node.outputs[0]
+    axis = found.get(x.name, found.get(y.name))
+    return axis == rank - 1
 
 
 # ------------------------------------------------------------------ one KV head for all (multi-query)
@@ -324,10 +360,40 @@ def broadcast_chains(flow, found: dict, head_dim: int) -> list[tuple]:
     return chains
 
 
-def _walk_up(flow, t, axis: int, head_dim: int):
-    tensors, nodes, bias = [(t, axis)], [], None
+def fused_kv_chains(flow, head_dim: int) -> list[tuple]:
+    """The one K/V head of ``GroupQueryAttention(kv_num_heads=1)`` (GenAI's Gemma 3 270M): K and V come in as
+    inputs of their own, [B, S, D], with no head axis to show; their head size runs up to the packed QKV
+    projection through Reshapes, a fused RMS k norm and the Split of the packed output. Returns one (role,
+    [(tensor, head-size axis)], [nodes], weight, bias or None, [RMS norm nodes], {tensor: offset of the run in
+    a packed axis}) per input that reaches a constant weight, and one (role, [(cache, 3)], [], None, None, [],
+    {}) per KV cache in and out ([B, 1, T, D])."""
+    chains = []
+    for node in flow.node_order:
+        if id(node) not in flow.nodes or node.op != "GroupQueryAttention" or node.attrs.get("kv_num_heads") != 1 \
+                or len(node.inputs) < 3 or not all(node.inputs[i] is not None and node.inputs[i].name for i in (1, 2)):
+            continue
+        for i, role in ((1, "k"), (2, "v")):
+            t = node.inputs[i]
+            shape = flow.shape(t)
+            chain = _walk_up(flow, t, len(shape) - 1, head_dim, fused=True) if shape else None
+            if chain is not None:
+                chains.append((role,) + chain)
+        caches = [(node.inputs[i], r) for i, r in ((3, "k"), (4, "v")) if len(node.inputs) > i and node.inputs[i] is not None
+                  and node.inputs[i].name] + [(o, r) for o, r in zip(node.outputs[1:3], "kv") if o is not None and o.name]
+        for t, role in caches:
+            shape = flow.shape(t)
+            if shape is not None and len(shape) == 4 and shape[1] == 1 and shape[3] == head_dim:
+                chains.append((role, [(t, 3)], [], None, None, [], {}))
+    return chains
+
+
+def _walk_up(flow, t, axis: int, head_dim: int, fused: bool = False):
+    """The chain from ``t``'s head size (``axis``) up to a constant projection weight, or None; ``fused``: also
+    through fused RMS norms over it and a Split of a packed projection's output."""
+    tensors, nodes, bias, norms, offsets, offset = [(t, axis)], [], None, [], {}, 0
     for _ in range(12):
-        if not t.inputs or flow.shape(t) is None or flow.shape(t)[axis] != head_dim:
+        if not t.inputs or flow.shape(t) is None or flow.shape(t)[axis] < offset + head_dim or \
+                (not offset and flow.shape(t)[axis] != head_dim):
             return None
         node = t.inputs[0]
         nodes.append(node)
@@ -337,13 +403,31 @@ def _walk_up(flow, t, axis: int, head_dim: int):
             w = node.inputs[1]
             w_axis = 0 if node.op == "Gemm" and node.attrs.get("transB", 0) else len(flow.shape(w)) - 1
             if node.op == "Gemm" and len(node.inputs) > 2 and node.inputs[2] is not None:
-                if bias is not None:
+                if bias is not None or offset:
                     return None
                 bias = node.inputs[2]
                 tensors.append((bias, len(flow.shape(bias)) - 1))
             tensors.append((w, w_axis))
-            return tensors, nodes, w, bias
-        if node.op not in PASSING or x is None or flow.shape(x) is None:
+            if offset:
+                offsets[w.name] = offset
+            return (tensors, nodes, w, bias) + ((norms, offsets) if fused else ())
+        if fused and node.op in FUSED_RMS and x is not None and not offset and fused_rms_over(
+                flow, node, {x.name: axis}, head_dim) and axis == len(flow.shape(t)) - 1:
+            norms.append(node)
+            t = x
+            tensors.append((t, axis))
+            continue
+        if fused and node.op == "Split" and x is not None and flow.shape(x) is not None and not offset:
+            rank = len(flow.shape(x))
+            if norm_axis(node.attrs.get("axis", 0), rank) != axis or len(flow.shape(t)) != rank:
+                return None
+            j = next(k for k, o in enumerate(node.outputs) if o is t)
+            offset = sum(flow.shape(o)[axis] for o in node.outputs[:j])
+            t = x
+            offsets[t.name] = offset
+            tensors.append((t, axis))
+            continue
+        if node.op not in PASSING or x is None or flow.shape(x) is None or offset:
             return None
         sx, sy = flow.shape(x), flow.shape(t)
         if node.op == "Add":

@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..model.graph import const_value, is_const
-from .headdim import PASSING, topological
+from .headdim import PASSING, fused_rms_over, topological
 from .headmap import ELEMENTWISE, norm_axis
 
 
@@ -136,3 +136,10 @@ def _mean_square(flow, node, found: dict) -> bool:
         exponent = const_value(p.inputs[1])
         return exponent is not None and np.size(exponent) == 1 and float(np.asarray(exponent).reshape(-1)[0]) == 2.0
     return False
+
+
+def fused_rms(flow, found: dict, head_dim: int) -> tuple[str, ...]:
+    """The fused RMS norm ops of the block (``SimplifiedLayerNormalization``, ``RMSNormalization``) over exactly a
+    head-size axis: GenAI's Gemma 3 writes its q/k norms so, over [B, S*H, D]. A QK cut that keeps whole positions
+    passes them with epsilon x D / r and the weight's kept positions x sqrt(D / r) (``rewrite.rewriter``)."""
+    return tuple(n.name for n in topological(flow) if fused_rms_over(flow, n, found, head_dim))

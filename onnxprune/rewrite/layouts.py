@@ -212,6 +212,10 @@ def check_positions(block: AttentionBlock, dims: HeadDims):
                                f"size (q/k norms): a QK cut there keeps whole positions {where}; a rotation "
                                "cannot pass it")
         lost = None          # a norm's own tensors ([..., 1]): the cut starts below the norm
+    if dims.circuit == "qk" and block.norm_means and dims.keep is None:       # a fused RMS q/k norm
+        raise RewriteError(f"block {block.index} ({block.name}): its queries and keys pass a norm over the head "
+                           "size (q/k norms): a QK cut there keeps whole positions through the norm (its weight is "
+                           "per position); a rotation cannot pass it")
     if lost is not None:     # a norm over the head size on the way: no map passes, whatever it is
         raise RewriteError(f"block {block.index} ({block.name}): {lost.name!r} {UNFOLLOWED[dims.circuit]}")
     turned = any(t.dim_pos is not None for t in mine)

@@ -18,6 +18,7 @@ from ..block import AttentionBlock
 from ..cut import CIRCUITS, SIDES, HeadDims, HeadwiseMap
 from ..errors import PlanError, RewriteError
 from ..match import shape_expr
+from ..match.headdim import FUSED_RMS
 from ..model.graph import const_value, identity_source, set_values
 from .layouts import ROTATION, Layout, apply_maps, declare_shape, fresh, layouts, period, reroute
 from .sites import SITE_PLANNERS
@@ -86,7 +87,11 @@ class Rewriter:
         for node_name, i, _ in block.cut_points if qk is not None else ():
             self._plan_cut_point(block, self.nodes[node_name], i, qk)
         for node_name in block.norm_means if qk is not None else ():
-            self._plan_norm_mean(block, self.nodes[node_name], lays)
+            node = self.nodes[node_name]
+            if node.op in FUSED_RMS:
+                self._plan_fused_norm(block, node, lays, qk)
+            else:
+                self._plan_norm_mean(block, node, lays)
         for site in block.sites:
             node = self.nodes[site.node]
             if site.kind not in SIZE_SITES and not (site.kind == "attr" and site.op in FUSED_DIMS) \
@@ -171,6 +176,31 @@ class Rewriter:
             self.graph.nodes.append(gs.Node("Mul", name=f"{n.name}__kept_share", inputs=[mean, c], outputs=[y]))
         self.edits.append(apply)
 
+    def _plan_fused_norm(self, block: AttentionBlock, node, lays: dict, qk):
+        """A fused RMS norm op over the head size that the QK cut passes (GenAI's Gemma 3: SimplifiedLayerNormalization
+        over [B, S*H, D]): over the r positions kept, ``x / sqrt(mean_r(x^2) + eps')`` with eps' = eps * D / r is
+        sqrt(r / D) times the original's with the dropped positions zero, so its weight keeps the kept positions
+        times sqrt(D / r)."""
+        x = node.inputs[0]
+        t, lay = block.tensor(x.name), lays.get(x.name)
+        old = self.shapes[x.name][-1]
+        if lay is None or t.dim_axis is None or lay.new_shape[t.dim_axis] == old:
+            return
+        if qk.keep is None or t.dim_pos is not None:
+            raise RewriteError(f"block {block.index} ({block.name}): {node.op} {node.name!r} normalizes the head "
+                               f"size; only whole positions in order can be kept through it")
+        keep = np.asarray(qk.keep, dtype=np.int64)
+        w_factor, eps_factor = norm_rescale(old / len(keep))
+        w = const_value(node.inputs[1])
+        weight = gs.Constant(f"{node.inputs[1].name}__kept{next(fresh)}",
+                             np.ascontiguousarray((w[keep].astype(np.float64) * w_factor).astype(w.dtype)))
+        eps = float(node.attrs.get("epsilon", 1e-5)) * eps_factor
+
+        def apply(n=node, w=weight, eps=eps):
+            n.inputs[1] = w
+            n.attrs["epsilon"] = eps
+        self.edits.append(apply)
+
     def _gather_input(self, node, i: int, axis: int, keep):
         """``node`` reads positions ``keep`` of its input ``i`` along ``axis``: one Gather per tensor, axis and
         positions (blocks that keep the same positions of a shared table share it)."""
@@ -249,6 +279,11 @@ class Rewriter:
         self.edits.clear()
 
 
+def norm_rescale(share: float) -> tuple[float, float]:
+    """(weight factor, epsilon factor) of an RMS norm op that now sees r of its D positions, ``share`` = D / r."""
+    return float(np.sqrt(share)), float(share)
+
+
 def check_dims(block: AttentionBlock, dims: tuple):
     """What a cut inside the heads cannot be written into yet, refused with the reason (``dims``: ``cut.HeadDims``
     of the block, or the names of its circuits, before anything is fitted)."""
@@ -301,7 +336,10 @@ def cache_map(block: AttentionBlock, t, kept_heads, dims) -> HeadwiseMap:
         raise RewriteError(f"block {block.index} ({block.name}): the KV cache {t.name!r} changes its head size, "
                            "but no cut of K or V says how")
     kept = block.kept_kv_heads(kept_heads)
-    return HeadwiseMap(t.axes[0], tuple(np.asarray(d.a[g], np.float64) for g in kept))
+    # the one KV head of GroupQueryAttention(kv_num_heads=1) has its D on the merged axis of one unit: its head
+    # axis is the cache's [B, 1, T, D] second
+    axis = 1 if t.axes == (t.dim_axis,) else t.axes[0]
+    return HeadwiseMap(axis, tuple(np.asarray(d.a[g], np.float64) for g in kept))
 
 
 def check_cut(block: AttentionBlock, circuits, shapes: dict):
