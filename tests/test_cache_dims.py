@@ -227,3 +227,16 @@ def test_gemma3_genai_cut_without_its_norm_rescale_or_its_k_columns_fails_the_pr
                             ({"k": 0, "q": 1}.get(next(iter(roles))) if circuit == "qk" else None))
     with pytest.raises(VerifyError, match="differs"):
         _cut(state, options, _gemma_plans(state, 32, 0, False))
+
+
+def test_gemma3_genai_cut_is_fitted_from_calibration_data():
+    """The moments of the one K head are read from its own run of the packed QKV output (not K and V together,
+    which share its unit): --calib fits both circuits at one rank, and the fitted cut is proved."""
+    from onnxprune import prune_model
+    from onnxprune.inputs import synth_inputs
+    from conftest import MODELS
+    model = onnx.load(str(MODELS / "gemma3-genai" / "model.onnx"))
+    r = prune_model(model, qk_dims=0.25, v_dims=0.25, calib=synth_inputs(model, seed=2, batch=8, seq=12))
+    assert r.max_error is not None and r.max_error <= 1e-4 and r.dims_source == "calibration"
+    assert {(f.circuit, f.rank) for f in r.dim_fits} == {("qk", 48), ("ov", 48)}
+    assert all(0 <= f.error < 1 for f in r.dim_fits)

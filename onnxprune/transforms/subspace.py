@@ -216,7 +216,7 @@ class Moments:
             name = names[key][1]
             units = ([frozenset(g) for g in block.kv_groups] if role == "k"
                      else [frozenset({h}) for h in range(block.num_heads)])
-            columns = [self._columns(block, name, u) for u in units]
+            columns = [self._columns(block, name, u, role if role != "z" else None) for u in units]
             out[role] = {i: gram[np.ix_(c, c)] for i, c in enumerate(columns)}
             if role == "z":
                 out["z_heads_mean"] = {i: out["z_mean"][c] for i, c in enumerate(columns)}
