@@ -60,6 +60,11 @@ class Site:
     op: str = ""        # the node's op type, its domain in front where it has one: com.microsoft.Attention
 
 
+# onnxruntime's CPU GroupQueryAttention takes head sizes that are multiples of 16 ("head_size shall be a multiple
+# of 16"): a cut inside its heads keeps such a rank
+ONE_SIZE_STEP = 16
+
+
 @dataclass(frozen=True)
 class AttentionBlock:
     index: int
@@ -89,6 +94,12 @@ class AttentionBlock:
     def selects_dims(self) -> bool:
         """Whether a cut of the QK circuit can only keep positions, not rotate them (a rotary embedding)."""
         return bool(self.tables or self.pairs or self.cut_points)
+
+    @property
+    def one_head_size(self) -> bool:
+        """Whether the block's fused op has one head size for Q, K and V (ORT's GroupQueryAttention): its QK and
+        OV circuits are cut to one rank, a multiple of ``ONE_SIZE_STEP`` where the head size is one."""
+        return any(s.op == "com.microsoft.GroupQueryAttention" for s in self.sites)
 
     def qk_below(self, role: str) -> bool:
         """Whether a QK cut of ``role``'s side (q or k) starts below a q/k norm (``cut_points``), not above it."""

@@ -3,9 +3,10 @@
 A block's attention MACs are, per dimension of its circuits, the same on both sides: a rank r of the QK circuit
 costs the Q and K projections and the scores (``S r (E (n + n_kv) + S n)`` with n query and n_kv KV heads kept),
 a rank r of the OV circuit V, the output projection and the context (the same). The planner takes steps, each
-where it adds the least loss per MAC saved, until the share is reached: lower a block's QK or OV rank by a step,
-or drop one of its heads (the one whose output varies least, ``tr(Σ_z W_o,h W_o,hᵀ)`` of its centred context,
-in multi-head and multi-query blocks; with grouped KV heads the rectangle that the rewrite needs is the
+where it adds the least loss per MAC saved, until the share is reached: lower a block's QK or OV rank by a step
+(both at once where the block has one head size for Q, K and V, GroupQueryAttention's, in steps of a multiple
+of 16), or drop one of its heads (the one whose output varies least, ``tr(Σ_z W_o,h W_o,hᵀ)`` of its centred
+context, in multi-head and multi-query blocks; with grouped KV heads the rectangle that the rewrite needs is the
 ``--ratio`` planner's job). The loss of a step is measured, not assumed: the block at its new ranks and heads, its
 circuits fitted on the calibration batches (``transforms.subspace``) and written into the weights that the
 calibration session feeds (Q, and the output projection with the dropped heads' rows zero), the mean context
@@ -34,6 +35,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .block import ONE_SIZE_STEP
 from .calibration.sites import head_columns
 from .cut import WRITTEN, project_heads, written
 from .errors import PlanError
@@ -92,6 +94,10 @@ def plan_budget(cal, moments, blocks, share, circuits=("qk", "ov"), step=None, s
     sites = {s.block.index: s for s in cal.sites}
     width = {b.index: widths(cal, b) for b in blocks}
     steps = {b.index: max(1, step or b.head_dim // 8) for b in blocks}
+    for b in blocks:        # one head size (GroupQueryAttention): both circuits by one step that the kernel takes
+        if b.one_head_size and not b.head_dim % ONE_SIZE_STEP:
+            steps[b.index] = -(-steps[b.index] // ONE_SIZE_STEP) * ONE_SIZE_STEP
+    joint = {b.index for b in blocks if b.one_head_size and set(circuits) == {"qk", "ov"}}
     order = {b.index: _head_order(moments, b) if heads and "ov" in circuits and _drops_heads(b) else ()
              for b in blocks}
 
@@ -185,7 +191,13 @@ def plan_budget(cal, moments, blocks, share, circuits=("qk", "ov"), step=None, s
 
     def moves(index):
         kept, ranks = state[index]
-        for circuit, rank in ranks.items():
+        if index in joint:          # one head size: QK (whole rotary pairs, where it has them) and OV together
+            new = ranks["qk"] - steps[index]
+            if new >= 1 and by_index[index].selects_dims:
+                new = moments.fit_circuit(index, "qk", new).dims.rank
+            if 1 <= new < ranks["qk"]:
+                yield kept, {"qk": new, "ov": new}
+        for circuit, rank in ranks.items() if index not in joint else ():
             new = rank - steps[index]
             if new >= 1 and circuit == "qk" and by_index[index].selects_dims:
                 new = moments.fit_circuit(index, circuit, new).dims.rank     # whole rotary pairs: what it reaches

@@ -11,6 +11,7 @@ differs from the masked original by more than the tolerance; ``PruneOptions(veri
 from __future__ import annotations
 
 import contextlib
+import math
 import gc
 from dataclasses import dataclass, field, replace
 from typing import Callable
@@ -20,7 +21,7 @@ import onnx
 
 from . import plan as planning
 from . import rewrite as rewriting
-from .block import AttentionBlock, MatchResult
+from .block import ONE_SIZE_STEP, AttentionBlock, MatchResult
 from .calibration.session import open_session
 from .budget import plan_budget
 from .calibration.sites import broadcast_key, projection_input, projection_output
@@ -202,10 +203,6 @@ def fit_dims(state: State, options: PruneOptions) -> State:
     wanted = {c: None if budget else shares[c] for c in wanted_circuits(state, options)}
     for b in state.blocks:          # what the rewrite would refuse, refused before anything is fitted
         rewriting.check_cut(b, tuple(wanted), state.shapes)
-        if budget and one_head_size(b):
-            raise PlanError(f"block {b.index} ({b.name}): GroupQueryAttention has one head size for Q, K and V, "
-                            "which the budget's separate QK and OV steps do not keep; use --qk-dims and --v-dims "
-                            "alike")
     cal = None
     if options.calib is not None:
         taps, fed = (), ()        # QK: the queries and keys to read; the budget: the Q weights it rewrites
@@ -231,8 +228,9 @@ def fit_dims(state: State, options: PruneOptions) -> State:
     for b in state.blocks:
         dims = []
         for name, share in wanted.items():
-            rank = ranks[(b.index, name)] if budget else planning.keep_rank(b.head_dim, share, options.multiple_of)
-            if name == "ov" and dims and one_head_size(b):      # GroupQueryAttention: V at the QK rank
+            rank = ranks[(b.index, name)] if budget else planning.keep_rank(b.head_dim, share,
+                                                                            rank_multiple(b, options.multiple_of))
+            if name == "ov" and dims and b.one_head_size:      # GroupQueryAttention: V at the QK rank
                 rank = dims[0].rank
             if rank >= b.head_dim:
                 continue
@@ -246,9 +244,12 @@ def fit_dims(state: State, options: PruneOptions) -> State:
                    budget=spent)
 
 
-def one_head_size(block) -> bool:
-    """Whether the block's fused op has one head size for Q, K and V (GroupQueryAttention)."""
-    return any(s.op == "com.microsoft.GroupQueryAttention" for s in block.sites)
+def rank_multiple(block, multiple_of: int | None) -> int | None:
+    """What a kept rank of ``block`` is rounded up to a multiple of: ``--multiple-of``, and for one head size
+    (GroupQueryAttention) also ``ONE_SIZE_STEP``, which onnxruntime's kernel needs (where the head size is one)."""
+    if not block.one_head_size or block.head_dim % ONE_SIZE_STEP:
+        return multiple_of
+    return math.lcm(multiple_of or 1, ONE_SIZE_STEP)
 
 
 def wanted_circuits(state: State, options: PruneOptions) -> tuple:

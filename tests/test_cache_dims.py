@@ -148,20 +148,33 @@ def test_a_genai_folder_cut_inside_its_heads_generates_what_the_projected_origin
     assert expected != _genai_generate(src)        # the cut changes what the model says
 
 
-@pytest.mark.parametrize("kw,words", [
-    (dict(v_dims=0.5), "one head size for Q, K"),
-    (dict(attention_ratio=0.5), "one head size for Q, K"),
-])
-def test_group_query_attention_needs_both_circuits_at_one_rank(kw, words):
+def test_group_query_attention_needs_both_circuits_at_one_rank():
     from onnxprune import prune_model
     from onnxprune.errors import PlanError, RewriteError
-    from onnxprune.inputs import synth_inputs
     from conftest import MODELS
     model = onnx.load(str(MODELS / "llama-genai-d32" / "model.onnx"))
-    if "attention_ratio" in kw:
-        kw = {**kw, "calib": synth_inputs(model, seed=1, batch=2, seq=8)}
-    with pytest.raises((PlanError, RewriteError), match=words):
-        prune_model(model, **kw)
+    with pytest.raises((PlanError, RewriteError), match="one head size for Q, K"):
+        prune_model(model, v_dims=0.5)
+
+
+@pytest.mark.parametrize("folder", ["llama-genai-d32", "gemma3-genai"])
+def test_group_query_attention_ranks_are_multiples_of_16_and_the_budget_steps_both_circuits(folder):
+    """onnxruntime's CPU GroupQueryAttention takes head sizes that are multiples of 16: --qk-dims/--v-dims round
+    the rank up to one (Gemma 3's 64 x 0.6 = 38 -> 48; Llama's 32 x 0.7 = 22 -> 32, no cut), and the budget
+    lowers QK and OV together by such steps (or drops heads); every plan is proved."""
+    from onnxprune import prune_model
+    from onnxprune.inputs import synth_inputs
+    from conftest import MODELS
+    model = onnx.load(str(MODELS / folder / "model.onnx"))
+    d = 64 if folder == "gemma3-genai" else 32
+    r = prune_model(model, qk_dims=0.4, v_dims=0.4)
+    assert {(f.circuit, f.rank) for f in r.dim_fits} == ({("qk", 48), ("ov", 48)} if d == 64 else set())
+    calib = synth_inputs(model, seed=2, batch=8, seq=12)
+    r = prune_model(model, attention_ratio=0.25, calib=calib)
+    assert r.max_error is not None and r.max_error <= 1e-4
+    for c in r.budget.choices:
+        assert c.ranks["qk"] == c.ranks["ov"] and c.ranks["qk"] % 16 == 0, c
+    assert any(c.ranks["qk"] < d or len(c.heads) < 4 for c in r.budget.choices)
 
 
 def test_the_int4_genai_folder_refuses_a_cut_that_would_requantize():
