@@ -253,3 +253,16 @@ def test_gemma3_genai_cut_is_fitted_from_calibration_data():
     assert r.max_error is not None and r.max_error <= 1e-4 and r.dims_source == "calibration"
     assert {(f.circuit, f.rank) for f in r.dim_fits} == {("qk", 48), ("ov", 48)}
     assert all(0 <= f.error < 1 for f in r.dim_fits)
+
+
+def test_the_budget_loss_judges_the_outputs_not_the_kv_cache():
+    """The calibration session's loss reads the logits, not the presents: a sliding-window cache is a buffer whose
+    unwritten entries hold whatever memory held (on Gemma 3 270M's folder: NaN losses, a budget priced on noise)."""
+    from onnxprune.calibration.session import open_session
+    from onnxprune.inputs import synth_inputs
+    state, options = matched("gemma3-genai/model.onnx")
+    cal = open_session(state.model, state.blocks, state.shapes, synth_inputs(state.model, seed=1, batch=2, seq=5),
+                       None)
+    assert cal.outputs == ["logits"]
+    got = cal.run(cal.data[0])
+    assert np.isfinite(cal.loss(got, got)) and cal.loss(got, got) == 0

@@ -45,6 +45,8 @@ CONFIGS = {    # name: the prune command's options (DATA: the calibration file; 
     "--v-dims 0.5 --compensate": ["NOHEADS", "--v-dims", "0.5", "--calib", "DATA", "--compensate"],
     "--v-dims 0.25 --compensate": ["NOHEADS", "--v-dims", "0.25", "--calib", "DATA", "--compensate"],
     "budget: --attention-ratio MACS": ["NOHEADS", "--attention-ratio", "MACS", "--calib", "DATA"],
+    "budget: --attention-ratio MACS --multiple-of 16": ["NOHEADS", "--attention-ratio", "MACS", "--calib", "DATA",
+                                                        "--multiple-of", "16"],
     # QK below the q/k norms: whole rotary pairs (the projections stay; the scores and the K cache shrink)
     "--qk-dims 0.5 (K cache halved)": ["NOHEADS", "--qk-dims", "0.5", "--calib", "DATA"],
     "--qk-dims 0.25": ["NOHEADS", "--qk-dims", "0.25", "--calib", "DATA"],

@@ -51,8 +51,12 @@ class Calibrator:
             self._feed(work, name, external_dir)
         if not outputs:       # contexts only: ONNX Runtime drops what only the outputs needed
             del work.graph.output[:]
-        self.outputs = [o.name for o in work.graph.output]
-        known = set(self.outputs)
+        # the loss judges what the model says, not the KV cache it hands on (a sliding-window cache's unwritten
+        # entries hold whatever memory held)
+        caches = {t.name for b in blocks for t in b.tensors if t.io}
+        self.outputs = [o.name for o in work.graph.output if o.name not in caches] or \
+            [o.name for o in work.graph.output]
+        known = {o.name for o in work.graph.output}
         for name in [s.context for s in self.sites] + list(taps):     # taps: more tensors to read (grams)
             if name not in known:
                 work.graph.output.append(helper.make_empty_tensor_value_info(name))
