@@ -40,6 +40,9 @@ VARIANTS = {
     # written as fused SimplifiedLayerNormalization over [B, S*H, D] between a split packed QKV and the attention, local and
     # global RoPE caches, a sliding window of 8 on the first layer
     "gemma3-genai": ("fp32", "cpu", [], "gemma3"),
+    # the same in int4: MatMulNBits blocks of 32 rows over heads of 64, so a cut inside the heads that keeps
+    # positions (whole rotary pairs, V positions in runs of 16) needs no re-quantization
+    "gemma3-genai-int4": ("int4", "cpu", [], "gemma3"),
 }
 
 
