@@ -79,12 +79,15 @@ def unit_macs(block, seq: int, width: int, heads: int | None = None, kv_heads: i
 
 
 def plan_budget(cal, moments, blocks, share, circuits=("qk", "ov"), step=None, seq: int = 128,
-                progress: bool = True, heads: bool = True, compensate: str | None = None) -> BudgetPlan:
+                progress: bool = True, heads: bool = True, compensate: str | None = None,
+                uniform: bool = False) -> BudgetPlan:
     """Heads and ranks per block that remove ``share`` of the attention MACs, chosen by measured held-out loss
     per MAC saved. ``cal``: a calibration session that feeds the written projections (``fed``) and computes
     the model's outputs; ``moments``: ``transforms.subspace.Moments`` of it; ``step``: ranks move by this many
     dimensions (``D // 8`` when None); ``heads``: whether dropping a head is a step too; ``compensate``: the
-    compensation mode that follows the cut (``--compensate``), which the final candidates are priced after."""
+    compensation mode that follows the cut (``--compensate``), which the final candidates are priced after;
+    ``uniform``: every block the same (a GenAI folder's config holds one head count and one head size), chosen
+    among the uniform plans that reach the share (``_uniform``)."""
     share = float(exact_ratio(share))
     held = sorted(moments.held_batches) or list(range(len(cal.data)))
     held_set = set(held)
@@ -207,9 +210,20 @@ def plan_budget(cal, moments, blocks, share, circuits=("qk", "ov"), step=None, s
         if len(rest) > 1:
             yield tuple(h for h in kept if h != rest[0]), ranks
 
+    def priced(plan) -> float:
+        """``plan``'s held-out loss with every block cut at once, after the compensation that follows."""
+        if compensate not in (None, "none"):
+            after = recovered(plan)
+            if after is not None:
+                return after
+        return whole(plan)
+
     saved = 0.0
     with Progress(len(state) * 12, "planning the attention budget", unit="fits",
                   min_total=1 if progress else 10 ** 9) as bar:
+        if uniform:
+            return _uniform(state, order, macs, total - target, by_index, steps, circuits, moments, priced,
+                            compensate)
         while saved < target:
             best = None
             for index in state:
@@ -242,6 +256,41 @@ def plan_budget(cal, moments, blocks, share, circuits=("qk", "ov"), step=None, s
     choices = tuple(BudgetChoice(i, kept, {c: ranks[c] for c in circuits}, loss[i])
                     for i, (kept, ranks) in state.items())
     return BudgetPlan(choices, chosen, heads_loss if chosen == "heads" else mixed, heads_loss, priced)
+
+
+def _uniform(state, order, macs, allowed, by_index, steps, circuits, moments, priced, compensate) -> BudgetPlan:
+    """Every block the same: ``k`` heads dropped (each block its own least useful, ``order``) and one rank for
+    every circuit; for each ``k``, the largest rank (in the budget's steps, whole rotary pairs where it has them)
+    that brings the MACs to ``allowed``; the candidate with the smallest held-out loss wins."""
+    first = next(iter(state))
+    d, step = by_index[first].head_dim, steps[first]
+    if any(by_index[i].head_dim != d or by_index[i].num_heads != by_index[first].num_heads for i in state):
+        raise PlanError("the blocks differ in head count or head size; one plan for all cannot be made")
+    drops = range(min(len(order[i]) for i in state)) if all(order[i] for i in state) else range(1)
+    candidates = []
+    for k in drops:
+        for r in range(d, 0, -step):
+            ranks = {}
+            for c in circuits:
+                ranks[c] = r
+                if r < d and c == "qk" and by_index[first].selects_dims:     # whole pairs: what the fit reaches
+                    ranks[c] = moments.fit_circuit(first, c, r).dims.rank
+            if "ov" in ranks and "qk" in ranks:
+                ranks["ov"] = ranks["qk"]
+            plan = {i: (tuple(h for h in sorted(order[i] or range(by_index[i].num_heads))
+                              if h not in order[i][:k]), dict(ranks)) for i in state}
+            if sum(macs(i, c) for i, c in plan.items()) <= allowed + 1e-9 * allowed:
+                candidates.append((k, r, plan))
+                break
+    if not candidates:
+        raise PlanError("no plan that is the same in every block removes that share of the attention MACs")
+    losses = [priced(plan) for _, _, plan in candidates]
+    best = int(np.argmin(losses))
+    _, r, plan = candidates[best]
+    heads_loss = next((loss for (k, rank, _), loss in zip(candidates, losses) if k and rank == d), None)
+    chosen = "heads" if r == d else "mixed"
+    choices = tuple(BudgetChoice(i, kept, {c: ranks[c] for c in circuits}, None) for i, (kept, ranks) in plan.items())
+    return BudgetPlan(choices, chosen, losses[best], heads_loss, compensate if compensate not in (None, "none") else None)
 
 
 def _heads_alone(state, order, macs, allowed, head_dims) -> dict | None:

@@ -63,7 +63,8 @@ instead, chosen by their share of the scores, and the cos/sin tables are cut to 
 norms (Gemma 3, Qwen3) the pairs are kept in W_q, W_k and the norms' weights, each norm's mean rescaled, so
 the projections shrink too (a norm that cannot be passed: the pairs are kept after it, and only the scores
 and the K cache shrink). --v-dims shrinks the V cache (Gemma 3's one KV head too). GroupQueryAttention has one head
-size: give --qk-dims and --v-dims alike. A quantized model takes whole pairs of QK only. --compensate
+size: give --qk-dims and --v-dims alike; its ranks are rounded up to multiples of 16 (ONNX Runtime's kernel).
+A quantized model keeps its integers: QK whole pairs, V whole positions in runs of 16. --compensate
 refits the cut output projections; the budget does.
 
 Nothing is written unless pruned == masked holds; no output ever replaces a file of the input (the model,
@@ -469,7 +470,7 @@ def run_prune(argv) -> int:
     from .model import inline
     from .api import count_result_macs, prune_model, verify_saved
     from .options import PruneOptions
-    from .config import configs_beside, plan_folder, stage_folder
+    from .config import GENAI, configs_beside, plan_folder, stage_folder
     from .files import StagedFile, check_output_path, check_writes
     from .model.external import has_external_data, input_files
     from .model.load import load_model
@@ -513,7 +514,8 @@ def run_prune(argv) -> int:
         scope=args.scope, importance=args.importance, importance_initializer=args.importance_initializer,
         calib=_calib(args, model), compensate=args.compensate, gqa=args.gqa, multiple_of=args.multiple_of,
         verify=not args.no_verify and not verify_saved_copy, atol=args.atol, external_dir=where,
-        qk_dims=args.qk_dims, v_dims=args.v_dims, attention_ratio=args.attention_ratio)
+        qk_dims=args.qk_dims, v_dims=args.v_dims, attention_ratio=args.attention_ratio,
+        uniform_blocks=folder_mode and any(p.name == GENAI for p in configs_beside(args.model)))
     result = prune_model(model, options=options)
     missed = [m for m in result.misses if m.node]
     if args.strict and missed:

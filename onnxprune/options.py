@@ -55,6 +55,8 @@ class PruneOptions:
     qk_dims: object = None        # share of each head's QK rank to remove (floor arithmetic, like ratio)
     v_dims: object = None         # share of each head's OV rank (V's head size) to remove
     attention_ratio: object = None   # share of the attention MACs to remove, spent by ``budget.plan_budget``
+    uniform_blocks: bool = False     # the budget keeps every block alike (a GenAI folder's config holds one head
+    # count and one head size for all layers)
 
     def __post_init__(self):
         chosen = [n for n in ("ratio", "threshold", "kept", "heads_to_prune") if getattr(self, n) is not None]

@@ -215,13 +215,15 @@ def fit_dims(state: State, options: PruneOptions) -> State:
                 fed = tuple(t.name for b in state.blocks for t in written(b, "qk"))
         cal = open_session(state.model, state.blocks, state.shapes, options.calib, options.external_dir,
                            outputs=budget, taps=taps, fed=fed)
-    moments = Moments(state.model, state.blocks, cal, tuple(wanted), options.external_dir)
+    moments = Moments(state.model, state.blocks, cal, tuple(wanted), options.external_dir,
+                      select_ov=state.quant is not None)
     ranks, plans, fits, spent = {}, dict(state.plans), [], None
     if budget:
         sample = next(iter(options.calib.values()))
         seq = sample.shape[1] if sample.ndim > 1 else 128
         spent = plan_budget(cal, moments, state.blocks, options.attention_ratio, tuple(wanted),
-                            options.multiple_of, seq, compensate=options.compensate)
+                            options.multiple_of, seq, compensate=options.compensate,
+                            uniform=options.uniform_blocks)
         for choice in spent.choices:
             ranks.update({(choice.block, c): r for c, r in choice.ranks.items()})
             plans[choice.block] = replace(plans[choice.block], kept_heads=choice.heads)
@@ -265,14 +267,14 @@ def refuse_requantizing(state: State, circuits=None):
     ``circuits``: those about to be fitted; else the plans' maps."""
     if state.quant is None:
         return
-    if circuits is not None:
-        rotates = any(c != "qk" or not b.selects_dims for c in circuits for b in state.blocks)
+    if circuits is not None:        # OV keeps whole positions there (``subspace.fit_ov_select``)
+        rotates = any(c == "qk" and not b.selects_dims for c in circuits for b in state.blocks)
     else:
         rotates = any(d.keep is None for p in state.plans.values() for d in p.dims)
     if rotates:
         raise PlanError(f"a cut inside the heads would re-quantize this {state.quant.describe()} model's weights "
                         "(a rotation of the head size); cut the float model, then quantize it, or keep whole "
-                        "positions: --qk-dims through a rotary embedding does")
+                        "positions: --qk-dims through a rotary embedding does, and --v-dims on a quantized model")
 
 
 @dataclass(frozen=True)

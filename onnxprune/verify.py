@@ -13,7 +13,7 @@ from onnx.external_data_helper import uses_external_data
 from .block import AttentionBlock
 from . import quant
 from .calibration.sites import projection_output
-from .cut import WRITTEN, HeadwiseMap, project_heads, runs, written
+from .cut import WRITTEN, HeadwiseMap, packed_runs, project_heads, written
 from .errors import PlanError, VerifyError
 from .plan import BlockPlan
 from .model.proto import own_constant, own_weights
@@ -111,39 +111,44 @@ def reference(model: onnx.ModelProto, blocks, plans: dict, qv=None, external_dir
     kept = {i: p.kept_heads for i, p in plans.items()}
     if any(p.dims for p in plans.values()):
         if qv is not None:
-            return quant.masked(qv, model, blocks, kept, zeroed_queries(model, blocks, plans, qv))
+            zeroed, ov = zeroed_queries(model, blocks, plans, qv)
+            return quant.masked(qv, model, blocks, kept, zeroed, ov)
         return projected_model(model, list(blocks), plans, external_dir)
     if qv is not None:
         return quant.masked(qv, model, blocks, kept)
     return masked_model(model, list(blocks), kept, external_dir)
 
 
-def zeroed_queries(model, blocks, plans: dict, qv) -> dict:
-    """{the Q projection's output: 0/1 over its heads' positions} of every block whose cut keeps positions (QK
-    through a rotary embedding): on a quantized model the reference zeroes the queries, not the weights, which
-    stay quantized as they are. Any other map would need the weights re-quantized: refused."""
-    out = {}
+def zeroed_queries(model, blocks, plans: dict, qv) -> tuple[dict, dict]:
+    """What the reference of a cut that keeps positions zeroes on a quantized model, whose weights stay
+    quantized as they are: ({a Q (or K) projection's output: 0/1 over its positions}, {block: the V positions
+    that every head keeps}). QK through a rotary embedding zeroes the queries' dropped positions; through RMS q/k
+    norms the keys' too (the norms must see the zeros); OV zeroes the dropped positions of each head's context
+    where the output projection reads it (``quant.masked``). Any other map would need the weights
+    re-quantized: refused."""
+    out, ov = {}, {}
     for block in blocks:
         plan = plans.get(block.index)
         for dims in plan.dims if plan is not None else ():
             keep = dims.keep
-            q = projection_output(model, block, "q") if dims.circuit == "qk" and not block.cut_points else None
-            if keep is not None and dims.circuit == "qk" and block.norm_means:
-                raise PlanError(f"block {block.index} ({block.name}): a QK cut through q/k norms on this "
-                                f"{qv.describe()} model is not supported yet (its reference would zero the keys "
-                                "too); cut the float model, then quantize it")
-            if keep is None or q is None:
+            if keep is not None and dims.circuit == "ov":
+                ov[block.index] = keep
+                continue
+            roles = ("q", "k") if block.norm_means and not block.qk_below("k") else ("q",)
+            names = [projection_output(model, block, r) if dims.circuit == "qk" and not block.cut_points else None
+                     for r in roles]
+            if keep is None or None in names:
                 raise PlanError(f"a cut inside the heads would re-quantize this {qv.describe()} model's weights; "
                                 "cut the float model, then quantize it")
-            owner = np.asarray(block.tensor(q).owner).reshape(-1)
-            mask = np.ones(len(owner), np.float32)
-            for unit, pos in runs(owner):
-                if unit >= 0:
-                    inside = np.zeros(len(pos), bool)
-                    inside[keep] = True
-                    mask[pos[~inside]] = 0
-            out[q] = mask
-    return out
+            for role, name in zip(roles, names):
+                t = block.tensor(name)
+                mask = out.setdefault(name, np.ones(np.size(t.owner), np.float32))
+                for unit, pos, r in packed_runs(block, t):
+                    if unit >= 0 and r in (role, None):
+                        inside = np.zeros(len(pos), bool)
+                        inside[keep] = True
+                        mask[pos[~inside]] = 0
+    return out, ov
 
 
 def projected_model(model: onnx.ModelProto, blocks: list[AttentionBlock], plans: dict, external_dir=None

@@ -177,12 +177,41 @@ def test_group_query_attention_ranks_are_multiples_of_16_and_the_budget_steps_bo
     assert any(c.ranks["qk"] < d or len(c.heads) < 4 for c in r.budget.choices)
 
 
-def test_the_int4_genai_folder_refuses_a_cut_that_would_requantize():
+def test_an_int4_genai_folder_cut_inside_its_heads_stays_int4_and_generates_what_its_reference_does(tmp_path):
+    """GenAI's Gemma 3 in int4 (MatMulNBits, blocks of 32 rows over heads of 64): QK keeps whole rotary pairs
+    through the fused q/k norms and OV whole positions, both at one rank; every projection stays MatMulNBits (the
+    output projection's rows re-packed into blocks of 16 where the kept ones do not fill blocks of 32), the KV
+    cache halves, and onnxruntime-genai generates exactly what the quantized reference does (the dropped queries,
+    keys and context positions zeroed), which is not what the original does. Heads of 16 in blocks of 32 (the
+    Llama int4 folder) leave no rank to cut: it is rounded up to the whole head."""
+    import json
+    import shutil
     from onnxprune import prune_model
-    from onnxprune.errors import PlanError
-    from conftest import MODELS
-    with pytest.raises(PlanError, match="re-quantize"):
-        prune_model(onnx.load(str(MODELS / "llama-genai-int4" / "model.onnx")), qk_dims=0.5, v_dims=0.5)
+    from onnxprune.model.save import save_model_atomic
+    from onnxprune.quant import float_view
+    from onnxprune.verify import reference
+    from conftest import MODELS, cli
+    src = MODELS / "gemma3-genai-int4"
+    out = tmp_path / "pruned"
+    out.mkdir()
+    res = cli(str(src / "model.onnx"), "--qk-dims", "0.5", "--v-dims", "0.5", "-o", f"{out}/")
+    assert res.returncode == 0, res.stderr
+    assert json.loads((out / "genai_config.json").read_text())["model"]["decoder"]["head_size"] == 32
+    model = onnx.load(str(src / "model.onnx"))
+    r = prune_model(model, qk_dims=0.5, v_dims=0.5)
+    assert {(f.circuit, f.rank) for f in r.dim_fits} == {("qk", 32), ("ov", 32)}
+    ops = {n.op_type for n in r.model.graph.node}
+    assert "MatMulNBits" in ops and "MatMul" not in ops
+    view, qv = float_view(model)
+    ref = tmp_path / "reference"
+    shutil.copytree(src, ref)
+    (ref / "model.onnx").unlink()
+    (ref / "model.onnx.data").unlink()
+    save_model_atomic(reference(view, r.blocks, r.plans, qv), ref / "model.onnx", external=True)
+    expected = _genai_generate(ref)
+    assert _genai_generate(out) == expected and expected != _genai_generate(src)
+    assert not prune_model(onnx.load(str(MODELS / "llama-genai-int4" / "model.onnx")), qk_dims=0.5,
+                           v_dims=0.5).dim_fits
 
 
 # ---------------------------------------------------------------- GenAI's Gemma 3: one KV head, fused q/k norms
@@ -266,3 +295,34 @@ def test_the_budget_loss_judges_the_outputs_not_the_kv_cache():
     assert cal.outputs == ["logits"]
     got = cal.run(cal.data[0])
     assert np.isfinite(cal.loss(got, got)) and cal.loss(got, got) == 0
+
+
+def test_the_budget_on_a_genai_folder_keeps_every_layer_alike_and_the_folder_generates(tmp_path):
+    """A GenAI folder's config holds one head count and one head size for all layers, so the budget written as a
+    folder chooses among plans that are the same in every block (each block drops its own least useful heads):
+    the folder is written, its config says what every layer keeps, and onnxruntime-genai generates from it.
+    The same budget as a single model file may differ per block."""
+    import json
+    from onnxprune import prune_model
+    from onnxprune.inputs import synth_inputs
+    from onnxprune.options import PruneOptions
+    from conftest import MODELS, cli
+    src = MODELS / "gemma3-genai"
+    model = onnx.load(str(src / "model.onnx"))
+    calib = synth_inputs(model, seed=2, batch=8, seq=12)
+    np.savez(tmp_path / "calib.npz", **calib)
+    out = tmp_path / "pruned"
+    out.mkdir()
+    res = cli(str(src / "model.onnx"), "--attention-ratio", "0.5", "--calib", str(tmp_path / "calib.npz"),
+              "-o", f"{out}/", "--report", str(tmp_path / "r.json"))
+    assert res.returncode == 0, res.stderr
+    report = json.loads((tmp_path / "r.json").read_text())
+    decoder = json.loads((out / "genai_config.json").read_text())["model"]["decoder"]
+    kept = {len(b["kept_heads"]) for b in report["blocks"]}
+    assert len(kept) == 1 and decoder["num_attention_heads"] == kept.pop()
+    assert len(_genai_generate(out)) == 17
+    r = prune_model(model, options=PruneOptions(attention_ratio=0.5, calib=calib, uniform_blocks=True))
+    assert len({(len(c.heads), tuple(sorted(c.ranks.items()))) for c in r.budget.choices}) == 1
+    assert r.budget.heads_loss is not None and r.budget.loss <= r.budget.heads_loss
+    free = prune_model(model, options=PruneOptions(attention_ratio=0.5, calib=calib))
+    assert free.max_error is not None and free.max_error <= 1e-4

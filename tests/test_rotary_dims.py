@@ -342,29 +342,56 @@ QUANTIZED = ["llama-nbits32.onnx", "llama-nbits128.onnx", "llama-int4qdq32.onnx"
 
 
 @pytest.mark.parametrize("name", QUANTIZED)
-def test_quantized_models_keep_rotary_pairs_in_their_form(name):
+def test_quantized_models_keep_rotary_pairs_and_v_positions_in_their_form(name):
     """A selection needs no re-quantization: Q and K keep their quantized form (the same quantized ops, fewer
-    output features), the reference zeroes the dropped queries, and the proof holds on ONNX Runtime; a
-    rotation (--v-dims) is still refused with the reason."""
+    output features), and so do V and the output projection under an OV cut that keeps positions (runs of 16,
+    which a block of MatMulNBits can be re-packed into); the reference zeroes the dropped queries and the dropped
+    context positions where the output projection reads them, and the proof holds on ONNX Runtime."""
     from collections import Counter
     model = onnx.load(str(MODELS / name))
-    r = prune_model(model, qk_dims=0.5, calib=synth_inputs(model, seed=4, batch=8, seq=16))
-    assert r.max_error is not None and r.max_error <= 1e-4
-    assert all(f.positions is not None and f.rank < 32 for f in r.dim_fits)
     ops = lambda m: Counter(n.op_type for n in m.graph.node if n.op_type not in ("Constant", "Gather"))
-    assert ops(r.model) == ops(model)
-    assert r.model.ByteSize() < model.ByteSize()
+    calib = synth_inputs(model, seed=4, batch=8, seq=16)
+    for kw in (dict(qk_dims=0.5), dict(v_dims=0.5), dict(qk_dims=0.5, v_dims=0.5)):
+        r = prune_model(model, calib=calib, **kw)
+        assert r.max_error is not None and r.max_error <= 1e-4, kw
+        assert {f.circuit for f in r.dim_fits} == {c for c, k in (("qk", "qk_dims"), ("ov", "v_dims")) if k in kw}
+        assert all(f.positions is not None and f.rank < 32 for f in r.dim_fits)
+        assert ops(r.model) == ops(model)
+        assert r.model.ByteSize() < model.ByteSize()
+
+
+@pytest.mark.parametrize("name", ["bert-qdq.onnx", "bert-nbits32.onnx", "bert-dyn.onnx"])
+def test_quantized_models_keep_v_positions_and_refuse_a_rotation(name):
+    """Without a rotary embedding a QK cut is a rotation, which would re-quantize: refused; V positions are cut in
+    the quantized form, proved against the quantized original with the dropped context positions zeroed, which
+    is another model than the original."""
+    from onnxprune.quant import float_view
+    from onnxprune.verify import reference
+    model = onnx.load(str(MODELS / name))
     with pytest.raises(PlanError, match="re-quantize"):
-        prune_model(model, v_dims=0.5)
+        prune_model(model, qk_dims=0.5)
+    r = prune_model(model, v_dims=0.5)
+    assert r.max_error is not None and r.max_error <= 1e-4
+    view, qv = float_view(model)
+    ref = reference(view, r.blocks, r.plans, qv)
+    feeds = synth_inputs(model, seed=3, batch=2, seq=9)
+    assert max_abs_diff(run(model, feeds), run(ref, feeds)) > 1e-4
+    assert compare(ref, r.model, feeds, {}) <= 1e-4
 
 
-def test_a_quantized_reference_that_misses_the_queries_fails_the_proof(monkeypatch):
-    """Planted fault: the quantized reference leaves the queries whole (nothing zeroed): the proof fails."""
+@pytest.mark.parametrize("fault", ["queries", "context"])
+def test_a_quantized_reference_that_misses_the_queries_or_the_context_fails_the_proof(monkeypatch, fault):
+    """Planted faults: the quantized reference leaves the queries whole, or the context positions that the OV cut
+    drops (nothing zeroed there): the proof fails."""
     from onnxprune import verify
     model = onnx.load(str(MODELS / "llama-nbits32.onnx"))
-    monkeypatch.setattr(verify, "zeroed_queries", lambda *a, **k: {})
+    real = verify.zeroed_queries
+    if fault == "queries":
+        monkeypatch.setattr(verify, "zeroed_queries", lambda *a, **k: ({}, real(*a, **k)[1]))
+    else:
+        monkeypatch.setattr(verify, "zeroed_queries", lambda *a, **k: (real(*a, **k)[0], {}))
     with pytest.raises(VerifyError, match="differs"):
-        prune_model(model, qk_dims=0.5)
+        prune_model(model, **({"qk_dims": 0.5} if fault == "queries" else {"v_dims": 0.5}))
 
 
 # ---------------------------------------------------------------- ONNX Runtime's fused Attention (packed QKV)

@@ -34,6 +34,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from ..cut import runs
 from ..errors import MatchError, PlanError
 from .form import FoldContext, Folded
 from .forms import FORMS
@@ -313,11 +314,13 @@ def _cut(f: Folded, keep: dict, arr) -> dict:
 
 
 # ------------------------------------------------------------------ the masked reference
-def masked(qv: QuantView, view_model: onnx.ModelProto, blocks, kept: dict, zeroed: dict | None = None
-           ) -> onnx.ModelProto:
+def masked(qv: QuantView, view_model: onnx.ModelProto, blocks, kept: dict, zeroed: dict | None = None,
+           ov_keep: dict | None = None) -> onnx.ModelProto:
     """The quantized model with the dropped heads' inputs of each output projection zeroed (a Mul by a
-    0/1 vector), where the projection reads them; and each tensor of ``zeroed`` ({name: 0/1 vector over its
-    last axis}: the queries of a cut that keeps positions) multiplied by its vector for every reader."""
+    0/1 vector), where the projection reads them, and of the kept heads the positions that ``ov_keep`` ({block:
+    head-size positions}: an OV cut that keeps positions) leaves out; and each tensor of ``zeroed`` ({name: 0/1
+    vector over its last axis}: the queries, or keys, of a cut that keeps positions) multiplied by its vector for
+    every reader."""
     out = onnx.ModelProto()
     out.CopyFrom(qv.real)
     for x, mask in (zeroed or {}).items():
@@ -331,11 +334,18 @@ def masked(qv: QuantView, view_model: onnx.ModelProto, blocks, kept: dict, zeroe
     for b in blocks:
         keep = set(kept.get(b.index, range(b.num_heads)))
         dropped = {u for u, heads in enumerate(b.units) if len(heads) == 1 and not heads & keep}
-        if not dropped:
+        positions = (ov_keep or {}).get(b.index)
+        if not dropped and positions is None:
             continue
         w = b.o_proj.weight
         owner = b.tensor(w).owner
         mask = (~np.isin(owner, list(dropped))).astype(np.float32)
+        if positions is not None:        # each head's positions that the OV cut drops
+            for unit, pos in runs(owner):
+                if unit >= 0:
+                    inside = np.zeros(len(pos), bool)
+                    inside[np.asarray(positions)] = True
+                    mask[pos[~inside]] = 0
         reader = next((n for n in view_model.graph.node if n.op_type in ("MatMul", "Gemm")
                        and len(n.input) > 1 and n.input[1] == w), None)
         if reader is None or b.o_proj.head_axis != 0:

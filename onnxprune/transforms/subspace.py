@@ -98,6 +98,20 @@ def fit_qk_select(cq: dict, ck: dict, groups, pairs, head_dim: int, rank: int, p
     return HeadDims.select("qk", head_dim, keep, len(groups), sum(len(g) for g in groups))
 
 
+def fit_ov_select(cz: dict, gram_o: dict, groups, head_dim: int, rank: int, run: int = 16) -> HeadDims:
+    """Whole positions of the OV circuit, the same for every head: aligned runs of ``run`` positions (what a
+    quantized output projection's rows can be re-packed into without re-quantizing), those whose part of the
+    heads' output energy ``tr(C_z[u, u] W_o[u] W_o[u]ᵀ)`` is largest, ``rank`` positions (rounded up to whole
+    runs). A quantized model's V and output projection keep their integers: nothing is rotated."""
+    run = run if head_dim % run == 0 else 1
+    units = [tuple(range(i, i + run)) for i in range(0, head_dim, run)]
+    share = {u: sum(float(np.trace(cz[h][np.ix_(u, u)] @ gram_o[h][np.ix_(u, u)])) for hs in groups for h in hs)
+             for u in units}
+    count = min(len(units), -(-rank // run))
+    keep = sorted(i for u in sorted(units, key=lambda u: (-share[u], u))[:count] for i in u)
+    return HeadDims.select("ov", head_dim, keep, len(groups), sum(len(g) for g in groups))
+
+
 def orthonormal(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``a = Q R``: (Q as float32, R). The shared side of a circuit is written as ``Q`` and the other side's
     ``B`` as ``B Rᵀ``: the same ``A Bᵀ``, but the cut model's K or V are an orthonormal projection, not a
@@ -143,8 +157,9 @@ class Moments:
     context z of each head (from calibration, fit and held-out batches apart, or from the weights alone)
     and ``G = W_o,h W_o,hᵀ`` of each head (always from the weights)."""
 
-    def __init__(self, model, blocks, cal=None, circuits=("qk", "ov"), external_dir=None):
+    def __init__(self, model, blocks, cal=None, circuits=("qk", "ov"), external_dir=None, select_ov: bool = False):
         self.blocks = {b.index: b for b in blocks}
+        self.select_ov = select_ov        # OV as whole positions (``fit_ov_select``): a quantized model
         self.fit: dict = {}
         self.held: dict = {}
         self.gram_o: dict = {}
@@ -303,5 +318,8 @@ class Moments:
         if circuit == "qk":
             dims = fit_qk(fit["q"], fit["k"], block.kv_groups, rank)
             return CircuitFit(dims, circuit_error(dims, held["q"], held["k"], block.kv_groups))
-        dims = fit_ov(fit["z"], self.gram_o[index], block.kv_groups, rank)
+        if self.select_ov:          # a quantized model: whole positions, nothing rotated
+            dims = fit_ov_select(fit["z"], self.gram_o[index], block.kv_groups, block.head_dim, rank)
+        else:
+            dims = fit_ov(fit["z"], self.gram_o[index], block.kv_groups, rank)
         return CircuitFit(dims, circuit_error(dims, held["z"], self.gram_o[index], block.kv_groups))
