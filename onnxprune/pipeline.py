@@ -213,6 +213,8 @@ def fit_dims(state: State, options: PruneOptions) -> State:
                          if n is not None)
             if budget:
                 fed = tuple(t.name for b in state.blocks for t in written(b, "qk"))
+        if state.quant is not None:      # calibration runs the whole float view: every weight dequantized
+            state.quant.materialize(state.model)
         cal = open_session(state.model, state.blocks, state.shapes, options.calib, options.external_dir,
                            outputs=budget, taps=taps, fed=fed)
     moments = Moments(state.model, state.blocks, cal, tuple(wanted), options.external_dir,

@@ -326,3 +326,20 @@ def test_the_budget_on_a_genai_folder_keeps_every_layer_alike_and_the_folder_gen
     assert r.budget.heads_loss is not None and r.budget.loss <= r.budget.heads_loss
     free = prune_model(model, options=PruneOptions(attention_ratio=0.5, calib=calib))
     assert free.max_error is not None and free.max_error <= 1e-4
+
+
+def test_a_cut_of_a_quantized_model_with_its_weights_on_disk_is_fitted_from_calibration_data(monkeypatch):
+    """A large quantized model's float view dequantizes its weights only when they are read (placeholders until
+    then): the calibration session that fits a cut inside the heads reads them all first (GenAI's Gemma 3 270M in
+    int4 failed there: "External data path does not exist: onnxprune-not-dequantized-yet")."""
+    from onnxprune import prune_model, quant
+    from onnxprune.inputs import synth_inputs
+    from conftest import MODELS
+    from onnxprune.model import dtypes
+    monkeypatch.setattr(quant, "LAZY_FROM", 20000)     # its weights placeholders, as in a large model
+    monkeypatch.setattr(dtypes, "STAND_IN_BYTES", 20000)     # and the probe's stand-in for it
+    folder = MODELS / "gemma3-genai-int4"
+    model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+    calib = synth_inputs(onnx.load(str(folder / "model.onnx")), seed=2, batch=8, seq=12)
+    r = prune_model(model, qk_dims=0.5, v_dims=0.5, calib=calib, external_dir=folder)
+    assert r.max_error is not None and r.max_error <= 1e-4 and r.dims_source == "calibration"
