@@ -67,6 +67,7 @@ class BudgetPlan:
     loss: float
     heads_loss: float | None
     compensated: str | None = None
+    uniform: bool = False        # every block the same cut (a GenAI folder's config holds one of each)
 
 
 def unit_macs(block, seq: int, width: int, heads: int | None = None, kv_heads: int | None = None) -> int:
@@ -290,7 +291,8 @@ def _uniform(state, order, macs, allowed, by_index, steps, circuits, moments, pr
     heads_loss = next((loss for (k, rank, _), loss in zip(candidates, losses) if k and rank == d), None)
     chosen = "heads" if r == d else "mixed"
     choices = tuple(BudgetChoice(i, kept, {c: ranks[c] for c in circuits}, None) for i, (kept, ranks) in plan.items())
-    return BudgetPlan(choices, chosen, losses[best], heads_loss, compensate if compensate not in (None, "none") else None)
+    return BudgetPlan(choices, chosen, losses[best], heads_loss, compensate if compensate not in (None, "none") else None,
+                      uniform=True)
 
 
 def _heads_alone(state, order, macs, allowed, head_dims) -> dict | None:

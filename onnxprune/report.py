@@ -63,7 +63,8 @@ def build_report(result: PruneResult, model: str, output: str | None, ratio) -> 
             "dims_source": result.dims_source, "blocks": blocks,
             "budget": None if result.budget is None else {
                 "chosen": result.budget.chosen, "held_out_loss": result.budget.loss,
-                "whole_heads_loss": result.budget.heads_loss, "compensated": result.budget.compensated},
+                "whole_heads_loss": result.budget.heads_loss, "compensated": result.budget.compensated,
+                "uniform": result.budget.uniform},
             "misses": [{"node": m.node, "op": m.op, "reason": m.reason} for m in result.misses if m.node]}
 
 
@@ -175,14 +176,24 @@ def format_table(report: dict, every_miss: bool = False) -> str:
         if report.get("attention_ratio") is not None:
             spent = report.get("budget") or {}
             cut = "cut" + (f" and compensated ({spent['compensated']})" if spent.get("compensated") else "")
+            done = [(b["macs"]["before"], b["macs"]["after"]) for b in report["blocks"] if b.get("macs")]
+            share = 1 - sum(a for _, a in done) / sum(b for b, _ in done) if done and all(b for b, _ in done) \
+                else report["attention_ratio"]
             if spent.get("chosen") == "heads":
-                lines.append(f"attention budget: {report['attention_ratio']:.0%} of the attention MACs removed by "
+                lines.append(f"attention budget: {share:.0%} of the attention MACs removed by "
                              f"whole heads alone: held-out loss {spent['whole_heads_loss']:.3g} with every block {cut}, "
                              "less than the cut inside the heads")
+            elif spent.get("uniform"):
+                against = ("" if spent.get("whole_heads_loss") is None else
+                           f" (whole heads alone: {spent['whole_heads_loss']:.3g})")
+                lines.append(f"attention budget: {share:.0%} of the attention MACs removed by the same cut in every "
+                             "block (the folder's config holds one head count and one head size), the one of least "
+                             f"held-out loss: {spent.get('held_out_loss', float('nan')):.3g} with every block {cut}"
+                             + against)
             else:
                 against = ("" if spent.get("whole_heads_loss") is None else
                            f" (whole heads alone: {spent['whole_heads_loss']:.3g})")
-                lines.append(f"attention budget: {report['attention_ratio']:.0%} of the attention MACs removed where the "
+                lines.append(f"attention budget: {share:.0%} of the attention MACs removed where the "
                              "held-out loss per MAC was least (whole heads, QK ranks, OV ranks); held-out loss "
                              f"{spent.get('held_out_loss', float('nan')):.3g} with every block {cut}" + against)
     if all(len(b["kept_heads"]) == b["num_heads"] and b.get("qk_rank", b["head_dim"]) == b["head_dim"]

@@ -320,6 +320,7 @@ def test_the_budget_on_a_genai_folder_keeps_every_layer_alike_and_the_folder_gen
     decoder = json.loads((out / "genai_config.json").read_text())["model"]["decoder"]
     kept = {len(b["kept_heads"]) for b in report["blocks"]}
     assert len(kept) == 1 and decoder["num_attention_heads"] == kept.pop()
+    assert report["budget"]["uniform"] is True and "the same cut in every block" in res.stderr + res.stdout
     assert len(_genai_generate(out)) == 17
     r = prune_model(model, options=PruneOptions(attention_ratio=0.5, calib=calib, uniform_blocks=True))
     assert len({(len(c.heads), tuple(sorted(c.ranks.items()))) for c in r.budget.choices}) == 1
