@@ -211,7 +211,7 @@ def plan_budget(cal, moments, blocks, share, circuits=("qk", "ov"), step=None, s
         if len(rest) > 1:
             yield tuple(h for h in kept if h != rest[0]), ranks
 
-    def priced(plan) -> float:
+    def shipped_loss(plan) -> float:
         """``plan``'s held-out loss with every block cut at once, after the compensation that follows."""
         if compensate not in (None, "none"):
             after = recovered(plan)
@@ -223,8 +223,8 @@ def plan_budget(cal, moments, blocks, share, circuits=("qk", "ov"), step=None, s
     with Progress(len(state) * 12, "planning the attention budget", unit="fits",
                   min_total=1 if progress else 10 ** 9) as bar:
         if uniform:
-            return _uniform(state, order, macs, total - target, by_index, steps, circuits, moments, priced,
-                            compensate)
+            return _uniform(state, order, macs, total - target, by_index, steps, circuits, moments,
+                            shipped_loss, compensate)
         while saved < target:
             best = None
             for index in state:
@@ -259,10 +259,11 @@ def plan_budget(cal, moments, blocks, share, circuits=("qk", "ov"), step=None, s
     return BudgetPlan(choices, chosen, heads_loss if chosen == "heads" else mixed, heads_loss, priced)
 
 
-def _uniform(state, order, macs, allowed, by_index, steps, circuits, moments, priced, compensate) -> BudgetPlan:
+def _uniform(state, order, macs, allowed, by_index, steps, circuits, moments, loss_of, compensate) -> BudgetPlan:
     """Every block the same: ``k`` heads dropped (each block its own least useful, ``order``) and one rank for
     every circuit; for each ``k``, the largest rank (in the budget's steps, whole rotary pairs where it has them)
-    that brings the MACs to ``allowed``; the candidate with the smallest held-out loss wins."""
+    that brings the MACs to ``allowed``; the candidate with the smallest held-out loss (``loss_of``: every block cut,
+    compensated as it will be shipped) wins."""
     first = next(iter(state))
     d, step = by_index[first].head_dim, steps[first]
     if any(by_index[i].head_dim != d or by_index[i].num_heads != by_index[first].num_heads for i in state):
@@ -285,7 +286,7 @@ def _uniform(state, order, macs, allowed, by_index, steps, circuits, moments, pr
                 break
     if not candidates:
         raise PlanError("no plan that is the same in every block removes that share of the attention MACs")
-    losses = [priced(plan) for _, _, plan in candidates]
+    losses = [loss_of(plan) for _, _, plan in candidates]
     best = int(np.argmin(losses))
     _, r, plan = candidates[best]
     heads_loss = next((loss for (k, rank, _), loss in zip(candidates, losses) if k and rank == d), None)
