@@ -98,8 +98,9 @@ def plan_budget(cal, moments, blocks, share, circuits=("qk", "ov"), step=None, s
     sites = {s.block.index: s for s in cal.sites}
     width = {b.index: widths(cal, b) for b in blocks}
     steps = {b.index: max(1, step or b.head_dim // 8) for b in blocks}
-    for b in blocks:        # one head size (GroupQueryAttention): both circuits by one step that the kernel takes
-        if b.one_head_size and not b.head_dim % ONE_SIZE_STEP:
+    for b in blocks:        # one head size (GroupQueryAttention): both circuits by one step that the kernel takes;
+        # a quantized model's OV keeps runs of 16 positions (``subspace.fit_ov_select``)
+        if (b.one_head_size or getattr(moments, "select_ov", False)) and not b.head_dim % ONE_SIZE_STEP:
             steps[b.index] = -(-steps[b.index] // ONE_SIZE_STEP) * ONE_SIZE_STEP
     joint = {b.index for b in blocks if b.one_head_size and set(circuits) == {"qk", "ov"}}
     order = {b.index: _head_order(moments, b) if heads and "ov" in circuits and _drops_heads(b) else ()

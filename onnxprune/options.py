@@ -55,6 +55,7 @@ class PruneOptions:
     qk_dims: object = None        # share of each head's QK rank to remove (floor arithmetic, like ratio)
     v_dims: object = None         # share of each head's OV rank (V's head size) to remove
     attention_ratio: object = None   # share of the attention MACs to remove, spent by ``budget.plan_budget``
+    compensate_implied: bool = False  # ``compensate`` set by the budget, not asked for (a quantized model skips it)
     uniform_blocks: bool = False     # the budget keeps every block alike (a GenAI folder's config holds one head
     # count and one head size for all layers)
 
@@ -89,6 +90,7 @@ class PruneOptions:
                 raise PlanError("--attention-ratio measures each cut on calibration data; give --calib DATA.npz")
             if self.compensate is None:       # the budget's cuts are recovered unless told otherwise
                 object.__setattr__(self, "compensate", "auto")
+                object.__setattr__(self, "compensate_implied", True)
         if self.threshold is not None and not finite_number(self.threshold):
             raise PlanError(f"threshold must be a finite number, got {self.threshold!r}")
         if self.multiple_of is not None:

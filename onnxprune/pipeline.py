@@ -224,7 +224,9 @@ def fit_dims(state: State, options: PruneOptions) -> State:
         sample = next(iter(options.calib.values()))
         seq = sample.shape[1] if sample.ndim > 1 else 128
         spent = plan_budget(cal, moments, state.blocks, options.attention_ratio, tuple(wanted),
-                            options.multiple_of, seq, compensate=options.compensate,
+                            options.multiple_of, seq,
+                            compensate=None if state.quant is not None and options.compensate_implied
+                            else options.compensate,
                             uniform=options.uniform_blocks)
         for choice in spent.choices:
             ranks.update({(choice.block, c): r for c, r in choice.ranks.items()})
@@ -294,6 +296,8 @@ def compensate(state: State, options: PruneOptions) -> State:
     """Write the recovered output projections into the model, which is then matched again: the pruned
     model is proved equal to the compensated original with the dropped heads masked."""
     if options.compensate in (None, "none") or not state.changes:
+        return state
+    if state.quant is not None and options.compensate_implied:       # the budget's default: not on integers
         return state
     if state.quant is not None:
         raise PlanError(f"--compensate writes new output-projection weights, which this {state.quant.describe()} "

@@ -344,3 +344,25 @@ def test_a_cut_of_a_quantized_model_with_its_weights_on_disk_is_fitted_from_cali
     calib = synth_inputs(onnx.load(str(folder / "model.onnx")), seed=2, batch=8, seq=12)
     r = prune_model(model, qk_dims=0.5, v_dims=0.5, calib=calib, external_dir=folder)
     assert r.max_error is not None and r.max_error <= 1e-4 and r.dims_source == "calibration"
+
+
+@pytest.mark.parametrize("name", ["gemma3-genai-int4/model.onnx", "llama-nbits32.onnx"])
+def test_the_budget_on_a_quantized_model_keeps_its_integers(name):
+    """The budget compensates by default, which would re-quantize: on a quantized model it does not (asked for,
+    --compensate is still refused), its steps keep whole positions in runs of 16, and every projection stays
+    quantized."""
+    from collections import Counter
+    from onnxprune import prune_model
+    from onnxprune.errors import PlanError
+    from onnxprune.inputs import synth_inputs
+    from conftest import MODELS
+    model = onnx.load(str(MODELS / name))
+    calib = synth_inputs(model, seed=2, batch=8, seq=12)
+    r = prune_model(model, attention_ratio=0.25, calib=calib)
+    assert r.max_error is not None and r.max_error <= 1e-4 and r.compensate is None
+    assert all(rank % 16 == 0 for c in r.budget.choices for rank in c.ranks.values())
+    assert any(f.rank < r.blocks[0].head_dim for f in r.dim_fits)
+    ops = lambda m: Counter(n.op_type for n in m.graph.node if n.op_type not in ("Constant", "Gather"))
+    assert ops(r.model) == ops(model)
+    with pytest.raises(PlanError, match="re-quantize"):
+        prune_model(model, attention_ratio=0.25, calib=calib, compensate="auto")
