@@ -195,7 +195,9 @@ def _prune_parser() -> argparse.ArgumentParser:
                       help="remove the fraction R of the attention MACs, spent where it costs least: each block's "
                            "QK and OV ranks lowered step by step (D/8, or --multiple-of), or a head dropped, where "
                            "the loss measured on held-out --calib batches grows least per MAC saved; then "
-                           "compensated (auto; --compensate none: not). Needs --calib")
+                           "compensated (auto; --compensate none: not; never on a quantized model). Written as a "
+                           "GenAI folder (-o DIR/), every layer gets the same cut, as its config holds one head "
+                           "count and one head size. Needs --calib")
     p.add_argument("--seq", type=_at_least(1), default=None,
                    help="sequence length for the MAC count in the report (128, or less if the model's "
                         "position table is shorter)")
