@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -100,6 +101,13 @@ class AttentionBlock:
         """Whether the block's fused op has one head size for Q, K and V (ORT's GroupQueryAttention): its QK and
         OV circuits are cut to one rank, a multiple of ``ONE_SIZE_STEP`` where the head size is one."""
         return any(s.op == "com.microsoft.GroupQueryAttention" for s in self.sites)
+
+    def rank_multiple(self, multiple_of: int | None = None) -> int | None:
+        """What a kept rank is rounded up to a multiple of: ``multiple_of`` (``--multiple-of``), and for one head
+        size also ``ONE_SIZE_STEP``, which onnxruntime's kernel needs (where the head size is one)."""
+        if not self.one_head_size or self.head_dim % ONE_SIZE_STEP:
+            return multiple_of
+        return math.lcm(multiple_of or 1, ONE_SIZE_STEP)
 
     def qk_below(self, role: str) -> bool:
         """Whether a QK cut of ``role``'s side (q or k) starts below a q/k norm (``cut_points``), not above it."""

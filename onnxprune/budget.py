@@ -100,8 +100,9 @@ def plan_budget(cal, moments, blocks, share, circuits=("qk", "ov"), step=None, s
     steps = {b.index: max(1, step or b.head_dim // 8) for b in blocks}
     for b in blocks:        # one head size (GroupQueryAttention): both circuits by one step that the kernel takes;
         # a quantized model's OV keeps runs of 16 positions (``subspace.fit_ov_select``)
-        if (b.one_head_size or getattr(moments, "select_ov", False)) and not b.head_dim % ONE_SIZE_STEP:
-            steps[b.index] = -(-steps[b.index] // ONE_SIZE_STEP) * ONE_SIZE_STEP
+        unit = b.rank_multiple(ONE_SIZE_STEP if moments.select_ov and not b.head_dim % ONE_SIZE_STEP else None)
+        if unit:
+            steps[b.index] = -(-steps[b.index] // unit) * unit
     joint = {b.index for b in blocks if b.one_head_size and set(circuits) == {"qk", "ov"}}
     order = {b.index: _head_order(moments, b) if heads and "ov" in circuits and _drops_heads(b) else ()
              for b in blocks}

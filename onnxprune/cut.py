@@ -198,6 +198,13 @@ def packed_runs(block, t) -> list[tuple[int, np.ndarray, str | None]]:
     return out
 
 
+def zero_dropped(mask: np.ndarray, pos: np.ndarray, keep) -> None:
+    """Zero ``mask`` at the positions ``pos`` of one head's run that ``keep`` (head-size positions) leaves out."""
+    inside = np.zeros(len(pos), bool)
+    inside[np.asarray(keep, dtype=np.int64)] = True
+    mask[pos[~inside]] = 0
+
+
 def merged_map(owner: np.ndarray, kept_units: set, matrix_of) -> AxisMap:
     """The map of a merged head axis (every head's D positions in one run): each kept unit's run times its
     matrix (``matrix_of(unit)``), positions of no head kept as they are, dropped units gone."""

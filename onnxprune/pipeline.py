@@ -11,7 +11,6 @@ differs from the masked original by more than the tolerance; ``PruneOptions(veri
 from __future__ import annotations
 
 import contextlib
-import math
 import gc
 from dataclasses import dataclass, field, replace
 from typing import Callable
@@ -21,7 +20,7 @@ import onnx
 
 from . import plan as planning
 from . import rewrite as rewriting
-from .block import ONE_SIZE_STEP, AttentionBlock, MatchResult
+from .block import AttentionBlock, MatchResult
 from .calibration.session import open_session
 from .budget import plan_budget
 from .calibration.sites import broadcast_key, projection_input, projection_output
@@ -235,7 +234,7 @@ def fit_dims(state: State, options: PruneOptions) -> State:
         dims = []
         for name, share in wanted.items():
             rank = ranks[(b.index, name)] if budget else planning.keep_rank(b.head_dim, share,
-                                                                            rank_multiple(b, options.multiple_of))
+                                                                            b.rank_multiple(options.multiple_of))
             if name == "ov" and dims and b.one_head_size:      # GroupQueryAttention: V at the QK rank
                 rank = dims[0].rank
             if rank >= b.head_dim:
@@ -248,14 +247,6 @@ def fit_dims(state: State, options: PruneOptions) -> State:
         plans[b.index] = replace(plans[b.index], dims=tuple(dims))
     return replace(state, plans=plans, dim_fits=tuple(fits), dims_source=moments.source,
                    budget=spent)
-
-
-def rank_multiple(block, multiple_of: int | None) -> int | None:
-    """What a kept rank of ``block`` is rounded up to a multiple of: ``--multiple-of``, and for one head size
-    (GroupQueryAttention) also ``ONE_SIZE_STEP``, which onnxruntime's kernel needs (where the head size is one)."""
-    if not block.one_head_size or block.head_dim % ONE_SIZE_STEP:
-        return multiple_of
-    return math.lcm(multiple_of or 1, ONE_SIZE_STEP)
 
 
 def wanted_circuits(state: State, options: PruneOptions) -> tuple:

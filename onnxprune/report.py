@@ -179,20 +179,18 @@ def format_table(report: dict, every_miss: bool = False) -> str:
             done = [(b["macs"]["before"], b["macs"]["after"]) for b in report["blocks"] if b.get("macs")]
             share = 1 - sum(a for _, a in done) / sum(b for b, _ in done) if done and all(b for b, _ in done) \
                 else report["attention_ratio"]
+            against = ("" if spent.get("whole_heads_loss") is None else
+                       f" (whole heads alone: {spent['whole_heads_loss']:.3g})")
             if spent.get("chosen") == "heads":
                 lines.append(f"attention budget: {share:.0%} of the attention MACs removed by "
                              f"whole heads alone: held-out loss {spent['whole_heads_loss']:.3g} with every block {cut}, "
                              "less than the cut inside the heads")
             elif spent.get("uniform"):
-                against = ("" if spent.get("whole_heads_loss") is None else
-                           f" (whole heads alone: {spent['whole_heads_loss']:.3g})")
                 lines.append(f"attention budget: {share:.0%} of the attention MACs removed by the same cut in every "
                              "block (the folder's config holds one head count and one head size), the one of least "
                              f"held-out loss: {spent.get('held_out_loss', float('nan')):.3g} with every block {cut}"
                              + against)
             else:
-                against = ("" if spent.get("whole_heads_loss") is None else
-                           f" (whole heads alone: {spent['whole_heads_loss']:.3g})")
                 lines.append(f"attention budget: {share:.0%} of the attention MACs removed where the "
                              "held-out loss per MAC was least (whole heads, QK ranks, OV ranks); held-out loss "
                              f"{spent.get('held_out_loss', float('nan')):.3g} with every block {cut}" + against)

@@ -13,7 +13,7 @@ from onnx.external_data_helper import uses_external_data
 from .block import AttentionBlock
 from . import quant
 from .calibration.sites import projection_output
-from .cut import WRITTEN, HeadwiseMap, packed_runs, project_heads, written
+from .cut import WRITTEN, HeadwiseMap, packed_runs, project_heads, written, zero_dropped
 from .errors import PlanError, VerifyError
 from .plan import BlockPlan
 from .model.proto import own_constant, own_weights
@@ -145,9 +145,7 @@ def zeroed_queries(model, blocks, plans: dict, qv) -> tuple[dict, dict]:
                 mask = out.setdefault(name, np.ones(np.size(t.owner), np.float32))
                 for unit, pos, r in packed_runs(block, t):
                     if unit >= 0 and r in (role, None):
-                        inside = np.zeros(len(pos), bool)
-                        inside[keep] = True
-                        mask[pos[~inside]] = 0
+                        zero_dropped(mask, pos, keep)
     return out, ov
 
 

@@ -34,7 +34,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ..cut import runs
+from ..cut import runs, zero_dropped
 from ..errors import MatchError, PlanError
 from .form import FoldContext, Folded
 from .forms import FORMS
@@ -343,9 +343,7 @@ def masked(qv: QuantView, view_model: onnx.ModelProto, blocks, kept: dict, zeroe
         if positions is not None:        # each head's positions that the OV cut drops
             for unit, pos in runs(owner):
                 if unit >= 0:
-                    inside = np.zeros(len(pos), bool)
-                    inside[np.asarray(positions)] = True
-                    mask[pos[~inside]] = 0
+                    zero_dropped(mask, pos, positions)
         reader = next((n for n in view_model.graph.node if n.op_type in ("MatMul", "Gemm")
                        and len(n.input) > 1 and n.input[1] == w), None)
         if reader is None or b.o_proj.head_axis != 0:

@@ -292,7 +292,7 @@ def check_dims(block: AttentionBlock, dims: tuple):
         if circuit not in CIRCUITS:
             raise PlanError(f"block {block.index} ({block.name}): no cut inside the heads of circuit "
                             f"{circuit!r}; known: {', '.join(CIRCUITS)}")
-        if any(s.op == GQA for s in block.sites) and {getattr(x, "circuit", x) for x in dims} != {"qk", "ov"}:
+        if block.one_head_size and {getattr(x, "circuit", x) for x in dims} != {"qk", "ov"}:
             raise RewriteError(f"block {block.index} ({block.name}): GroupQueryAttention has one head size for Q, K "
                                "and V (and its KV cache): cut both circuits to one rank (--qk-dims and --v-dims "
                                "alike)")
@@ -355,7 +355,7 @@ def check_cut(block: AttentionBlock, circuits, shapes: dict):
                                                 len(block.kv_groups), block.num_heads))
             continue
         rank = max(1, block.head_dim - 1)
-        if any(s.op == GQA for s in block.sites) and placeholders:       # one head size: the QK one's
+        if block.one_head_size and placeholders:       # one head size: the QK one's
             rank = placeholders[0].rank
         eye = np.eye(block.head_dim, rank, dtype=np.float32) * 0.5       # a projection, not a selection
         placeholders.append(HeadDims(c, {g: eye for g in range(len(block.kv_groups))},
