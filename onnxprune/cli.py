@@ -134,7 +134,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _prune_parser() -> argparse.ArgumentParser:
-    from .options import COMPENSATE_MODES, GQA_MODES, SCOPES, PruneOptions      # choices and defaults: options.py's
+    from .options import COMPENSATE_MODES, DECODE_CONTEXT, GQA_MODES, SCOPES, PruneOptions      # choices and defaults: options.py's
     from .importance import help_lines
     text = PRUNE_HELP.replace("{importance}", help_lines())
     first, rest = text.split("\n\n", 1)        # the options come first, the teaching after them
@@ -202,6 +202,9 @@ def _prune_parser() -> argparse.ArgumentParser:
                    help="sequence length for the MAC count in the report (128, or less if the model's "
                         "position table is shorter)")
     p.add_argument("--batch", type=_at_least(1), default=1, help="batch size for the MAC count in the report (1)")
+    p.add_argument("--context", type=_at_least(1), default=DECODE_CONTEXT, metavar="C",
+                   help=f"cached tokens per sequence at which the report prices a decode step of a model with a KV "
+                        f"cache: the weights read once per batch plus the cache ({DECODE_CONTEXT})")
     p.add_argument("--atol", type=_tolerance, default=None,
                    help="verification tolerance (default 1e-4; 1e-2 for fp16 models)")
     return p
@@ -542,7 +545,7 @@ def run_prune(argv) -> int:
                                  inline_from=args.model if self_contained else None)
         if verify_saved_copy:
             result = verify_saved(model, result, staged.path, where, atol=args.atol)
-        report = build_report(result, str(args.model), None if args.dry_run else str(out), args.ratio)
+        report = build_report(result, str(args.model), None if args.dry_run else str(out), args.ratio, args.context)
         if staged is not None:       # the bytes on disk, before and after (external data included)
             written = [staged.path] + ([staged.dir / staged.data] if staged.data else [])
             report["file_bytes"] = [sum(f.stat().st_size for f in inputs), sum(f.stat().st_size for f in written)]

@@ -1,8 +1,11 @@
 """Multiply-accumulate counts: per attention block and for the whole model, at a given batch and length.
 
-The count is over the nodes that do dense products: MatMul, Gemm, Conv, Einsum, and the fused attention ops
-(com.microsoft Attention, MultiHeadAttention, GroupQueryAttention, ONNX Attention), whose score and context
-products are counted as their unfused form would do them (the full T x S score matrix, causal or not).
+The count is over the nodes that do dense products: MatMul, Gemm, Conv, Einsum, their quantized forms
+(``MatMulNBits``, ``MatMulInteger`` and what ONNX Runtime's optimizer fuses it into, ``QLinearMatMul``,
+``QGemm``; a QDQ ``MatMul`` is a ``MatMul``), each counted as the float product it stands for, and the fused
+attention ops (com.microsoft Attention and QAttention, MultiHeadAttention, GroupQueryAttention, ONNX
+Attention), whose score and context products are counted as their unfused form would do them (the full
+T x S score matrix, causal or not).
 Everything else (norms, activations, softmax, gathers) is counted as zero: it is not where the time goes
 at the sizes where pruning matters, and it is the usual convention.
 
@@ -23,8 +26,11 @@ from .model.proto import consumers
 from .probe import light_copy, probe
 from .inputs import synth_inputs
 
-PRODUCT_OPS = {"MatMul", "Gemm", "Conv", "Einsum", "FusedMatMul", "Attention", "MultiHeadAttention",
-               "GroupQueryAttention"}
+# a product of A [..., M, K] and a weight [K, N]: MACs = the output's size x K (A's last axis)
+_MATMULS = {"MatMul", "FusedMatMul", "MatMulInteger", "MatMulIntegerToFloat", "DynamicQuantizeMatMul",
+            "QLinearMatMul"}
+PRODUCT_OPS = _MATMULS | {"Gemm", "QGemm", "MatMulNBits", "Conv", "Einsum", "Attention", "QAttention",
+                          "MultiHeadAttention", "GroupQueryAttention"}
 _PASS_THROUGH = {"Transpose", "Cast", "Reshape", "Identity", "DequantizeLinear", "Unsqueeze", "Squeeze"}
 
 
@@ -34,9 +40,16 @@ class MacCount:
     seq: int
     total: int
     blocks: dict[int, int]        # block index -> MACs of its projections and score/context products
+    weight_bytes: int = 0         # the bytes of every initializer as stored (int4 packed): what each forward
+    # pass, and so each decoded token, reads at least once
 
     def ideal_speedup(self, after: "MacCount") -> float:
         return self.total / max(after.total, 1)
+
+    def bytes_per_token(self, kv_bytes_per_token: int, batch: int, context: int) -> int:
+        """The bytes that one decode step reads per token it makes, at ``batch`` sequences with ``context``
+        tokens cached each: the weights once for the batch, and each sequence's cache."""
+        return self.weight_bytes // batch + kv_bytes_per_token * context
 
 
 def human(n: int | None, sep: str = "") -> str:
@@ -47,6 +60,22 @@ def human(n: int | None, sep: str = "") -> str:
         if n >= scale:
             return f"{n / scale:.2f}{sep}{unit}"
     return str(n)
+
+
+def stored_bytes(model: onnx.ModelProto) -> int:
+    """The bytes of ``model``'s initializers as stored, from their shapes and types alone (external data is
+    not read); 4-bit types are packed two to a byte."""
+    total = 0
+    for t in model.graph.initializer:
+        n = math.prod(t.dims)
+        if t.data_type in _FOUR_BITS:
+            total += (n + 1) // 2
+        else:
+            total += n * helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+    return total
+
+
+_FOUR_BITS = {getattr(onnx.TensorProto, n) for n in ("INT4", "UINT4", "FLOAT4E2M1") if hasattr(onnx.TensorProto, n)}
 
 
 def _fixed_inputs(model: onnx.ModelProto, batch: int, seq: int) -> tuple[onnx.ModelProto, dict]:
@@ -103,17 +132,19 @@ def node_macs(node: onnx.NodeProto, shapes: dict[str, tuple]) -> int:
     ins = [shapes.get(i) if i else None for i in node.input]
     out = shapes[node.output[0]]
     a = _attrs(node)
-    if op in ("MatMul", "FusedMatMul"):
+    if op in _MATMULS:
         k = ins[0][-1] if not a.get("transA") else ins[0][-2] if len(ins[0]) > 1 else ins[0][0]
         return math.prod(out) * k
-    if op == "Gemm":
+    if op == "MatMulNBits":             # B packed in blocks along K: the attribute says K
+        return math.prod(out) * a["K"]
+    if op in ("Gemm", "QGemm"):
         return math.prod(out) * (ins[0][0] if a.get("transA") else ins[0][1])
     if op == "Conv":
         w = ins[1]
         return math.prod(out) * math.prod(w[1:])
     if op == "Einsum":
         return _einsum_macs(a["equation"], ins)
-    if op == "Attention" and node.domain == "com.microsoft":
+    if op in ("Attention", "QAttention") and node.domain == "com.microsoft":
         return _ms_attention(node, ins, out, a, shapes)
     return _core_attention(node, ins, out, a, shapes)
 
@@ -171,15 +202,21 @@ def _core_attention(node, ins, out, a, shapes) -> int:
 
 def block_nodes(model: onnx.ModelProto, blocks) -> dict[int, set[str]]:
     """Block index -> the names of the nodes whose products belong to it: its own nodes, and the products
-    that read its projection weights (through a Transpose, Cast or dequantization on the way)."""
+    that read its projection weights (through a Transpose, Cast or dequantization on the way). In a
+    quantized model, whose blocks were matched on its float view, a projection's weight is followed from
+    the quantized data it stands for (``quant.weight_sources``)."""
+    from .quant import weight_sources
     readers = consumers(model)
-    return {b.index: _block_nodes(b, readers) | _broadcast_key_projection(model, b) for b in blocks}
+    sources = weight_sources(model)
+    return {b.index: _block_nodes(b, readers, sources) | _broadcast_key_projection(model, b)
+            for b in blocks}
 
 
 def _broadcast_key_projection(model: onnx.ModelProto, block, depth: int = 16) -> set[str]:
     """The product that makes the one K head of a multi-query block whose K the block does not follow up to a
     projection (its norm and rotary embedding lie above the broadcast, where the cut gathers it): the nearest
-    MatMul or Gemm above the broadcast with a constant weight as wide as the K head (``[E, D]``)."""
+    MatMul or Gemm (or quantized MatMul) above the broadcast with a constant weight as wide as the K head
+    (``[E, D]``)."""
     if block.projection("k") is not None or not block.cut_points:
         return set()
     nodes = {n.name: n for n in model.graph.node}
@@ -195,7 +232,8 @@ def _broadcast_key_projection(model: onnx.ModelProto, block, depth: int = 16) ->
                 if p is None or p.name in seen:
                     continue
                 seen.add(p.name)
-                w = sizes.get(p.input[1]) if p.op_type in ("MatMul", "Gemm") and len(p.input) > 1 else None
+                w = sizes.get(p.input[1]) if p.op_type in ("MatMul", "Gemm", "MatMulInteger") and len(p.input) > 1 \
+                    else [_attrs(p)["K"], _attrs(p)["N"]] if p.op_type == "MatMulNBits" else None
                 if w is not None and len(w) == 2 and width in (w[1], w[0] if p.op_type == "Gemm" else -1):
                     return {p.name}
                 nxt += [x for x in p.input if x and x not in sizes]
@@ -203,10 +241,10 @@ def _broadcast_key_projection(model: onnx.ModelProto, block, depth: int = 16) ->
     return set()
 
 
-def _block_nodes(block, readers) -> set[str]:
+def _block_nodes(block, readers, sources: dict) -> set[str]:
     names = set(block.nodes)
     for p in block.projections:
-        frontier, seen = [p.weight], set()
+        frontier, seen = [sources.get(p.weight, p.weight)], set()
         while frontier:
             t = frontier.pop()
             for n in readers.get(t, []):
@@ -236,4 +274,4 @@ def count_macs(model: onnx.ModelProto, blocks, batch: int = 1, seq: int = 128, e
         per_node[n.name or f"#{i}"] = node_macs(n, shapes)
     names = block_node_names or block_nodes(model, blocks)
     return MacCount(batch, seq, sum(per_node.values()),
-                    {b: sum(per_node.get(n, 0) for n in nodes) for b, nodes in names.items()})
+                    {b: sum(per_node.get(n, 0) for n in nodes) for b, nodes in names.items()}, stored_bytes(model))

@@ -19,6 +19,7 @@ SCOPES = ("layer", "global")
 GQA_MODES = ("group", "uniform")
 ATOL = 1e-4             # pruned == masked, fp32
 ATOL_FP16 = 1e-2        # fp16 weights: ORT's fp16 kernels differ by this much on the same math
+DECODE_CONTEXT = 4096   # the cached tokens per sequence at which the report prices a decode step
 
 
 @dataclass(frozen=True)

@@ -11,9 +11,10 @@ from .api import PruneResult
 from .block import MatchResult
 from .files import StagedFile
 from .macs import human as _count
+from .options import DECODE_CONTEXT
 
 
-def build_report(result: PruneResult, model: str, output: str | None, ratio) -> dict:
+def build_report(result: PruneResult, model: str, output: str | None, ratio, context: int = DECODE_CONTEXT) -> dict:
     blocks = []
     for b in result.blocks:
         kept = list(result.kept[b.index])
@@ -43,7 +44,14 @@ def build_report(result: PruneResult, model: str, output: str | None, ratio) -> 
     if result.macs is not None:
         before, after = result.macs
         macs = {"batch": before.batch, "seq": before.seq, "before": before.total, "after": after.total,
-                "ideal_speedup": before.ideal_speedup(after)}
+                "ideal_speedup": before.ideal_speedup(after),
+                "weight_bytes": {"before": before.weight_bytes, "after": after.weight_bytes}}
+    decode = None
+    if result.macs is not None and result.kv_cache:
+        # a decode step reads the weights once for the batch and each sequence's whole cache
+        decode = {"batch": result.macs[0].batch, "context": context,
+                  **{k: m.bytes_per_token(kv_bytes[k], result.macs[0].batch, context)
+                     for k, m in zip(("before", "after"), result.macs)}}
     opts = result.options
     return {"model": str(model), "output": str(output) if output else None,
             "ratio": None if ratio is None else float(ratio),
@@ -56,7 +64,7 @@ def build_report(result: PruneResult, model: str, output: str | None, ratio) -> 
             "compensation": [{"block": f.block, "mode": f.mode, "held_out_error_before": f.error_before,
                               "held_out_error_after": f.error_after} for f in result.fits],
             "gates_folded": result.gates, "multiple_of": result.multiple_of, "macs": macs,
-            "macs_note": result.macs_note, "kv_cache_bytes_per_token": kv_bytes,
+            "macs_note": result.macs_note, "kv_cache_bytes_per_token": kv_bytes, "decode_bytes_per_token": decode,
             "qk_dims": None if opts is None or opts.qk_dims is None else float(opts.qk_dims),
             "v_dims": None if opts is None or opts.v_dims is None else float(opts.v_dims),
             "attention_ratio": None if opts is None or opts.attention_ratio is None else float(opts.attention_ratio),
@@ -148,6 +156,12 @@ def format_table(report: dict, every_miss: bool = False) -> str:
                      + (f" ({report['macs_note']})" if report.get("macs_note") else ""))
     elif report.get("macs_note"):
         lines.append(report["macs_note"])
+    decode = report.get("decode_bytes_per_token")
+    if decode:
+        lines.append(f"decode, batch {decode['batch']}, {decode['context']:,} tokens cached: "
+                     f"{_count(decode['before'])}B -> {_count(decode['after'])}B read per token (weights / batch + "
+                     f"KV cache); ideal decode speed-up {decode['before'] / max(decode['after'], 1):.2f}x, where "
+                     "memory bandwidth bounds it")
     if report.get("max_error") is not None:
         lines.append(f"pruned == masked original: max abs error {report['max_error']:.2e}" if not dims else
                      f"pruned == projected original: max error {report['max_error']:.2e} (relative to each "

@@ -244,3 +244,79 @@ def test_the_forms_are_found_by_themselves_and_a_kind_declared_twice_fails(monke
                         if name.endswith(".nbits") else real(name))
     with pytest.raises(ValueError, match="'dq' is declared twice"):
         forms._discover()
+
+
+# ------------------------------------------------------------------ MACs of the quantized forms
+def _float_count(model, blocks, batch, seq):
+    """The MACs of ``model``'s float view (every quantized weight dequantized into a plain MatMul), per block
+    by the view's own weight names: the count that the quantized ops must equal."""
+    from onnxprune.macs import block_nodes, count_macs
+    float_model, _ = quant.view(model, lazy=False)
+    return count_macs(float_model, blocks, batch, seq, block_node_names=block_nodes(float_model, blocks))
+
+
+@pytest.mark.parametrize("name", QUANTIZED + ["llama-genai-int4/model.onnx", "gemma3-genai-int4/model.onnx"])
+@pytest.mark.parametrize("batch, seq", [(1, 16), (2, 7)])
+def test_a_quantized_model_counts_the_macs_of_its_float_model(name, batch, seq):
+    """MatMulNBits, MatMulInteger and QDQ MatMuls count as the float products they stand for, in total and
+    per block; so the ideal speed-up of a cut is that of the float model (before, the int4 and int8 dynamic
+    forms left their projections out: an ideal 2.00x where the float model's is 1.67x)."""
+    from onnxprune.api import count_result_macs, inspect_model
+    model = _load(name)
+    external = MODELS / name.split("/")[0] if "/" in name else None
+    blocks = inspect_model(model, external).blocks
+    pruned = prune_model(model, 0.5, verify=False, external_dir=external)
+    before, after = count_result_macs(model, pruned, batch, seq, external).macs
+    want = _float_count(model, blocks, batch, seq)
+    assert before.total == want.total and before.blocks == want.blocks
+    assert all(v > 0 for v in want.blocks.values())
+    cut = _float_count(pruned.model, blocks, batch, seq)
+    assert after.total == cut.total and after.blocks == cut.blocks
+    assert before.ideal_speedup(after) == pytest.approx(want.ideal_speedup(cut), rel=0.02)
+    assert before.ideal_speedup(after) < 1.9     # the projections count: far from the 2x of the scores alone
+
+
+@pytest.mark.parametrize("pair", [("llama-genai-int4", "llama-genai"), ("gemma3-genai-int4", "gemma3-genai")])
+def test_an_int4_folder_has_the_ideal_speed_up_of_its_fp32_folder(pair):
+    from onnxprune.api import count_result_macs
+    ideal = []
+    for folder in pair:
+        model = onnx.load(str(MODELS / folder / "model.onnx"))
+        result = prune_model(model, 0.5, verify=False, external_dir=MODELS / folder)
+        before, after = count_result_macs(model, result, 1, 32, MODELS / folder).macs
+        ideal.append((before.total, before.ideal_speedup(after)))
+    assert ideal[0] == ideal[1]
+
+
+def test_quantized_ops_the_tool_does_not_prune_are_counted_too(tmp_path):
+    """The int8 model after ONNX Runtime's optimizer (DynamicQuantizeMatMul, MatMulIntegerToFloat, FusedMatMul)
+    and in operator form (QLinearMatMul) are refused by the prune, but ``bench`` times them: they count the
+    products of the model that they were made from."""
+    import onnxruntime as ort
+    from onnxprune.macs import count_macs
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    so.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(MODELS / "bert-dyn.onnx"), so, providers=["CPUExecutionProvider"])
+    optimized = onnx.load(so.optimized_model_filepath)
+    ops = {n.op_type for n in optimized.graph.node}
+    assert {"DynamicQuantizeMatMul", "MatMulIntegerToFloat"} & ops and "MatMulInteger" not in ops
+    want = _float_count(_load("bert-dyn.onnx"), [], 2, 9).total
+    assert count_macs(optimized, [], 2, 9).total == want
+    assert count_macs(_load("bert-qop.onnx"), [], 2, 9).total == want
+
+
+@pytest.mark.parametrize("folder", ["llama-genai-int4", "llama-genai"])
+def test_the_report_prices_a_decode_step_by_the_bytes_it_reads(tmp_path, folder):
+    """Per token at batch B and C cached tokens: the weights as stored (the data file's bytes, int4 packed) over
+    B, plus C tokens of K and V (2 layers x 2 KV heads of 16, fp32). --gqa group at 0.5 halves the cache."""
+    from onnxprune.cli import main
+    out, report = tmp_path / "out", tmp_path / "r.json"
+    assert main([str(MODELS / folder), "--ratio", "0.5", "--gqa", "group", "--batch", "4", "--context", "512",
+                 "-o", f"{out}/", "--report", str(report)]) == 0
+    decode = json.loads(report.read_text())["decode_bytes_per_token"]
+    assert (decode["batch"], decode["context"]) == (4, 512)
+    kv = 2 * 2 * 2 * 16 * 4
+    data = [(d / "model.onnx.data").stat().st_size for d in (MODELS / folder, out)]
+    assert decode["before"] == data[0] // 4 + kv * 512
+    assert decode["after"] == data[1] // 4 + kv // 2 * 512

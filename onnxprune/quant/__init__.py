@@ -101,6 +101,30 @@ def float_view(model: onnx.ModelProto, external_dir=None) -> tuple[onnx.ModelPro
     return view(model, external_dir) if is_quantized(model) else (model, None)
 
 
+def weight_sources(model: onnx.ModelProto) -> dict[str, str]:
+    """{float view weight name: the quantized data initializer it stands for} of ``model`` (empty for a float
+    model, or one in operator form), without dequantizing anything: what lets a count on the real model
+    find the products of a block matched on the view."""
+    inits = {i.name: i for i in model.graph.initializer}
+    readers: dict[str, list] = {}
+    producer = {}
+    for n in model.graph.node:
+        for i in n.input:
+            readers.setdefault(i, []).append(n)
+        for o in n.output:
+            producer[o] = n
+    ctx, out = FoldContext(inits, producer, readers), {}
+    for n in model.graph.node:
+        form = _form_of(n, inits)
+        try:
+            found = form.fold(n, ctx) if form is not None else None
+        except MatchError:          # a form the view refuses: nothing to find
+            found = None
+        if found is not None:
+            out[found[0].weight] = found[0].data
+    return out
+
+
 def quantized_sizes(model: onnx.ModelProto) -> tuple[dict[str, int], set[str]]:
     """({quantized weight: elements it dequantizes to}, names of their scales and zero points), for counting
     parameters."""
