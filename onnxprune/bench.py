@@ -7,10 +7,18 @@ The ideal speed-up is the ratio of their multiply-accumulate counts at the same 
 realised: (measured - 1) / (ideal - 1). File sizes count the external data files. The memory of a session
 is measured in a fresh process each: the growth of its resident memory from before the session is made to
 after its first run (and, on CUDA where NVML answers, the GPU memory that process holds).
+
+With ``decode`` steps, a model with a KV cache is also timed the way a decoder is served: one new token per
+sequence against a cache filled to ``context`` tokens (random values: the time does not depend on them), the
+same step repeated (the cache does not grow between the timed steps, so every step is priced at the same
+context). Decode reads every weight once per step and each sequence's cache, and does little arithmetic per
+byte, so its ideal speed-up is the ratio of the bytes read per token (``MacCount.bytes_per_token``), not of the
+MACs. The memory then is the session's growth for one decode step at that context.
 """
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import statistics
@@ -45,6 +53,57 @@ class Side:
 
 
 @dataclass(frozen=True)
+class DecodeSide:
+    median_ms: float            # one decode step: ``batch`` new tokens against ``context`` cached ones
+    p25_ms: float
+    p75_ms: float
+    kv_bytes: int               # the KV cache fed at ``context`` (every past input)
+    bytes_per_token: int        # weights / batch + one sequence's cache: what a step reads per token made
+    session_bytes: int | None   # resident memory growth for the session and one decode step
+
+
+@dataclass(frozen=True)
+class DecodeResult:
+    context: int
+    steps: int
+    original: DecodeSide
+    pruned: DecodeSide
+    batch: int
+
+    @property
+    def tokens_per_s(self) -> tuple[float, float]:
+        return tuple(1e3 * self.batch / s.median_ms for s in (self.original, self.pruned))
+
+    @property
+    def speedup(self) -> float:
+        return self.original.median_ms / self.pruned.median_ms
+
+    @property
+    def ideal(self) -> float:
+        return self.original.bytes_per_token / max(self.pruned.bytes_per_token, 1)
+
+    @property
+    def realised(self) -> float | None:
+        return None if self.ideal <= 1 else (self.speedup - 1) / (self.ideal - 1)
+
+
+@dataclass(frozen=True)
+class GenaiDecode:
+    """The same decode through onnxruntime-genai's own generator, as deployments serve a GenAI folder: its
+    prompt of ``context`` tokens per sequence appended (prefill), then ``steps`` tokens generated, the two
+    generators stepped in turn."""
+    context: int
+    steps: int
+    prefill_s: tuple[float, float]           # original, pruned
+    step_ms: tuple[float, float]             # median of the generated tokens' steps
+    batch: int
+
+    @property
+    def tokens_per_s(self) -> tuple[float, float]:
+        return tuple(1e3 * self.batch / ms for ms in self.step_ms)
+
+
+@dataclass(frozen=True)
 class BenchResult:
     provider: str
     batch: int
@@ -56,6 +115,8 @@ class BenchResult:
     pruned: Side
     macs_note: str | None = None
     note: str | None = None          # the length was shortened: why
+    decode: DecodeResult | None = None
+    genai: GenaiDecode | None = None
 
     @property
     def speedup(self) -> float:
@@ -78,6 +139,12 @@ class BenchResult:
     def as_dict(self) -> dict:
         d = asdict(self)
         d.update(speedup=self.speedup, ideal_speedup=self.ideal, realised_gain=self.realised)
+        if self.decode is not None:
+            prompt = tuple(1e3 * self.batch * self.seq / s.median_ms for s in (self.original, self.pruned))
+            d["prompt_tokens_per_s"] = {"original": prompt[0], "pruned": prompt[1]}
+            d["decode"].update(tokens_per_s=dict(zip(("original", "pruned"), self.decode.tokens_per_s)),
+                               speedup=self.decode.speedup, ideal_speedup=self.decode.ideal,
+                               realised_gain=self.decode.realised)
         return d
 
 
@@ -215,20 +282,127 @@ def session_memory(path, provider: str, threads, feeds) -> tuple[int | None, int
 LENGTHS = (128, 64, 32, 16, 8)      # tried in turn when no length is given
 
 
+def has_cache(model: onnx.ModelProto) -> bool:
+    inits = {t.name for t in model.graph.initializer}
+    return any("past" in i.name.lower() for i in model.graph.input if i.name not in inits)
+
+
+def decode_inputs(model: onnx.ModelProto, batch: int, context: int) -> dict[str, np.ndarray]:
+    """One new token per sequence, a KV cache of ``context`` tokens (random values), every mask all ones."""
+    from .inputs import synth_inputs
+    feeds = synth_inputs(model, batch=batch, seq=1, past=context)
+    return {k: (np.ones_like(v) if "mask" in k.lower() else v) for k, v in feeds.items()}
+
+
+def _timed(runners, warmup: int, runs: int, progress=None) -> list[list[float]]:
+    """``runs`` times of each runner after ``warmup``, interleaved ABBA."""
+    for _ in range(warmup):
+        for r in runners:
+            r()
+    times: list[list[float]] = [[] for _ in runners]
+    for i in range(runs):
+        order = range(len(runners)) if i % 2 == 0 else reversed(range(len(runners)))
+        for k in order:
+            times[k].append(runners[k]())
+        if progress is not None:
+            progress.update(1)
+    return times
+
+
+def _quartiles(times: list[float]) -> tuple[float, float, float]:
+    """(median, p25, p75)"""
+    q = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
+    return statistics.median(times), q[0], q[2]
+
+
+def _decode(paths, sessions, graphs, provider, threads, batch, context, steps, warmup, memory,
+            progress) -> DecodeResult:
+    from .macs import stored_bytes
+    from .runtime import ort_reason
+    feeds = [decode_inputs(g, batch, context) for g in graphs]
+    for p, s, f in zip(paths, sessions, feeds):
+        try:
+            s.run(None, f)
+        except Exception as exc:         # a context beyond the model's position or rotary table
+            raise InputError(f"{p}: onnxruntime could not run a decode step at batch {batch} with {context} "
+                             f"tokens cached (--context): {ort_reason(exc)}") from None
+    times = _timed([_Runner(s, f, provider != "cpu") for s, f in zip(sessions, feeds)], warmup, steps, progress)
+    sides = []
+    for p, g, f, t in zip(paths, graphs, feeds, times):
+        kv = sum(v.nbytes for k, v in f.items() if "past" in k.lower())
+        mem = session_memory(p, provider, threads, f)[0] if memory else None
+        sides.append(DecodeSide(*_quartiles(t), kv, (stored_bytes(g) + kv) // batch, mem))
+    return DecodeResult(context, steps, sides[0], sides[1], batch)
+
+
+def genai_folder(path) -> Path | None:
+    """The GenAI folder that holds model ``path``, or None."""
+    folder = Path(path).parent
+    return folder if (folder / "genai_config.json").is_file() else None
+
+
+def genai_decode(folders, batch: int, context: int, steps: int, warmup: int = 2, progress=None) -> GenaiDecode:
+    """Prefill and decode through onnxruntime-genai's generator for two GenAI folders (see ``GenaiDecode``):
+    random prompt tokens, greedy search held from stopping early (``min_length``)."""
+    try:
+        import onnxruntime_genai as og
+    except ImportError:
+        raise InputError("--genai needs onnxruntime-genai (pip install onnxruntime-genai)") from None
+    rng = np.random.default_rng(0)
+    gens, prefill = [], []
+    total = context + warmup + steps
+    for folder in folders:
+        try:
+            model = og.Model(str(folder))
+            vocab = int(json.loads((Path(folder) / "genai_config.json").read_text())["model"]["vocab_size"])
+            params = og.GeneratorParams(model)
+            params.set_search_options(max_length=total, min_length=total, batch_size=batch, do_sample=False)
+            gen = og.Generator(model, params)
+            prompt = rng.integers(3, vocab, (batch, context)).astype(np.int32)
+            t0 = time.perf_counter()
+            gen.append_tokens(prompt)
+        except Exception as exc:         # onnxruntime-genai's own errors: a context beyond its config
+            raise InputError(f"{folder}: onnxruntime-genai could not take a prompt of {context} tokens at batch "
+                             f"{batch}: {str(exc).splitlines()[0][:240]}") from None
+        prefill.append(time.perf_counter() - t0)
+        gens.append((model, gen))
+
+    def step(k):
+        t0 = time.perf_counter()
+        gens[k][1].generate_next_token()
+        return (time.perf_counter() - t0) * 1e3
+    times = _timed([lambda k=k: step(k) for k in range(len(gens))], warmup, steps, progress)
+    return GenaiDecode(context, steps, tuple(prefill), tuple(statistics.median(t) for t in times), batch)
+
+
 def bench(original, pruned, provider: str = "cpu", batch: int = 1, seq: int | None = None,
           threads: int | None = None, warmup: int = 5, runs: int = 50, inputs: dict[str, np.ndarray] | None = None,
-          memory: bool = True, progress=None, graphs=None) -> BenchResult:
+          memory: bool = True, progress=None, graphs=None, decode: int = 0, context: int = 4096,
+          genai: bool = False) -> BenchResult:
     """Time ``original`` and ``pruned`` (paths) on ``provider``, interleaved; see the module docstring.
 
     Without ``seq``, the length is 128, or the longest of 64, 32, 16, 8 at which both models run (a short
     position table), and the result's note says so. ``graphs``: the two models already loaded without
-    their external data (else they are loaded and checked here). Errors are one-line ``InputError``s."""
+    their external data (else they are loaded and checked here). ``decode``: that many decode steps more,
+    each model's KV cache filled to ``context`` tokens; with ``genai`` (GenAI folders), the same through
+    onnxruntime-genai's generator too (``genai_decode``). Errors are one-line ``InputError``s."""
     from .model.load import load_model
     from .runtime import ort_reason
-    if runs < 1 or warmup < 0 or batch < 1 or (seq is not None and seq < 1):
-        raise InputError("--runs, --batch and --seq must be at least 1, --warmup at least 0")
+    if runs < 1 or warmup < 0 or batch < 1 or (seq is not None and seq < 1) or decode < 0 or context < 1:
+        raise InputError("--runs, --batch, --seq and --context must be at least 1, --warmup and --decode at least 0")
     paths = [Path(original), Path(pruned)]
     graphs = graphs or [load_model(p, external_data=False) for p in paths]
+    if decode:
+        missing = [str(p) for p, g in zip(paths, graphs) if not has_cache(g)]
+        if missing:
+            raise InputError(f"--decode needs models that take a KV cache (past inputs), and {' and '.join(missing)} "
+                             f"take{'s' if len(missing) == 1 else ''} none: bench the form with past (an Optimum "
+                             "decoder_with_past or *-past export, a GenAI folder)")
+    if genai:
+        folders = [genai_folder(p) for p in paths]
+        if not decode or None in folders:
+            raise InputError("--genai times onnxruntime-genai's generator: it needs --decode N and two GenAI "
+                             "folders (with genai_config.json)")
     sessions = []
     for p in paths:
         try:
@@ -259,26 +433,20 @@ def bench(original, pruned, provider: str = "cpu", batch: int = 1, seq: int | No
         macs_note = None
     except Exception as exc:
         macs, macs_note = [None, None], f"MACs not counted at batch {batch}, seq {seq}: {str(exc)[:200]}"
-    runners = [_Runner(s, f, provider != "cpu") for s, f in zip(sessions, feeds)]
-    for _ in range(warmup):
-        for r in runners:
-            r()
-    times: list[list[float]] = [[], []]
-    for i in range(runs):
-        order = (0, 1) if i % 2 == 0 else (1, 0)
-        for k in order:
-            times[k].append(runners[k]())
-        if progress is not None:
-            progress.update(1)
+    times = _timed([_Runner(s, f, provider != "cpu") for s, f in zip(sessions, feeds)], warmup, runs, progress)
     providers = [tuple(s.get_providers()) for s in sessions]
-    del runners, sessions
+    decoded = _decode(paths, sessions, graphs, provider, threads, batch, context, decode, warmup, memory,
+                      progress) if decode else None
+    del sessions
+    generated = genai_decode(folders, batch, context, decode, min(warmup, 2), progress) if genai else None
     mem = [session_memory(p, provider, threads, f) if memory else (None, None) for p, f in zip(paths, feeds)]
     sides = []
     for k, p in enumerate(paths):
-        q = statistics.quantiles(times[k], n=4) if len(times[k]) > 1 else [times[k][0]] * 3
-        sides.append(Side(str(p), statistics.median(times[k]), q[0], q[2], min(times[k]),
+        median, p25, p75 = _quartiles(times[k])
+        sides.append(Side(str(p), median, p25, p75, min(times[k]),
                           file_bytes(p, graphs[k]), mem[k][0], mem[k][1], macs[k], providers[k]))
-    return BenchResult(provider, batch, seq, threads, warmup, runs, sides[0], sides[1], macs_note, note)
+    return BenchResult(provider, batch, seq, threads, warmup, runs, sides[0], sides[1], macs_note, note, decoded,
+                       generated)
 
 
 def _mb(n: int | None) -> str:
@@ -305,6 +473,30 @@ def format_bench(r: BenchResult) -> str:
         if r.realised is not None:
             line += f", {100 * r.realised:.0f}% of the ideal gain"
     lines.append(line)
+    if r.decode is not None:
+        d, (t0, t1) = r.decode, r.decode.tokens_per_s
+        lines += [f"prompt ({r.batch} x {r.seq} tokens, the cache empty): "
+                  f"{1e3 * r.batch * r.seq / o.median_ms:,.0f} -> {1e3 * r.batch * r.seq / p.median_ms:,.0f} tokens/s",
+                  f"decode, {d.context:,} tokens cached per sequence, {d.steps} steps each, interleaved:",
+                  f"{'step median':<22}{d.original.median_ms:>11.3f} ms{d.pruned.median_ms:>11.3f} ms",
+                  f"{'p25 - p75':<22}{f'{d.original.p25_ms:.3f}-{d.original.p75_ms:.3f}':>14}"
+                  f"{f'{d.pruned.p25_ms:.3f}-{d.pruned.p75_ms:.3f}':>14}",
+                  f"{'tokens/s':<22}{t0:>14,.1f}{t1:>14,.1f}",
+                  f"{'KV cache':<22}{_mb(d.original.kv_bytes):>14}{_mb(d.pruned.kv_bytes):>14}",
+                  f"{'bytes read per token':<22}{_mb(d.original.bytes_per_token):>14}{_mb(d.pruned.bytes_per_token):>14}",
+                  f"{'session memory':<22}{_mb(d.original.session_bytes):>14}{_mb(d.pruned.session_bytes):>14}"]
+        line = (f"decode speed-up: measured {d.speedup:.3f}x, ideal {d.ideal:.3f}x (bytes read per token: the "
+                "weights once per batch and the cache)")
+        if d.realised is not None:
+            line += f", {100 * d.realised:.0f}% of the ideal gain"
+        lines.append(line)
+    if r.genai is not None:
+        g, (t0, t1) = r.genai, r.genai.tokens_per_s
+        lines += [f"onnxruntime-genai's generator, a prompt of {g.context:,} tokens per sequence, then {g.steps} "
+                  "tokens each, in turn:",
+                  f"{'prefill':<22}{g.prefill_s[0]:>12.3f} s{g.prefill_s[1]:>12.3f} s",
+                  f"{'decode tokens/s':<22}{t0:>14,.1f}{t1:>14,.1f}",
+                  f"generator decode speed-up: measured {t1 / t0:.3f}x"]
     if r.macs_note:
         lines.append(r.macs_note)
     if r.note:

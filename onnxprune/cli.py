@@ -313,15 +313,24 @@ a fresh process (resident memory growth for making the session and running it on
 Inputs are synthetic (token ids, all-ones masks, random floats) at --batch x --seq, a KV cache's past empty;
 --inputs DATA.npz (one array per graph input) overrides them.
 
+A decoder is served one token at a time: with --decode N, a model with a KV cache (a GenAI folder, an
+Optimum decoder with past) is also timed over N decode steps each, one new token per sequence against a cache
+filled to --context tokens, and the report gives prompt and decode tokens/s, the KV cache's bytes and the
+memory of a decode step. A decode step reads every weight once and each sequence's cache, so its ideal
+speed-up is the ratio of the bytes read per token (weights / batch + one sequence's cache), not of the MACs:
+removing query heads but no KV groups saves little there, removing KV groups or K/V dimensions saves the cache.
+
 examples:
   onnxprune bench model.onnx model.pruned.onnx --batch 4 --seq 256
   onnxprune bench model.onnx model.pruned.onnx --provider cuda --runs 200 --json bench.json
+  onnxprune bench genai/ pruned/ --batch 4 --seq 128 --decode 20 --context 4096
 """
 
 
 def _bench_parser() -> argparse.ArgumentParser:
+    from .options import DECODE_CONTEXT
     p = _Parser(prog="onnxprune bench", description=BENCH_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("original", type=Path)
+    p.add_argument("original", type=Path, help="an .onnx file, or a model folder (GenAI, Optimum)")
     p.add_argument("pruned", type=Path)
     p.add_argument("--provider", choices=("cpu", "cuda", "tensorrt"), default="cpu",
                    help="ONNX Runtime execution provider (cuda and tensorrt need onnxruntime-gpu)")
@@ -332,6 +341,13 @@ def _bench_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=_at_least(0), default=5, metavar="W", help="warm-up runs per model (5)")
     p.add_argument("--runs", type=_at_least(1), default=50, metavar="R", help="timed runs per model (50)")
     p.add_argument("--inputs", type=Path, metavar="DATA.npz", help="real inputs instead of synthetic ones")
+    p.add_argument("--decode", type=_at_least(1), default=0, metavar="N",
+                   help="also time N decode steps per model against a filled KV cache (models with past inputs)")
+    p.add_argument("--context", type=_at_least(1), default=DECODE_CONTEXT, metavar="C",
+                   help=f"tokens cached per sequence for --decode ({DECODE_CONTEXT})")
+    p.add_argument("--genai", action="store_true",
+                   help="with --decode on GenAI folders: also prefill --context tokens and generate through "
+                        "onnxruntime-genai's own generator, the client deployments run")
     p.add_argument("--no-memory", action="store_true", help="skip the session memory measurement")
     p.add_argument("--json", type=Path, metavar="OUT.json", help="also write the figures as JSON")
     return p
@@ -345,6 +361,7 @@ def run_bench(argv) -> int:
     from .model.load import load_model
     from .report import json_bytes
     args = _bench_parser().parse_args(argv)
+    args.original, args.pruned = _model_path(args.original), _model_path(args.pruned)
     if args.json:
         check_output_path(args.original, args.json, True)
     graphs = [load_model(path, external_data=False) for path in (args.original, args.pruned)]
@@ -358,9 +375,10 @@ def run_bench(argv) -> int:
         except (OSError, ValueError, EOFError) as exc:
             from .calibration.data import npz_reason
             raise InputError(f"{args.inputs}: not a readable .npz file ({npz_reason(exc)})") from None
-    with Progress(args.runs, "timing", min_total=1, unit="runs") as progress:
+    with Progress(args.runs + args.decode * (2 if args.genai else 1), "timing", min_total=1, unit="runs") as progress:
         result = bench(args.original, args.pruned, args.provider, args.batch, args.seq, args.threads,
-                       args.warmup, args.runs, data, memory=not args.no_memory, progress=progress, graphs=graphs)
+                       args.warmup, args.runs, data, memory=not args.no_memory, progress=progress, graphs=graphs,
+                       decode=args.decode, context=args.context, genai=args.genai)
     staged = StagedFile(args.json, json_bytes(result.as_dict())) if args.json else None
     say(format_bench(result), detail=True)
     if staged is not None:

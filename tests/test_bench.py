@@ -161,3 +161,72 @@ def test_bench_says_when_a_provider_is_missing(capsys):
     assert main(["bench", str(MODELS / "bert-ts.onnx"), str(MODELS / "bert-ts.onnx"), "--provider", "cuda"]) == 2
     err = capsys.readouterr().err
     assert "CUDAExecutionProvider is not available" in err and err.count("\n") == 1
+
+
+@pytest.fixture(scope="module")
+def llama_genai_group(tmp_path_factory):
+    """llama-genai (2 layers, 8 query heads on 2 KV heads of 16, fp32) with half its KV groups removed."""
+    out = tmp_path_factory.mktemp("group") / "pruned"
+    assert main([str(MODELS / "llama-genai"), "--ratio", "0.5", "--gqa", "group", "-o", f"{out}/"]) == 0
+    return out
+
+
+def test_bench_decodes_against_a_filled_cache_and_prices_it_by_bytes(llama_genai_group, tmp_path, capsys):
+    """Decode steps at batch 3 against 40 cached tokens: the KV cache fed is 2 layers x K and V x KV heads x 16
+    x 4 bytes per token and sequence, halved with the groups; a step reads the weights (the data file) once and
+    the caches, so the ideal decode speed-up is that ratio of bytes per token."""
+    out = tmp_path / "bench.json"
+    capsys.readouterr()
+    assert main(["bench", str(MODELS / "llama-genai"), str(llama_genai_group), "--batch", "3", "--seq", "8",
+                 "--decode", "6", "--context", "40", "--runs", "2", "--warmup", "1", "--no-memory",
+                 "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    rep = json.loads(out.read_text())
+    decode = rep["decode"]
+    kv = [3 * 40 * 2 * 2 * heads * 16 * 4 for heads in (2, 1)]
+    assert (decode["original"]["kv_bytes"], decode["pruned"]["kv_bytes"]) == tuple(kv)
+    data = [(d / "model.onnx.data").stat().st_size for d in (MODELS / "llama-genai", llama_genai_group)]
+    per_token = [(w + c) // 3 for w, c in zip(data, kv)]
+    assert (decode["original"]["bytes_per_token"], decode["pruned"]["bytes_per_token"]) == tuple(per_token)
+    assert decode["ideal_speedup"] == pytest.approx(per_token[0] / per_token[1])
+    assert decode["speedup"] == pytest.approx(decode["original"]["median_ms"] / decode["pruned"]["median_ms"])
+    assert decode["tokens_per_s"]["original"] == pytest.approx(3e3 / decode["original"]["median_ms"])
+    assert rep["prompt_tokens_per_s"]["pruned"] == pytest.approx(3 * 8 * 1e3 / rep["pruned"]["median_ms"])
+    assert "decode, 40 tokens cached per sequence, 6 steps each" in text and "decode speed-up: measured" in text
+
+
+def test_bench_decodes_an_optimum_decoder_with_past(tmp_path, capsys):
+    pruned = tmp_path / "p.onnx"
+    assert main([str(MODELS / "optimum-llama-past.onnx"), "--ratio", "0.5", "--gqa", "group", "-o", str(pruned)]) == 0
+    capsys.readouterr()
+    assert main(["bench", str(MODELS / "optimum-llama-past.onnx"), str(pruned), "--seq", "8", "--decode", "4",
+                 "--context", "24", "--runs", "2", "--no-memory", "--json", str(tmp_path / "b.json")]) == 0
+    decode = json.loads((tmp_path / "b.json").read_text())["decode"]
+    assert decode["pruned"]["kv_bytes"] * 2 == decode["original"]["kv_bytes"] > 0
+
+
+def test_decode_refuses_what_it_cannot_time_in_one_line(llama_genai_group, capsys):
+    assert main(["bench", str(MODELS / "bert-ts.onnx"), str(MODELS / "bert-ts.onnx"), "--decode", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "--decode needs models that take a KV cache" in err and len(err.strip().splitlines()) == 1
+    # the tiny folder's rotary table holds 128 positions
+    assert main(["bench", str(MODELS / "llama-genai"), str(llama_genai_group), "--decode", "2", "--context",
+                 "4096", "--runs", "1", "--no-memory"]) == 2
+    err = capsys.readouterr().err
+    assert "could not run a decode step at batch 1 with 4096 tokens cached (--context)" in err
+    assert len(err.strip().splitlines()) == 1
+    assert main(["bench", str(MODELS / "optimum-llama-past.onnx"), str(MODELS / "optimum-llama-past.onnx"),
+                 "--genai", "--decode", "2", "--runs", "1"]) == 2
+    assert "it needs --decode N and two GenAI folders" in capsys.readouterr().err
+
+
+def test_bench_decodes_through_the_genai_generator(llama_genai_group, tmp_path, capsys):
+    pytest.importorskip("onnxruntime_genai")
+    out = tmp_path / "bench.json"
+    assert main(["bench", str(MODELS / "llama-genai"), str(llama_genai_group), "--batch", "2", "--seq", "8",
+                 "--decode", "5", "--context", "30", "--runs", "2", "--no-memory", "--genai",
+                 "--json", str(out)]) == 0
+    g = json.loads(out.read_text())["genai"]
+    assert (g["context"], g["steps"], g["batch"]) == (30, 5, 2)
+    assert all(t > 0 for t in g["step_ms"] + g["prefill_s"])
+    assert "generator decode speed-up: measured" in capsys.readouterr().out
