@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 
 from .model import inline
-from . import pipeline, quant
+from . import pipeline, quant, speed
 from .block import AttentionBlock, MatchResult
 from .errors import OnnxPruneError, PlanError
 from .model.load import as_model
@@ -104,7 +104,7 @@ def prune_model(model, ratio=None, *, kept: dict[int, list[int]] | None = None,
                 compensate: str | None = None, importance_initializer: str | None = None,
                 external_dir: str | os.PathLike | None = None, multiple_of: int | None = None,
                 atol: float | None = None, qk_dims=None, v_dims=None, attention_ratio=None,
-                options: PruneOptions | None = None) -> PruneResult:
+                target=None, options: PruneOptions | None = None) -> PruneResult:
     """Prune ``model``: an ``onnx.ModelProto``, a path to an .onnx file (loaded and checked; external data
     stays on disk and is read from beside it) or the bytes of a model; anything else raises
     ``ModelTypeError`` (an ``InputError`` and a ``TypeError``).
@@ -126,12 +126,22 @@ def prune_model(model, ratio=None, *, kept: dict[int, list[int]] | None = None,
                                importance_initializer=importance_initializer, calib=calib, compensate=compensate,
                                gqa=gqa, multiple_of=multiple_of, verify=verify, atol=atol, feeds=feeds,
                                external_dir=external_dir, qk_dims=qk_dims, v_dims=v_dims,
-                               attention_ratio=attention_ratio)
+                               attention_ratio=attention_ratio, target=target)
     model, external_dir = as_model(model, options.external_dir)
     if external_dir != options.external_dir:
         options = replace(options, external_dir=external_dir)
+    if options.target is not None and options.latency is None:
+        options = replace(options, latency=measure_latency(model, options))
     state = pipeline.run_stages(pipeline.STAGES, pipeline.start(model, options), options)
     return result_of(state, options)
+
+
+def measure_latency(model: onnx.ModelProto, options: PruneOptions, progress: bool = True):
+    """The ``budget.LatencyModel`` of ``model`` for ``options.target`` (``speed.measure``): its blocks matched,
+    a few uniformly cut variants timed beside it on the target's provider."""
+    t = options.target
+    blocks = pipeline.run_stages(pipeline.STAGES[:1], pipeline.start(model, options), options).blocks
+    return speed.measure(model, options, list(blocks), t.provider, t.batch, t.seq, t.context, progress=progress)
 
 
 def result_of(state: pipeline.State, options: PruneOptions) -> PruneResult:

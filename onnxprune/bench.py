@@ -186,7 +186,7 @@ def make_session(path, provider: str, threads: int | None):
     return sess
 
 
-class _Runner:
+class Runner:
     """Runs one session on fixed inputs; on a GPU the inputs and outputs stay on the device (IOBinding)."""
 
     def __init__(self, sess, feeds: dict[str, np.ndarray], device: bool):
@@ -240,7 +240,7 @@ def _child_memory(path: str, provider: str, threads, feeds, queue):
         import onnxruntime  # noqa: F401  (its import is not the session's memory)
         before = _rss()
         sess = make_session(path, provider, threads)
-        _Runner(sess, feeds, provider != "cpu")()
+        Runner(sess, feeds, provider != "cpu")()
         queue.put((_rss() - before, _gpu_bytes()))
     except Exception:             # reported as unknown, never fatal
         queue.put((None, None))
@@ -294,7 +294,7 @@ def decode_inputs(model: onnx.ModelProto, batch: int, context: int) -> dict[str,
     return {k: (np.ones_like(v) if "mask" in k.lower() else v) for k, v in feeds.items()}
 
 
-def _timed(runners, warmup: int, runs: int, progress=None) -> list[list[float]]:
+def timed(runners, warmup: int, runs: int, progress=None) -> list[list[float]]:
     """``runs`` times of each runner after ``warmup``, interleaved ABBA."""
     for _ in range(warmup):
         for r in runners:
@@ -309,7 +309,7 @@ def _timed(runners, warmup: int, runs: int, progress=None) -> list[list[float]]:
     return times
 
 
-def _quartiles(times: list[float]) -> tuple[float, float, float]:
+def quartiles(times: list[float]) -> tuple[float, float, float]:
     """(median, p25, p75)"""
     q = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
     return statistics.median(times), q[0], q[2]
@@ -326,12 +326,12 @@ def _decode(paths, sessions, graphs, provider, threads, batch, context, steps, w
         except Exception as exc:         # a context beyond the model's position or rotary table
             raise InputError(f"{p}: onnxruntime could not run a decode step at batch {batch} with {context} "
                              f"tokens cached (--context): {ort_reason(exc)}") from None
-    times = _timed([_Runner(s, f, provider != "cpu") for s, f in zip(sessions, feeds)], warmup, steps, progress)
+    times = timed([Runner(s, f, provider != "cpu") for s, f in zip(sessions, feeds)], warmup, steps, progress)
     sides = []
     for p, g, f, t in zip(paths, graphs, feeds, times):
         kv = sum(v.nbytes for k, v in f.items() if "past" in k.lower())
         mem = session_memory(p, provider, threads, f)[0] if memory else None
-        sides.append(DecodeSide(*_quartiles(t), kv, (stored_bytes(g) + kv) // batch, mem))
+        sides.append(DecodeSide(*quartiles(t), kv, (stored_bytes(g) + kv) // batch, mem))
     return DecodeResult(context, steps, sides[0], sides[1], batch)
 
 
@@ -371,7 +371,7 @@ def genai_decode(folders, batch: int, context: int, steps: int, warmup: int = 2,
         t0 = time.perf_counter()
         gens[k][1].generate_next_token()
         return (time.perf_counter() - t0) * 1e3
-    times = _timed([lambda k=k: step(k) for k in range(len(gens))], warmup, steps, progress)
+    times = timed([lambda k=k: step(k) for k in range(len(gens))], warmup, steps, progress)
     return GenaiDecode(context, steps, tuple(prefill), tuple(statistics.median(t) for t in times), batch)
 
 
@@ -433,7 +433,7 @@ def bench(original, pruned, provider: str = "cpu", batch: int = 1, seq: int | No
         macs_note = None
     except Exception as exc:
         macs, macs_note = [None, None], f"MACs not counted at batch {batch}, seq {seq}: {str(exc)[:200]}"
-    times = _timed([_Runner(s, f, provider != "cpu") for s, f in zip(sessions, feeds)], warmup, runs, progress)
+    times = timed([Runner(s, f, provider != "cpu") for s, f in zip(sessions, feeds)], warmup, runs, progress)
     providers = [tuple(s.get_providers()) for s in sessions]
     decoded = _decode(paths, sessions, graphs, provider, threads, batch, context, decode, warmup, memory,
                       progress) if decode else None
@@ -442,7 +442,7 @@ def bench(original, pruned, provider: str = "cpu", batch: int = 1, seq: int | No
     mem = [session_memory(p, provider, threads, f) if memory else (None, None) for p, f in zip(paths, feeds)]
     sides = []
     for k, p in enumerate(paths):
-        median, p25, p75 = _quartiles(times[k])
+        median, p25, p75 = quartiles(times[k])
         sides.append(Side(str(p), median, p25, p75, min(times[k]),
                           file_bytes(p, graphs[k]), mem[k][0], mem[k][1], macs[k], providers[k]))
     return BenchResult(provider, batch, seq, threads, warmup, runs, sides[0], sides[1], macs_note, note, decoded,

@@ -68,6 +68,45 @@ class BudgetPlan:
     heads_loss: float | None
     compensated: str | None = None
     uniform: bool = False        # every block the same cut (a GenAI folder's config holds one of each)
+    predicted: float | None = None   # with a speed target: the speed-up that the latency model predicts
+
+
+FEATURES = ("projections", "products", "softmax", "cache")
+
+
+@dataclass(frozen=True)
+class LatencyModel:
+    """A block's time at a cut on one provider, at one batch and length: ``coef`` ms per unit of each of
+    ``FEATURES`` (``features``), fitted to the measured times of the original and of uniformly cut variants
+    (``points``: name, measured ms, predicted ms). ``phase``: ``"forward"`` (``seq`` tokens per sequence, the
+    cache empty: an encoder, or an LLM's prompt) or ``"decode"`` (one token against ``total - 1`` cached)."""
+
+    provider: str
+    phase: str
+    batch: int
+    seq: int
+    total: int           # the tokens each new one attends to: seq (forward), context + 1 (decode)
+    base_ms: float       # the original's measured time
+    coef: tuple          # ms per unit of each feature
+    points: tuple = ()
+
+    def features(self, block, width: int, heads: int, kv_heads: int, ranks: dict) -> np.ndarray:
+        """What ``block`` still computes with ``heads`` query and ``kv_heads`` KV heads and ``ranks``: projection
+        MACs, score and context MACs, softmax entries, KV-cache entries (read by a decode step)."""
+        b, s, t, d = self.batch, self.seq, self.total, block.head_dim
+        rq, rv = ranks.get("qk", d), ranks.get("ov", d)
+        k_whole = block.qk_below("k")        # one K head cut at its broadcast: its projection and cache stay whole
+        proj = b * s * width * (rq * (heads + (0 if k_whole else kv_heads)) + rv * (heads + kv_heads)
+                                + (kv_heads * d if k_whole else 0))
+        return np.array([proj, b * s * t * heads * (rq + rv), b * s * t * heads,
+                         b * t * kv_heads * ((d if k_whole else rq) + rv)], dtype=np.float64)
+
+    def block_ms(self, block, width: int, heads: int, kv_heads: int, ranks: dict) -> float:
+        return float(np.dot(self.coef, self.features(block, width, heads, kv_heads, ranks)))
+
+    def speedup(self, saved_ms: float) -> float:
+        """The predicted speed-up of the model when ``saved_ms`` of its time is saved."""
+        return self.base_ms / max(self.base_ms - saved_ms, 1e-9)
 
 
 def unit_macs(block, seq: int, width: int, heads: int | None = None, kv_heads: int | None = None) -> int:
@@ -81,15 +120,18 @@ def unit_macs(block, seq: int, width: int, heads: int | None = None, kv_heads: i
 
 def plan_budget(cal, moments, blocks, share, circuits=("qk", "ov"), step=None, seq: int = 128,
                 progress: bool = True, heads: bool = True, compensate: str | None = None,
-                uniform: bool = False) -> BudgetPlan:
+                uniform: bool = False, latency: LatencyModel | None = None, target: float | None = None
+                ) -> BudgetPlan:
     """Heads and ranks per block that remove ``share`` of the attention MACs, chosen by measured held-out loss
     per MAC saved. ``cal``: a calibration session that feeds the written projections (``fed``) and computes
     the model's outputs; ``moments``: ``transforms.subspace.Moments`` of it; ``step``: ranks move by this many
     dimensions (``D // 8`` when None); ``heads``: whether dropping a head is a step too; ``compensate``: the
     compensation mode that follows the cut (``--compensate``), which the final candidates are priced after;
     ``uniform``: every block the same (a GenAI folder's config holds one head count and one head size), chosen
-    among the uniform plans that reach the share (``_uniform``)."""
-    share = float(exact_ratio(share))
+    among the uniform plans that reach the share (``_uniform``). With ``latency`` and ``target`` (a speed-up),
+    the steps are priced by predicted time saved instead of MACs, until the predicted speed-up reaches
+    ``target``; ``share`` is then ignored."""
+    share = None if latency is not None else float(exact_ratio(share))
     held = sorted(moments.held_batches) or list(range(len(cal.data)))
     held_set = set(held)
     feeds = [cal.data[i] for i in held]
@@ -110,6 +152,8 @@ def plan_budget(cal, moments, blocks, share, circuits=("qk", "ov"), step=None, s
     def macs(index, config) -> float:
         b, (kept, ranks) = by_index[index], config
         n_kv = len(b.kept_kv_heads(kept))
+        if latency is not None:           # the predicted time instead
+            return latency.block_ms(b, width[index], len(kept), n_kv, ranks)
         if b.qk_below("k"):          # one K head cut at its broadcast: its projection stays whole
             whole = seq * width[index] * n_kv * b.head_dim
             return whole + unit_macs(b, seq, width[index], len(kept), 0) * ranks.get("qk", b.head_dim) + \
@@ -119,7 +163,12 @@ def plan_budget(cal, moments, blocks, share, circuits=("qk", "ov"), step=None, s
 
     state = {b.index: (tuple(range(b.num_heads)), {c: b.head_dim for c in circuits}) for b in blocks}
     total = sum(macs(i, c) for i, c in state.items())
-    target = share * total
+    wanted = share * total if latency is None else latency.base_ms * (1 - 1 / target)
+    if latency is not None and wanted >= total:
+        raise PlanError(f"a {target:g}x speed-up would need {wanted:.3g} ms less of the model's {latency.base_ms:.3g} "
+                        f"ms, and its attention takes {total:.3g} ms (predicted on {latency.provider} at batch "
+                        f"{latency.batch}, {latency.seq} tokens): at most {latency.speedup(total):.2f}x, with no "
+                        "attention left; choose a lower target")
     loss = {i: 0.0 for i in state}
     measured: dict = {}
 
@@ -225,9 +274,9 @@ def plan_budget(cal, moments, blocks, share, circuits=("qk", "ov"), step=None, s
     with Progress(len(state) * 12, "planning the attention budget", unit="fits",
                   min_total=1 if progress else 10 ** 9) as bar:
         if uniform:
-            return _uniform(state, order, macs, total - target, by_index, steps, circuits, moments,
-                            shipped_loss, compensate)
-        while saved < target:
+            return _uniform(state, order, macs, total - wanted, by_index, steps, circuits, moments,
+                            shipped_loss, compensate, latency)
+        while saved < wanted:
             best = None
             for index in state:
                 now = macs(index, state[index])
@@ -240,13 +289,15 @@ def plan_budget(cal, moments, blocks, share, circuits=("qk", "ov"), step=None, s
                         best = (price, index, config, gain)
             if best is None:
                 raise PlanError(f"the attention budget cannot remove {share:.0%} of the attention MACs with every "
-                                "circuit at rank 1")
+                                "circuit at rank 1" if latency is None else
+                                f"no cut reaches a predicted {target:g}x: at most "
+                                f"{latency.speedup(saved):.2f}x with every circuit at rank 1")
             _, index, config, gain = best
             state[index] = config
             loss[index] = measure(index, config)
             saved += gain
         mixed = whole(state)
-        alone = _heads_alone(state, order, macs, total - target, {i: by_index[i].head_dim for i in state})
+        alone = _heads_alone(state, order, macs, total - wanted, {i: by_index[i].head_dim for i in state})
         heads_loss = whole(alone) if alone is not None and mixed is not None else None
         priced = None
         if compensate not in (None, "none") and heads_loss is not None:
@@ -258,10 +309,13 @@ def plan_budget(cal, moments, blocks, share, circuits=("qk", "ov"), step=None, s
         state, loss = alone, dict.fromkeys(alone)
     choices = tuple(BudgetChoice(i, kept, {c: ranks[c] for c in circuits}, loss[i])
                     for i, (kept, ranks) in state.items())
-    return BudgetPlan(choices, chosen, heads_loss if chosen == "heads" else mixed, heads_loss, priced)
+    predicted = None if latency is None else latency.speedup(total - sum(macs(i, c) for i, c in state.items()))
+    return BudgetPlan(choices, chosen, heads_loss if chosen == "heads" else mixed, heads_loss, priced,
+                      predicted=predicted)
 
 
-def _uniform(state, order, macs, allowed, by_index, steps, circuits, moments, loss_of, compensate) -> BudgetPlan:
+def _uniform(state, order, macs, allowed, by_index, steps, circuits, moments, loss_of, compensate,
+             latency=None) -> BudgetPlan:
     """Every block the same: ``k`` heads dropped (each block its own least useful, ``order``) and one rank for
     every circuit; for each ``k``, the largest rank (in the budget's steps, whole rotary pairs where it has them)
     that brings the MACs to ``allowed``; the candidate with the smallest held-out loss (``loss_of``: every block cut,
@@ -287,15 +341,18 @@ def _uniform(state, order, macs, allowed, by_index, steps, circuits, moments, lo
                 candidates.append((k, r, plan))
                 break
     if not candidates:
-        raise PlanError("no plan that is the same in every block removes that share of the attention MACs")
+        raise PlanError("no plan that is the same in every block removes that share of the attention MACs"
+                        if latency is None else "no plan that is the same in every block reaches that speed-up")
     losses = [loss_of(plan) for _, _, plan in candidates]
     best = int(np.argmin(losses))
     _, r, plan = candidates[best]
     heads_loss = next((loss for (k, rank, _), loss in zip(candidates, losses) if k and rank == d), None)
     chosen = "heads" if r == d else "mixed"
     choices = tuple(BudgetChoice(i, kept, {c: ranks[c] for c in circuits}, None) for i, (kept, ranks) in plan.items())
+    total = sum(macs(i, c) for i, c in state.items())
+    predicted = None if latency is None else latency.speedup(total - sum(macs(i, c) for i, c in plan.items()))
     return BudgetPlan(choices, chosen, losses[best], heads_loss, compensate if compensate not in (None, "none") else None,
-                      uniform=True)
+                      uniform=True, predicted=predicted)
 
 
 def _heads_alone(state, order, macs, allowed, head_dims) -> dict | None:
@@ -324,6 +381,15 @@ def _head_order(moments, block) -> tuple:
     energy = {h: float(np.trace((fit["z"][h] - (np.outer(means[h], means[h]) if h in means else 0)) @ gram[h]))
               for h in range(block.num_heads)}
     return tuple(sorted(energy, key=lambda h: (energy[h], h)))
+
+
+def widths_of(model, block) -> int:
+    """The model width E that ``block``'s output projection writes, from its weight's shape in ``model``."""
+    o = block.o_proj
+    dims = next((list(t.dims) for t in model.graph.initializer if t.name == o.weight), None)
+    if not dims:
+        return block.num_heads * block.head_dim
+    return int(np.prod(dims) // dims[o.head_axis])
 
 
 def widths(cal, block) -> int:

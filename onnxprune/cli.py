@@ -198,6 +198,18 @@ def _prune_parser() -> argparse.ArgumentParser:
                            "compensated (auto; --compensate none: not; never on a quantized model). Written as a "
                            "GenAI folder (-o DIR/), every layer gets the same cut, as its config holds one head "
                            "count and one head size. Needs --calib")
+    dims.add_argument("--target-speedup", type=float, metavar="X",
+                      help="reach a measured speed-up of X instead of a share of MACs: a few variants of the model "
+                           "(half its heads, half of each head's QK or OV rank...) are timed on --provider at "
+                           "--batch x --seq first, the time each saves fitted to what it stops computing "
+                           "(projections, scores, softmax, KV cache), and the budget's steps priced by predicted "
+                           "time saved until X is predicted; the pruned model is then timed against the original "
+                           "and the report gives both. Needs --calib")
+    dims.add_argument("--target-decode", action="store_true",
+                      help="with --target-speedup: the speed-up of a decode step (tokens/s) at --batch against "
+                           "--context cached tokens, for a model with a KV cache")
+    dims.add_argument("--provider", choices=("cpu", "cuda", "tensorrt"), default="cpu",
+                      help="the ONNX Runtime provider that --target-speedup times on (cpu)")
     p.add_argument("--seq", type=_at_least(1), default=None,
                    help="sequence length for the MAC count in the report (128, or less if the model's "
                         "position table is shorter)")
@@ -483,16 +495,31 @@ def run_score(argv) -> int:
     return 0
 
 
+def _confirm_speed(original: Path, pruned: Path, target, runs: int = 30):
+    """The measured speed-up of ``pruned`` (as staged) over ``original`` at the speed target's batch and length,
+    timed as ``bench`` does; (None, why) where it cannot be timed."""
+    from .bench import bench
+    try:
+        r = bench(original, pruned, target.provider, target.batch, target.seq, runs=runs, memory=False,
+                  decode=runs if target.context else 0, context=target.context or 1)
+    except OnnxPruneError as exc:
+        return None, str(exc)
+    return (r.decode.speedup if target.context else r.speedup), None
+
+
 def run_prune(argv) -> int:
     parser = _prune_parser()
     args = parser.parse_args(argv)
     if args.ratio is None and args.threshold is None and args.heads_to_prune is None \
-            and args.qk_dims is None and args.v_dims is None and args.attention_ratio is None:
+            and args.qk_dims is None and args.v_dims is None and args.attention_ratio is None \
+            and args.target_speedup is None:
         parser.error("one of the arguments --ratio --threshold --heads-to-prune --qk-dims --v-dims "
-                     "--attention-ratio is required")
+                     "--attention-ratio --target-speedup is required")
+    if args.target_decode and args.target_speedup is None:
+        parser.error("--target-decode qualifies --target-speedup X; give both")
     from .model import inline
     from .api import count_result_macs, prune_model, verify_saved
-    from .options import PruneOptions
+    from .options import PruneOptions, SpeedTarget
     from .config import GENAI, configs_beside, plan_folder, stage_folder
     from .files import StagedFile, check_output_path, check_writes
     from .model.external import has_external_data, input_files
@@ -538,7 +565,10 @@ def run_prune(argv) -> int:
         calib=_calib(args, model), compensate=args.compensate, gqa=args.gqa, multiple_of=args.multiple_of,
         verify=not args.no_verify and not verify_saved_copy, atol=args.atol, external_dir=where,
         qk_dims=args.qk_dims, v_dims=args.v_dims, attention_ratio=args.attention_ratio,
-        uniform_blocks=folder_mode and any(p.name == GENAI for p in configs_beside(args.model)))
+        uniform_blocks=folder_mode and any(p.name == GENAI for p in configs_beside(args.model)),
+        target=None if args.target_speedup is None else
+        SpeedTarget(args.target_speedup, args.provider, args.batch, args.seq or 128,
+                    args.context if args.target_decode else None))
     result = prune_model(model, options=options)
     missed = [m for m in result.misses if m.node]
     if args.strict and missed:
@@ -563,7 +593,9 @@ def run_prune(argv) -> int:
                                  inline_from=args.model if self_contained else None)
         if verify_saved_copy:
             result = verify_saved(model, result, staged.path, where, atol=args.atol)
-        report = build_report(result, str(args.model), None if args.dry_run else str(out), args.ratio, args.context)
+        measured = _confirm_speed(args.model, staged.path, options.target) if staged and options.target else None
+        report = build_report(result, str(args.model), None if args.dry_run else str(out), args.ratio, args.context,
+                              measured)
         if staged is not None:       # the bytes on disk, before and after (external data included)
             written = [staged.path] + ([staged.dir / staged.data] if staged.data else [])
             report["file_bytes"] = [sum(f.stat().st_size for f in inputs), sum(f.stat().st_size for f in written)]

@@ -23,6 +23,23 @@ DECODE_CONTEXT = 4096   # the cached tokens per sequence at which the report pri
 
 
 @dataclass(frozen=True)
+class SpeedTarget:
+    """``--target-speedup``: a speed-up to reach on ``provider``, for a forward pass at ``batch`` x ``seq`` (an
+    encoder, an LLM's prompt), or with ``context`` for a decode step against that many cached tokens."""
+
+    speedup: float
+    provider: str = "cpu"
+    batch: int = 1
+    seq: int = 128
+    context: int | None = None
+
+    def describe(self) -> str:
+        where = (f"decode at batch {self.batch}, {self.context:,} tokens cached" if self.context else
+                 f"batch {self.batch}, {self.seq} tokens")
+        return f"{self.speedup:g}x on {self.provider}, {where}"
+
+
+@dataclass(frozen=True)
 class PruneOptions:
     """What to prune and how. Exactly one selection: ``ratio``, ``threshold``, ``kept`` ({block: heads to
     keep}) or ``heads_to_prune`` ({block: heads to remove}).
@@ -59,10 +76,12 @@ class PruneOptions:
     compensate_implied: bool = False  # ``compensate`` set by the budget, not asked for (a quantized model skips it)
     uniform_blocks: bool = False     # the budget keeps every block alike (a GenAI folder's config holds one head
     # count and one head size for all layers)
+    target: SpeedTarget | None = None    # a measured speed-up to reach instead of a share of MACs (``speed.py``)
+    latency: object = field(default=None, compare=False, repr=False)   # its ``budget.LatencyModel``, measured
 
     def __post_init__(self):
         chosen = [n for n in ("ratio", "threshold", "kept", "heads_to_prune") if getattr(self, n) is not None]
-        if not chosen and any(getattr(self, n) is not None for n in ("qk_dims", "v_dims", "attention_ratio")):
+        if not chosen and any(getattr(self, n) is not None for n in ("qk_dims", "v_dims", "attention_ratio", "target")):
             # dims alone: every head stays
             object.__setattr__(self, "ratio", 0)
             chosen = ["ratio"]
@@ -81,14 +100,22 @@ class PruneOptions:
                 exact_ratio(self.ratio)
             except ValueError as exc:
                 raise PlanError(str(exc)) from None
-        if self.attention_ratio is not None:
+        if self.target is not None:
+            if not (finite_number(self.target.speedup) and self.target.speedup > 1):
+                raise PlanError(f"--target-speedup must be a number above 1, got {self.target.speedup!r}")
+            if self.attention_ratio is not None:
+                raise PlanError("give one of --attention-ratio (a share of the MACs) and --target-speedup (a "
+                                "measured speed-up), not both")
+        budget = "--attention-ratio" if self.attention_ratio is not None else \
+            "--target-speedup" if self.target is not None else None
+        if budget:
             if self.qk_dims is not None or self.v_dims is not None:
-                raise PlanError("--attention-ratio chooses the ranks itself; give it without --qk-dims/--v-dims")
+                raise PlanError(f"{budget} chooses the ranks itself; give it without --qk-dims/--v-dims")
             if chosen != ["ratio"] or exact_ratio(self.ratio) != 0:
-                raise PlanError("--attention-ratio keeps every head and spends the budget inside them; give it "
+                raise PlanError(f"{budget} chooses the heads and ranks itself; give it "
                                 "without --ratio, --threshold or --heads-to-prune")
             if self.calib is None:
-                raise PlanError("--attention-ratio measures each cut on calibration data; give --calib DATA.npz")
+                raise PlanError(f"{budget} measures each cut on calibration data; give --calib DATA.npz")
             if self.compensate is None:       # the budget's cuts are recovered unless told otherwise
                 object.__setattr__(self, "compensate", "auto")
                 object.__setattr__(self, "compensate_implied", True)
@@ -113,8 +140,13 @@ class PruneOptions:
 
     @property
     def cuts_dims(self) -> bool:
-        """Whether the run cuts inside the heads (``qk_dims``, ``v_dims`` or ``attention_ratio``)."""
-        return any(getattr(self, n) not in (None, 0) for n in ("qk_dims", "v_dims", "attention_ratio"))
+        """Whether the run cuts inside the heads (``qk_dims``, ``v_dims``, ``attention_ratio`` or a ``target``)."""
+        return self.budget or any(getattr(self, n) not in (None, 0) for n in ("qk_dims", "v_dims"))
+
+    @property
+    def budget(self) -> bool:
+        """Whether the budget plans the cut (``attention_ratio`` or a speed ``target``)."""
+        return self.attention_ratio is not None or self.target is not None
 
     @property
     def selects_by_score(self) -> bool:

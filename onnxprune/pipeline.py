@@ -197,7 +197,7 @@ def fit_dims(state: State, options: PruneOptions) -> State:
     if not options.cuts_dims:
         return state
     refuse_requantizing(state, wanted_circuits(state, options))      # before any calibration runs
-    budget = options.attention_ratio is not None
+    budget = options.budget
     shares = {"qk": options.qk_dims, "ov": options.v_dims}
     wanted = {c: None if budget else shares[c] for c in wanted_circuits(state, options)}
     for b in state.blocks:          # what the rewrite would refuse, refused before anything is fitted
@@ -222,11 +222,14 @@ def fit_dims(state: State, options: PruneOptions) -> State:
     if budget:
         sample = next(iter(options.calib.values()))
         seq = sample.shape[1] if sample.ndim > 1 else 128
+        if options.target is not None and options.latency is None:
+            raise PlanError("a speed target needs its latency model measured first (api.prune_model does it)")
         spent = plan_budget(cal, moments, state.blocks, options.attention_ratio, tuple(wanted),
                             options.multiple_of, seq,
                             compensate=None if state.quant is not None and options.compensate_implied
                             else options.compensate,
-                            uniform=options.uniform_blocks)
+                            uniform=options.uniform_blocks, latency=options.latency,
+                            target=options.target.speedup if options.target is not None else None)
         for choice in spent.choices:
             ranks.update({(choice.block, c): r for c, r in choice.ranks.items()})
             plans[choice.block] = replace(plans[choice.block], kept_heads=choice.heads)
@@ -251,7 +254,7 @@ def fit_dims(state: State, options: PruneOptions) -> State:
 
 def wanted_circuits(state: State, options: PruneOptions) -> tuple:
     """The circuits that ``fit_dims`` cuts: the budget's both where QK can be cut (no q/k norm), else OV only."""
-    if options.attention_ratio is not None:
+    if options.budget:
         return ("qk", "ov") if all(qk_passes(b) for b in state.blocks) else ("ov",)
     return tuple(c for c, r in (("qk", options.qk_dims), ("ov", options.v_dims)) if r not in (None, 0))
 

@@ -12,9 +12,13 @@ from .block import MatchResult
 from .files import StagedFile
 from .macs import human as _count
 from .options import DECODE_CONTEXT
+from .budget import FEATURES
 
 
-def build_report(result: PruneResult, model: str, output: str | None, ratio, context: int = DECODE_CONTEXT) -> dict:
+def build_report(result: PruneResult, model: str, output: str | None, ratio, context: int = DECODE_CONTEXT,
+                 measured: tuple | None = None) -> dict:
+    """The report of ``result`` (see the README's "Report format"); ``measured``: (the speed-up measured after a
+    speed target, or None, and why not) from timing the written model."""
     blocks = []
     for b in result.blocks:
         kept = list(result.kept[b.index])
@@ -53,6 +57,17 @@ def build_report(result: PruneResult, model: str, output: str | None, ratio, con
                   **{k: m.bytes_per_token(kv_bytes[k], result.macs[0].batch, context)
                      for k, m in zip(("before", "after"), result.macs)}}
     opts = result.options
+    speed = None
+    if opts is not None and opts.target is not None:
+        t, lat = opts.target, opts.latency
+        speed = {"target": t.speedup, "provider": t.provider, "batch": t.batch, "seq": t.seq, "context": t.context,
+                 "predicted": None if result.budget is None else result.budget.predicted,
+                 "measured": None if measured is None else measured[0],
+                 "measured_note": "not timed: nothing written (--dry-run)" if measured is None else measured[1],
+                 "base_ms": None if lat is None else lat.base_ms,
+                 "costs": None if lat is None else dict(zip(FEATURES, lat.coef)),
+                 "variants": [] if lat is None else [{"name": n, "measured_ms": m, "predicted_ms": p}
+                                                     for n, m, p in lat.points]}
     return {"model": str(model), "output": str(output) if output else None,
             "ratio": None if ratio is None else float(ratio),
             "threshold": None if opts is None or opts.threshold is None else float(opts.threshold),
@@ -68,6 +83,7 @@ def build_report(result: PruneResult, model: str, output: str | None, ratio, con
             "qk_dims": None if opts is None or opts.qk_dims is None else float(opts.qk_dims),
             "v_dims": None if opts is None or opts.v_dims is None else float(opts.v_dims),
             "attention_ratio": None if opts is None or opts.attention_ratio is None else float(opts.attention_ratio),
+            "speed_target": speed,
             "dims_source": result.dims_source, "blocks": blocks,
             "budget": None if result.budget is None else {
                 "chosen": result.budget.chosen, "held_out_loss": result.budget.loss,
@@ -187,12 +203,22 @@ def format_table(report: dict, every_miss: bool = False) -> str:
         if any(b.get("kept_positions") for b in report["blocks"]):
             lines.append("through a rotary embedding the QK cut keeps whole pairs of head-size positions, the same in "
                          "every head of a block (kept_positions in the report), and the cos/sin tables keep the same")
-        if report.get("attention_ratio") is not None:
+        speed = report.get("speed_target")
+        if speed:
+            fit = ", ".join(f"{v['name']} {v['measured_ms']:.3g} ms (predicted {v['predicted_ms']:.3g})"
+                            for v in speed["variants"])
+            lines.append(f"speed target {speed['target']:g}x on {speed['provider']}: original {speed['base_ms']:.3g} ms; "
+                         f"variants timed beside it: {fit}")
+            got = (f"measured {speed['measured']:.3f}x" if speed["measured"] is not None else
+                   f"not measured ({speed['measured_note']})")
+            lines.append(f"speed target: predicted {speed['predicted']:.3f}x, {got} (the written model timed beside "
+                         "the original, interleaved)")
+        if report.get("attention_ratio") is not None or speed:
             spent = report.get("budget") or {}
             cut = "cut" + (f" and compensated ({spent['compensated']})" if spent.get("compensated") else "")
             done = [(b["macs"]["before"], b["macs"]["after"]) for b in report["blocks"] if b.get("macs")]
             share = 1 - sum(a for _, a in done) / sum(b for b, _ in done) if done and all(b for b, _ in done) \
-                else report["attention_ratio"]
+                else (report["attention_ratio"] or 0.0)
             against = ("" if spent.get("whole_heads_loss") is None else
                        f" (whole heads alone: {spent['whole_heads_loss']:.3g})")
             if spent.get("chosen") == "heads":

@@ -20,7 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from onnxprune.bench import PROVIDERS, _Runner, graph_of, inputs_for, session_options  # noqa: E402
+from onnxprune.bench import PROVIDERS, Runner, graph_of, inputs_for, session_options  # noqa: E402
 
 
 def profile(path: Path, provider: str, batch: int, seq: int, runs: int, warmup: int, threads) -> dict[str, float]:
@@ -31,7 +31,7 @@ def profile(path: Path, provider: str, batch: int, seq: int, runs: int, warmup: 
         opts.enable_profiling = True
         opts.profile_file_prefix = str(Path(tmp) / "prof")
         sess = ort.InferenceSession(str(path), opts, providers=PROVIDERS[provider])
-        run = _Runner(sess, inputs_for(graph_of(path), batch, seq, None), provider != "cpu")
+        run = Runner(sess, inputs_for(graph_of(path), batch, seq, None), provider != "cpu")
         for _ in range(warmup + runs):
             run()
         events = _events(sess.end_profiling())
