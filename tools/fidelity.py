@@ -11,6 +11,11 @@ are compared with the unpruned model's: the mean cosine, and the top-1 neighbour
 sentence's nearest other sentence stays the same).
 
     pip install -e .[tools] && python tools/fidelity.py [--ratios 0.25 0.5] [--calib 512] [--eval 256]
+
+With ``--target 1.3`` it compares, at a measured speed-up instead of a share of MACs (CPU, ``--batch`` x
+``--seq``, each pruned model timed against the original by ``onnxprune bench``), the plan that
+``--target-speedup`` makes against whole heads and the MAC budget at several sizes: which reach the target, and
+which of those keeps the text best.
 """
 
 from __future__ import annotations
@@ -136,12 +141,52 @@ ROWS = {
 }
 
 
+# the plans that --target-speedup is compared with: whole heads (the default command) and the MAC budget
+TARGET_ROWS = [(f"heads, --ratio {r} --calib --compensate", dict(ratio=r, compensate="auto"))
+               for r in (0.375, 0.5, 0.625)] + \
+              [(f"budget, --attention-ratio {r} --calib", dict(attention_ratio=r)) for r in (0.4, 0.5, 0.6)]
+
+
+def speed_rows(model, path: Path, calib, held_out, reference, target: float, batch: int, seq: int) -> int:
+    """The ``--target`` table (see the module docstring)."""
+    import tempfile
+
+    from onnxprune import prune_model
+    from onnxprune.bench import bench
+    from onnxprune.model.save import save_model_atomic
+    from onnxprune.options import SpeedTarget
+    rows = [(f"--target-speedup {target} --calib", dict(target=SpeedTarget(target, "cpu", batch, seq)))] + TARGET_ROWS
+    print(f"| cut | predicted | measured speed-up (batch {batch}, seq {seq}) | mean cosine | top-1 agreement | seconds |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for label, kw in rows:
+            t0 = time.perf_counter()
+            r = prune_model(model, verify=False, calib=calib, **kw)
+            took = time.perf_counter() - t0
+            out = Path(tmp) / "pruned.onnx"
+            save_model_atomic(r.model, out)
+            measured = bench(path, out, "cpu", batch, seq, runs=40, memory=False).speedup
+            c, t = fidelity(reference, embed(r.model, held_out))
+            predicted = r.budget.predicted if r.budget is not None and r.budget.predicted else None
+            results.append((label, measured, c))
+            print(f"| {label} | {'-' if predicted is None else f'{predicted:.3f}x'} | {measured:.3f}x | {c:.3f} | "
+                  f"{t:.3f} | {took:.0f} |", flush=True)
+    reach = [(c, label) for label, m, c in results if m >= target]
+    print(f"\nreaching {target}x measured: " + ("; ".join(f"{label} {c:.3f}" for c, label in sorted(reach, reverse=True))
+                                              or "none"))
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--macs", type=float, nargs="+", default=[0.25, 0.5], help="shares of attention MACs removed")
     ap.add_argument("--calib", type=int, default=512, help="calibration sentences")
     ap.add_argument("--eval", type=int, default=256, help="held-out evaluation sentences")
     ap.add_argument("--only", default=None, help="rows whose label contains this text")
+    ap.add_argument("--target", type=float, default=None, help="compare plans at this measured speed-up instead")
+    ap.add_argument("--batch", type=int, default=4, help="batch of the --target timing (4)")
+    ap.add_argument("--seq", type=int, default=256, help="length of the --target timing (256)")
     args = ap.parse_args(argv)
 
     import onnx
@@ -153,6 +198,8 @@ def main(argv=None) -> int:
     calib_text, eval_text = split_sentences(args.calib, args.eval)
     calib, held_out = tokenize(folder, calib_text), tokenize(folder, eval_text)
     reference = embed(model, held_out)
+    if args.target:
+        return speed_rows(model, path, calib, held_out, reference, args.target, args.batch, args.seq)
     print(f"# all-MiniLM-L6-v2; {args.calib} calibration (Python docs) and {args.eval} held-out sentences "
           "(licences); attention MACs at the calibration length")
     print("| attention MACs removed | cut | mean cosine | top-1 agreement | seconds |")
