@@ -123,8 +123,12 @@ def measure(model: onnx.ModelProto, options: PruneOptions, blocks, provider: str
 
 
 def _write(model: onnx.ModelProto, path: Path, options: PruneOptions):
-    big = model.ByteSize() > (1 << 30) if not options.external_dir else True
-    save_model_atomic(model, path, external=big, external_dir=options.external_dir)
+    """``model`` written to ``path``; a copy is written, since writing points a model's tensors at the new
+    data file (``model.save.stage_model``), and ``model`` is read again for the next variant."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    big = copy.ByteSize() > (1 << 30) if not options.external_dir else True
+    save_model_atomic(copy, path, external=big, external_dir=options.external_dir)
 
 
 def _time_pair(original: Path, variant: Path, provider, threads, batch, seq, context, runs, bar):

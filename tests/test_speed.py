@@ -128,3 +128,18 @@ def test_a_dry_run_says_the_target_was_not_timed(tmp_path, capsys):
                  "--batch", "4", "--seq", "64", "--dry-run"]) == 0
     assert "not measured (not timed: nothing written (--dry-run))" in capsys.readouterr().out
     assert main([str(MODELS / "bert-ts.onnx"), "--target-decode", "--ratio", "0.5"]) == 2
+
+
+def test_a_model_with_external_data_is_measured_and_left_as_it_was(tmp_path):
+    """The variants are written beside the original into a temporary folder: the model's tensors must keep
+    pointing at its own data file (writing a model points them at the new one), or the next variant fails."""
+    from onnxprune.api import measure_latency
+    folder = MODELS / "llama-genai"
+    model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+    before = model.SerializeToString()
+    calib = synth_inputs(model, seed=1, batch=4, seq=16)
+    opts = PruneOptions(target=SpeedTarget(1.1, "cpu", 2, 1, 40), calib=calib, external_dir=folder)
+    lat = measure_latency(model, opts, progress=False)
+    assert {n for n, _, _ in lat.points} == {"heads/2", "heads/4", "groups/2", "qk/2"}
+    assert lat.phase == "decode" and lat.total == 41 and lat.seq == 1
+    assert model.SerializeToString() == before
