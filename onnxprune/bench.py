@@ -473,12 +473,7 @@ def format_bench(r: BenchResult) -> str:
              f"{'session memory':<22}{_mb(o.session_bytes):>14}{_mb(p.session_bytes):>14}"]
     if o.gpu_bytes is not None or p.gpu_bytes is not None:
         lines.append(f"{'GPU memory':<22}{_mb(o.gpu_bytes):>14}{_mb(p.gpu_bytes):>14}")
-    line = f"speed-up: measured {r.speedup:.3f}x"
-    if r.ideal is not None:
-        line += f", ideal {r.ideal:.3f}x (MACs), measured/ideal {r.speedup / r.ideal:.3f}"
-        if r.realised is not None:
-            line += f", {100 * r.realised:.0f}% of the ideal gain"
-    lines.append(line)
+    lines.append(_speedup_line("speed-up", r.speedup, r.ideal, "MACs", r.realised))
     if r.decode is not None:
         d, (t0, t1) = r.decode, r.decode.tokens_per_s
         lines += [f"prompt ({r.batch} x {r.seq} tokens, the cache empty): "
@@ -491,11 +486,8 @@ def format_bench(r: BenchResult) -> str:
                   f"{'KV cache':<22}{_mb(d.original.kv_bytes):>14}{_mb(d.pruned.kv_bytes):>14}",
                   f"{'bytes read per token':<22}{_mb(d.original.bytes_per_token):>14}{_mb(d.pruned.bytes_per_token):>14}",
                   f"{'session memory':<22}{_mb(d.original.session_bytes):>14}{_mb(d.pruned.session_bytes):>14}"]
-        line = (f"decode speed-up: measured {d.speedup:.3f}x, ideal {d.ideal:.3f}x (bytes read per token: the "
-                "weights once per batch and the cache)")
-        if d.realised is not None:
-            line += f", {100 * d.realised:.0f}% of the ideal gain"
-        lines.append(line)
+        lines.append(_speedup_line("decode speed-up", d.speedup, d.ideal, "bytes read per token: the weights "
+                                   "once per batch and the cache", d.realised))
     if r.genai is not None:
         g, (t0, t1) = r.genai, r.genai.tokens_per_s
         lines += [f"onnxruntime-genai's generator, a prompt of {g.context:,} tokens per sequence, then {g.steps} "
@@ -510,6 +502,15 @@ def format_bench(r: BenchResult) -> str:
     if o.providers and o.providers[0] != PROVIDERS[r.provider][0]:
         lines.append(f"note: ONNX Runtime ran {o.providers[0]}, not {PROVIDERS[r.provider][0]}")
     return "\n".join(lines)
+
+
+def _speedup_line(what: str, measured: float, ideal: float | None, by: str, realised: float | None) -> str:
+    line = f"{what}: measured {measured:.3f}x"
+    if ideal is not None:
+        line += f", ideal {ideal:.3f}x ({by}), measured/ideal {measured / ideal:.3f}"
+        if realised is not None:
+            line += f", {100 * realised:.0f}% of the ideal gain"
+    return line
 
 
 def _g(n: int | None) -> str:

@@ -99,7 +99,19 @@ def _cache_hints(model: onnx.ModelProto) -> dict[str, int]:
                 last = inputs[name].type.tensor_type.shape.dim[-1]
                 if last.dim_param:
                     hints[last.dim_param.lower()] = width // heads
+                    # per input too: a cut with a rank per layer leaves one symbolic size with several values
+                    hints[_INPUT + name] = width // heads
     return hints
+
+
+_INPUT = "input:"       # a hint for one graph input's last axis, before the hint of its symbolic name
+
+
+def _sized(name: str, dims, shape: list[int], hints: dict) -> list[int]:
+    """``shape`` with the last axis of input ``name`` as its own hint says, where that axis is symbolic."""
+    if dims and dims[-1].dim_param and _INPUT + name in hints:
+        shape[-1] = hints[_INPUT + name]
+    return shape
 
 
 def input_shapes(model: onnx.ModelProto, batch: int, seq: int, past: int = 0) -> dict[str, list[int]]:
@@ -107,8 +119,9 @@ def input_shapes(model: onnx.ModelProto, batch: int, seq: int, past: int = 0) ->
     dimensions sized as ``synth_inputs`` sizes them (a KV cache's head size read from the graph)."""
     inits = {i.name for i in model.graph.initializer}
     hints = _cache_hints(model)
-    return {inp.name: [_dim_value(d, batch, seq, past, hints, axis) for axis, d in
-                       enumerate(inp.type.tensor_type.shape.dim)]
+    return {inp.name: _sized(inp.name, inp.type.tensor_type.shape.dim,
+                             [_dim_value(d, batch, seq, past, hints, axis) for axis, d in
+                              enumerate(inp.type.tensor_type.shape.dim)], hints)
             for inp in model.graph.input if inp.name not in inits}
 
 
@@ -152,7 +165,8 @@ def synth_inputs(model: onnx.ModelProto, seed: int = 0, batch: int = BATCH, seq:
         tt = inp.type.tensor_type
         if not tt.HasField("elem_type"):
             raise InputError(f"graph input {inp.name!r} is not a tensor")
-        shape = [_dim_value(d, batch, seq, past, hints, axis) for axis, d in enumerate(tt.shape.dim)]
+        shape = _sized(inp.name, tt.shape.dim,
+                       [_dim_value(d, batch, seq, past, hints, axis) for axis, d in enumerate(tt.shape.dim)], hints)
         dtype = helper.tensor_dtype_to_np_dtype(tt.elem_type)
         name = inp.name.lower()
         if tt.elem_type == TensorProto.BOOL:

@@ -218,20 +218,21 @@ def format_table(report: dict, every_miss: bool = False) -> str:
             cut = "cut" + (f" and compensated ({spent['compensated']})" if spent.get("compensated") else "")
             done = [(b["macs"]["before"], b["macs"]["after"]) for b in report["blocks"] if b.get("macs")]
             share = 1 - sum(a for _, a in done) / sum(b for b, _ in done) if done and all(b for b, _ in done) \
-                else (report["attention_ratio"] or 0.0)
+                else report["attention_ratio"]
+            share = "some" if share is None else f"{share:.0%}"       # a speed target whose MACs went uncounted
             against = ("" if spent.get("whole_heads_loss") is None else
                        f" (whole heads alone: {spent['whole_heads_loss']:.3g})")
             if spent.get("chosen") == "heads":
-                lines.append(f"attention budget: {share:.0%} of the attention MACs removed by "
+                lines.append(f"attention budget: {share} of the attention MACs removed by "
                              f"whole heads alone: held-out loss {spent['whole_heads_loss']:.3g} with every block {cut}, "
                              "less than the cut inside the heads")
             elif spent.get("uniform"):
-                lines.append(f"attention budget: {share:.0%} of the attention MACs removed by the same cut in every "
+                lines.append(f"attention budget: {share} of the attention MACs removed by the same cut in every "
                              "block (the folder's config holds one head count and one head size), the one of least "
                              f"held-out loss: {spent.get('held_out_loss', float('nan')):.3g} with every block {cut}"
                              + against)
             else:
-                lines.append(f"attention budget: {share:.0%} of the attention MACs removed where the "
+                lines.append(f"attention budget: {share} of the attention MACs removed where the "
                              "held-out loss per MAC was least (whole heads, QK ranks, OV ranks); held-out loss "
                              f"{spent.get('held_out_loss', float('nan')):.3g} with every block {cut}" + against)
     if all(len(b["kept_heads"]) == b["num_heads"] and b.get("qk_rank", b["head_dim"]) == b["head_dim"]

@@ -143,3 +143,25 @@ def test_a_model_with_external_data_is_measured_and_left_as_it_was(tmp_path):
     assert {n for n, _, _ in lat.points} == {"heads/2", "heads/4", "groups/2", "qk/2"}
     assert lat.phase == "decode" and lat.total == 41 and lat.seq == 1
     assert model.SerializeToString() == before
+
+
+def test_a_rank_per_layer_gets_a_cache_of_its_own_size_in_synthetic_inputs():
+    """A speed target written as a model file (not a folder) may cut one layer of a GenAI model and not the
+    other, so its cache inputs share one symbolic head size with two values: synthetic inputs (bench, MACs)
+    must give each input its own, or onnxruntime refuses the model."""
+    from onnxprune.verify import run
+    folder = MODELS / "llama-genai-d32"
+    model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+    blocks = inspect_model(model, folder).blocks
+    lat = LatencyModel("cpu", "decode", 1, 1, 9, 0.0, (1e-3, 0.0, 0.0, 0.0))
+    attention = sum(lat.block_ms(b, 128, b.num_heads, b.num_kv_heads, {}) for b in blocks)
+    lat = LatencyModel("cpu", "decode", 1, 1, 9, attention * 4, lat.coef)
+    opts = PruneOptions(target=SpeedTarget(1.05, "cpu", 1, 1, 8), latency=lat, external_dir=folder,
+                        calib=synth_inputs(model, seed=2, batch=4, seq=8), compensate="none")
+    result = prune_model(model, options=opts)
+    ranks = {f.block: f.rank for f in result.dim_fits}
+    assert len(ranks) == 1, ranks                   # one step: one layer cut, the other whole
+    feeds = synth_inputs(result.model, batch=1, seq=2)
+    widths = sorted({v.shape[-1] for k, v in feeds.items() if "past" in k})
+    assert widths == sorted({next(iter(ranks.values())), 32})
+    run(result.model, feeds, folder)

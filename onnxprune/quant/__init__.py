@@ -101,11 +101,8 @@ def float_view(model: onnx.ModelProto, external_dir=None) -> tuple[onnx.ModelPro
     return view(model, external_dir) if is_quantized(model) else (model, None)
 
 
-def weight_sources(model: onnx.ModelProto) -> dict[str, str]:
-    """{float view weight name: the quantized data initializer it stands for} of ``model`` (empty for a float
-    model, or one in operator form), without dequantizing anything: what lets a count on the real model
-    find the products of a block matched on the view."""
-    inits = {i.name: i for i in model.graph.initializer}
+def _edges(model: onnx.ModelProto) -> tuple[dict, dict]:
+    """({tensor: the nodes that read it}, {tensor: the node that makes it})"""
     readers: dict[str, list] = {}
     producer = {}
     for n in model.graph.node:
@@ -113,6 +110,15 @@ def weight_sources(model: onnx.ModelProto) -> dict[str, str]:
             readers.setdefault(i, []).append(n)
         for o in n.output:
             producer[o] = n
+    return readers, producer
+
+
+def weight_sources(model: onnx.ModelProto) -> dict[str, str]:
+    """{float view weight name: the quantized data initializer it stands for} of ``model`` (empty for a float
+    model, or one in operator form), without dequantizing anything: what lets a count on the real model
+    find the products of a block matched on the view."""
+    inits = {i.name: i for i in model.graph.initializer}
+    readers, producer = _edges(model)
     ctx, out = FoldContext(inits, producer, readers), {}
     for n in model.graph.node:
         form = _form_of(n, inits)
@@ -194,13 +200,7 @@ def view(real: onnx.ModelProto, external_dir=None, lazy: bool = True) -> tuple[o
         value = _float_weight(f, arrays).astype(helper.tensor_dtype_to_np_dtype(data_type))
         return numpy_helper.from_array(value, f.weight)
 
-    readers: dict[str, list] = {}
-    producer = {}
-    for n in real.graph.node:
-        for i in n.input:
-            readers.setdefault(i, []).append(n)
-        for o in n.output:
-            producer[o] = n
+    readers, producer = _edges(real)
     folded: dict[str, Folded] = {}
     replace: dict[str, list] = {}       # real node name -> the view nodes in its place ([] drops it)
     new_inits: list[onnx.TensorProto] = []
