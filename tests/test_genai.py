@@ -135,7 +135,8 @@ def test_a_sliding_window_cache_and_a_normed_query_give_the_probe_its_sizes():
     which ONNX Runtime demands; and no prompt row is padded, which such a cache does not take."""
     from onnxprune.inputs import _cache_hints, synth_inputs
     model = _gemma_like_attention()
-    assert _cache_hints(model) == {"kv_cache_dim": 256, "past_sliding_length": 512}
+    assert _cache_hints(model) == {"kv_cache_dim": 256, "past_sliding_length": 512,
+                                   "input:past_key": 256, "input:past_value": 256}     # and per input
     feeds = synth_inputs(model)
     assert feeds["past_key"].shape == (2, 1, 512, 256)
 
