@@ -140,8 +140,9 @@ def measure_latency(model: onnx.ModelProto, options: PruneOptions, progress: boo
     """The ``budget.LatencyModel`` of ``model`` for ``options.target`` (``speed.measure``): its blocks matched,
     a few uniformly cut variants timed beside it on the target's provider."""
     t = options.target
-    blocks = pipeline.run_stages(pipeline.STAGES[:1], pipeline.start(model, options), options).blocks
-    return speed.measure(model, options, list(blocks), t.provider, t.batch, t.seq, t.context, progress=progress)
+    matched = pipeline.run_stages(pipeline.STAGES[:1], pipeline.start(model, options), options)
+    return speed.measure(model, matched.model, options, list(matched.blocks), t.provider, t.batch, t.seq, t.context,
+                         progress=progress)
 
 
 def result_of(state: pipeline.State, options: PruneOptions) -> PruneResult:

@@ -33,11 +33,6 @@ class SpeedTarget:
     seq: int = 128
     context: int | None = None
 
-    def describe(self) -> str:
-        where = (f"decode at batch {self.batch}, {self.context:,} tokens cached" if self.context else
-                 f"batch {self.batch}, {self.seq} tokens")
-        return f"{self.speedup:g}x on {self.provider}, {where}"
-
 
 @dataclass(frozen=True)
 class PruneOptions:

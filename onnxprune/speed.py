@@ -75,16 +75,16 @@ def _variant(model: onnx.ModelProto, options: PruneOptions, plan: dict, blocks) 
     return state.pruned
 
 
-def measure(model: onnx.ModelProto, options: PruneOptions, blocks, provider: str = "cpu", batch: int = 1,
-            seq: int = 128, context: int | None = None, runs: int = RUNS, threads: int | None = None,
-            progress: bool = True) -> LatencyModel:
-    """The ``LatencyModel`` of ``model`` (matched into ``blocks``) on ``provider``: at ``batch`` x ``seq`` from an
-    empty cache, or, with ``context``, for a decode step against ``context`` cached tokens (see the module
-    docstring). The variants are written into a temporary folder, one at a time, and timed beside the original."""
+def measure(model: onnx.ModelProto, view: onnx.ModelProto, options: PruneOptions, blocks, provider: str = "cpu",
+            batch: int = 1, seq: int = 128, context: int | None = None, runs: int = RUNS,
+            threads: int | None = None, progress: bool = True) -> LatencyModel:
+    """The ``LatencyModel`` of ``model`` (matched into ``blocks`` on ``view``, a quantized model's float view, else
+    the model) on ``provider``: at ``batch`` x ``seq`` from an empty cache, or, with ``context``, for a decode step
+    against ``context`` cached tokens (see the module docstring). The variants are written into a temporary
+    folder, one at a time, and each is timed beside the one session of the original."""
     plans = variants(blocks)
     if not plans:
         raise PlanError("no block can be cut in half to measure what a cut saves")
-    view = pipeline.start(model, options).model        # a quantized model's float view: the blocks' weights
     width = {b.index: widths_of(view, b) for b in blocks}
     phase = "forward" if context is None else "decode"
     base = LatencyModel(provider, phase, batch, 1 if context else seq, (context + 1) if context else seq, 0.0,
@@ -101,6 +101,7 @@ def measure(model: onnx.ModelProto, options: PruneOptions, blocks, provider: str
                      min_total=1 if progress else 10 ** 9) as bar:
         original = Path(tmp) / "original.onnx"
         _write(model, original, options)
+        first = _runner(original, provider, threads, batch, seq, context)
         for name, plan in plans.items():
             try:
                 cut = _variant(model, options, plan, blocks)
@@ -108,7 +109,8 @@ def measure(model: onnx.ModelProto, options: PruneOptions, blocks, provider: str
                 continue
             path = Path(tmp) / "variant.onnx"
             _write(cut, path, options)
-            t_orig, t_cut = _time_pair(original, path, provider, threads, batch, seq, context, runs, bar)
+            t_orig, t_cut = _time_pair(first, _runner(path, provider, threads, batch, seq, context), provider,
+                                       runs, bar)
             rows.append(units(whole) - units(plan))
             saved.append(t_orig - t_cut)
             names.append((name, t_cut))
@@ -131,17 +133,24 @@ def _write(model: onnx.ModelProto, path: Path, options: PruneOptions):
     save_model_atomic(copy, path, external=big, external_dir=options.external_dir)
 
 
-def _time_pair(original: Path, variant: Path, provider, threads, batch, seq, context, runs, bar):
-    """Median ms of ``original`` and ``variant``, timed interleaved (ABBA) in this process."""
+def _runner(path: Path, provider, threads, batch, seq, context) -> Runner:
+    """A session of the model at ``path`` on its inputs: a decode step at ``context``, else a forward pass."""
     from .model.load import load_model
-    graphs = [load_model(p, external_data=False) for p in (original, variant)]
+    graph = load_model(path, external_data=False)
     try:
-        sessions = [make_session(p, provider, threads) for p in (original, variant)]
-        feeds = [decode_inputs(g, batch, context) if context else inputs_for(g, batch, seq, None) for g in graphs]
-        runners = [Runner(s, f, provider != "cpu") for s, f in zip(sessions, feeds)]
-        times = timed(runners, 2, runs, bar)
+        feeds = decode_inputs(graph, batch, context) if context else inputs_for(graph, batch, seq, None)
+        return Runner(make_session(path, provider, threads), feeds, provider != "cpu")
     except InputError:
         raise
+    except Exception as exc:        # onnxruntime's own types
+        from .runtime import ort_reason
+        raise InputError(f"the speed target's variants do not run on {provider}: {ort_reason(exc)}") from None
+
+
+def _time_pair(original: Runner, variant: Runner, provider, runs, bar) -> tuple[float, float]:
+    """Median ms of ``original`` and ``variant``, timed interleaved (ABBA) in this process."""
+    try:
+        times = timed([original, variant], 2, runs, bar)
     except Exception as exc:        # onnxruntime's own types
         from .runtime import ort_reason
         raise InputError(f"the speed target's variants do not run on {provider}: {ort_reason(exc)}") from None

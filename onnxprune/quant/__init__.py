@@ -36,6 +36,7 @@ from onnx import helper, numpy_helper
 
 from ..cut import runs, zero_dropped
 from ..errors import MatchError, PlanError
+from ..model.proto import consumers
 from .form import FoldContext, Folded
 from .forms import FORMS
 
@@ -103,14 +104,7 @@ def float_view(model: onnx.ModelProto, external_dir=None) -> tuple[onnx.ModelPro
 
 def _edges(model: onnx.ModelProto) -> tuple[dict, dict]:
     """({tensor: the nodes that read it}, {tensor: the node that makes it})"""
-    readers: dict[str, list] = {}
-    producer = {}
-    for n in model.graph.node:
-        for i in n.input:
-            readers.setdefault(i, []).append(n)
-        for o in n.output:
-            producer[o] = n
-    return readers, producer
+    return consumers(model), {o: n for n in model.graph.node for o in n.output}
 
 
 def weight_sources(model: onnx.ModelProto) -> dict[str, str]:
