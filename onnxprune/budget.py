@@ -6,10 +6,11 @@ a rank r of the OV circuit V, the output projection and the context (the same). 
 where it adds the least loss per MAC saved, until the share is reached: lower a block's QK or OV rank by a step
 (both at once where the block has one head size for Q, K and V, GroupQueryAttention's, in steps of a multiple
 of 16), or drop one of its heads (the one whose output varies least, ``tr(Σ_z W_o,h W_o,hᵀ)`` of its centred
-context, in multi-head and multi-query blocks; with grouped KV heads the rectangle that the rewrite needs is the
-``--ratio`` planner's job). The loss of a step is measured, not assumed: the block at its new ranks and heads, its
-circuits fitted on the calibration batches (``transforms.subspace``) and written into the weights that the
-calibration session feeds (Q, and the output projection with the dropped heads' rows zero), the mean context
+context, in multi-head and multi-query blocks), or, with grouped KV heads, one whole KV group (a KV head with all
+its query heads, the least energy summed over them: the rectangle that the rewrite needs, as ``--gqa group``
+keeps; a decode step no longer reads that group's cache). The loss of a step is measured, not assumed: the block
+at its new ranks and heads, its circuits fitted on the calibration batches (``transforms.subspace``) and written
+into the weights that the calibration session feeds (Q, and the output projection with the dropped heads' rows zero), the mean context
 that the cut loses put back into the output bias (what compensation gives back at least, FLAP's shift), the
 model run on the held-out batches and its outputs compared with the original's (``Calibrator.loss``). Without
 that shift a cut that loses a constant looks dear and one that loses variance cheap: on MiniLM at 50% the
@@ -59,7 +60,7 @@ class BudgetChoice:
 class BudgetPlan:
     """The budget's plan: a choice per block, which plan won (``"mixed"``: the greedy steps; ``"heads"``: whole
     heads alone), and the held-out loss of each candidate with every block cut at once (None: whole heads
-    alone cannot reach the share, e.g. with grouped KV heads or a multi-query block's K and V). ``compensated``:
+    alone cannot reach the share, e.g. where a block has a single head). ``compensated``:
     the compensation the candidates were priced after (None: priced with the mean shift only)."""
 
     choices: tuple
@@ -146,7 +147,7 @@ def plan_budget(cal, moments, blocks, share, circuits=("qk", "ov"), step=None, s
         if unit:
             steps[b.index] = -(-steps[b.index] // unit) * unit
     joint = {b.index for b in blocks if b.one_head_size and set(circuits) == {"qk", "ov"}}
-    order = {b.index: _head_order(moments, b) if heads and "ov" in circuits and _drops_heads(b) else ()
+    order = {b.index: _unit_order(moments, b) if heads and "ov" in circuits and b.num_heads > 1 else ()
              for b in blocks}
 
     def macs(index, config) -> float:
@@ -258,9 +259,9 @@ def plan_budget(cal, moments, blocks, share, circuits=("qk", "ov"), step=None, s
                 new = moments.fit_circuit(index, circuit, new).dims.rank     # whole rotary pairs: what it reaches
             if 1 <= new < rank:
                 yield kept, {**ranks, circuit: new}
-        rest = [h for h in order[index] if h in kept]
+        rest = [unit for unit in order[index] if set(unit) <= set(kept)]
         if len(rest) > 1:
-            yield tuple(h for h in kept if h != rest[0]), ranks
+            yield tuple(h for h in kept if h not in rest[0]), ranks
 
     def shipped_loss(plan) -> float:
         """``plan``'s held-out loss with every block cut at once, after the compensation that follows."""
@@ -316,10 +317,10 @@ def plan_budget(cal, moments, blocks, share, circuits=("qk", "ov"), step=None, s
 
 def _uniform(state, order, macs, allowed, by_index, steps, circuits, moments, loss_of, compensate,
              latency=None) -> BudgetPlan:
-    """Every block the same: ``k`` heads dropped (each block its own least useful, ``order``) and one rank for
-    every circuit; for each ``k``, the largest rank (in the budget's steps, whole rotary pairs where it has them)
-    that brings the MACs to ``allowed``; the candidate with the smallest held-out loss (``loss_of``: every block cut,
-    compensated as it will be shipped) wins."""
+    """Every block the same: ``k`` units dropped (heads or KV groups, each block its own least useful, ``order``)
+    and one rank for every circuit; for each ``k``, the largest rank (in the budget's steps, whole rotary pairs
+    where it has them) that brings the MACs to ``allowed``; the candidate with the smallest held-out loss
+    (``loss_of``: every block cut, compensated as it will be shipped) wins."""
     first = next(iter(state))
     d, step = by_index[first].head_dim, steps[first]
     if any(by_index[i].head_dim != d or by_index[i].num_heads != by_index[first].num_heads for i in state):
@@ -335,8 +336,7 @@ def _uniform(state, order, macs, allowed, by_index, steps, circuits, moments, lo
                     ranks[c] = moments.fit_circuit(first, c, r).dims.rank
             if "ov" in ranks and "qk" in ranks:
                 ranks["ov"] = ranks["qk"]
-            plan = {i: (tuple(h for h in sorted(order[i] or range(by_index[i].num_heads))
-                              if h not in order[i][:k]), dict(ranks)) for i in state}
+            plan = {i: (_keeping(order[i], k) or tuple(range(by_index[i].num_heads)), dict(ranks)) for i in state}
             if sum(macs(i, c) for i, c in plan.items()) <= allowed + 1e-9 * allowed:
                 candidates.append((k, r, plan))
                 break
@@ -356,31 +356,36 @@ def _uniform(state, order, macs, allowed, by_index, steps, circuits, moments, lo
 
 
 def _heads_alone(state, order, macs, allowed, head_dims) -> dict | None:
-    """Whole heads alone at the budget's MACs: every block drops its first ``k`` heads of ``order`` (the same
+    """Whole heads alone at the budget's MACs: every block drops its first ``k`` units of ``order`` (the same
     ``k`` everywhere, the least that brings the MACs to ``allowed``), its ranks whole; None when no ``k`` does."""
     if not state or any(not order[i] for i in state):
         return None
     for k in range(1, min(len(order[i]) for i in state)):
-        plan = {i: (tuple(h for h in sorted(order[i]) if h not in order[i][:k]),
-                    {c: head_dims[i] for c in ranks}) for i, (_, ranks) in state.items()}
+        plan = {i: (_keeping(order[i], k), {c: head_dims[i] for c in ranks})
+                for i, (_, ranks) in state.items()}
         if sum(macs(i, c) for i, c in plan.items()) <= allowed + 1e-9 * allowed:
             return plan
     return None
 
 
-def _drops_heads(block) -> bool:
-    """Whether any one head can go alone: one head per KV head, or one KV head for all."""
-    return block.num_heads > 1 and block.num_kv_heads in (1, block.num_heads)
+def _keeping(order, k: int) -> tuple:
+    """The heads kept when the first ``k`` units of ``order`` (``_unit_order``: every head, in units) go."""
+    dropped = {h for unit in order[:k] for h in unit}
+    return tuple(sorted(h for unit in order for h in unit if h not in dropped))
 
 
-def _head_order(moments, block) -> tuple:
-    """The heads of ``block``, the one whose output varies least on the calibration batches first: the energy
-    ``tr(Σ_z,h G_h)`` of its centred context (its mean goes into the output bias when it is dropped)."""
+def _unit_order(moments, block) -> tuple:
+    """What one step drops in ``block``, the unit whose output varies least on the calibration batches first:
+    single heads where any one can go alone (one head per KV head, or one KV head for all), else whole KV groups.
+    A head's measure is the energy ``tr(Σ_z,h G_h)`` of its centred context (its mean goes into the output bias
+    when it is dropped); a group's, the sum over its query heads."""
     fit, gram = moments.fit[block.index], moments.gram_o[block.index]
     means = fit.get("z_heads_mean", {})
     energy = {h: float(np.trace((fit["z"][h] - (np.outer(means[h], means[h]) if h in means else 0)) @ gram[h]))
               for h in range(block.num_heads)}
-    return tuple(sorted(energy, key=lambda h: (energy[h], h)))
+    units = ([(h,) for h in range(block.num_heads)] if block.num_kv_heads in (1, block.num_heads)
+             else [tuple(g) for g in block.kv_groups])
+    return tuple(sorted(units, key=lambda u: (sum(energy[h] for h in u), u)))
 
 
 def widths_of(model, block) -> int:

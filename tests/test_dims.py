@@ -378,6 +378,33 @@ def test_the_budget_drops_a_head_that_gives_nothing_and_compensates_unless_told_
     assert off.compensate is None and off.reference is None and off.max_error <= 1e-4
 
 
+def test_the_budget_drops_a_whole_kv_group_that_gives_nothing():
+    """With grouped KV heads a step may drop one whole KV group (its KV head and all its query heads: the rectangle
+    the rewrite needs). Planted on a 16-head block on 4 KV groups: the output rows of group 2's four query heads
+    zero. The budget drops exactly that group there (no group would go with the rows intact: the cheapest cuts
+    are ranks), keeps three KV heads, and the cut is exact; whole heads alone are priced too."""
+    from onnx import numpy_helper
+    model = onnx.load(str(MODELS / "llama-gqa4-ts.onnx"))
+    state, _ = matched("llama-gqa4-ts.onnx")
+    b = state.blocks[0]
+    assert b.num_heads == 16 and len(b.kv_groups) == 4
+    calib = synth_inputs(model, seed=2, batch=16, seq=12)
+    honest = prune_model(model, attention_ratio=0.25, calib=calib)
+    assert all(len(c.heads) == 16 for c in honest.budget.choices)
+    group = list(b.kv_groups[2])
+    o = next(i for i in model.graph.initializer if i.name == b.o_proj.weight)
+    w = numpy_helper.to_array(o).copy()
+    rows = np.moveaxis(w, b.o_proj.head_axis, 0)
+    for h in group:
+        rows[h * b.head_dim:(h + 1) * b.head_dim] = 0
+    o.CopyFrom(numpy_helper.from_array(w, o.name))
+    r = prune_model(model, attention_ratio=0.25, calib=calib)
+    assert r.max_error is not None and r.max_error <= 1e-4
+    assert r.kept[0] == tuple(h for h in range(16) if h not in group)
+    assert b.kept_kv_heads(r.kept[0]) == [0, 1, 3]
+    assert r.budget.heads_loss is not None
+
+
 def test_the_budget_prices_a_cut_with_its_mean_put_back():
     """A head whose context is a constant (its V weight zero, its V bias not) writes one fixed vector: dropped with
     that vector put into the output bias, it costs nothing, and the budget drops it (without the shift it
