@@ -230,3 +230,24 @@ def test_bench_decodes_through_the_genai_generator(llama_genai_group, tmp_path, 
     assert (g["context"], g["steps"], g["batch"]) == (30, 5, 2)
     assert all(t > 0 for t in g["step_ms"] + g["prefill_s"])
     assert "generator decode speed-up: measured" in capsys.readouterr().out
+
+
+def test_the_genai_generator_runs_on_the_threads_that_bench_runs_on(llama_genai_group, monkeypatch):
+    """Left to its config, onnxruntime-genai 0.18 runs one intra-op thread (the 1B int4 decoder: 78 ms a step on 1
+    of 2 cores, 41 ms on both), where ONNX Runtime's sessions take every core: each generator is told --threads,
+    by default the cores this process may use."""
+    og = pytest.importorskip("onnxruntime_genai")
+    from onnxprune import bench
+    seen = []
+
+    class Seen(og.Config):
+        def overlay(self, text):
+            seen.append(json.loads(text)["model"]["decoder"]["session_options"]["intra_op_num_threads"])
+            super().overlay(text)
+
+    monkeypatch.setattr(og, "Config", Seen)
+    folders = [MODELS / "llama-genai", llama_genai_group]
+    r = bench.genai_decode(folders, batch=1, context=8, steps=3, warmup=1, threads=1)
+    assert seen == [1, 1] and len(r.step_ms) == 2
+    bench.genai_decode(folders, batch=1, context=8, steps=3, warmup=1)
+    assert seen[2:] == [bench.usable_cores()] * 2
