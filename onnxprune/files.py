@@ -74,23 +74,24 @@ def check_writes(inputs: list[Path], writes: dict[str, Path | None], may_replace
         seen[real] = what
 
 
-def publish(tmp: str | Path, out: Path, reserved: bool = False):
+def publish(tmp: str | Path, out: Path, exclusive: bool = False):
     """Rename ``tmp`` onto ``out`` with the permissions a plain open() would give (mkstemp makes 0600).
 
-    ``reserved``: ``out`` is our own empty placeholder (``_data_name``). It is then replaced by a hard link
-    rather than renamed over: ext4 writes a file's data out before it is renamed over another (0.5 s for
-    2 GB here), and a link fails rather than clobbers if another run took the name in between."""
+    ``exclusive``: ``out`` must not exist (a data file name reserved by its marker, ``save._data_name``): a hard
+    link is made rather than a rename, which fails rather than clobbers if a file took the name in between."""
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o666 & ~umask)
-    if reserved:
-        os.unlink(out)
+    if exclusive:
         try:
             os.link(tmp, out)
         except FileExistsError:
-            raise OutputError(f"{out}: another run took this data file name while this one was writing; "
+            raise OutputError(f"{out}: another program took this data file name while this run was writing; "
                               "run again") from None
         except OSError:               # no hard links on this filesystem
+            if os.path.lexists(out):
+                raise OutputError(f"{out}: another program took this data file name while this run was "
+                                  "writing; run again") from None
             os.replace(tmp, out)
         else:
             os.unlink(tmp)

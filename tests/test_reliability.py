@@ -320,6 +320,33 @@ def test_a_signal_while_writing_leaves_nothing(work, ext, sig, code, external):
     assert list(out.iterdir()) == []
 
 
+def test_a_kill_while_writing_leaves_nothing_under_a_final_name(ext, tmp_path):
+    """SIGKILL (the OOM killer, ``kill -9``) cannot be caught: what the run leaves is what it had made. The data
+    file's name is reserved by a hidden marker, not by an empty file under that name, so nothing that looks like
+    an output is left (before, an empty ``m.onnx.data``); the next run takes the dead run's name over."""
+    out = tmp_path / "out"
+    out.mkdir()
+    patch = "real = onnx.save\ndef save(*a, **k):\n    real(*a, **k)\n    os.kill(os.getpid(), 9)\nonnx.save = save"
+    r = driven(patch, ext, "--ratio", "0.5", "-o", out / "m.onnx")
+    assert r.returncode == -9
+    left = sorted(p.name for p in out.iterdir())
+    assert left and all(name.startswith(".") for name in left), left     # a staging folder and the marker
+    assert ".m.onnx.data.onnxprune-reserved" in left
+    assert cli(ext, "--ratio", "0.5", "-o", out / "m.onnx").returncode == 0
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == ["m.onnx", "m.onnx.data"]
+    assert ".m.onnx.data.onnxprune-reserved" not in {p.name for p in out.iterdir()}
+    onnx.checker.check_model(str(out / "m.onnx"), full_check=True)
+
+
+def test_a_data_name_reserved_by_a_live_run_is_not_taken(ext, tmp_path):
+    """A marker whose process is alive (this one) holds its name: the run takes the next."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".m.onnx.data.onnxprune-reserved").write_text(str(os.getpid()))
+    assert cli(ext, "--ratio", "0.5", "-o", out / "m.onnx").returncode == 0
+    assert sorted(p.name for p in out.iterdir()) == [".m.onnx.data.onnxprune-reserved", "m.onnx", "m.onnx.1.data"]
+
+
 @pytest.mark.parametrize("external", [False, True])
 def test_a_full_disk_is_one_line_and_leaves_nothing(work, ext, external):
     model = ext if external else work / "bert.onnx"

@@ -23,15 +23,15 @@ class Staged:
 
     A model with external data is two files, and no rename makes two files change at once. The data file
     therefore gets a name that no file in the destination folder has (``model.onnx.data``, else
-    ``model.onnx.1.data``, ...), reserved at once by an empty file so that a concurrent run takes another:
-    it is moved in first, where no model reads it, and the model that reads it is renamed last, in one
-    step. A reader sees the old model with its old data, or the new with the new. Then the data files of
+    ``model.onnx.1.data``, ...), reserved at once by a hidden marker (``_data_name``) so that a concurrent run
+    takes another: it is moved in first, where no model reads it, and the model that reads it is renamed last,
+    in one step. A reader sees the old model with its old data, or the new with the new. Then the data files of
     the replaced model that are ours by name, and not in ``keep`` (the input's), are removed."""
 
     def __init__(self, tmpdir: Path, out: Path, data: str | None, keep: frozenset = frozenset()):
         self.dir, self.out, self.data, self.keep = tmpdir, out, data, keep
         self.path = tmpdir / out.name
-        self.reserved = out.parent / data if data else None     # the empty placeholder, until published
+        self.reserved = reservation(out.parent / data) if data else None    # the name's marker, until published
 
     def publish(self):
         moved = False
@@ -39,19 +39,16 @@ class Staged:
         try:
             stale = _stale_data(self.out, self.keep | ({final.resolve()} if final else set()))
             if final is not None:
-                files.publish(self.dir / self.data, final, reserved=True)
+                files.publish(self.dir / self.data, final, exclusive=True)
                 moved = True
             files.publish(self.path, self.out)
         except BaseException as exc:      # unless the model was renamed, none reads the new data: take it back
             if moved and self.path.exists():
                 final.unlink(missing_ok=True)
-            if moved:
-                self.reserved = None
             self.discard()
             if isinstance(exc, OSError):
                 raise files.write_error(self.out, exc) from None
             raise
-        self.reserved = None
         for old in stale:
             old.unlink(missing_ok=True)
         self.discard()
@@ -69,22 +66,65 @@ class Staged:
         self.discard()
 
 
+RESERVED = ".onnxprune-reserved"
+
+
+def reservation(path: Path) -> Path:
+    """The hidden marker that reserves data file name ``path`` while a run writes it (``_data_name``)."""
+    return path.parent / f".{path.name}{RESERVED}"
+
+
 def _data_name(out: Path, avoid: set[Path]) -> str:
-    """A data file name for ``out`` that names no existing file and none of ``avoid``, reserved by creating
-    it empty (exclusively: two runs never get the same name)."""
+    """A data file name for ``out`` that names no existing file and none of ``avoid``, reserved by its hidden
+    marker (``reservation``), created exclusively and holding this process's id: two runs never get the same
+    name, and a run killed outright (SIGKILL, a power cut) leaves nothing under the final name, only a marker
+    that the next run takes over once its process is gone."""
     for n in range(1000):
         name = f"{out.name}.data" if n == 0 else f"{out.name}.{n}.data"
         path = out.parent / name
-        if path.resolve() in avoid:
+        if path.resolve() in avoid or os.path.lexists(path):
             continue
+        if _claim(reservation(path)):
+            if os.path.lexists(path):          # taken by someone who does not reserve names, in between
+                reservation(path).unlink(missing_ok=True)
+                continue
+            return name
+    raise OutputError(f"{out.parent}: too many {out.name}.N.data files; remove the old ones")
+
+
+def _claim(marker: Path) -> bool:
+    """Create ``marker`` exclusively with this process's id; take over one whose process has ended."""
+    for _ in range(2):
         try:
-            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+            fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
         except FileExistsError:
+            if _held(marker):
+                return False
+            marker.unlink(missing_ok=True)
             continue
         except OSError as exc:
-            raise files.write_error(path, exc) from None
-        return name
-    raise OutputError(f"{out.parent}: too many {out.name}.N.data files; remove the old ones")
+            raise files.write_error(marker.parent / marker.name[1:-len(RESERVED)], exc) from None
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        return True
+    return False
+
+
+def _held(marker: Path) -> bool:
+    """Whether the run that wrote ``marker`` may still be writing: its process exists, or it is too new to
+    have written its id (a marker left empty by a run killed at once is free after a minute)."""
+    import time
+    import psutil
+    try:
+        text = marker.read_text().strip()
+        age = time.time() - marker.stat().st_mtime
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True
+    if not text.isdigit():
+        return age < 60
+    return psutil.pid_exists(int(text))
 
 
 def ours(out: Path, name: str) -> bool:
@@ -132,7 +172,7 @@ def stage_model(model: onnx.ModelProto, out: Path, external: bool = False,
     if out.resolve() in keep:
         keep = frozenset()
     data = _data_name(out, {Path(p).resolve() for p in avoid} | keep) if external else None
-    with files.undone_on_failure(lambda: data and (out.parent / data).unlink(missing_ok=True), out):
+    with files.undone_on_failure(lambda: data and reservation(out.parent / data).unlink(missing_ok=True), out):
         tmpdir = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent if str(out.parent) else "."))
     staged = Staged(tmpdir, out, data, keep)
     with files.undone_on_failure(staged.discard, out):
