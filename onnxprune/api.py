@@ -10,12 +10,12 @@ import onnx
 
 from .model import inline
 from . import pipeline, quant, speed
-from .block import AttentionBlock, MatchResult
+from .block import AttentionBlock, MatchResult, Miss
 from .errors import OnnxPruneError, PlanError
 from .model.load import as_model
 from .model.proto import name_nodes
 from .model.graph import to_graph
-from .match import match_graph
+from .match import NO_ATTENTION, has_attention, match_graph
 from .options import PruneOptions, tolerance
 from .probe import probe
 from .verify import masked_model, masked_weights, reference
@@ -86,13 +86,17 @@ def count_result_macs(model: onnx.ModelProto, result: PruneResult, batch: int = 
 count_params = pipeline.count_params
 
 
-def inspect_model(model: onnx.ModelProto, external_dir: str | os.PathLike | None = None) -> MatchResult:
+def inspect_model(model: onnx.ModelProto, external_dir: str | os.PathLike | None = None,
+                  feeds: dict | None = None) -> MatchResult:
     """The attention blocks of ``model`` and the explained misses (``model`` and ``external_dir`` as in
-    prune_model)."""
+    prune_model). ``feeds``: the inputs the probe runs on (synthetic ones where None), for a model that only real
+    data runs."""
     model, external_dir = as_model(model, external_dir)
     model, _ = quant.float_view(name_nodes(model), external_dir)    # a quantized model: its float view
     graph = to_graph(model)
-    shapes, values = probe(model, external_dir=external_dir)
+    if not has_attention(graph):        # nothing to probe for
+        return MatchResult((), (Miss("", "", NO_ATTENTION),))
+    shapes, values = probe(model, feeds, external_dir=external_dir)
     return match_graph(graph, shapes, values, model)
 
 

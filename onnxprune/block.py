@@ -137,6 +137,14 @@ class Miss:
     op: str
     reason: str
 
+    @property
+    def where(self) -> str:
+        """The node by its name, else by its type; '' for the graph as a whole."""
+        return self.node or (f"unnamed node of type {self.op}" if self.op else "")
+
+    def describe(self) -> str:
+        return f"{self.where}: {self.reason}" if self.where else self.reason
+
 
 @dataclass(frozen=True)
 class MatchResult:

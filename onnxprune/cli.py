@@ -253,6 +253,9 @@ def _inspect_parser() -> argparse.ArgumentParser:
                 "the reason.")
     p.add_argument("model", type=Path)
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.add_argument("--calib", type=Path, metavar="DATA.npz",
+                   help="run the model on the first samples of DATA (one array per graph input, as for the "
+                        "prune) instead of synthetic inputs: for a model that only real inputs run")
     return p
 
 
@@ -406,13 +409,15 @@ def np_load(path):
 
 def run_inspect(argv) -> int:
     from .api import inspect_model
+    from .inputs import first_samples
     from .model.external import has_external_data
     from .model.load import load_model
     from .report import format_inspect, graph_inputs, inspect_json
     args = _inspect_parser().parse_args(argv)
     args.model = _model_path(args.model)
     model = load_model(args.model, external_data=False)      # external weights stay on disk, unread
-    result = inspect_model(model, args.model.parent if has_external_data(model) else None)
+    feeds = first_samples(model, _calib(args, model)) if args.calib else None
+    result = inspect_model(model, args.model.parent if has_external_data(model) else None, feeds)
     inputs = graph_inputs(model)
     say(json.dumps(inspect_json(result, inputs), indent=2) if args.json else format_inspect(result, inputs))
     return 0 if result.blocks else 3
@@ -571,10 +576,9 @@ def run_prune(argv) -> int:
         SpeedTarget(args.target_speedup, args.provider, args.batch, args.seq or 128,
                     args.context if args.target_decode else None))
     result = prune_model(model, options=options)
-    missed = [m for m in result.misses if m.node]
+    missed = [m for m in result.misses if m.op]
     if args.strict and missed:
-        raise MatchError(f"--strict: {len(missed)} attention-like node(s) not matched, first {missed[0].node}: "
-                         f"{missed[0].reason}")
+        raise MatchError(f"--strict: {len(missed)} attention-like node(s) not matched, first {missed[0].describe()}")
     result = count_result_macs(model, result, args.batch, args.seq or 128, where, shrink=args.seq is None)
     folder = plan_folder(args.model, out, result, inputs[1:]) if folder_mode and not args.dry_run else []
     if args.report and any(dst.resolve() == args.report.resolve() for dst, _ in folder):

@@ -114,6 +114,50 @@ def _sized(name: str, dims, shape: list[int], hints: dict) -> list[int]:
     return shape
 
 
+_VALUE_KEEPERS = {"Cast", "Identity", "Unsqueeze", "Squeeze", "Reshape", "Flatten", "Expand", "Slice", "Transpose"}
+
+
+def _constant_dims(name: str, inits: dict, producers: dict) -> list[int] | None:
+    """The shape of a constant (an initializer or a Constant node's value), its data left unread."""
+    if name in inits:
+        return list(inits[name].dims)
+    node = producers.get(name)
+    if node is not None and node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+        return list(node.attribute[0].t.dims)
+    return None
+
+
+def table_rows(model: onnx.ModelProto) -> dict[str, int]:
+    """For each integer graph input that indexes a constant table (a ``Gather`` of an initializer, through ops that
+    keep its values: casts and reshapes), the fewest rows of the tables it indexes: the ids it may hold. A token
+    type or language table of 4 rows takes no id of 15."""
+    inits = {i.name: i for i in model.graph.initializer}
+    producers = {o: n for n in model.graph.node for o in n.output}
+    readers: dict[str, list] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            readers.setdefault(i, []).append(n)
+    rows = {}
+    for inp in model.graph.input:
+        if inp.name in inits:
+            continue
+        todo, seen = [inp.name], set()
+        while todo:
+            name = todo.pop()
+            if name in seen:
+                continue
+            seen.add(name)
+            for n in readers.get(name, ()):
+                if n.op_type in _VALUE_KEEPERS and n.input[0] == name:
+                    todo.extend(n.output)
+                elif n.op_type == "Gather" and len(n.input) > 1 and n.input[1] == name:
+                    dims = _constant_dims(n.input[0], inits, producers)
+                    axis = next((a.i for a in n.attribute if a.name == "axis"), 0)
+                    if dims:
+                        rows[inp.name] = min(rows.get(inp.name, dims[axis]), dims[axis])
+    return rows
+
+
 def input_shapes(model: onnx.ModelProto, batch: int, seq: int, past: int = 0) -> dict[str, list[int]]:
     """The shape of every graph input at ``batch`` x ``seq`` with a past of ``past`` tokens, symbolic
     dimensions sized as ``synth_inputs`` sizes them (a KV cache's head size read from the graph)."""
@@ -142,7 +186,8 @@ def plain_input(name: str, dtype, shape: list[int]) -> np.ndarray | None:
 
 def synth_inputs(model: onnx.ModelProto, seed: int = 0, batch: int = BATCH, seq: int = SEQ,
                  past: int = PAST) -> dict[str, np.ndarray]:
-    """Plausible inputs for every graph input: token ids, all-ones masks, positions, random floats.
+    """Plausible inputs for every graph input: token ids (below 16, and within the table they index:
+    ``table_rows``), all-ones masks, positions, random floats.
 
     Symbolic dimensions get ``batch`` when named like a batch, ``past`` (a KV cache's past length) when
     named like a past length, ``past + seq`` when named like a total length, ``seq`` when named like a
@@ -155,6 +200,7 @@ def synth_inputs(model: onnx.ModelProto, seed: int = 0, batch: int = BATCH, seq:
     fixed_batch, fixed_seq = fixed_sizes(model)
     batch, seq = fixed_batch or batch, fixed_seq or seq    # a size fixed in one input holds for the others
     hints = _cache_hints(model)
+    rows = table_rows(model)
     # a sliding-window KV cache (GroupQueryAttention's sliding_window_cache) takes no padded prompt
     pad = not any(n.op_type == "GroupQueryAttention" and any(a.name == "sliding_window_cache" and a.i
                                                               for a in n.attribute) for n in model.graph.node)
@@ -173,10 +219,13 @@ def synth_inputs(model: onnx.ModelProto, seed: int = 0, batch: int = BATCH, seq:
             value = np.ones(shape, dtype=bool)
         elif np.issubdtype(dtype, np.integer):
             value = plain_input(name, dtype, shape)
+            table = rows.get(inp.name, 16)        # ids within the table the input indexes
             if value is None:
-                value = rng.integers(1, 16, size=shape).astype(dtype)
+                value = (rng.integers(1, min(16, table), size=shape) if table > 1 else np.zeros(shape)).astype(dtype)
             elif "mask" in name and pad and value.ndim == 2 and shape[0] > 1 and shape[1] > 2:
                 value[-1, -2:] = 0        # one padded row: masks are really exercised
+            elif value.size and value.max() >= table:      # positions past a small table
+                value = value % max(table, 1)
         else:
             value = rng.standard_normal(shape).astype(dtype)
         feeds[inp.name] = value
@@ -221,3 +270,10 @@ def fixed_sizes(model: onnx.ModelProto) -> tuple[int | None, int | None]:
         if len(dims) == 2 and integer and dims[1].HasField("dim_value") and dims[1].dim_value > 0:
             seqs.add(dims[1].dim_value)
     return (batches.pop() if len(batches) == 1 else None), (seqs.pop() if len(seqs) == 1 else None)
+
+
+def first_samples(model: onnx.ModelProto, calib: dict) -> dict:
+    """The first samples of calibration data, for a probe that synthetic inputs cannot drive: two, or the
+    model's fixed batch. (Few, since the probe keeps every intermediate tensor of its run.)"""
+    size = fixed_sizes(model)[0] or min(2, len(next(iter(calib.values()))))
+    return {k: v[:size] for k, v in calib.items()}

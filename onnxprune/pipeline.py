@@ -29,8 +29,8 @@ from .errors import InputError, MatchError, OnnxPruneError, PlanError, RewriteEr
 from .importance import SOURCES, ImportanceContext, choose, scores_for
 from .importance.initializers import (IMPORTANCE_SUFFIX, IMPORTANCE_TABLE, carry_importance, initializer_importance,
                                       stored_method)
-from .inputs import fixed_sizes, synth_inputs
-from .match import match_graph
+from .inputs import first_samples, synth_inputs
+from .match import NO_ATTENTION, has_attention, match_graph
 from .model.dtypes import FLOAT_TYPES
 from .model.graph import attach_external, to_graph
 from .model.proto import name_nodes
@@ -111,19 +111,21 @@ def match(state: State, options: PruneOptions) -> State:
     """Probe ``state.model`` on ONNX Runtime and match its attention blocks."""
     model = state.model
     graph = to_graph(model)
+    if not has_attention(graph):        # said before inputs are made up and run for nothing
+        raise MatchError(f"0 attention blocks found ({NO_ATTENTION})")
     try:
         shapes, values = probe(model, state.feeds, options.external_dir)
     except InputError:
         if state.feeds is not None or options.calib is None:
             raise
         # the user's data drives the probe where synthetic inputs do not run (sizes only data can tell)
-        state = replace(state, feeds=_calib_feeds(model, options.calib))
+        state = replace(state, feeds=first_samples(model, options.calib))
         shapes, values = probe(model, state.feeds, options.external_dir)
     if options.external_dir is not None:
         release_memory()     # the probe's run is over: hand its heap back before the weights are read
     matched = match_graph(graph, shapes, values, model)
     if not matched.blocks:
-        detail = "; ".join(f"{m.node}: {m.reason}" for m in matched.misses[:3])
+        detail = "; ".join(m.describe() for m in matched.misses[:3])
         raise MatchError(f"0 attention blocks found ({detail})")
     if options.external_dir is not None:
         attach_external(graph, options.external_dir)
@@ -449,10 +451,3 @@ def start(model: onnx.ModelProto, options: PruneOptions) -> State:
     feeds = dict(options.feeds) if options.feeds is not None else None
     view, qv = float_view(named, options.external_dir)    # a quantized model: planned on its float view
     return State(original=model, model=view, feeds=feeds, quant=qv)
-
-
-def _calib_feeds(model: onnx.ModelProto, calib: dict) -> dict:
-    """The first samples of the calibration data, for a probe that synthetic inputs cannot drive: two, or
-    the model's fixed batch. (Few, since the probe keeps every intermediate tensor of its run.)"""
-    size = fixed_sizes(model)[0] or min(2, len(next(iter(calib.values()))))
-    return {k: v[:size] for k, v in calib.items()}

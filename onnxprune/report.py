@@ -89,7 +89,7 @@ def build_report(result: PruneResult, model: str, output: str | None, ratio, con
                 "chosen": result.budget.chosen, "held_out_loss": result.budget.loss,
                 "whole_heads_loss": result.budget.heads_loss, "compensated": result.budget.compensated,
                 "uniform": result.budget.uniform},
-            "misses": [{"node": m.node, "op": m.op, "reason": m.reason} for m in result.misses if m.node]}
+            "misses": [{"node": m.node, "op": m.op, "reason": m.reason} for m in result.misses if m.op]}
 
 
 def format_table(report: dict, every_miss: bool = False) -> str:
@@ -98,7 +98,7 @@ def format_table(report: dict, every_miss: bool = False) -> str:
             + (("D", "QK", "OV", "held-out error") if dims else ())]
     for i, b in enumerate(report["blocks"]):
         note = " (min-heads)" if b.get("min_heads_applied") else ""
-        row = (str(i), b["name"][-48:], b["family"], str(b["num_heads"]), str(len(b["kept_heads"])) + note,
+        row = (str(i), _tail(b["name"], 48), b["family"], str(b["num_heads"]), str(len(b["kept_heads"])) + note,
                ",".join(map(str, b["kept_heads"])))
         if dims:
             err = b.get("held_out_error") or {}
@@ -108,7 +108,9 @@ def format_table(report: dict, every_miss: bool = False) -> str:
     widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
     before, after = report["params_before"], report["params_after"]
-    lines.append(f"parameters: {before:,} -> {after:,} ({100 * (before - after) / max(before, 1):.1f}% fewer)")
+    change = 100 * (before - after) / max(before, 1)
+    lines.append(f"parameters: {before:,} -> {after:,} ({change:.1f}% fewer)" if after <= before else
+                 f"parameters: {before:,} -> {after:,} ({-change:.1f}% more)")
     if report.get("file_bytes"):
         was, now = report["file_bytes"]
         lines.append(f"file size: {_size(was)} -> {_size(now)}" + (" (with external data)" if report.get(
@@ -243,7 +245,8 @@ def format_table(report: dict, every_miss: bool = False) -> str:
         lines.append(f"left whole: {len(misses)} attention-like node(s) not matched, their heads not pruned "
                      "(onnxprune inspect lists them; --strict refuses this)")
         shown = misses if every_miss else misses[:5]
-        lines += [f"  {m['op']} {m['node']}: {m['reason']}" for m in shown]
+        lines += [f"  {m['op']} {m['node']}: {m['reason']}" if m["node"] else
+                  f"  unnamed node of type {m['op']}: {m['reason']}" for m in shown]
         if len(misses) > len(shown):
             lines.append(f"  ... and {len(misses) - len(shown)} more (-v lists them all)")
     return "\n".join(lines)
@@ -285,7 +288,7 @@ def format_inspect(result: MatchResult, inputs: list[dict] | None = None) -> str
     if result.misses:
         lines.append(f"{len(result.misses)} not matched")
         for m in result.misses:
-            lines.append(f"  node {m.node or '-'}: {m.reason}")
+            lines.append(f"  node {m.describe()}" if m.node else f"  {m.describe()}")
     return "\n".join(lines)
 
 
@@ -306,3 +309,8 @@ def json_bytes(data: dict) -> bytes:
 def write_json_atomic(data: dict, path: Path):
     """Write ``data`` as JSON to ``path`` through a temporary file: never half a file in place."""
     StagedFile(Path(path), json_bytes(data)).publish()
+
+
+def _tail(name: str, width: int) -> str:
+    """``name`` in at most ``width`` characters: its end, which says the layer, after an ellipsis."""
+    return name if len(name) <= width else "…" + name[-(width - 1):]

@@ -77,6 +77,56 @@ def test_inspect_explains_a_miss(tmp_path):
     assert "scores_softmax" in r.stdout and "found 0" in r.stdout and "output projection" in r.stdout
 
 
+def test_a_model_without_attention_is_exit_3_before_anything_runs(tmp_path, monkeypatch):
+    """models/no-attention-mlp.onnx runs on a batch of 7 only (a Reshape to 7 rows), so synthetic inputs fail
+    it: the prune and inspect look for attention first and say there is none (exit 3), not that the synthetic
+    run failed (exit 2); nothing is run."""
+    from onnxprune import pipeline
+    model = MODELS / "no-attention-mlp.onnx"
+    for args in ([model, "--ratio", "0.5", "-o", tmp_path / "p.onnx"], ["inspect", model]):
+        r = cli(*args)
+        assert r.returncode == 3, r.stderr
+        assert "no Softmax or attention op: the graph has no attention" in r.stdout + r.stderr
+    assert not (tmp_path / "p.onnx").exists()
+
+    def never(*a, **k):
+        raise AssertionError("the probe ran")
+    monkeypatch.setattr(pipeline, "probe", never)
+    assert main([str(model), "--ratio", "0.5", "--dry-run"]) == 3
+
+
+def test_a_miss_without_a_name_says_its_type():
+    from onnxprune.block import Miss
+    assert Miss("", "Softmax", "why").describe() == "unnamed node of type Softmax: why"
+    assert Miss("s1", "Softmax", "why").describe() == "s1: why"
+    assert Miss("", "", "no attention").describe() == "no attention"
+    report = {"blocks": [], "params_before": 1, "params_after": 1,
+              "misses": [{"node": "", "op": "Softmax", "reason": "why"}]}
+    from onnxprune.report import format_table
+    assert "  unnamed node of type Softmax: why" in format_table(report).splitlines()
+
+
+def test_synthetic_ids_stay_within_the_table_they_index_and_inspect_takes_data(tmp_path):
+    """models/bert-lang-table.onnx: ``lang_ids`` index a table of 4 rows. Synthetic ids stay below 4 (they were
+    drawn up to 15: "indices element out of data bounds"), so it prunes with synthetic inputs; and inspect
+    runs on --calib data where given."""
+    from onnxprune.inputs import synth_inputs, table_rows
+    model = onnx.load(str(MODELS / "bert-lang-table.onnx"))
+    assert table_rows(model)["lang_ids"] == 4
+    for seed in range(5):
+        feeds = synth_inputs(model, seed=seed, batch=4, seq=16)
+        assert feeds["lang_ids"].max() < 4 and feeds["input_ids"].max() >= 4
+    r = cli(MODELS / "bert-lang-table.onnx", "--ratio", "0.5", "--dry-run")
+    assert r.returncode == 0 and "max abs error" in r.stdout, r.stderr
+    data = synth_inputs(model, seed=1, batch=3, seq=9)
+    np.savez(tmp_path / "d.npz", **data)
+    bad = dict(data, lang_ids=np.full_like(data["lang_ids"], 9))
+    np.savez(tmp_path / "bad.npz", **bad)
+    assert cli("inspect", MODELS / "bert-lang-table.onnx", "--calib", tmp_path / "d.npz").returncode == 0
+    r = cli("inspect", MODELS / "bert-lang-table.onnx", "--calib", tmp_path / "bad.npz")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1       # it ran on the data given
+
+
 def _no_attention(path):
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])

@@ -48,6 +48,7 @@ EXPECTED_BLOCKS = {
     "BEiT": _MHA2,                                   # a relative position bias table per block
     "ALBERT": _MHA2,                                 # one layer's weights shared by both blocks
     "BERT, fixed shapes": _MHA2,                     # mask fixed at [2, 7] with dynamic ids; all fixed
+    "BERT, a 4-row language table": _MHA2,           # lang_ids index 4 rows: synthetic ids must stay below
     "Llama, Optimum": _GQA2, "Qwen3, Optimum": _GQA2, "Gemma 3, Optimum": _GQA2,  # optimum's text-generation(-with-past) exports
     "BART": [(4, 4)] * 6, "Whisper": [(4, 4)] * 6,   # 2 encoder self, 2 x (decoder self + cross)
     # ORT's Whisper exporter: cross 0, self 1, cross 1; self 0 is an expected miss (see the manifest)
@@ -288,6 +289,25 @@ def test_blocks_that_share_weights_share_their_slice(name):
         assert len({result.kept[b.index] for b in result.blocks}) == 1
         assert result.params_before - result.params_after == removed
         _check_strict(result.model, model)
+
+
+@pytest.mark.parametrize("name", [n for n in SUPPORTED if MANIFEST[n]["family"] == "ALBERT"])
+def test_blocks_that_share_weights_and_keep_different_heads_never_grow_the_model(name):
+    """Heads given by hand may differ between blocks that share one layer. The shared weights are stored once,
+    cut to the heads that any block keeps, and a block that keeps fewer reads a Gather of them: a block that
+    keeps every head keeps them whole (before, the other block got a sliced copy: the model grew by it), and
+    two blocks that keep heads {1} and {2} keep the weights of those two (2096 parameters fewer, as ratio 0.5)."""
+    model = _load(name)
+    for kept, removed in (({0: [0, 1, 2, 3], 1: [0, 1]}, 0), ({0: [0, 1, 2], 1: [1, 3]}, 0),
+                          ({0: [1], 1: [2]}, 2096), ({0: [0, 1], 1: [0, 1]}, 2096)):
+        result = prune_model(model, kept=kept)
+        assert result.max_error <= ATOL, kept
+        assert result.params_before - result.params_after == removed, kept
+        _check_strict(result.model, model)
+        gathers = [n for n in result.model.graph.node if n.op_type == "Gather" and "__gather" in n.name]
+        assert bool(gathers) == (kept[0] != kept[1]), kept
+        names = {i.name for i in result.model.graph.initializer}
+        assert any("__pruned" in n for n in names) == (removed > 0), names       # the one cut copy, if any
 
 
 @pytest.mark.parametrize("name", [n for n in SUPPORTED if MANIFEST[n]["family"] == "Gemma 3, multi-query"])

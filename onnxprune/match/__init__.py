@@ -31,6 +31,14 @@ def _families() -> tuple:
 FAMILIES = _families()
 
 
+NO_ATTENTION = "no Softmax or attention op: the graph has no attention"
+
+
+def has_attention(graph: gs.Graph) -> bool:
+    """Whether any family finds a core in ``graph``: a question of op types alone, asked before anything runs."""
+    return any(True for fam in FAMILIES for _ in fam.cores(graph))
+
+
 def match_graph(graph: gs.Graph, shapes: dict, values: dict, model=None) -> MatchResult:
     """Every attention block in ``graph`` in graph order, and an explained miss for every core that failed.
     ``model``: the ModelProto of ``graph`` (its nodes named alike), for the exporter's module paths."""
@@ -55,7 +63,7 @@ def match_graph(graph: gs.Graph, shapes: dict, values: dict, model=None) -> Matc
             claimed[n] = block.index
         found.append(block)
     if not anchors:
-        misses.append(Miss("", "", "no Softmax or attention op: the graph has no attention"))
+        misses.append(Miss("", "", NO_ATTENTION))
     return MatchResult(readable_names(tuple(found), model), tuple(misses))
 
 

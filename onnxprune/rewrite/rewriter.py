@@ -1,6 +1,7 @@
 """Apply a plan to the graph: check everything first, then commit all edits at once.
 
-Nothing that other nodes still read is changed in place: a constant that is shared is copied, a shape
+Nothing that other nodes still read is changed in place: a weight that blocks share is stored once, cut to
+what any of them keeps, and read by a Gather where a block keeps less (the model never grows); a shape
 expression is rebuilt beside the original, and a per-head tensor shared between blocks (T5's position
 bias) is narrowed by a Gather in front of each block. Every initializer not cut keeps its bytes. The unit
 of edit is a map on an axis of a tensor (``cut.AxisMap``): keeping heads selects positions, a cut inside the
@@ -33,6 +34,16 @@ FUSED_DIMS = (ORT_ATTENTION, GQA, MHA, ONNX_ATTENTION)     # the fused ops that 
 SIZE_SITES = {"reshape", "expand", "resize", "tile", "head_size"}
 
 
+def _aliases(t) -> list:
+    """``t`` and every tensor that an Identity chain makes of it."""
+    found, todo = [], [t]
+    while todo:
+        cur = todo.pop()
+        found.append(cur)
+        todo.extend(o for c in cur.outputs if c.op == "Identity" for o in c.outputs)
+    return found
+
+
 class Rewriter:
     def __init__(self, graph: gs.Graph, shapes: dict, values: dict):
         self.graph = graph
@@ -43,7 +54,7 @@ class Rewriter:
         self.edits: list[Callable[[], None]] = []
         self.changed_initializers: set[str] = set()
         self.io_keep: dict[str, dict[int, np.ndarray]] = {}   # graph inputs/outputs that lose heads
-        self._slices: dict[tuple, gs.Constant] = {}    # (shared weight, kept positions) -> its one slice
+        self._shared: dict[str, list] = {}     # a weight that blocks share -> [(its tensor, kept positions, nodes)]
         self.cuts: dict[str, dict[int, np.ndarray]] = {}   # constant -> {axis that shrinks: kept positions}
         self._gathers: dict[tuple, gs.Variable] = {}   # (tensor, axis, kept positions) -> its one Gather
 
@@ -108,14 +119,58 @@ class Rewriter:
             self.changed_initializers.add(tensor.name)
             self.edits.append(lambda t=tensor, v=apply_maps(const_value(tensor), lay.maps): set_values(t, v))
             return
-        # a weight that several blocks share (ALBERT's one layer, TorchScript's Identity of equal weights):
-        # blocks that keep the same heads of it share one slice, so the model shrinks as much as it should
-        key = (identity_source(tensor).name, tuple((ax, tuple(map(int, idx))) for ax, idx in sorted(lay.keep.items())))
-        replacement = None if lay.projected else self._slices.get(key)
-        if replacement is None:
+        if lay.projected:          # a graph output (shared weights refuse a projection in ``plan``)
             replacement = gs.Constant(f"{tensor.name}__pruned{next(fresh)}", apply_maps(const_value(tensor), lay.maps))
-            self._slices[key] = replacement
-        self.edits.append(lambda t=tensor, r=replacement: reroute(t, r, block_nodes))
+            self.edits.append(lambda t=tensor, r=replacement: reroute(t, r, block_nodes))
+            return
+        # a weight that several blocks share (ALBERT's one layer, TorchScript's Identity of equal weights): cut
+        # once all blocks are planned (``_plan_shared``)
+        self._shared.setdefault(identity_source(tensor).name, []).append((tensor, dict(lay.keep), block_nodes))
+
+    def _plan_shared(self):
+        """Each weight that blocks share is stored once, cut to the positions that any of its readers keeps:
+        the model never grows. Its readers that keep all of those read it as it is (ALBERT's blocks tied by the
+        planner: one slice for all), the others a Gather of their positions from it, which ONNX Runtime folds
+        into a constant when the session is made. A reader outside the planned blocks (a block that keeps
+        every head is not planned) keeps the weight whole."""
+        for name, uses in self._shared.items():
+            src = self.tensors[name]
+            value = const_value(src)
+            covered = {(t.name, n) for t, _, nodes in uses for n in nodes}
+            whole = src in self.graph.outputs or any((t.name, c.name) not in covered
+                                                     for t in _aliases(src) for c in t.outputs if c.op != "Identity")
+            axes = sorted({ax for _, keep, _ in uses for ax in keep})
+            union = {ax: np.arange(value.shape[ax]) if whole else
+                     np.unique(np.concatenate([keep.get(ax, np.arange(value.shape[ax])) for _, keep, _ in uses]))
+                     for ax in axes}
+            cut = {ax: idx for ax, idx in union.items() if len(idx) < value.shape[ax]}
+            stored = None
+            if cut:
+                for ax, idx in cut.items():
+                    value = np.take(value, idx, axis=ax)
+                stored = gs.Constant(f"{name}__pruned{next(fresh)}", np.ascontiguousarray(value))
+            for tensor, keep, nodes in uses:
+                source = stored if stored is not None else tensor
+                plan = [(ax, np.searchsorted(union[ax], keep[ax])) for ax in axes
+                        if ax in keep and len(keep[ax]) < len(union[ax])]
+                if not plan:
+                    if stored is not None:
+                        self.edits.append(lambda t=tensor, r=stored, nodes=nodes: reroute(t, r, nodes))
+                    continue
+                self.edits.append(lambda t=tensor, src=source, plan=plan, nodes=nodes:
+                                  reroute(t, self._take(src, plan), nodes))
+
+    def _take(self, t, plan):
+        """A Gather of positions of constant ``t`` per axis of ``plan`` ([(axis, positions)])."""
+        cur = t
+        for ax, idx in plan:
+            out = gs.Variable(f"{t.name}__kept{next(fresh)}", dtype=t.dtype)
+            self.graph.nodes.append(gs.Node("Gather", name=f"{t.name}__gather{next(fresh)}", attrs={"axis": int(ax)},
+                                            inputs=[cur, gs.Constant(f"{t.name}__positions{next(fresh)}",
+                                                                     np.asarray(idx, dtype=np.int64))],
+                                            outputs=[out]))
+            cur = out
+        return cur
 
     def _plan_table(self, block: AttentionBlock, table, lays: dict, qk=None):
         """A cos/sin table that a node of the block multiplies along the head size: the same positions of it
@@ -274,6 +329,8 @@ class Rewriter:
         self.edits.append(lambda n=node, v=new_vec, i=index: n.inputs.__setitem__(i, v))
 
     def commit(self):
+        self._plan_shared()
+        self._shared.clear()
         for edit in self.edits:
             edit()
         self.edits.clear()

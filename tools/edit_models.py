@@ -1,0 +1,89 @@
+"""Make the models in ``models/`` that reproduce what other projects' exports do and torch's exporter does not:
+a few lines of onnx helper code over a model exported by ``export_models.py`` (or from nothing), so that each
+class of export that broke onnxprune on a real model has a small copy in the suite (no torch at this step).
+
+* ``bert-lang-table.onnx``: bert-ts with a third integer input, ``lang_ids``, that indexes a language table of 4
+  rows added to the word embeddings (an OCR recogniser's and a TTS model's language / speaker ids): synthetic
+  ids up to 15 overflowed it ("indices element out of data bounds").
+* ``no-attention-mlp.onnx``: two dense layers and no attention, whose input is reshaped to 7 rows: it runs on a
+  batch of 7 and on no synthetic batch; onnxprune must say "no attention" before it runs anything.
+
+    python tools/edit_models.py [--only NAME]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from manifest import MODELS, record  # noqa: E402
+
+
+def bert_lang_table() -> onnx.ModelProto:
+    model = onnx.load(str(MODELS / "bert-ts.onnx"))
+    g = model.graph
+    gather = next(n for n in g.node if n.op_type == "Gather" and n.input[1] == "input_ids")
+    width = next(list(i.dims) for i in g.initializer if i.name == gather.input[0])[1]
+    table = np.random.default_rng(0).standard_normal((4, width)).astype(np.float32) * 0.02
+    g.initializer.append(numpy_helper.from_array(table, "lang_embeddings.weight"))
+    g.input.append(helper.make_tensor_value_info("lang_ids", TensorProto.INT64, ["batch", "sequence"]))
+    word = gather.output[0]
+    summed = word + "_with_lang"
+    for n in g.node:          # every reader of the word embeddings reads them with the language added
+        for k, name in enumerate(n.input):
+            if name == word:
+                n.input[k] = summed
+    at = list(g.node).index(gather) + 1
+    g.node.insert(at, helper.make_node("Gather", ["lang_embeddings.weight", "lang_ids"], ["lang_vectors"],
+                                       name="/model/embeddings/lang_embeddings/Gather"))
+    g.node.insert(at + 1, helper.make_node("Add", [word, "lang_vectors"], [summed],
+                                           name="/model/embeddings/lang_embeddings/Add"))
+    return model
+
+
+def no_attention_mlp() -> onnx.ModelProto:
+    rng = np.random.default_rng(0)
+    w1 = numpy_helper.from_array(rng.standard_normal((6, 16)).astype(np.float32), "fc1.weight")
+    w2 = numpy_helper.from_array(rng.standard_normal((16, 3)).astype(np.float32), "fc2.weight")
+    rows = numpy_helper.from_array(np.array([7, -1], dtype=np.int64), "rows")
+    nodes = [helper.make_node("Reshape", ["x", "rows"], ["x7"], name="rows7"),
+             helper.make_node("MatMul", ["x7", "fc1.weight"], ["h"], name="fc1"),
+             helper.make_node("Relu", ["h"], ["r"], name="relu"),
+             helper.make_node("MatMul", ["r", "fc2.weight"], ["y"], name="fc2")]
+    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [7, 3])], [w1, w2, rows])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="onnx.helper")
+
+
+MAKERS = {
+    "bert-lang-table.onnx": (bert_lang_table, {"family": "BERT, a 4-row language table", "source": "bert-ts.onnx"}),
+    "no-attention-mlp.onnx": (no_attention_mlp, {"family": "no attention", "refused": "no attention"}),
+}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--only", help="make only the model whose file name starts with this")
+    args = ap.parse_args(argv)
+    entries = {}
+    for name, (make, about) in MAKERS.items():
+        if args.only and not name.startswith(args.only):
+            continue
+        model = make()
+        onnx.checker.check_model(model, full_check=True)
+        onnx.save(model, str(MODELS / name))
+        entries[name] = {**about, "exporter": "onnx-helper", "opset": model.opset_import[0].version,
+                         "command": f"python tools/edit_models.py --only {name[:-5]}", "onnx": onnx.__version__}
+        print(f"wrote models/{name}")
+    record(entries)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
