@@ -142,7 +142,7 @@ def _prune_parser() -> argparse.ArgumentParser:
                 usage="onnxprune MODEL (--ratio R | --threshold T | --heads-to-prune FILE) [--qk-dims R] [--v-dims R] "
                       "[options]\n"
                       "       onnxprune score MODEL [--importance METHOD] [--calib DATA.npz] -o SCORED.onnx\n"
-                      "       onnxprune inspect MODEL [--json]\n"
+                      "       onnxprune inspect MODEL [--json] [--calib DATA.npz]\n"
                       "       onnxprune calib MODEL TEXT... -o DATA.npz [--tokenizer PATH] [--seq S]\n"
                       "       onnxprune bench ORIGINAL PRUNED [--provider cpu|cuda|tensorrt] [--batch B] [--seq S]")
     p.add_argument("model", type=Path, help="the .onnx file to prune, or a model folder (GenAI, Optimum: its "
