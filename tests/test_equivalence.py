@@ -58,6 +58,8 @@ EXPECTED_BLOCKS = {
     "ONNX Attention, 3-D": _GQA2,                    # torch.onnx.ops.attention: q_num_heads 8, kv_num_heads 2
     # onnxruntime's quantizers (tools/quantize_models.py): BERT 4 heads of 64, Llama 8 heads of 32 on 4 KV
     "BERT, quantized": [(4, 4)] * 2, "Llama, quantized": [(8, 4)] * 2,
+    # int8 -> Cast -> Mul by a scale, written by hand (tools/edit_models.py) over bert-ts and llama-ts
+    "BERT, int8 by Cast and Mul": _MHA2, "Llama, int8 by Cast and Mul": _GQA2,
 }
 
 

@@ -21,7 +21,7 @@ from conftest import MODELS  # noqa: E402
 
 MANIFEST = json.loads((MODELS / "MANIFEST.json").read_text())["models"]
 QUANTIZED = sorted(n for n, v in MANIFEST.items() if v.get("quantized") and "refused" not in v)
-QUANT_OPS = {"DequantizeLinear", "QuantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "MatMulNBits"}
+QUANT_OPS = {"DequantizeLinear", "QuantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "MatMulNBits", "Cast"}
 
 
 def _load(name):
@@ -30,7 +30,7 @@ def _load(name):
 
 def test_every_form_is_there():
     forms = {MANIFEST[n]["quantized"] for n in QUANTIZED}
-    assert forms == {"dyn", "qdq", "qdq-pc", "nbits32", "nbits128", "int4qdq32", "int4qdq128"}
+    assert forms == {"dyn", "qdq", "qdq-pc", "nbits32", "nbits128", "int4qdq32", "int4qdq128", "cast"}
     assert {n.split("-")[0] for n in QUANTIZED} == {"bert", "llama"}
 
 
@@ -66,7 +66,8 @@ def test_ratio_zero_is_identity(name):
 
 
 @pytest.mark.parametrize("name, what", [("bert-qdq-pc.onnx", "scale"), ("bert-dyn.onnx", "data"),
-                                        ("llama-nbits32.onnx", "scale")])
+                                        ("llama-nbits32.onnx", "scale"), ("bert-int8-cast.onnx", "data"),
+                                        ("llama-int8-cast-rows.onnx", "scale")])
 def test_a_wrong_cut_of_the_quantized_data_fails_verification(monkeypatch, name, what):
     """Plant the fault: the kept columns' scales (or quantized data) taken in the wrong order. The pruned
     model still has every shape right, and verification catches it."""
@@ -231,6 +232,34 @@ def test_head_gates_in_a_quantized_model_are_refused():
         prune_model(gated(_load("bert-dyn.onnx")), 0.5)
 
 
+def test_int8_written_by_hand_is_a_quantized_weight_and_a_cast_alone_is_not():
+    """int8 -> Cast -> Mul by a scale per column (BERT) or per row (Llama, 8 heads on 2 KV heads): every block
+    found (before: 0, "no query projection weight found above the attention"), pruned in its integer form at
+    several ratios and random keep sets, equal to the masked original. A Cast of int8 data that no Mul by a
+    scale follows is not a weight form: such a model is a float model."""
+    import numpy as np
+    from onnxprune.api import inspect_model
+    for name in ("bert-int8-cast.onnx", "llama-int8-cast-rows.onnx"):
+        model = _load(name)
+        assert quant.is_quantized(model) and len(inspect_model(model).blocks) == 2
+        for ratio in (0.25, 0.5, 0.75):
+            r = prune_model(model, ratio)
+            assert r.max_error <= 1e-4 and r.quantized == "int8 by Cast and Mul"
+            ints = [i for i in r.model.graph.initializer if i.data_type == onnx.TensorProto.INT8]
+            assert len(ints) == len([i for i in model.graph.initializer if i.data_type == onnx.TensorProto.INT8])
+        rng = np.random.default_rng(0)
+        blocks = inspect_model(model).blocks
+        for _ in range(3):
+            kept = {b.index: sorted(h for g in b.kv_groups for h in rng.choice(g, size=max(1, len(g) // 2),
+                                                                                replace=False)) for b in blocks}
+            assert prune_model(model, kept=kept).max_error <= 1e-4
+    plain = _load("bert-ts.onnx")
+    plain.graph.initializer.append(numpy_helper.from_array(np.ones((2, 2), np.int8), "table"))
+    plain.graph.node.insert(0, onnx.helper.make_node("Cast", ["table"], ["table_f"], to=onnx.TensorProto.FLOAT))
+    plain.graph.output.append(onnx.helper.make_tensor_value_info("table_f", onnx.TensorProto.FLOAT, [2, 2]))
+    assert not quant.is_quantized(plain)
+
+
 def test_the_forms_are_found_by_themselves_and_a_kind_declared_twice_fails(monkeypatch):
     """Each quantized form is one module of quant/forms/ declaring FORM; the registry finds them, and a second
     module declaring a kind already taken is refused when the registry is built."""
@@ -238,7 +267,7 @@ def test_the_forms_are_found_by_themselves_and_a_kind_declared_twice_fails(monke
 
     from onnxprune.quant import forms
     assert {k: f.label for k, f in forms.FORMS.items()} == {
-        "dq": "QDQ", "integer": "int8 dynamic (MatMulInteger)", "nbits": "MatMulNBits"}
+        "dq": "QDQ", "integer": "int8 dynamic (MatMulInteger)", "nbits": "MatMulNBits", "cast": "int8 by Cast and Mul"}
     real = forms.importlib.import_module
     monkeypatch.setattr(forms.importlib, "import_module", lambda name: SimpleNamespace(FORM=forms.FORMS["dq"])
                         if name.endswith(".nbits") else real(name))

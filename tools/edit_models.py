@@ -5,6 +5,9 @@ class of export that broke onnxprune on a real model has a small copy in the sui
 * ``bert-lang-table.onnx``: bert-ts with a third integer input, ``lang_ids``, that indexes a language table of 4
   rows added to the word embeddings (an OCR recogniser's and a TTS model's language / speaker ids): synthetic
   ids up to 15 overflowed it ("indices element out of data bounds").
+* ``bert-int8-cast.onnx``, ``llama-int8-cast-rows.onnx``: bert-ts and llama-ts (8 heads on 2 KV heads) with
+  every matrix weight as int8 data -> ``Cast`` -> ``Mul`` by a scale per column (``[1, N]``; per row, ``[K, 1]``,
+  for the Llama): weight-only int8 written by hand, which no quantizer of onnxruntime writes.
 * ``no-attention-mlp.onnx``: two dense layers and no attention, whose input is reshaped to 7 rows: it runs on a
   batch of 7 and on no synthetic batch; onnxprune must say "no attention" before it runs anything.
 
@@ -47,6 +50,28 @@ def bert_lang_table() -> onnx.ModelProto:
     return model
 
 
+def int8_by_cast(source: str, per_row: bool) -> onnx.ModelProto:
+    """Every 2-D float initializer that a MatMul reads as its weight, as int8 codes cast to float and scaled
+    (symmetric, the scale per column or per row)."""
+    model = onnx.load(str(MODELS / source))
+    g = model.graph
+    inits = {i.name: i for i in g.initializer}
+    weights = {n.input[1] for n in g.node if n.op_type == "MatMul" and n.input[1] in inits
+               and len(inits[n.input[1]].dims) == 2 and inits[n.input[1]].data_type == TensorProto.FLOAT}
+    for name in sorted(weights):
+        w = numpy_helper.to_array(inits[name])
+        scale = np.abs(w).max(axis=1 if per_row else 0, keepdims=True) / 127
+        scale[scale == 0] = 1
+        codes = np.clip(np.round(w / scale), -127, 127).astype(np.int8)
+        inits[name].CopyFrom(numpy_helper.from_array(codes, f"{name}.int8"))
+        g.initializer.append(numpy_helper.from_array(scale.astype(np.float32), f"{name}.scale"))
+        first = next(k for k, n in enumerate(g.node) if name in n.input)
+        g.node.insert(first, helper.make_node("Mul", [f"{name}.float", f"{name}.scale"], [name], name=f"{name}.Mul"))
+        g.node.insert(first, helper.make_node("Cast", [f"{name}.int8"], [f"{name}.float"], name=f"{name}.Cast",
+                                              to=TensorProto.FLOAT))
+    return model
+
+
 def no_attention_mlp() -> onnx.ModelProto:
     rng = np.random.default_rng(0)
     w1 = numpy_helper.from_array(rng.standard_normal((6, 16)).astype(np.float32), "fc1.weight")
@@ -63,6 +88,11 @@ def no_attention_mlp() -> onnx.ModelProto:
 
 MAKERS = {
     "bert-lang-table.onnx": (bert_lang_table, {"family": "BERT, a 4-row language table", "source": "bert-ts.onnx"}),
+    "bert-int8-cast.onnx": (lambda: int8_by_cast("bert-ts.onnx", per_row=False),
+                            {"family": "BERT, int8 by Cast and Mul", "source": "bert-ts.onnx", "quantized": "cast"}),
+    "llama-int8-cast-rows.onnx": (lambda: int8_by_cast("llama-ts.onnx", per_row=True),
+                                  {"family": "Llama, int8 by Cast and Mul", "source": "llama-ts.onnx",
+                                   "quantized": "cast"}),
     "no-attention-mlp.onnx": (no_attention_mlp, {"family": "no attention", "refused": "no attention"}),
 }
 

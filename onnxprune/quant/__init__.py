@@ -9,7 +9,9 @@ each in ``quant/forms/`` (``quant/form.py`` says what a form offers):
 * ``integer``: ``DynamicQuantizeLinear`` -> ``MatMulInteger`` -> ``Cast`` -> ``Mul`` by the two scales
   (``quantize_dynamic``), seen as one ``MatMul`` of the float input;
 * ``nbits``: ``MatMulNBits`` (int4/int8 blocks along K, a scale and a zero point per block and column: ORT
-  GenAI's ``-p int4`` and ``MatMulNBitsQuantizer``), seen as one ``MatMul`` (and the ``Add`` of its bias).
+  GenAI's ``-p int4`` and ``MatMulNBitsQuantizer``), seen as one ``MatMul`` (and the ``Add`` of its bias);
+* ``cast``: int8 data -> ``Cast`` -> ``Mul`` by a scale per row, column or tensor (weight-only int8 written by
+  hand, as some exporters do), seen as the float weight that the ``Mul`` makes.
 
 After the rewrite, ``refold`` puts the quantized nodes back, each with its quantized data, scales and
 zero points cut to the positions that the float weight kept: columns with their scales, rows in whole
@@ -73,14 +75,23 @@ class QuantView:
         return ", ".join(FORMS[k].label for k in sorted({f.kind for f in self.folded.values()}))
 
 
-def _form_of(node: onnx.NodeProto, inits: dict):
-    """The form whose quantized weight ``node`` holds, or None."""
-    return next((form for form in FORMS.values() if form.detect(node, inits)), None)
+def _form_of(node: onnx.NodeProto, inits: dict, ctx: FoldContext | None = None):
+    """The form whose quantized weight ``node`` holds, or None. A form that its readers decide (``by_readers``)
+    counts only where it folds, given ``ctx``."""
+    form = next((form for form in FORMS.values() if form.detect(node, inits)), None)
+    if form is not None and form.by_readers and (ctx is None or form.fold(node, ctx) is None):
+        return None
+    return form
+
+
+def _context(model: onnx.ModelProto) -> FoldContext:
+    readers, producer = _edges(model)
+    return FoldContext({i.name: i for i in model.graph.initializer}, producer, readers)
 
 
 def is_quantized(model: onnx.ModelProto) -> bool:
-    inits = {i.name for i in model.graph.initializer}
-    return any(_form_of(n, inits) is not None for n in model.graph.node)
+    ctx = _context(model)
+    return any(_form_of(n, ctx.inits, ctx) is not None for n in model.graph.node)
 
 
 def refuse_operator_form(model: onnx.ModelProto):
@@ -111,11 +122,9 @@ def weight_sources(model: onnx.ModelProto) -> dict[str, str]:
     """{float view weight name: the quantized data initializer it stands for} of ``model`` (empty for a float
     model, or one in operator form), without dequantizing anything: what lets a count on the real model
     find the products of a block matched on the view."""
-    inits = {i.name: i for i in model.graph.initializer}
-    readers, producer = _edges(model)
-    ctx, out = FoldContext(inits, producer, readers), {}
+    ctx, out = _context(model), {}
     for n in model.graph.node:
-        form = _form_of(n, inits)
+        form = _form_of(n, ctx.inits, ctx)
         try:
             found = form.fold(n, ctx) if form is not None else None
         except MatchError:          # a form the view refuses: nothing to find
@@ -128,12 +137,12 @@ def weight_sources(model: onnx.ModelProto) -> dict[str, str]:
 def quantized_sizes(model: onnx.ModelProto) -> tuple[dict[str, int], set[str]]:
     """({quantized weight: elements it dequantizes to}, names of their scales and zero points), for counting
     parameters."""
-    inits = {i.name: i for i in model.graph.initializer}
+    ctx = _context(model)
     data, scales = {}, set()
     for n in model.graph.node:
-        form = _form_of(n, inits)
+        form = _form_of(n, ctx.inits, ctx)
         if form is not None:
-            name, count, names = form.size(n, inits)
+            name, count, names = form.size(n, ctx.inits)
             data[name] = count
             scales.update(names)
     return data, scales
@@ -201,7 +210,7 @@ def view(real: onnx.ModelProto, external_dir=None, lazy: bool = True) -> tuple[o
 
     ctx = FoldContext(inits, producer, readers)
     for n in real.graph.node:
-        form = _form_of(n, inits)
+        form = _form_of(n, inits, ctx)
         found = form.fold(n, ctx) if form is not None else None
         if found is None:
             continue

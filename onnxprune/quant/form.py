@@ -52,7 +52,8 @@ class Form:
     view nodes in its place}), or None when this node is not to be folded. ``float_weight(folded,
     arrays)``: the float weight its data dequantizes to. ``cut(folded, keep, arrays)``: its initializers
     cut to ``keep`` ({axis of the float weight: kept positions}) by name, and "__attrs__" for attributes
-    that change."""
+    that change. ``by_readers``: ``detect`` only proposes; what reads the node decides, and ``fold`` says
+    (a ``Cast`` of int8 data is a weight only where a ``Mul`` by a scale follows)."""
 
     kind: str
     label: str
@@ -61,3 +62,4 @@ class Form:
     fold: Callable
     float_weight: Callable
     cut: Callable
+    by_readers: bool = False
