@@ -92,11 +92,11 @@ def inspect_model(model: onnx.ModelProto, external_dir: str | os.PathLike | None
     prune_model). ``feeds``: the inputs the probe runs on (synthetic ones where None), for a model that only real
     data runs."""
     model, external_dir = as_model(model, external_dir)
-    model, _ = quant.float_view(name_nodes(model), external_dir)    # a quantized model: its float view
+    model, qv = quant.float_view(name_nodes(model), external_dir)    # a quantized model: its float view
     graph = to_graph(model)
     if not has_attention(graph):        # nothing to probe for
         return MatchResult((), (Miss("", "", NO_ATTENTION),))
-    shapes, values = probe(model, feeds, external_dir=external_dir)
+    shapes, values = probe(model, feeds, external_dir=external_dir, view=qv is not None)
     return match_graph(graph, shapes, values, model)
 
 

@@ -114,13 +114,13 @@ def match(state: State, options: PruneOptions) -> State:
     if not has_attention(graph):        # said before inputs are made up and run for nothing
         raise MatchError(f"0 attention blocks found ({NO_ATTENTION})")
     try:
-        shapes, values = probe(model, state.feeds, options.external_dir)
+        shapes, values = probe(model, state.feeds, options.external_dir, view=state.quant is not None)
     except InputError:
         if state.feeds is not None or options.calib is None:
             raise
         # the user's data drives the probe where synthetic inputs do not run (sizes only data can tell)
         state = replace(state, feeds=first_samples(model, options.calib))
-        shapes, values = probe(model, state.feeds, options.external_dir)
+        shapes, values = probe(model, state.feeds, options.external_dir, view=state.quant is not None)
     if options.external_dir is not None:
         release_memory()     # the probe's run is over: hand its heap back before the weights are read
     matched = match_graph(graph, shapes, values, model)
@@ -339,7 +339,7 @@ def rewrite(state: State, options: PruneOptions) -> State:
         refuse_requantizing(state)
     graph = state.graph
     dead = rewriting.dead_nodes(graph)
-    rewriter = rewriting.Rewriter(graph, state.shapes, state.values)
+    rewriter = rewriting.Rewriter(graph, state.shapes, state.values, quantized=state.quant is not None)
     for b in state.blocks:
         rewriter.plan(b, state.plans[b.index].kept_heads, state.plans[b.index].dims)       # every check first ...
     rewriter.commit()                                 # ... then every edit

@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from .errors import InputError
+from .errors import InputError, OnnxPruneError
 from .inputs import synth_inputs
 from .model import dtypes
 from .model.proto import copy_without_initializers, large_weights
@@ -57,7 +57,7 @@ def light_copy(model: onnx.ModelProto) -> tuple[onnx.ModelProto, set[str]]:
 
 
 def probe(model: onnx.ModelProto, feeds: dict[str, np.ndarray] | None = None,
-          external_dir: str | os.PathLike | None = None, wanted: set[str] | None = None):
+          external_dir: str | os.PathLike | None = None, wanted: set[str] | None = None, view: bool = False):
     """Shape of every tensor in the main graph from one run, and the values of the small integer ones.
 
     Returns ``(shapes, values)``: ``shapes`` covers initializers too; ``values`` holds the integer tensors
@@ -89,6 +89,9 @@ def probe(model: onnx.ModelProto, feeds: dict[str, np.ndarray] | None = None,
                 have.add(out)
     try:
         sess = session(probe, external_dir=external_dir)
+    except Exception as exc:
+        raise _load_failure(model, external_dir, exc, view) from None
+    try:
         names = [o.name for o in sess.get_outputs()]
         values = sess.run(names, feeds)
     except Exception as exc:
@@ -102,3 +105,21 @@ def probe(model: onnx.ModelProto, feeds: dict[str, np.ndarray] | None = None,
     for init in model.graph.initializer:
         shapes[init.name] = tuple(init.dims)
     return shapes, small
+
+
+def _load_failure(model, external_dir, exc: Exception, view: bool) -> OnnxPruneError:
+    """Whose fault it is that onnxruntime would not load the probe's copy of ``model``: the model's (it does
+    not load either: an ``InputError``), or onnxprune's own (its copy, or its float view of a quantized model,
+    ``view``): never the user's model for the tool's intermediate."""
+    reason = ort_reason(exc)
+    if view:
+        return OnnxPruneError(f"onnxprune's float view of this quantized model does not load in onnxruntime (a fault "
+                              f"of onnxprune, not of the model; please report it): {reason}")
+    if external_dir is None and model.ByteSize() < (1 << 30):       # small enough to try the model itself
+        try:
+            session(model)
+        except Exception as own:
+            return InputError(f"onnxruntime cannot load the model: {ort_reason(own)}")
+        return OnnxPruneError(f"onnxprune's probe copy of the model does not load in onnxruntime, though the model "
+                              f"does (a fault of onnxprune, not of the model; please report it): {reason}")
+    return InputError(f"onnxruntime cannot load the model (or onnxprune's probe copy of it): {reason}")

@@ -30,8 +30,8 @@ def _load(name):
 
 def test_every_form_is_there():
     forms = {MANIFEST[n]["quantized"] for n in QUANTIZED}
-    assert forms == {"dyn", "qdq", "qdq-pc", "nbits32", "nbits128", "int4qdq32", "int4qdq128", "cast"}
-    assert {n.split("-")[0] for n in QUANTIZED} == {"bert", "llama"}
+    assert forms == {"dyn", "qdq", "qdq-pc", "nbits32", "nbits128", "int4qdq32", "int4qdq128", "cast", "dyn-shared"}
+    assert {n.split("-")[0] for n in QUANTIZED} == {"bert", "llama", "albert"}
 
 
 @pytest.mark.parametrize("name", QUANTIZED)
@@ -258,6 +258,52 @@ def test_int8_written_by_hand_is_a_quantized_weight_and_a_cast_alone_is_not():
     plain.graph.node.insert(0, onnx.helper.make_node("Cast", ["table"], ["table_f"], to=onnx.TensorProto.FLOAT))
     plain.graph.output.append(onnx.helper.make_tensor_value_info("table_f", onnx.TensorProto.FLOAT, [2, 2]))
     assert not quant.is_quantized(plain)
+
+
+def test_a_quantized_weight_read_by_several_blocks_is_one_weight_of_the_view():
+    """models/albert-dyn-shared.onnx: each int8 weight of ALBERT's one layer is read by two MatMulInteger nodes.
+    The float view holds one float weight per quantized weight, read by both (before: one per reader under one
+    name, an invalid model); the blocks are tied and cut once, and every int8 weight is still read by both.
+    Heads that differ between the blocks are refused in one line (the integers cannot be cut two ways)."""
+    from collections import Counter
+    from onnxprune.errors import RewriteError
+    model = _load("albert-dyn-shared.onnx")
+    readers = Counter(n.input[1] for n in model.graph.node if n.op_type == "MatMulInteger")
+    assert sorted(readers.values()) == [1] + [2] * 6
+    view, qv = quant.view(model, lazy=False)
+    assert len({i.name for i in view.graph.initializer}) == len(view.graph.initializer)
+    assert sum(len(v) for v in qv.more.values()) == 6
+    for ratio in (0.25, 0.5, 0.75):
+        r = prune_model(model, ratio)
+        assert r.max_error <= 1e-4 and r.params_after < r.params_before
+        assert len(set(r.kept.values())) == 1
+        after = Counter(n.input[1] for n in r.model.graph.node if n.op_type == "MatMulInteger")
+        assert sorted(after.values()) == sorted(readers.values())
+    with pytest.raises(RewriteError, match="give those blocks the same heads"):
+        prune_model(model, kept={0: [0, 1, 2, 3], 1: [0, 1]})
+
+
+def test_a_copy_of_the_model_that_onnxruntime_will_not_load_is_onnxprunes_fault_not_the_models(monkeypatch):
+    """The probe runs a light copy of the model (and, for a quantized one, of its float view): when onnxruntime
+    refuses the copy, the message says it is onnxprune's fault, never that the model or its inputs are bad."""
+    from onnxprune import probe as probing
+    from onnxprune.errors import InputError, OnnxPruneError
+    real = probing.light_copy
+
+    def broken(model):
+        copy, stand_ins = real(model)
+        copy.graph.node.append(onnx.helper.make_node("Relu", ["no such tensor"], ["x_"], name="broken"))
+        return copy, stand_ins
+    monkeypatch.setattr(probing, "light_copy", broken)
+    for name, words in (("bert-ts.onnx", "probe copy of the model"), ("bert-dyn.onnx", "float view")):
+        with pytest.raises(OnnxPruneError, match=f"{words}.*a fault of onnxprune, not of the model") as info:
+            prune_model(_load(name), 0.5)
+        assert not isinstance(info.value, InputError)
+    monkeypatch.setattr(probing, "light_copy", real)
+    bad = _load("bert-ts.onnx")
+    bad.graph.node.append(onnx.helper.make_node("Relu", ["no such tensor"], ["x_"], name="broken"))
+    with pytest.raises(InputError, match="onnxruntime cannot load the model"):
+        probing.probe(bad)
 
 
 def test_the_forms_are_found_by_themselves_and_a_kind_declared_twice_fails(monkeypatch):

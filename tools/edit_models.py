@@ -8,6 +8,9 @@ class of export that broke onnxprune on a real model has a small copy in the sui
 * ``bert-int8-cast.onnx``, ``llama-int8-cast-rows.onnx``: bert-ts and llama-ts (8 heads on 2 KV heads) with
   every matrix weight as int8 data -> ``Cast`` -> ``Mul`` by a scale per column (``[1, N]``; per row, ``[K, 1]``,
   for the Llama): weight-only int8 written by hand, which no quantizer of onnxruntime writes.
+* ``albert-dyn-shared.onnx``: albert-ts with its one layer's weights read directly by both blocks (no
+  Identity), then ``quantize_dynamic``: each int8 weight is read by two ``MatMulInteger`` nodes, as in the
+  quantized ALBERT-style models that broke the float view ("two nodes with same node name").
 * ``no-attention-mlp.onnx``: two dense layers and no attention, whose input is reshaped to 7 rows: it runs on a
   batch of 7 and on no synthetic batch; onnxprune must say "no attention" before it runs anything.
 
@@ -72,6 +75,23 @@ def int8_by_cast(source: str, per_row: bool) -> onnx.ModelProto:
     return model
 
 
+def albert_dyn_shared() -> onnx.ModelProto:
+    import tempfile
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    model = onnx.load(str(MODELS / "albert-ts.onnx"))
+    inits = {i.name for i in model.graph.initializer}
+    alias = {n.output[0]: n.input[0] for n in model.graph.node if n.op_type == "Identity" and n.input[0] in inits}
+    nodes = [n for n in model.graph.node if not (n.op_type == "Identity" and n.output[0] in alias)]
+    for n in nodes:
+        n.input[:] = [alias.get(i, i) for i in n.input]
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    with tempfile.TemporaryDirectory() as tmp:
+        onnx.save(model, f"{tmp}/shared.onnx")
+        quantize_dynamic(f"{tmp}/shared.onnx", f"{tmp}/dyn.onnx", weight_type=QuantType.QInt8)
+        return onnx.load(f"{tmp}/dyn.onnx")
+
+
 def no_attention_mlp() -> onnx.ModelProto:
     rng = np.random.default_rng(0)
     w1 = numpy_helper.from_array(rng.standard_normal((6, 16)).astype(np.float32), "fc1.weight")
@@ -93,6 +113,8 @@ MAKERS = {
     "llama-int8-cast-rows.onnx": (lambda: int8_by_cast("llama-ts.onnx", per_row=True),
                                   {"family": "Llama, int8 by Cast and Mul", "source": "llama-ts.onnx",
                                    "quantized": "cast"}),
+    "albert-dyn-shared.onnx": (albert_dyn_shared, {"family": "ALBERT, quantized", "source": "albert-ts.onnx",
+                                                   "quantized": "dyn-shared"}),
     "no-attention-mlp.onnx": (no_attention_mlp, {"family": "no attention", "refused": "no attention"}),
 }
 
@@ -110,6 +132,9 @@ def main(argv=None) -> int:
         onnx.save(model, str(MODELS / name))
         entries[name] = {**about, "exporter": "onnx-helper", "opset": model.opset_import[0].version,
                          "command": f"python tools/edit_models.py --only {name[:-5]}", "onnx": onnx.__version__}
+        if about.get("quantized"):
+            import onnxruntime
+            entries[name]["onnxruntime"] = onnxruntime.__version__
         print(f"wrote models/{name}")
     record(entries)
     return 0

@@ -51,9 +51,18 @@ ORT_FUSED = {"MatMulIntegerToFloat", "DynamicQuantizeMatMul"}
 @dataclass
 class QuantView:
     real: onnx.ModelProto
-    folded: dict           # view weight name -> Folded
+    folded: dict           # view weight name -> Folded (of its first reader)
     external_dir: object = None
     lazy: set = field(default_factory=set)     # float weights of the view not dequantized yet (placeholders)
+    # view weight name -> the Folded of its other readers: one quantized weight read by several nodes (ALBERT's
+    # shared layer) is one float weight of the view, read by all of them, and cut once for all
+    more: dict = field(default_factory=dict)
+
+    def every(self):
+        """Each reader's Folded: the first of each weight, then the others."""
+        yield from self.folded.values()
+        for others in self.more.values():
+            yield from others
 
     def materialize(self, view: onnx.ModelProto, names=None) -> dict[str, np.ndarray]:
         """Dequantize the placeholders ``names`` (all when None) into ``view``; returns them by name."""
@@ -205,6 +214,7 @@ def view(real: onnx.ModelProto, external_dir=None, lazy: bool = True) -> tuple[o
 
     readers, producer = _edges(real)
     folded: dict[str, Folded] = {}
+    more: dict[str, list] = {}
     replace: dict[str, list] = {}       # real node name -> the view nodes in its place ([] drops it)
     new_inits: list[onnx.TensorProto] = []
 
@@ -215,8 +225,13 @@ def view(real: onnx.ModelProto, external_dir=None, lazy: bool = True) -> tuple[o
         if found is None:
             continue
         f, dims, data_type, in_place = found
-        folded[f.weight] = f
-        new_inits.append(float_weight(f, dims, data_type))
+        if f.weight in folded:          # another reader of the same quantized data: the same float weight
+            if folded[f.weight].data != f.data:
+                raise MatchError(f"two quantized weights would stand for {f.weight!r} in the float view")
+            more.setdefault(f.weight, []).append(f)
+        else:
+            folded[f.weight] = f
+            new_inits.append(float_weight(f, dims, data_type))
         replace.update(in_place)
     if not folded:
         raise MatchError("no quantized weight found")
@@ -239,9 +254,9 @@ def view(real: onnx.ModelProto, external_dir=None, lazy: bool = True) -> tuple[o
     keep = [i for i in out.graph.initializer if i.name in used or i.name not in folded_inputs]
     del out.graph.initializer[:]
     out.graph.initializer.extend(keep + [i for i in new_inits if i.name in used])
-    _drop_value_info(out, {o for f in folded.values() for n in f.nodes for o in n.output
-                           if o not in {m.output[0] for ns in replace.values() for m in ns}})
-    return out, QuantView(real, folded, external_dir, placeholders & {i.name for i in out.graph.initializer})
+    _drop_value_info(out, {o for f in [*folded.values(), *(g for gs in more.values() for g in gs)] for n in f.nodes
+                           for o in n.output if o not in {m.output[0] for ns in replace.values() for m in ns}})
+    return out, QuantView(real, folded, external_dir, placeholders & {i.name for i in out.graph.initializer}, more)
 
 
 def _drop_value_info(model, names):
@@ -274,7 +289,7 @@ def refold(pruned_view: onnx.ModelProto, qv: QuantView, keeps: dict[str, dict[in
             readers_of.setdefault(i, []).append(n.name)
     restored = {n.name for n in out.graph.node}      # real nodes still in the view come back as they are
     real_nodes = {n.name: n for n in real.graph.node}
-    for f in qv.folded.values():
+    for f in qv.every():
         if f.weight not in view_inits:
             if readers_of.get(f.weight):
                 raise PlanError(f"the quantized weight {f.data!r} was replaced while pruning; not supported")
@@ -298,7 +313,7 @@ def refold(pruned_view: onnx.ModelProto, qv: QuantView, keeps: dict[str, dict[in
             node_list = [real_nodes[name] for name in shared] + list(node_list)
             restored.update(shared)
             before.setdefault(f.anchor, []).extend(node_list)
-    gone = {name for f in qv.folded.values() for name in f.view_nodes}
+    gone = {name for f in qv.every() for name in f.view_nodes}
     nodes = []
     for n in out.graph.node:
         if n.name in before:
@@ -357,7 +372,7 @@ def masked(qv: QuantView, view_model: onnx.ModelProto, blocks, kept: dict, zeroe
             n.input[:] = [name if i == x else i for i in n.input]
         at = next(i for i, n in enumerate(out.graph.node) if x in n.output) + 1
         out.graph.node.insert(at, helper.make_node("Mul", [x, f"{name}.value"], [name], name=name))
-    anchors = {f.anchor: f for f in qv.folded.values() if f.anchor}
+    anchors = {f.anchor: f for f in qv.every() if f.anchor}
     for b in blocks:
         keep = set(kept.get(b.index, range(b.num_heads)))
         dropped = {u for u, heads in enumerate(b.units) if len(heads) == 1 and not heads & keep}
@@ -371,8 +386,10 @@ def masked(qv: QuantView, view_model: onnx.ModelProto, blocks, kept: dict, zeroe
             for unit, pos in runs(owner):
                 if unit >= 0:
                     zero_dropped(mask, pos, positions)
-        reader = next((n for n in view_model.graph.node if n.op_type in ("MatMul", "Gemm")
-                       and len(n.input) > 1 and n.input[1] == w), None)
+        readers = [n for n in view_model.graph.node if n.op_type in ("MatMul", "Gemm")
+                   and len(n.input) > 1 and n.input[1] == w]
+        # the block's own reader, where several blocks read one weight
+        reader = next((n for n in readers if n.name in b.nodes), readers[0] if readers else None)
         if reader is None or b.o_proj.head_axis != 0:
             raise PlanError(f"block {b.index} ({b.name}): its output projection is not a MatMul of a quantized "
                             "model that masking understands")

@@ -45,8 +45,9 @@ def _aliases(t) -> list:
 
 
 class Rewriter:
-    def __init__(self, graph: gs.Graph, shapes: dict, values: dict):
+    def __init__(self, graph: gs.Graph, shapes: dict, values: dict, quantized: bool = False):
         self.graph = graph
+        self.quantized = quantized      # a quantized model's float view: a shared weight is cut once, for all
         self.shapes = shapes
         self.values = values
         self.nodes = {n.name: n for n in graph.nodes}
@@ -143,12 +144,21 @@ class Rewriter:
             union = {ax: np.arange(value.shape[ax]) if whole else
                      np.unique(np.concatenate([keep.get(ax, np.arange(value.shape[ax])) for _, keep, _ in uses]))
                      for ax in axes}
+            alike = all(len(keep.get(ax, union[ax])) == len(union[ax]) for _, keep, _ in uses for ax in axes)
+            if self.quantized and not alike:
+                raise RewriteError(f"the quantized weight {name!r} is read by several blocks that keep different "
+                                   "heads of it (or one keeps all); its integers are cut once for all its readers: "
+                                   "give those blocks the same heads (--ratio ties them)")
             cut = {ax: idx for ax, idx in union.items() if len(idx) < value.shape[ax]}
-            stored = None
-            if cut:
-                for ax, idx in cut.items():
-                    value = np.take(value, idx, axis=ax)
-                stored = gs.Constant(f"{name}__pruned{next(fresh)}", np.ascontiguousarray(value))
+            for ax, idx in cut.items():
+                value = np.take(value, idx, axis=ax)
+            if cut and alike and isinstance(src, gs.Constant):     # one cut for every reader: in place, by name
+                self.changed_initializers.add(name)
+                self.edits.append(lambda t=src, v=np.ascontiguousarray(value): set_values(t, v))
+                for tensor, _, _ in uses:
+                    self.cuts[tensor.name] = cut
+                continue
+            stored = gs.Constant(f"{name}__pruned{next(fresh)}", np.ascontiguousarray(value)) if cut else None
             for tensor, keep, nodes in uses:
                 source = stored if stored is not None else tensor
                 plan = [(ax, np.searchsorted(union[ax], keep[ax])) for ax in axes
