@@ -51,6 +51,7 @@ EXPECTED_BLOCKS = {
     "BERT, a 4-row language table": _MHA2,           # lang_ids index 4 rows: synthetic ids must stay below
     "Llama, Optimum": _GQA2, "Qwen3, Optimum": _GQA2, "Gemma 3, Optimum": _GQA2,  # optimum's text-generation(-with-past) exports
     "BART": [(4, 4)] * 6, "Whisper": [(4, 4)] * 6,   # 2 encoder self, 2 x (decoder self + cross)
+    "T5": [(4, 4)] * 6,                              # the same; cross-attention's position bias: zeros
     # ORT's Whisper exporter: cross 0, self 1, cross 1; self 0 is an expected miss (see the manifest)
     "Whisper decoder, ORT-exported": [(4, 4)] * 3,
     "PyTorch nn.TransformerEncoder": _MHA2, "SDPA, scale from the runtime head size": _MHA2,

@@ -376,6 +376,19 @@ def test_tile_of_heads_over_the_batch_and_of_mixed_copies_refused():
         follow(flow, t, "y", np.repeat(HEADS, 2), (0,), "up")
 
 
+def test_constant_of_shape_ends_the_heads_and_its_shape_vector_is_a_site():
+    """T5's cross-attention position bias is zeros of [1, H, S, T] made by ConstantOfShape: reached from the
+    scores, nothing above it carries heads, and its shape vector (which holds H) is a site; reached from its
+    shape input, it is refused."""
+    cs = node("ConstantOfShape", ["shape"], ["y"])
+    flow, t = make_flow([cs], {}, {"shape": np.array([1, H, 5, 5], np.int64)}, shapes={"y": (1, H, 5, 5)})
+    follow(flow, t, "y", HEADS, (1,), "up")
+    assert site_kinds(flow) == ["constant_of_shape"] and "shape" not in flow.maps
+    flow, t = make_flow([cs], {}, {"shape": np.array([1, H, 5, 5], np.int64)}, shapes={"y": (1, H, 5, 5)})
+    with pytest.raises(FlowFail, match="ConstantOfShape's shape input"):
+        follow(flow, t, "shape", HEADS, (0,), "down")
+
+
 def test_a_second_attention_op_in_one_block_is_refused():
     att = node("Attention", ["x", "x", "x"], ["y"])
     flow, t = make_flow([att], {"x": (2, H, 5, D)}, shapes={"y": (2, H, 5, D)}, opset=23)

@@ -365,6 +365,13 @@ def _seq2seq_specs() -> list[Spec]:
             max_position_embeddings=64, use_cache=False), bart_inputs, ex,
             outputs=("last_hidden_state", "encoder_last_hidden_state"), dynamic=bart_dyn))
 
+    for ex in ("ts", "d18"):      # the decoder's cross-attention has a position bias of zeros (ConstantOfShape)
+        specs.append(Spec(f"t5-{ex}", "T5", _hf(
+            "T5Model", "T5Config", "eager", vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=2,
+            num_decoder_layers=2, num_heads=4, relative_attention_num_buckets=8, decoder_start_token_id=0,
+            use_cache=False), bart_inputs, ex,
+            outputs=("last_hidden_state", "encoder_last_hidden_state"), dynamic=bart_dyn))
+
     def whisper_inputs():
         g = torch.Generator().manual_seed(SEED)
         return {"input_features": torch.randn(2, 8, 32, generator=g),

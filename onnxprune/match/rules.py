@@ -428,6 +428,16 @@ def tile(flow, node, direction, trigger):
         flow.sites.append(("tile", node))
 
 
+def constant_of_shape(flow, node, direction, trigger):
+    """A tensor of one value made from a shape vector (T5's cross-attention position bias: zeros of [1, H, S, T],
+    which every decoder layer then reads): nothing above it carries heads; its shape vector holds the head
+    count, rewritten as a Reshape's is (a site)."""
+    if direction != "up":
+        raise FlowFail(node, "ConstantOfShape's shape input carries the head axis")
+    if ("constant_of_shape", node) not in flow.sites:
+        flow.sites.append(("constant_of_shape", node))
+
+
 def quantize_linear(flow, node, direction, trigger):
     """QuantizeLinear / DequantizeLinear of an activation with one scale (QDQ models quantize every
     activation per tensor): elementwise. Per-axis scales on the head path are refused."""
@@ -469,7 +479,7 @@ RULES = {
     "Squeeze": squeeze, "Expand": expand, "Split": split, "Slice": slice_, "Gather": gather, "Concat": concat,
     "MatMul": matmul, "Gemm": gemm, "RotaryEmbedding": rotary_embedding, "Attention": attention, "Resize": resize,
     "GatherElements": gather_elements, "Tile": tile, "QuantizeLinear": quantize_linear,
-    "DequantizeLinear": quantize_linear,
+    "DequantizeLinear": quantize_linear, "ConstantOfShape": constant_of_shape,
     **{op: elementwise for op in ELEMENTWISE}, **{op: norm for op in NORMS}, **{op: reduce for op in REDUCTIONS},
 }
 

@@ -82,6 +82,12 @@ def plan_expand(rw, node, block, layouts, kept_heads):
     plan_reshape(rw, node, block, layouts, kept_heads, expand=True)
 
 
+@site("constant_of_shape")
+def plan_constant_of_shape(rw, node, block, layouts, kept_heads):
+    """The shape vector of a ConstantOfShape (its input 0), the output's shape itself."""
+    plan_reshape(rw, node, block, layouts, kept_heads, index=0)
+
+
 @site("tile")
 def plan_tile(rw, node, block, layouts, kept_heads):
     """Tile repeats keep their values; one computed from a size that shrinks with the heads, as
