@@ -68,7 +68,7 @@ def site_kinds(flow):
 def test_every_op_with_a_rule_is_covered_here():
     covered = {"Transpose", "Reshape", "Flatten", "Unsqueeze", "Squeeze", "Expand", "Split", "Slice", "Gather",
                "Concat", "MatMul", "Gemm", "RotaryEmbedding", "Attention", "Resize", "GatherElements", "Tile",
-               "QuantizeLinear", "DequantizeLinear"}
+               "QuantizeLinear", "DequantizeLinear", "ConstantOfShape"}
     assert set(rules.RULES) - set(rules.ELEMENTWISE) - set(rules.NORMS) - set(rules.REDUCTIONS) == covered
     assert rules.rule_for("Conv") is None
 
