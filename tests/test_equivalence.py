@@ -62,6 +62,8 @@ EXPECTED_BLOCKS = {
     # int8 -> Cast -> Mul by a scale, written by hand (tools/edit_models.py) over bert-ts and llama-ts
     "BERT, int8 by Cast and Mul": _MHA2, "Llama, int8 by Cast and Mul": _GQA2,
     "ALBERT, quantized": _MHA2,                      # quantize_dynamic of one layer read by both blocks
+    # saved by ONNX Runtime after its CPU optimizations: FusedMatMul scores, a Split of the shape vector
+    "BERT, saved by ONNX Runtime's CPU optimizer": _MHA2, "Llama, saved by ONNX Runtime's CPU optimizer": _GQA2,
 }
 
 

@@ -68,7 +68,7 @@ def site_kinds(flow):
 def test_every_op_with_a_rule_is_covered_here():
     covered = {"Transpose", "Reshape", "Flatten", "Unsqueeze", "Squeeze", "Expand", "Split", "Slice", "Gather",
                "Concat", "MatMul", "Gemm", "RotaryEmbedding", "Attention", "Resize", "GatherElements", "Tile",
-               "QuantizeLinear", "DequantizeLinear", "ConstantOfShape"}
+               "QuantizeLinear", "DequantizeLinear", "ConstantOfShape", "FusedMatMul"}
     assert set(rules.RULES) - set(rules.ELEMENTWISE) - set(rules.NORMS) - set(rules.REDUCTIONS) == covered
     assert rules.rule_for("Conv") is None
 
@@ -305,6 +305,25 @@ def test_matmul_scores_reach_q_and_k_and_the_output_projection_contracts():
     assert "out" not in flow.maps and [c[1] for c in flow.contractions] == ["w"]
 
 
+def test_fused_matmul_scores_follow_its_transposed_b_and_refuse_other_transposes():
+    """ONNX Runtime's FusedMatMul (MatMulScaleFusion): the scores q x k^T with k given as [B, H, S, D] and
+    transB, and the scale in alpha; a transposed A or batch axis is refused."""
+    fm = helper.make_node("FusedMatMul", ["q", "k"], ["s"], name="fm", domain="com.microsoft", alpha=0.5, transB=1)
+    flow, t = make_flow([fm], {"q": (2, H, 5, D), "k": (2, H, 7, D)}, shapes={"s": (2, H, 5, 7)})
+    follow(flow, t, "s", HEADS, (1,), "up", role="s")
+    assert owner_of(flow, "q") == ((1,), HEADS.tolist()) and owner_of(flow, "k") == ((1,), HEADS.tolist())
+    assert flow.roles["k"] == {"k"}
+    w = np.zeros((16, F), np.float32)          # a weight given transposed: its columns hold the heads
+    flow, t = make_flow([helper.make_node("FusedMatMul", ["ctx", "w"], ["out"], name="fm2", domain="com.microsoft",
+                                          transB=1)], {"ctx": (2, 5, F)}, {"w": w}, shapes={"out": (2, 5, 16)})
+    follow(flow, t, "ctx", MERGED, (2,), "down", role="o")
+    assert owner_of(flow, "w") == ((1,), MERGED.tolist())
+    fa = helper.make_node("FusedMatMul", ["q", "k"], ["s"], name="fm3", domain="com.microsoft", transA=1)
+    flow, t = make_flow([fa], {"q": (2, H, D, 5), "k": (2, H, D, 7)}, shapes={"s": (2, H, 5, 7)})
+    with pytest.raises(FlowFail, match="transposed A"):
+        follow(flow, t, "s", HEADS, (1,), "up", role="s")
+
+
 def test_matmul_refuses_heads_on_its_right_operand_downstream():
     flow, t = make_flow([node("MatMul", ["a", "b"], ["y"])], {"a": (2, 5, F), "b": (2, F, 16)})
     with pytest.raises(FlowFail, match="right operand carries the head axis"):
@@ -427,6 +446,16 @@ def test_shape_expressions_locate_each_element():
     assert shape_expr.locate(t2["ones"], 2, flow2.shapes) == shape_expr.Const(1)   # Expand's no-op shape
     runtime = shape_expr.locate(t["x"], 0, flow.shapes)
     assert isinstance(runtime, shape_expr.Unknown) and "graph input" in runtime.why
+
+
+def test_a_split_of_a_shape_vector_locates_each_part():
+    """ONNX Runtime's optimizer turns Gathers of a shape vector into one Split: each part is its slice."""
+    nodes = [helper.make_node("Shape", ["x"], ["s"], name="shape"),
+             helper.make_node("Split", ["s", "sizes"], ["p0", "p1"], name="split", axis=0)]
+    flow, t = make_flow(nodes, {"x": (2, 5, F)}, {"sizes": np.array([1, 2], np.int64)},
+                        shapes={"p0": (1,), "p1": (2,)})
+    assert shape_expr.locate(t["p0"], 0, flow.shapes) == shape_expr.Dim("x", 0)
+    assert shape_expr.locate(t["p1"], 1, flow.shapes) == shape_expr.Dim("x", 2)
 
 
 def test_shape_expressions_rebuild_without_touching_shared_tensors():

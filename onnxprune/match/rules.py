@@ -280,19 +280,26 @@ def concat(flow, node, direction, trigger):
 
 
 def matmul(flow, node, direction, trigger):
+    """MatMul, and ONNX Runtime's FusedMatMul (a MatMul with a scale ``alpha`` and a transposed B folded in, as
+    its CPU optimizer writes the scores of a saved model): the heads follow the batch axes and the rows of A /
+    columns of B."""
     a, b = node.inputs[:2]
     y = node.outputs[0]
     sa, sb, sy = flow.shape(a), flow.shape(b), flow.shape(y)
     ra, rb, ry = len(sa), len(sb), len(sy)
     if ra < 2 or rb < 2:
         raise FlowFail(node, "MatMul with a 1-D operand on the head path")
+    if any(node.attrs.get(k, 0) for k in ("transA", "transBatchA", "transBatchB")):
+        raise FlowFail(node, f"{node.op} with a transposed A or batch axes; not supported")
+    tb = int(node.attrs.get("transB", 0))        # FusedMatMul: B given as its transpose
+    b_rows, b_cols = (rb - 1, rb - 2) if tb else (rb - 2, rb - 1)
     core = not is_const(a) and not is_const(b)
     if direction == "up":
         hm = flow.maps[y.name]
         role = flow.role_of(y)
         ra_role, rb_role = ("q", "k") if core and "s" in role else (role, role)
         a_axes = {ax: ra - 2 for ax in hm.axes if ax == ry - 2}
-        b_axes = {ax: rb - 1 for ax in hm.axes if ax == ry - 1}
+        b_axes = {ax: b_cols for ax in hm.axes if ax == ry - 1}
         flow.matmul_side(node, a, hm, sy, a_axes, ra_role)
         flow.matmul_side(node, b, hm, sy, b_axes, rb_role)
         return
@@ -303,7 +310,7 @@ def matmul(flow, node, direction, trigger):
         if contracted:
             if len(hm.axes) > 1:
                 raise FlowFail(node, "MatMul contracts a tensor with several head axes")
-            flow.assign(b, HeadMap((rb - 2,), hm.owner), "up", node, "o")
+            flow.assign(b, HeadMap((b_rows,), hm.owner), "up", node, "o")
             flow.contractions.append((node, b.name))
             return
         out_axes = {ax + (ry - ra): ax for ax in hm.axes}
@@ -477,7 +484,7 @@ def reduce(flow, node, direction, trigger):
 RULES = {
     "Transpose": transpose, "Reshape": reshape, "Flatten": reshape, "Unsqueeze": unsqueeze,
     "Squeeze": squeeze, "Expand": expand, "Split": split, "Slice": slice_, "Gather": gather, "Concat": concat,
-    "MatMul": matmul, "Gemm": gemm, "RotaryEmbedding": rotary_embedding, "Attention": attention, "Resize": resize,
+    "MatMul": matmul, "FusedMatMul": matmul, "Gemm": gemm, "RotaryEmbedding": rotary_embedding, "Attention": attention, "Resize": resize,
     "GatherElements": gather_elements, "Tile": tile, "QuantizeLinear": quantize_linear,
     "DequantizeLinear": quantize_linear, "ConstantOfShape": constant_of_shape,
     **{op: elementwise for op in ELEMENTWISE}, **{op: norm for op in NORMS}, **{op: reduce for op in REDUCTIONS},

@@ -123,6 +123,16 @@ def locate(t, j: int | None, shapes) -> object:
         start = int(np.atleast_1d(starts)[0])
         start = max(0, start + n if start < 0 else min(start, n))
         return locate(node.inputs[0], start + (j or 0), shapes)
+    if op == "Split" and node.attrs.get("axis", 0) in (0, -1):
+        # ONNX Runtime's optimizer turns Gathers and Slices of a shape vector into one Split
+        off = 0
+        for out in node.outputs:
+            if out is t:
+                return locate(node.inputs[0], off + (j or 0), shapes)
+            n = _len(shapes, out)
+            if n is None:
+                return Unknown(f"unknown length of {out.name}")
+            off += n
     if op == "Gather" and node.inputs[0].inputs and node.inputs[0].inputs[0].op == "Shape":
         idx = const_value(node.inputs[1])
         if idx is None:
