@@ -21,7 +21,8 @@ from conftest import MODELS  # noqa: E402
 
 MANIFEST = json.loads((MODELS / "MANIFEST.json").read_text())["models"]
 QUANTIZED = sorted(n for n, v in MANIFEST.items() if v.get("quantized") and "refused" not in v)
-QUANT_OPS = {"DequantizeLinear", "QuantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "MatMulNBits", "Cast"}
+QUANT_OPS = {"DequantizeLinear", "QuantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "MatMulNBits", "Cast",
+             "DynamicQuantizeMatMul", "MatMulIntegerToFloat"}
 
 
 def _load(name):
@@ -30,7 +31,8 @@ def _load(name):
 
 def test_every_form_is_there():
     forms = {MANIFEST[n]["quantized"] for n in QUANTIZED}
-    assert forms == {"dyn", "qdq", "qdq-pc", "nbits32", "nbits128", "int4qdq32", "int4qdq128", "cast", "dyn-shared"}
+    assert forms == {"dyn", "qdq", "qdq-pc", "nbits32", "nbits128", "int4qdq32", "int4qdq128", "cast", "dyn-shared",
+                     "dyn-ort", "dyn-shared-ort"}
     assert {n.split("-")[0] for n in QUANTIZED} == {"bert", "llama", "albert"}
 
 
@@ -67,7 +69,8 @@ def test_ratio_zero_is_identity(name):
 
 @pytest.mark.parametrize("name, what", [("bert-qdq-pc.onnx", "scale"), ("bert-dyn.onnx", "data"),
                                         ("llama-nbits32.onnx", "scale"), ("bert-int8-cast.onnx", "data"),
-                                        ("llama-int8-cast-rows.onnx", "scale")])
+                                        ("llama-int8-cast-rows.onnx", "scale"), ("bert-dyn-ort-extended.onnx", "data"),
+                                        ("albert-dyn-shared-ort-extended.onnx", "data")])
 def test_a_wrong_cut_of_the_quantized_data_fails_verification(monkeypatch, name, what):
     """Plant the fault: the kept columns' scales (or quantized data) taken in the wrong order. The pruned
     model still has every shape right, and verification catches it."""
@@ -138,18 +141,24 @@ def test_int4_packing_round_trips():
     assert np.array_equal(codes.pack(np.array([[1, 2, 3]], np.uint8), 4), np.array([[0x21, 0x03]], np.uint8))
 
 
-def test_an_int8_model_saved_after_ort_optimizations_is_refused_with_the_way_out(tmp_path):
-    """ONNX Runtime's optimizer fuses quantize_dynamic's ops into DynamicQuantizeMatMul and
-    MatMulIntegerToFloat (and the attention's MatMul into FusedMatMul): say which model to prune instead."""
-    import onnxruntime as ort
-    from onnxprune.errors import MatchError
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-    so.optimized_model_filepath = str(tmp_path / "optimized.onnx")
-    ort.InferenceSession(str(MODELS / "bert-dyn.onnx"), so, providers=["CPUExecutionProvider"])
-    with pytest.raises(MatchError, match="saved after ONNX Runtime's graph optimizations.*prune the model that the "
-                                         "quantizer wrote"):
-        prune_model(onnx.load(so.optimized_model_filepath), 0.5)
+def test_an_int8_model_saved_after_ort_optimizations_is_pruned_in_its_fused_form():
+    """ONNX Runtime's CPU optimizer fuses quantize_dynamic's ops into DynamicQuantizeMatMul (one weight per input)
+    and MatMulIntegerToFloat (several weights of one input: a DynamicQuantizeLinear before them), the scores into
+    FusedMatMul and the bias Adds into both. Those are quantized forms too (before: refused): the model is
+    pruned in them, every weight still int8, its scale, zero point and bias cut with its columns; with one
+    ALBERT layer's weights read by both blocks as well."""
+    from collections import Counter
+    for name in ("bert-dyn-ort-extended.onnx", "albert-dyn-shared-ort-extended.onnx"):
+        model = _load(name)
+        ops = Counter(n.op_type for n in model.graph.node)
+        assert ops["DynamicQuantizeMatMul"] and ops["MatMulIntegerToFloat"] and not ops["MatMulInteger"]
+        for ratio in (0.25, 0.5):
+            r = prune_model(model, ratio)
+            assert r.max_error <= 1e-4 and r.params_after < r.params_before
+            after = Counter(n.op_type for n in r.model.graph.node)
+            assert all(after[op] == ops[op] for op in QUANT_OPS | {"FusedMatMul"})
+    labels = prune_model(_load("bert-dyn-ort-extended.onnx"), 0.5).quantized
+    assert labels == "int8 dynamic fused by ORT (DynamicQuantizeMatMul), int8 dynamic fused by ORT (MatMulIntegerToFloat)"
 
 
 @pytest.mark.parametrize("name", ["bert-qdq-pc.onnx", "llama-dyn.onnx", "llama-nbits32.onnx"])
@@ -313,7 +322,9 @@ def test_the_forms_are_found_by_themselves_and_a_kind_declared_twice_fails(monke
 
     from onnxprune.quant import forms
     assert {k: f.label for k, f in forms.FORMS.items()} == {
-        "dq": "QDQ", "integer": "int8 dynamic (MatMulInteger)", "nbits": "MatMulNBits", "cast": "int8 by Cast and Mul"}
+        "dq": "QDQ", "integer": "int8 dynamic (MatMulInteger)", "nbits": "MatMulNBits", "cast": "int8 by Cast and Mul",
+        "dqmatmul": "int8 dynamic fused by ORT (DynamicQuantizeMatMul)",
+        "inttofloat": "int8 dynamic fused by ORT (MatMulIntegerToFloat)"}
     real = forms.importlib.import_module
     monkeypatch.setattr(forms.importlib, "import_module", lambda name: SimpleNamespace(FORM=forms.FORMS["dq"])
                         if name.endswith(".nbits") else real(name))
@@ -365,8 +376,8 @@ def test_an_int4_folder_has_the_ideal_speed_up_of_its_fp32_folder(pair):
 
 def test_quantized_ops_the_tool_does_not_prune_are_counted_too(tmp_path):
     """The int8 model after ONNX Runtime's optimizer (DynamicQuantizeMatMul, MatMulIntegerToFloat, FusedMatMul)
-    and in operator form (QLinearMatMul) are refused by the prune, but ``bench`` times them: they count the
-    products of the model that they were made from."""
+    and in operator form (QLinearMatMul, which the prune refuses) count the products of the model that they were
+    made from."""
     import onnxruntime as ort
     from onnxprune.macs import count_macs
     so = ort.SessionOptions()

@@ -15,6 +15,9 @@ class of export that broke onnxprune on a real model has a small copy in the sui
   CPU graph optimizations (``ORT_ENABLE_EXTENDED``, ``optimized_model_filepath``), as users save a model to load
   it faster: the scores become ``FusedMatMul`` (scale and transpose folded in) and the shape arithmetic a
   ``Split`` of the shape vector.
+* ``bert-dyn-ort-extended.onnx``, ``albert-dyn-shared-ort-extended.onnx``: bert-dyn and albert-dyn-shared saved
+  the same way: ``quantize_dynamic``'s int8 matmuls become ``DynamicQuantizeMatMul`` and ``MatMulIntegerToFloat``
+  (the quantized ALBERT-style model of issue 25 had been through that optimizer).
 * ``no-attention-mlp.onnx``: two dense layers and no attention, whose input is reshaped to 7 rows: it runs on a
   batch of 7 and on no synthetic batch; onnxprune must say "no attention" before it runs anything.
 
@@ -96,14 +99,18 @@ def albert_dyn_shared() -> onnx.ModelProto:
         return onnx.load(f"{tmp}/dyn.onnx")
 
 
-def ort_extended(source: str) -> onnx.ModelProto:
+def ort_extended(source) -> onnx.ModelProto:
+    """``source`` (a file in models/, or a maker of a model) as ONNX Runtime saves it after its CPU optimizations."""
     import tempfile
     import onnxruntime as ort
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
     with tempfile.TemporaryDirectory() as tmp:
+        path = str(MODELS / source) if isinstance(source, str) else f"{tmp}/source.onnx"
+        if not isinstance(source, str):
+            onnx.save(source(), path)
         opts.optimized_model_filepath = f"{tmp}/opt.onnx"
-        ort.InferenceSession(str(MODELS / source), opts, providers=["CPUExecutionProvider"])
+        ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
         return onnx.load(f"{tmp}/opt.onnx")
 
 
@@ -136,6 +143,12 @@ MAKERS = {
     "llama-ort-extended.onnx": (lambda: ort_extended("llama-ts.onnx"),
                                 {"family": "Llama, saved by ONNX Runtime's CPU optimizer", "source": "llama-ts.onnx",
                                  "ort_optimized": "extended"}),
+    "bert-dyn-ort-extended.onnx": (lambda: ort_extended("bert-dyn.onnx"),
+                                   {"family": "BERT, quantized", "source": "bert-dyn.onnx", "quantized": "dyn-ort",
+                                    "ort_optimized": "extended"}),
+    "albert-dyn-shared-ort-extended.onnx": (lambda: ort_extended(albert_dyn_shared),
+                                            {"family": "ALBERT, quantized", "source": "albert-dyn-shared.onnx",
+                                             "quantized": "dyn-shared-ort", "ort_optimized": "extended"}),
     "no-attention-mlp.onnx": (no_attention_mlp, {"family": "no attention", "refused": "no attention"}),
 }
 

@@ -10,6 +10,8 @@ each in ``quant/forms/`` (``quant/form.py`` says what a form offers):
   (``quantize_dynamic``), seen as one ``MatMul`` of the float input;
 * ``nbits``: ``MatMulNBits`` (int4/int8 blocks along K, a scale and a zero point per block and column: ORT
   GenAI's ``-p int4`` and ``MatMulNBitsQuantizer``), seen as one ``MatMul`` (and the ``Add`` of its bias);
+* ``dqmatmul``, ``inttofloat``: what ONNX Runtime's CPU optimizer makes of ``integer`` in a model saved after it,
+  ``DynamicQuantizeMatMul`` and ``MatMulIntegerToFloat`` (with the bias folded in), each seen as one ``MatMul``;
 * ``cast``: int8 data -> ``Cast`` -> ``Mul`` by a scale per row, column or tensor (weight-only int8 written by
   hand, as some exporters do), seen as the float weight that the ``Mul`` makes.
 
@@ -44,8 +46,6 @@ from .forms import FORMS
 
 OPERATOR_FORM = {"QLinearMatMul", "QAttention", "QLinearConv", "QGemm", "QOrderedAttention", "QOrderedMatMul",
                  "QLinearSoftmax"}
-# what ONNX Runtime's graph optimizer makes of quantize_dynamic's ops, in a model saved after optimization
-ORT_FUSED = {"MatMulIntegerToFloat", "DynamicQuantizeMatMul"}
 
 
 @dataclass
@@ -105,10 +105,6 @@ def is_quantized(model: onnx.ModelProto) -> bool:
 
 def refuse_operator_form(model: onnx.ModelProto):
     for n in model.graph.node:
-        if n.op_type in ORT_FUSED:
-            raise MatchError(f"{n.op_type} node {n.name!r}: this int8 model was saved after ONNX Runtime's graph "
-                             "optimizations, which fuse the quantized matmuls; prune the model that the quantizer "
-                             "wrote (or the float model, then quantize it)")
         if n.op_type in OPERATOR_FORM:
             raise MatchError(f"the model is quantized in operator form ({n.op_type} node {n.name!r}), whose "
                              "heads cannot be followed through fused integer ops; prune the float model, then "

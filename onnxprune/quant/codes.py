@@ -113,3 +113,24 @@ def take(a: np.ndarray, keep: dict) -> np.ndarray:
 
 def typed(value: np.ndarray, like: np.ndarray) -> np.ndarray:
     return value.astype(like.dtype, copy=False)
+
+
+# ------------------------------------------------------------------ ONNX Runtime's fused int8 matmuls
+def fused_matmul_view(node, x: str, weight: str, bias: str | None) -> list:
+    """The view nodes that stand for an ORT-fused int8 matmul ``node``: MatMul(``x``, ``weight``) under the node's
+    name, and the Add of ``bias`` where it has one."""
+    out = node.output[0]
+    nodes = [helper.make_node("MatMul", [x, weight], [f"{out}.onnxprune_nobias" if bias else out], name=node.name)]
+    if bias:
+        nodes.append(helper.make_node("Add", [nodes[0].output[0], bias], [out], name=f"{node.name}.bias"))
+    return nodes
+
+
+def cut_columns(f, keep: dict, arr) -> dict:
+    """A weight quantized per column or per tensor (``f.scale``, ``f.zero``, a bias in ``f.extra``): the data cut
+    as the float weight [K, N] is, the per-column vectors and the bias along the columns."""
+    out = {f.data: take(arr(f.data), keep)}
+    for name in (f.scale, f.zero, *f.extra):
+        if name and 1 in keep and arr(name).size > 1:
+            out[name] = arr(name)[keep[1]]
+    return out
