@@ -30,6 +30,7 @@ import numpy as np
 import onnx
 
 from .errors import InputError
+from .inputs import takes_past
 
 PROVIDERS = {
     "cpu": ["CPUExecutionProvider"],
@@ -288,11 +289,6 @@ def session_memory(path, provider: str, threads, feeds) -> tuple[int | None, int
 LENGTHS = (128, 64, 32, 16, 8)      # tried in turn when no length is given
 
 
-def has_cache(model: onnx.ModelProto) -> bool:
-    inits = {t.name for t in model.graph.initializer}
-    return any("past" in i.name.lower() for i in model.graph.input if i.name not in inits)
-
-
 def decode_inputs(model: onnx.ModelProto, batch: int, context: int) -> dict[str, np.ndarray]:
     """One new token per sequence, a KV cache of ``context`` tokens (random values), every mask all ones."""
     from .inputs import synth_inputs
@@ -415,7 +411,7 @@ def bench(original, pruned, provider: str = "cpu", batch: int = 1, seq: int | No
     paths = [Path(original), Path(pruned)]
     graphs = graphs or [load_model(p, external_data=False) for p in paths]
     if decode:
-        missing = [str(p) for p, g in zip(paths, graphs) if not has_cache(g)]
+        missing = [str(p) for p, g in zip(paths, graphs) if not takes_past(g)]
         if missing:
             raise InputError(f"--decode needs models that take a KV cache (past inputs), and {' and '.join(missing)} "
                              f"take{'s' if len(missing) == 1 else ''} none: bench the form with past (an Optimum "

@@ -184,6 +184,12 @@ def plain_input(name: str, dtype, shape: list[int]) -> np.ndarray | None:
     return None
 
 
+def takes_past(model: onnx.ModelProto) -> bool:
+    """Whether ``model`` takes a KV cache: a graph input (not an initializer) named like a past."""
+    inits = {t.name for t in model.graph.initializer}
+    return any("past" in i.name.lower() for i in model.graph.input if i.name not in inits)
+
+
 def synth_inputs(model: onnx.ModelProto, seed: int = 0, batch: int = BATCH, seq: int = SEQ,
                  past: int = PAST) -> dict[str, np.ndarray]:
     """Plausible inputs for every graph input: token ids (below 16, and within the table they index:
@@ -196,7 +202,7 @@ def synth_inputs(model: onnx.ModelProto, seed: int = 0, batch: int = BATCH, seq:
     """
     rng = np.random.default_rng(seed)
     inits = {i.name for i in model.graph.initializer}
-    past = past if any("past" in i.name.lower() for i in model.graph.input) else 0
+    past = past if takes_past(model) else 0
     fixed_batch, fixed_seq = fixed_sizes(model)
     batch, seq = fixed_batch or batch, fixed_seq or seq    # a size fixed in one input holds for the others
     hints = _cache_hints(model)

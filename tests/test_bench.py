@@ -251,3 +251,18 @@ def test_the_genai_generator_runs_on_the_threads_that_bench_runs_on(llama_genai_
     assert seen == [1, 1] and len(r.step_ms) == 2
     bench.genai_decode(folders, batch=1, context=8, steps=3, warmup=1)
     assert seen[2:] == [bench.usable_cores()] * 2
+
+
+def test_benchmark_sessions_do_not_spin_so_that_one_cannot_slow_the_other():
+    """Two sessions in one process with spinning thread pools took each other's cores: an identical copy of MiniLM
+    made second measured 1.03x-1.10x "faster" (2026-12-07). Every session that times (bench, the speed target's
+    variants) is made without spinning; a session made with ONNX Runtime's defaults spins."""
+    import onnxruntime as ort
+    from onnxprune import bench
+    opts = bench.session_options(None)
+    for key in ("session.intra_op.allow_spinning", "session.inter_op.allow_spinning"):
+        assert opts.get_session_config_entry(key) == "0"
+    with pytest.raises(Exception):         # the default: no entry, so spinning on
+        ort.SessionOptions().get_session_config_entry("session.intra_op.allow_spinning")
+    sess = bench.make_session(MODELS / "bert-ts.onnx", "cpu", None)
+    assert sess.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
