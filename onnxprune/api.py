@@ -194,7 +194,7 @@ def verify_saved(model: onnx.ModelProto, result: PruneResult, path: str | os.Pat
     feeds = feeds if feeds is not None else result.feeds     # the run's own inputs, where it needed them
     error = pipeline.prove_equal(masked, pruned, model, feeds, result.io_keep, external_dir,
                                  tolerance(atol, pipeline.is_fp16(model)), pruned_dir=os.path.dirname(path),
-                                 overrides=overrides, scaled=scaled)
+                                 overrides=overrides, scaled=pipeline.relative_proof(model, result.plans))
     return replace(result, max_error=error)
 
 

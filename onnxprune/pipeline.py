@@ -364,8 +364,17 @@ def verify(state: State, options: PruneOptions) -> State:
     masked = reference(state.model, state.blocks, state.plans, state.quant, options.external_dir)
     error = prove_equal(masked, state.pruned, state.model, state.feeds, state.io_keep, options.external_dir,
                         options.tolerance(is_fp16(state.original)),
-                        scaled=any(p.dims for p in state.plans.values()))
+                        scaled=relative_proof(state.original, state.plans))
     return replace(state, max_error=error)
+
+
+def relative_proof(model: onnx.ModelProto, plans: dict) -> bool:
+    """Whether the proof compares each output relative to its largest magnitude (above 1): where the pruned model
+    adds its products in another order than the reference, and the rounding is relative to the values. A cut
+    inside the heads multiplies by the projection in another order; fp16 rounds every sum to 11 bits, so an
+    output of 30 differs by a unit of its last place, 0.0156, when heads are removed instead of zeroed (a 1.3B
+    fp16 decoder failed the absolute 1e-2 so, 2026-12-07)."""
+    return is_fp16(model) or any(p.dims for p in plans.values())
 
 
 def prove_equal(masked, pruned, model, feeds, io_keep, external_dir, atol, pruned_dir=None, overrides=None,

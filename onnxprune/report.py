@@ -39,7 +39,7 @@ def build_report(result: PruneResult, model: str, output: str | None, ratio, con
             "macs": None if result.macs is None else {"before": result.macs[0].blocks.get(b.index),
                                                       "after": result.macs[1].blocks.get(b.index)},
         })
-    from .pipeline import is_fp16
+    from .pipeline import is_fp16, relative_proof
     width = 2 if is_fp16(result.model) else 4
     # K and V of every kept KV head per token: K keeps the QK rank, V the OV rank
     kv_bytes = {"before": sum(2 * b["num_kv_heads"] * b["head_dim"] * width for b in blocks),
@@ -73,7 +73,9 @@ def build_report(result: PruneResult, model: str, output: str | None, ratio, con
             "threshold": None if opts is None or opts.threshold is None else float(opts.threshold),
             "scope": None if opts is None else opts.scope, "min_heads": None if opts is None else opts.min_heads,
             "params_before": result.params_before, "params_after": result.params_after,
-            "max_error": result.max_error, "gqa": result.gqa, "kv_cache": result.kv_cache,
+            "max_error": result.max_error,
+            "max_error_relative": relative_proof(result.model, result.plans),
+            "gqa": result.gqa, "kv_cache": result.kv_cache,
             "importance": result.importance_source, "compensate": result.compensate,
             "quantized": result.quantized,
             "compensation": [{"block": f.block, "mode": f.mode, "held_out_error_before": f.error_before,
@@ -181,9 +183,10 @@ def format_table(report: dict, every_miss: bool = False) -> str:
                      f"KV cache); ideal decode speed-up {decode['before'] / max(decode['after'], 1):.2f}x, where "
                      "memory bandwidth bounds it")
     if report.get("max_error") is not None:
-        lines.append(f"pruned == masked original: max abs error {report['max_error']:.2e}" if not dims else
-                     f"pruned == projected original: max error {report['max_error']:.2e} (relative to each "
-                     "output's largest magnitude where it is above 1)")
+        what = "projected" if dims else "masked"
+        lines.append(f"pruned == {what} original: max error {report['max_error']:.2e} (relative to each output's "
+                     "largest magnitude where it is above 1)" if report.get("max_error_relative", dims) else
+                     f"pruned == masked original: max abs error {report['max_error']:.2e}")
     if dims:
         source = report["dims_source"]
         lines.append("cut inside the heads: QK and OV ranks of each head's D dimensions, fitted from "

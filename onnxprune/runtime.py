@@ -37,6 +37,9 @@ def session(model: onnx.ModelProto | bytes | str, optimize: bool = False, provid
     if external_dir is not None:
         opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(external_dir))
     opts.add_session_config_entry("session.disable_prepacking", "1")    # no second copy of every weight
+    # ONNX Runtime's default order ran every node that depends on no input first: the probe's weight stand-ins,
+    # the whole model at once (a 1.5 GB fp32 model probed in 1.27 GiB; in 0.34 GiB by priority)
+    opts.execution_order = ort.ExecutionOrder.PRIORITY_BASED
     values = {name: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(arr))
               for name, arr in (overrides or {}).items()}
     for name, value in values.items():    # initializers replaced without copying the model

@@ -14,6 +14,9 @@ time and 1.2 times the peak memory.
 
     python tools/bench_scale.py                  # about 2.5 GB, in a temporary folder
     python tools/bench_scale.py --gb 3.5 --keep /tmp/scale
+    python tools/bench_scale.py --gb 2 --fp16    # every weight and activation fp16 (issue 26)
+
+``inspect`` is measured too (the probe alone).
 """
 
 from __future__ import annotations
@@ -33,20 +36,21 @@ from onnx import TensorProto, helper
 
 
 def build(folder: Path, gb: float, hidden: int = 2048, heads: int = 32, ffn: int = 5632, vocab: int = 32000,
-          layers: int | None = None) -> Path:
+          layers: int | None = None, fp16: bool = False) -> Path:
     """Write folder/model.onnx + model.onnx.data; returns the model path."""
+    dtype, elem = (np.float16, TensorProto.FLOAT16) if fp16 else (np.float32, TensorProto.FLOAT)
     per_layer = 4 * hidden * hidden + 2 * hidden * ffn
-    layers = layers or max(1, round((gb * 2**30 / 4 - vocab * hidden) / per_layer))
+    layers = layers or max(1, round((gb * 2**30 / np.dtype(dtype).itemsize - vocab * hidden) / per_layer))
     d = hidden // heads
     rng = np.random.default_rng(0)
     data_path = folder / "model.onnx.data"
     inits, nodes = [], []
     with open(data_path, "wb") as f:
         def weight(name, shape, scale=0.02):
-            arr = (rng.standard_normal(shape, dtype=np.float32) * scale)
+            arr = (rng.standard_normal(shape, dtype=np.float32) * scale).astype(dtype)
             offset = f.tell()
             f.write(arr.tobytes())
-            t = TensorProto(name=name, data_type=TensorProto.FLOAT, dims=list(shape))
+            t = TensorProto(name=name, data_type=elem, dims=list(shape))
             for k, v in (("location", data_path.name), ("offset", str(offset)), ("length", str(arr.nbytes))):
                 e = t.external_data.add()
                 e.key, e.value = k, v
@@ -55,7 +59,8 @@ def build(folder: Path, gb: float, hidden: int = 2048, heads: int = 32, ffn: int
             return name
 
         def const(name, arr):
-            inits.append(onnx.numpy_helper.from_array(np.asarray(arr), name))
+            arr = np.asarray(arr)
+            inits.append(onnx.numpy_helper.from_array(arr.astype(dtype) if arr.dtype == np.float32 else arr, name))
             return name
 
         split = const("split_heads", np.array([0, 0, heads, d], np.int64))   # shared by every layer
@@ -91,7 +96,7 @@ def build(folder: Path, gb: float, hidden: int = 2048, heads: int = 32, ffn: int
             x = n("Add", [x, n("MatMul", [up, weight(p + "down.weight", (ffn, hidden))], "down")], "res2")
     graph = helper.make_graph(
         nodes, "scale", [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"])],
-        [helper.make_tensor_value_info(x, TensorProto.FLOAT, ["batch", "sequence", hidden])], inits)
+        [helper.make_tensor_value_info(x, elem, ["batch", "sequence", hidden])], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     path = folder / "model.onnx"
     onnx.save(model, str(path))
@@ -115,6 +120,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--gb", type=float, default=2.5, help="model size in GB (default 2.5)")
     ap.add_argument("--keep", type=Path, help="build and keep the model in this folder")
+    ap.add_argument("--fp16", action="store_true", help="fp16 weights and activations")
     args = ap.parse_args(argv)
     work = args.keep or Path(tempfile.mkdtemp(prefix="onnxprune-scale-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -122,7 +128,7 @@ def main(argv=None) -> int:
         t = time.perf_counter()
         src = work / "src"
         src.mkdir(exist_ok=True)
-        model = build(src, args.gb)
+        model = build(src, args.gb, fp16=args.fp16)
         size = sum(p.stat().st_size for p in src.iterdir()) / 2**30
         print(f"built {model} ({size:.2f} GB) in {time.perf_counter() - t:.1f} s")
         base_out, pruned, noverify = work / "base", work / "pruned", work / "noverify"
@@ -135,6 +141,8 @@ def main(argv=None) -> int:
              f"sys.exit(main([{str(model)!r}, '--ratio', '0.5', '-o', {str(pruned) + '/'!r}]))"),
             ("onnxprune --ratio 0.5 --no-verify", f"import sys; from onnxprune.cli import main; "
              f"sys.exit(main([{str(model)!r}, '--ratio', '0.5', '-o', {str(noverify) + '/'!r}, '--no-verify']))"),
+            ("onnxprune inspect", f"import sys; from onnxprune.cli import main; "
+             f"sys.exit(main(['inspect', {str(model)!r}]))"),
         ]
         results = [(name, *measure(code)) for name, code in rows]
         base_t, base_m = results[0][1], results[0][2]
