@@ -33,6 +33,7 @@ class PruneResult:
     params_before: int
     params_after: int
     max_error: float | None = None
+    proof_segment_bytes: int | None = None   # the proof ran its models in segments of this many weight bytes
     misses: tuple = field(default_factory=tuple)
     gqa: str = "uniform"          # how grouped-query blocks were planned: uniform or group
     io_keep: dict = field(default_factory=dict)   # graph inputs/outputs that lost heads: {name: {axis: kept}}
@@ -108,7 +109,7 @@ def prune_model(model, ratio=None, *, kept: dict[int, list[int]] | None = None,
                 compensate: str | None = None, importance_initializer: str | None = None,
                 external_dir: str | os.PathLike | None = None, multiple_of: int | None = None,
                 atol: float | None = None, qk_dims=None, v_dims=None, attention_ratio=None,
-                target=None, options: PruneOptions | None = None) -> PruneResult:
+                target=None, proof: str = "auto", options: PruneOptions | None = None) -> PruneResult:
     """Prune ``model``: an ``onnx.ModelProto``, a path to an .onnx file (loaded and checked; external data
     stays on disk and is read from beside it) or the bytes of a model; anything else raises
     ``ModelTypeError`` (an ``InputError`` and a ``TypeError``).
@@ -130,7 +131,7 @@ def prune_model(model, ratio=None, *, kept: dict[int, list[int]] | None = None,
                                importance_initializer=importance_initializer, calib=calib, compensate=compensate,
                                gqa=gqa, multiple_of=multiple_of, verify=verify, atol=atol, feeds=feeds,
                                external_dir=external_dir, qk_dims=qk_dims, v_dims=v_dims,
-                               attention_ratio=attention_ratio, target=target)
+                               attention_ratio=attention_ratio, target=target, proof=proof)
     model, external_dir = as_model(model, options.external_dir)
     if external_dir != options.external_dir:
         options = replace(options, external_dir=external_dir)
@@ -153,7 +154,8 @@ def result_of(state: pipeline.State, options: PruneOptions) -> PruneResult:
     """The ``PruneResult`` of a finished run: the one place that reads the final state."""
     return PruneResult(state.pruned, state.blocks, state.kept, {i: p.min_heads_applied for i, p in state.plans.items()},
                        state.scores, pipeline.count_params(state.original), pipeline.count_params(state.pruned),
-                       max_error=state.max_error, misses=state.matched.misses, gqa=state.gqa,
+                       max_error=state.max_error, proof_segment_bytes=state.proof_segment_bytes,
+                       misses=state.matched.misses, gqa=state.gqa,
                        io_keep=state.io_keep, kv_cache=state.kv_cache,
                        importance_source=state.source if options.selects_by_score else "given",
                        compensate=state.compensated, fits=state.fits, gates=state.gates, multiple_of=options.multiple_of,
@@ -192,10 +194,12 @@ def verify_saved(model: onnx.ModelProto, result: PruneResult, path: str | os.Pat
     if atol is None and result.options is not None:
         atol = result.options.atol
     feeds = feeds if feeds is not None else result.feeds     # the run's own inputs, where it needed them
+    segment_bytes = pipeline.proof_segments(model, result.options.proof if result.options is not None else "auto")
     error = pipeline.prove_equal(masked, pruned, model, feeds, result.io_keep, external_dir,
                                  tolerance(atol, pipeline.is_fp16(model)), pruned_dir=os.path.dirname(path),
-                                 overrides=overrides, scaled=pipeline.relative_proof(model, result.plans))
-    return replace(result, max_error=error)
+                                 overrides=overrides, scaled=pipeline.relative_proof(model, result.plans),
+                                 segment_bytes=segment_bytes)
+    return replace(result, max_error=error, proof_segment_bytes=segment_bytes)
 
 
 def score_model(model, method: str = "weights", *, calib: dict | None = None,

@@ -219,6 +219,10 @@ def _prune_parser() -> argparse.ArgumentParser:
                         f"cache: the weights read once per batch plus the cache ({DECODE_CONTEXT})")
     p.add_argument("--atol", type=_tolerance, default=None,
                    help="verification tolerance (default 1e-4; 1e-2 for fp16 models)")
+    p.add_argument("--proof", choices=("auto", "whole", "segments"), default="auto",
+                   help="how the proof runs the original (masked) and the pruned model: whole, or in segments of "
+                        "at most 256 MiB of weights each, one after the other, for a model bigger than the memory "
+                        "(auto: segments where the whole models would not fit; the outputs are the same)")
     return p
 
 
@@ -569,7 +573,7 @@ def run_prune(argv) -> int:
         heads_to_prune=load_heads_to_prune(args.heads_to_prune) if args.heads_to_prune else None,
         scope=args.scope, importance=args.importance, importance_initializer=args.importance_initializer,
         calib=_calib(args, model), compensate=args.compensate, gqa=args.gqa, multiple_of=args.multiple_of,
-        verify=not args.no_verify and not verify_saved_copy, atol=args.atol, external_dir=where,
+        verify=not args.no_verify and not verify_saved_copy, atol=args.atol, proof=args.proof, external_dir=where,
         qk_dims=args.qk_dims, v_dims=args.v_dims, attention_ratio=args.attention_ratio,
         uniform_blocks=folder_mode and any(p.name == GENAI for p in configs_beside(args.model)),
         target=None if args.target_speedup is None else

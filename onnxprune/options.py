@@ -34,6 +34,9 @@ class SpeedTarget:
     context: int | None = None
 
 
+PROOFS = ("auto", "whole", "segments")
+
+
 @dataclass(frozen=True)
 class PruneOptions:
     """What to prune and how. Exactly one selection: ``ratio``, ``threshold``, ``kept`` ({block: heads to
@@ -72,6 +75,7 @@ class PruneOptions:
     uniform_blocks: bool = False     # the budget keeps every block alike (a GenAI folder's config holds one head
     # count and one head size for all layers)
     target: SpeedTarget | None = None    # a measured speed-up to reach instead of a share of MACs (``speed.py``)
+    proof: str = "auto"          # run the proof's models whole, in segments (``segments.py``), or choose by memory
     latency: object = field(default=None, compare=False, repr=False)   # its ``budget.LatencyModel``, measured
 
     def __post_init__(self):
@@ -129,6 +133,8 @@ class PruneOptions:
             raise PlanError(f"unknown GQA mode {self.gqa!r}; use one of {', '.join(GQA_MODES)}")
         if self.compensate is not None and self.compensate not in COMPENSATE_MODES:
             raise PlanError(f"unknown compensation {self.compensate!r}; use one of {', '.join(COMPENSATE_MODES)}")
+        if self.proof not in PROOFS:
+            raise PlanError(f"unknown proof {self.proof!r}; use one of {', '.join(PROOFS)}")
         if self.atol is not None and not (finite_number(self.atol) and self.atol >= 0):
             raise PlanError(f"atol must be a finite number >= 0, got {self.atol!r}")
         check_source(self.importance)

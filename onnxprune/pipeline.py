@@ -65,6 +65,7 @@ class State:
     pruned: onnx.ModelProto | None = None
     io_keep: dict = field(default_factory=dict)
     max_error: float | None = None
+    proof_segment_bytes: int | None = None    # the proof ran its models in segments of this many weight bytes
     quant: object = field(default=None, repr=False)   # quant.QuantView of a quantized model (``model`` is its view)
     dim_fits: tuple = ()                      # the cuts inside the heads (``DimFit``), block by block
     dims_source: str | None = None            # what they were fitted from: calibration or weights
@@ -362,10 +363,32 @@ def verify(state: State, options: PruneOptions) -> State:
     if not options.verify:
         return state
     masked = reference(state.model, state.blocks, state.plans, state.quant, options.external_dir)
+    segment_bytes = proof_segments(state.original, options.proof)
     error = prove_equal(masked, state.pruned, state.model, state.feeds, state.io_keep, options.external_dir,
                         options.tolerance(is_fp16(state.original)),
-                        scaled=relative_proof(state.original, state.plans))
-    return replace(state, max_error=error)
+                        scaled=relative_proof(state.original, state.plans), segment_bytes=segment_bytes)
+    return replace(state, max_error=error, proof_segment_bytes=segment_bytes)
+
+
+HALF_COPIES = 3       # ONNX Runtime's CPU provider runs an fp16 weight as itself and an fp32 copy (2 + 4 bytes of 2)
+
+
+def proof_segments(model: onnx.ModelProto, proof: str = "auto") -> int | None:
+    """The weight bytes per segment that the proof runs its two models in (``segments.run_segmented``), or None
+    to run them whole: ``"segments"`` always, ``"whole"`` never, ``"auto"`` where a whole run would take more
+    than 60% of the memory available now (its weights; three times for fp16, which ONNX Runtime copies to fp32).
+    A segment holds at most ``segments.SEGMENT_BYTES`` (256 MiB) of weights, and a tenth of what is available."""
+    import psutil
+    from .segments import SEGMENT_BYTES, tensor_bytes
+    available = psutil.virtual_memory().available
+    budget = max(1 << 20, min(SEGMENT_BYTES, available // 10))
+    if proof == "segments":
+        return budget
+    if proof == "whole":
+        return None
+    weights = sum(tensor_bytes(t) for t in model.graph.initializer)
+    need = weights * (HALF_COPIES if is_fp16(model) else 1)
+    return budget if need > 0.6 * available else None
 
 
 def relative_proof(model: onnx.ModelProto, plans: dict) -> bool:
@@ -378,12 +401,13 @@ def relative_proof(model: onnx.ModelProto, plans: dict) -> bool:
 
 
 def prove_equal(masked, pruned, model, feeds, io_keep, external_dir, atol, pruned_dir=None, overrides=None,
-                scaled: bool = False) -> float:
+                scaled: bool = False, segment_bytes: int | None = None) -> float:
     """The largest difference between the masked original and the pruned model, on ``feeds`` (synthetic
     when None) and, with a KV cache, on a decode step too; a ``VerifyError`` beyond ``atol`` or on NaN.
-    ``scaled``: relative to outputs larger than 1 (a projected reference, ``verify.max_abs_diff``)."""
+    ``scaled``: relative to outputs larger than 1 (a projected reference, ``verify.max_abs_diff``);
+    ``segment_bytes``: both models run in segments (``proof_segments``)."""
     error = worst_of(compare(masked, pruned, f, io_keep, external_dir, pruned_dir=pruned_dir,
-                             masked_overrides=overrides, scaled=scaled)
+                             masked_overrides=overrides, scaled=scaled, segment_bytes=segment_bytes)
                      for f in verification_feeds(model, feeds, io_keep))
     check_error(error, atol)
     return error

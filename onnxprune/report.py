@@ -75,6 +75,9 @@ def build_report(result: PruneResult, model: str, output: str | None, ratio, con
             "params_before": result.params_before, "params_after": result.params_after,
             "max_error": result.max_error,
             "max_error_relative": relative_proof(result.model, result.plans),
+            "proof": None if result.max_error is None else
+            {"run": "segments" if result.proof_segment_bytes else "whole",
+             "segment_bytes": result.proof_segment_bytes},
             "gqa": result.gqa, "kv_cache": result.kv_cache,
             "importance": result.importance_source, "compensate": result.compensate,
             "quantized": result.quantized,
@@ -187,6 +190,10 @@ def format_table(report: dict, every_miss: bool = False) -> str:
         lines.append(f"pruned == {what} original: max error {report['max_error']:.2e} (relative to each output's "
                      "largest magnitude where it is above 1)" if report.get("max_error_relative", dims) else
                      f"pruned == masked original: max abs error {report['max_error']:.2e}")
+    proof = report.get("proof") or {}
+    if proof.get("run") == "segments":
+        lines.append(f"proved with both models run in segments of at most {_size(proof['segment_bytes'])} of "
+                     "weights each (the whole models would not fit in memory, or --proof segments asked for it)")
     if dims:
         source = report["dims_source"]
         lines.append("cut inside the heads: QK and OV ranks of each head's D dimensions, fitted from "

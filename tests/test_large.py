@@ -111,3 +111,55 @@ def test_sessions_run_in_priority_order():
     import onnxruntime as ort
     sess = session(onnx.load(str(ROOT / "models" / "bert-ts.onnx")))
     assert sess.get_session_options().execution_order == ort.ExecutionOrder.PRIORITY_BASED
+
+
+@pytest.mark.parametrize("name", ["bert-ts.onnx", "llama-ts.onnx", "t5-ts.onnx", "gemma3-genai/model.onnx",
+                                  "whisper-ort-decoder.onnx", "llama-nbits32.onnx", "bert-ort-attention-fp16.onnx"])
+def test_a_model_run_in_segments_gives_its_outputs_bit_for_bit(name):
+    """``segments.run_segmented`` cuts the nodes into segments of a few KB of weights here (256 MiB by default),
+    runs each as a model of its own on what the earlier ones made and keeps only what later ones read: the
+    outputs are those of the whole run, exactly (a KV cache, quantized weights, fp16 too)."""
+    from onnxprune.segments import run_segmented, segments
+    from onnxprune.verify import filled_cache, run
+    path = ROOT / "models" / name
+    model = onnx.load(str(path))
+    folder = path.parent if "/" in name else None
+    feeds = synth_inputs(model)
+    whole = run(model, feeds, folder)
+    assert len(segments(model, 20000)) >= 3
+    parts = run_segmented(model, feeds, folder, budget=20000)
+    assert parts.keys() == whole.keys()
+    # a sliding-window cache's unwritten entries hold whatever memory held (``verify.filled_cache``)
+    whole, parts = filled_cache(whole, feeds), filled_cache(parts, feeds)
+    assert all(np.array_equal(parts[k], whole[k], equal_nan=True) for k in whole)
+
+
+def test_the_proof_in_segments_proves_and_can_fail(monkeypatch):
+    """``--proof segments`` runs both models of the proof in segments: the same error as the whole proof; a plan
+    whose reference masks other heads fails it; ``auto`` takes segments where the models would not fit in the
+    memory available (planted: 64 KB available)."""
+    import psutil
+    from types import SimpleNamespace
+    from onnxprune import pipeline, prune_model
+    from onnxprune.errors import VerifyError
+    from onnxprune.report import build_report, format_table
+    model = onnx.load(str(ROOT / "models" / "llama-ts.onnx"))
+    whole = prune_model(model, 0.5, proof="whole")
+    parts = prune_model(model, 0.5, proof="segments")
+    assert whole.proof_segment_bytes is None and parts.proof_segment_bytes
+    assert parts.max_error == whole.max_error and parts.max_error <= 1e-4
+    assert build_report(parts, "m", None, 0.5)["proof"]["run"] == "segments"
+    assert "in segments of at most" in format_table(build_report(parts, "m", None, 0.5))
+    real = pipeline.reference
+
+    def wrong(model, blocks, plans, quant, external_dir):      # the reference masks the kept heads instead
+        flipped = {i: p.__class__(tuple(h for h in range(b.num_heads) if h not in p.kept_heads) or (0,))
+                   for (i, p), b in zip(plans.items(), blocks)}
+        return real(model, blocks, flipped, quant, external_dir)
+    monkeypatch.setattr(pipeline, "reference", wrong)
+    with pytest.raises(VerifyError):
+        prune_model(model, 0.5, proof="segments")
+    monkeypatch.setattr(pipeline, "reference", real)
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: SimpleNamespace(available=1 << 16))
+    assert pipeline.proof_segments(model, "auto") and pipeline.proof_segments(model, "whole") is None
+    assert prune_model(model, 0.5).proof_segment_bytes == 1 << 20

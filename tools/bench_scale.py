@@ -131,8 +131,8 @@ def main(argv=None) -> int:
         model = build(src, args.gb, fp16=args.fp16)
         size = sum(p.stat().st_size for p in src.iterdir()) / 2**30
         print(f"built {model} ({size:.2f} GB) in {time.perf_counter() - t:.1f} s")
-        base_out, pruned, noverify = work / "base", work / "pruned", work / "noverify"
-        for d in (base_out, pruned, noverify):
+        base_out, pruned, noverify, segmented = work / "base", work / "pruned", work / "noverify", work / "segmented"
+        for d in (base_out, pruned, noverify, segmented):
             d.mkdir(exist_ok=True)
         rows = [
             ("onnx.load + onnx.save", f"import onnx; m = onnx.load({str(model)!r}); onnx.save(m, "
@@ -141,14 +141,17 @@ def main(argv=None) -> int:
              f"sys.exit(main([{str(model)!r}, '--ratio', '0.5', '-o', {str(pruned) + '/'!r}]))"),
             ("onnxprune --ratio 0.5 --no-verify", f"import sys; from onnxprune.cli import main; "
              f"sys.exit(main([{str(model)!r}, '--ratio', '0.5', '-o', {str(noverify) + '/'!r}, '--no-verify']))"),
+            ("onnxprune --ratio 0.5 --proof segments", f"import sys; from onnxprune.cli import main; "
+             f"sys.exit(main([{str(model)!r}, '--ratio', '0.5', '-o', {str(segmented) + '/'!r}, '--proof', "
+             "'segments']))"),
             ("onnxprune inspect", f"import sys; from onnxprune.cli import main; "
              f"sys.exit(main(['inspect', {str(model)!r}]))"),
         ]
         results = [(name, *measure(code)) for name, code in rows]
         base_t, base_m = results[0][1], results[0][2]
-        print(f"\n{'':36}{'time s':>9}{'peak GiB':>10}{'time x':>8}{'memory x':>10}")
+        print(f"\n{'':40}{'time s':>9}{'peak GiB':>10}{'time x':>8}{'memory x':>10}")
         for name, seconds, gib in results:
-            print(f"{name:36}{seconds:9.1f}{gib:10.2f}{seconds / base_t:8.2f}{gib / base_m:10.2f}")
+            print(f"{name:40}{seconds:9.1f}{gib:10.2f}{seconds / base_t:8.2f}{gib / base_m:10.2f}")
         out_size = sum(p.stat().st_size for p in pruned.iterdir()) / 2**30
         print(f"\nmodel {size:.2f} GB -> pruned {out_size:.2f} GB; goal: time x <= 1.5, memory x <= 1.2")
     finally:
