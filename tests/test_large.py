@@ -80,22 +80,24 @@ def test_external_data_model_end_to_end(tmp_path):
                if t.data_type == onnx.TensorProto.FLOAT and len(t.dims) == 2)
 
 
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the high-water mark from /proc")
 def test_an_fp16_model_is_probed_in_fp32_without_a_copy_of_its_weights(tmp_path):
     """ONNX Runtime's CPU provider casts fp16 weights to fp32 for its MatMuls, and the probe's stand-ins were all
     made and cast before the first layer ran: a 1.5 GB fp16 model took 2.43 GiB to probe (`onnxprune inspect`),
     a 130 MB one 216 MB. The probe now runs its copy in fp32 (the same shapes), each stand-in made just before
-    its first reader, in ONNX Runtime's priority order: 0.35 GiB, and 58 to 180 MB for this 260 MB one (the
-    session's own overhead, which varies from run to run; 412 MB before)."""
+    its first reader, in ONNX Runtime's priority order: 0.35 GiB, and 58 MB for this 260 MB one (412 MB before)."""
     from onnxprune.probe import HALF, in_fp32, light_copy
     path = build(tmp_path, 0, hidden=1024, heads=8, ffn=2048, vocab=1000, layers=16, fp16=True)
     size = (tmp_path / "model.onnx.data").stat().st_size
-    code = ("import resource, psutil\nfrom onnxprune.model.load import load_model\nfrom onnxprune.probe import probe\n"
+    code = ("import psutil\nfrom onnxprune.model.load import load_model\nfrom onnxprune.probe import probe\n"
             f"m = load_model({str(path)!r}, external_data=False)\nbefore = psutil.Process().memory_info().rss\n"
             f"probe(m, external_dir={str(tmp_path)!r})\n"
-            "print(before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)")
+            # the high-water mark of this process's own memory: ru_maxrss would keep the forked parent's
+            "peak = next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM'))\n"
+            "print(before, peak * 1024)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     before, peak = map(int, out.stdout.split())
-    assert size > 250 * 2**20 and peak - before < 0.85 * size, (size, peak - before)
+    assert size > 250 * 2**20 and peak - before < 0.5 * size, (size, peak - before)
     model = onnx.load(str(path), load_external_data=False)
     copy, stand_ins = light_copy(model)
     order = [n.name for n in copy.graph.node]
