@@ -166,3 +166,20 @@ def test_the_proof_in_segments_proves_and_can_fail(monkeypatch):
     monkeypatch.setattr(psutil, "virtual_memory", lambda: SimpleNamespace(available=1 << 16))
     assert pipeline.proof_segments(model, "auto") and pipeline.proof_segments(model, "whole") is None
     assert prune_model(model, 0.5).proof_segment_bytes == 1 << 20
+
+
+def test_the_proof_is_chosen_on_the_command_line_and_reported(tmp_path):
+    from onnxprune.errors import PlanError
+    from onnxprune.options import PruneOptions
+    from conftest import cli
+    with pytest.raises(PlanError, match="unknown proof 'halves'"):
+        PruneOptions(ratio=0.5, proof="halves")
+    r = cli(ROOT / "models" / "bert-ts.onnx", "--ratio", "0.5", "--proof", "segments", "--dry-run",
+            "--report", tmp_path / "r.json")
+    assert r.returncode == 0 and "in segments of at most" in r.stdout, r.stderr
+    import json
+    assert json.loads((tmp_path / "r.json").read_text())["proof"]["run"] == "segments"
+    r = cli(ROOT / "models" / "bert-ts.onnx", "--ratio", "0.5", "--proof", "whole", "--dry-run")
+    assert r.returncode == 0 and "segments" not in r.stdout
+    r = cli(ROOT / "models" / "bert-ts.onnx", "--ratio", "0.5", "--proof", "halves")
+    assert r.returncode == 2 and "invalid choice" in r.stderr
