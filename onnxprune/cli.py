@@ -220,9 +220,10 @@ def _prune_parser() -> argparse.ArgumentParser:
     p.add_argument("--atol", type=_tolerance, default=None,
                    help="verification tolerance (default 1e-4; 1e-2 for fp16 models)")
     p.add_argument("--proof", choices=("auto", "whole", "segments"), default="auto",
-                   help="how the proof runs the original (masked) and the pruned model: whole, or in segments of "
-                        "at most 256 MiB of weights each, one after the other, for a model bigger than the memory "
-                        "(auto: segments where the whole models would not fit; the outputs are the same)")
+                   help="how the proof runs the original (masked) and the pruned model, and calibration the "
+                        "model: whole, or in segments of at most 256 MiB of weights each, one after the other, for a "
+                        "model bigger than the memory (auto: segments where the whole model would not fit; the "
+                        "outputs are the same)")
     return p
 
 

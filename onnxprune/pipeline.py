@@ -37,6 +37,7 @@ from .model.proto import name_nodes
 from .options import PruneOptions
 from .probe import probe
 from .quant import float_view, quantized_sizes, refold
+from .segments import budget_for
 from .transforms.compensate import compensation, with_weights
 from .transforms.gates import find_gates, fold_gates as fold
 from .transforms.subspace import Moments
@@ -186,7 +187,8 @@ def calibration(state: State, options: PruneOptions, outputs: bool = True):
     """The shared calibration session on ``state.model`` (``calibration.session.open_session``)."""
     if state.quant is not None:      # calibration runs the whole float view: every weight dequantized
         state.quant.materialize(state.model)
-    return open_session(state.model, state.blocks, state.shapes, options.calib, options.external_dir, outputs)
+    return open_session(state.model, state.blocks, state.shapes, options.calib, options.external_dir, outputs,
+                        run=options.proof)
 
 
 def make_plan(state: State, options: PruneOptions) -> State:
@@ -218,7 +220,7 @@ def fit_dims(state: State, options: PruneOptions) -> State:
         if state.quant is not None:      # calibration runs the whole float view: every weight dequantized
             state.quant.materialize(state.model)
         cal = open_session(state.model, state.blocks, state.shapes, options.calib, options.external_dir,
-                           outputs=budget, taps=taps, fed=fed)
+                           outputs=budget, taps=taps, fed=fed, run=options.proof)
     moments = Moments(state.model, state.blocks, cal, tuple(wanted), options.external_dir,
                       select_ov=state.quant is not None)
     ranks, plans, fits, spent = {}, dict(state.plans), [], None
@@ -310,7 +312,7 @@ def compensate(state: State, options: PruneOptions) -> State:
         fed = tuple(t.name for b in state.blocks for d in dims.get(b.index, {}).values() if d.circuit == "qk"
                     for t in written(b, "qk"))
         cal = open_session(state.model, state.blocks, state.shapes, options.calib, options.external_dir,
-                           outputs=False, fed=fed)
+                           outputs=False, fed=fed, run=options.proof)
     else:
         cal = state.calibration or calibration(state, options, outputs=False)
     if cal.shared:
@@ -370,34 +372,19 @@ def verify(state: State, options: PruneOptions) -> State:
     return replace(state, max_error=error, proof_segment_bytes=segment_bytes)
 
 
-HALF_COPIES = 3       # ONNX Runtime's CPU provider runs an fp16 weight as itself and an fp32 copy (2 + 4 bytes of 2)
-
-
-def proof_segments(model: onnx.ModelProto, proof: str = "auto") -> int | None:
-    """The weight bytes per segment that the proof runs its two models in (``segments.run_segmented``), or None
-    to run them whole: ``"segments"`` always, ``"whole"`` never, ``"auto"`` where a whole run would take more
-    than 60% of the memory available now (its weights; three times for fp16, which ONNX Runtime copies to fp32).
-    A segment holds at most ``segments.SEGMENT_BYTES`` (256 MiB) of weights, and a tenth of what is available."""
-    import psutil
-    from .segments import SEGMENT_BYTES, tensor_bytes
-    available = psutil.virtual_memory().available
-    budget = max(1 << 20, min(SEGMENT_BYTES, available // 10))
-    if proof == "segments":
-        return budget
-    if proof == "whole":
-        return None
-    weights = sum(tensor_bytes(t) for t in model.graph.initializer)
-    need = weights * (HALF_COPIES if is_fp16(model) else 1)
-    return budget if need > 0.6 * available else None
-
-
 def relative_proof(model: onnx.ModelProto, plans: dict) -> bool:
     """Whether the proof compares each output relative to its largest magnitude (above 1): where the pruned model
     adds its products in another order than the reference, and the rounding is relative to the values. A cut
     inside the heads multiplies by the projection in another order; fp16 rounds every sum to 11 bits, so an
     output of 30 differs by a unit of its last place, 0.0156, when heads are removed instead of zeroed (a 1.3B
-    fp16 decoder failed the absolute 1e-2 so, 2026-12-07)."""
+    fp16 synthetic decoder of 1.5 GB failed the absolute 1e-2 so, 2026-12-07)."""
     return is_fp16(model) or any(p.dims for p in plans.values())
+
+
+def proof_segments(model: onnx.ModelProto, proof: str = "auto") -> int | None:
+    """The weight bytes per segment that the proof runs its two models in (``segments.run_segmented``), or None
+    to run them whole (``segments.budget_for``: ``auto`` where they would take over 60% of the free memory)."""
+    return budget_for(model, proof)
 
 
 def prove_equal(masked, pruned, model, feeds, io_keep, external_dir, atol, pruned_dir=None, overrides=None,

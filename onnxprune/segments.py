@@ -69,10 +69,31 @@ def segments(model: onnx.ModelProto, budget: int = SEGMENT_BYTES) -> list[list[i
     return out
 
 
+HALF_COPIES = 3       # ONNX Runtime's CPU provider runs an fp16 weight as itself and an fp32 copy (2 + 4 bytes of 2)
+HALF = (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
+
+
+def budget_for(model: onnx.ModelProto, mode: str = "auto", share: float = 0.6) -> int | None:
+    """The weight bytes per segment to run ``model`` in, or None to run it whole: ``"segments"`` always,
+    ``"whole"`` never, ``"auto"`` where a whole run would take more than ``share`` of the memory available now (its
+    weights; three times for fp16, which ONNX Runtime copies to fp32). A segment holds at most ``SEGMENT_BYTES``
+    (256 MiB) of weights, and a tenth of what is available."""
+    import psutil
+    available = psutil.virtual_memory().available
+    budget = max(1 << 20, min(SEGMENT_BYTES, available // 10))
+    if mode == "segments":
+        return budget
+    if mode == "whole":
+        return None
+    need = sum(tensor_bytes(t) for t in model.graph.initializer) * (HALF_COPIES if has_half(model) else 1)
+    return budget if need > share * available else None
+
+
 def run_segmented(model: onnx.ModelProto, feeds: dict, external_dir=None, overrides: dict | None = None,
-                  budget: int = SEGMENT_BYTES, progress: bool = False) -> dict[str, np.ndarray]:
-    """The graph outputs of ``model`` on ``feeds``, run segment by segment (``segments``). ``external_dir`` and
-    ``overrides`` as for ``runtime.session``."""
+                  budget: int = SEGMENT_BYTES, progress: bool = False, outputs: list | None = None,
+                  optimize: bool = False) -> dict[str, np.ndarray]:
+    """The graph outputs of ``model`` on ``feeds`` (or the tensors named in ``outputs``), run segment by segment
+    (``segments``). ``external_dir``, ``overrides`` and ``optimize`` as for ``runtime.session``."""
     g = model.graph
     inits = {t.name: t for t in g.initializer}
     parts = segments(model, budget)
@@ -81,7 +102,7 @@ def run_segmented(model: onnx.ModelProto, feeds: dict, external_dir=None, overri
         for k in part:
             for name in _reads(g.node[k]):
                 last[name] = s
-    wanted = [o.name for o in g.output]
+    wanted = list(outputs) if outputs is not None else [o.name for o in g.output]
     for name in wanted:
         last[name] = len(parts)
     values = dict(feeds)
@@ -105,7 +126,7 @@ def run_segmented(model: onnx.ModelProto, feeds: dict, external_dir=None, overri
             part_model = helper.make_model(sub, opset_imports=list(model.opset_import), ir_version=model.ir_version)
             part_model.functions.extend(model.functions)
             mine = {k: v for k, v in (overrides or {}).items() if k in reads}
-            sess = session(part_model, external_dir=external_dir, overrides=mine)
+            sess = session(part_model, optimize=optimize, external_dir=external_dir, overrides=mine)
             got = sess.run(outputs, {i: values[i] for i in inputs})
             del sess, part_model, sub
             values.update(zip(outputs, got))
@@ -113,3 +134,7 @@ def run_segmented(model: onnx.ModelProto, feeds: dict, external_dir=None, overri
                 del values[name]
             bar.update()
     return {name: values[name] for name in wanted}
+
+
+def has_half(model: onnx.ModelProto) -> bool:
+    return any(t.data_type in HALF for t in model.graph.initializer)

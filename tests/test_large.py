@@ -183,3 +183,26 @@ def test_the_proof_is_chosen_on_the_command_line_and_reported(tmp_path):
     assert r.returncode == 0 and "segments" not in r.stdout
     r = cli(ROOT / "models" / "bert-ts.onnx", "--ratio", "0.5", "--proof", "halves")
     assert r.returncode == 2 and "invalid choice" in r.stderr
+
+
+@pytest.mark.parametrize("kw", [dict(ratio=0.5, compensate="auto"), dict(attention_ratio=0.5)])
+def test_calibration_runs_in_segments_too_and_plans_the_same(kw, monkeypatch):
+    """Where the model would not fit, calibration (scores, compensation, the fits and the budget's pricing) runs
+    it in segments as the proof does: the same plan as a whole run, and a proved model; the segments are really
+    run (counted)."""
+    from onnxprune import prune_model, segments
+    model = onnx.load(str(ROOT / "models" / "llama-ts.onnx"))
+    calib = synth_inputs(model, seed=3, batch=16, seq=12)
+    whole = prune_model(model, calib=calib, proof="whole", **kw)
+    calls = []
+    real = segments.run_segmented
+
+    def counted(*a, **k):
+        calls.append(k.get("outputs"))
+        return real(*a, **k)
+    import onnxprune.calibration.session as cal_session
+    monkeypatch.setattr(cal_session, "run_segmented", counted)
+    parts = prune_model(model, calib=calib, proof="segments", **kw)
+    assert calls and any(c for c in calls)
+    assert parts.kept == whole.kept and parts.max_error <= 1e-4 and parts.proof_segment_bytes
+    assert [(f.block, f.circuit, f.rank) for f in parts.dim_fits] == [(f.block, f.circuit, f.rank) for f in whole.dim_fits]

@@ -17,6 +17,7 @@ from ..inputs import fixed_sizes, synth_inputs
 from ..model.proto import own_weights
 from ..progress import Progress
 from ..runtime import ort_reason, session
+from ..segments import budget_for, run_segmented
 from .data import BATCH, batches
 from .sites import ProjectionSite, add_bias, find_sites, head_columns, own_initializer, private_copy
 
@@ -25,8 +26,11 @@ class Calibrator:
     heads' contexts only (what activation scores and compensation read), never the model's outputs."""
 
     def __init__(self, model: onnx.ModelProto, blocks, data: list[dict[str, np.ndarray]], external_dir=None,
-                 progress: bool = True, outputs: bool = True, taps: tuple = (), fed: tuple = ()):
+                 progress: bool = True, outputs: bool = True, taps: tuple = (), fed: tuple = (),
+                 segment_bytes: int | None = None):
         self.model = model
+        self.external_dir = external_dir
+        self.segment_bytes = segment_bytes      # run in segments of this many weight bytes (``segments.py``)
         self.blocks = list(blocks)
         self.data = data
         self.progress = progress
@@ -63,8 +67,9 @@ class Calibrator:
                 known.add(name)
         self.taps = tuple(taps)
         self.work = work
-        # graph optimizations on: calibration reads statistics, not an exact proof, and runs many times
-        self.session = session(work, external_dir=external_dir, optimize=True)
+        # graph optimizations on: calibration reads statistics, not an exact proof, and runs many times; a model
+        # bigger than the memory runs in segments, each made anew for every batch
+        self.session = None if segment_bytes else session(work, external_dir=external_dir, optimize=True)
         self.mask_input = next((i.name for i in model.graph.input if "attention_mask" in i.name
                                 and len(i.type.tensor_type.shape.dim) == 2), None)
 
@@ -79,8 +84,12 @@ class Calibrator:
     def run(self, feeds: dict, weights: dict | None = None, contexts: bool = False):
         names = list(dict.fromkeys(self.outputs + ([s.context for s in self.sites] + list(self.taps)
                                                     if contexts else [])))
+        values = {**feeds, **self.weights, **(weights or {})}
         try:
-            got = self.session.run(names, {**feeds, **self.weights, **(weights or {})})
+            if self.segment_bytes:
+                return run_segmented(self.work, values, self.external_dir, budget=self.segment_bytes, outputs=names,
+                                     optimize=True)
+            got = self.session.run(names, values)
         except Exception as exc:   # onnxruntime's own types: token ids out of range, wrong sizes
             raise InputError(f"onnxruntime could not run the model on the calibration data: {ort_reason(exc)}") \
                 from None
@@ -198,18 +207,20 @@ OUTPUT_BUDGET = 256 << 20     # calibration batches are cut so that the model's 
 
 
 def open_session(model: onnx.ModelProto, blocks, shapes: dict, data: dict | None, external_dir=None,
-                 outputs: bool = True, taps: tuple = (), fed: tuple = ()) -> Calibrator:
+                 outputs: bool = True, taps: tuple = (), fed: tuple = (), run: str = "auto") -> Calibrator:
     """The shared calibration session on ``model``: ``data`` ({graph input: samples on axis 0}), or synthetic
     inputs when None. Without ``outputs`` it computes the heads' contexts only (activation scores,
     compensation): an LLM's output head, its logits and the transposed embedding that a tied head makes are
-    then never computed. ``shapes``: the probe's, to size the batches."""
+    then never computed. ``shapes``: the probe's, to size the batches. ``run``: the model run whole, in
+    segments, or ``auto`` (``segments.budget_for``: in segments where it would not fit in memory)."""
     data = data if data is not None else synth_inputs(model, seed=7, batch=32, seq=16)
     fixed_batch, _ = fixed_sizes(model)          # a model whose batch is fixed takes batches of that size
     if fixed_batch and len(next(iter(data.values()))) % fixed_batch:
         raise InputError(f"the model's batch is fixed at {fixed_batch}; the calibration data's "
                          f"{len(next(iter(data.values())))} samples are not a multiple of it")
     size = fixed_batch or batch_size(model, shapes, data)
-    return Calibrator(model, blocks, batches(data, size), external_dir, outputs=outputs, taps=taps, fed=fed)
+    return Calibrator(model, blocks, batches(data, size), external_dir, outputs=outputs, taps=taps, fed=fed,
+                      segment_bytes=budget_for(model, run))
 
 
 def batch_size(model: onnx.ModelProto, shapes: dict, data: dict) -> int:
