@@ -18,6 +18,7 @@ from .model.graph import to_graph
 from .match import NO_ATTENTION, has_attention, match_graph
 from .options import PruneOptions, tolerance
 from .probe import probe
+from .segments import budget_for
 from .verify import masked_model, masked_weights, reference
 
 
@@ -194,7 +195,7 @@ def verify_saved(model: onnx.ModelProto, result: PruneResult, path: str | os.Pat
     if atol is None and result.options is not None:
         atol = result.options.atol
     feeds = feeds if feeds is not None else result.feeds     # the run's own inputs, where it needed them
-    segment_bytes = pipeline.proof_segments(model, result.options.proof if result.options is not None else "auto")
+    segment_bytes = budget_for(model, result.options.proof if result.options is not None else "auto")
     error = pipeline.prove_equal(masked, pruned, model, feeds, result.io_keep, external_dir,
                                  tolerance(atol, pipeline.is_fp16(model)), pruned_dir=os.path.dirname(path),
                                  overrides=overrides, scaled=pipeline.relative_proof(model, result.plans),

@@ -10,11 +10,11 @@ context, in multi-head and multi-query blocks), or, with grouped KV heads, one w
 its query heads, the least energy summed over them: the rectangle that the rewrite needs, as ``--gqa group``
 keeps; a decode step no longer reads that group's cache). The loss of a step is measured, not assumed: the block
 at its new ranks and heads, its circuits fitted on the calibration batches (``transforms.subspace``) and written
-into the weights that the calibration session feeds (Q, and the output projection with the dropped heads' rows zero), the mean context
-that the cut loses put back into the output bias (what compensation gives back at least, FLAP's shift), the
-model run on the held-out batches and its outputs compared with the original's (``Calibrator.loss``). Without
-that shift a cut that loses a constant looks dear and one that loses variance cheap: on MiniLM at 50% the
-compensated result was 0.947 without it and 0.951 with it.
+into the weights that the calibration session feeds (Q, and the output projection with the dropped heads' rows
+zero), the mean context that the cut loses put back into the output bias (what compensation gives back at
+least, FLAP's shift), the model run on the held-out batches and its outputs compared with the original's
+(``Calibrator.loss``). Without that shift a cut that loses a constant looks dear and one that loses variance
+cheap: on MiniLM at 50% the compensated result was 0.947 without it and 0.951 with it.
 
 Blocks' losses are taken as if they added up, and they do not: on Gemma 3 270M at the MACs of ratio 0.5 the
 greedy plan, each block's cut cheap alone, gave perplexity x2.85 where whole heads gave x2.39. So the plan

@@ -8,6 +8,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from .errors import InputError
+from .model.proto import consumers
 
 
 BATCH = 2
@@ -133,10 +134,7 @@ def table_rows(model: onnx.ModelProto) -> dict[str, int]:
     type or language table of 4 rows takes no id of 15."""
     inits = {i.name: i for i in model.graph.initializer}
     producers = {o: n for n in model.graph.node for o in n.output}
-    readers: dict[str, list] = {}
-    for n in model.graph.node:
-        for i in n.input:
-            readers.setdefault(i, []).append(n)
+    readers = consumers(model)
     rows = {}
     for inp in model.graph.input:
         if inp.name in inits:

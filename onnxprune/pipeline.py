@@ -365,7 +365,7 @@ def verify(state: State, options: PruneOptions) -> State:
     if not options.verify:
         return state
     masked = reference(state.model, state.blocks, state.plans, state.quant, options.external_dir)
-    segment_bytes = proof_segments(state.original, options.proof)
+    segment_bytes = budget_for(state.original, options.proof)      # None: both models run whole
     error = prove_equal(masked, state.pruned, state.model, state.feeds, state.io_keep, options.external_dir,
                         options.tolerance(is_fp16(state.original)),
                         scaled=relative_proof(state.original, state.plans), segment_bytes=segment_bytes)
@@ -376,15 +376,9 @@ def relative_proof(model: onnx.ModelProto, plans: dict) -> bool:
     """Whether the proof compares each output relative to its largest magnitude (above 1): where the pruned model
     adds its products in another order than the reference, and the rounding is relative to the values. A cut
     inside the heads multiplies by the projection in another order; fp16 rounds every sum to 11 bits, so an
-    output of 30 differs by a unit of its last place, 0.0156, when heads are removed instead of zeroed (a 1.3B
-    fp16 synthetic decoder of 1.5 GB failed the absolute 1e-2 so, 2026-12-07)."""
+    output of 30 differs by a unit of its last place, 0.0156, when heads are removed instead of zeroed (a 1.5 GB
+    fp16 synthetic decoder failed the absolute 1e-2 so, 2026-12-07)."""
     return is_fp16(model) or any(p.dims for p in plans.values())
-
-
-def proof_segments(model: onnx.ModelProto, proof: str = "auto") -> int | None:
-    """The weight bytes per segment that the proof runs its two models in (``segments.run_segmented``), or None
-    to run them whole (``segments.budget_for``: ``auto`` where they would take over 60% of the free memory)."""
-    return budget_for(model, proof)
 
 
 def prove_equal(masked, pruned, model, feeds, io_keep, external_dir, atol, pruned_dir=None, overrides=None,
@@ -392,7 +386,7 @@ def prove_equal(masked, pruned, model, feeds, io_keep, external_dir, atol, prune
     """The largest difference between the masked original and the pruned model, on ``feeds`` (synthetic
     when None) and, with a KV cache, on a decode step too; a ``VerifyError`` beyond ``atol`` or on NaN.
     ``scaled``: relative to outputs larger than 1 (a projected reference, ``verify.max_abs_diff``);
-    ``segment_bytes``: both models run in segments (``proof_segments``)."""
+    ``segment_bytes``: both models run in segments (``segments.budget_for``)."""
     error = worst_of(compare(masked, pruned, f, io_keep, external_dir, pruned_dir=pruned_dir,
                              masked_overrides=overrides, scaled=scaled, segment_bytes=segment_bytes)
                      for f in verification_feeds(model, feeds, io_keep))

@@ -64,9 +64,6 @@ def light_copy(model: onnx.ModelProto) -> tuple[onnx.ModelProto, set[str]]:
     return probe, stand_ins
 
 
-HALF = (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
-
-
 def in_fp32(probe: onnx.ModelProto, external_dir=None) -> bool:
     """Turn the probe's copy of an fp16 (or bf16) model into fp32, in place; whether it had any half type.
 
@@ -77,7 +74,7 @@ def in_fp32(probe: onnx.ModelProto, external_dir=None) -> bool:
     from onnx import numpy_helper
 
     def widen(t: onnx.TensorProto) -> bool:
-        if t.data_type not in HALF:
+        if t.data_type not in dtypes.HALF_TYPES:
             return False
         value = numpy_helper.to_array(t, base_dir=str(external_dir or "")).astype(np.float32)
         t.CopyFrom(numpy_helper.from_array(value, t.name))
@@ -86,12 +83,12 @@ def in_fp32(probe: onnx.ModelProto, external_dir=None) -> bool:
     g = probe.graph
     found = any([widen(t) for t in g.initializer])
     for vi in list(g.input) + list(g.output):
-        if vi.type.tensor_type.elem_type in HALF:
+        if vi.type.tensor_type.elem_type in dtypes.HALF_TYPES:
             vi.type.tensor_type.elem_type = onnx.TensorProto.FLOAT
             found = True
     for node in g.node:
         for a in node.attribute:
-            if a.name == "to" and node.op_type == "Cast" and a.i in HALF:
+            if a.name == "to" and node.op_type == "Cast" and a.i in dtypes.HALF_TYPES:
                 a.i = onnx.TensorProto.FLOAT
                 found = True
             elif a.type == onnx.AttributeProto.TENSOR:

@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from .model.dtypes import PACKED_TYPES
+from .model.dtypes import HALF_TYPES, PACKED_TYPES
 from .progress import Progress
 from .runtime import session
 
@@ -70,7 +70,6 @@ def segments(model: onnx.ModelProto, budget: int = SEGMENT_BYTES) -> list[list[i
 
 
 HALF_COPIES = 3       # ONNX Runtime's CPU provider runs an fp16 weight as itself and an fp32 copy (2 + 4 bytes of 2)
-HALF = (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
 
 
 def budget_for(model: onnx.ModelProto, mode: str = "auto", share: float = 0.6) -> int | None:
@@ -137,4 +136,4 @@ def run_segmented(model: onnx.ModelProto, feeds: dict, external_dir=None, overri
 
 
 def has_half(model: onnx.ModelProto) -> bool:
-    return any(t.data_type in HALF for t in model.graph.initializer)
+    return any(t.data_type in HALF_TYPES for t in model.graph.initializer)

@@ -86,7 +86,8 @@ def test_an_fp16_model_is_probed_in_fp32_without_a_copy_of_its_weights(tmp_path)
     made and cast before the first layer ran: a 1.5 GB fp16 model took 2.43 GiB to probe (`onnxprune inspect`),
     a 130 MB one 216 MB. The probe now runs its copy in fp32 (the same shapes), each stand-in made just before
     its first reader, in ONNX Runtime's priority order: 0.35 GiB, and 58 MB for this 260 MB one (412 MB before)."""
-    from onnxprune.probe import HALF, in_fp32, light_copy
+    from onnxprune.model.dtypes import HALF_TYPES as HALF
+    from onnxprune.probe import in_fp32, light_copy
     path = build(tmp_path, 0, hidden=1024, heads=8, ffn=2048, vocab=1000, layers=16, fp16=True)
     size = (tmp_path / "model.onnx.data").stat().st_size
     code = ("import psutil\nfrom onnxprune.model.load import load_model\nfrom onnxprune.probe import probe\n"
@@ -164,7 +165,8 @@ def test_the_proof_in_segments_proves_and_can_fail(monkeypatch):
         prune_model(model, 0.5, proof="segments")
     monkeypatch.setattr(pipeline, "reference", real)
     monkeypatch.setattr(psutil, "virtual_memory", lambda: SimpleNamespace(available=1 << 16))
-    assert pipeline.proof_segments(model, "auto") and pipeline.proof_segments(model, "whole") is None
+    from onnxprune.segments import budget_for
+    assert budget_for(model, "auto") and budget_for(model, "whole") is None
     assert prune_model(model, 0.5).proof_segment_bytes == 1 << 20
 
 

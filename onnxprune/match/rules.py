@@ -484,8 +484,8 @@ def reduce(flow, node, direction, trigger):
 RULES = {
     "Transpose": transpose, "Reshape": reshape, "Flatten": reshape, "Unsqueeze": unsqueeze,
     "Squeeze": squeeze, "Expand": expand, "Split": split, "Slice": slice_, "Gather": gather, "Concat": concat,
-    "MatMul": matmul, "FusedMatMul": matmul, "Gemm": gemm, "RotaryEmbedding": rotary_embedding, "Attention": attention, "Resize": resize,
-    "GatherElements": gather_elements, "Tile": tile, "QuantizeLinear": quantize_linear,
+    "MatMul": matmul, "FusedMatMul": matmul, "Gemm": gemm, "RotaryEmbedding": rotary_embedding, "Attention": attention,
+    "Resize": resize, "GatherElements": gather_elements, "Tile": tile, "QuantizeLinear": quantize_linear,
     "DequantizeLinear": quantize_linear, "ConstantOfShape": constant_of_shape,
     **{op: elementwise for op in ELEMENTWISE}, **{op: norm for op in NORMS}, **{op: reduce for op in REDUCTIONS},
 }

@@ -126,11 +126,17 @@ def fused_matmul_view(node, x: str, weight: str, bias: str | None) -> list:
     return nodes
 
 
-def cut_columns(f, keep: dict, arr) -> dict:
-    """A weight quantized per column or per tensor (``f.scale``, ``f.zero``, a bias in ``f.extra``): the data cut
-    as the float weight [K, N] is, the per-column vectors and the bias along the columns."""
+def column_weight(f, arrays) -> np.ndarray:
+    """The float weight [K, N] of int8 data with a scale and zero point per column or per tensor."""
+    return dq_value(arrays(f.data), arrays(f.scale), arrays(f.zero) if f.zero else None, -1, 0)
+
+
+def cut_columns(f, keep: dict, arr, vectors=None) -> dict:
+    """A weight quantized per column or per tensor: the data cut as the float weight [K, N] is, and each of
+    ``vectors`` (by default its scale, zero point and the bias in ``f.extra``) that holds one value per column,
+    along the columns."""
     out = {f.data: take(arr(f.data), keep)}
-    for name in (f.scale, f.zero, *f.extra):
+    for name in (f.scale, f.zero, *f.extra) if vectors is None else vectors:
         if name and 1 in keep and arr(name).size > 1:
             out[name] = arr(name)[keep[1]]
     return out

@@ -168,19 +168,7 @@ class Rewriter:
                         self.edits.append(lambda t=tensor, r=stored, nodes=nodes: reroute(t, r, nodes))
                     continue
                 self.edits.append(lambda t=tensor, src=source, plan=plan, nodes=nodes:
-                                  reroute(t, self._take(src, plan), nodes))
-
-    def _take(self, t, plan):
-        """A Gather of positions of constant ``t`` per axis of ``plan`` ([(axis, positions)])."""
-        cur = t
-        for ax, idx in plan:
-            out = gs.Variable(f"{t.name}__kept{next(fresh)}", dtype=t.dtype)
-            self.graph.nodes.append(gs.Node("Gather", name=f"{t.name}__gather{next(fresh)}", attrs={"axis": int(ax)},
-                                            inputs=[cur, gs.Constant(f"{t.name}__positions{next(fresh)}",
-                                                                     np.asarray(idx, dtype=np.int64))],
-                                            outputs=[out]))
-            cur = out
-        return cur
+                                  reroute(t, self._narrow(src, [(ax, idx, None) for ax, idx in plan]), nodes))
 
     def _plan_table(self, block: AttentionBlock, table, lays: dict, qk=None):
         """A cos/sin table that a node of the block multiplies along the head size: the same positions of it
@@ -303,11 +291,12 @@ class Rewriter:
         def const(values):
             return gs.Constant(f"{t.name}__c{next(fresh)}", np.asarray(values, dtype=np.int64))
 
-        cur, rank = t, len(self.shapes[t.name])
+        cur = t
         for ax, idx, every in plan:
             if every is None:
                 cur = add("Gather", [cur, const(idx)], {"axis": int(ax)})
                 continue
+            rank = len(self.shapes[t.name])
             parts = [const([-1, every])]
             if ax:
                 parts.insert(0, add("Shape", [cur], {"start": 0, "end": int(ax)}))

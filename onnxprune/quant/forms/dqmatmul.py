@@ -6,7 +6,9 @@ are."""
 
 from __future__ import annotations
 
-from ..codes import cut_columns, dq_value, fused_matmul_view
+import numpy as np
+
+from ..codes import column_weight, cut_columns, fused_matmul_view
 from ..form import Folded, Form
 
 
@@ -15,7 +17,6 @@ def _detect(n, inits) -> bool:
 
 
 def _size(n, inits):
-    import numpy as np
     return n.input[1], int(np.prod(inits[n.input[1]].dims)), tuple(i for i in n.input[2:4] if i)
 
 
@@ -31,9 +32,5 @@ def _fold(n, ctx):
     return f, ctx.inits[n.input[1]].dims, ctx.inits[n.input[2]].data_type, {n.name: nodes}
 
 
-def _float_weight(f, arrays):
-    return dq_value(arrays(f.data), arrays(f.scale), arrays(f.zero) if f.zero else None, -1, 0)
-
-
-FORM = Form("dqmatmul", "int8 dynamic fused by ORT (DynamicQuantizeMatMul)", _detect, _size, _fold, _float_weight,
+FORM = Form("dqmatmul", "int8 dynamic fused by ORT (DynamicQuantizeMatMul)", _detect, _size, _fold, column_weight,
             cut_columns)

@@ -9,7 +9,7 @@ import onnx
 from onnx import helper
 
 from ...errors import MatchError
-from ..codes import dq_value, take
+from ..codes import column_weight, cut_columns
 from ..form import Folded, Form
 
 
@@ -61,16 +61,9 @@ def _integer_group(n, producer, readers, inits):
     return dql, scale_mul, cast, out_mul, w_scale
 
 
-def _float_weight(f, arrays):
-    return dq_value(arrays(f.data), arrays(f.scale), arrays(f.zero) if f.zero else None, -1, 0)
-
-
 def _cut(f, keep, arr):
-    out = {f.data: take(arr(f.data), keep)}
-    for name in (f.scale, f.zero):
-        if name and arr(name).size > 1 and 1 in keep:
-            out[name] = arr(name)[keep[1]]
-    return out
+    # ``f.extra`` holds the activation's DynamicQuantizeLinear, not a vector of the weight
+    return cut_columns(f, keep, arr, (f.scale, f.zero))
 
 
-FORM = Form("integer", "int8 dynamic (MatMulInteger)", _detect, _size, _fold, _float_weight, _cut)
+FORM = Form("integer", "int8 dynamic (MatMulInteger)", _detect, _size, _fold, column_weight, _cut)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from ...errors import MatchError
-from ..codes import cut_columns, dq_value, fused_matmul_view
+from ..codes import column_weight, cut_columns, fused_matmul_view
 from ..form import Folded, Form
 
 
@@ -37,9 +37,5 @@ def _fold(n, ctx):
     return f, ctx.inits[n.input[1]].dims, ctx.inits[scale].data_type, {n.name: nodes}
 
 
-def _float_weight(f, arrays):
-    return dq_value(arrays(f.data), arrays(f.scale), arrays(f.zero) if f.zero else None, -1, 0)
-
-
-FORM = Form("inttofloat", "int8 dynamic fused by ORT (MatMulIntegerToFloat)", _detect, _size, _fold, _float_weight,
+FORM = Form("inttofloat", "int8 dynamic fused by ORT (MatMulIntegerToFloat)", _detect, _size, _fold, column_weight,
             cut_columns)
