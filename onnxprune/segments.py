@@ -88,51 +88,97 @@ def budget_for(model: onnx.ModelProto, mode: str = "auto", share: float = 0.6) -
     return budget if need > share * available else None
 
 
+class Segmented:
+    """``model`` cut into segments (``segments``), to be run one segment at a time over any number of states (a
+    dict of values per batch: the graph inputs, then what the earlier segments made). Each segment's session is
+    made once for every state that passes it, so a calibration over many batches reads each weight once per
+    pass, not once per batch. ``wanted``: the values kept to the end (default: the graph outputs); any other value
+    is dropped from a state once no later segment reads it."""
+
+    def __init__(self, model: onnx.ModelProto, external_dir=None, budget: int = SEGMENT_BYTES,
+                 wanted: list | None = None, optimize: bool = False, overrides: dict | None = None):
+        self.model, self.external_dir, self.optimize = model, external_dir, optimize
+        self.overrides = overrides or {}
+        g = model.graph
+        self.inits = {t.name: t for t in g.initializer}
+        self.parts = segments(model, budget)
+        self.last: dict[str, int] = {}           # value name -> the last segment that reads it
+        self.reads: list[list[str]] = []
+        self.made: list[set] = []
+        for s, part in enumerate(self.parts):
+            nodes = [g.node[k] for k in part]
+            self.reads.append(list(dict.fromkeys(i for n in nodes for i in _reads(n))))
+            self.made.append({o for n in nodes for o in n.output if o})
+            for name in self.reads[-1]:
+                self.last[name] = s
+        self.wanted = list(wanted) if wanted is not None else [o.name for o in g.output]
+        for name in self.wanted:
+            self.last[name] = len(self.parts)
+        self._open: tuple[int, object] | None = None
+
+    def inputs(self, s: int) -> list[str]:
+        """The values segment ``s`` takes: graph inputs and what earlier segments made (not its weights)."""
+        return [i for i in self.reads[s] if i not in self.made[s] and i not in self.inits]
+
+    def outputs(self, s: int) -> list[str]:
+        g = self.model.graph
+        made = dict.fromkeys(o for k in self.parts[s] for o in g.node[k].output if o)
+        return [o for o in made if self.last.get(o, -1) > s]
+
+    def _session(self, s: int, dtypes: dict):
+        if self._open is not None and self._open[0] == s:
+            return self._open[1]
+        self._open = None           # the last segment's session goes before the next one is made
+        g = self.model.graph
+        sub = helper.make_graph(
+            [g.node[k] for k in self.parts[s]], f"segment{s}",
+            [helper.make_tensor_value_info(i, helper.np_dtype_to_tensor_dtype(dtypes[i]), None)
+             for i in self.inputs(s)],
+            [onnx.ValueInfoProto(name=o) for o in self.outputs(s)],
+            [self.inits[i] for i in self.reads[s] if i in self.inits and i not in self.made[s]])
+        part = helper.make_model(sub, opset_imports=list(self.model.opset_import), ir_version=self.model.ir_version)
+        part.functions.extend(self.model.functions)
+        mine = {k: v for k, v in self.overrides.items() if k in self.reads[s]}
+        sess = session(part, optimize=self.optimize, external_dir=self.external_dir, overrides=mine)
+        self._open = (s, sess)
+        return sess
+
+    def advance(self, s: int, states: list[dict], extra: dict | None = None) -> None:
+        """Run segment ``s`` on every state, in place: its outputs added, what no later segment reads (and is not
+        wanted) dropped. ``extra``: values for graph inputs that every state shares (fed weights)."""
+        outputs = self.outputs(s)
+        extra = extra or {}
+        if outputs:
+            names = self.inputs(s)
+            pick = lambda st, i: extra[i] if i in extra else st[i]      # noqa: E731
+            sess = self._session(s, {i: pick(states[0], i).dtype for i in names}) if states else None
+            for st in states:
+                st.update(zip(outputs, sess.run(outputs, {i: pick(st, i) for i in names})))
+        for st in states:
+            for name in [n for n in st if self.last.get(n, -1) <= s and n not in self.wanted]:
+                del st[name]
+
+    def close(self) -> None:
+        self._open = None
+
+    def run(self, states: list[dict], extra: dict | None = None, progress: bool = False) -> list[dict]:
+        """Every segment in turn over ``states`` (consumed); the wanted values of each."""
+        with Progress(len(self.parts), "running the model in segments", unit="segments",
+                      min_total=1 if progress else 10 ** 9) as bar:
+            for s in range(len(self.parts)):
+                self.advance(s, states, extra)
+                bar.update()
+        self.close()
+        return [{name: st[name] for name in self.wanted} for st in states]
+
+
 def run_segmented(model: onnx.ModelProto, feeds: dict, external_dir=None, overrides: dict | None = None,
                   budget: int = SEGMENT_BYTES, progress: bool = False, outputs: list | None = None,
                   optimize: bool = False) -> dict[str, np.ndarray]:
     """The graph outputs of ``model`` on ``feeds`` (or the tensors named in ``outputs``), run segment by segment
-    (``segments``). ``external_dir``, ``overrides`` and ``optimize`` as for ``runtime.session``."""
-    g = model.graph
-    inits = {t.name: t for t in g.initializer}
-    parts = segments(model, budget)
-    last: dict[str, int] = {}           # value name -> the last segment that reads it
-    for s, part in enumerate(parts):
-        for k in part:
-            for name in _reads(g.node[k]):
-                last[name] = s
-    wanted = list(outputs) if outputs is not None else [o.name for o in g.output]
-    for name in wanted:
-        last[name] = len(parts)
-    values = dict(feeds)
-    with Progress(len(parts), "running the model in segments", unit="segments",
-                  min_total=1 if progress else 10 ** 9) as bar:
-        for s, part in enumerate(parts):
-            nodes = [g.node[k] for k in part]
-            made = {o for n in nodes for o in n.output if o}
-            reads = list(dict.fromkeys(i for n in nodes for i in _reads(n)))
-            inputs = [i for i in reads if i not in made and i not in inits]
-            outputs = [o for o in dict.fromkeys(o for n in nodes for o in n.output if o) if last.get(o, -1) > s]
-            if not outputs:
-                bar.update()
-                continue
-            sub = helper.make_graph(
-                nodes, f"segment{s}",
-                [helper.make_tensor_value_info(i, helper.np_dtype_to_tensor_dtype(values[i].dtype), None)
-                 for i in inputs],
-                [onnx.ValueInfoProto(name=o) for o in outputs],
-                [inits[i] for i in reads if i in inits and i not in made])
-            part_model = helper.make_model(sub, opset_imports=list(model.opset_import), ir_version=model.ir_version)
-            part_model.functions.extend(model.functions)
-            mine = {k: v for k, v in (overrides or {}).items() if k in reads}
-            sess = session(part_model, optimize=optimize, external_dir=external_dir, overrides=mine)
-            got = sess.run(outputs, {i: values[i] for i in inputs})
-            del sess, part_model, sub
-            values.update(zip(outputs, got))
-            for name in [n for n in values if last.get(n, -1) <= s and n not in wanted]:
-                del values[name]
-            bar.update()
-    return {name: values[name] for name in wanted}
+    (``Segmented``). ``external_dir``, ``overrides`` and ``optimize`` as for ``runtime.session``."""
+    runner = Segmented(model, external_dir, budget, outputs, optimize, overrides)
+    return runner.run([dict(feeds)], progress=progress)[0]
 
 
 def has_half(model: onnx.ModelProto) -> bool:

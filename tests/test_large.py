@@ -190,21 +190,70 @@ def test_the_proof_is_chosen_on_the_command_line_and_reported(tmp_path):
 @pytest.mark.parametrize("kw", [dict(ratio=0.5, compensate="auto"), dict(attention_ratio=0.5)])
 def test_calibration_runs_in_segments_too_and_plans_the_same(kw, monkeypatch):
     """Where the model would not fit, calibration (scores, compensation, the fits and the budget's pricing) runs
-    it in segments as the proof does: the same plan as a whole run, and a proved model; the segments are really
-    run (counted)."""
+    it in segments as the proof does: the same plan and the same compensated weights as a whole run, and a proved
+    model; the segments are really run (counted)."""
     from onnxprune import prune_model, segments
     model = onnx.load(str(ROOT / "models" / "llama-ts.onnx"))
     calib = synth_inputs(model, seed=3, batch=16, seq=12)
     whole = prune_model(model, calib=calib, proof="whole", **kw)
     calls = []
-    real = segments.run_segmented
+    real = segments.Segmented.advance
 
-    def counted(*a, **k):
-        calls.append(k.get("outputs"))
-        return real(*a, **k)
-    import onnxprune.calibration.session as cal_session
-    monkeypatch.setattr(cal_session, "run_segmented", counted)
+    def counted(self, s, states, extra=None):
+        calls.append(s)
+        return real(self, s, states, extra)
+    monkeypatch.setattr(segments.Segmented, "advance", counted)
     parts = prune_model(model, calib=calib, proof="segments", **kw)
-    assert calls and any(c for c in calls)
+    assert calls
     assert parts.kept == whole.kept and parts.max_error <= 1e-4 and parts.proof_segment_bytes
     assert [(f.block, f.circuit, f.rank) for f in parts.dim_fits] == [(f.block, f.circuit, f.rank) for f in whole.dim_fits]
+    _same_outputs(whole.model, parts.model)
+
+
+def _same_outputs(a, b):
+    from onnxprune.verify import run
+    feeds = synth_inputs(a, seed=11, batch=2, seq=7)
+    x, y = run(a, feeds), run(b, feeds)
+    assert x.keys() == y.keys() and all(np.allclose(x[k], y[k], atol=1e-4) for k in x)
+
+
+def test_compensation_in_segments_takes_a_few_passes_not_one_per_block(monkeypatch):
+    """Compensated in segments, each block sees the blocks compensated before it (the same weights as the whole
+    walk, which runs the model once per block) in about three passes over the segments: the original's, the fed
+    model's, and once more each segment that makes a compensated block's context: each segment's session made
+    once."""
+    from onnxprune import prune_model, segments
+    model = onnx.load(str(ROOT / "models" / "llama-gqa4-ts.onnx"))
+    calib = synth_inputs(model, seed=5, batch=8, seq=10)
+    made = []
+    real = segments.Segmented._session
+
+    def counted(self, s, dtypes):
+        if self._open is None or self._open[0] != s:
+            made.append(s)
+        return real(self, s, dtypes)
+    monkeypatch.setattr(segments.Segmented, "_session", counted)
+    monkeypatch.setattr(segments, "SEGMENT_BYTES", 40000)
+    monkeypatch.setattr(segments, "budget_for", lambda model, mode="auto", share=0.6: 40000)
+    from onnxprune.calibration import session as cal_session
+    monkeypatch.setattr(cal_session, "budget_for", lambda model, mode="auto", share=0.6: 40000)
+    from onnxprune.transforms import compensate
+    walked = []
+    real_walk = cal_session.Calibrator.walk
+
+    def walk(self, fed, needed):
+        n = len(made)
+        for item in real_walk(self, fed, needed):
+            yield item
+        walked.append((len(made) - n, len(self.sites), len(segments.segments(self.work, 40000))))
+    monkeypatch.setattr(cal_session.Calibrator, "walk", walk)
+    got = prune_model(model, 0.5, calib=calib, compensate="refit", proof="whole")
+    monkeypatch.undo()
+    want = prune_model(model, 0.5, calib=calib, compensate="refit", proof="whole")
+    assert compensate and walked
+    sessions, blocks, parts = walked[0]
+    assert blocks >= 2 and parts >= 2 * blocks
+    # each segment's session is made once, and serves the original's state, the fed model's and the sites' reruns
+    # (a pass per block would make blocks * parts)
+    assert sessions <= parts, (sessions, parts)
+    _same_outputs(got.model, want.model)

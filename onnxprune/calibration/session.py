@@ -17,7 +17,7 @@ from ..inputs import fixed_sizes, synth_inputs
 from ..model.proto import own_weights
 from ..progress import Progress
 from ..runtime import ort_reason, session
-from ..segments import budget_for, run_segmented
+from ..segments import Segmented, budget_for, run_segmented
 from .data import BATCH, batches
 from .sites import ProjectionSite, add_bias, find_sites, head_columns, own_initializer, private_copy
 
@@ -81,9 +81,12 @@ class Calibrator:
         work.graph.input.append(helper.make_tensor_value_info(name, proto.data_type, list(proto.dims)))
 
     # ------------------------------------------------------------------ running
+    def _names(self, contexts: bool) -> list[str]:
+        return list(dict.fromkeys(self.outputs + ([s.context for s in self.sites] + list(self.taps)
+                                                   if contexts else [])))
+
     def run(self, feeds: dict, weights: dict | None = None, contexts: bool = False):
-        names = list(dict.fromkeys(self.outputs + ([s.context for s in self.sites] + list(self.taps)
-                                                    if contexts else [])))
+        names = self._names(contexts)
         values = {**feeds, **self.weights, **(weights or {})}
         try:
             if self.segment_bytes:
@@ -94,6 +97,66 @@ class Calibrator:
             raise InputError(f"onnxruntime could not run the model on the calibration data: {ort_reason(exc)}") \
                 from None
         return dict(zip(names, got))
+
+    def run_each(self, weights: dict | None = None, contexts: bool = False):
+        """``run`` on every calibration batch, in order (an iterator). In segments, every batch passes one
+        segment before the next segment's session is made: each weight is read once per pass, not per batch."""
+        if not self.segment_bytes:
+            return (self.run(feeds, weights, contexts) for feeds in self.data)
+        runner = Segmented(self.work, self.external_dir, self.segment_bytes, self._names(contexts), optimize=True)
+        try:
+            return iter(runner.run([dict(feeds) for feeds in self.data], {**self.weights, **(weights or {})},
+                                   progress=self.progress))
+        except Exception as exc:
+            raise InputError(f"onnxruntime could not run the model on the calibration data: {ort_reason(exc)}") \
+                from None
+
+    def walk(self, fed: dict, needed: set):
+        """For each site of a block in ``needed``, in graph order: (site, [(feeds, its context in the model run with
+        ``fed``, its context in the original) for every batch]). Between two sites the caller may put new weights
+        into ``fed`` (the site's refitted output projection): the contexts of the later sites see them, as each
+        block is compensated seeing the blocks already compensated before it.
+
+        Run whole, the original's contexts come from one pass and each site's from a pass of its own. In segments
+        the walk goes once through the segments with two states per batch, the original's and the fed model's:
+        a segment runs on the fed state again only for the sites whose context it makes, so a model of any size is
+        compensated in about three passes, not one per block."""
+        if not self.segment_bytes:
+            original = [{s.context: out[s.context] for s in self.sites} for out in self.run_each(contexts=True)]
+            for site in self.sites:
+                if site.block.index not in needed:
+                    continue
+                now = self.run_each(fed, contexts=True) if fed else iter(original)
+                yield site, [(feeds, o[site.context], ref[site.context])
+                             for feeds, o, ref in zip(self.data, now, original)]
+            return
+        contexts = [s.context for s in self.sites if s.block.index in needed]
+        runner = Segmented(self.work, self.external_dir, self.segment_bytes, contexts, optimize=True)
+        ref = [dict(feeds) for feeds in self.data]
+        now = None               # None: the fed model has not diverged from the original yet
+        with self.bar(len(runner.parts), "compensating in segments") as bar:
+            for k in range(len(runner.parts)):
+                here = [s for s in self.sites if s.block.index in needed and s.context in runner.made[k]]
+                reads_fed = any(name in fed for name in runner.reads[k])
+                if now is None and (reads_fed or here):
+                    now = [dict(st) for st in ref]
+                start = [dict(st) for st in now] if here else None
+                runner.advance(k, ref, self.weights)
+                for site in here:
+                    if fed:     # the segment again, with the weights fitted so far
+                        states = [dict(st) for st in start]
+                        runner.advance(k, states, {**self.weights, **fed})
+                    else:
+                        states = ref
+                    yield site, [(feeds, st[site.context], r[site.context])
+                                 for feeds, st, r in zip(self.data, states, ref)]
+                if now is not None:
+                    runner.advance(k, now, {**self.weights, **fed})
+                    for st in (*ref, *now):
+                        for site in here:
+                            st.pop(site.context, None)
+                bar.update()
+        runner.close()
 
     def rows(self, feeds: dict, ctx: np.ndarray, site: ProjectionSite) -> np.ndarray:
         """The context as [tokens, features], the padding tokens left out where the mask says so."""
@@ -150,8 +213,7 @@ class Calibrator:
         batches not in ``held_out``, the same of those in it)."""
         fit, held = {}, {}
         with self.bar(len(self.data), "calibrating") as bar:
-            for i, feeds in enumerate(self.data):
-                out = self.run(feeds, contexts=True)
+            for i, (feeds, out) in enumerate(zip(self.data, self.run_each(contexts=True))):
                 acc = held if i in held_out else fit
                 for key, (block, name) in names.items():
                     rows = self.token_rows(feeds, out[name], block, name)
@@ -163,8 +225,7 @@ class Calibrator:
     def context_means(self, weights: dict | None = None) -> dict[int, np.ndarray]:
         """The mean context vector of every block over the calibration tokens."""
         acc, n = {}, {}
-        for feeds in self.data:
-            out = self.run(feeds, weights, contexts=True)
+        for feeds, out in zip(self.data, self.run_each(weights, contexts=True)):
             for s in self.sites:
                 rows = self.rows(feeds, out[s.context], s)
                 acc[s.block.index] = acc.get(s.block.index, 0) + rows.sum(axis=0)

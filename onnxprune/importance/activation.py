@@ -12,8 +12,7 @@ def _score(ctx):
     cal = ctx.calibration
     sums = {s.block.index: np.zeros(s.block.num_heads) for s in cal.sites}
     with cal.bar(len(cal.data), "calibrating") as bar:
-        for feeds in cal.data:
-            out = cal.run(feeds, contexts=True)
+        for feeds, out in zip(cal.data, cal.run_each(contexts=True)):
             for s in cal.sites:
                 rows = cal.rows(feeds, out[s.context], s)
                 for h in range(s.block.num_heads):

@@ -68,35 +68,31 @@ def compensation(cal, kept: dict[int, tuple], mode: str, ridge: float = RIDGE,
     if mode not in COMPENSATE_MODES:
         raise PlanError(f"unknown compensation {mode!r}; use one of {', '.join(COMPENSATE_MODES)}")
     dims, fed = dims or {}, dict(cut or {})
-    # only the contexts of the original run are kept, not every output (an LLM's logits are large)
-    original = []
-    for feeds in cal.data:
-        out = cal.run(feeds, contexts=True)
-        original.append({s.context: out[s.context] for s in cal.sites})
-        del out
     held = held_out_batches(len(cal.data))
     new: dict[str, np.ndarray] = {}
-    with cal.bar(len(cal.sites), "compensating") as bar:
-        for s in cal.sites:
+    needed = {s.block.index for s in cal.sites
+              if tuple(kept.get(s.block.index, range(s.block.num_heads))) != tuple(range(s.block.num_heads))
+              or dims.get(s.block.index)}
+    # only the contexts of the sites are read, not every output (an LLM's logits are large); run whole, a pass
+    # per block, or in segments, about three passes in all (``Calibrator.walk``)
+    with cal.bar(len(needed), "compensating") as bar:
+        for s, pairs in cal.walk(fed, needed):
             b = s.block
             keep = tuple(kept.get(b.index, range(b.num_heads)))
             circuits = dims.get(b.index, {})
-            if keep == tuple(range(b.num_heads)) and not circuits:
-                bar.update()
-                continue
             w = cal.weights[s.weight].astype(np.float64)
             w2 = np.moveaxis(w, s.head_axis, 0)                   # [features, width]
             bias = cal.weights[s.bias].astype(np.float64)
             pieces = _pieces(cal, b, s, keep, circuits.get("ov"))
             xs, ys, part = [], [], []
-            for k, (feeds, ref) in enumerate(zip(cal.data, original)):
-                now = cal.run(feeds, fed, contexts=True) if fed else ref
-                x_now = cal.rows(feeds, now[s.context], s)
-                x_ref = cal.rows(feeds, ref[s.context], s)
+            for k, (feeds, now, ref) in enumerate(pairs):
+                x_now = cal.token_rows(feeds, now, b, s.context)
+                x_ref = cal.token_rows(feeds, ref, b, s.context)
                 xs.append(np.hstack([x_now[:, cols] if a is None else x_now[:, cols] @ a
                                      for cols, _, a, _ in pieces]))
                 ys.append(x_ref @ w2)                             # the original projection, before bias
                 part.append(np.full(len(x_now), k in held))
+            del pairs
             x, y, part = np.concatenate(xs), np.concatenate(ys), np.concatenate(part)
             finite(x, f"block {b.index} ({b.name}): the kept heads' context on the calibration data")
             finite(y, f"block {b.index} ({b.name}): the output projection on the calibration data")
