@@ -31,12 +31,7 @@ import onnx
 
 from .errors import InputError
 from .inputs import takes_past
-
-PROVIDERS = {
-    "cpu": ["CPUExecutionProvider"],
-    "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
-    "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
-}
+from .runtime import PROVIDERS, providers_for
 
 
 @dataclass(frozen=True)
@@ -182,15 +177,7 @@ def session_options(threads: int | None, optimize: bool = True):
 
 def make_session(path, provider: str, threads: int | None):
     import onnxruntime as ort
-    if provider not in PROVIDERS:
-        raise InputError(f"unknown provider {provider!r}; choose from {', '.join(PROVIDERS)}")
-    wanted = PROVIDERS[provider]
-    if wanted[0] not in ort.get_available_providers():
-        raise InputError(f"{wanted[0]} is not available in this onnxruntime "
-                         f"({', '.join(ort.get_available_providers())}); for cuda and tensorrt install "
-                         "onnxruntime-gpu in place of onnxruntime")
-    sess = ort.InferenceSession(str(path), session_options(threads), providers=wanted)
-    return sess
+    return ort.InferenceSession(str(path), session_options(threads), providers=providers_for(provider))
 
 
 class Runner:

@@ -76,6 +76,7 @@ class PruneOptions:
     # count and one head size for all layers)
     target: SpeedTarget | None = None    # a measured speed-up to reach instead of a share of MACs (``speed.py``)
     proof: str = "auto"          # run the proof's models whole, in segments (``segments.py``), or choose by memory
+    provider: str = "cpu"        # where calibration and the proof run (``runtime.PROVIDERS``; cuda: onnxruntime-gpu)
     latency: object = field(default=None, compare=False, repr=False)   # its ``budget.LatencyModel``, measured
 
     def __post_init__(self):
@@ -135,6 +136,8 @@ class PruneOptions:
             raise PlanError(f"unknown compensation {self.compensate!r}; use one of {', '.join(COMPENSATE_MODES)}")
         if self.proof not in PROOFS:
             raise PlanError(f"unknown proof {self.proof!r}; use one of {', '.join(PROOFS)}")
+        if self.provider not in ("cpu", "cuda"):
+            raise PlanError(f"unknown provider {self.provider!r} for calibration and the proof; use cpu or cuda")
         if self.atol is not None and not (finite_number(self.atol) and self.atol >= 0):
             raise PlanError(f"atol must be a finite number >= 0, got {self.atol!r}")
         check_source(self.importance)
@@ -156,6 +159,13 @@ class PruneOptions:
 
     def tolerance(self, fp16: bool) -> float:
         return tolerance(self.atol, fp16)
+
+    def providers(self, exact: bool = False) -> list | None:
+        """ONNX Runtime's providers for calibration (and, ``exact``, for the proof); None: the CPU default."""
+        if self.provider == "cpu":
+            return None
+        from .runtime import providers_for
+        return providers_for(self.provider, exact)
 
 
 def tolerance(atol: float | None, fp16: bool) -> float:

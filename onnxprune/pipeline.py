@@ -188,7 +188,7 @@ def calibration(state: State, options: PruneOptions, outputs: bool = True):
     if state.quant is not None:      # calibration runs the whole float view: every weight dequantized
         state.quant.materialize(state.model)
     return open_session(state.model, state.blocks, state.shapes, options.calib, options.external_dir, outputs,
-                        run=options.proof)
+                        run=options.proof, providers=options.providers())
 
 
 def make_plan(state: State, options: PruneOptions) -> State:
@@ -220,7 +220,7 @@ def fit_dims(state: State, options: PruneOptions) -> State:
         if state.quant is not None:      # calibration runs the whole float view: every weight dequantized
             state.quant.materialize(state.model)
         cal = open_session(state.model, state.blocks, state.shapes, options.calib, options.external_dir,
-                           outputs=budget, taps=taps, fed=fed, run=options.proof)
+                           outputs=budget, taps=taps, fed=fed, run=options.proof, providers=options.providers())
     moments = Moments(state.model, state.blocks, cal, tuple(wanted), options.external_dir,
                       select_ov=state.quant is not None)
     ranks, plans, fits, spent = {}, dict(state.plans), [], None
@@ -312,7 +312,7 @@ def compensate(state: State, options: PruneOptions) -> State:
         fed = tuple(t.name for b in state.blocks for d in dims.get(b.index, {}).values() if d.circuit == "qk"
                     for t in written(b, "qk"))
         cal = open_session(state.model, state.blocks, state.shapes, options.calib, options.external_dir,
-                           outputs=False, fed=fed, run=options.proof)
+                           outputs=False, fed=fed, run=options.proof, providers=options.providers())
     else:
         cal = state.calibration or calibration(state, options, outputs=False)
     if cal.shared:
@@ -368,7 +368,8 @@ def verify(state: State, options: PruneOptions) -> State:
     segment_bytes = budget_for(state.original, options.proof)      # None: both models run whole
     error = prove_equal(masked, state.pruned, state.model, state.feeds, state.io_keep, options.external_dir,
                         options.tolerance(is_fp16(state.original)),
-                        scaled=relative_proof(state.original, state.plans), segment_bytes=segment_bytes)
+                        scaled=relative_proof(state.original, state.plans), segment_bytes=segment_bytes,
+                        providers=options.providers(exact=True))
     return replace(state, max_error=error, proof_segment_bytes=segment_bytes)
 
 
@@ -382,13 +383,14 @@ def relative_proof(model: onnx.ModelProto, plans: dict) -> bool:
 
 
 def prove_equal(masked, pruned, model, feeds, io_keep, external_dir, atol, pruned_dir=None, overrides=None,
-                scaled: bool = False, segment_bytes: int | None = None) -> float:
+                scaled: bool = False, segment_bytes: int | None = None, providers=None) -> float:
     """The largest difference between the masked original and the pruned model, on ``feeds`` (synthetic
     when None) and, with a KV cache, on a decode step too; a ``VerifyError`` beyond ``atol`` or on NaN.
     ``scaled``: relative to outputs larger than 1 (a projected reference, ``verify.max_abs_diff``);
-    ``segment_bytes``: both models run in segments (``segments.budget_for``)."""
+    ``segment_bytes``: both models run in segments (``segments.budget_for``); ``providers``: where (CPU)."""
     error = worst_of(compare(masked, pruned, f, io_keep, external_dir, pruned_dir=pruned_dir,
-                             masked_overrides=overrides, scaled=scaled, segment_bytes=segment_bytes)
+                             masked_overrides=overrides, scaled=scaled, segment_bytes=segment_bytes,
+                             providers=providers)
                      for f in verification_feeds(model, feeds, io_keep))
     check_error(error, atol)
     return error

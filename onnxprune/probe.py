@@ -39,13 +39,22 @@ def light_copy(model: onnx.ModelProto) -> tuple[onnx.ModelProto, set[str]]:
     (a model above 2 GB is probed in the memory of its activations), and ONNX Runtime frees each stand-in
     after its last use. Each stand-in comes right before its first reader: ONNX Runtime runs nodes in the order
     given where the graph allows, and stand-ins put first (they depend on nothing) were all made before the
-    first layer ran, the whole model at once (a 1.5 GB fp16 model probed in 2.43 GiB; issue 26). Integer
-    tensors (shapes, indices) stay real. Returns the copy and the stand-ins.
+    first layer ran, the whole model at once (a 1.5 GB fp16 model probed in 2.43 GiB; issue 26). A weight read only
+    by MatMul or by a Gather of rows gets no stand-in at all (``_light_reader``). Integer tensors (shapes, indices)
+    stay real. Returns the copy and the names that are the copy's own (stand-ins, light readers' tensors).
     """
     probe = copy_without_initializers(model, value_info=False)
     g, src = probe.graph, model.graph
     stand_ins, nodes = large_weights(model, dtypes.STAND_IN_BYTES), []
+    readers: dict[str, list] = {}
+    for node in src.node:
+        for name in node.input:
+            if name in stand_ins:
+                readers.setdefault(name, []).append(node)
+    light = {t.name for t in src.initializer if t.name in stand_ins and _light(t, readers.get(t.name, []))}
     for init in src.initializer:
+        if init.name in light:
+            continue
         if init.name in stand_ins:
             value = helper.make_tensor(f"{init.name}__value", init.data_type, [], [0.02])
             shape = helper.make_tensor(f"{init.name}__shape", onnx.TensorProto.INT64, [len(init.dims)], list(init.dims))
@@ -55,13 +64,60 @@ def light_copy(model: onnx.ModelProto) -> tuple[onnx.ModelProto, set[str]]:
         else:
             g.initializer.append(init)
     pending = {n.output[0]: n for n in nodes}
+    weights = {t.name: t for t in src.initializer}
+    own = set()          # the light readers' own tensors, which the probe does not report
     for node in src.node:        # each stand-in just before its first reader
         for name in node.input:
             if name in pending:
                 g.node.append(pending.pop(name))
-        g.node.append(node)
+        light_in = [i for i in node.input if i in light]
+        if light_in:
+            made = _light_reader(node, weights[light_in[0]], g)
+            g.node.extend(made)
+            own |= {o for n in made for o in n.output if o not in node.output}
+        else:
+            g.node.append(node)
     g.node.extend(pending.values())      # read by no node (a graph output): last
-    return probe, stand_ins
+    return probe, stand_ins | own
+
+
+def _light(weight: onnx.TensorProto, readers: list) -> bool:
+    """Whether every reader of ``weight`` can run without it (``_light_reader``): a MatMul by the 2-D weight, or a
+    Gather of its rows (an embedding)."""
+    def ok(n):
+        if n.op_type == "MatMul":
+            return list(n.input).index(weight.name) == 1 and len(weight.dims) == 2
+        if n.op_type == "Gather":
+            axis = next((a.i for a in n.attribute if a.name == "axis"), 0)
+            return n.input[0] == weight.name and n.input[1] != weight.name and axis == 0 and len(weight.dims) >= 1
+        return False
+    return bool(readers) and all(ok(n) for n in readers)
+
+
+def _light_reader(node: onnx.NodeProto, weight: onnx.TensorProto, g: onnx.GraphProto) -> list:
+    """Nodes that give ``node``'s output the shape (and, for the Expand stand-in's constant weight, the values)
+    it has, without making the weight: the largest weights (an LLM's embedding and output head, [128256, 4096],
+    2.1 GB in fp32) were the probe's peak.
+
+    * ``MatMul(x, W)`` with W [K, N] of one value c: each output is c times the sum of x's row, so
+      ``Expand(MatMul(x, ones[K, 1]) * c, [N])``;
+    * ``Gather(W, ids)``: every row is alike, so row 0 of a one-row table, gathered at ``ids - ids``."""
+    out, name, p = node.output[0], weight.name, f"{node.name or node.output[0]}__light"
+    value = helper.make_tensor(f"{p}_value", weight.data_type, [], [0.02])
+    if node.op_type == "MatMul":
+        k, n = weight.dims
+        ones = helper.make_tensor(f"{p}_ones", weight.data_type, [k, 1], [1.0] * k)
+        size = helper.make_tensor(f"{p}_size", onnx.TensorProto.INT64, [1], [n])
+        g.initializer.extend([value, ones, size])
+        return [helper.make_node("MatMul", [node.input[0], ones.name], [f"{p}_sum"], name=f"{p}_sum"),
+                helper.make_node("Mul", [f"{p}_sum", value.name], [f"{p}_scaled"], name=f"{p}_scaled"),
+                helper.make_node("Expand", [f"{p}_scaled", size.name], [out], name=node.name)]
+    row = helper.make_tensor(f"{p}_shape", onnx.TensorProto.INT64, [len(weight.dims)], [1] + list(weight.dims[1:]))
+    g.initializer.extend([value, row])
+    ids = node.input[1]
+    return [helper.make_node("Expand", [value.name, row.name], [f"{p}_row"], name=f"{p}_row"),
+            helper.make_node("Sub", [ids, ids], [f"{p}_zeros"], name=f"{p}_zeros"),
+            helper.make_node("Gather", [f"{p}_row", f"{p}_zeros"], [out], name=node.name, axis=0)]
 
 
 def in_fp32(probe: onnx.ModelProto, external_dir=None) -> bool:

@@ -15,6 +15,29 @@ from .model.dtypes import PACKED_TYPES
 from .model.proto import copy_without_initializers
 
 
+PROVIDERS = {
+    "cpu": ["CPUExecutionProvider"],
+    "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+    "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
+}
+EXACT = {"CUDAExecutionProvider": {"use_tf32": "0"}}    # a proof's products in fp32, not TF32's 10-bit mantissa
+
+
+def providers_for(name: str, exact: bool = False) -> list:
+    """ONNX Runtime's providers for ``name`` (``PROVIDERS``), with the options that keep a proof exact; an
+    ``InputError`` in one line where this onnxruntime lacks it (onnxruntime-gpu is an extra: ``.[gpu]``)."""
+    import onnxruntime as ort
+    from .errors import InputError
+    if name not in PROVIDERS:
+        raise InputError(f"unknown provider {name!r}; choose from {', '.join(PROVIDERS)}")
+    wanted = PROVIDERS[name]
+    if wanted[0] not in ort.get_available_providers():
+        raise InputError(f"{wanted[0]} is not available in this onnxruntime "
+                         f"({', '.join(ort.get_available_providers())}); for cuda and tensorrt install "
+                         "onnxruntime-gpu in place of onnxruntime")
+    return [(p, EXACT[p]) if exact and p in EXACT else p for p in wanted]
+
+
 def ort_reason(exc: Exception) -> str:
     """ONNX Runtime's error in one readable line: the failing node and the reason, without source paths."""
     msg = re.sub(r"\s+", " ", str(exc))

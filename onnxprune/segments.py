@@ -96,8 +96,9 @@ class Segmented:
     is dropped from a state once no later segment reads it."""
 
     def __init__(self, model: onnx.ModelProto, external_dir=None, budget: int = SEGMENT_BYTES,
-                 wanted: list | None = None, optimize: bool = False, overrides: dict | None = None):
-        self.model, self.external_dir, self.optimize = model, external_dir, optimize
+                 wanted: list | None = None, optimize: bool = False, overrides: dict | None = None,
+                 providers=None):
+        self.model, self.external_dir, self.optimize, self.providers = model, external_dir, optimize, providers
         self.overrides = overrides or {}
         g = model.graph
         self.inits = {t.name: t for t in g.initializer}
@@ -125,21 +126,21 @@ class Segmented:
         made = dict.fromkeys(o for k in self.parts[s] for o in g.node[k].output if o)
         return [o for o in made if self.last.get(o, -1) > s]
 
-    def _session(self, s: int, dtypes: dict):
+    def _session(self, s: int, like: dict):
         if self._open is not None and self._open[0] == s:
             return self._open[1]
         self._open = None           # the last segment's session goes before the next one is made
         g = self.model.graph
         sub = helper.make_graph(
             [g.node[k] for k in self.parts[s]], f"segment{s}",
-            [helper.make_tensor_value_info(i, helper.np_dtype_to_tensor_dtype(dtypes[i]), None)
-             for i in self.inputs(s)],
+            [_value_info(i, like[i]) for i in self.inputs(s)],
             [onnx.ValueInfoProto(name=o) for o in self.outputs(s)],
             [self.inits[i] for i in self.reads[s] if i in self.inits and i not in self.made[s]])
         part = helper.make_model(sub, opset_imports=list(self.model.opset_import), ir_version=self.model.ir_version)
         part.functions.extend(self.model.functions)
         mine = {k: v for k, v in self.overrides.items() if k in self.reads[s]}
-        sess = session(part, optimize=self.optimize, external_dir=self.external_dir, overrides=mine)
+        sess = session(part, optimize=self.optimize, providers=self.providers, external_dir=self.external_dir,
+                       overrides=mine)
         self._open = (s, sess)
         return sess
 
@@ -151,7 +152,7 @@ class Segmented:
         if outputs:
             names = self.inputs(s)
             pick = lambda st, i: extra[i] if i in extra else st[i]      # noqa: E731
-            sess = self._session(s, {i: pick(states[0], i).dtype for i in names}) if states else None
+            sess = self._session(s, {i: pick(states[0], i) for i in names}) if states else None
             for st in states:
                 st.update(zip(outputs, sess.run(outputs, {i: pick(st, i) for i in names})))
         for st in states:
@@ -172,12 +173,21 @@ class Segmented:
         return [{name: st[name] for name in self.wanted} for st in states]
 
 
+def _value_info(name: str, value: np.ndarray) -> onnx.ValueInfoProto:
+    """A segment's input like ``value``: its type and rank, its sizes left open (the batches that pass one session
+    may differ in length), but a shape vector's length (a 1-D integer value: ``Resize`` checks its ``sizes``
+    against the rank at load)."""
+    value = np.asarray(value)
+    dims = list(value.shape) if value.ndim == 1 and value.dtype.kind in "iu" else [None] * value.ndim
+    return helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(value.dtype), dims)
+
+
 def run_segmented(model: onnx.ModelProto, feeds: dict, external_dir=None, overrides: dict | None = None,
                   budget: int = SEGMENT_BYTES, progress: bool = False, outputs: list | None = None,
-                  optimize: bool = False) -> dict[str, np.ndarray]:
+                  optimize: bool = False, providers=None) -> dict[str, np.ndarray]:
     """The graph outputs of ``model`` on ``feeds`` (or the tensors named in ``outputs``), run segment by segment
-    (``Segmented``). ``external_dir``, ``overrides`` and ``optimize`` as for ``runtime.session``."""
-    runner = Segmented(model, external_dir, budget, outputs, optimize, overrides)
+    (``Segmented``). ``external_dir``, ``overrides``, ``optimize`` and ``providers`` as for ``runtime.session``."""
+    runner = Segmented(model, external_dir, budget, outputs, optimize, overrides, providers)
     return runner.run([dict(feeds)], progress=progress)[0]
 
 

@@ -209,12 +209,12 @@ FLOATS = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFL
 
 
 def run(model: onnx.ModelProto, feeds: dict, external_dir=None, overrides=None,
-        segment_bytes: int | None = None) -> dict[str, np.ndarray]:
+        segment_bytes: int | None = None, providers=None) -> dict[str, np.ndarray]:
     """The outputs of ``model`` on ``feeds``, run whole, or in segments of at most ``segment_bytes`` of weights
-    (``segments.run_segmented``)."""
+    (``segments.run_segmented``), on ``providers`` (CPU by default)."""
     if segment_bytes:
-        return run_segmented(model, feeds, external_dir, overrides, segment_bytes)
-    sess = session(model, external_dir=external_dir, overrides=overrides)
+        return run_segmented(model, feeds, external_dir, overrides, segment_bytes, providers=providers)
+    sess = session(model, external_dir=external_dir, overrides=overrides, providers=providers)
     names = [o.name for o in sess.get_outputs()]
     return dict(zip(names, sess.run(names, feeds)))
 
@@ -267,18 +267,19 @@ def kept_heads_only(arrays: dict, io_keep: dict) -> dict:
 
 def compare(masked: onnx.ModelProto, pruned: onnx.ModelProto, feeds: dict, io_keep: dict,
             external_dir=None, pruned_dir=None, masked_overrides=None, scaled: bool = False,
-            segment_bytes: int | None = None) -> float:
+            segment_bytes: int | None = None, providers=None) -> float:
     """Largest difference between the masked original and the pruned model. Inputs and outputs whose head
     dimension shrank (a KV cache) are compared on the kept heads: the pruned model gets those heads of the
     inputs, and its outputs are set against those heads of the reference's. ``external_dir`` and
     ``pruned_dir``: where the two models' external data files are. ``masked_overrides``: masked weights
     that replace the named initializers of ``masked`` (see ``masked_weights``); ``scaled``: see
-    ``max_abs_diff``; ``segment_bytes``: both models run in segments (``run``)."""
+    ``max_abs_diff``; ``segment_bytes``: both models run in segments (``run``); ``providers``: where."""
     # the cache's unwritten entries cut off first: the maps of a cut inside the heads would else mix garbage
-    reference = kept_heads_only(filled_cache(run(masked, feeds, external_dir, masked_overrides, segment_bytes), feeds),
-                                io_keep)
+    reference = kept_heads_only(filled_cache(run(masked, feeds, external_dir, masked_overrides, segment_bytes,
+                                                 providers), feeds), io_keep)
     try:
-        candidate = run(pruned, kept_heads_only(feeds, io_keep), pruned_dir or external_dir, None, segment_bytes)
+        candidate = run(pruned, kept_heads_only(feeds, io_keep), pruned_dir or external_dir, None, segment_bytes,
+                        providers)
     except Exception as exc:   # onnxruntime raises its own types; report one line, write nothing
         raise VerifyError(f"the pruned model does not run on onnxruntime: {str(exc).splitlines()[0][:240]}") \
             from None

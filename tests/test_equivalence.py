@@ -158,6 +158,44 @@ def test_pruned_model_holds_at_other_sizes(name):
 
 
 @pytest.mark.parametrize("name", SUPPORTED_FAST)
+def test_the_proof_in_segments_agrees_with_the_whole_proof(name):
+    """Both models of the proof run in segments of 4 KB of weights (most weights a segment alone; 256 MiB by
+    default) give the whole proof's error, bit for bit, on every model."""
+    from onnxprune.segments import segments
+    model = _load(name)
+    result = prune_model(model, 0.5, verify=False)
+    masked = masked_reference(model, list(result.blocks), result.kept)
+    feeds = synth_inputs(model, seed=2)
+    whole = compare(masked, result.model, feeds, result.io_keep)
+    assert len(segments(result.model, 4096)) >= 2
+    assert compare(masked, result.model, feeds, result.io_keep, segment_bytes=4096) == whole <= ATOL
+
+
+@pytest.mark.parametrize("name", ["bert-ts.onnx", "llama-gqa4-ts.onnx", "gemma3-genai/model.onnx"])
+def test_a_wrong_slice_in_one_block_fails_the_proof_in_segments(name):
+    """A planted fault: the last block's output projection reads its kept heads' rows one head off (the wrong
+    slice of the original). Run in segments, the proof fails as the whole proof does."""
+    model = _load(name)
+    result = prune_model(model, 0.5, verify=False)
+    block = result.blocks[-1]
+    wrong = onnx.ModelProto()
+    wrong.CopyFrom(result.model)
+    folder = MODELS / name.split("/")[0] if "/" in name else None
+    weight = next(t for t in wrong.graph.initializer if t.name == block.o_proj.weight)
+    arr = numpy_helper.to_array(weight, base_dir=str(folder or ""))
+    axis = next(t.axes[0] for t in block.tensors if t.name == block.o_proj.weight) if any(
+        t.name == block.o_proj.weight for t in block.tensors) else 0
+    weight.CopyFrom(numpy_helper.from_array(np.roll(arr, arr.shape[axis] // len(result.kept[block.index]),
+                                                    axis=axis), weight.name))
+    masked = masked_reference(model, list(result.blocks), result.kept, folder)
+    feeds = synth_inputs(model, seed=2)
+    right = compare(masked, result.model, feeds, result.io_keep, folder, folder, segment_bytes=4096)
+    assert right <= ATOL
+    bad = compare(masked, wrong, feeds, result.io_keep, folder, folder, segment_bytes=4096)
+    assert bad > 1e-2 and bad == compare(masked, wrong, feeds, result.io_keep, folder, folder)
+
+
+@pytest.mark.parametrize("name", SUPPORTED_FAST)
 def test_random_keep_sets(name):
     model = _load(name)
     blocks = inspect_model(model).blocks

@@ -36,8 +36,21 @@ def test_sessions_borrow_large_weights(small_thresholds):
     assert np.array_equal(borrowed, plain)
 
 
-def test_the_probe_needs_no_weights(small_thresholds):
-    model = onnx.load(str(ROOT / "models" / "gpt2-ts.onnx"))
+@pytest.mark.parametrize("name", ["gpt2-ts.onnx", "llama-ts.onnx", "gemma3-ts.onnx"])
+def test_the_probe_needs_no_weights(small_thresholds, name):
+    """The probe's copy holds no large weight: each becomes a stand-in of one value, made before its first reader,
+    and a weight that only MatMul or an embedding's Gather reads is not made at all (its readers computed from a
+    row sum or a one-row table); the shapes and small values are those of a run with the weights."""
+    from onnxprune.probe import light_copy
+    from onnxprune.model.proto import large_weights
+    model = onnx.load(str(ROOT / "models" / name))
+    copy, _ = light_copy(model)
+    made = {n.output[0] for n in copy.graph.node if n.name.endswith("__stand_in")}
+    large = large_weights(model, 1024)
+    assert large and not large & {t.name for t in copy.graph.initializer}
+    assert len(made) < len(large)
+    assert any(n.op_type == "Gather" and n.input[1].endswith("__light_zeros") for n in copy.graph.node)
+    assert name == "gpt2-ts.onnx" or any(n.name.endswith("__light_sum") for n in copy.graph.node)   # (Gemm there)
     light_shapes, light_values = probe(model)
     probe_module.STAND_IN_BYTES = 1 << 40
     shapes, values = probe(model)
@@ -228,10 +241,10 @@ def test_compensation_in_segments_takes_a_few_passes_not_one_per_block(monkeypat
     made = []
     real = segments.Segmented._session
 
-    def counted(self, s, dtypes):
+    def counted(self, s, like):
         if self._open is None or self._open[0] != s:
             made.append(s)
-        return real(self, s, dtypes)
+        return real(self, s, like)
     monkeypatch.setattr(segments.Segmented, "_session", counted)
     monkeypatch.setattr(segments, "SEGMENT_BYTES", 40000)
     monkeypatch.setattr(segments, "budget_for", lambda model, mode="auto", share=0.6: 40000)

@@ -27,8 +27,9 @@ class Calibrator:
 
     def __init__(self, model: onnx.ModelProto, blocks, data: list[dict[str, np.ndarray]], external_dir=None,
                  progress: bool = True, outputs: bool = True, taps: tuple = (), fed: tuple = (),
-                 segment_bytes: int | None = None):
+                 segment_bytes: int | None = None, providers=None):
         self.model = model
+        self.providers = providers              # ONNX Runtime's providers (CPU by default; ``--provider``)
         self.external_dir = external_dir
         self.segment_bytes = segment_bytes      # run in segments of this many weight bytes (``segments.py``)
         self.blocks = list(blocks)
@@ -69,7 +70,8 @@ class Calibrator:
         self.work = work
         # graph optimizations on: calibration reads statistics, not an exact proof, and runs many times; a model
         # bigger than the memory runs in segments, each made anew for every batch
-        self.session = None if segment_bytes else session(work, external_dir=external_dir, optimize=True)
+        self.session = None if segment_bytes else session(work, external_dir=external_dir, optimize=True,
+                                                          providers=providers)
         self.mask_input = next((i.name for i in model.graph.input if "attention_mask" in i.name
                                 and len(i.type.tensor_type.shape.dim) == 2), None)
 
@@ -91,7 +93,7 @@ class Calibrator:
         try:
             if self.segment_bytes:
                 return run_segmented(self.work, values, self.external_dir, budget=self.segment_bytes, outputs=names,
-                                     optimize=True)
+                                     optimize=True, providers=self.providers)
             got = self.session.run(names, values)
         except Exception as exc:   # onnxruntime's own types: token ids out of range, wrong sizes
             raise InputError(f"onnxruntime could not run the model on the calibration data: {ort_reason(exc)}") \
@@ -103,7 +105,8 @@ class Calibrator:
         segment before the next segment's session is made: each weight is read once per pass, not per batch."""
         if not self.segment_bytes:
             return (self.run(feeds, weights, contexts) for feeds in self.data)
-        runner = Segmented(self.work, self.external_dir, self.segment_bytes, self._names(contexts), optimize=True)
+        runner = Segmented(self.work, self.external_dir, self.segment_bytes, self._names(contexts), optimize=True,
+                           providers=self.providers)
         try:
             return iter(runner.run([dict(feeds) for feeds in self.data], {**self.weights, **(weights or {})},
                                    progress=self.progress))
@@ -131,7 +134,8 @@ class Calibrator:
                              for feeds, o, ref in zip(self.data, now, original)]
             return
         contexts = [s.context for s in self.sites if s.block.index in needed]
-        runner = Segmented(self.work, self.external_dir, self.segment_bytes, contexts, optimize=True)
+        runner = Segmented(self.work, self.external_dir, self.segment_bytes, contexts, optimize=True,
+                           providers=self.providers)
         ref = [dict(feeds) for feeds in self.data]
         now = None               # None: the fed model has not diverged from the original yet
         with self.bar(len(runner.parts), "compensating in segments") as bar:
@@ -268,12 +272,14 @@ OUTPUT_BUDGET = 256 << 20     # calibration batches are cut so that the model's 
 
 
 def open_session(model: onnx.ModelProto, blocks, shapes: dict, data: dict | None, external_dir=None,
-                 outputs: bool = True, taps: tuple = (), fed: tuple = (), run: str = "auto") -> Calibrator:
+                 outputs: bool = True, taps: tuple = (), fed: tuple = (), run: str = "auto",
+                 providers=None) -> Calibrator:
     """The shared calibration session on ``model``: ``data`` ({graph input: samples on axis 0}), or synthetic
     inputs when None. Without ``outputs`` it computes the heads' contexts only (activation scores,
     compensation): an LLM's output head, its logits and the transposed embedding that a tied head makes are
     then never computed. ``shapes``: the probe's, to size the batches. ``run``: the model run whole, in
-    segments, or ``auto`` (``segments.budget_for``: in segments where it would not fit in memory)."""
+    segments, or ``auto`` (``segments.budget_for``: in segments where it would not fit in memory). ``providers``:
+    ONNX Runtime's (``runtime.providers_for``), CPU by default."""
     data = data if data is not None else synth_inputs(model, seed=7, batch=32, seq=16)
     fixed_batch, _ = fixed_sizes(model)          # a model whose batch is fixed takes batches of that size
     if fixed_batch and len(next(iter(data.values()))) % fixed_batch:
@@ -281,7 +287,7 @@ def open_session(model: onnx.ModelProto, blocks, shapes: dict, data: dict | None
                          f"{len(next(iter(data.values())))} samples are not a multiple of it")
     size = fixed_batch or batch_size(model, shapes, data)
     return Calibrator(model, blocks, batches(data, size), external_dir, outputs=outputs, taps=taps, fed=fed,
-                      segment_bytes=budget_for(model, run))
+                      segment_bytes=budget_for(model, run), providers=providers)
 
 
 def batch_size(model: onnx.ModelProto, shapes: dict, data: dict) -> int:
