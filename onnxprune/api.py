@@ -18,7 +18,6 @@ from .model.graph import to_graph
 from .match import NO_ATTENTION, has_attention, match_graph
 from .options import PruneOptions, tolerance
 from .probe import probe
-from .segments import budget_for
 from .verify import masked_model, masked_weights, reference
 
 
@@ -35,6 +34,8 @@ class PruneResult:
     params_after: int
     max_error: float | None = None
     proof_segment_bytes: int | None = None   # the proof ran its models in segments of this many weight bytes
+    proof_run: str | None = None             # how the proof ran: whole, segments or blocks (``pipeline.prove``)
+    proof_note: str | None = None            # why it did not run block by block where that was asked
     misses: tuple = field(default_factory=tuple)
     gqa: str = "uniform"          # how grouped-query blocks were planned: uniform or group
     io_keep: dict = field(default_factory=dict)   # graph inputs/outputs that lost heads: {name: {axis: kept}}
@@ -110,7 +111,8 @@ def prune_model(model, ratio=None, *, kept: dict[int, list[int]] | None = None,
                 compensate: str | None = None, importance_initializer: str | None = None,
                 external_dir: str | os.PathLike | None = None, multiple_of: int | None = None,
                 atol: float | None = None, qk_dims=None, v_dims=None, attention_ratio=None,
-                target=None, proof: str = "auto", options: PruneOptions | None = None) -> PruneResult:
+                target=None, proof: str = "auto", provider: str = "cpu",
+                options: PruneOptions | None = None) -> PruneResult:
     """Prune ``model``: an ``onnx.ModelProto``, a path to an .onnx file (loaded and checked; external data
     stays on disk and is read from beside it) or the bytes of a model; anything else raises
     ``ModelTypeError`` (an ``InputError`` and a ``TypeError``).
@@ -132,7 +134,7 @@ def prune_model(model, ratio=None, *, kept: dict[int, list[int]] | None = None,
                                importance_initializer=importance_initializer, calib=calib, compensate=compensate,
                                gqa=gqa, multiple_of=multiple_of, verify=verify, atol=atol, feeds=feeds,
                                external_dir=external_dir, qk_dims=qk_dims, v_dims=v_dims,
-                               attention_ratio=attention_ratio, target=target, proof=proof)
+                               attention_ratio=attention_ratio, target=target, proof=proof, provider=provider)
     model, external_dir = as_model(model, options.external_dir)
     if external_dir != options.external_dir:
         options = replace(options, external_dir=external_dir)
@@ -156,6 +158,7 @@ def result_of(state: pipeline.State, options: PruneOptions) -> PruneResult:
     return PruneResult(state.pruned, state.blocks, state.kept, {i: p.min_heads_applied for i, p in state.plans.items()},
                        state.scores, pipeline.count_params(state.original), pipeline.count_params(state.pruned),
                        max_error=state.max_error, proof_segment_bytes=state.proof_segment_bytes,
+                       proof_run=state.proof_run, proof_note=state.proof_note,
                        misses=state.matched.misses, gqa=state.gqa,
                        io_keep=state.io_keep, kv_cache=state.kv_cache,
                        importance_source=state.source if options.selects_by_score else "given",
@@ -195,12 +198,12 @@ def verify_saved(model: onnx.ModelProto, result: PruneResult, path: str | os.Pat
     if atol is None and result.options is not None:
         atol = result.options.atol
     feeds = feeds if feeds is not None else result.feeds     # the run's own inputs, where it needed them
-    segment_bytes = budget_for(model, result.options.proof if result.options is not None else "auto")
-    error = pipeline.prove_equal(masked, pruned, model, feeds, result.io_keep, external_dir,
-                                 tolerance(atol, pipeline.is_fp16(model)), pruned_dir=os.path.dirname(path),
-                                 overrides=overrides, scaled=pipeline.relative_proof(model, result.plans),
-                                 segment_bytes=segment_bytes)
-    return replace(result, max_error=error, proof_segment_bytes=segment_bytes)
+    error, run, segment_bytes, note = pipeline.prove(
+        masked, pruned, model, feeds, result.io_keep, external_dir, tolerance(atol, pipeline.is_fp16(model)),
+        result.blocks, result.options.proof if result.options is not None else "auto", local=not scaled and qv is None,
+        pruned_dir=os.path.dirname(path), overrides=overrides, scaled=pipeline.relative_proof(model, result.plans),
+        providers=result.options.providers(exact=True) if result.options is not None else None)
+    return replace(result, max_error=error, proof_segment_bytes=segment_bytes, proof_run=run, proof_note=note)
 
 
 def score_model(model, method: str = "weights", *, calib: dict | None = None,

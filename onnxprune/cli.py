@@ -209,7 +209,9 @@ def _prune_parser() -> argparse.ArgumentParser:
                       help="with --target-speedup: the speed-up of a decode step (tokens/s) at --batch against "
                            "--context cached tokens, for a model with a KV cache")
     dims.add_argument("--provider", choices=("cpu", "cuda", "tensorrt"), default="cpu",
-                      help="the ONNX Runtime provider that --target-speedup times on (cpu)")
+                      help="the ONNX Runtime provider that calibration and the proof run on, and --target-speedup "
+                           "times on (cpu; cuda and tensorrt need onnxruntime-gpu: calibration and the proof then "
+                           "run on cuda, with TF32 off for the proof)")
     p.add_argument("--seq", type=_at_least(1), default=None,
                    help="sequence length for the MAC count in the report (128, or less if the model's "
                         "position table is shorter)")
@@ -219,11 +221,14 @@ def _prune_parser() -> argparse.ArgumentParser:
                         f"cache: the weights read once per batch plus the cache ({DECODE_CONTEXT})")
     p.add_argument("--atol", type=_tolerance, default=None,
                    help="verification tolerance (default 1e-4; 1e-2 for fp16 models)")
-    p.add_argument("--proof", choices=("auto", "whole", "segments"), default="auto",
-                   help="how the proof runs the original (masked) and the pruned model, and calibration the "
-                        "model: whole, or in segments of at most 256 MiB of weights each, one after the other, for a "
-                        "model bigger than the memory (auto: segments where the whole model would not fit; the "
-                        "outputs are the same)")
+    p.add_argument("--proof", choices=("auto", "whole", "segments", "blocks"), default="auto",
+                   help="how the pruned model is proved equal to the original (masked): both run whole; in segments "
+                        "of at most 256 MiB of weights each, one after the other (the same outputs, in the memory of "
+                        "one segment); or block by block, each attention block cut out of both and run alone on the "
+                        "same random inputs, everything outside the blocks compared with the original's (it reads "
+                        "the attention weights only; quantized models and cuts inside the heads fall back to "
+                        "segments). auto: whole where the models fit in memory, else block by block. Calibration "
+                        "runs the model in segments where it would not fit")
     return p
 
 
@@ -575,6 +580,7 @@ def run_prune(argv) -> int:
         scope=args.scope, importance=args.importance, importance_initializer=args.importance_initializer,
         calib=_calib(args, model), compensate=args.compensate, gqa=args.gqa, multiple_of=args.multiple_of,
         verify=not args.no_verify and not verify_saved_copy, atol=args.atol, proof=args.proof, external_dir=where,
+        provider="cpu" if args.provider == "cpu" else "cuda",
         qk_dims=args.qk_dims, v_dims=args.v_dims, attention_ratio=args.attention_ratio,
         uniform_blocks=folder_mode and any(p.name == GENAI for p in configs_beside(args.model)),
         target=None if args.target_speedup is None else

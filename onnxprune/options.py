@@ -34,7 +34,7 @@ class SpeedTarget:
     context: int | None = None
 
 
-PROOFS = ("auto", "whole", "segments")
+PROOFS = ("auto", "whole", "segments", "blocks")
 
 
 @dataclass(frozen=True)
@@ -75,7 +75,8 @@ class PruneOptions:
     uniform_blocks: bool = False     # the budget keeps every block alike (a GenAI folder's config holds one head
     # count and one head size for all layers)
     target: SpeedTarget | None = None    # a measured speed-up to reach instead of a share of MACs (``speed.py``)
-    proof: str = "auto"          # run the proof's models whole, in segments (``segments.py``), or choose by memory
+    proof: str = "auto"          # the proof's models run whole, in segments (``segments.py``), or block by block
+    # (``blockproof.py``); auto: whole where they fit in memory, else block by block
     provider: str = "cpu"        # where calibration and the proof run (``runtime.PROVIDERS``; cuda: onnxruntime-gpu)
     latency: object = field(default=None, compare=False, repr=False)   # its ``budget.LatencyModel``, measured
 
@@ -138,6 +139,7 @@ class PruneOptions:
             raise PlanError(f"unknown proof {self.proof!r}; use one of {', '.join(PROOFS)}")
         if self.provider not in ("cpu", "cuda"):
             raise PlanError(f"unknown provider {self.provider!r} for calibration and the proof; use cpu or cuda")
+        self.providers()        # refused now, before any work, where this onnxruntime lacks it
         if self.atol is not None and not (finite_number(self.atol) and self.atol >= 0):
             raise PlanError(f"atol must be a finite number >= 0, got {self.atol!r}")
         check_source(self.importance)

@@ -18,9 +18,11 @@ from typing import Callable
 import numpy as np
 import onnx
 
+from . import blockproof
 from . import plan as planning
 from . import rewrite as rewriting
 from .block import AttentionBlock, MatchResult
+from .blockproof import Unavailable
 from .calibration.session import open_session
 from .budget import plan_budget
 from .calibration.sites import broadcast_key, projection_input, projection_output
@@ -41,7 +43,7 @@ from .segments import budget_for
 from .transforms.compensate import compensation, with_weights
 from .transforms.gates import find_gates, fold_gates as fold
 from .transforms.subspace import Moments
-from .verify import compare, reference, worst_of
+from .verify import compare, filled_cache, kept_heads_only, max_abs_diff, reference, worst_of
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,8 @@ class State:
     io_keep: dict = field(default_factory=dict)
     max_error: float | None = None
     proof_segment_bytes: int | None = None    # the proof ran its models in segments of this many weight bytes
+    proof_run: str | None = None              # how the proof ran: whole, segments or blocks
+    proof_note: str | None = None             # why it did not run as asked (block by block not possible)
     quant: object = field(default=None, repr=False)   # quant.QuantView of a quantized model (``model`` is its view)
     dim_fits: tuple = ()                      # the cuts inside the heads (``DimFit``), block by block
     dims_source: str | None = None            # what they were fitted from: calibration or weights
@@ -365,12 +369,56 @@ def verify(state: State, options: PruneOptions) -> State:
     if not options.verify:
         return state
     masked = reference(state.model, state.blocks, state.plans, state.quant, options.external_dir)
-    segment_bytes = budget_for(state.original, options.proof)      # None: both models run whole
-    error = prove_equal(masked, state.pruned, state.model, state.feeds, state.io_keep, options.external_dir,
-                        options.tolerance(is_fp16(state.original)),
-                        scaled=relative_proof(state.original, state.plans), segment_bytes=segment_bytes,
-                        providers=options.providers(exact=True))
-    return replace(state, max_error=error, proof_segment_bytes=segment_bytes)
+    error, run, segment_bytes, note = prove(
+        masked, state.pruned, state.model, state.feeds, state.io_keep, options.external_dir,
+        options.tolerance(is_fp16(state.original)), state.blocks, options.proof,
+        local=state.quant is None and not any(p.dims for p in state.plans.values()),
+        scaled=relative_proof(state.original, state.plans), providers=options.providers(exact=True),
+        size_of=state.original)
+    return replace(state, max_error=error, proof_segment_bytes=segment_bytes, proof_run=run, proof_note=note)
+
+
+def proof_mode(model: onnx.ModelProto, mode: str) -> tuple[str, int | None]:
+    """How the proof runs (``--proof``): ``whole``; ``segments`` (and the weight bytes of a segment); ``blocks``
+    (the segments' bytes too, should it fall back to them). ``auto``: whole where both models fit in memory
+    (``segments.budget_for``), else block by block."""
+    if mode == "whole":
+        return "whole", None
+    if mode in ("segments", "blocks"):
+        return mode, budget_for(model, "segments")
+    budget = budget_for(model, "auto")
+    return ("blocks", budget) if budget else ("whole", None)
+
+
+def prove(masked, pruned, model, feeds, io_keep, external_dir, atol, blocks, mode: str, local: bool = True,
+          pruned_dir=None, overrides=None, scaled: bool = False, providers=None, size_of=None
+          ) -> tuple[float, str, int | None, str | None]:
+    """Prove ``pruned`` equal to ``masked`` as ``mode`` says (``proof_mode``; sized by ``size_of``, the original,
+    or ``model``): (the largest difference, how it ran, the segments' weight bytes, why it did not run block by block
+    where asked). Block by block (``blockproof``) needs maps that leave the tensors at the blocks' frontier whole
+    (``local``: heads removed, no cut inside them, not quantized); else, or where a block cannot be cut out alike
+    from both models, the models run in segments. A ``VerifyError`` beyond ``atol`` or on NaN."""
+    run, budget = proof_mode(size_of if size_of is not None else model, mode)
+    note = None
+    if run == "blocks":
+        try:
+            if not local:
+                raise Unavailable("a cut inside the heads or a quantized model: its reference differs at the "
+                                  "blocks' edges")
+            runs = [(f, kept_heads_only(f, io_keep)) for f in verification_feeds(model, feeds, io_keep)]
+
+            def compare(ref, got, f):
+                return max_abs_diff(filled_cache(kept_heads_only(filled_cache(ref, f), io_keep), f),
+                                    filled_cache(got, f), scaled)
+            error = blockproof.prove(masked, pruned, blocks, runs, compare, external_dir, pruned_dir or external_dir,
+                                     overrides, providers)
+            check_error(error, atol)
+            return error, "blocks", None, None
+        except Unavailable as why:
+            run, note = "segments", f"block by block not possible ({why}): both models ran in segments"
+    error = prove_equal(masked, pruned, model, feeds, io_keep, external_dir, atol, pruned_dir, overrides, scaled,
+                        budget if run == "segments" else None, providers)
+    return error, run, budget if run == "segments" else None, note
 
 
 def relative_proof(model: onnx.ModelProto, plans: dict) -> bool:

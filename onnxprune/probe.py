@@ -102,7 +102,7 @@ def _light_reader(node: onnx.NodeProto, weight: onnx.TensorProto, g: onnx.GraphP
     * ``MatMul(x, W)`` with W [K, N] of one value c: each output is c times the sum of x's row, so
       ``Expand(MatMul(x, ones[K, 1]) * c, [N])``;
     * ``Gather(W, ids)``: every row is alike, so row 0 of a one-row table, gathered at ``ids - ids``."""
-    out, name, p = node.output[0], weight.name, f"{node.name or node.output[0]}__light"
+    out, p = node.output[0], f"{node.name or node.output[0]}__light"
     value = helper.make_tensor(f"{p}_value", weight.data_type, [], [0.02])
     if node.op_type == "MatMul":
         k, n = weight.dims

@@ -76,8 +76,8 @@ def build_report(result: PruneResult, model: str, output: str | None, ratio, con
             "max_error": result.max_error,
             "max_error_relative": relative_proof(result.model, result.plans),
             "proof": None if result.max_error is None else
-            {"run": "segments" if result.proof_segment_bytes else "whole",
-             "segment_bytes": result.proof_segment_bytes},
+            {"run": result.proof_run or ("segments" if result.proof_segment_bytes else "whole"),
+             "segment_bytes": result.proof_segment_bytes, "note": result.proof_note},
             "gqa": result.gqa, "kv_cache": result.kv_cache,
             "importance": result.importance_source, "compensate": result.compensate,
             "quantized": result.quantized,
@@ -194,6 +194,11 @@ def format_table(report: dict, every_miss: bool = False) -> str:
     if proof.get("run") == "segments":
         lines.append(f"proved with both models run in segments of at most {_size(proof['segment_bytes'])} of "
                      "weights each (the whole models would not fit in memory, or --proof segments asked for it)")
+    elif proof.get("run") == "blocks":
+        lines.append("proof: block by block (each attention block cut out of both models and run alone on the same "
+                     "random inputs; every node and weight outside the blocks compared with the original's)")
+    if proof.get("note"):
+        lines.append(f"proof: {proof['note']}")
     if dims:
         source = report["dims_source"]
         lines.append("cut inside the heads: QK and OV ranks of each head's D dimensions, fitted from "

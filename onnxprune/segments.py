@@ -36,14 +36,14 @@ def tensor_bytes(t: onnx.TensorProto) -> int:
     return int(np.prod(t.dims)) * helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
 
 
-def _reads(node: onnx.NodeProto) -> list[str]:
+def reads(node: onnx.NodeProto) -> list[str]:
     """Every tensor name ``node`` reads: its inputs and what its subgraphs (If, Loop, Scan) read from outside."""
     names = [i for i in node.input if i]
     for a in node.attribute:
         for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else
                   list(a.graphs) if a.type == onnx.AttributeProto.GRAPHS else []):
             inner = {o for n in g.node for o in n.output} | {i.name for i in g.input} | {t.name for t in g.initializer}
-            names += [i for n in g.node for i in _reads(n) if i not in inner]
+            names += [i for n in g.node for i in reads(n) if i not in inner]
     return names
 
 
@@ -53,13 +53,13 @@ def segments(model: onnx.ModelProto, budget: int = SEGMENT_BYTES) -> list[list[i
     sizes = {t.name: tensor_bytes(t) for t in model.graph.initializer}
     out, cur, held, seen = [], [], 0, set()
     for k, node in enumerate(model.graph.node):
-        new = {i for i in _reads(node) if i in sizes and i not in seen}
+        new = {i for i in reads(node) if i in sizes and i not in seen}
         extra = sum(sizes[i] for i in new)
         if cur and held + extra > budget:
             out.append(cur)
             cur, held = [], 0
             seen = set()
-            new = {i for i in _reads(node) if i in sizes}
+            new = {i for i in reads(node) if i in sizes}
             extra = sum(sizes[i] for i in new)
         cur.append(k)
         held += extra
@@ -108,7 +108,7 @@ class Segmented:
         self.made: list[set] = []
         for s, part in enumerate(self.parts):
             nodes = [g.node[k] for k in part]
-            self.reads.append(list(dict.fromkeys(i for n in nodes for i in _reads(n))))
+            self.reads.append(list(dict.fromkeys(i for n in nodes for i in reads(n))))
             self.made.append({o for n in nodes for o in n.output if o})
             for name in self.reads[-1]:
                 self.last[name] = s

@@ -180,7 +180,14 @@ def test_the_proof_in_segments_proves_and_can_fail(monkeypatch):
     monkeypatch.setattr(psutil, "virtual_memory", lambda: SimpleNamespace(available=1 << 16))
     from onnxprune.segments import budget_for
     assert budget_for(model, "auto") and budget_for(model, "whole") is None
-    assert prune_model(model, 0.5).proof_segment_bytes == 1 << 20
+    auto = prune_model(model, 0.5)          # too big to run whole: block by block
+    assert auto.proof_run == "blocks" and auto.proof_segment_bytes is None and auto.max_error <= 1e-4
+    assert "proof: block by block" in format_table(build_report(auto, "m", None, 0.5))
+    assert build_report(auto, "m", None, 0.5)["proof"]["run"] == "blocks"
+    quantized = prune_model(onnx.load(str(ROOT / "models" / "llama-qdq.onnx")), 0.5)   # no block proof: segments
+    assert quantized.proof_run == "segments" and quantized.proof_segment_bytes == 1 << 20
+    assert "quantized model" in quantized.proof_note
+    assert "block by block not possible" in format_table(build_report(quantized, "m", None, 0.5))
 
 
 def test_the_proof_is_chosen_on_the_command_line_and_reported(tmp_path):
@@ -196,6 +203,10 @@ def test_the_proof_is_chosen_on_the_command_line_and_reported(tmp_path):
     assert json.loads((tmp_path / "r.json").read_text())["proof"]["run"] == "segments"
     r = cli(ROOT / "models" / "bert-ts.onnx", "--ratio", "0.5", "--proof", "whole", "--dry-run")
     assert r.returncode == 0 and "segments" not in r.stdout
+    r = cli(ROOT / "models" / "bert-ts.onnx", "--ratio", "0.5", "--proof", "blocks", "--dry-run",
+            "--report", tmp_path / "b.json")
+    assert r.returncode == 0 and "proof: block by block" in r.stdout, r.stderr
+    assert json.loads((tmp_path / "b.json").read_text())["proof"]["run"] == "blocks"
     r = cli(ROOT / "models" / "bert-ts.onnx", "--ratio", "0.5", "--proof", "halves")
     assert r.returncode == 2 and "invalid choice" in r.stderr
 
@@ -270,3 +281,37 @@ def test_compensation_in_segments_takes_a_few_passes_not_one_per_block(monkeypat
     # (a pass per block would make blocks * parts)
     assert sessions <= parts, (sessions, parts)
     _same_outputs(got.model, want.model)
+
+
+def test_calibration_and_the_proof_run_on_the_provider_asked_for(monkeypatch):
+    """``--provider cuda`` puts calibration and the proof on CUDA (TF32 off for the proof); without onnxruntime-gpu
+    it is refused in one line before any work. Planted: an onnxruntime that lists CUDA, whose sessions are
+    counted, not made on a GPU."""
+    import onnxruntime as ort
+    from onnxprune import prune_model, runtime
+    from onnxprune.errors import InputError
+    from conftest import cli
+    model = onnx.load(str(ROOT / "models" / "llama-ts.onnx"))
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        with pytest.raises(InputError, match="CUDAExecutionProvider is not available"):
+            prune_model(model, 0.5, provider="cuda")
+        r = cli(ROOT / "models" / "llama-ts.onnx", "--ratio", "0.5", "--provider", "cuda", "--dry-run")
+        assert r.returncode == 2 and "install onnxruntime-gpu" in r.stderr and "Traceback" not in r.stderr
+    seen = []
+    real = runtime.session
+
+    def counted(model, optimize=False, providers=None, **kw):
+        seen.append(providers)
+        return real(model, optimize=optimize, providers=["CPUExecutionProvider"], **kw)
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    for module in ("onnxprune.verify", "onnxprune.segments", "onnxprune.calibration.session"):
+        monkeypatch.setattr(f"{module}.session", counted)
+    calib = synth_inputs(model, seed=3, batch=8, seq=8)
+    result = prune_model(model, 0.5, calib=calib, compensate="auto", provider="cuda")
+    assert result.max_error <= 1e-4
+    cuda = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    exact = [("CUDAExecutionProvider", {"use_tf32": "0"}), "CPUExecutionProvider"]
+    assert cuda in seen and exact in seen and None not in seen     # calibration, then the proof; nothing on CPU
+    seen.clear()
+    prune_model(model, 0.5, calib=calib, compensate="auto", proof="segments", provider="cuda")
+    assert seen and all(p in (cuda, exact) for p in seen)
