@@ -8,6 +8,7 @@ import onnx_graphsurgeon as gs
 
 from ..errors import RewriteError
 from ..model import dtypes
+from ..model.graph import export_light
 from ..model.proto import copy_without_initializers, large_weights
 
 def dead_nodes(graph: gs.Graph) -> list:
@@ -31,7 +32,7 @@ def export(graph: gs.Graph, original: onnx.ModelProto, keep: list | tuple = ()) 
     present = {id(n) for n in graph.nodes}
     graph.nodes.extend(n for n in keep if id(n) not in present)
     graph.toposort()
-    model = gs.export_onnx(graph, do_type_check=False)
+    model = export_light(graph, dtypes.STAND_IN_BYTES)
     model.ir_version = original.ir_version
     model.producer_name, model.producer_version = original.producer_name, original.producer_version
     model.domain, model.model_version, model.doc_string = original.domain, original.model_version, \
