@@ -195,8 +195,9 @@ def format_table(report: dict, every_miss: bool = False) -> str:
         lines.append(f"proved with both models run in segments of at most {_size(proof['segment_bytes'])} of "
                      "weights each (the whole models would not fit in memory, or --proof segments asked for it)")
     elif proof.get("run") == "blocks":
-        lines.append("proof: block by block (each attention block cut out of both models and run alone on the same "
-                     "random inputs; every node and weight outside the blocks compared with the original's)")
+        lines.append("proof: block by block (the whole models would not fit in memory, or --proof blocks asked for "
+                     "it): each attention block cut out of both models and run alone on the same random inputs, every "
+                     "node and weight outside the blocks compared with the original's")
     if proof.get("note"):
         lines.append(f"proof: {proof['note']}")
     if dims:

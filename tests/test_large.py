@@ -315,3 +315,21 @@ def test_calibration_and_the_proof_run_on_the_provider_asked_for(monkeypatch):
     seen.clear()
     prune_model(model, 0.5, calib=calib, compensate="auto", proof="segments", provider="cuda")
     assert seen and all(p in (cuda, exact) for p in seen)
+
+
+def test_export_lets_each_large_cut_weight_go_once_written():
+    """``model.graph.export_light`` writes each large in-memory constant into its initializer one at a time and
+    empties the graph's copy: the same model as onnx-graphsurgeon's export, without a second and third copy of every
+    cut weight alive at once."""
+    import onnx_graphsurgeon as gs
+    from onnxprune.model.graph import export_light, to_graph
+    model = onnx.load(str(ROOT / "models" / "llama-ts.onnx"))
+    plain = gs.export_onnx(to_graph(model), do_type_check=False)
+    graph = to_graph(model)
+    big = [t for t in graph.tensors().values() if isinstance(t, gs.Constant) and t.values.nbytes >= 4096]
+    light = export_light(graph, 4096)
+    assert big and all(t.values.size == 0 for t in big)
+    a = {t.name: t for t in plain.graph.initializer}
+    assert [t.name for t in light.graph.initializer] == list(a)
+    for t in light.graph.initializer:
+        assert np.array_equal(onnx.numpy_helper.to_array(t), onnx.numpy_helper.to_array(a[t.name])), t.name
