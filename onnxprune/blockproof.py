@@ -31,7 +31,7 @@ from .model.dtypes import FLOAT_TYPES
 from .probe import probe
 from .progress import Progress
 from .runtime import ort_reason, session
-from .segments import reads
+from .segments import reads, value_info_like
 
 SAMPLES, SAMPLE_BYTES = 16, 4096     # a large initializer outside the blocks: 16 samples of 4 KiB compared
 WHOLE_BYTES = 1 << 20                # initializers below this are compared whole
@@ -99,7 +99,8 @@ def cut_out(model: onnx.ModelProto, names: set, outputs: list[str], heavy: set, 
     return sorted(taken), frontier
 
 
-def _graph(model: onnx.ModelProto, nodes: list[int], frontier: list[str], values: dict, outputs: list[str]):
+def _graph(model: onnx.ModelProto, nodes: list[int], values: dict, outputs: list[str]):
+    """The model of ``nodes`` alone (in graph order), its inputs typed like ``values``, and their values."""
     g = model.graph
     inits = {t.name: t for t in g.initializer}
     made = {o for k in nodes for o in g.node[k].output}
@@ -110,10 +111,7 @@ def _graph(model: onnx.ModelProto, nodes: list[int], frontier: list[str], values
         raise Unavailable(f"no value for {missing[0]!r}")
     sub = helper.make_graph(
         [g.node[k] for k in nodes], "block",
-        [helper.make_tensor_value_info(i, helper.np_dtype_to_tensor_dtype(np.asarray(values[i]).dtype),
-                                       [None] * np.ndim(values[i]) if np.ndim(values[i]) != 1 or
-                                       np.asarray(values[i]).dtype.kind not in "iu" else list(np.shape(values[i])))
-         for i in inputs],
+        [value_info_like(i, values[i]) for i in inputs],
         [onnx.ValueInfoProto(name=o) for o in outputs], [inits[i] for i in used if i in inits])
     part = helper.make_model(sub, opset_imports=list(model.opset_import), ir_version=model.ir_version)
     part.functions.extend(model.functions)
@@ -248,19 +246,21 @@ def prove(masked: onnx.ModelProto, pruned: onnx.ModelProto, blocks, runs: list[t
     """The largest difference between the blocks of ``masked`` and ``pruned``, each cut out alone (see the module
     docstring), on every (feeds, the pruned model's feeds: a KV cache narrowed) of ``runs``;
     ``compare(reference outputs, pruned outputs, feeds)`` gives one difference (the caller's, with its cache
-    handling and scale). Raises ``Unavailable`` where this proof cannot be made, before any block is run."""
+    handling and scale). Raises ``Unavailable`` where this proof cannot be made (checked before any block is run,
+    but for a cut that onnxruntime will not run alone)."""
     blocks = list(blocks)
     heavy_m, heavy_p = weighty(masked), weighty(pruned)
+    known = {n.name for n in masked.graph.node}
+    added = {n.name for n in pruned.graph.node if n.name not in known}
     cuts = []
     for b in blocks:
         outs = block_outputs(masked, b)
         names = set(b.nodes) | {n.name for n in masked.graph.node if set(n.output) & set(outs)}
         nodes_m, frontier = cut_out(masked, names, outs, heavy_m)
-        known = {n.name for n in masked.graph.node}
-        added = {n.name for n in pruned.graph.node if n.name not in known}
         nodes_p, frontier_p = cut_out(pruned, names | added, outs, heavy_p, stop=set(frontier))
         if not set(frontier_p) <= set(frontier):
-            raise Unavailable(f"block {b.index}: the pruned model's cut starts at {sorted(set(frontier_p) - set(frontier))[0]!r}")
+            first = sorted(set(frontier_p) - set(frontier))[0]
+            raise Unavailable(f"block {b.index}: the pruned model's cut starts at {first!r}")
         missing = [o for o in outs if o not in {x for n in pruned.graph.node for x in n.output}]
         if missing:
             raise Unavailable(f"block {b.index}: the pruned model has no {missing[0]!r}")
@@ -277,10 +277,10 @@ def prove(masked: onnx.ModelProto, pruned: onnx.ModelProto, blocks, runs: list[t
                       min_total=1 if progress else 10 ** 9) as bar:
             for b, outs, nodes_m, nodes_p, frontier in cuts:
                 start = {t: rng.standard_normal(shapes[t]).astype(types[t]) for t in frontier}
-                part, values = _graph(masked, nodes_m, frontier, {**feeds, **start}, outs)
+                part, values = _graph(masked, nodes_m, {**feeds, **start}, outs)
                 mine = {k: v for k, v in (overrides or {}).items() if k in {t.name for t in part.graph.initializer}}
                 ref = dict(zip(outs, _run(part, values, outs, b, masked_dir, mine, providers)))
-                part, values = _graph(pruned, nodes_p, frontier, {**narrowed, **start}, outs)
+                part, values = _graph(pruned, nodes_p, {**narrowed, **start}, outs)
                 got = dict(zip(outs, _run(part, values, outs, b, pruned_dir, None, providers)))
                 worst = max(worst, compare(ref, got, feeds), key=lambda e: (np.isnan(e), e))
                 if np.isnan(worst):

@@ -133,7 +133,7 @@ class Segmented:
         g = self.model.graph
         sub = helper.make_graph(
             [g.node[k] for k in self.parts[s]], f"segment{s}",
-            [_value_info(i, like[i]) for i in self.inputs(s)],
+            [value_info_like(i, like[i]) for i in self.inputs(s)],
             [onnx.ValueInfoProto(name=o) for o in self.outputs(s)],
             [self.inits[i] for i in self.reads[s] if i in self.inits and i not in self.made[s]])
         part = helper.make_model(sub, opset_imports=list(self.model.opset_import), ir_version=self.model.ir_version)
@@ -173,7 +173,7 @@ class Segmented:
         return [{name: st[name] for name in self.wanted} for st in states]
 
 
-def _value_info(name: str, value: np.ndarray) -> onnx.ValueInfoProto:
+def value_info_like(name: str, value: np.ndarray) -> onnx.ValueInfoProto:
     """A segment's input like ``value``: its type and rank, its sizes left open (the batches that pass one session
     may differ in length), but a shape vector's length (a 1-D integer value: ``Resize`` checks its ``sizes``
     against the rank at load)."""

@@ -94,8 +94,8 @@ def build(folder: Path, dtype: str = "fp16", alias: bool = False, layers: int = 
         def rms(n, p, x, name):
             mean = n("ReduceMean", [n("Pow", [x, two], f"{name}_sq")], f"{name}_mean", axes=[-1], keepdims=1)
             root = n("Sqrt", [n("Add", [mean, eps], f"{name}_eps")], f"{name}_root")
-            return n("Mul", [n("Div", [x, root], f"{name}_div"), const(p + f"{name}.weight", np.ones(hidden, np.float32))],
-                     f"{name}_out")
+            gain = const(p + f"{name}.weight", np.ones(hidden, np.float32))
+            return n("Mul", [n("Div", [x, root], f"{name}_div"), gain], f"{name}_out")
 
         for i in range(layers):
             p = f"layers.{i}."

@@ -69,7 +69,8 @@ class Calibrator:
         self.taps = tuple(taps)
         self.work = work
         # graph optimizations on: calibration reads statistics, not an exact proof, and runs many times; a model
-        # bigger than the memory runs in segments, each made anew for every batch
+        # bigger than the memory runs in segments, each segment's session made once per pass over the batches
+        # (``run_each``, ``walk``), or once per batch by ``run``
         self.session = None if segment_bytes else session(work, external_dir=external_dir, optimize=True,
                                                           providers=providers)
         self.mask_input = next((i.name for i in model.graph.input if "attention_mask" in i.name
