@@ -193,7 +193,8 @@ def format_table(report: dict, every_miss: bool = False) -> str:
     proof = report.get("proof") or {}
     if proof.get("run") == "segments":
         lines.append(f"proved with both models run in segments of at most {_size(proof['segment_bytes'])} of "
-                     "weights each (the whole models would not fit in memory, or --proof segments asked for it)")
+                     "weights each" + ("" if proof.get("note") else
+                                       " (the whole models would not fit in memory, or --proof segments asked for it)"))
     elif proof.get("run") == "blocks":
         lines.append("proof: block by block (the whole models would not fit in memory, or --proof blocks asked for "
                      "it): each attention block cut out of both models and run alone on the same random inputs, every "
