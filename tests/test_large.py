@@ -333,3 +333,21 @@ def test_export_lets_each_large_cut_weight_go_once_written():
     assert [t.name for t in light.graph.initializer] == list(a)
     for t in light.graph.initializer:
         assert np.array_equal(onnx.numpy_helper.to_array(t), onnx.numpy_helper.to_array(a[t.name])), t.name
+
+
+def test_a_failure_inside_the_segmented_walk_is_one_line(monkeypatch):
+    """onnxruntime failing while compensation walks the segments (planted: a segment that raises) is an
+    ``InputError`` in one line, as a failing calibration run is elsewhere."""
+    from onnxprune import segments
+    from onnxprune.calibration import session as cal_session
+    from onnxprune.calibration.session import Calibrator
+    from onnxprune.errors import InputError
+    from onnxprune.api import inspect_model
+    model = onnx.load(str(ROOT / "models" / "llama-ts.onnx"))
+    blocks = inspect_model(model).blocks
+    cal = Calibrator(model, blocks, [synth_inputs(model, seed=4, batch=2, seq=5)], progress=False, outputs=False,
+                     segment_bytes=40000)
+    monkeypatch.setattr(segments.Segmented, "advance", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom\nx")))
+    assert cal_session.Segmented is segments.Segmented
+    with pytest.raises(InputError, match="onnxruntime could not run the model on the calibration data: boom"):
+        next(cal.walk({}, {b.index for b in blocks}))

@@ -146,17 +146,17 @@ class Calibrator:
                 if now is None and (reads_fed or here):
                     now = [dict(st) for st in ref]
                 start = [dict(st) for st in now] if here else None
-                runner.advance(k, ref, self.weights)
+                _advance(runner, k, ref, self.weights)
                 for site in here:
                     if fed:     # the segment again, with the weights fitted so far
                         states = [dict(st) for st in start]
-                        runner.advance(k, states, {**self.weights, **fed})
+                        _advance(runner, k, states, {**self.weights, **fed})
                     else:
                         states = ref
                     yield site, [(feeds, st[site.context], r[site.context])
                                  for feeds, st, r in zip(self.data, states, ref)]
                 if now is not None:
-                    runner.advance(k, now, {**self.weights, **fed})
+                    _advance(runner, k, now, {**self.weights, **fed})
                     for st in (*ref, *now):
                         for site in here:
                             st.pop(site.context, None)
@@ -236,6 +236,14 @@ class Calibrator:
                 acc[s.block.index] = acc.get(s.block.index, 0) + rows.sum(axis=0)
                 n[s.block.index] = n.get(s.block.index, 0) + len(rows)
         return {b: acc[b] / max(n[b], 1) for b in acc}
+
+
+def _advance(runner: Segmented, k: int, states: list, extra: dict):
+    try:
+        runner.advance(k, states, extra)
+    except Exception as exc:   # onnxruntime's own types, in one line as ``Calibrator.run`` gives them
+        raise InputError(f"onnxruntime could not run the model on the calibration data: {ort_reason(exc)}") \
+            from None
 
 
 VOCABULARY = 1000      # an output [B, S, V] named like logits with V this large is a language model's
