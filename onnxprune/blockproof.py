@@ -21,6 +21,8 @@ the blocks differs), ``prove`` raises ``Unavailable``, and the caller proves in 
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
@@ -28,10 +30,11 @@ from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
 from .block import AttentionBlock
 from .model.dtypes import FLOAT_TYPES
+from .model.proto import consumers
 from .probe import probe
 from .progress import Progress
 from .runtime import ort_reason, session
-from .segments import reads, value_info_like
+from .segments import reads, submodel
 
 SAMPLES, SAMPLE_BYTES = 16, 4096     # a large initializer outside the blocks: 16 samples of 4 KiB compared
 WHOLE_BYTES = 1 << 20                # initializers below this are compared whole
@@ -41,16 +44,22 @@ class Unavailable(Exception):
     """This model, or this plan, cannot be proved block by block; the message says why."""
 
 
-def weighty(model: onnx.ModelProto) -> set[str]:
+def inferred_types(model: onnx.ModelProto) -> dict[str, int]:
+    """{tensor: element type} from onnx's shape inference on the model's skeleton (its weights unread); empty where
+    inference fails."""
+    try:
+        g = onnx.shape_inference.infer_shapes(model).graph
+    except Exception:
+        return {}
+    return {v.name: v.type.tensor_type.elem_type for v in list(g.value_info) + list(g.input) + list(g.output)}
+
+
+def weighty(model: onnx.ModelProto, types: dict | None = None) -> set[str]:
     """Every float tensor whose value comes through a weight (a float initializer of two or more axes). An integer
     tensor never does here: a shape vector taken from such a tensor depends on its shape only. A tensor whose type
-    onnx cannot infer counts as float."""
+    onnx cannot infer (``types``: ``inferred_types``) counts as float."""
     g = model.graph
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model).graph
-        types = {v.name: v.type.tensor_type.elem_type for v in list(inferred.value_info) + list(inferred.output)}
-    except Exception:
-        types = {}
+    types = inferred_types(model) if types is None else types
     out = {t.name for t in g.initializer if t.data_type in FLOAT_TYPES and len(t.dims) >= 2}
     for node in g.node:
         if any(i in out for i in reads(node)):
@@ -66,7 +75,7 @@ def block_outputs(model: onnx.ModelProto, block: AttentionBlock) -> list[str]:
     if len(readers) != 1:
         raise Unavailable(f"block {block.index}: its output projection is not one node of the block")
     out = readers[0].output[0]
-    after = [n for n in g.node if out in n.input]
+    after = consumers(model).get(out, [])
     if len(after) == 1 and after[0].op_type == "Add" and block.o_proj.bias in after[0].input:
         out = after[0].output[0]
     outputs = {o.name for o in g.output}
@@ -100,22 +109,15 @@ def cut_out(model: onnx.ModelProto, names: set, outputs: list[str], heavy: set, 
 
 
 def _graph(model: onnx.ModelProto, nodes: list[int], values: dict, outputs: list[str]):
-    """The model of ``nodes`` alone (in graph order), its inputs typed like ``values``, and their values."""
+    """The model of ``nodes`` alone (``segments.submodel``), its inputs typed like ``values``, and their values."""
     g = model.graph
-    inits = {t.name: t for t in g.initializer}
+    inits = {t.name for t in g.initializer}
     made = {o for k in nodes for o in g.node[k].output}
-    used = list(dict.fromkeys(i for k in nodes for i in reads(g.node[k]) if i not in made))
-    inputs = [i for i in used if i not in inits]
+    inputs = list(dict.fromkeys(i for k in nodes for i in reads(g.node[k]) if i not in made and i not in inits))
     missing = [i for i in inputs if i not in values]
     if missing:
         raise Unavailable(f"no value for {missing[0]!r}")
-    sub = helper.make_graph(
-        [g.node[k] for k in nodes], "block",
-        [value_info_like(i, values[i]) for i in inputs],
-        [onnx.ValueInfoProto(name=o) for o in outputs], [inits[i] for i in used if i in inits])
-    part = helper.make_model(sub, opset_imports=list(model.opset_import), ir_version=model.ir_version)
-    part.functions.extend(model.functions)
-    return part, {i: values[i] for i in inputs}
+    return submodel(model, nodes, values, outputs), {i: values[i] for i in inputs}
 
 
 def _run(part, values, outs, block, folder, overrides, providers) -> list:
@@ -127,14 +129,9 @@ def _run(part, values, outs, block, folder, overrides, providers) -> list:
         raise Unavailable(f"block {block.index}'s cut does not run alone: {ort_reason(exc)[:160]}") from None
 
 
-def _types(model: onnx.ModelProto, names: set) -> dict:
-    """The element types of ``names`` from onnx's shape inference on the model's skeleton (its weights unread); where
-    it finds none (after a contrib op), the model's float type: that of most of its float initializers."""
-    try:
-        g = onnx.shape_inference.infer_shapes(model).graph
-        types = {v.name: v.type.tensor_type.elem_type for v in list(g.value_info) + list(g.input) + list(g.output)}
-    except Exception:
-        types = {}
+def _types(model: onnx.ModelProto, names: set, types: dict) -> dict:
+    """The numpy types of ``names`` from ``types`` (``inferred_types``); where inference found none (after a
+    contrib op), the model's float type: that of most of its float initializers."""
     floats = [t.data_type for t in model.graph.initializer if t.data_type in FLOAT_TYPES]
     default = max(set(floats), key=floats.count) if floats else onnx.TensorProto.FLOAT
     return {n: helper.tensor_dtype_to_np_dtype(types.get(n) or default) for n in names}
@@ -174,7 +171,6 @@ def _bytes(t: onnx.TensorProto, folder=None):
         raw = t.raw_data or numpy_helper.to_array(t).tobytes()
         return len(raw), lambda at, n: raw[at:at + n]
     info = ExternalDataInfo(t)
-    import os
     path = os.path.join(str(folder or ""), info.location)
     length = int(info.length or (os.path.getsize(path) - int(info.offset or 0)))
 
@@ -249,7 +245,8 @@ def prove(masked: onnx.ModelProto, pruned: onnx.ModelProto, blocks, runs: list[t
     handling and scale). Raises ``Unavailable`` where this proof cannot be made (checked before any block is run,
     but for a cut that onnxruntime will not run alone)."""
     blocks = list(blocks)
-    heavy_m, heavy_p = weighty(masked), weighty(pruned)
+    types_m = inferred_types(masked)
+    heavy_m, heavy_p = weighty(masked, types_m), weighty(pruned)
     known = {n.name for n in masked.graph.node}
     added = {n.name for n in pruned.graph.node if n.name not in known}
     cuts = []
@@ -268,7 +265,7 @@ def prove(masked: onnx.ModelProto, pruned: onnx.ModelProto, blocks, runs: list[t
     untouched(masked, pruned, blocks, {masked.graph.node[k].name for c in cuts for k in c[2]},
               {pruned.graph.node[k].name for c in cuts for k in c[3]}, masked_dir, pruned_dir)
     wanted = {t for c in cuts for t in c[4]}
-    types = _types(masked, wanted)
+    types = _types(masked, wanted, types_m)
     rng = np.random.default_rng(seed)
     worst = 0.0
     for feeds, narrowed in runs:

@@ -43,7 +43,7 @@ from .segments import budget_for
 from .transforms.compensate import compensation, with_weights
 from .transforms.gates import find_gates, fold_gates as fold
 from .transforms.subspace import Moments
-from .verify import compare, filled_cache, kept_heads_only, max_abs_diff, reference, worst_of
+from .verify import compare, difference, kept_heads_only, reference, worst_of
 
 
 @dataclass(frozen=True)
@@ -406,12 +406,9 @@ def prove(masked, pruned, model, feeds, io_keep, external_dir, atol, blocks, mod
                 raise Unavailable("a cut inside the heads or a quantized model: its reference differs at the "
                                   "blocks' edges")
             runs = [(f, kept_heads_only(f, io_keep)) for f in verification_feeds(model, feeds, io_keep)]
-
-            def compare(ref, got, f):
-                return max_abs_diff(filled_cache(kept_heads_only(filled_cache(ref, f), io_keep), f),
-                                    filled_cache(got, f), scaled)
-            error = blockproof.prove(masked, pruned, blocks, runs, compare, external_dir, pruned_dir or external_dir,
-                                     overrides, providers)
+            error = blockproof.prove(masked, pruned, blocks, runs,
+                                     lambda ref, got, f: difference(ref, got, f, io_keep, scaled), external_dir,
+                                     pruned_dir or external_dir, overrides, providers)
             check_error(error, atol)
             return error, "blocks", None, None
         except Unavailable as why:

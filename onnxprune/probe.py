@@ -16,7 +16,7 @@ from onnx import helper
 from .errors import InputError, OnnxPruneError
 from .inputs import synth_inputs
 from .model import dtypes
-from .model.proto import copy_without_initializers, large_weights
+from .model.proto import consumers, copy_without_initializers, large_weights
 from .runtime import ort_reason, session
 
 
@@ -46,11 +46,7 @@ def light_copy(model: onnx.ModelProto) -> tuple[onnx.ModelProto, set[str]]:
     probe = copy_without_initializers(model, value_info=False)
     g, src = probe.graph, model.graph
     stand_ins, nodes = large_weights(model, dtypes.STAND_IN_BYTES), []
-    readers: dict[str, list] = {}
-    for node in src.node:
-        for name in node.input:
-            if name in stand_ins:
-                readers.setdefault(name, []).append(node)
+    readers = consumers(model)
     light = {t.name for t in src.initializer if t.name in stand_ins and _light(t, readers.get(t.name, []))}
     for init in src.initializer:
         if init.name in light:

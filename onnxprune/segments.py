@@ -130,14 +130,7 @@ class Segmented:
         if self._open is not None and self._open[0] == s:
             return self._open[1]
         self._open = None           # the last segment's session goes before the next one is made
-        g = self.model.graph
-        sub = helper.make_graph(
-            [g.node[k] for k in self.parts[s]], f"segment{s}",
-            [value_info_like(i, like[i]) for i in self.inputs(s)],
-            [onnx.ValueInfoProto(name=o) for o in self.outputs(s)],
-            [self.inits[i] for i in self.reads[s] if i in self.inits and i not in self.made[s]])
-        part = helper.make_model(sub, opset_imports=list(self.model.opset_import), ir_version=self.model.ir_version)
-        part.functions.extend(self.model.functions)
+        part = submodel(self.model, self.parts[s], like, self.outputs(s), self.inits)
         mine = {k: v for k, v in self.overrides.items() if k in self.reads[s]}
         sess = session(part, optimize=self.optimize, providers=self.providers, external_dir=self.external_dir,
                        overrides=mine)
@@ -171,6 +164,23 @@ class Segmented:
                 bar.update()
         self.close()
         return [{name: st[name] for name in self.wanted} for st in states]
+
+
+def submodel(model: onnx.ModelProto, nodes: list[int], like: dict, outputs: list[str],
+             inits: dict | None = None) -> onnx.ModelProto:
+    """The model of ``model``'s nodes ``nodes`` (indices, in graph order) alone: what they read and no node of them
+    makes is a graph input, typed like its value in ``like`` (``value_info_like``), or an initializer (``inits``:
+    the model's, by name); ``outputs`` are its outputs."""
+    g = model.graph
+    inits = inits if inits is not None else {t.name: t for t in g.initializer}
+    made = {o for k in nodes for o in g.node[k].output if o}
+    used = list(dict.fromkeys(i for k in nodes for i in reads(g.node[k]) if i not in made))
+    sub = helper.make_graph([g.node[k] for k in nodes], "part",
+                            [value_info_like(i, like[i]) for i in used if i not in inits],
+                            [onnx.ValueInfoProto(name=o) for o in outputs], [inits[i] for i in used if i in inits])
+    part = helper.make_model(sub, opset_imports=list(model.opset_import), ir_version=model.ir_version)
+    part.functions.extend(model.functions)
+    return part
 
 
 def value_info_like(name: str, value: np.ndarray) -> onnx.ValueInfoProto:

@@ -274,15 +274,21 @@ def compare(masked: onnx.ModelProto, pruned: onnx.ModelProto, feeds: dict, io_ke
     ``pruned_dir``: where the two models' external data files are. ``masked_overrides``: masked weights
     that replace the named initializers of ``masked`` (see ``masked_weights``); ``scaled``: see
     ``max_abs_diff``; ``segment_bytes``: both models run in segments (``run``); ``providers``: where."""
-    # the cache's unwritten entries cut off first: the maps of a cut inside the heads would else mix garbage
-    reference = kept_heads_only(filled_cache(run(masked, feeds, external_dir, masked_overrides, segment_bytes,
-                                                 providers), feeds), io_keep)
+    reference = run(masked, feeds, external_dir, masked_overrides, segment_bytes, providers)
     try:
         candidate = run(pruned, kept_heads_only(feeds, io_keep), pruned_dir or external_dir, None, segment_bytes,
                         providers)
     except Exception as exc:   # onnxruntime raises its own types; report one line, write nothing
         raise VerifyError(f"the pruned model does not run on onnxruntime: {str(exc).splitlines()[0][:240]}") \
             from None
+    return difference(reference, candidate, feeds, io_keep, scaled)
+
+
+def difference(reference: dict, candidate: dict, feeds: dict, io_keep: dict, scaled: bool = False) -> float:
+    """``max_abs_diff`` of the masked original's outputs (``reference``) and the pruned model's (``candidate``) on
+    ``feeds``: the reference's KV cache taken on the kept heads (``io_keep``), each cache cut to its filled
+    entries first (the maps of a cut inside the heads would else mix garbage)."""
+    reference = kept_heads_only(filled_cache(reference, feeds), io_keep)
     return max_abs_diff(filled_cache(reference, feeds), filled_cache(candidate, feeds), scaled)
 
 

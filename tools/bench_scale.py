@@ -35,6 +35,27 @@ import onnx
 from onnx import TensorProto, helper
 
 
+def external_tensor(name: str, elem: int, shape, location: str, offset: int, length: int) -> TensorProto:
+    """An initializer whose data lies in ``location`` at ``offset`` (``length`` bytes), its bytes never in memory."""
+    t = TensorProto(name=name, data_type=elem, dims=list(shape))
+    for k, v in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        e = t.external_data.add()
+        e.key, e.value = k, v
+    t.data_location = TensorProto.EXTERNAL
+    return t
+
+
+def save_decoder(folder: Path, name: str, nodes: list, inits: list, output: str, elem: int, width: int) -> Path:
+    """folder/model.onnx: ``nodes`` and ``inits`` as a model of ``input_ids`` [batch, sequence] to ``output``
+    [batch, sequence, width] of type ``elem``, opset 17; returns its path."""
+    graph = helper.make_graph(
+        nodes, name, [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"])],
+        [helper.make_tensor_value_info(output, elem, ["batch", "sequence", width])], inits)
+    path = folder / "model.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
 def build(folder: Path, gb: float, hidden: int = 2048, heads: int = 32, ffn: int = 5632, vocab: int = 32000,
           layers: int | None = None, fp16: bool = False) -> Path:
     """Write folder/model.onnx + model.onnx.data; returns the model path."""
@@ -50,12 +71,7 @@ def build(folder: Path, gb: float, hidden: int = 2048, heads: int = 32, ffn: int
             arr = (rng.standard_normal(shape, dtype=np.float32) * scale).astype(dtype)
             offset = f.tell()
             f.write(arr.tobytes())
-            t = TensorProto(name=name, data_type=elem, dims=list(shape))
-            for k, v in (("location", data_path.name), ("offset", str(offset)), ("length", str(arr.nbytes))):
-                e = t.external_data.add()
-                e.key, e.value = k, v
-            t.data_location = TensorProto.EXTERNAL
-            inits.append(t)
+            inits.append(external_tensor(name, elem, shape, data_path.name, offset, arr.nbytes))
             return name
 
         def const(name, arr):
@@ -94,13 +110,7 @@ def build(folder: Path, gb: float, hidden: int = 2048, heads: int = 32, ffn: int
                                            const(p + "ln2.b", np.zeros(hidden, np.float32))], "ln2", axis=-1)
             up = n("Relu", [n("MatMul", [ln2, weight(p + "up.weight", (hidden, ffn))], "up")], "act")
             x = n("Add", [x, n("MatMul", [up, weight(p + "down.weight", (ffn, hidden))], "down")], "res2")
-    graph = helper.make_graph(
-        nodes, "scale", [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"])],
-        [helper.make_tensor_value_info(x, elem, ["batch", "sequence", hidden])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    path = folder / "model.onnx"
-    onnx.save(model, str(path))
-    return path
+    return save_decoder(folder, "scale", nodes, inits, x, elem, hidden)
 
 
 def measure(code: str) -> tuple[float, float]:

@@ -38,6 +38,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_scale import external_tensor, save_decoder  # noqa: E402  (a sibling tool: numpy and onnx only)
+
 SHAPE = dict(layers=32, hidden=4096, heads=32, kv_heads=8, ffn=14336, vocab=128256)
 
 
@@ -53,12 +56,7 @@ def build(folder: Path, dtype: str = "fp16", alias: bool = False, layers: int = 
     written: dict[str, tuple[int, int]] = {}       # layer 0's weight -> (offset, length), for --alias
 
     def external(name, shape, offset, length):
-        t = TensorProto(name=name, data_type=elem, dims=list(shape))
-        for k, v in (("location", data_path.name), ("offset", str(offset)), ("length", str(length))):
-            e = t.external_data.add()
-            e.key, e.value = k, v
-        t.data_location = TensorProto.EXTERNAL
-        inits.append(t)
+        inits.append(external_tensor(name, elem, shape, data_path.name, offset, length))
         return name
 
     with open(data_path, "wb") as f:
@@ -131,13 +129,7 @@ def build(folder: Path, dtype: str = "fp16", alias: bool = False, layers: int = 
             nodes.append(helper.make_node(op, ins, [out], name=out, **attrs))
             return out
         logits = n("MatMul", [rms(n, "", x, "norm"), weight("lm_head.weight", (hidden, vocab))], "logits")
-    graph = helper.make_graph(
-        nodes, "llama", [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"])],
-        [helper.make_tensor_value_info(logits, elem, ["batch", "sequence", vocab])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    path = folder / "model.onnx"
-    onnx.save(model, str(path))
-    return path
+    return save_decoder(folder, "llama", nodes, inits, logits, elem, vocab)
 
 
 def measure(argv: list[str]) -> tuple[int, float, float, str]:
